@@ -1,0 +1,161 @@
+//! COM1: a 16550A UART from `vm-superio`, its output written to stdout or a file, its interrupt
+//! delivered through an eventfd registered with KVM as an irqfd.
+
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// Raises an interrupt by writing to an eventfd that KVM turns into a guest IRQ.
+#[derive(Debug)]
+pub struct EventFdTrigger(EventFd);
+
+impl EventFdTrigger {
+    /// Wraps `evt`, which the caller registers as an irqfd.
+    pub fn new(evt: EventFd) -> Self {
+        Self(evt)
+    }
+}
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's console output goes.
+pub type SerialOut = Box<dyn Write + Send>;
+
+/// The UART as a bus device.
+pub struct SerialDevice {
+    uart: Serial<EventFdTrigger, NoEvents, SerialOut>,
+    /// Set once an output error has been logged, so a closed stdout does not flood the log.
+    output_error_logged: bool,
+}
+
+impl SerialDevice {
+    /// A UART that raises `irq` and writes what the guest sends to `out`.
+    pub fn new(irq: EventFd, out: SerialOut) -> Self {
+        Self {
+            uart: Serial::new(EventFdTrigger::new(irq), out),
+            output_error_logged: false,
+        }
+    }
+
+    /// Queues bytes for the guest to read (console input); returns how many fit in the FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // UART registers are a byte wide; a wider read sees the register in its low byte.
+        data.fill(0);
+        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.uart.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) else {
+            return;
+        };
+        if let Err(e) = self.uart.write(off, value)
+            && !self.output_error_logged
+        {
+            log::warn!("serial console: guest output is being dropped: {e:?}");
+            self.output_error_logged = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A writer whose reader has gone away.
+    struct Broken;
+
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const THR: u64 = 0;
+    const IER: u64 = 1;
+    const LSR: u64 = 5;
+
+    #[test]
+    fn transmitted_bytes_reach_the_output_and_raise_thre() {
+        let sink = Sink::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut uart = SerialDevice::new(irq.try_clone().unwrap(), Box::new(sink.clone()));
+        uart.write(THR, b"h");
+        assert!(
+            irq.read().is_err(),
+            "no interrupt while THRE is not enabled"
+        );
+        uart.write(IER, &[0x02]); // enable the THR-empty interrupt
+        for b in b"i\n" {
+            uart.write(THR, &[*b]);
+        }
+        assert_eq!(sink.0.lock().unwrap().as_slice(), b"hi\n");
+        assert!(irq.read().unwrap() >= 1, "THRE raised the IRQ");
+        let mut lsr = [0u8; 1];
+        uart.read(LSR, &mut lsr);
+        assert_eq!(lsr[0] & 0x60, 0x60, "transmitter is empty and idle");
+    }
+
+    #[test]
+    fn input_is_readable_by_the_guest() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut uart = SerialDevice::new(irq, Box::new(Sink::default()));
+        assert_eq!(uart.enqueue_input(b"ok"), 2);
+        let (mut a, mut b, mut lsr) = ([0u8; 1], [0u8; 1], [0u8; 1]);
+        uart.read(THR, &mut a);
+        uart.read(THR, &mut b);
+        uart.read(LSR, &mut lsr);
+        assert_eq!(&[a[0], b[0]], b"ok");
+        assert_eq!(lsr[0] & 1, 0, "no data left");
+    }
+
+    #[test]
+    fn hostile_accesses_and_a_dead_output_do_not_panic() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut uart = SerialDevice::new(irq, Box::new(Broken));
+        uart.write(THR, b"x");
+        uart.write(THR, b"y");
+        uart.write(THR, &[]);
+        uart.write(1 << 40, b"z");
+        let mut wide = [0xffu8; 4];
+        uart.read(LSR, &mut wide);
+        assert_eq!(&wide[1..], &[0, 0, 0]);
+        uart.read(1 << 40, &mut wide);
+        uart.read(LSR, &mut []);
+    }
+}

@@ -1,0 +1,224 @@
+//! CPUID for a guest vCPU: KVM's supported set, filtered so the guest sees a plausible machine: one
+//! socket of `vcpu_count` single-thread cores, this vCPU's APIC id, the hypervisor bit, no PMU.
+
+use kvm_bindings::kvm_cpuid_entry2;
+
+/// `flags` bit: the leaf's value depends on the sub-leaf index.
+const SIGNIFICANT_INDEX: u32 = 1;
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE_PARAMS: u32 = 0x4;
+const LEAF_PMU: u32 = 0xa;
+const LEAF_EXT_TOPOLOGY: u32 = 0xb;
+const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
+const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_EXT_APIC: u32 = 0x8000_001e;
+
+/// Leaf 1 ECX: running under a hypervisor.
+const ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 EDX: the package has more than one logical processor.
+const EDX_HTT: u32 = 1 << 28;
+/// Leaf 1 EBX[15:8]: CLFLUSH line size in 8-byte units (64 bytes).
+const CLFLUSH_LINE: u32 = 8;
+/// Leaf 0xB level types.
+const LEVEL_SMT: u32 = 1;
+const LEVEL_CORE: u32 = 2;
+
+/// Bits needed to number `n` cores (ceil(log2(n))).
+fn id_bits(n: u8) -> u32 {
+    u32::from(n.max(1)).next_power_of_two().trailing_zeros()
+}
+
+fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+    kvm_cpuid_entry2 {
+        function,
+        index,
+        flags: SIGNIFICANT_INDEX,
+        eax,
+        ebx,
+        ecx,
+        edx,
+        ..Default::default()
+    }
+}
+
+/// Filters KVM's supported CPUID `entries` for vCPU `vcpu_id` of `vcpu_count`.
+pub fn filter(entries: &[kvm_cpuid_entry2], vcpu_id: u8, vcpu_count: u8) -> Vec<kvm_cpuid_entry2> {
+    let apic_id = u32::from(vcpu_id);
+    let count = u32::from(vcpu_count);
+    let core_bits = id_bits(vcpu_count);
+    let mut out: Vec<kvm_cpuid_entry2> = Vec::with_capacity(entries.len() + 4);
+    for e in entries {
+        let mut e = *e;
+        match e.function {
+            LEAF_FEATURES => {
+                e.ebx = (apic_id << 24) | (count << 16) | (CLFLUSH_LINE << 8) | (e.ebx & 0xff);
+                e.ecx |= ECX_HYPERVISOR;
+                if vcpu_count > 1 {
+                    e.edx |= EDX_HTT;
+                } else {
+                    e.edx &= !EDX_HTT;
+                }
+            }
+            LEAF_CACHE_PARAMS => {
+                // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing this cache - 1.
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { count - 1 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | (sharing << 14) | ((count - 1) << 26);
+            }
+            // No PMU: guest perf counters would only add exits and host-dependence.
+            LEAF_PMU => e.eax = 0,
+            // Rebuilt below from scratch; 0x1F is dropped so Linux reads the 0xB we build.
+            LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => continue,
+            LEAF_AMD_SIZES => {
+                // ECX[15:12]: APIC id bits for cores; ECX[7:0]: cores - 1.
+                e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (count - 1);
+            }
+            LEAF_AMD_EXT_APIC => {
+                e.eax = apic_id;
+                e.ebx = apic_id & 0xff; // one thread per core: core id = APIC id
+                e.ecx &= !0x700; // one node per processor
+            }
+            _ => {}
+        }
+        out.push(e);
+    }
+    // Leaf 0xB: SMT level (1 thread), core level (all vCPUs), then the terminating invalid level.
+    out.push(entry(LEAF_EXT_TOPOLOGY, 0, 0, 1, LEVEL_SMT << 8, apic_id));
+    out.push(entry(
+        LEAF_EXT_TOPOLOGY,
+        1,
+        core_bits,
+        count,
+        (LEVEL_CORE << 8) | 1,
+        apic_id,
+    ));
+    out.push(entry(LEAF_EXT_TOPOLOGY, 2, 0, 0, 2, apic_id));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap_or_else(|| panic!("leaf {function:#x}.{index} missing"))
+    }
+
+    fn host() -> Vec<kvm_cpuid_entry2> {
+        vec![
+            kvm_cpuid_entry2 {
+                function: 0,
+                eax: 0x1f,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 1,
+                eax: 0x800f12,
+                ebx: 0xff_10_08_00,
+                ecx: 0x7ed8_320b,
+                edx: 0x178b_fbff,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 4,
+                index: 3,
+                flags: 1,
+                eax: 0x3c00_0163,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xa,
+                eax: 0x0704_3004,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 0,
+                flags: 1,
+                eax: 1,
+                ebx: 2,
+                ecx: 0x100,
+                edx: 7,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x1f,
+                index: 0,
+                flags: 1,
+                eax: 1,
+                ebx: 2,
+                ecx: 0x100,
+                edx: 7,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_0008,
+                ecx: 0x700f,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x4000_0001,
+                eax: 0x01ff_ffff,
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
+        let out = filter(&host(), 3, 4);
+        let l1 = leaf(&out, 1, 0);
+        assert_eq!(l1.ebx >> 24, 3, "APIC id");
+        assert_eq!((l1.ebx >> 16) & 0xff, 4, "logical processors");
+        assert_eq!((l1.ebx >> 8) & 0xff, 8, "CLFLUSH line");
+        assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(l1.edx & EDX_HTT, 0);
+        let single = leaf(&filter(&host(), 0, 1), 1, 0);
+        assert_eq!(single.edx & EDX_HTT, 0);
+        assert_eq!(single.eax, 0x800f12, "family/model untouched");
+    }
+
+    #[test]
+    fn topology_leaf_0xb_describes_one_socket_of_single_thread_cores() {
+        let out = filter(&host(), 5, 6);
+        let smt = leaf(&out, 0xb, 0);
+        let core = leaf(&out, 0xb, 1);
+        let end = leaf(&out, 0xb, 2);
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 5));
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (3, 6, 0x201, 5));
+        assert_eq!((end.ebx, (end.ecx >> 8) & 0xff, end.edx), (0, 0, 5));
+        assert_eq!(
+            out.iter().filter(|e| e.function == 0xb).count(),
+            3,
+            "host's 0xB replaced"
+        );
+        assert!(out.iter().all(|e| e.function != 0x1f), "0x1F dropped");
+    }
+
+    #[test]
+    fn cache_amd_size_and_pmu_leaves_follow_the_vcpu_count() {
+        let out = filter(&host(), 0, 2);
+        let l3 = leaf(&out, 4, 3);
+        assert_eq!(l3.eax >> 26, 1, "cores per package - 1");
+        assert_eq!((l3.eax >> 14) & 0xfff, 1, "L3 shared by both");
+        assert_eq!(l3.eax & 0x3fff, 0x163 & 0x3fff, "cache type and level kept");
+        assert_eq!(leaf(&out, 0xa, 0).eax, 0);
+        let amd = leaf(&out, 0x8000_0008, 0);
+        assert_eq!(amd.ecx & 0xff, 1);
+        assert_eq!((amd.ecx >> 12) & 0xf, 1);
+        assert_eq!(
+            leaf(&out, 0x4000_0001, 0).eax,
+            0x01ff_ffff,
+            "KVM leaves kept"
+        );
+    }
+
+    #[test]
+    fn id_bits_round_up() {
+        assert_eq!([1, 2, 3, 4, 5, 32].map(id_bits), [0, 1, 2, 2, 3, 5]);
+    }
+}

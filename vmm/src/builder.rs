@@ -1,0 +1,151 @@
+//! Builds a VM from a validated configuration. Construction order lives here and nowhere else:
+//! console output, KVM and memory, the irqchip, kernel + initrd + command line, boot tables,
+//! devices on the bus, then the vCPUs.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use kiln_devices::BusError;
+use kiln_devices::legacy::{
+    COM1_IRQ, COM1_LEN, COM1_PORT, I8042, I8042_LEN, I8042_PORT, SerialDevice,
+};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::boot::{self, BootError, BootInfo};
+use crate::arch::mptable::{self, MptableError};
+use crate::config::VmConfig;
+use crate::loader::{self, BootEntry, LoaderError};
+use crate::memory::{self, MemoryError, low_ram_end};
+use crate::vmm::Vmm;
+use crate::vstate::exit::{ExitReason, ExitSignal, IoBuses};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// KVM refused a VM-level step.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The kernel, initrd or command line could not be loaded.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// Boot parameters could not be written.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    /// A vCPU could not be configured.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The serial output file could not be opened.
+    #[error("serial output {path}: {err}")]
+    SerialOut {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        err: std::io::Error,
+    },
+    /// KVM's supported CPUID could not be read.
+    #[error("cannot read KVM's supported CPUID: {0}")]
+    Cpuid(kvm_ioctls::Error),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd for {0}: {1}")]
+    EventFd(&'static str, std::io::Error),
+    /// A device could not be placed on a bus.
+    #[error("cannot place the {0} on the I/O bus: {1}")]
+    Bus(&'static str, BusError),
+}
+
+impl BuildError {
+    /// True when the error is in what the user gave (a file), not in the host or KVM.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, BuildError::Loader(_) | BuildError::SerialOut { .. })
+    }
+}
+
+fn serial_output(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>, BuildError> {
+    match &config.serial.serial_out_path {
+        Some(path) => File::create(path)
+            .map(|f| Box::new(f) as Box<dyn std::io::Write + Send>)
+            .map_err(|err| BuildError::SerialOut {
+                path: path.clone(),
+                err,
+            }),
+        // An unbuffered handle on fd 1: console bytes reach a reader as the guest writes them.
+        None => std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(|fd| Box::new(File::from(fd)) as Box<dyn std::io::Write + Send>)
+            .map_err(|err| BuildError::SerialOut {
+                path: "stdout".into(),
+                err,
+            }),
+    }
+}
+
+/// Builds the VM `config` describes; `config` must have passed [`VmConfig::validate`].
+pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
+    let serial_out = serial_output(config)?;
+    let mem_size = (config.machine.mem_size_mib as u64) << 20;
+    let vcpu_count = config.machine.vcpu_count;
+
+    let vm = Vm::new()?;
+    let (mem, memfd) = memory::create(mem_size)?;
+    vm.register_memory(&mem)?;
+    vm.setup_irqchip()?;
+
+    let kernel = loader::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
+    let initrd = match &config.boot_source.initrd_path {
+        Some(path) => Some(loader::load_initrd(&mem, path, low_ram_end(mem_size))?),
+        None => None,
+    };
+    let cmdline_size = loader::load_cmdline(&mem, config.boot_source.boot_args())?;
+    mptable::write(&mem, vcpu_count)?;
+    let info = BootInfo {
+        initrd,
+        cmdline_size,
+        mem_size,
+    };
+    match kernel.entry {
+        BootEntry::Pvh(_) => boot::write_pvh_info(&mem, &info)?,
+        BootEntry::Linux64(_) => boot::write_zero_page(&mem, &info, kernel.setup_header)?,
+    }
+
+    let signal =
+        Arc::new(ExitSignal::new().map_err(|e| BuildError::EventFd("the exit signal", e))?);
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd("the serial IRQ", e))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+    let reset_signal = signal.clone();
+    let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(move || {
+        reset_signal.request(ExitReason::GuestReset);
+    }))));
+    let mut io = IoBuses::default();
+    io.pio
+        .insert(serial, COM1_PORT, COM1_LEN)
+        .map_err(|e| BuildError::Bus("serial port", e))?;
+    io.pio
+        .insert(i8042, I8042_PORT, I8042_LEN)
+        .map_err(|e| BuildError::Bus("i8042", e))?;
+
+    let supported = vm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::Cpuid)?;
+    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+    for id in 0..vcpu_count {
+        let vcpu = Vcpu::new(&vm, id)?;
+        vcpu.configure(&supported, vcpu_count, &mem, &kernel.entry)?;
+        vcpus.push(vcpu);
+    }
+    Ok(Vmm::new(vm, mem, memfd, vcpus, Arc::new(io), signal))
+}

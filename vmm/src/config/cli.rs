@@ -1,0 +1,227 @@
+//! `kiln-vmm`'s command line. Hand-parsed so that every mistake is one line naming the flag.
+
+use std::path::PathBuf;
+
+use super::{BootSourceConfig, MachineConfig, SerialConfig, VmConfig, parse_config_file};
+
+/// The usage text for `--help`.
+pub const USAGE: &str =
+    "usage: kiln-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
+                [--serial-out PATH]
+       kiln-vmm --config-file FILE [--serial-out PATH]
+
+  --kernel PATH       uncompressed ELF vmlinux (PVH entry used when present) or bzImage
+  --initrd PATH       initramfs to load
+  --cmdline STR       kernel command line (default: \"console=ttyS0 reboot=k panic=1\")
+  --mem-mib N         guest memory in MiB (default 128)
+  --vcpus N           number of vCPUs, 1 to 32 (default 1)
+  --serial-out PATH   write the serial console to PATH instead of stdout
+  --config-file FILE  Firecracker-style JSON with \"boot-source\" and \"machine-config\"
+
+exit status: 0 when the guest reboots or powers off, 1 on a VMM or KVM error or a guest triple
+fault, 2 on a bad command line or configuration.";
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Boot a VM with this configuration.
+    Run(Box<VmConfig>),
+    /// Print usage.
+    Help,
+    /// Print the version.
+    Version,
+}
+
+/// Flags seen on the command line, before they are combined into a config.
+#[derive(Default)]
+struct Flags {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    mem_mib: Option<usize>,
+    vcpus: Option<u8>,
+    serial_out: Option<PathBuf>,
+    config_file: Option<PathBuf>,
+}
+
+/// Parses `args` (without the program name).
+pub fn parse_args(args: &[String]) -> Result<Command, String> {
+    let mut flags = Flags::default();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = || -> Result<String, String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| format!("{name} needs a value")),
+            }
+        };
+        match name {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            "--kernel" => set(&mut flags.kernel, name, value()?.into())?,
+            "--initrd" => set(&mut flags.initrd, name, value()?.into())?,
+            "--cmdline" => set(&mut flags.cmdline, name, value()?)?,
+            "--mem-mib" => set(&mut flags.mem_mib, name, number(name, &value()?)?)?,
+            "--vcpus" => set(&mut flags.vcpus, name, number(name, &value()?)?)?,
+            "--serial-out" => set(&mut flags.serial_out, name, value()?.into())?,
+            "--config-file" => set(&mut flags.config_file, name, value()?.into())?,
+            other if other.starts_with('-') => return Err(format!("unknown option {other}")),
+            other => return Err(format!("unexpected argument {other:?}")),
+        }
+    }
+    flags.into_config().map(|c| Command::Run(Box::new(c)))
+}
+
+impl Flags {
+    fn into_config(self) -> Result<VmConfig, String> {
+        let mut config = match self.config_file {
+            Some(file) => {
+                for (given, flag) in [
+                    (self.kernel.is_some(), "--kernel"),
+                    (self.initrd.is_some(), "--initrd"),
+                    (self.cmdline.is_some(), "--cmdline"),
+                    (self.mem_mib.is_some(), "--mem-mib"),
+                    (self.vcpus.is_some(), "--vcpus"),
+                ] {
+                    if given {
+                        return Err(format!("{flag} cannot be combined with --config-file"));
+                    }
+                }
+                parse_config_file(&file)?
+            }
+            None => {
+                let kernel = self
+                    .kernel
+                    .ok_or("--kernel PATH or --config-file FILE is required")?;
+                let defaults = MachineConfig::default();
+                VmConfig {
+                    boot_source: BootSourceConfig {
+                        kernel_image_path: kernel,
+                        initrd_path: self.initrd,
+                        boot_args: self.cmdline,
+                    },
+                    machine: MachineConfig {
+                        vcpu_count: self.vcpus.unwrap_or(defaults.vcpu_count),
+                        mem_size_mib: self.mem_mib.unwrap_or(defaults.mem_size_mib),
+                        ..defaults
+                    },
+                    serial: SerialConfig::default(),
+                }
+            }
+        };
+        if let Some(path) = self.serial_out {
+            config.serial.serial_out_path = Some(path);
+        }
+        Ok(config)
+    }
+}
+
+fn set<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), String> {
+    if slot.replace(value).is_some() {
+        return Err(format!("{name} given more than once"));
+    }
+    Ok(())
+}
+
+fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{name} {value:?} is not a valid number"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, String> {
+        parse_args(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    fn config(args: &[&str]) -> VmConfig {
+        match parse(args).unwrap() {
+            Command::Run(c) => *c,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_build_a_config_with_defaults() {
+        let c = config(&[
+            "--kernel",
+            "/k",
+            "--vcpus=2",
+            "--cmdline",
+            "console=ttyS0 quiet",
+        ]);
+        assert_eq!(c.boot_source.kernel_image_path, PathBuf::from("/k"));
+        assert_eq!(c.boot_source.boot_args(), "console=ttyS0 quiet");
+        assert_eq!(c.machine.vcpu_count, 2);
+        assert_eq!(c.machine.mem_size_mib, 128);
+        let c = config(&[
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--mem-mib",
+            "512",
+            "--serial-out",
+            "/o",
+        ]);
+        assert_eq!(c.boot_source.initrd_path, Some(PathBuf::from("/i")));
+        assert_eq!(c.boot_source.boot_args(), super::super::DEFAULT_BOOT_ARGS);
+        assert_eq!(c.machine.mem_size_mib, 512);
+        assert_eq!(c.serial.serial_out_path, Some(PathBuf::from("/o")));
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(parse(&["--help"]).unwrap(), Command::Help);
+        assert_eq!(parse(&["--kernel", "/k", "-V"]).unwrap(), Command::Version);
+    }
+
+    #[test]
+    fn mistakes_name_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "--kernel PATH or --config-file FILE is required"),
+            (&["--kernel"], "--kernel needs a value"),
+            (
+                &["--kernel", "/k", "--vcpus", "two"],
+                "--vcpus \"two\" is not a valid number",
+            ),
+            (
+                &["--kernel", "/k", "--vcpus", "300"],
+                "--vcpus \"300\" is not a valid number",
+            ),
+            (
+                &["--kernel", "/k", "--mem-mib", "-5"],
+                "--mem-mib \"-5\" is not a valid number",
+            ),
+            (
+                &["--kernel", "/k", "--frobnicate"],
+                "unknown option --frobnicate",
+            ),
+            (
+                &["--kernel", "/k", "stray"],
+                "unexpected argument \"stray\"",
+            ),
+            (
+                &["--kernel", "/a", "--kernel", "/b"],
+                "--kernel given more than once",
+            ),
+            (
+                &["--config-file", "/c.json", "--vcpus", "2"],
+                "--vcpus cannot be combined with --config-file",
+            ),
+        ];
+        for (args, want) in cases {
+            assert_eq!(parse(args).unwrap_err(), *want, "args {args:?}");
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! `kiln-vmm`: one hypervisor process per microVM.
+//!
+//! This crate owns the VM: its configuration ([`config`]), guest memory ([`memory`]), kernel loading
+//! ([`loader`]), the x86_64 boot state ([`arch`]), KVM objects and vCPU threads ([`vstate`]), the
+//! construction order ([`builder`]) and the event loop ([`vmm`]). It calls `kiln-devices` for
+//! everything the guest touches and the rust-vmm crates for KVM, memory and loading. The
+//! `kiln-vmm` binary (`main.rs`) calls it; later the API server and the jailer will too.
+
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod loader;
+pub mod logger;
+pub mod memory;
+pub mod vmm;
+pub mod vstate;
+
+pub use vmm::Vmm;

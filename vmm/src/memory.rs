@@ -1,0 +1,132 @@
+//! Guest memory: one memfd backs all of it, mapped shared, laid out around the 32-bit MMIO gap.
+//!
+//! A memfd (not anonymous memory) so that later snapshots can write it out and restores can map a
+//! file in its place, and so that copy-on-write sharing between VMs has a file to share.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use vm_memory::{FileOffset, GuestAddress};
+
+use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+/// The guest memory type used throughout the VMM.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// memfd_create failed.
+    #[error("cannot create the guest memory file (memfd_create): {0}")]
+    Memfd(std::io::Error),
+    /// Sizing the memfd failed.
+    #[error("cannot size the guest memory file to {size} bytes: {err}")]
+    Resize {
+        /// Requested size.
+        size: u64,
+        /// Why it failed.
+        err: std::io::Error,
+    },
+    /// Mapping the regions failed.
+    #[error("cannot map {size} bytes of guest memory: {err}")]
+    Map {
+        /// Requested size.
+        size: u64,
+        /// Why it failed.
+        err: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// The RAM ranges `(guest address, length)` for `size` bytes of guest memory: below the MMIO gap
+/// first, the rest from 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START),
+            (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START),
+        ]
+    }
+}
+
+/// End (exclusive) of RAM below the MMIO gap.
+pub fn low_ram_end(size: u64) -> u64 {
+    size.min(MMIO_GAP_START)
+}
+
+/// Creates `size` bytes of guest memory backed by a new memfd. Returns the memory and the memfd.
+pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"kiln-guest-mem".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nothing else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|err| MemoryError::Resize { size, err })?;
+
+    let mut regions = Vec::new();
+    let mut file_offset = 0u64;
+    for (addr, len) in ram_ranges(size) {
+        let clone = file.try_clone().map_err(MemoryError::Memfd)?;
+        regions.push((
+            addr,
+            len as usize,
+            Some(FileOffset::new(clone, file_offset)),
+        ));
+        file_offset += len;
+    }
+    let mem = GuestMemoryMmap::from_ranges_with_files(regions)
+        .map_err(|err| MemoryError::Map { size, err })?;
+    Ok((mem, file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn small_memory_is_one_range_below_the_gap() {
+        assert_eq!(ram_ranges(128 * MIB), vec![(GuestAddress(0), 128 * MIB)]);
+        assert_eq!(ram_ranges(3 * GIB), vec![(GuestAddress(0), 3 * GIB)]);
+        assert_eq!(low_ram_end(128 * MIB), 128 * MIB);
+    }
+
+    #[test]
+    fn large_memory_skips_the_mmio_gap() {
+        assert_eq!(
+            ram_ranges(5 * GIB),
+            vec![(GuestAddress(0), 3 * GIB), (GuestAddress(4 * GIB), 2 * GIB)]
+        );
+        assert_eq!(low_ram_end(5 * GIB), 3 * GIB);
+    }
+
+    #[test]
+    fn memfd_backs_both_regions_at_distinct_offsets() {
+        // Regions are mapped lazily, so 3.5 GiB of address space costs nothing here.
+        let (mem, file) = create(3 * GIB + 512 * MIB).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        assert_eq!(file.metadata().unwrap().len(), 3 * GIB + 512 * MIB);
+        let offsets: Vec<u64> = mem
+            .iter()
+            .map(|r| r.file_offset().map(|f| f.start()).unwrap())
+            .collect();
+        assert_eq!(offsets, vec![0, 3 * GIB]);
+        mem.write_obj(0xdead_beef_u32, GuestAddress(4 * GIB + 8))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(4 * GIB + 8)).unwrap(),
+            0xdead_beef
+        );
+        assert!(
+            mem.write_obj(1u8, GuestAddress(3 * GIB + 1)).is_err(),
+            "the gap is not RAM"
+        );
+    }
+}
