@@ -128,11 +128,14 @@ mod tests {
     use crate::config::{BootSourceConfig, MachineConfig, SerialConfig};
     use std::io::Write;
 
-    /// A file that passes for an x86_64 ELF kernel loaded at 16 MiB, 4 MiB long.
+    /// A file that passes for an x86_64 ELF kernel loaded at 16 MiB, 4 MiB long; a new file per
+    /// call, since tests run in parallel.
     fn fake_kernel() -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("kiln-validate-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("vmlinux");
+        let path = dir.join(format!("vmlinux-{n}"));
         let mut b = vec![0u8; 64 + 56];
         b[..4].copy_from_slice(b"\x7fELF");
         b[4] = 2;
