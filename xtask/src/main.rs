@@ -1,0 +1,37 @@
+//! `cargo xtask`: Kiln's developer commands. It owns building the guest kernel, the nested lab (an L1
+//! VM under QEMU TCG with real KVM inside), the full test run and the benchmarks. Nothing here is part of
+//! the shipped VMM; it calls cargo, apt-get, make and QEMU, and is called by people and by `.ci/run`.
+
+mod guest_kernel;
+mod util;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = match cmd.as_str() {
+        "guest-kernel" => guest_kernel::main(rest),
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            Ok(0)
+        }
+        other => Err(format!("unknown command {other:?}\n{USAGE}")),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(msg) => {
+            eprintln!("xtask: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Helpers every xtask command shares: the workspace root, the cache outside the clone, running
+//! programs with errors that name them, installing Debian packages, and content hashes for cache keys.
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Once;
+
+/// Every xtask failure is a message for a person; `main` prints it and exits non-zero.
+pub type Result<T> = std::result::Result<T, String>;
+
+/// The workspace root (the folder holding the top-level Cargo.toml).
+pub fn workspace_root() -> PathBuf {
+    // xtask/ sits directly below the root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Kiln's cache outside the clone: `$KILN_CACHE`, else `$HOME/.cache/kiln`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KILN_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache").join("kiln")
+}
+
+/// Creates `dir` (and parents), naming it on failure.
+pub fn mkdir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))
+}
+
+/// Runs `cmd` with inherited stdio and fails, naming the program, unless it exits 0.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {}: {e}", describe(cmd)))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} failed: {status}", describe(cmd)))
+    }
+}
+
+/// Runs `cmd` and returns its stdout; stderr is passed through. Fails unless it exits 0.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot start {}: {e}", describe(cmd)))?;
+    if !out.status.success() {
+        return Err(format!("{} failed: {}", describe(cmd), out.status));
+    }
+    String::from_utf8(out.stdout).map_err(|_| format!("{} printed non-UTF-8 output", describe(cmd)))
+}
+
+/// The program and its arguments, for error messages.
+pub fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+/// Installs the Debian packages that are not installed yet (`apt-get update` at most once a run).
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    static UPDATE: Once = Once::new();
+    let mut update = Ok(());
+    UPDATE.call_once(|| {
+        eprintln!("xtask: apt-get update (to install {})", missing.join(" "));
+        update = run(Command::new("apt-get").args(["update", "-qq"]));
+    });
+    update?;
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Hex SHA-256 over a sequence of byte strings (each length-prefixed, so boundaries count).
+pub fn hash_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hex SHA-256 of a file's contents.
+pub fn hash_file(path: &Path) -> Result<String> {
+    let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(hash_parts([data.as_slice()]))
+}
+
+/// Writes `data` to `path` through a temporary file and a rename, so a reader never sees half a file.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp-xtask");
+    std::fs::write(&tmp, data).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), path.display()))
+}
