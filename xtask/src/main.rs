@@ -3,6 +3,8 @@
 //! the shipped VMM; it calls cargo, apt-get, make and QEMU, and is called by people and by `.ci/run`.
 
 mod guest_kernel;
+mod initramfs;
+mod lab;
 mod util;
 
 use std::process::ExitCode;
@@ -11,6 +13,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
+  lab [--share DIR] [--with-qemu] -- CMD...
+                               run CMD inside the nested lab VM, exit with its status
 ";
 
 fn main() -> ExitCode {
@@ -21,6 +25,7 @@ fn main() -> ExitCode {
     };
     let result = match cmd.as_str() {
         "guest-kernel" => guest_kernel::main(rest),
+        "lab" => lab::main(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(0)
