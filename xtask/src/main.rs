@@ -2,9 +2,13 @@
 //! VM under QEMU TCG with real KVM inside), the full test run and the benchmarks. Nothing here is part of
 //! the shipped VMM; it calls cargo, apt-get, make and QEMU, and is called by people and by `.ci/run`.
 
+mod bench;
+mod guest_images;
 mod guest_kernel;
 mod initramfs;
 mod lab;
+mod run;
+mod test;
 mod util;
 
 use std::process::ExitCode;
@@ -12,6 +16,10 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
+  run [--vcpus N] [--mem-mib N] -- CMD...
+                               set up the lab, boot a Kiln VM in it and run CMD in the guest
+  test [--host | --lab]        lints, unit and host-KVM tests, then end-to-end tests in the lab
+  bench boot [--runs N]        boot time under kiln-vmm vs QEMU microvm, inside the lab
   guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
   lab [--share DIR] [--with-qemu] -- CMD...
                                run CMD inside the nested lab VM, exit with its status
@@ -26,6 +34,9 @@ fn main() -> ExitCode {
     let result = match cmd.as_str() {
         "guest-kernel" => guest_kernel::main(rest),
         "lab" => lab::main(rest),
+        "run" => run::main(rest),
+        "test" => test::main(rest),
+        "bench" => bench::main(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(0)

@@ -1,0 +1,256 @@
+//! Kiln's end-to-end harness: what the tests and benchmarks that run inside the nested lab share.
+//!
+//! Inside the lab (see `cargo xtask lab`), Kiln's binaries are on `PATH` and the guest kernel and test
+//! images sit in `/kiln` (or `$KILN_LAB_DIR`). This crate finds them, runs `kiln-vmm` with a deadline
+//! and reads what the guest printed. It calls only the binaries, never Kiln's crates, so it tests
+//! what a user runs. `cargo xtask test` builds it on the host and runs it in the lab.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The marker the test initramfs prints first thing in `/init`.
+pub const INIT_MARKER: &str = "KILN-INIT-START";
+/// The line prefix under which the test initramfs reports what it saw.
+pub const REPORT_PREFIX: &str = "KILN-REPORT";
+
+/// Folder holding the lab's guest kernel and images.
+pub fn lab_dir() -> PathBuf {
+    std::env::var_os("KILN_LAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/kiln"))
+}
+
+/// A file in the lab folder; panics with a clear message when it is missing (not in the lab).
+pub fn lab_file(name: &str) -> PathBuf {
+    let path = lab_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: lab tests run inside `cargo xtask lab` (via `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// The guest kernel built by `cargo xtask guest-kernel`.
+pub fn guest_kernel() -> PathBuf {
+    lab_file("vmlinux")
+}
+
+/// The busybox test initramfs (its `/init` prints [`INIT_MARKER`], a [`REPORT_PREFIX`] line, runs
+/// `$KILN_RUN` if set, and reboots).
+pub fn test_initramfs() -> PathBuf {
+    lab_file("test-initramfs.cpio")
+}
+
+/// What a finished process printed and how it ended.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything on stdout, with the serial console's `\r\n` line ends read as `\n`.
+    pub stdout: String,
+    /// Everything on stderr.
+    pub stderr: String,
+    /// Time from spawn to the first stdout line containing the watched marker, if it appeared.
+    pub marker_after: Option<Duration>,
+    /// The process was still running at the deadline and was killed (`status` is the kill's).
+    pub timed_out: bool,
+}
+
+impl Run {
+    /// The `key=value` fields of the guest's report line.
+    pub fn report(&self) -> Vec<(String, String)> {
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(REPORT_PREFIX))
+            .unwrap_or("");
+        line.split_whitespace()
+            .skip(1)
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// One field of the report, parsed.
+    pub fn report_value<T: std::str::FromStr>(&self, key: &str) -> Option<T> {
+        self.report()
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.parse().ok())
+    }
+}
+
+/// Runs `cmd`, streaming stdout to find `marker`, and kills it after `limit` (then
+/// [`Run::timed_out`] is set and the output so far is kept).
+pub fn run_watching(mut cmd: Command, marker: &str, limit: Duration) -> std::io::Result<Run> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| std::io::Error::other("no stdout pipe"))?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| std::io::Error::other("no stderr pipe"))?;
+    let (tx, rx) = mpsc::channel();
+    let marker = marker.to_string();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        let mut seen = None;
+        let mut lines = BufReader::new(stdout);
+        let mut raw = Vec::new();
+        // Bytes, not `read_line`: a console may carry anything, and a reader that stopped at the
+        // first invalid UTF-8 byte would leave the process blocked on a full pipe.
+        while lines.read_until(b'\n', &mut raw).unwrap_or(0) > 0 {
+            let mut line = String::from_utf8_lossy(&raw).into_owned();
+            if seen.is_none() && line.contains(&marker) {
+                seen = Some(start.elapsed());
+            }
+            if line.ends_with("\r\n") {
+                line.truncate(line.len() - 2);
+                line.push('\n');
+            }
+            all.push_str(&line);
+            raw.clear();
+        }
+        let _ = tx.send((all, seen));
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stderr.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    });
+    let (status, timed_out) = wait_with_deadline(&mut child, limit)?;
+    let (stdout, marker_after) = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    let _ = reader.join();
+    let stderr = err_reader.join().unwrap_or_default();
+    Ok(Run {
+        status,
+        stdout,
+        stderr,
+        marker_after,
+        timed_out,
+    })
+}
+
+/// Waits for `child`, killing it after `limit`; returns its status and whether it was killed.
+fn wait_with_deadline(child: &mut Child, limit: Duration) -> std::io::Result<(ExitStatus, bool)> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok((status, false));
+        }
+        if start.elapsed() > limit {
+            child.kill()?;
+            return Ok((child.wait()?, true));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The command line Kiln's lab guests boot with.
+pub const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+
+/// A `kiln-vmm` command booting the guest kernel and test initramfs.
+pub fn kiln_vmm_boot(vcpus: u8, mem_mib: u32, extra_cmdline: &str) -> Command {
+    let mut cmd = Command::new("kiln-vmm");
+    cmd.arg("--kernel")
+        .arg(guest_kernel())
+        .arg("--initrd")
+        .arg(test_initramfs())
+        .arg("--cmdline")
+        .arg(format!("{LAB_CMDLINE} {extra_cmdline}").trim_end())
+        .args([
+            "--vcpus",
+            &vcpus.to_string(),
+            "--mem-mib",
+            &mem_mib.to_string(),
+        ]);
+    cmd
+}
+
+/// A QEMU `-M microvm` command booting the same kernel and initramfs with KVM, for comparison.
+/// microvm has no i8042, so the guest reboots by triple fault (`reboot=t`), which ends QEMU under
+/// `-no-reboot`; the reboot method does not change the time to init.
+pub fn qemu_microvm_boot(vcpus: u8, mem_mib: u32) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        "microvm,acpi=off,rtc=off",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+    ])
+    .args(["-smp", &vcpus.to_string(), "-m", &mem_mib.to_string()])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(guest_kernel())
+    .arg("-initrd")
+    .arg(test_initramfs())
+    .args(["-append", &LAB_CMDLINE.replace("reboot=k", "reboot=t")]);
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_fields_are_parsed() {
+        let run = Run {
+            status: std::process::ExitStatus::default(),
+            stdout: "noise\nKILN-REPORT cpus=2 mem_kb=240112 name=x\nmore\n".into(),
+            stderr: String::new(),
+            marker_after: None,
+            timed_out: false,
+        };
+        assert_eq!(run.report_value::<u32>("cpus"), Some(2));
+        assert_eq!(run.report_value::<u64>("mem_kb"), Some(240112));
+        assert_eq!(run.report_value::<u32>("name"), None);
+        assert_eq!(run.report_value::<u32>("absent"), None);
+    }
+
+    #[test]
+    fn marker_time_and_output_are_captured() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "printf 'one\\r\\n\\377\\n'; echo KILN-INIT-START; echo err >&2; exit 3",
+        ]);
+        let run = run_watching(cmd, INIT_MARKER, Duration::from_secs(10)).unwrap();
+        assert_eq!(run.status.code(), Some(3));
+        assert_eq!(
+            run.stdout, "one\n\u{fffd}\nKILN-INIT-START\n",
+            "invalid UTF-8 does not stop it"
+        );
+        assert_eq!(run.stderr, "err\n");
+        assert!(run.marker_after.is_some());
+    }
+
+    #[test]
+    fn a_hung_process_is_killed_at_the_deadline() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo started; exec sleep 30"]);
+        let run = run_watching(cmd, "started", Duration::from_millis(300)).unwrap();
+        assert!(run.timed_out);
+        assert_eq!(run.stdout, "started\n", "output before the kill is kept");
+        assert!(run.marker_after.is_some());
+    }
+}

@@ -1,0 +1,76 @@
+//! Boot Kiln's guest kernel with the busybox test initramfs under kiln-vmm, inside the nested lab.
+//! The guest's init reports its CPU count and memory and reboots; kiln-vmm must then exit 0.
+
+use std::time::Duration;
+
+use kiln_tests::{INIT_MARKER, kiln_vmm_boot, run_watching};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn boot_and_check(vcpus: u8, mem_mib: u32) {
+    let run = run_watching(kiln_vmm_boot(vcpus, mem_mib, ""), INIT_MARKER, LIMIT)
+        .unwrap_or_else(|e| panic!("kiln-vmm with {vcpus} vCPUs: {e}"));
+    let context = format!("stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(
+        !run.timed_out,
+        "kiln-vmm was still running after {LIMIT:?}\n{context}"
+    );
+    assert!(
+        run.marker_after.is_some(),
+        "the guest never reached init\n{context}"
+    );
+    assert_eq!(
+        run.report_value::<u32>("cpus"),
+        Some(u32::from(vcpus)),
+        "{context}"
+    );
+    let mem_kb: u64 = run
+        .report_value("mem_kb")
+        .unwrap_or_else(|| panic!("no mem_kb\n{context}"));
+    let configured_kb = u64::from(mem_mib) * 1024;
+    // MemTotal is RAM less what the kernel keeps for itself (its image, early reservations).
+    assert!(
+        mem_kb <= configured_kb && mem_kb > configured_kb * 8 / 10,
+        "MemTotal {mem_kb} kB for {configured_kb} kB configured\n{context}"
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "kiln-vmm exits 0 after the guest reboots\n{context}"
+    );
+}
+
+#[test]
+#[ignore = "runs inside the nested lab: cargo xtask test"]
+fn linux_boots_on_one_vcpu() {
+    boot_and_check(1, 256);
+}
+
+#[test]
+#[ignore = "runs inside the nested lab: cargo xtask test"]
+fn linux_boots_on_two_vcpus() {
+    boot_and_check(2, 384);
+}
+
+#[test]
+#[ignore = "runs inside the nested lab: cargo xtask test"]
+fn guest_runs_a_command_from_the_kernel_command_line() {
+    let run = run_watching(
+        kiln_vmm_boot(1, 256, "KILN_RUN=\"echo sum=$((6*7)); uname -s\""),
+        INIT_MARKER,
+        LIMIT,
+    )
+    .expect("kiln-vmm runs");
+    assert!(
+        !run.timed_out,
+        "kiln-vmm still running after {LIMIT:?}: {}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("sum=42\nLinux\n"),
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert_eq!(run.status.code(), Some(0));
+}

@@ -1,0 +1,34 @@
+//! `cargo xtask bench <name>`: benchmarks that print figures and a ratio against a peer measured in
+//! the same run. They run inside the lab (`kiln-lab-bench`, built from the tests crate), with QEMU
+//! in the image as the peer.
+
+use crate::guest_images;
+use crate::lab::{self, LabRun, LabStatus};
+use crate::util::Result;
+
+const USAGE: &str = "usage: cargo xtask bench boot [--runs N]";
+
+/// `cargo xtask bench boot [--runs N]`
+pub fn main(args: &[String]) -> Result<u8> {
+    let Some((name, rest)) = args.split_first() else {
+        return Err(USAGE.into());
+    };
+    if name != "boot" {
+        return Err(format!("unknown benchmark {name:?}\n{USAGE}"));
+    }
+    let mut cmd = vec!["kiln-lab-bench".to_string(), "boot".into()];
+    cmd.extend(rest.iter().cloned());
+    let outcome = lab::run(&LabRun {
+        files: vec![(
+            guest_images::test_initramfs()?,
+            "test-initramfs.cpio".into(),
+        )],
+        with_qemu: true,
+        cmd,
+        ..LabRun::default()
+    })?;
+    match outcome.status {
+        LabStatus::Exited(code) => Ok(u8::try_from(code).unwrap_or(1)),
+        LabStatus::Failed(why) => Err(format!("the lab failed, not the benchmark: {why}")),
+    }
+}

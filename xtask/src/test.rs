@@ -1,0 +1,145 @@
+//! `cargo xtask test`: everything that checks Kiln, in order of cost. Lints (fmt, clippy with
+//! warnings denied), the host's unit and integration tests (tiny guests on the host's /dev/kvm),
+//! then the end-to-end tests, built on the host and run inside one lab boot.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::guest_images;
+use crate::lab::{self, LabRun, LabStatus};
+use crate::util::{self, Result};
+
+/// The package whose test binaries run in the lab.
+const LAB_TEST_PACKAGE: &str = "kiln-tests";
+
+/// Runs in L1: every lab test binary with its ignored (lab-only) tests, one test at a time, so L2
+/// guests do not compete for L1's two CPUs. Exits non-zero if any binary failed.
+const RUNNER: &str = r#"#!/bin/sh
+status=0
+for t in /share/tests/*; do
+  echo "== $(basename "$t")"
+  "$t" --ignored --test-threads=1 || status=1
+done
+exit $status
+"#;
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(util::workspace_root());
+    cmd
+}
+
+fn step(name: &str) {
+    eprintln!("\n==> xtask test: {name}");
+}
+
+/// Builds the lab test binaries and returns their paths.
+fn build_lab_tests() -> Result<Vec<PathBuf>> {
+    let out = util::output(cargo().args([
+        "test",
+        "--release",
+        "--package",
+        LAB_TEST_PACKAGE,
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]))?;
+    Ok(test_executables(&out))
+}
+
+/// Integration-test executables (`tests/*.rs`) named in cargo's JSON messages; unit tests of the
+/// same package already ran on the host.
+fn test_executables(json_lines: &str) -> Vec<PathBuf> {
+    json_lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["profile"]["test"] == true)
+        .filter(|v| {
+            v["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"))
+        })
+        .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .collect()
+}
+
+fn stage_lab_tests(bins: &[PathBuf], dir: &Path) -> Result<()> {
+    let tests = dir.join("tests");
+    util::mkdir(&tests)?;
+    for bin in bins {
+        let name = bin
+            .file_name()
+            .ok_or_else(|| format!("{} has no file name", bin.display()))?;
+        std::fs::copy(bin, tests.join(name))
+            .map_err(|e| format!("cannot copy {}: {e}", bin.display()))?;
+    }
+    util::write_atomic(&dir.join("run-lab-tests.sh"), RUNNER.as_bytes())
+}
+
+/// `cargo xtask test [--host | --lab]`
+pub fn main(args: &[String]) -> Result<u8> {
+    let (host, lab) = match args {
+        [] => (true, true),
+        [a] if a == "--host" => (true, false),
+        [a] if a == "--lab" => (false, true),
+        _ => return Err("usage: cargo xtask test [--host | --lab]".into()),
+    };
+    if host {
+        step("cargo fmt --check");
+        util::run(cargo().args(["fmt", "--all", "--check"]))?;
+        step("cargo clippy (warnings are errors)");
+        util::run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+        step("unit and host-KVM integration tests");
+        util::run(cargo().args(["test", "--workspace"]))?;
+    }
+    if lab {
+        step("end-to-end tests in the nested lab");
+        let bins = build_lab_tests()?;
+        if bins.is_empty() {
+            return Err(format!(
+                "cargo built no test binaries for {LAB_TEST_PACKAGE}"
+            ));
+        }
+        let share = util::cache_dir().join("lab-tests-share");
+        let _ = std::fs::remove_dir_all(&share);
+        stage_lab_tests(&bins, &share)?;
+        let outcome = lab::run(&LabRun {
+            share: Some(share),
+            files: vec![(
+                guest_images::test_initramfs()?,
+                "test-initramfs.cpio".into(),
+            )],
+            cmd: vec!["sh".into(), "/share/run-lab-tests.sh".into()],
+            ..LabRun::default()
+        })?;
+        match outcome.status {
+            LabStatus::Exited(0) => {}
+            LabStatus::Exited(code) => return Err(format!("lab tests failed (status {code})")),
+            LabStatus::Failed(why) => return Err(format!("the lab failed, not the tests: {why}")),
+        }
+    }
+    eprintln!("\nxtask test: all passed");
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_test_artifacts_with_executables_are_kept() {
+        let json = r#"{"reason":"compiler-artifact","target":{"kind":["test"]},"profile":{"test":true},"executable":"/t/lab_boot-1"}
+{"reason":"compiler-artifact","target":{"kind":["bin"]},"profile":{"test":false},"executable":"/t/kiln-lab-bench"}
+{"reason":"compiler-artifact","target":{"kind":["lib"]},"profile":{"test":true},"executable":"/t/kiln_tests-2"}
+{"reason":"compiler-artifact","target":{"kind":["test"]},"profile":{"test":true},"executable":null}
+{"reason":"build-finished","success":true}
+not json"#;
+        assert_eq!(test_executables(json), vec![PathBuf::from("/t/lab_boot-1")]);
+    }
+}
