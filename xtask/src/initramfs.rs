@@ -143,16 +143,7 @@ pub enum Entry {
 
 /// Turns a caller's archive path into a cpio member name: relative, no `.`/`..` parts, no empty parts.
 fn archive_name(path: &str) -> Result<String> {
-    let parts: Vec<&str> = path
-        .split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .collect();
-    if parts.is_empty() || parts.contains(&"..") {
-        return Err(format!(
-            "initramfs path {path:?} must name a file below / without `..`"
-        ));
-    }
-    Ok(parts.join("/"))
+    util::below_root(path, "the initramfs root")
 }
 
 /// Adds a `Dir` entry for every missing parent folder, so the kernel can create each file.

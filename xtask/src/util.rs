@@ -119,3 +119,18 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path)
         .map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), path.display()))
 }
+
+/// `path` made relative to a root it must stay below: empty and `.` parts dropped, `..` refused.
+/// `what` names the root in the error (e.g. "the initramfs", "/kiln").
+pub fn below_root(path: &str, what: &str) -> Result<String> {
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.is_empty() || parts.contains(&"..") {
+        return Err(format!(
+            "path {path:?} must name something below {what} without `..`"
+        ));
+    }
+    Ok(parts.join("/"))
+}

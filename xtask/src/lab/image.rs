@@ -116,16 +116,7 @@ pub fn build(spec: &ImageSpec, run_dir: &Path) -> Result<PathBuf> {
 
 /// A caller's path below /kiln, made relative; `..` is refused so nothing lands outside the image.
 fn image_path(path: &str) -> Result<PathBuf> {
-    let parts: Vec<&str> = path
-        .split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .collect();
-    if parts.is_empty() || parts.contains(&"..") {
-        return Err(format!(
-            "image path {path:?} must name something below /kiln without `..`"
-        ));
-    }
-    Ok(parts.iter().collect())
+    util::below_root(path, "/kiln").map(PathBuf::from)
 }
 
 fn copy(from: &Path, to: &Path) -> Result<()> {
