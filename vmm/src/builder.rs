@@ -101,6 +101,10 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let (mem, memfd) = memory::create(mem_size)?;
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;
+    log::info!(
+        "VM created with {} MiB of memory",
+        config.machine.mem_size_mib
+    );
 
     let kernel = loader::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
     let initrd = match &config.boot_source.initrd_path {
@@ -118,6 +122,10 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         BootEntry::Pvh(_) => boot::write_pvh_info(&mem, &info)?,
         BootEntry::Linux64(_) => boot::write_zero_page(&mem, &info, kernel.setup_header)?,
     }
+    log::info!(
+        "kernel, initrd and boot tables loaded; entry {:?}",
+        kernel.entry
+    );
 
     let signal =
         Arc::new(ExitSignal::new().map_err(|e| BuildError::EventFd("the exit signal", e))?);
@@ -141,11 +149,13 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         .kvm()
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::Cpuid)?;
+    let host = vm.host_caps();
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
     for id in 0..vcpu_count {
         let vcpu = Vcpu::new(&vm, id)?;
-        vcpu.configure(&supported, vcpu_count, &mem, &kernel.entry)?;
+        vcpu.configure(&supported, host, vcpu_count, &mem, &kernel.entry)?;
         vcpus.push(vcpu);
     }
+    log::info!("{vcpu_count} vCPUs configured");
     Ok(Vmm::new(vm, mem, memfd, vcpus, Arc::new(io), signal))
 }

@@ -88,6 +88,7 @@ impl Vmm {
                 return ExitReason::Vmm(format!("cannot start a vCPU thread: {e}"));
             }
         }
+        log::info!("vCPUs started");
         loop {
             if let Some(reason) = self.signal.reason() {
                 return reason;

@@ -16,6 +16,8 @@ const LEAF_AMD_EXT_APIC: u32 = 0x8000_001e;
 
 /// Leaf 1 ECX: running under a hypervisor.
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX: the LAPIC timer has TSC-deadline mode.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 EDX: the package has more than one logical processor.
 const EDX_HTT: u32 = 1 << 28;
 /// Leaf 1 EBX[15:8]: CLFLUSH line size in 8-byte units (64 bytes).
@@ -42,8 +44,22 @@ fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> k
     }
 }
 
+/// Host facts that change what the guest may be told.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostCaps {
+    /// KVM emulates the LAPIC's TSC-deadline mode (`KVM_CAP_TSC_DEADLINE_TIMER`). KVM leaves the bit
+    /// out of its supported CPUID because it is emulated; a guest that does not see it calibrates
+    /// its LAPIC timer against the PIT at boot, which costs a tenth of a second.
+    pub tsc_deadline_timer: bool,
+}
+
 /// Filters KVM's supported CPUID `entries` for vCPU `vcpu_id` of `vcpu_count`.
-pub fn filter(entries: &[kvm_cpuid_entry2], vcpu_id: u8, vcpu_count: u8) -> Vec<kvm_cpuid_entry2> {
+pub fn filter(
+    entries: &[kvm_cpuid_entry2],
+    host: HostCaps,
+    vcpu_id: u8,
+    vcpu_count: u8,
+) -> Vec<kvm_cpuid_entry2> {
     let apic_id = u32::from(vcpu_id);
     let count = u32::from(vcpu_count);
     let core_bits = id_bits(vcpu_count);
@@ -54,6 +70,9 @@ pub fn filter(entries: &[kvm_cpuid_entry2], vcpu_id: u8, vcpu_count: u8) -> Vec<
             LEAF_FEATURES => {
                 e.ebx = (apic_id << 24) | (count << 16) | (CLFLUSH_LINE << 8) | (e.ebx & 0xff);
                 e.ecx |= ECX_HYPERVISOR;
+                if host.tsc_deadline_timer {
+                    e.ecx |= ECX_TSC_DEADLINE;
+                }
                 if vcpu_count > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -170,21 +189,21 @@ mod tests {
 
     #[test]
     fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
-        let out = filter(&host(), 3, 4);
+        let out = filter(&host(), HostCaps::default(), 3, 4);
         let l1 = leaf(&out, 1, 0);
         assert_eq!(l1.ebx >> 24, 3, "APIC id");
         assert_eq!((l1.ebx >> 16) & 0xff, 4, "logical processors");
         assert_eq!((l1.ebx >> 8) & 0xff, 8, "CLFLUSH line");
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & EDX_HTT, 0);
-        let single = leaf(&filter(&host(), 0, 1), 1, 0);
+        let single = leaf(&filter(&host(), HostCaps::default(), 0, 1), 1, 0);
         assert_eq!(single.edx & EDX_HTT, 0);
         assert_eq!(single.eax, 0x800f12, "family/model untouched");
     }
 
     #[test]
     fn topology_leaf_0xb_describes_one_socket_of_single_thread_cores() {
-        let out = filter(&host(), 5, 6);
+        let out = filter(&host(), HostCaps::default(), 5, 6);
         let smt = leaf(&out, 0xb, 0);
         let core = leaf(&out, 0xb, 1);
         let end = leaf(&out, 0xb, 2);
@@ -201,7 +220,7 @@ mod tests {
 
     #[test]
     fn cache_amd_size_and_pmu_leaves_follow_the_vcpu_count() {
-        let out = filter(&host(), 0, 2);
+        let out = filter(&host(), HostCaps::default(), 0, 2);
         let l3 = leaf(&out, 4, 3);
         assert_eq!(l3.eax >> 26, 1, "cores per package - 1");
         assert_eq!((l3.eax >> 14) & 0xfff, 1, "L3 shared by both");
@@ -215,6 +234,25 @@ mod tests {
             0x01ff_ffff,
             "KVM leaves kept"
         );
+    }
+
+    #[test]
+    fn tsc_deadline_is_offered_only_when_kvm_emulates_it() {
+        let off = leaf(&filter(&host(), HostCaps::default(), 0, 1), 1, 0);
+        assert_eq!(off.ecx & ECX_TSC_DEADLINE, 0);
+        let on = leaf(
+            &filter(
+                &host(),
+                HostCaps {
+                    tsc_deadline_timer: true,
+                },
+                0,
+                1,
+            ),
+            1,
+            0,
+        );
+        assert_ne!(on.ecx & ECX_TSC_DEADLINE, 0);
     }
 
     #[test]

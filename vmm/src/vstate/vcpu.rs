@@ -86,12 +86,13 @@ impl Vcpu {
     pub fn configure(
         &self,
         supported: &CpuId,
+        host: cpuid::HostCaps,
         vcpu_count: u8,
         mem: &GuestMemoryMmap,
         entry: &BootEntry,
     ) -> Result<(), VcpuError> {
         let vcpu = self.id;
-        let filtered = cpuid::filter(supported.as_slice(), vcpu, vcpu_count);
+        let filtered = cpuid::filter(supported.as_slice(), host, vcpu, vcpu_count);
         let cpuid = CpuId::from_entries(&filtered).map_err(|err| VcpuError::Fam {
             vcpu,
             what: "CPUID",

@@ -63,6 +63,13 @@ impl Vm {
         &self.kvm
     }
 
+    /// What this host's KVM offers beyond its supported CPUID.
+    pub fn host_caps(&self) -> crate::arch::cpuid::HostCaps {
+        crate::arch::cpuid::HostCaps {
+            tsc_deadline_timer: self.kvm.check_extension(Cap::TscDeadlineTimer),
+        }
+    }
+
     /// The VM file descriptor.
     pub fn fd(&self) -> &VmFd {
         &self.fd
