@@ -160,11 +160,26 @@ fn wait_with_deadline(child: &mut Child, limit: Duration) -> std::io::Result<(Ex
 /// The command line Kiln's lab guests boot with.
 pub const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 
+/// Debian's cloud-kernel bzImage, for the bzImage loader.
+pub fn debian_bzimage() -> PathBuf {
+    lab_file("bzImage")
+}
+
 /// A `kiln-vmm` command booting the guest kernel and test initramfs.
 pub fn kiln_vmm_boot(vcpus: u8, mem_mib: u32, extra_cmdline: &str) -> Command {
+    kiln_vmm_boot_kernel(&guest_kernel(), vcpus, mem_mib, extra_cmdline)
+}
+
+/// A `kiln-vmm` command booting `kernel` with the test initramfs.
+pub fn kiln_vmm_boot_kernel(
+    kernel: &std::path::Path,
+    vcpus: u8,
+    mem_mib: u32,
+    extra_cmdline: &str,
+) -> Command {
     let mut cmd = Command::new("kiln-vmm");
     cmd.arg("--kernel")
-        .arg(guest_kernel())
+        .arg(kernel)
         .arg("--initrd")
         .arg(test_initramfs())
         .arg("--cmdline")

@@ -3,12 +3,16 @@
 
 use std::time::Duration;
 
-use kiln_tests::{INIT_MARKER, kiln_vmm_boot, run_watching};
+use kiln_tests::{INIT_MARKER, debian_bzimage, kiln_vmm_boot, kiln_vmm_boot_kernel, run_watching};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn boot_and_check(vcpus: u8, mem_mib: u32) {
-    let run = run_watching(kiln_vmm_boot(vcpus, mem_mib, ""), INIT_MARKER, LIMIT)
+    check_boot(kiln_vmm_boot(vcpus, mem_mib, ""), vcpus, mem_mib);
+}
+
+fn check_boot(cmd: std::process::Command, vcpus: u8, mem_mib: u32) {
+    let run = run_watching(cmd, INIT_MARKER, LIMIT)
         .unwrap_or_else(|e| panic!("kiln-vmm with {vcpus} vCPUs: {e}"));
     let context = format!("stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
     assert!(
@@ -73,4 +77,12 @@ fn guest_runs_a_command_from_the_kernel_command_line() {
         run.stderr
     );
     assert_eq!(run.status.code(), Some(0));
+}
+
+#[test]
+#[ignore = "runs inside the nested lab: cargo xtask test"]
+fn debian_bzimage_boots_through_the_64_bit_entry() {
+    // Debian's cloud kernel finds CPUs only through ACPI (no MP-table parsing), so one vCPU.
+    let kernel = debian_bzimage();
+    check_boot(kiln_vmm_boot_kernel(&kernel, 1, 256, ""), 1, 256);
 }

@@ -111,10 +111,13 @@ pub fn main(args: &[String]) -> Result<u8> {
         stage_lab_tests(&bins, &share)?;
         let outcome = lab::run(&LabRun {
             share: Some(share),
-            files: vec![(
-                guest_images::test_initramfs()?,
-                "test-initramfs.cpio".into(),
-            )],
+            files: vec![
+                (
+                    guest_images::test_initramfs()?,
+                    "test-initramfs.cpio".into(),
+                ),
+                (lab::debian_bzimage()?, "bzImage".into()),
+            ],
             cmd: vec!["sh".into(), "/share/run-lab-tests.sh".into()],
             ..LabRun::default()
         })?;

@@ -162,6 +162,12 @@ impl Knobs {
 /// Default watchdog: L1 is ready in a few seconds, but TCG on a loaded 2-core machine is slow.
 const READY_WITHIN: Duration = Duration::from_secs(180);
 
+/// Debian's cloud-kernel bzImage (L1's own kernel), which lab tests also boot under kiln-vmm to
+/// cover the bzImage loader with a kernel Kiln did not build.
+pub fn debian_bzimage() -> Result<PathBuf> {
+    Ok(l1_kernel::ensure()?.vmlinuz)
+}
+
 /// Prepares the lab and runs `lab.cmd` in it. `Err` means setup failed on the host (nothing booted);
 /// an L1 failure is `Ok` with [`LabStatus::Failed`].
 pub fn run(lab: &LabRun) -> Result<LabOutcome> {
