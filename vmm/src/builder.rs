@@ -7,19 +7,22 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use event_manager::{EventManager, SubscriberOps};
 use kiln_devices::BusError;
 use kiln_devices::legacy::{
     COM1_IRQ, COM1_LEN, COM1_PORT, I8042, I8042_LEN, I8042_PORT, SerialDevice,
 };
+use kiln_devices::virtio::block::{Block, BlockConfig, BlockError};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::{self, BootError, BootInfo};
 use crate::arch::mptable::{self, MptableError};
 use crate::config::VmConfig;
+use crate::device_manager::{DeviceError, MmioDeviceManager, Subscriber};
 use crate::loader::{self, BootEntry, LoaderError};
 use crate::memory::{self, MemoryError, low_ram_end};
-use crate::vmm::Vmm;
+use crate::vmm::{ExitWatcher, Vmm};
 use crate::vstate::exit::{ExitReason, ExitSignal, IoBuses};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -62,12 +65,30 @@ pub enum BuildError {
     /// A device could not be placed on a bus.
     #[error("cannot place the {0} on the I/O bus: {1}")]
     Bus(&'static str, BusError),
+    /// The event loop could not be created.
+    #[error("cannot create the event loop: {0}")]
+    EventLoop(String),
+    /// A drive could not be opened.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// A vsock device was configured, but this build has none yet.
+    #[error("vsock: this kiln-vmm has no virtio-vsock device yet")]
+    VsockUnavailable,
+    /// A virtio device could not be attached.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 }
 
 impl BuildError {
     /// True when the error is in what the user gave (a file), not in the host or KVM.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, BuildError::Loader(_) | BuildError::SerialOut { .. })
+        matches!(
+            self,
+            BuildError::Loader(_)
+                | BuildError::SerialOut { .. }
+                | BuildError::Block(_)
+                | BuildError::VsockUnavailable
+        )
     }
 }
 
@@ -91,6 +112,58 @@ fn serial_output(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>, Bu
     }
 }
 
+/// The guest's command line: the configured one, the root device, then the virtio devices.
+fn guest_cmdline(config: &VmConfig, devices: &MmioDeviceManager) -> String {
+    let mut args = config.boot_source.boot_args().to_string();
+    if let Some(root) = config.drives.iter().find(|d| d.is_root_device) {
+        let dev = match &root.partuuid {
+            Some(uuid) => format!("PARTUUID={uuid}"),
+            None => "/dev/vda".into(),
+        };
+        let mode = if root.is_read_only { "ro" } else { "rw" };
+        args.push_str(&format!(" root={dev} {mode}"));
+    }
+    let extra = devices.cmdline_args();
+    if !extra.is_empty() {
+        args.push(' ');
+        args.push_str(&extra);
+    }
+    args
+}
+
+/// Creates each drive (the root device first, so it is /dev/vda) and attaches it.
+fn attach_drives(config: &VmConfig, ctx: &mut AttachContext<'_>) -> Result<(), BuildError> {
+    let (roots, others): (Vec<_>, Vec<_>) = config.drives.iter().partition(|d| d.is_root_device);
+    for d in roots.into_iter().chain(others) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| BuildError::EventFd("a drive's IRQ", e))?;
+        let cfg = BlockConfig {
+            id: d.drive_id.clone(),
+            path: d.path_on_host.clone(),
+            read_only: d.is_read_only,
+        };
+        let block = Arc::new(Mutex::new(Block::new(cfg, irq)?));
+        ctx.devices.attach(
+            &format!("drive {}", d.drive_id),
+            block,
+            ctx.vm,
+            ctx.mem,
+            ctx.io,
+            ctx.events,
+        )?;
+    }
+    Ok(())
+}
+
+/// What attaching a device needs.
+struct AttachContext<'a> {
+    vm: &'a Vm,
+    mem: &'a crate::memory::GuestMemoryMmap,
+    io: &'a mut IoBuses,
+    events: &'a mut EventManager<Subscriber>,
+    devices: &'a mut MmioDeviceManager,
+}
+
 /// Builds the VM `config` describes; `config` must have passed [`VmConfig::validate`].
 pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let serial_out = serial_output(config)?;
@@ -101,34 +174,16 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let (mem, memfd) = memory::create(mem_size)?;
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;
+    let mut events =
+        EventManager::<Subscriber>::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
     log::info!(
         "VM created with {} MiB of memory",
         config.machine.mem_size_mib
     );
 
-    let kernel = loader::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
-    let initrd = match &config.boot_source.initrd_path {
-        Some(path) => Some(loader::load_initrd(&mem, path, low_ram_end(mem_size))?),
-        None => None,
-    };
-    let cmdline_size = loader::load_cmdline(&mem, config.boot_source.boot_args())?;
-    mptable::write(&mem, vcpu_count)?;
-    let info = BootInfo {
-        initrd,
-        cmdline_size,
-        mem_size,
-    };
-    match kernel.entry {
-        BootEntry::Pvh(_) => boot::write_pvh_info(&mem, &info)?,
-        BootEntry::Linux64(_) => boot::write_zero_page(&mem, &info, kernel.setup_header)?,
-    }
-    log::info!(
-        "kernel, initrd and boot tables loaded; entry {:?}",
-        kernel.entry
-    );
-
     let signal =
         Arc::new(ExitSignal::new().map_err(|e| BuildError::EventFd("the exit signal", e))?);
+    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(signal.clone()))));
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd("the serial IRQ", e))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
@@ -145,6 +200,41 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         .insert(i8042, I8042_PORT, I8042_LEN)
         .map_err(|e| BuildError::Bus("i8042", e))?;
 
+    let mut devices = MmioDeviceManager::default();
+    let mut ctx = AttachContext {
+        vm: &vm,
+        mem: &mem,
+        io: &mut io,
+        events: &mut events,
+        devices: &mut devices,
+    };
+    attach_drives(config, &mut ctx)?;
+    if config.vsock.is_some() {
+        return Err(BuildError::VsockUnavailable);
+    }
+
+    let kernel = loader::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
+    let initrd = match &config.boot_source.initrd_path {
+        Some(path) => Some(loader::load_initrd(&mem, path, low_ram_end(mem_size))?),
+        None => None,
+    };
+    let cmdline = guest_cmdline(config, &devices);
+    let cmdline_size = loader::load_cmdline(&mem, &cmdline)?;
+    mptable::write(&mem, vcpu_count)?;
+    let info = BootInfo {
+        initrd,
+        cmdline_size,
+        mem_size,
+    };
+    match kernel.entry {
+        BootEntry::Pvh(_) => boot::write_pvh_info(&mem, &info)?,
+        BootEntry::Linux64(_) => boot::write_zero_page(&mem, &info, kernel.setup_header)?,
+    }
+    log::info!(
+        "kernel, initrd and boot tables loaded; entry {:?}; cmdline {cmdline:?}",
+        kernel.entry
+    );
+
     let supported = vm
         .kvm()
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -157,5 +247,13 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         vcpus.push(vcpu);
     }
     log::info!("{vcpu_count} vCPUs configured");
-    Ok(Vmm::new(vm, mem, memfd, vcpus, Arc::new(io), signal))
+    Ok(Vmm::new(
+        vm,
+        mem,
+        memfd,
+        vcpus,
+        Arc::new(io),
+        signal,
+        events,
+    ))
 }

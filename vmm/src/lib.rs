@@ -9,6 +9,7 @@
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod device_manager;
 pub mod loader;
 pub mod logger;
 pub mod memory;

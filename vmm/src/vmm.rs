@@ -2,12 +2,13 @@
 //! something asks the VM to stop.
 
 use std::fs::File;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber};
 
 use crate::builder::{BuildError, build};
 use crate::config::VmConfig;
+use crate::device_manager::Subscriber;
 use crate::memory::GuestMemoryMmap;
 use crate::vstate::exit::{ExitReason, ExitSignal, IoBuses};
 use crate::vstate::vcpu::Vcpu;
@@ -21,6 +22,7 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     io: Arc<IoBuses>,
     signal: Arc<ExitSignal>,
+    events: EventManager<Subscriber>,
 }
 
 impl TryFrom<&VmConfig> for Vmm {
@@ -32,8 +34,15 @@ impl TryFrom<&VmConfig> for Vmm {
 }
 
 /// Wakes the event loop when the exit signal fires.
-struct ExitWatcher {
+pub(crate) struct ExitWatcher {
     signal: Arc<ExitSignal>,
+}
+
+impl ExitWatcher {
+    /// Watches `signal`.
+    pub(crate) fn new(signal: Arc<ExitSignal>) -> Self {
+        Self { signal }
+    }
 }
 
 impl MutEventSubscriber for ExitWatcher {
@@ -51,8 +60,6 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
 impl Vmm {
     /// Assembles a VMM from built parts (see [`crate::builder`]).
     pub(crate) fn new(
@@ -62,6 +69,7 @@ impl Vmm {
         vcpus: Vec<Vcpu>,
         io: Arc<IoBuses>,
         signal: Arc<ExitSignal>,
+        events: EventManager<Subscriber>,
     ) -> Self {
         Self {
             _vm: vm,
@@ -70,19 +78,13 @@ impl Vmm {
             vcpus,
             io,
             signal,
+            events,
         }
     }
 
     /// Runs the guest until it resets, powers off, or fails; returns why it stopped. vCPU threads
     /// may still be inside KVM when this returns: the caller exits the process, with `self` alive.
     pub fn run(&mut self) -> ExitReason {
-        let mut manager = match EventManager::<Subscriber>::new() {
-            Ok(m) => m,
-            Err(e) => return ExitReason::Vmm(format!("cannot create the event loop: {e:?}")),
-        };
-        manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
-            signal: self.signal.clone(),
-        })));
         for vcpu in self.vcpus.drain(..) {
             if let Err(e) = vcpu.start(self.io.clone(), self.signal.clone()) {
                 return ExitReason::Vmm(format!("cannot start a vCPU thread: {e}"));
@@ -93,7 +95,7 @@ impl Vmm {
             if let Some(reason) = self.signal.reason() {
                 return reason;
             }
-            if let Err(e) = manager.run() {
+            if let Err(e) = self.events.run() {
                 return ExitReason::Vmm(format!("event loop failed: {e:?}"));
             }
         }

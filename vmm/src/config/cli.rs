@@ -2,12 +2,16 @@
 
 use std::path::PathBuf;
 
-use super::{BootSourceConfig, MachineConfig, SerialConfig, VmConfig, parse_config_file};
+use super::device_args::{parse_drive, parse_vsock};
+use super::{
+    BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig, VsockConfig,
+    parse_config_file,
+};
 
 /// The usage text for `--help`.
 pub const USAGE: &str =
     "usage: kiln-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
-                [--serial-out PATH]
+                [--drive id=ID,path=PATH[,ro][,root]]... [--vsock cid=N,uds=PATH] [--serial-out PATH]
        kiln-vmm --config-file FILE [--serial-out PATH]
 
   --kernel PATH       uncompressed ELF vmlinux (PVH entry used when present) or bzImage
@@ -15,6 +19,10 @@ pub const USAGE: &str =
   --cmdline STR       kernel command line (default: \"console=ttyS0 reboot=k panic=1\")
   --mem-mib N         guest memory in MiB (default 128)
   --vcpus N           number of vCPUs, 1 to 32 (default 1)
+  --drive SPEC        a virtio-blk drive backed by a file; `root` makes it /dev/vda and the root
+                      device, `ro` refuses writes (repeatable)
+  --vsock SPEC        a virtio-vsock device; the host reaches guest port P by connecting to uds and
+                      writing \"CONNECT P\\n\"; the guest reaches host port P at uds_P
   --serial-out PATH   write the serial console to PATH instead of stdout
   --config-file FILE  Firecracker-style JSON with \"boot-source\" and \"machine-config\"
 
@@ -42,6 +50,8 @@ struct Flags {
     vcpus: Option<u8>,
     serial_out: Option<PathBuf>,
     config_file: Option<PathBuf>,
+    drives: Vec<DriveConfig>,
+    vsock: Option<VsockConfig>,
 }
 
 /// Parses `args` (without the program name).
@@ -72,6 +82,8 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
             "--vcpus" => set(&mut flags.vcpus, name, number(name, &value()?)?)?,
             "--serial-out" => set(&mut flags.serial_out, name, value()?.into())?,
             "--config-file" => set(&mut flags.config_file, name, value()?.into())?,
+            "--drive" => flags.drives.push(parse_drive(&value()?)?),
+            "--vsock" => set(&mut flags.vsock, name, parse_vsock(&value()?)?)?,
             other if other.starts_with('-') => return Err(format!("unknown option {other}")),
             other => return Err(format!("unexpected argument {other:?}")),
         }
@@ -89,6 +101,8 @@ impl Flags {
                     (self.cmdline.is_some(), "--cmdline"),
                     (self.mem_mib.is_some(), "--mem-mib"),
                     (self.vcpus.is_some(), "--vcpus"),
+                    (!self.drives.is_empty(), "--drive"),
+                    (self.vsock.is_some(), "--vsock"),
                 ] {
                     if given {
                         return Err(format!("{flag} cannot be combined with --config-file"));
@@ -113,6 +127,8 @@ impl Flags {
                         ..defaults
                     },
                     serial: SerialConfig::default(),
+                    drives: self.drives,
+                    vsock: self.vsock,
                 }
             }
         };

@@ -6,6 +6,7 @@
 //! fits in memory, ...). Every error names the value at fault.
 
 mod cli;
+mod device_args;
 mod file;
 mod validate;
 
@@ -39,6 +40,50 @@ pub struct VmConfig {
     /// Where the serial console goes (`serial`); stdout when absent.
     #[serde(default)]
     pub serial: SerialConfig,
+    /// Block devices (`drives`), in the order the guest sees them (the root device is vda).
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    /// The vsock device (`vsock`), if any.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// Firecracker's `drives` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    /// Unique id: letters, digits, `_` and `-`; also what GET_ID answers.
+    pub drive_id: String,
+    /// The backing file.
+    pub path_on_host: PathBuf,
+    /// Boot from this drive: it becomes /dev/vda and the kernel gets `root=/dev/vda`.
+    #[serde(default)]
+    pub is_root_device: bool,
+    /// Refuse writes.
+    #[serde(default)]
+    pub is_read_only: bool,
+    /// Root partition by PARTUUID instead of the whole disk.
+    #[serde(default)]
+    pub partuuid: Option<String>,
+    /// Firecracker's cache type ("Unsafe" or "Writeback"); Kiln always honours FLUSH.
+    #[serde(default)]
+    pub cache_type: Option<String>,
+    /// Firecracker's I/O engine; Kiln has "Sync".
+    #[serde(default)]
+    pub io_engine: Option<String>,
+}
+
+/// Firecracker's `vsock` object.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+    /// The host-side Unix socket; guest connections to host port P go to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+    /// Firecracker's deprecated device id; accepted and ignored.
+    #[serde(default)]
+    pub vsock_id: Option<String>,
 }
 
 /// Firecracker's `boot-source` object.

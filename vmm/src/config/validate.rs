@@ -48,7 +48,26 @@ pub enum ValidationError {
     /// The serial output file cannot be created there.
     #[error("serial output {0}: its directory does not exist")]
     SerialOut(PathBuf),
+    /// A drive's settings are wrong.
+    #[error("drives[{index}] ({id:?}): {what}")]
+    Drive {
+        /// Position in the drives list.
+        index: usize,
+        /// Its drive_id.
+        id: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// The vsock settings are wrong.
+    #[error("vsock: {0}")]
+    Vsock(String),
+    /// More devices than interrupt lines.
+    #[error("{0} virtio devices configured; Kiln has interrupt lines for {MAX_VIRTIO_DEVICES}")]
+    TooManyDevices(usize),
 }
+
+/// Virtio-mmio devices a VM can have (IOAPIC pins 5 to 23).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 
 /// Room the kernel needs above its image for early page tables, the decompressor's heap and its
 /// first allocations; a guest with less does not get to init anyway.
@@ -109,6 +128,14 @@ impl VmConfig {
             });
         }
 
+        self.validate_drives()?;
+        if let Some(vsock) = &self.vsock {
+            validate_vsock(vsock)?;
+        }
+        let devices = self.drives.len() + usize::from(self.vsock.is_some());
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ValidationError::TooManyDevices(devices));
+        }
         if let Some(path) = &self.serial.serial_out_path {
             let dir = match path.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p,
@@ -120,6 +147,105 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+impl VmConfig {
+    fn validate_drives(&self) -> Result<(), ValidationError> {
+        let mut roots = 0;
+        for (index, d) in self.drives.iter().enumerate() {
+            let err = |what: String| ValidationError::Drive {
+                index,
+                id: d.drive_id.clone(),
+                what,
+            };
+            let id_ok = !d.drive_id.is_empty()
+                && d.drive_id.len() <= 64
+                && d.drive_id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !id_ok {
+                return Err(err(
+                    "drive_id must be 1 to 64 letters, digits, '_' or '-'".into()
+                ));
+            }
+            if self.drives[..index]
+                .iter()
+                .any(|o| o.drive_id == d.drive_id)
+            {
+                return Err(err("drive_id is used twice".into()));
+            }
+            let md = std::fs::metadata(&d.path_on_host)
+                .map_err(|e| err(format!("path_on_host {}: {e}", d.path_on_host.display())))?;
+            if md.is_dir() {
+                return Err(err(format!(
+                    "path_on_host {} is a directory",
+                    d.path_on_host.display()
+                )));
+            }
+            if d.is_root_device {
+                roots += 1;
+                if roots > 1 {
+                    return Err(err(
+                        "a second root device; only one drive may be the root".into()
+                    ));
+                }
+            }
+            if let Some(engine) = d.io_engine.as_deref().filter(|e| *e != "Sync") {
+                return Err(err(format!(
+                    "io_engine {engine:?} is not supported (Kiln has \"Sync\")"
+                )));
+            }
+            if let Some(cache) = d
+                .cache_type
+                .as_deref()
+                .filter(|c| !matches!(*c, "Unsafe" | "Writeback"))
+            {
+                return Err(err(format!(
+                    "cache_type {cache:?} is not \"Unsafe\" or \"Writeback\""
+                )));
+            }
+            if let Some(uuid) = &d.partuuid {
+                if !d.is_root_device {
+                    return Err(err("partuuid is only meaningful on the root device".into()));
+                }
+                if uuid.is_empty() || !uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                    return Err(err(format!("partuuid {uuid:?} is not a partition UUID")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_vsock(v: &super::VsockConfig) -> Result<(), ValidationError> {
+    if v.guest_cid < 3 || v.guest_cid >= u64::from(u32::MAX) {
+        return Err(ValidationError::Vsock(format!(
+            "guest_cid {} is reserved; use 3 to {}",
+            v.guest_cid,
+            u32::MAX - 1
+        )));
+    }
+    let path = &v.uds_path;
+    if path.as_os_str().is_empty() {
+        return Err(ValidationError::Vsock("uds_path is empty".into()));
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(ValidationError::Vsock(format!(
+            "uds_path {} already exists",
+            path.display()
+        )));
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(ValidationError::Vsock(format!(
+            "uds_path {}: its directory does not exist",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -160,6 +286,8 @@ mod tests {
             },
             machine: MachineConfig::default(),
             serial: SerialConfig::default(),
+            drives: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -209,6 +337,102 @@ mod tests {
         assert_eq!(
             e,
             "serial output /nonexistent/dir/console.log: its directory does not exist"
+        );
+    }
+
+    #[test]
+    fn drive_mistakes_are_named() {
+        let disk = fake_kernel(); // any existing file will do as a disk
+        let drive = |id: &str, root: bool| crate::config::DriveConfig {
+            drive_id: id.into(),
+            path_on_host: disk.clone(),
+            is_root_device: root,
+            is_read_only: false,
+            partuuid: None,
+            cache_type: None,
+            io_engine: None,
+        };
+        let mut c = config();
+        c.drives = vec![drive("rootfs", true), drive("data", false)];
+        c.validate().unwrap();
+        c.drives = vec![drive("rootfs", true), drive("rootfs", false)];
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "drives[1] (\"rootfs\"): drive_id is used twice"
+        );
+        c.drives = vec![drive("a", true), drive("b", true)];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("a second root device")
+        );
+        c.drives = vec![drive("bad id", false)];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("drive_id must be")
+        );
+        let mut missing = drive("x", false);
+        missing.path_on_host = "/nonexistent/disk.img".into();
+        c.drives = vec![missing];
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "drives[0] (\"x\"): path_on_host /nonexistent/disk.img: No such file or directory (os error 2)"
+        );
+        let mut engine = drive("x", false);
+        engine.io_engine = Some("Async".into());
+        c.drives = vec![engine];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("io_engine \"Async\"")
+        );
+        c.drives = (0..20).map(|i| drive(&format!("d{i}"), false)).collect();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("20 virtio devices")
+        );
+    }
+
+    #[test]
+    fn vsock_mistakes_are_named() {
+        let dir = std::env::temp_dir();
+        let v = |cid: u64, uds: PathBuf| crate::config::VsockConfig {
+            guest_cid: cid,
+            uds_path: uds,
+            vsock_id: None,
+        };
+        let mut c = config();
+        c.vsock = Some(v(
+            3,
+            dir.join(format!("kiln-v-{}.sock", std::process::id())),
+        ));
+        c.validate().unwrap();
+        c.vsock = Some(v(2, dir.join("x.sock")));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("vsock: guest_cid 2 is reserved")
+        );
+        c.vsock = Some(v(3, fake_kernel()));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .ends_with("already exists")
+        );
+        c.vsock = Some(v(3, "/nonexistent/dir/v.sock".into()));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .ends_with("its directory does not exist")
         );
     }
 }

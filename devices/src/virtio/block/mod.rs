@@ -1,0 +1,81 @@
+//! virtio-blk: a file-backed disk. Reads, writes, FLUSH (fdatasync) and GET_ID; read-only drives
+//! advertise VIRTIO_BLK_F_RO and refuse writes; anything past the end of the disk gets IOERR and
+//! unknown request types get UNSUPP. Requests run synchronously on the VMM's event loop.
+
+mod device;
+mod event_handler;
+mod request;
+
+pub use device::{Block, BlockConfig};
+pub use request::{Request, RequestError, RequestType};
+
+/// Bytes in a virtio-blk sector, whatever the disk's own block size.
+pub const SECTOR_SIZE: u64 = 512;
+/// Size of the one request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The queue sizes the device offers.
+pub const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE];
+/// Length of the GET_ID answer.
+pub const ID_BYTES: usize = 20;
+
+/// Feature bits.
+pub mod features {
+    /// Maximum segments in a request is in `seg_max`.
+    pub const SEG_MAX: u32 = 2;
+    /// The disk is read-only.
+    pub const RO: u32 = 5;
+    /// The block size is in `blk_size`.
+    pub const BLK_SIZE: u32 = 6;
+    /// FLUSH is supported.
+    pub const FLUSH: u32 = 9;
+}
+
+/// Request types (virtio 1.2, 5.2.6).
+pub mod request_type {
+    /// Read.
+    pub const IN: u32 = 0;
+    /// Write.
+    pub const OUT: u32 = 1;
+    /// Flush.
+    pub const FLUSH: u32 = 4;
+    /// Device id string.
+    pub const GET_ID: u32 = 8;
+}
+
+/// Request status bytes.
+pub mod status {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// I/O error (also: out of range, write to a read-only disk, malformed request).
+    pub const IOERR: u8 = 1;
+    /// Request type not supported.
+    pub const UNSUPP: u8 = 2;
+}
+
+/// Errors creating a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The backing file cannot be opened.
+    #[error("drive {id}: cannot open {path}: {err}")]
+    Open {
+        /// Drive id.
+        id: String,
+        /// Backing file.
+        path: std::path::PathBuf,
+        /// Why.
+        err: std::io::Error,
+    },
+    /// The backing file's size cannot be read.
+    #[error("drive {id}: cannot read the size of {path}: {err}")]
+    Size {
+        /// Drive id.
+        id: String,
+        /// Backing file.
+        path: std::path::PathBuf,
+        /// Why.
+        err: std::io::Error,
+    },
+    /// An eventfd could not be created.
+    #[error("drive {0}: cannot create an eventfd: {1}")]
+    EventFd(String, std::io::Error),
+}

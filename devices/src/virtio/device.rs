@@ -1,0 +1,156 @@
+//! What every virtio device implements, and the interrupt line it shares with its transport.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{GuestMemoryMmap, Queue, interrupt_status};
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver configured a different number of queues than the device has.
+    #[error("the driver set up {got} queues; the device has {want}")]
+    QueueCount {
+        /// Queues the device has.
+        want: usize,
+        /// Queues handed over.
+        got: usize,
+    },
+    /// The device's activation event could not be signalled.
+    #[error("cannot signal the device's activation: {0}")]
+    Signal(std::io::Error),
+    /// Activated twice without a reset in between.
+    #[error("the device is already active")]
+    AlreadyActive,
+    /// A device-specific reason.
+    #[error("{0}")]
+    Device(String),
+}
+
+/// A device behind a virtio-mmio transport.
+///
+/// The transport calls these from a vCPU thread with the device's lock held, so each must be quick;
+/// `activate` in particular only stores the queues and wakes the device's event handler.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID ([`super::TYPE_BLOCK`], ...).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue (the queue count is the length).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The feature bits the device offers.
+    fn avail_features(&self) -> u64;
+    /// The feature bits the driver accepted (a subset of `avail_features`, VERSION_1 included).
+    fn set_acked_features(&mut self, features: u64);
+    /// The driver reads the device-specific configuration space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver writes the device-specific configuration space at `offset`.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The eventfds KVM signals when the driver notifies each queue (one per queue, registered as
+    /// ioeventfds on QueueNotify with the queue index as datamatch).
+    fn queue_events(&self) -> &[EventFd];
+    /// The interrupt the device raises, shared with the transport.
+    fn interrupt(&self) -> &std::sync::Arc<Interrupt>;
+    /// Takes ownership of the driver's queues and starts the device.
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError>;
+    /// Stops the device and drops its queues (the driver wrote 0 to Status).
+    fn reset(&mut self);
+    /// True between a successful `activate` and the next `reset`.
+    fn is_activated(&self) -> bool;
+}
+
+/// A device's interrupt: the irqfd KVM turns into a guest interrupt, the InterruptStatus bits the
+/// driver reads and acknowledges, and the device's "needs reset" flag.
+#[derive(Debug)]
+pub struct Interrupt {
+    irqfd: EventFd,
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+}
+
+impl Interrupt {
+    /// An interrupt raised through `irqfd` (registered with KVM by the VMM).
+    pub fn new(irqfd: EventFd) -> Self {
+        Self {
+            irqfd,
+            status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+        }
+    }
+
+    /// The eventfd to register as an irqfd.
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            log::error!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    /// Tells the driver buffers were used.
+    pub fn signal_used(&self) {
+        self.raise(interrupt_status::USED_RING);
+    }
+
+    /// Tells the driver the configuration space changed.
+    pub fn signal_config(&self) {
+        self.raise(interrupt_status::CONFIG_CHANGED);
+    }
+
+    /// The device cannot go on (a lying driver): DEVICE_NEEDS_RESET shows in Status and the driver
+    /// gets a configuration interrupt.
+    pub fn set_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            self.signal_config();
+        }
+    }
+
+    /// Whether the device asked for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Forgets all state (device reset).
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_bits_are_raised_acked_and_reset() {
+        let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        irq.signal_used();
+        irq.signal_config();
+        assert_eq!(irq.status(), 3);
+        assert_eq!(irq.irqfd().read().unwrap(), 2);
+        irq.ack(interrupt_status::USED_RING);
+        assert_eq!(irq.status(), interrupt_status::CONFIG_CHANGED);
+        irq.set_needs_reset();
+        irq.set_needs_reset();
+        assert!(irq.needs_reset());
+        assert_eq!(
+            irq.irqfd().read().unwrap(),
+            1,
+            "one config interrupt for needs-reset"
+        );
+        irq.reset();
+        assert_eq!((irq.status(), irq.needs_reset()), (0, false));
+    }
+}

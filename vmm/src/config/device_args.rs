@@ -1,0 +1,131 @@
+//! The device flags' `key=value,...` syntax: `--drive id=ID,path=PATH[,ro][,root]` and
+//! `--vsock cid=N,uds=PATH`.
+
+use std::path::PathBuf;
+
+use super::{DriveConfig, VsockConfig};
+
+/// Splits `a=1,b,c=3` into pairs; a bare word has no value. Empty items are errors.
+fn items<'a>(flag: &str, spec: &'a str) -> Result<Vec<(&'a str, Option<&'a str>)>, String> {
+    spec.split(',')
+        .map(|item| match item.split_once('=') {
+            _ if item.is_empty() => Err(format!("{flag} {spec:?} has an empty item")),
+            Some((k, v)) => Ok((k, Some(v))),
+            None => Ok((item, None)),
+        })
+        .collect()
+}
+
+/// Parses `--drive id=ID,path=PATH[,ro][,root]`.
+pub fn parse_drive(spec: &str) -> Result<DriveConfig, String> {
+    let (mut id, mut path, mut ro, mut root) = (None, None, false, false);
+    for (key, value) in items("--drive", spec)? {
+        match (key, value) {
+            ("id", Some(v)) => id = Some(v.to_string()),
+            ("path", Some(v)) => path = Some(PathBuf::from(v)),
+            ("ro", None) => ro = true,
+            ("root", None) => root = true,
+            (k, _) => {
+                return Err(format!(
+                    "--drive {spec:?}: unknown or malformed item {k:?} (want id=, path=, ro, root)"
+                ));
+            }
+        }
+    }
+    Ok(DriveConfig {
+        drive_id: id.ok_or_else(|| format!("--drive {spec:?} needs id=ID"))?,
+        path_on_host: path.ok_or_else(|| format!("--drive {spec:?} needs path=PATH"))?,
+        is_root_device: root,
+        is_read_only: ro,
+        partuuid: None,
+        cache_type: None,
+        io_engine: None,
+    })
+}
+
+/// Parses `--vsock cid=N,uds=PATH`.
+pub fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
+    let (mut cid, mut uds) = (None, None);
+    for (key, value) in items("--vsock", spec)? {
+        match (key, value) {
+            ("cid", Some(v)) => {
+                cid = Some(
+                    v.parse()
+                        .map_err(|_| format!("--vsock {spec:?}: cid {v:?} is not a number"))?,
+                )
+            }
+            ("uds", Some(v)) => uds = Some(PathBuf::from(v)),
+            (k, _) => {
+                return Err(format!(
+                    "--vsock {spec:?}: unknown or malformed item {k:?} (want cid=, uds=)"
+                ));
+            }
+        }
+    }
+    Ok(VsockConfig {
+        guest_cid: cid.ok_or_else(|| format!("--vsock {spec:?} needs cid=N"))?,
+        uds_path: uds.ok_or_else(|| format!("--vsock {spec:?} needs uds=PATH"))?,
+        vsock_id: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drives_parse_with_flags() {
+        let d = parse_drive("id=rootfs,path=/img/root.ext4,root,ro").unwrap();
+        assert_eq!(d.drive_id, "rootfs");
+        assert_eq!(d.path_on_host, PathBuf::from("/img/root.ext4"));
+        assert!(d.is_root_device && d.is_read_only);
+        let d = parse_drive("path=/x,id=data").unwrap();
+        assert!(!d.is_root_device && !d.is_read_only);
+    }
+
+    #[test]
+    fn bad_drives_are_named() {
+        assert_eq!(
+            parse_drive("path=/x").unwrap_err(),
+            "--drive \"path=/x\" needs id=ID"
+        );
+        assert_eq!(
+            parse_drive("id=a").unwrap_err(),
+            "--drive \"id=a\" needs path=PATH"
+        );
+        assert!(
+            parse_drive("id=a,path=/x,rw")
+                .unwrap_err()
+                .contains("unknown or malformed item \"rw\"")
+        );
+        assert!(
+            parse_drive("id=a,,path=/x")
+                .unwrap_err()
+                .contains("empty item")
+        );
+        assert!(
+            parse_drive("id,path=/x")
+                .unwrap_err()
+                .contains("item \"id\"")
+        );
+    }
+
+    #[test]
+    fn vsock_parses_and_bad_values_are_named() {
+        let v = parse_vsock("cid=3,uds=/run/v.sock").unwrap();
+        assert_eq!((v.guest_cid, v.uds_path), (3, PathBuf::from("/run/v.sock")));
+        assert_eq!(
+            parse_vsock("cid=x,uds=/v").unwrap_err(),
+            "--vsock \"cid=x,uds=/v\": cid \"x\" is not a number"
+        );
+        assert_eq!(
+            parse_vsock("uds=/v").unwrap_err(),
+            "--vsock \"uds=/v\" needs cid=N"
+        );
+        assert!(
+            parse_vsock("cid=3,path=/v")
+                .unwrap_err()
+                .contains("item \"path\"")
+        );
+    }
+}

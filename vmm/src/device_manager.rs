@@ -1,0 +1,119 @@
+//! Places virtio devices on the MMIO bus: one 4 KiB window and one interrupt line each, from
+//! 0xd000_0000 and IRQ 5 up. Each queue's QueueNotify becomes an ioeventfd (datamatch = queue
+//! index), the device's interrupt an irqfd, the device itself an event-loop subscriber, and the
+//! guest learns about it from `virtio_mmio.device=4K@ADDR:IRQ` on its command line.
+
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kiln_devices::virtio::mmio::{MMIO_LEN, QUEUE_NOTIFY_OFFSET};
+use kiln_devices::virtio::{MmioTransport, VirtioDevice};
+use kvm_ioctls::IoEventAddress;
+
+use crate::arch::layout::IOAPIC_PINS;
+use crate::memory::GuestMemoryMmap;
+use crate::vstate::exit::IoBuses;
+use crate::vstate::vm::{Vm, VmError};
+
+/// First MMIO window for virtio devices (inside the 32-bit gap, below the IOAPIC).
+pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
+/// First interrupt line for virtio devices (0-4 are the PIT, keyboard, cascade and COM ports).
+pub const FIRST_DEVICE_IRQ: u32 = 5;
+
+/// The event loop's subscriber type.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Errors attaching a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// No interrupt lines left.
+    #[error("no interrupt line left for {0}")]
+    NoIrq(String),
+    /// KVM refused an irqfd or ioeventfd.
+    #[error("{what} for {device}: {err}")]
+    Kvm {
+        /// The step.
+        what: &'static str,
+        /// The device.
+        device: String,
+        /// KVM's error.
+        err: kvm_ioctls::Error,
+    },
+    /// The irqfd could not be registered.
+    #[error("interrupt for {0}: {1}")]
+    Irq(String, VmError),
+    /// The window is already taken.
+    #[error("MMIO window for {0}: {1}")]
+    Bus(String, kiln_devices::BusError),
+}
+
+/// Hands out MMIO windows and interrupt lines, and remembers what the guest must be told.
+pub struct MmioDeviceManager {
+    next_addr: u64,
+    next_irq: u32,
+    cmdline: Vec<String>,
+}
+
+impl Default for MmioDeviceManager {
+    fn default() -> Self {
+        Self {
+            next_addr: MMIO_DEVICES_START,
+            next_irq: FIRST_DEVICE_IRQ,
+            cmdline: Vec::new(),
+        }
+    }
+}
+
+impl MmioDeviceManager {
+    /// Attaches `device` (named `name` in errors) to the VM.
+    pub fn attach<D>(
+        &mut self,
+        name: &str,
+        device: Arc<Mutex<D>>,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        io: &mut IoBuses,
+        events: &mut EventManager<Subscriber>,
+    ) -> Result<(), DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
+        if self.next_irq >= u32::from(IOAPIC_PINS) {
+            return Err(DeviceError::NoIrq(name.into()));
+        }
+        let (addr, irq) = (self.next_addr, self.next_irq);
+        {
+            let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+            vm.register_irqfd(dev.interrupt().irqfd(), irq)
+                .map_err(|e| DeviceError::Irq(name.into(), e))?;
+            for (index, evt) in dev.queue_events().iter().enumerate() {
+                vm.fd()
+                    .register_ioevent(
+                        evt,
+                        &IoEventAddress::Mmio(addr + QUEUE_NOTIFY_OFFSET),
+                        index as u32,
+                    )
+                    .map_err(|err| DeviceError::Kvm {
+                        what: "queue ioeventfd",
+                        device: name.into(),
+                        err,
+                    })?;
+            }
+        }
+        let transport = MmioTransport::new(device.clone(), mem.clone());
+        io.mmio
+            .insert(Arc::new(Mutex::new(transport)), addr, MMIO_LEN)
+            .map_err(|e| DeviceError::Bus(name.into(), e))?;
+        events.add_subscriber(device);
+        self.cmdline
+            .push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
+        self.next_addr += MMIO_LEN;
+        self.next_irq += 1;
+        Ok(())
+    }
+
+    /// What the guest's command line needs so it finds the devices.
+    pub fn cmdline_args(&self) -> String {
+        self.cmdline.join(" ")
+    }
+}
