@@ -196,7 +196,7 @@ pub fn kiln_vmm_boot_kernel(
 /// A QEMU `-M microvm` command booting the same kernel and initramfs with KVM, for comparison.
 /// microvm has no i8042, so the guest reboots by triple fault (`reboot=t`), which ends QEMU under
 /// `-no-reboot`; the reboot method does not change the time to init.
-pub fn qemu_microvm_boot(vcpus: u8, mem_mib: u32) -> Command {
+pub fn qemu_microvm_boot(vcpus: u8, mem_mib: u32, extra_cmdline: &str) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-M",
@@ -219,7 +219,14 @@ pub fn qemu_microvm_boot(vcpus: u8, mem_mib: u32) -> Command {
     .arg(guest_kernel())
     .arg("-initrd")
     .arg(test_initramfs())
-    .args(["-append", &LAB_CMDLINE.replace("reboot=k", "reboot=t")]);
+    .args([
+        "-append",
+        format!(
+            "{} {extra_cmdline}",
+            LAB_CMDLINE.replace("reboot=k", "reboot=t")
+        )
+        .trim_end(),
+    ]);
     cmd
 }
 

@@ -6,17 +6,20 @@ use crate::guest_images;
 use crate::lab::{self, LabRun, LabStatus};
 use crate::util::Result;
 
-const USAGE: &str = "usage: cargo xtask bench boot [--runs N]";
+const USAGE: &str = "usage: cargo xtask bench boot|block [--runs N]";
 
-/// `cargo xtask bench boot [--runs N]`
+/// Benchmarks `kiln-lab-bench` knows.
+const BENCHMARKS: &[&str] = &["boot", "block"];
+
+/// `cargo xtask bench boot|block [--runs N]`
 pub fn main(args: &[String]) -> Result<u8> {
     let Some((name, rest)) = args.split_first() else {
         return Err(USAGE.into());
     };
-    if name != "boot" {
+    if !BENCHMARKS.contains(&name.as_str()) {
         return Err(format!("unknown benchmark {name:?}\n{USAGE}"));
     }
-    let mut cmd = vec!["kiln-lab-bench".to_string(), "boot".into()];
+    let mut cmd = vec!["kiln-lab-bench".to_string(), name.clone()];
     cmd.extend(rest.iter().cloned());
     let outcome = lab::run(&LabRun {
         files: vec![(

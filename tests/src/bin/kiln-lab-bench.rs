@@ -3,11 +3,17 @@
 //! `kiln-lab-bench boot [--runs N]` boots the guest kernel and test initramfs N times under kiln-vmm
 //! and N times under QEMU `-M microvm` (both on L1's KVM, interleaved so drift hits both alike) and
 //! prints min/median/max of "VMM start -> guest init marker" and QEMU's median over Kiln's.
+//!
+//! `kiln-lab-bench block [--runs N]` measures sequential direct-I/O reads and writes of a 256 MiB
+//! drive with `dd` inside the guest, under kiln-vmm's virtio-blk and QEMU's virtio-blk-device.
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use kiln_tests::{INIT_MARKER, kiln_vmm_boot, qemu_microvm_boot, run_watching};
+
+#[path = "kiln-lab-bench/block.rs"]
+mod block;
 
 const LIMIT: Duration = Duration::from_secs(30);
 const MEM_MIB: u32 = 256;
@@ -16,7 +22,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("boot") => runs(&args[1..]).and_then(boot),
-        _ => Err("usage: kiln-lab-bench boot [--runs N]".to_string()),
+        Some("block") => runs(&args[1..]).and_then(|n| block::run(n.min(5))),
+        _ => Err("usage: kiln-lab-bench boot|block [--runs N]".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,7 +70,7 @@ fn time_boot(name: &str, cmd: Command) -> Result<Duration, String> {
 }
 
 /// (min, median, max) of `samples` in milliseconds.
-fn stats(samples: &mut [Duration]) -> (f64, f64, f64) {
+pub(crate) fn stats(samples: &mut [Duration]) -> (f64, f64, f64) {
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let n = samples.len();
@@ -80,7 +87,10 @@ fn boot(runs: usize) -> Result<(), String> {
     let mut qemu = Vec::with_capacity(runs);
     for i in 0..runs {
         kiln.push(time_boot("kiln-vmm", kiln_vmm_boot(1, MEM_MIB, ""))?);
-        qemu.push(time_boot("qemu microvm", qemu_microvm_boot(1, MEM_MIB))?);
+        qemu.push(time_boot(
+            "qemu microvm",
+            qemu_microvm_boot(1, MEM_MIB, ""),
+        )?);
         eprintln!(
             "run {}/{runs}: kiln {:?}, qemu {:?}",
             i + 1,
