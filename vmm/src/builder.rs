@@ -13,6 +13,7 @@ use kiln_devices::legacy::{
     COM1_IRQ, COM1_LEN, COM1_PORT, I8042, I8042_LEN, I8042_PORT, SerialDevice,
 };
 use kiln_devices::virtio::block::{Block, BlockConfig, BlockError};
+use kiln_devices::virtio::vsock::{Vsock, VsockError};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -71,9 +72,9 @@ pub enum BuildError {
     /// A drive could not be opened.
     #[error(transparent)]
     Block(#[from] BlockError),
-    /// A vsock device was configured, but this build has none yet.
-    #[error("vsock: this kiln-vmm has no virtio-vsock device yet")]
-    VsockUnavailable,
+    /// The vsock device could not be created.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// A virtio device could not be attached.
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -87,7 +88,7 @@ impl BuildError {
             BuildError::Loader(_)
                 | BuildError::SerialOut { .. }
                 | BuildError::Block(_)
-                | BuildError::VsockUnavailable
+                | BuildError::Vsock(_)
         )
     }
 }
@@ -112,23 +113,30 @@ fn serial_output(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>, Bu
     }
 }
 
-/// The guest's command line: the configured one, the root device, then the virtio devices.
+/// The guest's command line: the configured one, the root device, then the virtio devices. Kiln's
+/// additions go before a `--`, since everything after it is for init.
 fn guest_cmdline(config: &VmConfig, devices: &MmioDeviceManager) -> String {
-    let mut args = config.boot_source.boot_args().to_string();
+    let args = config.boot_source.boot_args();
+    let (kernel_part, init_part) = match args.split_once(" -- ") {
+        Some((k, i)) => (k.to_string(), Some(i)),
+        None if args.starts_with("-- ") => (String::new(), Some(&args[3..])),
+        None => (args.to_string(), None),
+    };
+    let mut words = vec![kernel_part];
     if let Some(root) = config.drives.iter().find(|d| d.is_root_device) {
         let dev = match &root.partuuid {
             Some(uuid) => format!("PARTUUID={uuid}"),
             None => "/dev/vda".into(),
         };
         let mode = if root.is_read_only { "ro" } else { "rw" };
-        args.push_str(&format!(" root={dev} {mode}"));
+        words.push(format!("root={dev} {mode}"));
     }
-    let extra = devices.cmdline_args();
-    if !extra.is_empty() {
-        args.push(' ');
-        args.push_str(&extra);
+    words.push(devices.cmdline_args());
+    if let Some(init) = init_part {
+        words.push(format!("-- {init}"));
     }
-    args
+    words.retain(|w| !w.is_empty());
+    words.join(" ")
 }
 
 /// Creates each drive (the root device first, so it is /dev/vda) and attaches it.
@@ -209,8 +217,16 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         devices: &mut devices,
     };
     attach_drives(config, &mut ctx)?;
-    if config.vsock.is_some() {
-        return Err(BuildError::VsockUnavailable);
+    if let Some(v) = &config.vsock {
+        let irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| BuildError::EventFd("the vsock IRQ", e))?;
+        let vsock = Arc::new(Mutex::new(Vsock::new(
+            v.guest_cid,
+            v.uds_path.clone(),
+            irq,
+        )?));
+        ctx.devices
+            .attach("vsock", vsock, ctx.vm, ctx.mem, ctx.io, ctx.events)?;
     }
 
     let kernel = loader::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
@@ -256,4 +272,56 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         signal,
         events,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, SerialConfig};
+
+    fn config(args: &str, root: Option<bool>) -> VmConfig {
+        VmConfig {
+            boot_source: BootSourceConfig {
+                kernel_image_path: "/k".into(),
+                initrd_path: None,
+                boot_args: Some(args.into()),
+            },
+            machine: MachineConfig::default(),
+            serial: SerialConfig::default(),
+            drives: root
+                .map(|ro| DriveConfig {
+                    drive_id: "rootfs".into(),
+                    path_on_host: "/r".into(),
+                    is_root_device: true,
+                    is_read_only: ro,
+                    partuuid: None,
+                    cache_type: None,
+                    io_engine: None,
+                })
+                .into_iter()
+                .collect(),
+            vsock: None,
+        }
+    }
+
+    #[test]
+    fn root_and_devices_are_appended_before_init_arguments() {
+        let mut devices = MmioDeviceManager::default();
+        assert_eq!(
+            guest_cmdline(&config("console=ttyS0", None), &devices),
+            "console=ttyS0"
+        );
+        devices.add_cmdline_for_test("virtio_mmio.device=4K@0xd0000000:5");
+        assert_eq!(
+            guest_cmdline(
+                &config("console=ttyS0 init=/bin/sh -- -c \"echo hi\"", Some(true)),
+                &devices
+            ),
+            "console=ttyS0 init=/bin/sh root=/dev/vda ro virtio_mmio.device=4K@0xd0000000:5 -- -c \"echo hi\""
+        );
+        assert_eq!(
+            guest_cmdline(&config("-- arg", Some(false)), &devices),
+            "root=/dev/vda rw virtio_mmio.device=4K@0xd0000000:5 -- arg"
+        );
+    }
 }

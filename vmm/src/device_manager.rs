@@ -112,6 +112,12 @@ impl MmioDeviceManager {
         Ok(())
     }
 
+    /// Records a command-line entry as if a device had been attached (for tests of callers).
+    #[cfg(test)]
+    pub fn add_cmdline_for_test(&mut self, entry: &str) {
+        self.cmdline.push(entry.into());
+    }
+
     /// What the guest's command line needs so it finds the devices.
     pub fn cmdline_args(&self) -> String {
         self.cmdline.join(" ")

@@ -94,8 +94,10 @@ impl VmConfig {
                 CMDLINE_MAX_SIZE - 1
             )));
         }
-        if args.contains('\0') {
-            return Err(ValidationError::BootArgs("holding a NUL byte".into()));
+        if let Some(c) = args.chars().find(|c| !(' '..='~').contains(c)) {
+            return Err(ValidationError::BootArgs(format!(
+                "holding {c:?}; the kernel command line takes printable ASCII only"
+            )));
         }
 
         let kernel = &self.boot_source.kernel_image_path;
@@ -291,6 +293,12 @@ mod tests {
         }
     }
 
+    impl VmConfig {
+        fn boot_args_for_test(&mut self, args: &str) {
+            self.boot_source.boot_args = Some(args.into());
+        }
+    }
+
     fn err(f: impl FnOnce(&mut VmConfig)) -> String {
         let mut c = config();
         f(&mut c);
@@ -332,6 +340,11 @@ mod tests {
         assert_eq!(
             e,
             "boot-source.boot_args is 3000 bytes long; Linux takes at most 2047"
+        );
+        let e = err(|c| c.boot_args_for_test("console=ttyS0\ninit=/x"));
+        assert_eq!(
+            e,
+            "boot-source.boot_args is holding '\\n'; the kernel command line takes printable ASCII only"
         );
         let e = err(|c| c.serial.serial_out_path = Some("/nonexistent/dir/console.log".into()));
         assert_eq!(
