@@ -1,0 +1,156 @@
+//! Getting a connected, handshaken [`Client`]: directly on a Unix socket, or through the Unix
+//! socket that Firecracker-style VMMs (Kiln's included) expose for a guest's vsock, where the
+//! host writes `CONNECT <port>\n` and reads `OK <host port>\n` before the stream is the guest's.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::conn::Conn;
+use super::{Client, Error};
+use crate::link::Socket;
+use crate::protocol::{AGENT_PORT, Event, Hello, Message, PROTOCOL_VERSION, read_frame};
+
+/// How long connecting and the hello exchange may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest `OK <port>` line accepted.
+const MAX_CONNECT_REPLY: usize = 64;
+
+/// Connects to an agent listening on the Unix socket `path` (e.g. `kiln-agent --listen
+/// unix:PATH` on the host).
+pub fn connect_unix(path: impl AsRef<Path>) -> Result<Client, Error> {
+    let path = path.as_ref();
+    let stream = UnixStream::connect(path).map_err(|source| Error::Connect {
+        path: path.into(),
+        source,
+    })?;
+    from_socket(Socket::from_fd(stream.into()), HANDSHAKE_TIMEOUT)
+}
+
+/// Connects to guest vsock `port` through the VMM's vsock Unix socket `uds`.
+pub fn connect_vsock(uds: impl AsRef<Path>, port: u32) -> Result<Client, Error> {
+    connect_vsock_within(uds.as_ref(), port, HANDSHAKE_TIMEOUT)
+}
+
+fn connect_vsock_within(uds: &Path, port: u32, timeout: Duration) -> Result<Client, Error> {
+    let stream = UnixStream::connect(uds).map_err(|source| Error::Connect {
+        path: uds.into(),
+        source,
+    })?;
+    let socket = Socket::from_fd(stream.into());
+    let local = |what: &str| {
+        let what = format!("{what} {}", uds.display());
+        move |source| Error::Local { what, source }
+    };
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(local("setting a timeout on"))?;
+    (&socket)
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(local("writing CONNECT to"))?;
+    // Byte by byte: whatever follows the newline already belongs to the agent.
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while reply.len() < MAX_CONNECT_REPLY {
+        match (&socket).read(&mut byte) {
+            Ok(1) if byte[0] == b'\n' => break,
+            Ok(1) => reply.push(byte[0]),
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if reply.is_empty() => return Err(local("reading the CONNECT answer from")(e)),
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&reply).into_owned();
+    let ok = text
+        .strip_prefix("OK ")
+        .is_some_and(|p| p.trim().parse::<u32>().is_ok());
+    if !ok || byte[0] != b'\n' {
+        return Err(Error::ConnectRefused {
+            path: uds.into(),
+            port,
+            reply: text,
+        });
+    }
+    from_socket(socket, timeout)
+}
+
+/// Says hello on an already connected socket and starts the client.
+pub fn from_socket(socket: Socket, timeout: Duration) -> Result<Client, Error> {
+    let hello = Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        software: format!("kiln-agent client {}", env!("CARGO_PKG_VERSION")),
+    });
+    let closed = |e: std::io::Error| Error::Closed(format!("during the hello: {e}"));
+    socket.set_read_timeout(Some(timeout)).map_err(closed)?;
+    (&socket).write_all(&hello.encode()).map_err(closed)?;
+    let raw = match read_frame(&mut &socket) {
+        Ok(Some(raw)) => raw,
+        Ok(None) => {
+            return Err(Error::Closed(
+                "the agent closed the connection before its hello".into(),
+            ));
+        }
+        Err(crate::protocol::FrameError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(Error::Timeout(timeout));
+        }
+        Err(e) => return Err(Error::Protocol(format!("reading the agent's hello: {e}"))),
+    };
+    match Message::decode(raw) {
+        Ok(Message::Hello(h)) if h.version == PROTOCOL_VERSION => {}
+        Ok(Message::Hello(h)) => {
+            return Err(Error::VersionMismatch {
+                host: PROTOCOL_VERSION,
+                agent: h.version,
+            });
+        }
+        Ok(Message::Event(0, Event::Error(info))) => return Err(info.into()),
+        Ok(other) => {
+            return Err(Error::Protocol(format!(
+                "expected the agent's hello, got {other:?}"
+            )));
+        }
+        Err(e) => return Err(Error::Protocol(format!("the agent's hello: {e}"))),
+    }
+    socket.set_read_timeout(None).map_err(closed)?;
+    Ok(Client::new(Conn::start(socket)?))
+}
+
+/// Connects to the agent on [`AGENT_PORT`] through vsock socket `uds`, retrying until it
+/// answers or `deadline` passes: the VM may still be booting, the socket may not exist yet.
+/// A version mismatch is final and returned at once.
+pub fn wait_ready(uds: impl AsRef<Path>, deadline: Instant) -> Result<Client, Error> {
+    let uds = uds.as_ref();
+    let start = Instant::now();
+    loop {
+        // An attempt that got through gets at least a second for the answers, even past the
+        // deadline: a slow first hello must not turn into an endless retry.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = connect_vsock_within(
+            uds,
+            AGENT_PORT,
+            left.clamp(Duration::from_secs(1), HANDSHAKE_TIMEOUT),
+        );
+        let last = match attempt {
+            Ok(client) => return Ok(client),
+            Err(e @ Error::VersionMismatch { .. }) => return Err(e),
+            Err(e) => e,
+        };
+        if Instant::now() + Duration::from_millis(10) >= deadline {
+            return Err(Error::NotReady {
+                path: uds.into(),
+                waited: start.elapsed(),
+                last: Box::new(last),
+            });
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}

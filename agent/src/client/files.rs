@@ -1,0 +1,139 @@
+//! File transfer and inspection. Transfers stream chunk by chunk against the agent's credit, so
+//! memory stays flat whatever the file size.
+
+use std::io::{self, Read, Write};
+
+use super::conn::Inbound;
+use super::{Client, Error, unexpected};
+use crate::protocol::{DirEntry, Event, FileStat, MAX_CHUNK, Request, Stream};
+
+/// How [`Client::write_file`] creates the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Permission bits (default: 0o644 for a new file, unchanged for an existing one).
+    pub mode: Option<u32>,
+    /// Create missing parent directories.
+    pub parents: bool,
+    /// Append instead of truncating.
+    pub append: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> WriteOptions {
+        WriteOptions {
+            mode: None,
+            parents: true,
+            append: false,
+        }
+    }
+}
+
+impl Client {
+    /// Writes everything `data` yields to `path` in the guest; returns the bytes written.
+    pub fn write_file(
+        &self,
+        path: &str,
+        mut data: impl Read,
+        options: WriteOptions,
+    ) -> Result<u64, Error> {
+        let mut req = self.conn.start_request(Request::WriteFile {
+            path: path.to_string(),
+            mode: options.mode,
+            parents: options.parents,
+            append: options.append,
+        })?;
+        let sender = req.sender();
+        let mut buf = vec![0u8; MAX_CHUNK];
+        // Stops early when the agent ends the request (it failed): its error follows.
+        while let Some(credit) = sender.wait_credit(Stream::File) {
+            let n = match data.read(&mut buf[..credit]) {
+                Ok(0) => {
+                    sender.eof(Stream::File);
+                    break;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    req.abandon();
+                    return Err(Error::Local {
+                        what: format!("reading the data for {path}"),
+                        source,
+                    });
+                }
+            };
+            let mut sent = 0;
+            while sent < n {
+                match sender.send(Stream::File, &buf[sent..n]) {
+                    Some(k) => sent += k,
+                    None => break,
+                }
+            }
+        }
+        match req.recv(None)? {
+            Inbound::Event(Event::Done { bytes }) => Ok(bytes.unwrap_or(0)),
+            Inbound::Event(Event::Error(info)) => Err(info.into()),
+            other => Err(unexpected("write_file", &other)),
+        }
+    }
+
+    /// Streams the guest file `path` into `out`; returns the bytes read.
+    pub fn read_file(&self, path: &str, mut out: impl Write) -> Result<u64, Error> {
+        let mut req = self.conn.start_request(Request::ReadFile {
+            path: path.to_string(),
+        })?;
+        let mut bytes = 0u64;
+        loop {
+            match req.recv(None)? {
+                Inbound::Event(Event::Opened { .. }) | Inbound::Eof(Stream::File) => {}
+                Inbound::Data(Stream::File, chunk) => {
+                    if let Err(source) = out.write_all(&chunk) {
+                        req.abandon();
+                        return Err(Error::Local {
+                            what: format!("writing the contents of {path}"),
+                            source,
+                        });
+                    }
+                    bytes += chunk.len() as u64;
+                }
+                Inbound::Event(Event::Done { .. }) => return Ok(bytes),
+                Inbound::Event(Event::Error(info)) => return Err(info.into()),
+                other => return Err(unexpected("read_file", &other)),
+            }
+        }
+    }
+
+    /// Lists directory `path` (entries are not followed through symlinks).
+    pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>, Error> {
+        let mut req = self.conn.start_request(Request::ListDir {
+            path: path.to_string(),
+        })?;
+        let mut all = Vec::new();
+        loop {
+            match req.recv(None)? {
+                Inbound::Event(Event::Entries { entries }) => all.extend(entries),
+                Inbound::Event(Event::Done { .. }) => return Ok(all),
+                Inbound::Event(Event::Error(info)) => return Err(info.into()),
+                other => return Err(unexpected("list_dir", &other)),
+            }
+        }
+    }
+
+    /// Describes `path`, following symlinks.
+    pub fn stat(&self, path: &str) -> Result<FileStat, Error> {
+        match self.call(Request::Stat {
+            path: path.to_string(),
+        })? {
+            Event::Stat { stat } => Ok(stat),
+            other => Err(Error::Protocol(format!("stat answered with {other:?}"))),
+        }
+    }
+
+    /// Removes `path`; a non-empty directory only with `recursive`.
+    pub fn remove(&self, path: &str, recursive: bool) -> Result<(), Error> {
+        self.call(Request::Remove {
+            path: path.to_string(),
+            recursive,
+        })
+        .map(drop)
+    }
+}

@@ -1,0 +1,170 @@
+//! The in-guest side: the `kiln-agent` program. It sets the guest up when it is PID 1, reaps
+//! every child through one [`reaper`], listens on vsock (or a Unix socket for host tests), and
+//! serves each connection ([`session`]) with a thread per request ([`exec`], [`files`]).
+//!
+//! Only the agent binary (and test harnesses standing in for a VM) should run this: the reaper
+//! waits for *every* child of the process.
+
+pub mod exec;
+pub mod files;
+pub mod init;
+pub mod listen;
+pub mod reaper;
+pub mod session;
+pub mod spawn;
+pub mod sys;
+pub mod user;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crate::link::{Outbox, Socket};
+use crate::protocol::{Event, Message};
+use listen::{ListenAddr, Listener};
+
+/// Writes one line to stderr (the console when PID 1). Never panics, unlike `eprintln!`.
+pub fn log(args: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "kiln-agent: {args}");
+}
+
+/// What a shutdown request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownMode {
+    /// PID 1: stop everything, sync, unmount, reset the VM.
+    Reboot,
+    /// Under another init (or on the host): kill our processes and exit 0.
+    Exit,
+}
+
+/// Agent-wide settings.
+pub struct Agent {
+    /// What a shutdown request does.
+    pub shutdown: ShutdownMode,
+}
+
+impl Agent {
+    /// Acknowledges shutdown request `id`, then shuts down.
+    pub fn shutdown(&self, outbox: &Outbox, id: u64) {
+        outbox.send(&Message::Event(id, Event::Done { bytes: None }));
+        outbox.flush(Duration::from_secs(1));
+        match self.shutdown {
+            ShutdownMode::Reboot => init::power_off(),
+            ShutdownMode::Exit => {
+                reaper::reaper().kill_all();
+                std::process::exit(0);
+            }
+        }
+    }
+}
+
+/// Serves one connection (for harnesses that accept connections themselves).
+pub fn serve_connection(agent: Arc<Agent>, socket: Socket) {
+    if let Err(e) = session::serve(agent, socket) {
+        log(format_args!("connection: {e}"));
+    }
+}
+
+/// Accepts connections on `listener` forever, a thread each.
+pub fn accept_loop(agent: Arc<Agent>, listener: Listener) {
+    loop {
+        match listener.accept() {
+            Ok(socket) => {
+                let agent = agent.clone();
+                if let Err(e) = thread::Builder::new()
+                    .name("connection".into())
+                    .spawn(move || serve_connection(agent, socket))
+                {
+                    log(format_args!("cannot start a connection thread: {e}"));
+                }
+            }
+            Err(e) => {
+                log(format_args!("accept: {e}"));
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+const USAGE: &str = "usage: kiln-agent [--listen vsock[:PORT]|unix:PATH]...
+
+Kiln's guest agent. As PID 1 it mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp and /run,
+sets the hostname (kiln.hostname= on the kernel command line, default kiln) and resets the VM
+on a shutdown request. It listens on vsock port 1024 unless --listen says otherwise.";
+
+/// The `kiln-agent` program.
+pub fn main() -> ExitCode {
+    let pid1 = std::process::id() == 1;
+    sys::ensure_std_fds();
+    let mut addrs = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let parsed = match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "-V" | "--version" => {
+                println!("kiln-agent {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            "--listen" => args
+                .next()
+                .ok_or_else(|| "--listen needs a value".to_string())
+                .and_then(|v| ListenAddr::parse(&v)),
+            other => match other.strip_prefix("--listen=") {
+                Some(v) => ListenAddr::parse(v),
+                // As PID 1 the kernel passes unknown command-line words as arguments: ignore them.
+                None if pid1 => continue,
+                None => Err(format!("unknown argument {other:?}")),
+            },
+        };
+        match parsed {
+            Ok(a) => addrs.push(a),
+            Err(msg) => {
+                log(format_args!("{msg}"));
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if addrs.is_empty() {
+        addrs.push(ListenAddr::Vsock(crate::protocol::AGENT_PORT));
+    }
+    let mode = if pid1 {
+        init::setup();
+        ShutdownMode::Reboot
+    } else {
+        // Orphans of our processes come back to us, so the reaper collects them too.
+        // SAFETY: prctl with an integer argument; no memory is passed.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        ShutdownMode::Exit
+    };
+    reaper::reaper();
+    let agent = Arc::new(Agent { shutdown: mode });
+    let mut listeners = Vec::new();
+    for addr in &addrs {
+        match Listener::bind(addr) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                log(format_args!("cannot listen on {addr:?}: {e}"));
+                if pid1 {
+                    init::power_off();
+                }
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            let agent = agent.clone();
+            thread::spawn(move || accept_loop(agent, l))
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    ExitCode::SUCCESS
+}

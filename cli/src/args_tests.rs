@@ -1,0 +1,197 @@
+//! Every flag parses, every bad input is named.
+
+use super::*;
+
+fn args(s: &[&str]) -> Vec<String> {
+    s.iter().map(|a| a.to_string()).collect()
+}
+
+fn run(s: &[&str]) -> RunArgs {
+    match parse(&args(s)).unwrap() {
+        Command::Run(a) => *a,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn err(s: &[&str]) -> String {
+    parse(&args(s)).unwrap_err()
+}
+
+#[test]
+fn every_flag() {
+    let a = run(&[
+        "run",
+        "--kernel",
+        "/k",
+        "--rootfs=/r",
+        "--timeout",
+        "1.5",
+        "--env",
+        "A=1",
+        "-e",
+        "B=x=y",
+        "--env",
+        "EMPTY=",
+        "--cwd",
+        "/tmp",
+        "--user",
+        "1000:1000",
+        "--mem-mib",
+        "512",
+        "--vcpus=2",
+        "--tty",
+        "--json",
+        "--boot-timeout",
+        "9",
+        "--",
+        "sh",
+        "-c",
+        "echo --json",
+    ]);
+    assert_eq!(a.kernel.as_deref(), Some(Path::new("/k")));
+    assert_eq!(a.rootfs.as_deref(), Some(Path::new("/r")));
+    assert_eq!(a.timeout, Some(Duration::from_millis(1500)));
+    assert_eq!(
+        a.env,
+        vec![
+            ("A".into(), "1".into()),
+            ("B".into(), "x=y".into()),
+            ("EMPTY".into(), "".into())
+        ]
+    );
+    assert_eq!(a.cwd.as_deref(), Some("/tmp"));
+    assert_eq!(a.user.as_deref(), Some("1000:1000"));
+    assert_eq!((a.mem_mib, a.vcpus, a.tty, a.json), (512, 2, true, true));
+    assert_eq!(a.boot_timeout, Duration::from_secs(9));
+    assert_eq!(a.command, args(&["sh", "-c", "echo --json"]));
+}
+
+#[test]
+fn defaults_and_command_without_dashes() {
+    let a = run(&["run", "uname", "-a"]);
+    assert_eq!(a.command, args(&["uname", "-a"]));
+    assert_eq!(
+        (a.mem_mib, a.vcpus, a.tty, a.json),
+        (DEFAULT_MEM_MIB, 1, false, false)
+    );
+    assert_eq!((a.timeout, a.boot_timeout), (None, DEFAULT_BOOT_TIMEOUT));
+    assert_eq!(parse(&args(&["--help"])).unwrap(), Command::Help);
+    assert_eq!(parse(&args(&["run", "--help"])).unwrap(), Command::Help);
+    assert_eq!(parse(&args(&["-V"])).unwrap(), Command::Version);
+}
+
+#[test]
+fn bad_input_is_named() {
+    assert_eq!(
+        err(&[]),
+        "no command given; try `kiln run -- CMD` or `kiln --help`"
+    );
+    assert_eq!(
+        err(&["start"]),
+        "unknown command \"start\" (only `run` exists)"
+    );
+    assert_eq!(
+        err(&["run"]),
+        "no command to run: kiln run [OPTIONS] -- CMD [ARG...]"
+    );
+    assert_eq!(
+        err(&["run", "--"]),
+        "no command to run: kiln run [OPTIONS] -- CMD [ARG...]"
+    );
+    assert_eq!(err(&["run", "--bogus", "x"]), "unknown option --bogus");
+    assert_eq!(
+        err(&["run", "--env", "NOVALUE", "true"]),
+        "--env \"NOVALUE\" is not NAME=VALUE"
+    );
+    assert_eq!(
+        err(&["run", "--env", "=v", "true"]),
+        "--env \"=v\" is not NAME=VALUE"
+    );
+    assert_eq!(err(&["run", "--env"]), "--env needs a value");
+    assert_eq!(
+        err(&["run", "--timeout", "soon", "true"]),
+        "--timeout \"soon\" is not a positive number of seconds"
+    );
+    assert_eq!(
+        err(&["run", "--timeout", "-1", "true"]),
+        "--timeout \"-1\" is not a positive number of seconds"
+    );
+    assert_eq!(
+        err(&["run", "--timeout=0", "true"]),
+        "--timeout \"0\" is not a positive number of seconds"
+    );
+    assert_eq!(
+        err(&["run", "--mem-mib", "lots", "true"]),
+        "--mem-mib \"lots\" is not a positive whole number"
+    );
+    assert_eq!(
+        err(&["run", "--vcpus", "0", "true"]),
+        "--vcpus \"0\" is not a positive whole number"
+    );
+    assert_eq!(err(&["run", "--json=yes", "true"]), "--json takes no value");
+}
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-args-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn images_come_from_flags_then_variables_then_the_lab() {
+    let dir = scratch();
+    let (k, r) = (dir.join("vmlinux"), dir.join("rootfs.ext4"));
+    std::fs::write(&k, b"k").unwrap();
+    std::fs::write(&r, b"r").unwrap();
+    let none = |_: &str| None;
+    let mut a = run(&["run", "true"]);
+    a.kernel = Some(k.clone());
+    a.rootfs = Some(r.clone());
+    assert_eq!(
+        Images::resolve(&a, none).unwrap(),
+        Images {
+            kernel: k.clone(),
+            rootfs: r.clone()
+        }
+    );
+
+    let vars = |v: &str| match v {
+        "KILN_KERNEL" => Some(k.to_string_lossy().into_owned()),
+        "KILN_ROOTFS" => Some(r.to_string_lossy().into_owned()),
+        _ => None,
+    };
+    let plain = run(&["run", "true"]);
+    assert_eq!(Images::resolve(&plain, vars).unwrap().kernel, k);
+
+    if !Path::new(LAB_KERNEL).exists() {
+        assert_eq!(
+            Images::resolve(&plain, none).unwrap_err(),
+            "kernel /kiln/vmlinux (from the default (set --kernel or $KILN_KERNEL)): \
+             No such file or directory (os error 2)"
+        );
+    }
+    let only_kernel = |v: &str| (v == "KILN_KERNEL").then(|| k.to_string_lossy().into_owned());
+    let mut missing = run(&["run", "true"]);
+    missing.rootfs = Some("/nonexistent/rootfs.ext4".into());
+    assert_eq!(
+        Images::resolve(&missing, only_kernel).unwrap_err(),
+        "rootfs /nonexistent/rootfs.ext4 (from --rootfs): No such file or directory (os error 2)"
+    );
+    let mut a_dir = run(&["run", "true"]);
+    a_dir.kernel = Some(dir.clone());
+    assert_eq!(
+        Images::resolve(&a_dir, none).unwrap_err(),
+        format!("kernel {} (from --kernel) is not a file", dir.display())
+    );
+    let comma = dir.join("a,b.ext4");
+    std::fs::write(&comma, b"r").unwrap();
+    let mut c = run(&["run", "true"]);
+    c.kernel = Some(k.clone());
+    c.rootfs = Some(comma.clone());
+    assert!(
+        Images::resolve(&c, none)
+            .unwrap_err()
+            .contains("contains a comma")
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,36 @@
+//! `kiln`: boot a Kiln microVM with `kiln-vmm`, run one command in it through the guest agent
+//! (`kiln-agent`'s client), stream its output, and exit with its status.
+//!
+//! [`args`] parses the command line, [`vm`] owns the VMM process and its temp dir, [`run`] is
+//! the flow from boot to shutdown; [`signals`], [`term`] and [`cleanup`] make every way out
+//! (Ctrl-C included) leave no VM, temp dir or raw terminal behind.
+
+mod args;
+mod cleanup;
+mod run;
+mod signals;
+mod term;
+mod vm;
+
+use args::Command;
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let code = match args::parse(&argv) {
+        Ok(Command::Help) => {
+            println!("{}", args::USAGE);
+            0
+        }
+        Ok(Command::Version) => {
+            println!("kiln {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
+        Ok(Command::Run(a)) => run::run(&a),
+        Err(msg) => {
+            eprintln!("kiln: {msg}");
+            run::EXIT_KILN
+        }
+    };
+    cleanup::run_all();
+    std::process::exit(code);
+}

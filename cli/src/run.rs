@@ -1,0 +1,257 @@
+//! `kiln run`: boot, wait for the agent, run the command streaming its output, shut the VM
+//! down, and turn the outcome into an exit status.
+
+use std::io::{self, Read, Write};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_agent::client::{self, Client, Error, ExecOutput, ExecStdin};
+use kiln_agent::protocol::{ExecSpec, ExitStatus};
+
+use crate::args::{Images, RunArgs};
+use crate::vm::{Vm, find_vmm};
+use crate::{signals, term};
+
+/// kiln's own failures (bad input, VMM, boot).
+pub const EXIT_KILN: i32 = 125;
+/// The command could not be started.
+pub const EXIT_NOT_STARTED: i32 = 127;
+/// The command timed out.
+pub const EXIT_TIMED_OUT: i32 = 124;
+
+/// How long past `--timeout` the guest may take to report before the host gives up on it.
+const GUEST_REPORT_GRACE: Duration = Duration::from_secs(10);
+/// How long the VMM may take to exit after the shutdown request.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(8);
+
+/// A failure of kiln itself: the message and the exit status.
+struct Failure(String, i32);
+
+fn kiln_failure(message: impl Into<String>) -> Failure {
+    Failure(message.into(), EXIT_KILN)
+}
+
+/// Runs `kiln run`; returns the exit status.
+pub fn run(args: &RunArgs) -> i32 {
+    match try_run(args) {
+        Ok(code) => code,
+        Err(Failure(message, code)) => {
+            eprintln!("kiln: {message}");
+            code
+        }
+    }
+}
+
+/// What the command did.
+struct Outcome {
+    status: Option<ExitStatus>,
+    error: Option<String>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    boot_ms: u128,
+    exec_ms: u128,
+}
+
+fn try_run(args: &RunArgs) -> Result<i32, Failure> {
+    let images = Images::resolve(args, |v| std::env::var(v).ok()).map_err(kiln_failure)?;
+    let vmm = find_vmm(std::env::var("KILN_VMM").ok()).map_err(kiln_failure)?;
+    let tty = args.tty && term::is_tty(0);
+    signals::install();
+
+    let boot_start = Instant::now();
+    let mut vm = Vm::boot(&vmm, &images, args).map_err(kiln_failure)?;
+    let client = wait_for_agent(&mut vm, args.boot_timeout)?;
+    let boot_ms = boot_start.elapsed().as_millis();
+
+    let mut spec = ExecSpec::new(args.command.iter().cloned());
+    spec.env = args.env.iter().cloned().collect();
+    spec.cwd = args.cwd.clone();
+    spec.user = args.user.clone();
+    spec.timeout_ms = args.timeout.map(|t| t.as_millis() as u64);
+    spec.tty = tty.then(term::size);
+    spec.stdin = true;
+
+    let exec_start = Instant::now();
+    let mut outcome = Outcome {
+        status: None,
+        error: None,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        boot_ms,
+        exec_ms: 0,
+    };
+    match client.exec(spec) {
+        Ok(mut exec) => {
+            if let Some(stdin) = exec.take_stdin() {
+                thread::spawn(move || forward_stdin(stdin));
+            }
+            let raw_mode = tty.then(term::RawMode::enter).flatten();
+            if tty {
+                let control = exec.control();
+                signals::on_winch(Some(Box::new(move || {
+                    let _ = control.resize(term::size());
+                })));
+            }
+            let deadline = args.timeout.map(|t| exec_start + t + GUEST_REPORT_GRACE);
+            let streamed = stream(&mut exec, deadline, args.json, &mut outcome);
+            signals::on_winch(None);
+            match streamed {
+                Ok(status) => outcome.status = Some(status),
+                Err(Error::Timeout(_)) => {
+                    drop(raw_mode);
+                    vm.kill();
+                    return Err(Failure(
+                        format!(
+                            "the guest did not report the command's end within {:?} of its \
+                             timeout; the VM was stopped",
+                            GUEST_REPORT_GRACE
+                        ),
+                        EXIT_TIMED_OUT,
+                    ));
+                }
+                Err(e) => {
+                    drop(raw_mode);
+                    return Err(kiln_failure(vm.failure(&format!("lost the command: {e}"))));
+                }
+            }
+        }
+        Err(Error::CouldNotStart { message, .. }) => outcome.error = Some(message),
+        Err(e) => {
+            return Err(kiln_failure(
+                vm.failure(&format!("starting the command: {e}")),
+            ));
+        }
+    }
+    outcome.exec_ms = exec_start.elapsed().as_millis();
+    shut_down(&client, &mut vm);
+    Ok(report(args.json, &outcome))
+}
+
+/// Retries the agent until it answers, watching for the VMM dying first.
+fn wait_for_agent(vm: &mut Vm, limit: Duration) -> Result<Client, Failure> {
+    let end = Instant::now() + limit;
+    loop {
+        let slice = (Instant::now() + Duration::from_millis(500)).min(end);
+        match client::wait_ready(&vm.uds, slice) {
+            Ok(c) => return Ok(c),
+            Err(Error::NotReady { last, .. }) => {
+                if let Some(st) = vm.try_exit() {
+                    return Err(kiln_failure(vm.failure(&format!(
+                        "the VM stopped before its agent answered ({st})"
+                    ))));
+                }
+                if Instant::now() >= end {
+                    return Err(kiln_failure(vm.failure(&format!(
+                        "the guest agent did not answer within {limit:?} (last attempt: {last})"
+                    ))));
+                }
+            }
+            Err(e) => return Err(kiln_failure(vm.failure(&format!("the guest agent: {e}")))),
+        }
+    }
+}
+
+/// Streams (or, for `--json`, collects) the output until the exit.
+fn stream(
+    exec: &mut client::Exec,
+    deadline: Option<Instant>,
+    json: bool,
+    out: &mut Outcome,
+) -> Result<ExitStatus, Error> {
+    let mut stdout_gone = false;
+    loop {
+        let next = match deadline {
+            Some(d) => exec.next_output_until(d)?,
+            None => exec.next_output()?,
+        };
+        match next {
+            Some(ExecOutput::Stdout(b)) if json => out.stdout.extend_from_slice(&b),
+            Some(ExecOutput::Stderr(b)) if json => out.stderr.extend_from_slice(&b),
+            Some(ExecOutput::Stdout(b)) => {
+                if !stdout_gone && write_flush(&mut io::stdout().lock(), &b).is_err() {
+                    // Our reader went away (`kiln run ... | head`): stop the command like a
+                    // pipe would, and keep draining until it ends.
+                    stdout_gone = true;
+                    let _ = exec.control().signal(libc::SIGPIPE);
+                }
+            }
+            Some(ExecOutput::Stderr(b)) => {
+                let _ = write_flush(&mut io::stderr().lock(), &b);
+            }
+            Some(ExecOutput::Exit(status)) => return Ok(status),
+            None => return Err(Error::Protocol("the exec ended without a status".into())),
+        }
+    }
+}
+
+fn write_flush(w: &mut impl Write, b: &[u8]) -> io::Result<()> {
+    w.write_all(b)?;
+    w.flush()
+}
+
+/// Copies our stdin to the command's, closing it at end of file.
+fn forward_stdin(mut to: ExecStdin) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut stdin = io::stdin().lock();
+    loop {
+        match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    to.close();
+}
+
+/// Asks the agent to shut the guest down and waits for the VMM; kills it when it lingers.
+fn shut_down(client: &Client, vm: &mut Vm) {
+    let _ = client
+        .clone()
+        .with_reply_timeout(Duration::from_secs(5))
+        .shutdown();
+    match vm.wait_exit(SHUTDOWN_LIMIT) {
+        Some(st) if st.success() => {}
+        Some(st) => eprintln!(
+            "kiln: warning: kiln-vmm exited with {st} after the command ended; {}",
+            vm.failure("console log kept")
+        ),
+        None => {
+            vm.kill();
+            eprintln!(
+                "kiln: warning: the VM did not stop within {SHUTDOWN_LIMIT:?} of the shutdown \
+                 request and was killed"
+            );
+        }
+    }
+}
+
+/// Prints the result (JSON or the could-not-start reason) and returns the exit status.
+fn report(json: bool, o: &Outcome) -> i32 {
+    let code = o.status.map_or(EXIT_NOT_STARTED, ExitStatus::shell_code);
+    if json {
+        let (exit_code, signal) = match o.status {
+            Some(ExitStatus::Exited(c)) => (Some(c), None),
+            Some(ExitStatus::Signaled(s)) => (None, Some(s)),
+            Some(ExitStatus::TimedOut) => (None, None),
+            None => (Some(EXIT_NOT_STARTED), None),
+        };
+        let value = serde_json::json!({
+            "stdout": String::from_utf8_lossy(&o.stdout),
+            "stderr": String::from_utf8_lossy(&o.stderr),
+            "exit_code": exit_code,
+            "signal": signal,
+            "timed_out": o.status == Some(ExitStatus::TimedOut),
+            "error": o.error,
+            "timings": {"boot_ms": o.boot_ms as u64, "exec_ms": o.exec_ms as u64},
+        });
+        println!("{value}");
+    } else if let Some(e) = &o.error {
+        eprintln!("kiln: {e}");
+    } else if o.status == Some(ExitStatus::TimedOut) {
+        eprintln!("kiln: the command timed out and was killed");
+    }
+    code
+}
