@@ -7,6 +7,7 @@ mod guest_images;
 mod guest_kernel;
 mod initramfs;
 mod lab;
+mod rootfs;
 mod run;
 mod test;
 mod util;
@@ -21,6 +22,8 @@ commands:
   test [--host | --lab]        lints, unit and host-KVM tests, then end-to-end tests in the lab
   bench boot [--runs N]        boot time under kiln-vmm vs QEMU microvm, inside the lab
   guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
+  rootfs [--agent PATH]        build (or find in the cache) the guest root filesystem (Debian bookworm,
+                               python3, kiln-agent as PID 1) and print its path
   lab [--share DIR] [--with-qemu] -- CMD...
                                run CMD inside the nested lab VM, exit with its status
 ";
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cmd.as_str() {
         "guest-kernel" => guest_kernel::main(rest),
         "lab" => lab::main(rest),
+        "rootfs" => rootfs::main(rest),
         "run" => run::main(rest),
         "test" => test::main(rest),
         "bench" => bench::main(rest),

@@ -2,7 +2,7 @@
 //! QEMU TCG whose CPU has SVM, so kvm-amd gives L1 a real /dev/kvm and Kiln can boot L2 guests there.
 //!
 //! Setup reads top to bottom in [`run`]: packages, the L1 kernel ([`l1_kernel`]), the L1 initramfs
-//! (its /init from [`init`], packed by `crate::initramfs`), the guest kernel, the work image
+//! (its /init from [`init`], packed by `crate::initramfs`), the guest kernel and rootfs, the work image
 //! ([`image`]), then the boot itself ([`qemu`]). `test` and `bench` call [`run`]; people call [`main`].
 
 mod image;
@@ -203,6 +203,10 @@ pub fn run(lab: &LabRun) -> Result<LabOutcome> {
         &lab_cache.join("initramfs"),
     )?;
     let guest_kernel = crate::guest_kernel::build()?;
+    // Every lab has the guest rootfs at /kiln/rootfs.ext4 (where `kiln run` looks for it). The
+    // image holds a copy, so what guests write never reaches the cache.
+    let mut files = lab.files.clone();
+    files.push((crate::rootfs::build()?, "rootfs.ext4".into()));
 
     let run_dir = RunDir::create(&lab_cache.join("runs"))?;
     let image = image::build(
@@ -210,7 +214,7 @@ pub fn run(lab: &LabRun) -> Result<LabOutcome> {
             cmd: &lab.cmd,
             guest_kernel: Some(&guest_kernel),
             share: lab.share.as_deref(),
-            files: &lab.files,
+            files: &files,
             build_bins: lab.build_bins,
             with_qemu: lab.with_qemu,
         },
