@@ -2,8 +2,9 @@
 //!
 //! Inside the lab (see `cargo xtask lab`), Kiln's binaries are on `PATH` and the guest kernel and test
 //! images sit in `/kiln` (or `$KILN_LAB_DIR`). This crate finds them, runs `kiln-vmm` with a deadline
-//! and reads what the guest printed. It calls only the binaries, never Kiln's crates, so it tests
-//! what a user runs. `cargo xtask test` builds it on the host and runs it in the lab.
+//! and reads what the guest printed. It drives the binaries a user runs (`kiln-vmm`, `kiln`) and,
+//! for file transfers, the agent's client library. `cargo xtask test` builds it on the host and
+//! runs it in the lab.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
@@ -159,6 +160,11 @@ fn wait_with_deadline(child: &mut Child, limit: Duration) -> std::io::Result<(Ex
 
 /// The command line Kiln's lab guests boot with.
 pub const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+
+/// The Debian rootfs with python3 and the agent, built by `cargo xtask rootfs`.
+pub fn rootfs() -> PathBuf {
+    lab_file("rootfs.ext4")
+}
 
 /// Debian's cloud-kernel bzImage, for the bzImage loader.
 pub fn debian_bzimage() -> PathBuf {

@@ -18,7 +18,7 @@ const RUNNER: &str = r#"#!/bin/sh
 status=0
 for t in /share/tests/*; do
   echo "== $(basename "$t")"
-  "$t" --ignored --test-threads=1 || status=1
+  "$t" --ignored --test-threads=1 "$@" || status=1
 done
 exit $status
 "#;
@@ -75,13 +75,14 @@ fn stage_lab_tests(bins: &[PathBuf], dir: &Path) -> Result<()> {
     util::write_atomic(&dir.join("run-lab-tests.sh"), RUNNER.as_bytes())
 }
 
-/// `cargo xtask test [--host | --lab]`
+/// `cargo xtask test [--host | --lab [FILTER]]`: FILTER picks lab tests by name.
 pub fn main(args: &[String]) -> Result<u8> {
-    let (host, lab) = match args {
-        [] => (true, true),
-        [a] if a == "--host" => (true, false),
-        [a] if a == "--lab" => (false, true),
-        _ => return Err("usage: cargo xtask test [--host | --lab]".into()),
+    let (host, lab, filter) = match args {
+        [] => (true, true, None),
+        [a] if a == "--host" => (true, false, None),
+        [a] if a == "--lab" => (false, true, None),
+        [a, f] if a == "--lab" => (false, true, Some(f.clone())),
+        _ => return Err("usage: cargo xtask test [--host | --lab [FILTER]]".into()),
     };
     if host {
         step("cargo fmt --check");
@@ -118,7 +119,11 @@ pub fn main(args: &[String]) -> Result<u8> {
                 ),
                 (lab::debian_bzimage()?, "bzImage".into()),
             ],
-            cmd: vec!["sh".into(), "/share/run-lab-tests.sh".into()],
+            cmd: ["sh", "/share/run-lab-tests.sh"]
+                .into_iter()
+                .map(String::from)
+                .chain(filter)
+                .collect(),
             ..LabRun::default()
         })?;
         match outcome.status {
