@@ -17,8 +17,9 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  run [--vcpus N] [--mem-mib N] -- CMD...
-                               set up the lab, boot a Kiln VM in it and run CMD in the guest
+  run [KILN-RUN-OPTIONS] -- CMD...
+                               set up the lab and run `kiln run -- CMD` in it (a Kiln VM from
+                               the Debian rootfs; CMD runs through the guest agent)
   test [--host | --lab]        lints, unit and host-KVM tests, then end-to-end tests in the lab
   bench boot [--runs N]        boot time under kiln-vmm vs QEMU microvm, inside the lab
   guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
