@@ -6,12 +6,12 @@ use crate::guest_images;
 use crate::lab::{self, LabRun, LabStatus};
 use crate::util::Result;
 
-const USAGE: &str = "usage: cargo xtask bench boot|block [--runs N]";
+const USAGE: &str = "usage: cargo xtask bench boot|block|exec|vsock [--runs N]";
 
 /// Benchmarks `kiln-lab-bench` knows.
-const BENCHMARKS: &[&str] = &["boot", "block"];
+const BENCHMARKS: &[&str] = &["boot", "block", "exec", "vsock"];
 
-/// `cargo xtask bench boot|block [--runs N]`
+/// `cargo xtask bench boot|block|exec|vsock [--runs N]`
 pub fn main(args: &[String]) -> Result<u8> {
     let Some((name, rest)) = args.split_first() else {
         return Err(USAGE.into());

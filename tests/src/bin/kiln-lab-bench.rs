@@ -6,6 +6,10 @@
 //!
 //! `kiln-lab-bench block [--runs N]` measures sequential direct-I/O reads and writes of a 256 MiB
 //! drive with `dd` inside the guest, under kiln-vmm's virtio-blk and QEMU's virtio-blk-device.
+//!
+//! `kiln-lab-bench exec [--runs N]` times agent exec round trips (`true`, `echo`), p50/p99, and
+//! `kiln-lab-bench vsock [--runs N]` vsock throughput both ways through the agent, each with the
+//! Debian rootfs under kiln-vmm and under QEMU microvm with vhost-vsock.
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -14,16 +18,25 @@ use kiln_tests::{INIT_MARKER, kiln_vmm_boot, qemu_microvm_boot, run_watching};
 
 #[path = "kiln-lab-bench/block.rs"]
 mod block;
+#[path = "kiln-lab-bench/exec.rs"]
+mod exec;
+#[path = "kiln-lab-bench/peer.rs"]
+mod peer;
+#[path = "kiln-lab-bench/vsock.rs"]
+mod vsock;
 
 const LIMIT: Duration = Duration::from_secs(30);
 const MEM_MIB: u32 = 256;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
     let result = match args.first().map(String::as_str) {
-        Some("boot") => runs(&args[1..]).and_then(boot),
-        Some("block") => runs(&args[1..]).and_then(|n| block::run(n.min(5))),
-        _ => Err("usage: kiln-lab-bench boot|block [--runs N]".to_string()),
+        Some("boot") => runs(rest, 10).and_then(boot),
+        Some("block") => runs(rest, 3).and_then(block::run),
+        Some("exec") => runs(rest, 200).and_then(exec::run),
+        Some("vsock") => runs(rest, 3).and_then(vsock::run),
+        _ => Err("usage: kiln-lab-bench boot|block|exec|vsock [--runs N]".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -34,9 +47,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn runs(args: &[String]) -> Result<usize, String> {
+fn runs(args: &[String], default: usize) -> Result<usize, String> {
     match args {
-        [] => Ok(10),
+        [] => Ok(default),
         [flag, n] if flag == "--runs" => match n.parse() {
             Ok(n) if n > 0 => Ok(n),
             _ => Err(format!("--runs {n:?} is not a positive number")),
@@ -70,7 +83,19 @@ fn time_boot(name: &str, cmd: Command) -> Result<Duration, String> {
 }
 
 /// (min, median, max) of `samples` in milliseconds.
-pub(crate) fn stats(samples: &mut [Duration]) -> (f64, f64, f64) {
+/// The median of `v` (sorted in place).
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// (min, median, max) of `samples` in milliseconds.
+fn stats(samples: &mut [Duration]) -> (f64, f64, f64) {
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let n = samples.len();
@@ -129,9 +154,9 @@ mod tests {
 
     #[test]
     fn runs_flag_is_checked() {
-        assert_eq!(runs(&[]), Ok(10));
-        assert_eq!(runs(&["--runs".into(), "3".into()]), Ok(3));
-        assert!(runs(&["--runs".into(), "0".into()]).is_err());
-        assert!(runs(&["--walks".into()]).is_err());
+        assert_eq!(runs(&[], 10), Ok(10));
+        assert_eq!(runs(&["--runs".into(), "3".into()], 10), Ok(3));
+        assert!(runs(&["--runs".into(), "0".into()], 10).is_err());
+        assert!(runs(&["--walks".into()], 10).is_err());
     }
 }

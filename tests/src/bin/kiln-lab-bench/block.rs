@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use kiln_tests::{INIT_MARKER, kiln_vmm_boot, qemu_microvm_boot, run_watching};
 
+use super::median;
+
 const DISK_MIB: usize = 256;
 const LIMIT: Duration = Duration::from_secs(300);
 
@@ -34,16 +36,6 @@ fn measure(name: &str, cmd: Command) -> Result<(f64, f64), String> {
     match (rate(&run.stdout, "write:"), rate(&run.stdout, "read:")) {
         (Some(w), Some(r)) => Ok((w, r)),
         _ => Err(format!("no dd figures in the guest output: {context}")),
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

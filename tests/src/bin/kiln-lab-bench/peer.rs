@@ -1,0 +1,186 @@
+//! The two VMMs a benchmark compares, each booting the Debian rootfs with the agent as init and
+//! handing back an agent client: kiln-vmm (vsock through its Unix socket) and QEMU microvm with
+//! vhost-vsock (an AF_VSOCK socket from L1). Same kernel, rootfs, memory and agent for both.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_agent::AGENT_PORT;
+use kiln_agent::client::{Client, from_socket, wait_ready};
+use kiln_agent::link::Socket;
+use kiln_tests::{guest_kernel, rootfs};
+
+const BOOT_LIMIT: Duration = Duration::from_secs(120);
+const MEM_MIB: &str = "512";
+const AGENT_INIT: &str = "console=ttyS0 panic=-1 quiet init=/usr/sbin/kiln-agent";
+/// QEMU's guest CID (Kiln's guests use 3; distinct so a stale socket can never be confused).
+const QEMU_CID: u32 = 4;
+
+/// Which VMM runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// kiln-vmm.
+    Kiln,
+    /// QEMU -M microvm with vhost-vsock-device.
+    Qemu,
+}
+
+impl Peer {
+    /// Both, Kiln first.
+    pub const BOTH: [Peer; 2] = [Peer::Kiln, Peer::Qemu];
+
+    /// The name printed in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::Kiln => "kiln-vmm",
+            Peer::Qemu => "qemu microvm",
+        }
+    }
+}
+
+/// A running VM with a connected agent client.
+pub struct Vm {
+    /// The agent.
+    pub client: Client,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Vm {
+    /// Boots `peer` from a private copy of the rootfs and connects to its agent.
+    pub fn start(peer: Peer) -> Result<Vm, String> {
+        let dir = std::env::temp_dir().join(format!("kiln-bench-{}-{peer:?}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let disk = dir.join("rootfs.ext4");
+        std::fs::copy(rootfs(), &disk).map_err(|e| format!("copying the rootfs: {e}"))?;
+        let uds = dir.join("v.sock");
+        let mut cmd = match peer {
+            Peer::Kiln => {
+                let mut c = Command::new("kiln-vmm");
+                c.arg("--kernel").arg(guest_kernel());
+                c.args([
+                    "--mem-mib",
+                    MEM_MIB,
+                    "--cmdline",
+                    &format!("{AGENT_INIT} reboot=k"),
+                ]);
+                c.arg("--drive")
+                    .arg(format!("id=rootfs,path={},root", disk.display()));
+                c.arg("--vsock").arg(format!("cid=3,uds={}", uds.display()));
+                c
+            }
+            Peer::Qemu => {
+                let mut c = Command::new("qemu-system-x86_64");
+                c.args([
+                    "-M",
+                    "microvm,acpi=off,rtc=off",
+                    "-accel",
+                    "kvm",
+                    "-cpu",
+                    "host",
+                    "-m",
+                    MEM_MIB,
+                ]);
+                c.args([
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-nographic",
+                    "-no-reboot",
+                    "-serial",
+                    "stdio",
+                ]);
+                c.arg("-kernel").arg(guest_kernel());
+                // microvm appends the virtio_mmio.device= entries itself; reboot=t because it has
+                // no i8042 (a triple fault ends QEMU under -no-reboot).
+                c.args([
+                    "-append",
+                    &format!("{AGENT_INIT} reboot=t root=/dev/vda rw"),
+                ]);
+                c.arg("-drive")
+                    .arg(format!("id=d0,file={},format=raw,if=none", disk.display()));
+                c.args(["-device", "virtio-blk-device,drive=d0"]);
+                c.args([
+                    "-device",
+                    &format!("vhost-vsock-device,guest-cid={QEMU_CID}"),
+                ]);
+                c
+            }
+        };
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", peer.name()))?;
+        let deadline = Instant::now() + BOOT_LIMIT;
+        let client = match peer {
+            Peer::Kiln => {
+                wait_ready(&uds, deadline).map_err(|e| format!("kiln-vmm's agent: {e}"))?
+            }
+            Peer::Qemu => qemu_agent(deadline)?,
+        };
+        Ok(Vm { client, child, dir })
+    }
+
+    /// Shuts the guest down and waits for the VMM to exit.
+    pub fn stop(mut self) -> Result<(), String> {
+        self.client
+            .shutdown()
+            .map_err(|e| format!("shutdown: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().map_err(|e| e.to_string())?.is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return Err("the VMM did not exit after the guest shut down".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+}
+
+/// Connects an AF_VSOCK stream to the agent in QEMU's guest, retrying while it boots.
+fn qemu_agent(deadline: Instant) -> Result<Client, String> {
+    loop {
+        if let Ok(fd) = vsock_connect(QEMU_CID, AGENT_PORT)
+            && let Ok(client) = from_socket(Socket::from_fd(fd), Duration::from_secs(10))
+        {
+            return Ok(client);
+        }
+        if Instant::now() > deadline {
+            return Err("QEMU's agent never answered on vsock".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn vsock_connect(cid: u32, port: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: socket() takes no pointers; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket owned by nothing else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid starting value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    // SAFETY: addr is a valid sockaddr_vm and its exact size is passed.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(owned)
+}
