@@ -166,6 +166,27 @@ pub fn rootfs() -> PathBuf {
     lab_file("rootfs.ext4")
 }
 
+/// A `kiln-vmm` command booting the guest kernel from the rootfs image `disk` (the root drive,
+/// read-only with `ro`) with a vsock device at `uds`, `mem_mib` of memory and `cmdline`.
+pub fn kiln_vmm_rootfs(
+    disk: &std::path::Path,
+    ro: bool,
+    uds: &std::path::Path,
+    mem_mib: u32,
+    cmdline: &str,
+) -> Command {
+    let ro = if ro { ",ro" } else { "" };
+    let mut cmd = Command::new("kiln-vmm");
+    cmd.arg("--kernel")
+        .arg(guest_kernel())
+        .args(["--mem-mib", &mem_mib.to_string(), "--cmdline", cmdline])
+        .arg("--drive")
+        .arg(format!("id=rootfs,path={},root{ro}", disk.display()))
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", uds.display()));
+    cmd
+}
+
 /// Debian's cloud-kernel bzImage, for the bzImage loader.
 pub fn debian_bzimage() -> PathBuf {
     lab_file("bzImage")
@@ -199,10 +220,9 @@ pub fn kiln_vmm_boot_kernel(
     cmd
 }
 
-/// A QEMU `-M microvm` command booting the same kernel and initramfs with KVM, for comparison.
-/// microvm has no i8042, so the guest reboots by triple fault (`reboot=t`), which ends QEMU under
-/// `-no-reboot`; the reboot method does not change the time to init.
-pub fn qemu_microvm_boot(vcpus: u8, mem_mib: u32, extra_cmdline: &str) -> Command {
+/// QEMU `-M microvm` on KVM with `vcpus` and `mem_mib`, no default devices, the serial console
+/// on stdout, exiting instead of rebooting: the peer Kiln is measured against.
+pub fn qemu_microvm(vcpus: u8, mem_mib: u32) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-M",
@@ -220,19 +240,27 @@ pub fn qemu_microvm_boot(vcpus: u8, mem_mib: u32, extra_cmdline: &str) -> Comman
         "-no-reboot",
         "-serial",
         "stdio",
-    ])
-    .arg("-kernel")
-    .arg(guest_kernel())
-    .arg("-initrd")
-    .arg(test_initramfs())
-    .args([
-        "-append",
-        format!(
-            "{} {extra_cmdline}",
-            LAB_CMDLINE.replace("reboot=k", "reboot=t")
-        )
-        .trim_end(),
     ]);
+    cmd
+}
+
+/// A QEMU microvm command booting the same kernel and initramfs with KVM, for comparison.
+/// microvm has no i8042, so the guest reboots by triple fault (`reboot=t`), which ends QEMU under
+/// `-no-reboot`; the reboot method does not change the time to init.
+pub fn qemu_microvm_boot(vcpus: u8, mem_mib: u32, extra_cmdline: &str) -> Command {
+    let mut cmd = qemu_microvm(vcpus, mem_mib);
+    cmd.arg("-kernel")
+        .arg(guest_kernel())
+        .arg("-initrd")
+        .arg(test_initramfs())
+        .args([
+            "-append",
+            format!(
+                "{} {extra_cmdline}",
+                LAB_CMDLINE.replace("reboot=k", "reboot=t")
+            )
+            .trim_end(),
+        ]);
     cmd
 }
 

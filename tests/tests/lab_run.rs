@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use kiln_agent::client::{WriteOptions, wait_ready};
 use kiln_agent::protocol::{ExecSpec, ExitStatus};
-use kiln_tests::{guest_kernel, rootfs};
+use kiln_tests::{kiln_vmm_rootfs, rootfs};
 use sha2::{Digest, Sha256};
 
 /// Runs `kiln run ARGS -- CMD` with `stdin` piped in.
@@ -138,19 +138,8 @@ fn a_50_mib_file_round_trips_with_matching_checksums() {
     let uds = dir.join("v.sock");
     let disk = dir.join("rootfs.ext4");
     std::fs::copy(rootfs(), &disk).expect("copy the rootfs");
-    let mut vmm = Command::new("kiln-vmm")
-        .arg("--kernel")
-        .arg(guest_kernel())
-        .args([
-            "--mem-mib",
-            "512",
-            "--cmdline",
-            "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent",
-        ])
-        .arg("--drive")
-        .arg(format!("id=rootfs,path={},root", disk.display()))
-        .arg("--vsock")
-        .arg(format!("cid=3,uds={}", uds.display()))
+    let agent_init = "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent";
+    let mut vmm = kiln_vmm_rootfs(&disk, false, &uds, 512, agent_init)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()

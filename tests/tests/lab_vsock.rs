@@ -6,10 +6,10 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_tests::{guest_kernel, rootfs};
+use kiln_tests::{kiln_vmm_rootfs, rootfs};
 
 /// The guest program, one line of `;`-separated statements with single quotes only: it travels in
 /// a double-quoted kernel parameter.
@@ -64,14 +64,7 @@ fn host_and_guest_reach_each_other_over_vsock() {
 
     let cmdline =
         format!("console=ttyS0 reboot=k panic=-1 quiet init=/usr/bin/python3 -- -c \"{GUEST}\"");
-    let mut vmm = Command::new("kiln-vmm")
-        .arg("--kernel")
-        .arg(guest_kernel())
-        .args(["--mem-mib", "256", "--cmdline", &cmdline])
-        .arg("--drive")
-        .arg(format!("id=rootfs,path={},root,ro", disk.display()))
-        .arg("--vsock")
-        .arg(format!("cid=3,uds={}", uds.display()))
+    let mut vmm = kiln_vmm_rootfs(&disk, true, &uds, 256, &cmdline)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()

@@ -58,6 +58,19 @@ pub trait VirtioDevice: Send {
     fn is_activated(&self) -> bool;
 }
 
+/// Copies the part of a device's configuration space at `offset` into `data`; bytes past the end
+/// read as zero (what a driver reading beyond a short config space sees).
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = space.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
 /// A device's interrupt: the irqfd KVM turns into a guest interrupt, the InterruptStatus bits the
 /// driver reads and acknowledges, and the device's "needs reset" flag.
 #[derive(Debug)]
@@ -132,6 +145,18 @@ impl Interrupt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_space_reads_are_bounded_and_zero_filled() {
+        let space = [1u8, 2, 3, 4];
+        let mut d = [9u8; 3];
+        read_config_space(&space, 2, &mut d);
+        assert_eq!(d, [3, 4, 0]);
+        read_config_space(&space, 10, &mut d);
+        assert_eq!(d, [0, 0, 0]);
+        read_config_space(&space, u64::MAX, &mut d);
+        assert_eq!(d, [0, 0, 0]);
+    }
 
     #[test]
     fn status_bits_are_raised_acked_and_reset() {

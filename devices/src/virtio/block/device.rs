@@ -8,6 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::request::Disk;
 use super::{BlockError, ID_BYTES, QUEUE_SIZE, QUEUE_SIZES, SECTOR_SIZE, features};
+use crate::virtio::device::read_config_space;
 use crate::virtio::{
     ActivateError, GuestMemoryMmap, Interrupt, Queue, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
@@ -143,15 +144,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let space = self.config_space();
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = space.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        read_config_space(&self.config_space(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

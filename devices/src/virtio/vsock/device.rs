@@ -18,6 +18,7 @@ use super::{
     EVENT_TRANSPORT_RESET, EVQ, LogOnce, MIN_GUEST_CID, Misbehaviour, RXQ, TXQ, VSOCK_QUEUE_SIZES,
     VsockError,
 };
+use crate::virtio::device::read_config_space;
 use crate::virtio::{
     ActivateError, GuestMemoryMmap, Interrupt, Queue, TYPE_VSOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
@@ -298,15 +299,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let space = self.guest_cid.to_le_bytes();
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = space.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

@@ -4,16 +4,16 @@
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_agent::AGENT_PORT;
 use kiln_agent::client::{Client, from_socket, wait_ready};
 use kiln_agent::link::Socket;
-use kiln_tests::{guest_kernel, rootfs};
+use kiln_tests::{guest_kernel, kiln_vmm_rootfs, qemu_microvm, rootfs};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
-const MEM_MIB: &str = "512";
+const MEM_MIB: u32 = 512;
 const AGENT_INIT: &str = "console=ttyS0 panic=-1 quiet init=/usr/sbin/kiln-agent";
 /// QEMU's guest CID (Kiln's guests use 3; distinct so a stale socket can never be confused).
 const QEMU_CID: u32 = 4;
@@ -58,40 +58,15 @@ impl Vm {
         std::fs::copy(rootfs(), &disk).map_err(|e| format!("copying the rootfs: {e}"))?;
         let uds = dir.join("v.sock");
         let mut cmd = match peer {
-            Peer::Kiln => {
-                let mut c = Command::new("kiln-vmm");
-                c.arg("--kernel").arg(guest_kernel());
-                c.args([
-                    "--mem-mib",
-                    MEM_MIB,
-                    "--cmdline",
-                    &format!("{AGENT_INIT} reboot=k"),
-                ]);
-                c.arg("--drive")
-                    .arg(format!("id=rootfs,path={},root", disk.display()));
-                c.arg("--vsock").arg(format!("cid=3,uds={}", uds.display()));
-                c
-            }
+            Peer::Kiln => kiln_vmm_rootfs(
+                &disk,
+                false,
+                &uds,
+                MEM_MIB,
+                &format!("{AGENT_INIT} reboot=k"),
+            ),
             Peer::Qemu => {
-                let mut c = Command::new("qemu-system-x86_64");
-                c.args([
-                    "-M",
-                    "microvm,acpi=off,rtc=off",
-                    "-accel",
-                    "kvm",
-                    "-cpu",
-                    "host",
-                    "-m",
-                    MEM_MIB,
-                ]);
-                c.args([
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-nographic",
-                    "-no-reboot",
-                    "-serial",
-                    "stdio",
-                ]);
+                let mut c = qemu_microvm(1, MEM_MIB);
                 c.arg("-kernel").arg(guest_kernel());
                 // microvm appends the virtio_mmio.device= entries itself; reboot=t because it has
                 // no i8042 (a triple fault ends QEMU under -no-reboot).
