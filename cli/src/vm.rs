@@ -12,7 +12,12 @@ use crate::args::{Images, RunArgs};
 use crate::cleanup;
 
 /// The guest kernel command line: the agent is init; a reset ends the VMM cleanly.
-pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent";
+///
+/// The rootfs is attached read-only and the agent runs on a tmpfs overlay over it
+/// (`KILN_OVERLAY=tmpfs`): every run starts from the image as built, writes vanish with the VM, and
+/// any number of VMs can use one image at once.
+pub const CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent KILN_OVERLAY=tmpfs";
 
 /// The guest's vsock context id.
 pub const GUEST_CID: u32 = 3;
@@ -86,7 +91,10 @@ impl Vm {
             .args(["--vcpus", &args.vcpus.to_string()])
             .args(["--cmdline", CMDLINE])
             .arg("--drive")
-            .arg(format!("id=rootfs,path={},root", images.rootfs.display()))
+            .arg(format!(
+                "id=rootfs,path={},root,ro",
+                images.rootfs.display()
+            ))
             .arg("--vsock")
             .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
             .arg("--serial-out")

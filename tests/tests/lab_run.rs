@@ -185,3 +185,46 @@ fn a_50_mib_file_round_trips_with_matching_checksums() {
         .map(|mut o| o.read_to_string(&mut console));
     assert_eq!(status.code(), Some(0), "console:\n{console}");
 }
+
+#[test]
+#[ignore = "runs inside the nested lab: cargo xtask test"]
+fn each_run_starts_from_the_image_and_leaves_it_unchanged() {
+    let image_sum = || {
+        let out = Command::new("sha256sum")
+            .arg(rootfs())
+            .output()
+            .expect("sha256sum");
+        text(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let before = image_sum();
+    let first = kiln_run(
+        &[],
+        &["sh", "-c", "echo mine > /root/marker && cat /root/marker"],
+        b"",
+    );
+    assert_eq!(
+        text(&first.stdout),
+        "mine\n",
+        "the root is writable: {}",
+        text(&first.stderr)
+    );
+    let second = kiln_run(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "test -e /root/marker && echo leaked || echo clean",
+        ],
+        b"",
+    );
+    assert_eq!(
+        text(&second.stdout),
+        "clean\n",
+        "the next run does not see the first run's file"
+    );
+    assert_eq!(image_sum(), before, "the rootfs image is unchanged");
+}

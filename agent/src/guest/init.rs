@@ -1,6 +1,7 @@
-//! What the agent does as the guest's PID 1: mount the kernel filesystems, name the host, bring
-//! up loopback, make the root writable, and at the end stop everything and reset the VM (Kiln's
-//! VMM treats a reset as a clean exit; there is no ACPI to power off with).
+//! What the agent does as the guest's PID 1: optionally put a tmpfs overlay over a read-only root,
+//! mount the kernel filesystems, name the host, bring up loopback, make the root writable, and at
+//! the end stop everything and reset the VM (Kiln's VMM treats a reset as a clean exit; there is no
+//! ACPI to power off with).
 
 use std::ffi::CString;
 use std::io;
@@ -72,9 +73,64 @@ fn mount(
     Ok(())
 }
 
+/// The environment variable (from `KILN_OVERLAY=tmpfs` on the kernel command line) asking PID 1 to
+/// run on a tmpfs overlay over the read-only root: writes stay in guest memory and vanish with the
+/// VM, the image is never changed, and many VMs can share one image.
+pub const OVERLAY_ENV: &str = "KILN_OVERLAY";
+
+/// Where the overlay's tmpfs is mounted before the switch (`/run` exists in every rootfs).
+const OVERLAY_BASE: &str = "/run";
+
+/// Mounts a tmpfs overlay on the read-only root and makes it the root (pivot_root), so everything
+/// PID 1 mounts next lands in the writable tree.
+fn overlay_root() -> io::Result<()> {
+    let step =
+        |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+    mount(
+        "kiln-overlay",
+        OVERLAY_BASE,
+        "tmpfs",
+        NOSUID_NODEV,
+        "mode=0755",
+    )
+    .map_err(step("tmpfs"))?;
+    for dir in ["upper", "work", "root"] {
+        std::fs::create_dir(format!("{OVERLAY_BASE}/{dir}")).map_err(step("overlay folders"))?;
+    }
+    let options = format!("lowerdir=/,upperdir={OVERLAY_BASE}/upper,workdir={OVERLAY_BASE}/work");
+    let root = format!("{OVERLAY_BASE}/root");
+    mount("overlay", &root, "overlay", 0, &options).map_err(step("overlay"))?;
+    std::fs::create_dir_all(format!("{root}/.kiln-old-root")).map_err(step("old-root folder"))?;
+    std::env::set_current_dir(&root).map_err(step("chdir"))?;
+    // SAFETY: both paths are valid NUL-terminated strings; "." is the new root, a mount point.
+    if unsafe {
+        libc::syscall(
+            libc::SYS_pivot_root,
+            c".".as_ptr(),
+            c".kiln-old-root".as_ptr(),
+        )
+    } < 0
+    {
+        return Err(step("pivot_root")(io::Error::last_os_error()));
+    }
+    std::env::set_current_dir("/").map_err(step("chdir /"))?;
+    // The old root stays referenced by the overlay as its lower layer; only its name goes.
+    // SAFETY: umount2 with a valid NUL-terminated path.
+    if unsafe { libc::umount2(c"/.kiln-old-root".as_ptr(), libc::MNT_DETACH) } < 0 {
+        return Err(step("detaching the old root")(io::Error::last_os_error()));
+    }
+    let _ = std::fs::remove_dir("/.kiln-old-root");
+    Ok(())
+}
+
 /// Sets up the guest as PID 1. Failures are logged and skipped: a guest without, say, /dev/shm
 /// is still worth running commands in.
 pub fn setup() {
+    if std::env::var(OVERLAY_ENV).as_deref() == Ok("tmpfs")
+        && let Err(e) = overlay_root()
+    {
+        log(format_args!("root stays as it is, without an overlay: {e}"));
+    }
     for &(source, target, fstype, flags, data, mode) in MOUNTS {
         let _ = std::fs::DirBuilder::new().mode(mode).create(target);
         match mount(source, target, fstype, flags, data) {
