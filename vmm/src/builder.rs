@@ -3,14 +3,14 @@
 //! devices on the bus, then the vCPUs.
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
 use kiln_devices::BusError;
 use kiln_devices::legacy::{
-    COM1_IRQ, COM1_LEN, COM1_PORT, I8042, I8042_LEN, I8042_PORT, SerialDevice,
+    COM1_IRQ, COM1_LEN, COM1_PORT, ConsoleInput, I8042, I8042_LEN, I8042_PORT, SerialDevice,
 };
 use kiln_devices::virtio::block::{Block, BlockConfig, BlockError};
 use kiln_devices::virtio::vsock::{Vsock, VsockError};
@@ -113,6 +113,26 @@ fn serial_output(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>, Bu
     }
 }
 
+/// The VMM's stdin as console input, when it is something that can be waited on (a terminal or a
+/// pipe; /dev/null and regular files cannot, and then the console has no input).
+fn console_input() -> Option<File> {
+    let fd = std::io::stdin().as_fd().try_clone_to_owned().ok()?;
+    // SAFETY: fstat on a descriptor we own, into a zeroed stat buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is valid for the duration of the call and st is a valid out-pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return None;
+    }
+    let kind = st.st_mode & libc::S_IFMT;
+    (kind == libc::S_IFIFO || kind == libc::S_IFSOCK || (kind == libc::S_IFCHR && is_tty(&fd)))
+        .then(|| File::from(fd))
+}
+
+fn is_tty(fd: &impl AsRawFd) -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(fd.as_raw_fd()) == 1 }
+}
+
 /// The guest's command line: the configured one, the root device, then the virtio devices. Kiln's
 /// additions go before a `--`, since everything after it is for init.
 fn guest_cmdline(config: &VmConfig, devices: &MmioDeviceManager) -> String {
@@ -195,7 +215,23 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd("the serial IRQ", e))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+    let drained = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| BuildError::EventFd("the serial console", e))?;
+    let drained_for_uart = drained
+        .try_clone()
+        .map_err(|e| BuildError::EventFd("the serial console", e))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        serial_out,
+        drained_for_uart,
+    )));
+    if let Some(stdin) = console_input() {
+        events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
+            serial.clone(),
+            stdin,
+            drained,
+        ))));
+    }
     let reset_signal = signal.clone();
     let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(move || {
         reset_signal.request(ExitReason::GuestReset);

@@ -134,3 +134,41 @@ fn triple_fault_exits_non_zero_with_a_message() {
     let err = stderr(&out);
     assert!(err.contains("vCPU 0 triple-faulted"), "stderr: {err}");
 }
+
+#[test]
+fn console_input_reaches_the_guest() {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+
+    let dir = scratch("console-input");
+    let kernel = write(&dir, "echo.elf", &tiny_kernel(Program::Echo3, false));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
+        .args(["--kernel", kernel.to_str().unwrap(), "--mem-mib", "32"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"abc").unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < LIMIT, "the guest never echoed its input");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(out, "abc", "stderr: {err}");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

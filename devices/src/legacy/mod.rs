@@ -1,9 +1,11 @@
 //! Legacy PC devices on port I/O: the 16550 UART on COM1 and the i8042 keyboard controller, whose
 //! only job in a Kiln VM is to turn the guest's reset request into a clean VMM exit.
 
+pub mod console;
 pub mod i8042;
 pub mod serial;
 
+pub use console::ConsoleInput;
 pub use i8042::I8042;
 pub use serial::{EventFdTrigger, SerialDevice};
 

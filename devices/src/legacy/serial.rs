@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -31,25 +31,46 @@ impl Trigger for EventFdTrigger {
 /// Where the guest's console output goes.
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// Signals an eventfd when the guest has read everything in the receive FIFO, so the console can
+/// hand it more input.
+#[derive(Debug)]
+pub struct InputDrained(pub EventFd);
+
+impl SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Err(e) = self.0.write(1) {
+            log::warn!("serial console: cannot signal that input was read: {e}");
+        }
+    }
+}
+
 /// The UART as a bus device.
 pub struct SerialDevice {
-    uart: Serial<EventFdTrigger, NoEvents, SerialOut>,
+    uart: Serial<EventFdTrigger, InputDrained, SerialOut>,
     /// Set once an output error has been logged, so a closed stdout does not flood the log.
     output_error_logged: bool,
 }
 
 impl SerialDevice {
-    /// A UART that raises `irq` and writes what the guest sends to `out`.
-    pub fn new(irq: EventFd, out: SerialOut) -> Self {
+    /// A UART that raises `irq`, writes what the guest sends to `out`, and signals `drained`
+    /// whenever the guest has read all queued input.
+    pub fn new(irq: EventFd, out: SerialOut, drained: EventFd) -> Self {
         Self {
-            uart: Serial::new(EventFdTrigger::new(irq), out),
+            uart: Serial::with_events(EventFdTrigger::new(irq), InputDrained(drained), out),
             output_error_logged: false,
         }
     }
 
     /// Queues bytes for the guest to read (console input); returns how many fit in the FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+        let room = self.uart.fifo_capacity().min(bytes.len());
+        if room == 0 {
+            return 0;
+        }
+        self.uart.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0)
     }
 }
 
@@ -106,6 +127,10 @@ mod tests {
         }
     }
 
+    fn evt() -> EventFd {
+        EventFd::new(libc::EFD_NONBLOCK).unwrap()
+    }
+
     const THR: u64 = 0;
     const IER: u64 = 1;
     const LSR: u64 = 5;
@@ -114,7 +139,7 @@ mod tests {
     fn transmitted_bytes_reach_the_output_and_raise_thre() {
         let sink = Sink::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut uart = SerialDevice::new(irq.try_clone().unwrap(), Box::new(sink.clone()));
+        let mut uart = SerialDevice::new(irq.try_clone().unwrap(), Box::new(sink.clone()), evt());
         uart.write(THR, b"h");
         assert!(
             irq.read().is_err(),
@@ -134,7 +159,7 @@ mod tests {
     #[test]
     fn input_is_readable_by_the_guest() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut uart = SerialDevice::new(irq, Box::new(Sink::default()));
+        let mut uart = SerialDevice::new(irq, Box::new(Sink::default()), evt());
         assert_eq!(uart.enqueue_input(b"ok"), 2);
         let (mut a, mut b, mut lsr) = ([0u8; 1], [0u8; 1], [0u8; 1]);
         uart.read(THR, &mut a);
@@ -145,9 +170,30 @@ mod tests {
     }
 
     #[test]
+    fn input_beyond_the_fifo_is_refused_and_draining_is_signalled() {
+        let drained = evt();
+        let mut uart = SerialDevice::new(
+            evt(),
+            Box::new(Sink::default()),
+            drained.try_clone().unwrap(),
+        );
+        assert_eq!(
+            uart.enqueue_input(&[b'x'; 100]),
+            64,
+            "the 16550A FIFO holds 64 bytes"
+        );
+        assert_eq!(uart.enqueue_input(b"more"), 0);
+        let mut b = [0u8; 1];
+        for _ in 0..64 {
+            uart.read(THR, &mut b);
+        }
+        assert_eq!(drained.read().unwrap(), 1, "the guest emptied the FIFO");
+    }
+
+    #[test]
     fn hostile_accesses_and_a_dead_output_do_not_panic() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut uart = SerialDevice::new(irq, Box::new(Broken));
+        let mut uart = SerialDevice::new(irq, Box::new(Broken), evt());
         uart.write(THR, b"x");
         uart.write(THR, b"y");
         uart.write(THR, &[]);

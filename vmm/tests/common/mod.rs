@@ -20,6 +20,8 @@ pub enum Program {
     Hello,
     /// Prints a line, then executes `ud2` with no usable IDT: a triple fault.
     TripleFault,
+    /// Echoes the first three bytes received on COM1 back out, then resets.
+    Echo3,
 }
 
 pub const GREETING: &str = "hello from the tiny guest\n";
@@ -73,6 +75,23 @@ fn triple_fault_code(addr: impl Fn(&str) -> u32, len: impl Fn(&str) -> u32) -> V
     c
 }
 
+fn echo3_code() -> Vec<u8> {
+    vec![
+        0xba, 0xfd, 0x03, 0x00, 0x00, // mov edx, 0x3fd (line status)
+        0xb9, 0x03, 0x00, 0x00, 0x00, // mov ecx, 3
+        0xec, // 1: in al, dx
+        0xa8, 0x01, // test al, 1 (data ready)
+        0x74, 0xfb, // jz 1b
+        0xb2, 0xf8, // mov dl, 0xf8 (data register)
+        0xec, // in al, dx
+        0xee, // out dx, al
+        0xb2, 0xfd, // mov dl, 0xfd
+        0xe2, 0xf3, // loop 1b
+        0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al: reset
+        0xf4, 0xeb, 0xfd, // 1: hlt; jmp 1b
+    ]
+}
+
 const STRINGS: &[(&str, &str)] = &[
     ("greeting", GREETING),
     ("long", "mode: long64\n"),
@@ -103,6 +122,7 @@ pub fn tiny_kernel(program: Program, pvh: bool) -> Vec<u8> {
     let code = match program {
         Program::Hello => hello_code(addr, len),
         Program::TripleFault => triple_fault_code(addr, len),
+        Program::Echo3 => echo3_code(),
     };
     assert!(code.len() <= 0x100);
 
