@@ -1,0 +1,447 @@
+//! Reading requests: [`parse_head`] is a pure function over the bytes received so far, and
+//! [`RequestReader`] feeds it from a stream, keeping bytes of a pipelined next request.
+
+use std::io::{self, Read, Write};
+
+use super::{HttpError, MAX_REQUEST_SIZE};
+
+/// The request line and the headers the API cares about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// The method, as sent (methods are case-sensitive).
+    pub method: String,
+    /// The request target (path and optional query).
+    pub target: String,
+    /// Whether the connection stays open after the answer.
+    pub keep_alive: bool,
+    /// The body's length.
+    pub content_length: usize,
+    /// The client waits for `100 Continue` before sending the body (curl does for big bodies).
+    pub expect_continue: bool,
+    /// Bytes of the head, final blank line included: the body starts here.
+    pub head_len: usize,
+}
+
+/// One complete request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRequest {
+    /// The method, as sent.
+    pub method: String,
+    /// The request target.
+    pub target: String,
+    /// The body, exactly `Content-Length` bytes.
+    pub body: Vec<u8>,
+    /// Whether the connection stays open after the answer.
+    pub keep_alive: bool,
+}
+
+const HEAD_END: &[u8] = b"\r\n\r\n";
+
+/// Where the head's final blank line ends, searching from `from` (so a reader fed byte by byte
+/// does not rescan what it has seen).
+fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.saturating_sub(HEAD_END.len() - 1);
+    buf.get(start..)?
+        .windows(HEAD_END.len())
+        .position(|w| w == HEAD_END)
+        .map(|p| start + p + HEAD_END.len())
+}
+
+/// Parses the head at the start of `buf`: `Ok(None)` while it is incomplete, an error as soon
+/// as it cannot become a valid request within [`MAX_REQUEST_SIZE`].
+pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> {
+    match find_head_end(buf, 0) {
+        Some(end) if end <= MAX_REQUEST_SIZE => parse_complete_head(&buf[..end]).map(Some),
+        Some(_) => Err(HttpError::TooLarge),
+        None if buf.len() >= MAX_REQUEST_SIZE => Err(HttpError::TooLarge),
+        None => Ok(None),
+    }
+}
+
+/// Parses a head known to end with its blank line.
+fn parse_complete_head(head: &[u8]) -> Result<RequestHead, HttpError> {
+    let text = std::str::from_utf8(&head[..head.len() - HEAD_END.len()])
+        .map_err(|_| HttpError::Malformed("request head is not UTF-8".into()))?;
+    let mut lines = text.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let parts: Vec<&str> = request_line.split(' ').collect();
+    let [method, target, version] = parts[..] else {
+        return Err(HttpError::Malformed(format!(
+            "request line {request_line:?} is not METHOD TARGET VERSION"
+        )));
+    };
+    if method.is_empty() || !method.bytes().all(is_token_byte) {
+        return Err(HttpError::Malformed(format!("method {method:?}")));
+    }
+    if !target.starts_with('/') || !target.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(HttpError::Malformed(format!("request target {target:?}")));
+    }
+    let mut keep_alive = match version {
+        "HTTP/1.1" => true,
+        "HTTP/1.0" => false,
+        _ => return Err(HttpError::Version(version.to_string())),
+    };
+    let mut content_length = None;
+    let mut expect_continue = false;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(HttpError::Malformed(format!(
+                "header line {line:?} has no colon"
+            )));
+        };
+        // An empty or space-containing name also catches obsolete line folding.
+        if name.is_empty() || !name.bytes().all(is_token_byte) {
+            return Err(HttpError::Malformed(format!("header name {name:?}")));
+        }
+        let value = value.trim_matches([' ', '\t']);
+        if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            return Err(HttpError::Malformed(format!(
+                "control character in header {name}"
+            )));
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            if content_length.is_some() {
+                return Err(HttpError::BadContentLength(format!("repeated: {value}")));
+            }
+            content_length = Some(parse_content_length(value)?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(HttpError::TransferEncoding(value.to_string()));
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect_continue = value.eq_ignore_ascii_case("100-continue");
+        }
+    }
+    let content_length = content_length.unwrap_or(0);
+    if head.len().saturating_add(content_length) > MAX_REQUEST_SIZE {
+        return Err(HttpError::TooLarge);
+    }
+    Ok(RequestHead {
+        method: method.to_string(),
+        target: target.to_string(),
+        keep_alive,
+        content_length,
+        expect_continue,
+        head_len: head.len(),
+    })
+}
+
+fn parse_content_length(value: &str) -> Result<usize, HttpError> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(HttpError::BadContentLength(value.to_string()));
+    }
+    // Too many digits for a usize is simply too large.
+    value.parse().map_err(|_| HttpError::TooLarge)
+}
+
+/// RFC 9110's `tchar`: what methods and header names are made of.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Reads requests one after another from a connection, never holding more than
+/// [`MAX_REQUEST_SIZE`] plus one read's worth of bytes.
+#[derive(Debug, Default)]
+pub struct RequestReader {
+    buf: Vec<u8>,
+    /// How much of `buf` has been searched for the head's end.
+    scanned: usize,
+}
+
+/// How much one read asks for.
+const READ_CHUNK: usize = 4096;
+
+impl RequestReader {
+    /// A reader with nothing buffered.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next request, `Ok(None)` if the peer closed cleanly between requests. `stream` is
+    /// written to only to send `100 Continue` to a client that asked for it.
+    pub fn read_request<S: Read + Write>(
+        &mut self,
+        stream: &mut S,
+    ) -> Result<Option<HttpRequest>, HttpError> {
+        let head_end = loop {
+            if let Some(end) = find_head_end(&self.buf, self.scanned) {
+                break end;
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() >= MAX_REQUEST_SIZE {
+                return Err(HttpError::TooLarge);
+            }
+            if self.fill(stream)? == 0 {
+                return match self.buf.is_empty() {
+                    true => Ok(None),
+                    false => Err(HttpError::Truncated),
+                };
+            }
+        };
+        if head_end > MAX_REQUEST_SIZE {
+            return Err(HttpError::TooLarge);
+        }
+        let head = parse_complete_head(&self.buf[..head_end])?;
+        let total = head.head_len + head.content_length;
+        if self.buf.len() < total && head.expect_continue {
+            stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        while self.buf.len() < total {
+            if self.fill(stream)? == 0 {
+                return Err(HttpError::Truncated);
+            }
+        }
+        let body = self.buf[head.head_len..total].to_vec();
+        self.buf.drain(..total);
+        self.scanned = 0;
+        Ok(Some(HttpRequest {
+            method: head.method,
+            target: head.target,
+            body,
+            keep_alive: head.keep_alive,
+        }))
+    }
+
+    /// Reads once into the buffer; returns how many bytes came (0 at end of stream).
+    fn fill<S: Read>(&mut self, stream: &mut S) -> Result<usize, HttpError> {
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream that hands out its input `step` bytes per read and records what is written.
+    struct Mock {
+        input: Vec<u8>,
+        pos: usize,
+        step: usize,
+        output: Vec<u8>,
+    }
+
+    impl Mock {
+        fn new(input: &[u8], step: usize) -> Self {
+            Mock {
+                input: input.to_vec(),
+                pos: 0,
+                step,
+                output: Vec::new(),
+            }
+        }
+    }
+
+    impl Read for Mock {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.input.len() - self.pos);
+            buf[..n].copy_from_slice(&self.input[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    impl Write for Mock {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn head(bytes: &[u8]) -> Result<Option<RequestHead>, HttpError> {
+        parse_head(bytes)
+    }
+
+    fn err(bytes: &[u8]) -> String {
+        head(bytes).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_a_put_head() {
+        let head_bytes = b"PUT /drives/a HTTP/1.1\r\nHost: localhost\r\ncontent-length: 12\r\n\r\n";
+        let h = head(&[&head_bytes[..], b"{"].concat()).unwrap().unwrap();
+        assert_eq!(h.method, "PUT");
+        assert_eq!(h.target, "/drives/a");
+        assert_eq!(h.content_length, 12);
+        assert!(h.keep_alive && !h.expect_continue);
+        assert_eq!(h.head_len, head_bytes.len());
+    }
+
+    #[test]
+    fn connection_header_and_version() {
+        let h = head(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let h = head(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!h.keep_alive);
+        let h = head(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.keep_alive);
+        assert_eq!(
+            err(b"GET / HTTP/2.0\r\n\r\n"),
+            r#"unsupported HTTP version "HTTP/2.0""#
+        );
+    }
+
+    #[test]
+    fn incomplete_heads_wait() {
+        assert_eq!(head(b"").unwrap(), None);
+        assert_eq!(head(b"GET / HTTP/1.1\r\n").unwrap(), None);
+        assert_eq!(head(b"GET / HTTP/1.1\r\nHost: x\r\n\r").unwrap(), None);
+    }
+
+    #[test]
+    fn malformed_heads() {
+        for bad in [
+            &b"GARBAGE\r\n\r\n"[..],
+            b"GET  / HTTP/1.1\r\n\r\n",
+            b"GET /\r\n\r\n",
+            b"G(T / HTTP/1.1\r\n\r\n",
+            b"GET x HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nNoColon\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA: b\x00c\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA: \xff\r\n\r\n",
+        ] {
+            assert!(
+                matches!(head(bad), Err(HttpError::Malformed(_))),
+                "{:?}: {:?}",
+                String::from_utf8_lossy(bad),
+                head(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn bad_content_lengths() {
+        for cl in ["-1", "+5", "1 2", "0x10", "", "1.0"] {
+            let req = format!("PUT / HTTP/1.1\r\nContent-Length: {cl}\r\n\r\n");
+            assert!(
+                matches!(head(req.as_bytes()), Err(HttpError::BadContentLength(_))),
+                "{cl}"
+            );
+        }
+        let rep = b"PUT / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
+        assert!(matches!(head(rep), Err(HttpError::BadContentLength(_))));
+        let huge = b"PUT / HTTP/1.1\r\nContent-Length: 99999999999999999999999999\r\n\r\n";
+        assert!(matches!(head(huge), Err(HttpError::TooLarge)));
+    }
+
+    #[test]
+    fn chunked_is_refused() {
+        let req = b"PUT /vm HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            err(req),
+            r#"Transfer-Encoding "chunked" is not supported; send the body with a Content-Length"#
+        );
+    }
+
+    #[test]
+    fn oversized_requests_are_refused_early() {
+        // A body announced too large is refused from the head alone.
+        let req = format!("PUT /vm HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 60 * 1024);
+        assert_eq!(err(req.as_bytes()), "request larger than 51200 bytes");
+        // Exactly at the limit is fine.
+        let prefix_len = "PUT /vm HTTP/1.1\r\nContent-Length: 00000\r\n\r\n".len();
+        let req = format!(
+            "PUT /vm HTTP/1.1\r\nContent-Length: {:05}\r\n\r\n",
+            MAX_REQUEST_SIZE - prefix_len
+        );
+        assert!(head(req.as_bytes()).unwrap().is_some());
+        // A head that never ends is refused once it reaches the limit.
+        let mut endless = b"GET / HTTP/1.1\r\n".to_vec();
+        while endless.len() < MAX_REQUEST_SIZE {
+            endless.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        assert_eq!(err(&endless), "request larger than 51200 bytes");
+        endless.truncate(MAX_REQUEST_SIZE - 1);
+        assert_eq!(head(&endless).unwrap(), None);
+    }
+
+    #[test]
+    fn reader_pipelined_requests() {
+        let input = b"PUT /vm HTTP/1.1\r\nContent-Length: 19\r\n\r\n{\"state\": \"Paused\"}\
+                      GET / HTTP/1.1\r\n\r\n\
+                      GET /vm/config HTTP/1.1\r\nConnection: close\r\n\r\n";
+        for step in [1, 7, 4096] {
+            let mut stream = Mock::new(input, step);
+            let mut reader = RequestReader::new();
+            let a = reader.read_request(&mut stream).unwrap().unwrap();
+            assert_eq!((a.method.as_str(), a.target.as_str()), ("PUT", "/vm"));
+            assert_eq!(a.body, b"{\"state\": \"Paused\"}");
+            let b = reader.read_request(&mut stream).unwrap().unwrap();
+            assert_eq!(
+                (b.target.as_str(), b.body.len(), b.keep_alive),
+                ("/", 0, true)
+            );
+            let c = reader.read_request(&mut stream).unwrap().unwrap();
+            assert_eq!((c.target.as_str(), c.keep_alive), ("/vm/config", false));
+            assert_eq!(reader.read_request(&mut stream).unwrap(), None);
+            assert!(stream.output.is_empty());
+        }
+    }
+
+    #[test]
+    fn reader_truncated_requests() {
+        for input in [
+            &b"GET / HTTP/1.1\r\nHost: x"[..],
+            b"PUT /vm HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"sta",
+        ] {
+            let mut stream = Mock::new(input, 3);
+            let e = RequestReader::new().read_request(&mut stream).unwrap_err();
+            assert!(matches!(e, HttpError::Truncated), "{e}");
+        }
+    }
+
+    #[test]
+    fn reader_refuses_oversize_without_reading_it_all() {
+        let mut input =
+            format!("PUT /vm HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 60 * 1024).into_bytes();
+        input.resize(input.len() + 60 * 1024, b'x');
+        let mut stream = Mock::new(&input, 1024);
+        let e = RequestReader::new().read_request(&mut stream).unwrap_err();
+        assert!(matches!(e, HttpError::TooLarge));
+        assert!(stream.pos <= 1024, "read {} bytes", stream.pos);
+
+        // Byte by byte, an endless head stops at the limit.
+        let endless = vec![b'a'; 2 * MAX_REQUEST_SIZE];
+        let mut stream = Mock::new(&endless, 1);
+        let e = RequestReader::new().read_request(&mut stream).unwrap_err();
+        assert!(matches!(e, HttpError::TooLarge));
+        assert_eq!(stream.pos, MAX_REQUEST_SIZE);
+    }
+
+    #[test]
+    fn reader_sends_100_continue_when_asked() {
+        let head = b"PUT /vm HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n";
+        // The first read brings exactly the head, as when a client waits before the body.
+        let mut stream = Mock::new(&[&head[..], b"{}"].concat(), head.len());
+        let req = RequestReader::new()
+            .read_request(&mut stream)
+            .unwrap()
+            .unwrap();
+        assert_eq!(req.body, b"{}");
+        assert_eq!(stream.output, b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+}

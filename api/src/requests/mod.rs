@@ -1,0 +1,262 @@
+//! The API's resources, one file each with Firecracker's paths and JSON bodies, and the pure
+//! [`parse_request`] that turns a method, path and body into a typed [`ApiRequest`].
+//!
+//! Parsing rejects unknown fields and checks the rules that need the path (a drive's id) or span
+//! fields of one body (the snapshot memory backend); whether the VM can do what is asked (its
+//! state, files on disk, value ranges) is the VMM's to check when it handles the request.
+
+pub mod actions;
+pub mod boot_source;
+pub mod drives;
+pub mod instance;
+pub mod machine_config;
+pub mod snapshot;
+pub mod vm;
+pub mod vsock;
+
+use serde::de::DeserializeOwned;
+
+use crate::ApiError;
+use actions::Action;
+use boot_source::BootSource;
+use drives::{Drive, DriveUpdate};
+use machine_config::{MachineConfig, MachineConfigUpdate};
+use snapshot::{SnapshotCreate, SnapshotLoad};
+use vm::VmState;
+use vsock::Vsock;
+
+/// One request the API accepts: one variant per path and method, carrying its parsed body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// `GET /`: the instance's id, state and version ([`instance::InstanceInfo`]).
+    GetInstanceInfo,
+    /// `GET /vm/config`: the whole configuration ([`instance::FullVmConfig`]).
+    GetVmConfig,
+    /// `PUT /boot-source`.
+    PutBootSource(BootSource),
+    /// `GET /machine-config`: the current [`MachineConfig`].
+    GetMachineConfig,
+    /// `PUT /machine-config`.
+    PutMachineConfig(MachineConfig),
+    /// `PATCH /machine-config`.
+    PatchMachineConfig(MachineConfigUpdate),
+    /// `PUT /drives/{drive_id}` (the body's id matches the path's).
+    PutDrive(Drive),
+    /// `PATCH /drives/{drive_id}` (the body's id matches the path's).
+    PatchDrive(DriveUpdate),
+    /// `PUT /vsock`.
+    PutVsock(Vsock),
+    /// `PUT /actions`.
+    PutAction(Action),
+    /// `PATCH /vm`: pause or resume.
+    PatchVm(VmState),
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(SnapshotCreate),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(SnapshotLoad),
+}
+
+/// A path and method the API serves; `path` is a template as in `openapi.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The HTTP method, upper case.
+    pub method: &'static str,
+    /// The path, with `{drive_id}` where the id goes.
+    pub path: &'static str,
+}
+
+const fn route(method: &'static str, path: &'static str) -> Route {
+    Route { method, path }
+}
+
+/// Every route [`parse_request`] knows, in the order of [`ApiRequest`]'s variants.
+pub const ROUTES: &[Route] = &[
+    route("GET", "/"),
+    route("GET", "/vm/config"),
+    route("PUT", "/boot-source"),
+    route("GET", "/machine-config"),
+    route("PUT", "/machine-config"),
+    route("PATCH", "/machine-config"),
+    route("PUT", "/drives/{drive_id}"),
+    route("PATCH", "/drives/{drive_id}"),
+    route("PUT", "/vsock"),
+    route("PUT", "/actions"),
+    route("PATCH", "/vm"),
+    route("PUT", "/snapshot/create"),
+    route("PUT", "/snapshot/load"),
+];
+
+/// Turns one HTTP request into an [`ApiRequest`], or the error to answer it with.
+///
+/// `path` may carry a query string, which is ignored. GET requests take no body; every other
+/// request needs a JSON body.
+pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let req = Request { method, path, body };
+    match (path, method) {
+        ("/", "GET") => req.no_body(ApiRequest::GetInstanceInfo),
+        ("/vm/config", "GET") => req.no_body(ApiRequest::GetVmConfig),
+        ("/boot-source", "PUT") => req.json("boot-source").map(ApiRequest::PutBootSource),
+        ("/machine-config", "GET") => req.no_body(ApiRequest::GetMachineConfig),
+        ("/machine-config", "PUT") => req.json("machine-config").map(ApiRequest::PutMachineConfig),
+        ("/machine-config", "PATCH") => {
+            let update: MachineConfigUpdate = req.json("machine-config")?;
+            update.check()?;
+            Ok(ApiRequest::PatchMachineConfig(update))
+        }
+        ("/vsock", "PUT") => req.json("vsock").map(ApiRequest::PutVsock),
+        ("/actions", "PUT") => actions::parse(req.json("actions")?).map(ApiRequest::PutAction),
+        ("/vm", "PATCH") => req
+            .json::<vm::VmStateBody>("vm")
+            .map(|b| ApiRequest::PatchVm(b.state)),
+        ("/snapshot/create", "PUT") => req.json("snapshot/create").map(ApiRequest::CreateSnapshot),
+        ("/snapshot/load", "PUT") => req.json("snapshot/load").map(ApiRequest::LoadSnapshot),
+        _ => match drive_id_in(path) {
+            Some(id) => match method {
+                "PUT" => {
+                    let drive: Drive = req.json("drives")?;
+                    drives::check_id(id, &drive.drive_id)?;
+                    Ok(ApiRequest::PutDrive(drive))
+                }
+                "PATCH" => {
+                    let update: DriveUpdate = req.json("drives")?;
+                    drives::check_id(id, &update.drive_id)?;
+                    Ok(ApiRequest::PatchDrive(update))
+                }
+                _ => Err(req.wrong_method()),
+            },
+            None if ROUTES.iter().any(|r| r.path == path) => Err(req.wrong_method()),
+            None => Err(ApiError::UnknownPath(path.to_string())),
+        },
+    }
+}
+
+/// The id in `/drives/{drive_id}`, if `path` has that shape with a non-empty, slash-free id.
+fn drive_id_in(path: &str) -> Option<&str> {
+    path.strip_prefix("/drives/")
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+}
+
+/// One request on its way to being typed.
+struct Request<'a> {
+    method: &'a str,
+    path: &'a str,
+    body: &'a [u8],
+}
+
+impl Request<'_> {
+    fn has_body(&self) -> bool {
+        self.body.iter().any(|b| !b.is_ascii_whitespace())
+    }
+
+    fn no_body(&self, request: ApiRequest) -> Result<ApiRequest, ApiError> {
+        if self.has_body() {
+            return Err(ApiError::UnexpectedBody {
+                method: self.method.to_string(),
+                path: self.path.to_string(),
+            });
+        }
+        Ok(request)
+    }
+
+    fn json<T: DeserializeOwned>(&self, resource: &'static str) -> Result<T, ApiError> {
+        if !self.has_body() {
+            return Err(ApiError::MissingBody {
+                method: self.method.to_string(),
+                path: self.path.to_string(),
+            });
+        }
+        serde_json::from_slice(self.body).map_err(|e| ApiError::bad_body(resource, e))
+    }
+
+    fn wrong_method(&self) -> ApiError {
+        ApiError::MethodNotAllowed {
+            method: self.method.to_string(),
+            path: self.path.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses and returns the fault message, for asserting on errors.
+    pub(crate) fn fault(method: &str, path: &str, body: &str) -> String {
+        parse_request(method, path, body.as_bytes())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn unknown_path_is_named() {
+        assert_eq!(fault("GET", "/nope", ""), "unknown path /nope");
+        assert_eq!(fault("PUT", "/drives", "{}"), "unknown path /drives");
+        assert_eq!(fault("PUT", "/drives/", "{}"), "unknown path /drives/");
+        assert_eq!(
+            fault("PUT", "/drives/a/b", "{}"),
+            "unknown path /drives/a/b"
+        );
+        assert_eq!(
+            fault("GET", "/machine-config/", ""),
+            "unknown path /machine-config/"
+        );
+    }
+
+    #[test]
+    fn wrong_method_is_named_for_every_route() {
+        for r in ROUTES {
+            let path = r.path.replace("{drive_id}", "rootfs");
+            for method in ["GET", "PUT", "PATCH", "POST", "DELETE"] {
+                if ROUTES
+                    .iter()
+                    .any(|o| o.path == r.path && o.method == method)
+                {
+                    continue;
+                }
+                assert_eq!(
+                    fault(method, &path, "{}"),
+                    format!("{path} does not accept {method}")
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bodies_are_required_or_refused() {
+        assert_eq!(fault("PUT", "/vsock", ""), "PUT /vsock needs a JSON body");
+        assert_eq!(
+            fault("PUT", "/vsock", " \r\n"),
+            "PUT /vsock needs a JSON body"
+        );
+        assert_eq!(fault("GET", "/", "{}"), "GET / takes no body");
+        assert_eq!(
+            parse_request("GET", "/", b"\r\n").unwrap(),
+            ApiRequest::GetInstanceInfo
+        );
+    }
+
+    #[test]
+    fn gets_and_query_strings() {
+        assert_eq!(
+            parse_request("GET", "/?x=1", b"").unwrap(),
+            ApiRequest::GetInstanceInfo
+        );
+        assert_eq!(
+            parse_request("GET", "/vm/config", b"").unwrap(),
+            ApiRequest::GetVmConfig
+        );
+        assert_eq!(
+            parse_request("GET", "/machine-config", b"").unwrap(),
+            ApiRequest::GetMachineConfig
+        );
+    }
+
+    #[test]
+    fn malformed_json_names_the_resource() {
+        let f = fault("PUT", "/boot-source", "{\"kernel_image_path\": ");
+        assert!(f.starts_with("boot-source: "), "{f}");
+        let f = fault("PUT", "/boot-source", "[1]");
+        assert!(f.starts_with("boot-source: "), "{f}");
+    }
+}

@@ -1,0 +1,222 @@
+//! `PUT /snapshot/create` and `PUT /snapshot/load`.
+//!
+//! A load body names its memory file either the current way (`mem_backend`) or the deprecated
+//! way (`mem_file_path`); both parse into the same [`SnapshotLoad`], so the VMM sees one shape.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Full or diff (only pages dirtied since the last snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    /// All of guest memory.
+    #[default]
+    Full,
+    /// Only the pages dirtied since the last snapshot (needs `track_dirty_pages`).
+    Diff,
+}
+
+/// Firecracker's `SnapshotCreateParams` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// Full when absent.
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    /// Where the VM state goes.
+    pub snapshot_path: PathBuf,
+    /// Where guest memory goes.
+    pub mem_file_path: PathBuf,
+}
+
+/// Firecracker's memory backend kinds. Only files are supported; `Uffd` is named so that it
+/// gets a clear fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemBackendType {
+    /// Guest memory is read from (mapped from) a file.
+    File,
+    /// Guest memory is served by a userfaultfd handler: not supported.
+    Uffd,
+}
+
+/// Firecracker's `MemoryBackend` object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// Always [`MemBackendType::File`] once parsed.
+    pub backend_type: MemBackendType,
+    /// The memory file.
+    pub backend_path: PathBuf,
+}
+
+/// Firecracker's `SnapshotLoadParams` body, with the memory file always in `mem_backend`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SnapshotLoadBody")]
+pub struct SnapshotLoad {
+    /// The VM state file.
+    pub snapshot_path: PathBuf,
+    /// The memory file.
+    pub mem_backend: MemBackend,
+    /// Track dirty pages after loading, for later diff snapshots.
+    pub enable_diff_snapshots: bool,
+    /// Resume the VM once loaded (otherwise it stays paused).
+    pub resume_vm: bool,
+}
+
+/// The body as sent, before the two ways of naming the memory file are reconciled.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotLoadBody {
+    snapshot_path: PathBuf,
+    #[serde(default)]
+    mem_backend: Option<MemBackend>,
+    #[serde(default)]
+    mem_file_path: Option<PathBuf>,
+    #[serde(default)]
+    enable_diff_snapshots: bool,
+    #[serde(default)]
+    resume_vm: bool,
+}
+
+impl TryFrom<SnapshotLoadBody> for SnapshotLoad {
+    type Error = String;
+
+    fn try_from(body: SnapshotLoadBody) -> Result<Self, String> {
+        let mem_backend = match (body.mem_backend, body.mem_file_path) {
+            (Some(_), Some(_)) => {
+                return Err("give mem_backend or the deprecated mem_file_path, not both".into());
+            }
+            (None, None) => return Err("missing field `mem_backend`".into()),
+            (None, Some(path)) => MemBackend {
+                backend_type: MemBackendType::File,
+                backend_path: path,
+            },
+            (Some(backend), None) => backend,
+        };
+        if mem_backend.backend_type != MemBackendType::File {
+            return Err("mem_backend.backend_type Uffd is not supported; use File".into());
+        }
+        Ok(SnapshotLoad {
+            snapshot_path: body.snapshot_path,
+            mem_backend,
+            enable_diff_snapshots: body.enable_diff_snapshots,
+            resume_vm: body.resume_vm,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ApiRequest;
+    use crate::requests::{parse_request, tests::fault};
+
+    #[test]
+    fn create_good_bodies() {
+        let body = br#"{"snapshot_type": "Diff", "snapshot_path": "/s", "mem_file_path": "/m"}"#;
+        let want = SnapshotCreate {
+            snapshot_type: SnapshotType::Diff,
+            snapshot_path: "/s".into(),
+            mem_file_path: "/m".into(),
+        };
+        assert_eq!(
+            parse_request("PUT", "/snapshot/create", body).unwrap(),
+            ApiRequest::CreateSnapshot(want)
+        );
+        let body = br#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#;
+        let ApiRequest::CreateSnapshot(c) = parse_request("PUT", "/snapshot/create", body).unwrap()
+        else {
+            panic!("wrong variant")
+        };
+        assert_eq!(c.snapshot_type, SnapshotType::Full);
+    }
+
+    #[test]
+    fn create_errors_name_the_field() {
+        let f = fault(
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "version": "1.0"}"#,
+        );
+        assert!(
+            f.starts_with("snapshot/create: unknown field `version`"),
+            "{f}"
+        );
+        let f = fault("PUT", "/snapshot/create", r#"{"snapshot_path": "/s"}"#);
+        assert!(
+            f.starts_with("snapshot/create: missing field `mem_file_path`"),
+            "{f}"
+        );
+    }
+
+    #[test]
+    fn load_with_mem_backend_or_deprecated_mem_file_path() {
+        let want = SnapshotLoad {
+            snapshot_path: "/s".into(),
+            mem_backend: MemBackend {
+                backend_type: MemBackendType::File,
+                backend_path: "/m".into(),
+            },
+            enable_diff_snapshots: true,
+            resume_vm: true,
+        };
+        let body = br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File",
+                        "backend_path": "/m"}, "enable_diff_snapshots": true, "resume_vm": true}"#;
+        assert_eq!(
+            parse_request("PUT", "/snapshot/load", body).unwrap(),
+            ApiRequest::LoadSnapshot(want.clone())
+        );
+        let body = br#"{"snapshot_path": "/s", "mem_file_path": "/m",
+                        "enable_diff_snapshots": true, "resume_vm": true}"#;
+        assert_eq!(
+            parse_request("PUT", "/snapshot/load", body).unwrap(),
+            ApiRequest::LoadSnapshot(want)
+        );
+    }
+
+    #[test]
+    fn load_errors() {
+        let f = fault("PUT", "/snapshot/load", r#"{"snapshot_path": "/s"}"#);
+        assert!(
+            f.starts_with("snapshot/load: missing field `mem_backend`"),
+            "{f}"
+        );
+        let f = fault(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#,
+        );
+        assert!(f.starts_with("snapshot/load: give mem_backend or"), "{f}");
+        let f = fault(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}"#,
+        );
+        assert!(
+            f.starts_with("snapshot/load: mem_backend.backend_type Uffd is not"),
+            "{f}"
+        );
+        let f = fault(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": []}"#,
+        );
+        assert!(
+            f.starts_with("snapshot/load: unknown field `network_overrides`"),
+            "{f}"
+        );
+    }
+
+    #[test]
+    fn wrong_method() {
+        assert_eq!(
+            fault("PATCH", "/snapshot/load", "{}"),
+            "/snapshot/load does not accept PATCH"
+        );
+        assert_eq!(
+            fault("GET", "/snapshot/create", ""),
+            "/snapshot/create does not accept GET"
+        );
+    }
+}
