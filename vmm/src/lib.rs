@@ -2,10 +2,12 @@
 //!
 //! This crate owns the VM: its configuration ([`config`]), guest memory ([`memory`]), kernel loading
 //! ([`loader`]), the x86_64 boot state ([`arch`]), KVM objects and vCPU threads ([`vstate`]), the
-//! construction order ([`builder`]) and the event loop ([`vmm`]). It calls `kiln-devices` for
+//! construction order ([`builder`]), the event loop ([`vmm`]) and the VMM side of the API socket
+//! ([`api`]). It calls `kiln-devices` for
 //! everything the guest touches and the rust-vmm crates for KVM, memory and loading. The
 //! `kiln-vmm` binary (`main.rs`) calls it; later the API server and the jailer will too.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;

@@ -4,8 +4,10 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use kiln_vmm::Vmm;
-use kiln_vmm::config::{Command, parse_args};
+use std::sync::{Arc, Mutex};
+
+use kiln_vmm::config::{Command, VmConfig, parse_args};
+use kiln_vmm::{Vmm, api};
 use vmm_sys_util::terminal::Terminal;
 
 const EXIT_VMM_ERROR: u8 = 1;
@@ -14,8 +16,12 @@ const EXIT_BAD_INPUT: u8 = 2;
 fn main() -> ExitCode {
     kiln_vmm::logger::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = match parse_args(&args) {
-        Ok(Command::Run(config)) => config,
+    let (config, api_sock, serial) = match parse_args(&args) {
+        Ok(Command::Run {
+            config,
+            api_sock,
+            serial,
+        }) => (config, api_sock, serial),
         Ok(Command::Help) => {
             println!("{}", kiln_vmm::config::USAGE);
             return ExitCode::SUCCESS;
@@ -26,20 +32,37 @@ fn main() -> ExitCode {
         }
         Err(msg) => return fail(&msg, EXIT_BAD_INPUT),
     };
-    if let Err(e) = config.validate() {
-        return fail(&e.to_string(), EXIT_BAD_INPUT);
-    }
-    let mut vmm = match Vmm::try_from(&*config) {
-        Ok(vmm) => vmm,
-        Err(e) => {
-            let code = if e.is_bad_input() {
-                EXIT_BAD_INPUT
-            } else {
-                EXIT_VMM_ERROR
-            };
-            return fail(&e.to_string(), code);
+    // The API socket listens before anything else, so a client can connect right away.
+    let api = match api_sock.as_deref().map(api::start).transpose() {
+        Ok(api) => api,
+        Err(e) => return fail(&e.to_string(), EXIT_BAD_INPUT),
+    };
+    let (mut vmm, config) = match (config, api) {
+        (Some(config), api) => match build(&config) {
+            Ok(vmm) => (vmm, (*config, api)),
+            Err(code) => return code,
+        },
+        (None, Some(link)) => match api::preboot::configure(&link, serial) {
+            Some((vmm, config)) => (vmm, (config, Some(link))),
+            None => {
+                return fail(
+                    "the API thread stopped before InstanceStart",
+                    EXIT_VMM_ERROR,
+                );
+            }
+        },
+        (None, None) => {
+            return fail(
+                "nothing to run: give --kernel, --config-file or --api-sock",
+                EXIT_BAD_INPUT,
+            );
         }
     };
+    if let (config, Some(link)) = config {
+        vmm.add_subscriber(Arc::new(Mutex::new(api::running::RunningApi::new(
+            link, config,
+        ))));
+    }
     // Keystrokes go to the guest as they are typed (Ctrl-C included), as on Firecracker's console.
     let raw = RawTerminal::enable();
     let reason = vmm.run();
@@ -74,6 +97,21 @@ impl RawTerminal {
             eprintln!("kiln-vmm: cannot restore the terminal; run `reset`");
         }
     }
+}
+
+/// Validates and builds the VM `config` describes; on failure, prints why and gives the status.
+fn build(config: &VmConfig) -> Result<Vmm, ExitCode> {
+    if let Err(e) = config.validate() {
+        return Err(fail(&e.to_string(), EXIT_BAD_INPUT));
+    }
+    Vmm::try_from(config).map_err(|e| {
+        let code = if e.is_bad_input() {
+            EXIT_BAD_INPUT
+        } else {
+            EXIT_VMM_ERROR
+        };
+        fail(&e.to_string(), code)
+    })
 }
 
 fn fail(msg: &str, code: u8) -> ExitCode {

@@ -82,6 +82,11 @@ impl Vmm {
         }
     }
 
+    /// Adds an event-loop subscriber (the API, once the VM is built).
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        event_manager::SubscriberOps::add_subscriber(&mut self.events, subscriber);
+    }
+
     /// Runs the guest until it resets, powers off, or fails; returns why it stopped. vCPU threads
     /// may still be inside KVM when this returns: the caller exits the process, with `self` alive.
     pub fn run(&mut self) -> ExitReason {

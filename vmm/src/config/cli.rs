@@ -12,7 +12,8 @@ use super::{
 pub const USAGE: &str =
     "usage: kiln-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
                 [--drive id=ID,path=PATH[,ro][,root]]... [--vsock cid=N,uds=PATH] [--serial-out PATH]
-       kiln-vmm --config-file FILE [--serial-out PATH]
+       kiln-vmm --config-file FILE [--serial-out PATH] [--api-sock PATH]
+       kiln-vmm --api-sock PATH [--serial-out PATH]
 
   --kernel PATH       uncompressed ELF vmlinux (PVH entry used when present) or bzImage
   --initrd PATH       initramfs to load
@@ -24,6 +25,8 @@ pub const USAGE: &str =
   --vsock SPEC        a virtio-vsock device; the host reaches guest port P by connecting to uds and
                       writing \"CONNECT P\\n\"; the guest reaches host port P at uds_P
   --serial-out PATH   write the serial console to PATH instead of stdout
+  --api-sock PATH     serve Firecracker's HTTP API on a Unix socket at PATH; without a kernel or
+                      config file, the VM is configured and started through it
   --config-file FILE  Firecracker-style JSON with \"boot-source\" and \"machine-config\"
 
 exit status: 0 when the guest reboots or powers off, 1 on a VMM or KVM error or a guest triple
@@ -32,8 +35,15 @@ fault, 2 on a bad command line or configuration.";
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
-    /// Boot a VM with this configuration.
-    Run(Box<VmConfig>),
+    /// Boot a VM with this configuration, or one configured over the API socket.
+    Run {
+        /// The configuration from flags or a file; `None` when it comes over the API.
+        config: Option<Box<VmConfig>>,
+        /// Where to serve the API.
+        api_sock: Option<PathBuf>,
+        /// The serial console for a VM configured over the API.
+        serial: SerialConfig,
+    },
     /// Print usage.
     Help,
     /// Print the version.
@@ -52,6 +62,7 @@ struct Flags {
     config_file: Option<PathBuf>,
     drives: Vec<DriveConfig>,
     vsock: Option<VsockConfig>,
+    api_sock: Option<PathBuf>,
 }
 
 /// Parses `args` (without the program name).
@@ -84,14 +95,50 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
             "--config-file" => set(&mut flags.config_file, name, value()?.into())?,
             "--drive" => flags.drives.push(parse_drive(&value()?)?),
             "--vsock" => set(&mut flags.vsock, name, parse_vsock(&value()?)?)?,
+            "--api-sock" => set(&mut flags.api_sock, name, value()?.into())?,
             other if other.starts_with('-') => return Err(format!("unknown option {other}")),
             other => return Err(format!("unexpected argument {other:?}")),
         }
     }
-    flags.into_config().map(|c| Command::Run(Box::new(c)))
+    let api_sock = flags.api_sock.take();
+    if api_sock.is_some() && flags.kernel.is_none() && flags.config_file.is_none() {
+        let serial = flags.into_api_only()?;
+        return Ok(Command::Run {
+            config: None,
+            api_sock,
+            serial,
+        });
+    }
+    let config = flags.into_config()?;
+    Ok(Command::Run {
+        serial: config.serial.clone(),
+        config: Some(Box::new(config)),
+        api_sock,
+    })
 }
 
 impl Flags {
+    /// With only `--api-sock`, machine flags have nothing to apply to: they come over the API.
+    fn into_api_only(self) -> Result<SerialConfig, String> {
+        for (given, flag) in [
+            (self.initrd.is_some(), "--initrd"),
+            (self.cmdline.is_some(), "--cmdline"),
+            (self.mem_mib.is_some(), "--mem-mib"),
+            (self.vcpus.is_some(), "--vcpus"),
+            (!self.drives.is_empty(), "--drive"),
+            (self.vsock.is_some(), "--vsock"),
+        ] {
+            if given {
+                return Err(format!(
+                    "{flag} needs --kernel; with only --api-sock, configure it over the API"
+                ));
+            }
+        }
+        Ok(SerialConfig {
+            serial_out_path: self.serial_out,
+        })
+    }
+
     fn into_config(self) -> Result<VmConfig, String> {
         let mut config = match self.config_file {
             Some(file) => {
@@ -162,7 +209,9 @@ mod tests {
 
     fn config(args: &[&str]) -> VmConfig {
         match parse(args).unwrap() {
-            Command::Run(c) => *c,
+            Command::Run {
+                config: Some(c), ..
+            } => *c,
             other => panic!("expected a config, got {other:?}"),
         }
     }
@@ -194,6 +243,35 @@ mod tests {
         assert_eq!(c.boot_source.boot_args(), super::super::DEFAULT_BOOT_ARGS);
         assert_eq!(c.machine.mem_size_mib, 512);
         assert_eq!(c.serial.serial_out_path, Some(PathBuf::from("/o")));
+    }
+
+    #[test]
+    fn api_socket_alone_or_with_a_config() {
+        match parse(&["--api-sock", "/run/k.sock", "--serial-out", "/o"]).unwrap() {
+            Command::Run {
+                config: None,
+                api_sock,
+                serial,
+            } => {
+                assert_eq!(api_sock, Some(PathBuf::from("/run/k.sock")));
+                assert_eq!(serial.serial_out_path, Some(PathBuf::from("/o")));
+            }
+            other => panic!("expected an API-only run, got {other:?}"),
+        }
+        match parse(&["--kernel", "/k", "--api-sock", "/run/k.sock"]).unwrap() {
+            Command::Run {
+                config: Some(c),
+                api_sock: Some(_),
+                ..
+            } => {
+                assert_eq!(c.boot_source.kernel_image_path, PathBuf::from("/k"))
+            }
+            other => panic!("expected a configured run with an API, got {other:?}"),
+        }
+        assert_eq!(
+            parse(&["--api-sock", "/s", "--vcpus", "2"]).unwrap_err(),
+            "--vcpus needs --kernel; with only --api-sock, configure it over the API"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::{MAX_MEM_MIB, MAX_VCPUS, VmConfig};
+use super::{MAX_MEM_MIB, MAX_VCPUS, MachineConfig, VmConfig};
 use crate::arch::layout::CMDLINE_MAX_SIZE;
 use crate::loader::{LoaderError, inspect_kernel};
 use crate::memory::low_ram_end;
@@ -77,15 +77,7 @@ impl VmConfig {
     /// Checks everything that can be checked before building the VM.
     pub fn validate(&self) -> Result<(), ValidationError> {
         let m = &self.machine;
-        if m.vcpu_count == 0 || m.vcpu_count > MAX_VCPUS {
-            return Err(ValidationError::VcpuCount(m.vcpu_count));
-        }
-        if m.mem_size_mib == 0 || m.mem_size_mib > MAX_MEM_MIB {
-            return Err(ValidationError::MemSize(m.mem_size_mib));
-        }
-        if m.smt {
-            return Err(ValidationError::Smt);
-        }
+        m.validate()?;
         let args = self.boot_source.boot_args();
         if args.len() >= CMDLINE_MAX_SIZE {
             return Err(ValidationError::BootArgs(format!(
@@ -146,6 +138,22 @@ impl VmConfig {
             if !dir.is_dir() {
                 return Err(ValidationError::SerialOut(path.clone()));
             }
+        }
+        Ok(())
+    }
+}
+
+impl MachineConfig {
+    /// Checks vCPUs, memory and SMT on their own (the API checks them when they are set).
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS {
+            return Err(ValidationError::VcpuCount(self.vcpu_count));
+        }
+        if self.mem_size_mib == 0 || self.mem_size_mib > MAX_MEM_MIB {
+            return Err(ValidationError::MemSize(self.mem_size_mib));
+        }
+        if self.smt {
+            return Err(ValidationError::Smt);
         }
         Ok(())
     }

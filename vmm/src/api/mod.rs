@@ -1,0 +1,78 @@
+//! The VMM side of the API socket (`--api-sock`). A thread serves HTTP with `kiln-api` and hands
+//! each parsed request to the VMM thread over a channel, waking it with an eventfd; the VMM thread
+//! answers. Before `InstanceStart` the requests build up the configuration ([`preboot`]); after it,
+//! an event-loop subscriber answers queries and refuses changes ([`running`]).
+
+mod convert;
+pub mod preboot;
+pub mod running;
+
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, SyncSender};
+
+use kiln_api::{ApiRequest, ApiResponse, ApiServer};
+use vmm_sys_util::eventfd::EventFd;
+
+/// A request waiting for the VMM thread's answer.
+pub struct Pending {
+    /// What was asked.
+    pub request: ApiRequest,
+    reply: SyncSender<ApiResponse>,
+}
+
+impl Pending {
+    /// Sends the answer back to the API thread.
+    pub fn answer(self, response: ApiResponse) {
+        // The client may have gone; nothing to do then.
+        let _ = self.reply.send(response);
+    }
+}
+
+/// The VMM thread's end of the API: requests, and the eventfd that says one is waiting.
+pub struct ApiLink {
+    /// Requests in arrival order.
+    pub requests: Receiver<Pending>,
+    /// Written once per request.
+    pub wakeup: EventFd,
+}
+
+/// Errors starting the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiStartError {
+    /// The socket could not be bound.
+    #[error("API socket: {0}")]
+    Bind(#[from] kiln_api::ApiError),
+    /// The eventfd or thread could not be created.
+    #[error("API socket: cannot start the API thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Binds the API socket at `path` (listening when this returns) and starts the thread serving it.
+pub fn start(path: &Path) -> Result<ApiLink, ApiStartError> {
+    let server = ApiServer::bind(path)?;
+    let wakeup = EventFd::new(libc::EFD_NONBLOCK).map_err(ApiStartError::Thread)?;
+    let wake = wakeup.try_clone().map_err(ApiStartError::Thread)?;
+    let (tx, requests) = mpsc::channel::<Pending>();
+    std::thread::Builder::new()
+        .name("kiln_api".into())
+        .spawn(move || {
+            let served = server.serve(move |request| {
+                let (reply, answer) = mpsc::sync_channel(1);
+                if tx.send(Pending { request, reply }).is_err() {
+                    return ApiResponse::fault("the VMM is shutting down");
+                }
+                let _ = wake.write(1);
+                answer
+                    .recv()
+                    .unwrap_or_else(|_| ApiResponse::fault("the VMM stopped before answering"))
+            });
+            if let Err(e) = served {
+                log::error!("API server stopped: {e}");
+            }
+        })
+        .map_err(ApiStartError::Thread)?;
+    Ok(ApiLink { requests, wakeup })
+}
+
+/// The instance id the API reports (Firecracker's default when no --id is given).
+pub const INSTANCE_ID: &str = "anonymous-instance";
