@@ -118,21 +118,27 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
 }
 
 impl Flags {
-    /// With only `--api-sock`, machine flags have nothing to apply to: they come over the API.
-    fn into_api_only(self) -> Result<SerialConfig, String> {
-        for (given, flag) in [
+    /// The first machine flag given (`--kernel` aside), if any: flags that describe the VM and so
+    /// conflict with a config file, or need a kernel next to `--api-sock`.
+    fn first_machine_flag(&self) -> Option<&'static str> {
+        [
             (self.initrd.is_some(), "--initrd"),
             (self.cmdline.is_some(), "--cmdline"),
             (self.mem_mib.is_some(), "--mem-mib"),
             (self.vcpus.is_some(), "--vcpus"),
             (!self.drives.is_empty(), "--drive"),
             (self.vsock.is_some(), "--vsock"),
-        ] {
-            if given {
-                return Err(format!(
-                    "{flag} needs --kernel; with only --api-sock, configure it over the API"
-                ));
-            }
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+
+    /// With only `--api-sock`, machine flags have nothing to apply to: they come over the API.
+    fn into_api_only(self) -> Result<SerialConfig, String> {
+        if let Some(flag) = self.first_machine_flag() {
+            return Err(format!(
+                "{flag} needs --kernel; with only --api-sock, configure it over the API"
+            ));
         }
         Ok(SerialConfig {
             serial_out_path: self.serial_out,
@@ -140,20 +146,15 @@ impl Flags {
     }
 
     fn into_config(self) -> Result<VmConfig, String> {
+        let conflicting = self
+            .kernel
+            .is_some()
+            .then_some("--kernel")
+            .or_else(|| self.first_machine_flag());
         let mut config = match self.config_file {
             Some(file) => {
-                for (given, flag) in [
-                    (self.kernel.is_some(), "--kernel"),
-                    (self.initrd.is_some(), "--initrd"),
-                    (self.cmdline.is_some(), "--cmdline"),
-                    (self.mem_mib.is_some(), "--mem-mib"),
-                    (self.vcpus.is_some(), "--vcpus"),
-                    (!self.drives.is_empty(), "--drive"),
-                    (self.vsock.is_some(), "--vsock"),
-                ] {
-                    if given {
-                        return Err(format!("{flag} cannot be combined with --config-file"));
-                    }
+                if let Some(flag) = conflicting {
+                    return Err(format!("{flag} cannot be combined with --config-file"));
                 }
                 parse_config_file(&file)?
             }
