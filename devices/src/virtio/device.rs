@@ -4,6 +4,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use virtio_queue::QueueT;
+
 use super::{GuestMemoryMmap, Queue, interrupt_status};
 
 /// Why a device could not start.
@@ -105,6 +107,14 @@ impl Interrupt {
     /// Tells the driver buffers were used.
     pub fn signal_used(&self) {
         self.raise(interrupt_status::USED_RING);
+    }
+
+    /// Tells the driver buffers on `queue` were used, if it asked to hear about it (EVENT_IDX);
+    /// when the answer cannot be read from guest memory, interrupts anyway rather than stall it.
+    pub fn signal_used_if_needed(&self, queue: &mut Queue, mem: &GuestMemoryMmap) {
+        if queue.needs_notification(mem).unwrap_or(true) {
+            self.signal_used();
+        }
     }
 
     /// Tells the driver the configuration space changed.

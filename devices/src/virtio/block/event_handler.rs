@@ -95,11 +95,8 @@ impl Block {
             let Some(active) = self.active.as_mut() else {
                 return;
             };
-            match active.queue.needs_notification(&active.mem) {
-                Ok(true) => self.interrupt.signal_used(),
-                Ok(false) => {}
-                Err(_) => self.interrupt.signal_used(),
-            }
+            self.interrupt
+                .signal_used_if_needed(&mut active.queue, &active.mem);
         }
     }
 

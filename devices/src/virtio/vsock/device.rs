@@ -166,7 +166,7 @@ impl Vsock {
             self.interrupt.set_needs_reset();
             return false;
         }
-        notify(queue, mem, &self.interrupt);
+        self.interrupt.signal_used_if_needed(queue, mem);
         written
     }
 
@@ -260,7 +260,8 @@ impl Vsock {
             self.interrupt.set_needs_reset();
         }
         if let (true, Some(active)) = (used, self.active.as_mut()) {
-            notify(&mut active.queues[index], &active.mem, &self.interrupt);
+            self.interrupt
+                .signal_used_if_needed(&mut active.queues[index], &active.mem);
         }
     }
 }
@@ -272,13 +273,6 @@ fn pop<'m>(
     mem: &'m GuestMemoryMmap,
 ) -> Result<Option<Chain<'m>>, virtio_queue::Error> {
     Ok(queue.iter(mem)?.next())
-}
-
-/// Interrupts the guest about used buffers, if it asked to be (EVENT_IDX).
-fn notify(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
-    if queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used();
-    }
 }
 
 impl VirtioDevice for Vsock {
