@@ -3,7 +3,7 @@
 //! in the image as the peer.
 
 use crate::guest_images;
-use crate::lab::{self, LabRun, LabStatus};
+use crate::lab::{self, LabRun};
 use crate::util::Result;
 
 const USAGE: &str = "usage: cargo xtask bench boot|block|exec|vsock [--runs N]";
@@ -30,8 +30,5 @@ pub fn main(args: &[String]) -> Result<u8> {
         cmd,
         ..LabRun::default()
     })?;
-    match outcome.status {
-        LabStatus::Exited(code) => Ok(u8::try_from(code).unwrap_or(1)),
-        LabStatus::Failed(why) => Err(format!("the lab failed, not the benchmark: {why}")),
-    }
+    outcome.status.exit_status("benchmark")
 }

@@ -3,7 +3,7 @@
 //! and runs `kiln run [OPTIONS] -- CMD` inside it: a Kiln VM boots from the rootfs, the agent runs
 //! CMD, its output streams back, and the exit status is CMD's.
 
-use crate::lab::{self, LabRun, LabStatus};
+use crate::lab::{self, LabRun};
 use crate::util::Result;
 
 const USAGE: &str = "usage: cargo xtask run [kiln run options: --timeout S, --env K=V, --mem-mib N, \
@@ -31,10 +31,7 @@ pub fn main(args: &[String]) -> Result<u8> {
         cmd,
         ..LabRun::default()
     })?;
-    match outcome.status {
-        LabStatus::Exited(code) => Ok(u8::try_from(code).unwrap_or(1)),
-        LabStatus::Failed(why) => Err(format!("the lab failed, not the command: {why}")),
-    }
+    outcome.status.exit_status("command")
 }
 
 #[cfg(test)]

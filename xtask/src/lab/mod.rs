@@ -64,6 +64,17 @@ pub enum LabStatus {
     Failed(LabFailure),
 }
 
+impl LabStatus {
+    /// The command's status as an xtask exit status (1 when it does not fit in a byte), or an error
+    /// saying the lab, not `what`, failed.
+    pub fn exit_status(self, what: &str) -> Result<u8> {
+        match self {
+            LabStatus::Exited(code) => Ok(u8::try_from(code).unwrap_or(1)),
+            LabStatus::Failed(why) => Err(format!("the lab failed, not the {what}: {why}")),
+        }
+    }
+}
+
 /// Why the lab failed rather than the command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LabFailure {
