@@ -144,7 +144,10 @@ pub fn run_watching(mut cmd: Command, marker: &str, limit: Duration) -> std::io:
 }
 
 /// Waits for `child`, killing it after `limit`; returns its status and whether it was killed.
-fn wait_with_deadline(child: &mut Child, limit: Duration) -> std::io::Result<(ExitStatus, bool)> {
+pub fn wait_with_deadline(
+    child: &mut Child,
+    limit: Duration,
+) -> std::io::Result<(ExitStatus, bool)> {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
@@ -156,6 +159,20 @@ fn wait_with_deadline(child: &mut Child, limit: Duration) -> std::io::Result<(Ex
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The SHA-256 of a file, in hex (by `sha256sum`, which streams: images are hundreds of MiB).
+pub fn file_sha256(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum");
+    assert!(out.status.success(), "sha256sum {} failed", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// The command line Kiln's lab guests boot with.

@@ -2,11 +2,10 @@
 //! checks the image; a read-only drive refuses writes even when the guest forces its own read-only
 //! flag off; the guest sees the drive id.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use kiln_tests::{INIT_MARKER, kiln_vmm_boot, run_watching};
+use kiln_tests::{INIT_MARKER, file_sha256, kiln_vmm_boot, run_watching};
 
 const LIMIT: Duration = Duration::from_secs(180);
 
@@ -15,18 +14,6 @@ fn disk(name: &str, mib: usize, byte: u8) -> PathBuf {
     let path = std::env::temp_dir().join(format!("kiln-lab-{}-{name}.img", std::process::id()));
     std::fs::write(&path, vec![byte; mib << 20]).expect("write disk image");
     path
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("run sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Boots with one extra drive and runs `script` in the guest; returns the guest's output.
@@ -73,12 +60,12 @@ fn guest_writes_64_mib_and_the_host_reads_the_same_bytes() {
         .to_string();
     assert_eq!(
         guest,
-        sha256(&img),
+        file_sha256(&img),
         "what the guest read back is what the host image holds"
     );
     assert_ne!(
         guest,
-        sha256(&disk("zeros", 64, 0)),
+        file_sha256(&disk("zeros", 64, 0)),
         "the guest really wrote"
     );
 }
@@ -87,7 +74,7 @@ fn guest_writes_64_mib_and_the_host_reads_the_same_bytes() {
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn a_read_only_drive_refuses_writes() {
     let img = disk("ro", 8, 0x5a);
-    let before = sha256(&img);
+    let before = file_sha256(&img);
     let out = run_with_drive(
         &format!("id=golden,path={},ro", img.display()),
         "echo ro-flag=$(cat /sys/block/vda/ro); blockdev --setrw /dev/vda; \
@@ -100,7 +87,7 @@ fn a_read_only_drive_refuses_writes() {
         "the guest sees VIRTIO_BLK_F_RO"
     );
     assert_eq!(field(&out, "write="), "refused", "the device answers IOERR");
-    assert_eq!(sha256(&img), before, "the image is unchanged");
+    assert_eq!(file_sha256(&img), before, "the image is unchanged");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use kiln_agent::client::{WriteOptions, wait_ready};
 use kiln_agent::protocol::{ExecSpec, ExitStatus};
-use kiln_tests::{kiln_vmm_rootfs, rootfs};
+use kiln_tests::{file_sha256, kiln_vmm_rootfs, rootfs};
 use sha2::{Digest, Sha256};
 
 /// Runs `kiln run ARGS -- CMD` with `stdin` piped in.
@@ -189,18 +189,7 @@ fn a_50_mib_file_round_trips_with_matching_checksums() {
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn each_run_starts_from_the_image_and_leaves_it_unchanged() {
-    let image_sum = || {
-        let out = Command::new("sha256sum")
-            .arg(rootfs())
-            .output()
-            .expect("sha256sum");
-        text(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string()
-    };
-    let before = image_sum();
+    let before = file_sha256(&rootfs());
     let first = kiln_run(
         &[],
         &["sh", "-c", "echo mine > /root/marker && cat /root/marker"],
@@ -226,5 +215,9 @@ fn each_run_starts_from_the_image_and_leaves_it_unchanged() {
         "clean\n",
         "the next run does not see the first run's file"
     );
-    assert_eq!(image_sum(), before, "the rootfs image is unchanged");
+    assert_eq!(
+        file_sha256(&rootfs()),
+        before,
+        "the rootfs image is unchanged"
+    );
 }

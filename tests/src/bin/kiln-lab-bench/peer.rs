@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kiln_agent::AGENT_PORT;
 use kiln_agent::client::{Client, from_socket, wait_ready};
 use kiln_agent::link::Socket;
-use kiln_tests::{guest_kernel, kiln_vmm_rootfs, qemu_microvm, rootfs};
+use kiln_tests::{guest_kernel, kiln_vmm_rootfs, qemu_microvm, rootfs, wait_with_deadline};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
 const MEM_MIB: u32 = 512;
@@ -105,13 +105,10 @@ impl Vm {
         self.client
             .shutdown()
             .map_err(|e| format!("shutdown: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().map_err(|e| e.to_string())?.is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                return Err("the VMM did not exit after the guest shut down".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let (_, killed) = wait_with_deadline(&mut self.child, Duration::from_secs(30))
+            .map_err(|e| e.to_string())?;
+        if killed {
+            return Err("the VMM did not exit after the guest shut down".into());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
