@@ -21,8 +21,9 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Sends the answer back to the API thread.
-    pub fn answer(self, response: ApiResponse) {
+    /// Answers with what `handle` makes of the request, and sends it back to the API thread.
+    pub fn respond(self, handle: impl FnOnce(ApiRequest) -> ApiResponse) {
+        let response = handle(self.request);
         // The client may have gone; nothing to do then.
         let _ = self.reply.send(response);
     }

@@ -39,9 +39,10 @@ impl PreBoot {
         })
     }
 
-    fn handle(&mut self, request: ApiRequest) -> ApiResponse {
+    /// Answers a request, or `None` for `InstanceStart`, which [`configure`] carries out.
+    fn handle(&mut self, request: ApiRequest) -> Option<ApiResponse> {
         use ApiRequest::*;
-        match request {
+        Some(match request {
             GetInstanceInfo => {
                 ApiResponse::json(&InstanceInfo::new(INSTANCE_ID, InstanceState::NotStarted))
             }
@@ -66,11 +67,11 @@ impl PreBoot {
             }
             PutDrive(d) => {
                 if let Err(e) = std::fs::metadata(&d.path_on_host) {
-                    return ApiResponse::fault(format!(
+                    return Some(ApiResponse::fault(format!(
                         "drives/{}: path_on_host {}: {e}",
                         d.drive_id,
                         d.path_on_host.display()
-                    ));
+                    )));
                 }
                 let d = convert::drive(d);
                 match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
@@ -97,7 +98,7 @@ impl PreBoot {
                 self.vsock = Some(convert::vsock(v));
                 ApiResponse::NoContent
             }
-            PutAction(Action::InstanceStart) => unreachable_start(),
+            PutAction(Action::InstanceStart) => return None,
             PutAction(Action::SendCtrlAltDel) => {
                 ApiResponse::fault("SendCtrlAltDel: the instance has not started")
             }
@@ -106,7 +107,15 @@ impl PreBoot {
                 ApiResponse::fault("snapshot/create: the instance has not started")
             }
             LoadSnapshot(_) => ApiResponse::fault("snapshot/load is not supported yet"),
-        }
+        })
+    }
+
+    /// Validates and builds the VM configured so far.
+    fn start(&self, serial: &SerialConfig) -> Result<(Vmm, VmConfig), String> {
+        let config = self.config(serial)?;
+        config.validate().map_err(|e| e.to_string())?;
+        let vmm = Vmm::try_from(&config).map_err(|e| e.to_string())?;
+        Ok((vmm, config))
     }
 
     fn set_machine(&mut self, m: MachineConfig) -> ApiResponse {
@@ -120,11 +129,6 @@ impl PreBoot {
     }
 }
 
-/// InstanceStart is taken out of `handle` by [`configure`]; reaching it here is a bug worth a 400.
-fn unreachable_start() -> ApiResponse {
-    ApiResponse::fault("InstanceStart was not expected here")
-}
-
 /// Serves API requests until an `InstanceStart` builds a VM; returns it with its configuration.
 /// `None` if the API thread went away before that.
 pub fn configure(link: &ApiLink, serial: SerialConfig) -> Option<(Vmm, VmConfig)> {
@@ -132,28 +136,20 @@ pub fn configure(link: &ApiLink, serial: SerialConfig) -> Option<(Vmm, VmConfig)
     loop {
         let pending = link.requests.recv().ok()?;
         let _ = link.wakeup.read();
-        if !matches!(
-            pending.request,
-            ApiRequest::PutAction(Action::InstanceStart)
-        ) {
-            let response = state.handle(pending.request.clone());
-            pending.answer(response);
-            continue;
-        }
-        let built = state
-            .config(&serial)
-            .and_then(|c| c.validate().map(|()| c).map_err(|e| e.to_string()))
-            .and_then(|c| {
-                Vmm::try_from(&c)
-                    .map(|vmm| (vmm, c))
-                    .map_err(|e| e.to_string())
-            });
-        match built {
-            Ok(ready) => {
-                pending.answer(ApiResponse::NoContent);
-                return Some(ready);
-            }
-            Err(e) => pending.answer(ApiResponse::fault(format!("InstanceStart: {e}"))),
+        let mut started = None;
+        pending.respond(|request| {
+            state
+                .handle(request)
+                .unwrap_or_else(|| match state.start(&serial) {
+                    Ok(ready) => {
+                        started = Some(ready);
+                        ApiResponse::NoContent
+                    }
+                    Err(e) => ApiResponse::fault(format!("InstanceStart: {e}")),
+                })
+        });
+        if started.is_some() {
+            return started;
         }
     }
 }

@@ -67,8 +67,7 @@ impl MutEventSubscriber for RunningApi {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.link.wakeup.read();
         while let Ok(pending) = self.link.requests.try_recv() {
-            let response = self.handle(pending.request.clone());
-            pending.answer(response);
+            pending.respond(|request| self.handle(request));
         }
     }
 }
