@@ -58,10 +58,22 @@ pub struct SnapshotLoad {
     pub snapshot_path: PathBuf,
     /// The memory file.
     pub mem_backend: MemBackend,
-    /// Track dirty pages after loading, for later diff snapshots.
-    pub enable_diff_snapshots: bool,
+    /// Track dirty pages after loading, for later diff snapshots (`track_dirty_pages`, or the
+    /// deprecated `enable_diff_snapshots`).
+    pub track_dirty_pages: bool,
     /// Resume the VM once loaded (otherwise it stays paused).
     pub resume_vm: bool,
+    /// A new host socket for the vsock device, so clones of one snapshot can run side by side.
+    pub vsock_override: Option<VsockOverride>,
+}
+
+/// Firecracker's `VsockOverride` object: the restored vsock device listens here instead of at
+/// the `uds_path` saved in the snapshot. The guest CID is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The host Unix socket path.
+    pub uds_path: PathBuf,
 }
 
 /// The body as sent, before the two ways of naming the memory file are reconciled.
@@ -74,9 +86,13 @@ struct SnapshotLoadBody {
     #[serde(default)]
     mem_file_path: Option<PathBuf>,
     #[serde(default)]
-    enable_diff_snapshots: bool,
+    enable_diff_snapshots: Option<bool>,
+    #[serde(default)]
+    track_dirty_pages: Option<bool>,
     #[serde(default)]
     resume_vm: bool,
+    #[serde(default)]
+    vsock_override: Option<VsockOverride>,
 }
 
 impl TryFrom<SnapshotLoadBody> for SnapshotLoad {
@@ -97,11 +113,20 @@ impl TryFrom<SnapshotLoadBody> for SnapshotLoad {
         if mem_backend.backend_type != MemBackendType::File {
             return Err("mem_backend.backend_type Uffd is not supported; use File".into());
         }
+        let track_dirty_pages = match (body.track_dirty_pages, body.enable_diff_snapshots) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(
+                    "track_dirty_pages and the deprecated enable_diff_snapshots disagree".into(),
+                );
+            }
+            (a, b) => a.or(b).unwrap_or(false),
+        };
         Ok(SnapshotLoad {
             snapshot_path: body.snapshot_path,
             mem_backend,
-            enable_diff_snapshots: body.enable_diff_snapshots,
+            track_dirty_pages,
             resume_vm: body.resume_vm,
+            vsock_override: body.vsock_override,
         })
     }
 }
@@ -158,8 +183,9 @@ mod tests {
                 backend_type: MemBackendType::File,
                 backend_path: "/m".into(),
             },
-            enable_diff_snapshots: true,
+            track_dirty_pages: true,
             resume_vm: true,
+            vsock_override: None,
         };
         let body = br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File",
                         "backend_path": "/m"}, "enable_diff_snapshots": true, "resume_vm": true}"#;
@@ -171,7 +197,18 @@ mod tests {
                         "enable_diff_snapshots": true, "resume_vm": true}"#;
         assert_eq!(
             parse_request("PUT", "/snapshot/load", body).unwrap(),
-            ApiRequest::LoadSnapshot(want)
+            ApiRequest::LoadSnapshot(want.clone())
+        );
+        let body = br#"{"snapshot_path": "/s", "mem_file_path": "/m",
+                        "track_dirty_pages": true, "resume_vm": true,
+                        "vsock_override": {"uds_path": "/v.sock"}}"#;
+        let mut with_override = want;
+        with_override.vsock_override = Some(VsockOverride {
+            uds_path: "/v.sock".into(),
+        });
+        assert_eq!(
+            parse_request("PUT", "/snapshot/load", body).unwrap(),
+            ApiRequest::LoadSnapshot(with_override)
         );
     }
 
@@ -206,6 +243,22 @@ mod tests {
             f.starts_with("snapshot/load: unknown field `network_overrides`"),
             "{f}"
         );
+        let f = fault(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "track_dirty_pages": true,
+                "enable_diff_snapshots": false}"#,
+        );
+        assert!(
+            f.starts_with("snapshot/load: track_dirty_pages and the deprecated"),
+            "{f}"
+        );
+        let f = fault(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "vsock_override": {"path": "/v"}}"#,
+        );
+        assert!(f.starts_with("snapshot/load: unknown field `path`"), "{f}");
     }
 
     #[test]
