@@ -16,12 +16,14 @@
 //! - [`persist`]: the [`Persist`] trait.
 
 pub mod atomic;
+pub mod bitmap;
 pub mod format;
 
 #[cfg(test)]
 mod test_util;
 
 pub use atomic::{AtomicFile, AtomicFileError, is_temporary_name};
+pub use bitmap::{BitmapError, PAGE_SIZE, PageBitmap};
 pub use format::{
     FORMAT_VERSION, MAGIC, MAX_STATE_FILE_SIZE, SnapshotError, from_bytes, load_state, save_state,
     to_bytes,
