@@ -18,6 +18,7 @@
 pub mod atomic;
 pub mod bitmap;
 pub mod format;
+pub mod memfile;
 
 #[cfg(test)]
 mod test_util;
@@ -28,3 +29,4 @@ pub use format::{
     FORMAT_VERSION, MAGIC, MAX_STATE_FILE_SIZE, SnapshotError, from_bytes, load_state, save_state,
     to_bytes,
 };
+pub use memfile::{MemFileError, MergeStats, data_ranges, merge};
