@@ -19,6 +19,7 @@ pub mod atomic;
 pub mod bitmap;
 pub mod format;
 pub mod memfile;
+pub mod persist;
 
 #[cfg(test)]
 mod test_util;
@@ -30,3 +31,4 @@ pub use format::{
     to_bytes,
 };
 pub use memfile::{MemFileError, MergeStats, data_ranges, merge};
+pub use persist::Persist;
