@@ -15,4 +15,4 @@ pub mod virtio;
 pub use bus::{Bus, BusDevice, BusError, BusRange};
 
 /// Guest memory as the VMM and its devices share it.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

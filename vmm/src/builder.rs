@@ -11,19 +11,23 @@ use event_manager::{EventManager, SubscriberOps};
 use kiln_devices::BusError;
 use kiln_devices::legacy::{
     COM1_IRQ, COM1_LEN, COM1_PORT, ConsoleInput, I8042, I8042_LEN, I8042_PORT, SerialDevice,
+    SerialDeviceState, SerialRestoreArgs,
 };
 use kiln_devices::virtio::block::{Block, BlockConfig, BlockError};
 use kiln_devices::virtio::vsock::{Vsock, VsockError};
+use kiln_snapshot::Persist;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::{self, BootError, BootInfo};
 use crate::arch::mptable::{self, MptableError};
 use crate::config::VmConfig;
-use crate::device_manager::{DeviceError, MmioDeviceManager, Subscriber};
+use crate::device_manager::{
+    AttachContext, DeviceError, MmioDeviceManager, Placement, Subscriber, VirtioKind,
+};
 use crate::loader::{self, BootEntry, LoaderError};
-use crate::memory::{self, MemoryError, low_ram_end};
-use crate::vmm::{ExitWatcher, Vmm};
+use crate::memory::{self, GuestMemoryMmap, MemoryError, low_ram_end};
+use crate::vmm::{ExitWatcher, Vmm, VmmParts};
 use crate::vstate::exit::{ExitReason, ExitSignal, IoBuses};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -78,6 +82,9 @@ pub enum BuildError {
     /// A virtio device could not be attached.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// Saved state could not be put back.
+    #[error("{0}")]
+    Restore(String),
 }
 
 impl BuildError {
@@ -160,7 +167,11 @@ fn guest_cmdline(config: &VmConfig, devices: &MmioDeviceManager) -> String {
 }
 
 /// Creates each drive (the root device first, so it is /dev/vda) and attaches it.
-fn attach_drives(config: &VmConfig, ctx: &mut AttachContext<'_>) -> Result<(), BuildError> {
+fn attach_drives(
+    config: &VmConfig,
+    devices: &mut MmioDeviceManager,
+    ctx: &mut AttachContext<'_>,
+) -> Result<(), BuildError> {
     let (roots, others): (Vec<_>, Vec<_>) = config.drives.iter().partition(|d| d.is_root_device);
     for d in roots.into_iter().chain(others) {
         let irq = EventFd::new(libc::EFD_NONBLOCK)
@@ -171,88 +182,117 @@ fn attach_drives(config: &VmConfig, ctx: &mut AttachContext<'_>) -> Result<(), B
             read_only: d.is_read_only,
         };
         let block = Arc::new(Mutex::new(Block::new(cfg, irq)?));
-        ctx.devices.attach(
+        devices.attach(
             &format!("drive {}", d.drive_id),
-            block,
-            ctx.vm,
-            ctx.mem,
-            ctx.io,
-            ctx.events,
+            VirtioKind::Block(block),
+            Placement::Next,
+            None,
+            ctx,
         )?;
     }
     Ok(())
 }
 
-/// What attaching a device needs.
-struct AttachContext<'a> {
-    vm: &'a Vm,
-    mem: &'a crate::memory::GuestMemoryMmap,
-    io: &'a mut IoBuses,
-    events: &'a mut EventManager<Subscriber>,
-    devices: &'a mut MmioDeviceManager,
+/// The parts every VM has, whether booted or restored: KVM with memory and the irqchip, the event
+/// loop and exit signal, COM1 (with console input) and the i8042 on the port bus.
+pub(crate) struct Platform {
+    pub(crate) vm: Vm,
+    pub(crate) events: EventManager<Subscriber>,
+    pub(crate) signal: Arc<ExitSignal>,
+    pub(crate) io: IoBuses,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+}
+
+impl Platform {
+    /// Creates the VM over `mem` (logging dirty pages when `track_dirty`) and the legacy devices;
+    /// the UART starts from `serial_state` when restoring.
+    pub(crate) fn new(
+        config: &VmConfig,
+        mem: &GuestMemoryMmap,
+        track_dirty: bool,
+        serial_state: Option<&SerialDeviceState>,
+    ) -> Result<Self, BuildError> {
+        let serial_out = serial_output(config)?;
+        let vm = Vm::new()?;
+        vm.register_memory(mem, track_dirty)?;
+        vm.setup_irqchip()?;
+        let mut events = EventManager::<Subscriber>::new()
+            .map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
+        let signal =
+            Arc::new(ExitSignal::new().map_err(|e| BuildError::EventFd("the exit signal", e))?);
+        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(signal.clone()))));
+        let evt = |what| EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd(what, e));
+        let serial_irq = evt("the serial IRQ")?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+        let drained = evt("the serial console")?;
+        let drained_for_uart = drained
+            .try_clone()
+            .map_err(|e| BuildError::EventFd("the serial console", e))?;
+        let uart = match serial_state {
+            None => SerialDevice::new(serial_irq, serial_out, drained_for_uart),
+            Some(state) => SerialDevice::restore(
+                SerialRestoreArgs {
+                    irq: serial_irq,
+                    out: serial_out,
+                    drained: drained_for_uart,
+                },
+                state,
+            )
+            .map_err(BuildError::Restore)?,
+        };
+        let serial = Arc::new(Mutex::new(uart));
+        if let Some(stdin) = console_input() {
+            events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
+                serial.clone(),
+                stdin,
+                drained,
+            ))));
+        }
+        let reset_signal = signal.clone();
+        let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(move || {
+            reset_signal.request(ExitReason::GuestReset);
+        }))));
+        let mut io = IoBuses::default();
+        io.pio
+            .insert(serial.clone(), COM1_PORT, COM1_LEN)
+            .map_err(|e| BuildError::Bus("serial port", e))?;
+        io.pio
+            .insert(i8042, I8042_PORT, I8042_LEN)
+            .map_err(|e| BuildError::Bus("i8042", e))?;
+        Ok(Self {
+            vm,
+            events,
+            signal,
+            io,
+            serial,
+        })
+    }
+
+    /// What attaching a virtio device needs.
+    pub(crate) fn attach_context<'a>(&'a mut self, mem: &'a GuestMemoryMmap) -> AttachContext<'a> {
+        AttachContext {
+            vm: &self.vm,
+            mem,
+            io: &mut self.io,
+            events: &mut self.events,
+        }
+    }
 }
 
 /// Builds the VM `config` describes; `config` must have passed [`VmConfig::validate`].
 pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
-    let serial_out = serial_output(config)?;
     let mem_size = (config.machine.mem_size_mib as u64) << 20;
     let vcpu_count = config.machine.vcpu_count;
-
-    let vm = Vm::new()?;
     let (mem, memfd) = memory::create(mem_size)?;
-    vm.register_memory(&mem)?;
-    vm.setup_irqchip()?;
-    let mut events =
-        EventManager::<Subscriber>::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
+    let mut platform = Platform::new(config, &mem, config.machine.track_dirty_pages, None)?;
     log::info!(
         "VM created with {} MiB of memory",
         config.machine.mem_size_mib
     );
 
-    let signal =
-        Arc::new(ExitSignal::new().map_err(|e| BuildError::EventFd("the exit signal", e))?);
-    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(signal.clone()))));
-    let serial_irq =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd("the serial IRQ", e))?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-    let drained = EventFd::new(libc::EFD_NONBLOCK)
-        .map_err(|e| BuildError::EventFd("the serial console", e))?;
-    let drained_for_uart = drained
-        .try_clone()
-        .map_err(|e| BuildError::EventFd("the serial console", e))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        serial_out,
-        drained_for_uart,
-    )));
-    if let Some(stdin) = console_input() {
-        events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
-            serial.clone(),
-            stdin,
-            drained,
-        ))));
-    }
-    let reset_signal = signal.clone();
-    let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(move || {
-        reset_signal.request(ExitReason::GuestReset);
-    }))));
-    let mut io = IoBuses::default();
-    io.pio
-        .insert(serial, COM1_PORT, COM1_LEN)
-        .map_err(|e| BuildError::Bus("serial port", e))?;
-    io.pio
-        .insert(i8042, I8042_PORT, I8042_LEN)
-        .map_err(|e| BuildError::Bus("i8042", e))?;
-
     let mut devices = MmioDeviceManager::default();
-    let mut ctx = AttachContext {
-        vm: &vm,
-        mem: &mem,
-        io: &mut io,
-        events: &mut events,
-        devices: &mut devices,
-    };
-    attach_drives(config, &mut ctx)?;
+    let mut ctx = platform.attach_context(&mem);
+    attach_drives(config, &mut devices, &mut ctx)?;
     if let Some(v) = &config.vsock {
         let irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| BuildError::EventFd("the vsock IRQ", e))?;
@@ -261,8 +301,13 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
             v.uds_path.clone(),
             irq,
         )?));
-        ctx.devices
-            .attach("vsock", vsock, ctx.vm, ctx.mem, ctx.io, ctx.events)?;
+        devices.attach(
+            "vsock",
+            VirtioKind::Vsock(vsock),
+            Placement::Next,
+            None,
+            &mut ctx,
+        )?;
     }
 
     let kernel = loader::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
@@ -287,6 +332,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         kernel.entry
     );
 
+    let vm = &platform.vm;
     let supported = vm
         .kvm()
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -294,20 +340,21 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let host = vm.host_caps();
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
     for id in 0..vcpu_count {
-        let vcpu = Vcpu::new(&vm, id)?;
+        let vcpu = Vcpu::new(vm, id)?;
         vcpu.configure(&supported, host, vcpu_count, &mem, &kernel.entry)?;
         vcpus.push(vcpu);
     }
     log::info!("{vcpu_count} vCPUs configured");
-    Ok(Vmm::new(
-        vm,
+    Ok(Vmm::new(VmmParts {
+        platform,
         mem,
-        memfd,
+        memfd: Some(memfd),
         vcpus,
-        Arc::new(io),
-        signal,
-        events,
-    ))
+        devices,
+        config: config.clone(),
+        track_dirty: config.machine.track_dirty_pages,
+        paused_clock: None,
+    }))
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kiln_devices::virtio::block::Block;
 use kiln_devices::virtio::mmio::{MMIO_LEN, QUEUE_NOTIFY_OFFSET};
+use kiln_devices::virtio::vsock::Vsock;
 use kiln_devices::virtio::{MmioTransport, VirtioDevice};
 use kvm_ioctls::IoEventAddress;
 
@@ -47,11 +49,47 @@ pub enum DeviceError {
     Bus(String, kiln_devices::BusError),
 }
 
+/// A virtio device by kind, for snapshots.
+#[derive(Clone)]
+pub enum VirtioKind {
+    /// A drive.
+    Block(Arc<Mutex<Block>>),
+    /// The vsock device.
+    Vsock(Arc<Mutex<Vsock>>),
+}
+
+/// A device on the MMIO bus.
+pub struct AttachedDevice {
+    /// Start of its 4 KiB window.
+    pub addr: u64,
+    /// Its interrupt line.
+    pub irq: u32,
+    /// Its register file.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// The device itself.
+    pub kind: VirtioKind,
+}
+
+/// Where a device goes on the bus: the next free window and line, or (on restore) where it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// The next free window and interrupt line.
+    Next,
+    /// This window and line (from a snapshot).
+    At {
+        /// Window start.
+        addr: u64,
+        /// Interrupt line.
+        irq: u32,
+    },
+}
+
 /// Hands out MMIO windows and interrupt lines, and remembers what the guest must be told.
 pub struct MmioDeviceManager {
     next_addr: u64,
     next_irq: u32,
     cmdline: Vec<String>,
+    devices: Vec<AttachedDevice>,
 }
 
 impl Default for MmioDeviceManager {
@@ -60,28 +98,60 @@ impl Default for MmioDeviceManager {
             next_addr: MMIO_DEVICES_START,
             next_irq: FIRST_DEVICE_IRQ,
             cmdline: Vec::new(),
+            devices: Vec::new(),
         }
     }
 }
 
+/// What attaching a device needs from the VM being built.
+pub struct AttachContext<'a> {
+    /// The VM.
+    pub vm: &'a Vm,
+    /// Guest memory.
+    pub mem: &'a GuestMemoryMmap,
+    /// The buses.
+    pub io: &'a mut IoBuses,
+    /// The event loop.
+    pub events: &'a mut EventManager<Subscriber>,
+}
+
 impl MmioDeviceManager {
-    /// Attaches `device` (named `name` in errors) to the VM.
-    pub fn attach<D>(
+    /// Attaches `device` (named `name` in errors) to the VM with a fresh transport, or with
+    /// `transport` when one was restored.
+    pub fn attach(
+        &mut self,
+        name: &str,
+        kind: VirtioKind,
+        placement: Placement,
+        transport: Option<MmioTransport>,
+        ctx: &mut AttachContext<'_>,
+    ) -> Result<(), DeviceError> {
+        match kind.clone() {
+            VirtioKind::Block(d) => self.attach_device(name, d, kind, placement, transport, ctx),
+            VirtioKind::Vsock(d) => self.attach_device(name, d, kind, placement, transport, ctx),
+        }
+    }
+
+    fn attach_device<D>(
         &mut self,
         name: &str,
         device: Arc<Mutex<D>>,
-        vm: &Vm,
-        mem: &GuestMemoryMmap,
-        io: &mut IoBuses,
-        events: &mut EventManager<Subscriber>,
+        kind: VirtioKind,
+        placement: Placement,
+        transport: Option<MmioTransport>,
+        ctx: &mut AttachContext<'_>,
     ) -> Result<(), DeviceError>
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
-        if self.next_irq >= u32::from(IOAPIC_PINS) {
+        let (addr, irq) = match placement {
+            Placement::Next => (self.next_addr, self.next_irq),
+            Placement::At { addr, irq } => (addr, irq),
+        };
+        if !(FIRST_DEVICE_IRQ..u32::from(IOAPIC_PINS)).contains(&irq) {
             return Err(DeviceError::NoIrq(name.into()));
         }
-        let (addr, irq) = (self.next_addr, self.next_irq);
+        let (vm, io, events) = (ctx.vm, &mut *ctx.io, &mut *ctx.events);
         {
             let dev = device.lock().unwrap_or_else(|p| p.into_inner());
             vm.register_irqfd(dev.interrupt().irqfd(), irq)
@@ -100,16 +170,30 @@ impl MmioDeviceManager {
                     })?;
             }
         }
-        let transport = MmioTransport::new(device.clone(), mem.clone());
+        let transport =
+            Arc::new(Mutex::new(transport.unwrap_or_else(|| {
+                MmioTransport::new(device.clone(), ctx.mem.clone())
+            })));
         io.mmio
-            .insert(Arc::new(Mutex::new(transport)), addr, MMIO_LEN)
+            .insert(transport.clone(), addr, MMIO_LEN)
             .map_err(|e| DeviceError::Bus(name.into(), e))?;
         events.add_subscriber(device);
         self.cmdline
             .push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
-        self.next_addr += MMIO_LEN;
-        self.next_irq += 1;
+        self.next_addr = self.next_addr.max(addr + MMIO_LEN);
+        self.next_irq = self.next_irq.max(irq + 1);
+        self.devices.push(AttachedDevice {
+            addr,
+            irq,
+            transport,
+            kind,
+        });
         Ok(())
+    }
+
+    /// The attached devices, in attachment order.
+    pub fn devices(&self) -> &[AttachedDevice] {
+        &self.devices
     }
 
     /// Records a command-line entry as if a device had been attached (for tests of callers).

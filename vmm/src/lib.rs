@@ -15,6 +15,7 @@ pub mod device_manager;
 pub mod loader;
 pub mod logger;
 pub mod memory;
+pub mod persist;
 pub mod vmm;
 pub mod vstate;
 

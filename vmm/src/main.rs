@@ -4,8 +4,6 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use std::sync::{Arc, Mutex};
-
 use kiln_vmm::config::{Command, VmConfig, parse_args};
 use kiln_vmm::{Vmm, api};
 use vmm_sys_util::terminal::Terminal;
@@ -37,13 +35,13 @@ fn main() -> ExitCode {
         Ok(api) => api,
         Err(e) => return fail(&e.to_string(), EXIT_BAD_INPUT),
     };
-    let (mut vmm, config) = match (config, api) {
+    let (mut vmm, api) = match (config, api) {
         (Some(config), api) => match build(&config) {
-            Ok(vmm) => (vmm, (*config, api)),
+            Ok(vmm) => (vmm, api),
             Err(code) => return code,
         },
         (None, Some(link)) => match api::preboot::configure(&link, serial) {
-            Some((vmm, config)) => (vmm, (config, Some(link))),
+            Some(vmm) => (vmm, Some(link)),
             None => {
                 return fail(
                     "the API thread stopped before InstanceStart",
@@ -58,10 +56,8 @@ fn main() -> ExitCode {
             );
         }
     };
-    if let (config, Some(link)) = config {
-        vmm.add_subscriber(Arc::new(Mutex::new(api::running::RunningApi::new(
-            link, config,
-        ))));
+    if let Some(link) = api {
+        vmm.serve_api(link);
     }
     // Keystrokes go to the guest as they are typed (Ctrl-C included), as on Firecracker's console.
     let raw = RawTerminal::enable();

@@ -6,12 +6,15 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use vm_memory::{FileOffset, GuestAddress};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
-/// The guest memory type used throughout the VMM.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// The guest memory type used throughout the VMM: every region carries a bitmap of the pages the
+/// VMM itself wrote (device rings, disk reads), which diff snapshots add to KVM's dirty log.
+pub use kiln_devices::GuestMemoryMmap;
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,17 @@ pub enum MemoryError {
         /// Why it failed.
         err: std::io::Error,
     },
+    /// Mapping a snapshot's memory file failed.
+    #[error("cannot map {size} bytes of the snapshot's memory file: {err}")]
+    MapFile {
+        /// Guest memory size.
+        size: u64,
+        /// Why it failed.
+        err: vm_memory::mmap::MmapRegionError,
+    },
+    /// The regions overlap or wrap (a bug in the layout).
+    #[error("guest memory regions overlap")]
+    Overlap,
     /// Mapping the regions failed.
     #[error("cannot map {size} bytes of guest memory: {err}")]
     Map {
@@ -50,6 +64,20 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
+/// Where each RAM range lives in the memory file: `(guest address, length, file offset)`. The
+/// memfd of a booted VM and a snapshot's memory file use the same layout.
+pub fn file_layout(size: u64) -> Vec<(GuestAddress, u64, u64)> {
+    let mut offset = 0;
+    ram_ranges(size)
+        .into_iter()
+        .map(|(addr, len)| {
+            let here = offset;
+            offset += len;
+            (addr, len, here)
+        })
+        .collect()
+}
+
 /// End (exclusive) of RAM below the MMIO gap.
 pub fn low_ram_end(size: u64) -> u64 {
     size.min(MMIO_GAP_START)
@@ -68,19 +96,36 @@ pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
         .map_err(|err| MemoryError::Resize { size, err })?;
 
     let mut regions = Vec::new();
-    let mut file_offset = 0u64;
-    for (addr, len) in ram_ranges(size) {
+    for (addr, len, file_offset) in file_layout(size) {
         let clone = file.try_clone().map_err(MemoryError::Memfd)?;
         regions.push((
             addr,
             len as usize,
             Some(FileOffset::new(clone, file_offset)),
         ));
-        file_offset += len;
     }
     let mem = GuestMemoryMmap::from_ranges_with_files(regions)
         .map_err(|err| MemoryError::Map { size, err })?;
     Ok((mem, file))
+}
+
+/// Maps `size` bytes of guest memory privately from `file` (a snapshot's memory file, laid out by
+/// [`file_layout`]): pages are read from the file when the guest first touches them, writes stay
+/// in this process, and every VM mapping the same file shares its page cache.
+pub fn map_snapshot(file: &File, size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut regions = Vec::new();
+    for (addr, len, offset) in file_layout(size) {
+        let clone = file.try_clone().map_err(MemoryError::Memfd)?;
+        let region =
+            MmapRegionBuilder::new_with_bitmap(len as usize, AtomicBitmap::with_len(len as usize))
+                .with_file_offset(FileOffset::new(clone, offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+                .build()
+                .map_err(|err| MemoryError::MapFile { size, err })?;
+        regions.push(GuestRegionMmap::new(region, addr).ok_or(MemoryError::Overlap)?);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Overlap)
 }
 
 #[cfg(test)]

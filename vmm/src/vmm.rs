@@ -1,28 +1,63 @@
 //! A built VM and its event loop: start the vCPU threads, then wait on `event-manager` until
-//! something asks the VM to stop.
+//! something asks the VM to stop, answering API requests between events.
+//!
+//! While the VM is paused the device event loop is not run at all, so device work is quiesced
+//! with the vCPUs: nothing reads host sockets or writes guest memory until the VM resumes (the
+//! epoll registrations are level-triggered, so whatever arrived meanwhile is handled then). Only
+//! the API and the exit signal are watched while paused.
 
 use std::fs::File;
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber};
+use kvm_bindings::kvm_clock_data;
 
-use crate::builder::{BuildError, build};
+use crate::api::ApiLink;
+use crate::builder::{BuildError, Platform, build};
 use crate::config::VmConfig;
-use crate::device_manager::Subscriber;
+use crate::device_manager::{MmioDeviceManager, Subscriber};
 use crate::memory::GuestMemoryMmap;
 use crate::vstate::exit::{ExitReason, ExitSignal, IoBuses};
 use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vcpu_state::saveable_msrs;
+use crate::vstate::vcpu_thread::VcpuHandle;
 use crate::vstate::vm::Vm;
+
+/// What a built (or restored) VM is made of; see [`crate::builder`] and [`crate::persist`].
+pub(crate) struct VmmParts {
+    pub(crate) platform: Platform,
+    pub(crate) mem: GuestMemoryMmap,
+    /// The memfd behind guest memory; `None` when memory is a private mapping of a snapshot.
+    pub(crate) memfd: Option<File>,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) devices: MmioDeviceManager,
+    pub(crate) config: VmConfig,
+    pub(crate) track_dirty: bool,
+    /// `Some` to start paused, holding the guest clock to set on resume.
+    pub(crate) paused_clock: Option<kvm_clock_data>,
+}
 
 /// A VM ready to run (and, once running, the owner of everything the vCPU threads use).
 pub struct Vmm {
-    _vm: Vm,
-    _mem: GuestMemoryMmap,
-    _memfd: File,
+    pub(crate) vm: Vm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) memfd: Option<File>,
     vcpus: Vec<Vcpu>,
+    pub(crate) handles: Vec<VcpuHandle>,
     io: Arc<IoBuses>,
     signal: Arc<ExitSignal>,
     events: EventManager<Subscriber>,
+    pub(crate) devices: MmioDeviceManager,
+    pub(crate) serial: Arc<Mutex<kiln_devices::legacy::SerialDevice>>,
+    pub(crate) config: VmConfig,
+    pub(crate) track_dirty: bool,
+    /// False after a snapshot failed once it had read (and so cleared) the dirty page log.
+    pub(crate) dirty_log_intact: bool,
+    /// The guest clock saved at pause time; `Some` exactly while paused.
+    pub(crate) paused_clock: Option<kvm_clock_data>,
+    api: Option<ApiLink>,
+    resume_on_start: bool,
 }
 
 impl TryFrom<&VmConfig> for Vmm {
@@ -60,49 +95,189 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
+/// Wakes the event loop when an API request is waiting; the loop answers it.
+struct ApiWatcher(vmm_sys_util::eventfd::EventFd);
+
+impl MutEventSubscriber for ApiWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot watch the API: {e:?}");
+        }
+    }
+}
+
 impl Vmm {
-    /// Assembles a VMM from built parts (see [`crate::builder`]).
-    pub(crate) fn new(
-        vm: Vm,
-        mem: GuestMemoryMmap,
-        memfd: File,
-        vcpus: Vec<Vcpu>,
-        io: Arc<IoBuses>,
-        signal: Arc<ExitSignal>,
-        events: EventManager<Subscriber>,
-    ) -> Self {
-        Self {
-            _vm: vm,
-            _mem: mem,
-            _memfd: memfd,
-            vcpus,
+    /// Assembles a VMM from built parts.
+    pub(crate) fn new(parts: VmmParts) -> Self {
+        let Platform {
+            vm,
+            events,
+            signal,
             io,
+            serial,
+        } = parts.platform;
+        Self {
+            vm,
+            mem: parts.mem,
+            memfd: parts.memfd,
+            vcpus: parts.vcpus,
+            handles: Vec::new(),
+            io: Arc::new(io),
             signal,
             events,
+            devices: parts.devices,
+            serial,
+            config: parts.config,
+            track_dirty: parts.track_dirty,
+            dirty_log_intact: true,
+            paused_clock: parts.paused_clock,
+            api: None,
+            resume_on_start: false,
         }
     }
 
-    /// Adds an event-loop subscriber (the API, once the VM is built).
-    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
-        event_manager::SubscriberOps::add_subscriber(&mut self.events, subscriber);
+    /// Serves `link` from the event loop once the VM runs.
+    pub fn serve_api(&mut self, link: ApiLink) {
+        match link.wakeup.try_clone() {
+            Ok(wakeup) => {
+                event_manager::SubscriberOps::add_subscriber(
+                    &mut self.events,
+                    Arc::new(Mutex::new(ApiWatcher(wakeup))),
+                );
+            }
+            Err(e) => log::error!("cannot watch the API: {e}"),
+        };
+        self.api = Some(link);
+    }
+
+    /// The configuration the VM was built from (for GET /vm/config).
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Runs a VM restored paused as soon as [`Vmm::run`] starts it (`resume_vm`).
+    pub fn resume_on_start(&mut self) {
+        self.resume_on_start = true;
+    }
+
+    /// True while the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused_clock.is_some()
     }
 
     /// Runs the guest until it resets, powers off, or fails; returns why it stopped. vCPU threads
     /// may still be inside KVM when this returns: the caller exits the process, with `self` alive.
     pub fn run(&mut self) -> ExitReason {
+        let msrs = match saveable_msrs(self.vm.kvm()) {
+            Ok(list) => Arc::new(list),
+            Err(e) => return ExitReason::Vmm(format!("cannot list KVM's saveable MSRs: {e}")),
+        };
+        if self.resume_on_start
+            && let Some(clock) = self.paused_clock.take()
+            && let Err(e) = self.vm.set_clock(&clock)
+        {
+            return ExitReason::Vmm(format!("cannot set the restored guest clock: {e}"));
+        }
+        let start_paused = self.is_paused();
         for vcpu in self.vcpus.drain(..) {
-            if let Err(e) = vcpu.start(self.io.clone(), self.signal.clone()) {
-                return ExitReason::Vmm(format!("cannot start a vCPU thread: {e}"));
+            match vcpu.start(
+                self.io.clone(),
+                self.signal.clone(),
+                msrs.clone(),
+                start_paused,
+            ) {
+                Ok(handle) => self.handles.push(handle),
+                Err(e) => return ExitReason::Vmm(format!("cannot start a vCPU thread: {e}")),
             }
         }
-        log::info!("vCPUs started");
+        log::info!(
+            "vCPUs started{}",
+            if start_paused { " (paused)" } else { "" }
+        );
         loop {
             if let Some(reason) = self.signal.reason() {
                 return reason;
             }
-            if let Err(e) = self.events.run() {
+            if self.is_paused() {
+                self.wait_while_paused();
+            } else if let Err(e) = self.events.run() {
                 return ExitReason::Vmm(format!("event loop failed: {e:?}"));
             }
+            self.answer_api();
         }
+    }
+
+    /// Blocks until an API request or the exit signal arrives (the devices stay unserved).
+    fn wait_while_paused(&mut self) {
+        let mut fds = vec![libc::pollfd {
+            fd: self.signal.eventfd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(api) = &self.api {
+            fds.push(libc::pollfd {
+                fd: api.wakeup.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` is a valid array of pollfd for its whole length, and the descriptors are
+        // owned by `self` for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                self.signal
+                    .request(ExitReason::Vmm(format!("waiting while paused failed: {e}")));
+            }
+        }
+        if let Some(api) = &self.api {
+            let _ = api.wakeup.read();
+        }
+    }
+
+    fn answer_api(&mut self) {
+        let Some(api) = self.api.take() else {
+            return;
+        };
+        while let Ok(pending) = api.requests.try_recv() {
+            pending.respond(|request| crate::api::running::handle(self, request));
+        }
+        self.api = Some(api);
+    }
+
+    /// Stops every vCPU and, with them, device work; the guest clock is held where it was.
+    pub fn pause(&mut self) -> Result<(), String> {
+        if self.is_paused() {
+            return Ok(());
+        }
+        for handle in &self.handles {
+            handle.pause().map_err(|e| e.to_string())?;
+        }
+        let clock = self.vm.clock().map_err(|e| e.to_string())?;
+        for handle in &self.handles {
+            handle.notify_kvmclock().map_err(|e| e.to_string())?;
+        }
+        self.paused_clock = Some(clock);
+        log::info!("VM paused");
+        Ok(())
+    }
+
+    /// Runs the vCPUs again, with the guest clock continuing from where it was paused.
+    pub fn resume(&mut self) -> Result<(), String> {
+        let Some(clock) = self.paused_clock else {
+            return Ok(());
+        };
+        self.vm.set_clock(&clock).map_err(|e| e.to_string())?;
+        for handle in &self.handles {
+            handle.resume().map_err(|e| e.to_string())?;
+        }
+        self.paused_clock = None;
+        log::info!("VM resumed");
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@ pub mod serial;
 
 pub use console::ConsoleInput;
 pub use i8042::I8042;
-pub use serial::{EventFdTrigger, SerialDevice};
+pub use serial::{EventFdTrigger, SerialDevice, SerialDeviceState, SerialRestoreArgs};
 
 /// COM1's port base and the width of a 16550's register file.
 pub const COM1_PORT: u64 = 0x3f8;

@@ -74,6 +74,76 @@ impl SerialDevice {
     }
 }
 
+/// The UART's registers and unread input, as saved in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialDeviceState {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR and SCR, in that order.
+    pub registers: [u8; 9],
+    /// Bytes the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+/// What restoring the UART needs besides its state (see [`SerialDevice::new`]).
+pub struct SerialRestoreArgs {
+    /// The interrupt eventfd.
+    pub irq: EventFd,
+    /// Where output goes.
+    pub out: SerialOut,
+    /// Signalled when the guest drained its input.
+    pub drained: EventFd,
+}
+
+impl kiln_snapshot::Persist for SerialDevice {
+    type State = SerialDeviceState;
+    type ConstructorArgs = SerialRestoreArgs;
+    type Error = String;
+
+    fn save(&self) -> SerialDeviceState {
+        let s = self.uart.state();
+        SerialDeviceState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    fn restore(args: SerialRestoreArgs, state: &SerialDeviceState) -> Result<Self, String> {
+        let [dll, dlm, ier, iir, lcr, lsr, mcr, msr, scr] = state.registers;
+        let saved = vm_superio::serial::SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlm,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(
+            &saved,
+            EventFdTrigger::new(args.irq),
+            InputDrained(args.drained),
+            args.out,
+        )
+        .map_err(|e| format!("serial port: cannot restore the UART: {e:?}"))?;
+        Ok(Self {
+            uart,
+            output_error_logged: false,
+        })
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         // UART registers are a byte wide; a wider read sees the register in its low byte.
@@ -188,6 +258,31 @@ mod tests {
             uart.read(THR, &mut b);
         }
         assert_eq!(drained.read().unwrap(), 1, "the guest emptied the FIFO");
+    }
+
+    #[test]
+    fn state_round_trips_with_unread_input_and_an_oversized_fifo_is_refused() {
+        use kiln_snapshot::Persist;
+        let mut uart = SerialDevice::new(evt(), Box::new(Sink::default()), evt());
+        uart.write(IER, &[0x01]);
+        uart.write(7, &[0x5a]); // scratch
+        assert_eq!(uart.enqueue_input(b"left"), 4);
+        let state = uart.save();
+        assert_eq!(state.in_buffer, b"left");
+        let args = || SerialRestoreArgs {
+            irq: evt(),
+            out: Box::new(Sink::default()),
+            drained: evt(),
+        };
+        let mut restored = SerialDevice::restore(args(), &state).unwrap();
+        assert_eq!(restored.save(), state);
+        let mut b = [0u8; 1];
+        restored.read(THR, &mut b);
+        assert_eq!(b[0], b'l', "unread input survives");
+        let mut big = state;
+        big.in_buffer = vec![0; 65];
+        let e = SerialDevice::restore(args(), &big).err().unwrap();
+        assert!(e.contains("cannot restore the UART"), "{e}");
     }
 
     #[test]

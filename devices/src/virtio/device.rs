@@ -43,6 +43,8 @@ pub trait VirtioDevice: Send {
     fn avail_features(&self) -> u64;
     /// The feature bits the driver accepted (a subset of `avail_features`, VERSION_1 included).
     fn set_acked_features(&mut self, features: u64);
+    /// The feature bits accepted so far.
+    fn acked_features(&self) -> u64;
     /// The driver reads the device-specific configuration space at `offset`.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// The driver writes the device-specific configuration space at `offset`.
@@ -58,6 +60,8 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// True between a successful `activate` and the next `reset`.
     fn is_activated(&self) -> bool;
+    /// The queues the device owns while active (empty otherwise), for snapshots.
+    fn active_queues(&self) -> &[Queue];
 }
 
 /// Copies the part of a device's configuration space at `offset` into `data`; bytes past the end
@@ -143,6 +147,18 @@ impl Interrupt {
     /// InterruptACK: clears the acknowledged bits.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Puts back a saved InterruptStatus and needs-reset flag (snapshot restore); pending bits
+    /// are raised again so the guest sees the interrupt it had not yet handled.
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        if status != 0
+            && let Err(e) = self.irqfd.write(1)
+        {
+            log::error!("cannot raise a restored virtio interrupt: {e}");
+        }
     }
 
     /// Forgets all state (device reset).

@@ -22,7 +22,7 @@ const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4e4c_494b;
 
 /// Register offsets.
-mod reg {
+pub(crate) mod reg {
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
@@ -403,6 +403,49 @@ impl BusDevice for MmioTransport {
     }
 }
 
+/// The transport's scalar registers, as saved in a snapshot.
+pub(super) struct Registers {
+    pub(super) queue_error: bool,
+    pub(super) queue_select: u32,
+    pub(super) device_features_select: u32,
+    pub(super) driver_features_select: u32,
+    pub(super) driver_features: u64,
+    pub(super) status: u32,
+    pub(super) config_generation: u32,
+}
+
+impl MmioTransport {
+    /// The queue configuration the driver wrote.
+    pub(super) fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    /// The scalar registers.
+    pub(super) fn registers(&self) -> Registers {
+        Registers {
+            queue_error: self.queue_error,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            config_generation: self.config_generation,
+        }
+    }
+
+    /// Puts back saved queues and registers (the device was restored separately).
+    pub(super) fn set_restored(&mut self, queues: Vec<Queue>, regs: Registers) {
+        self.queues = queues;
+        self.queue_error = regs.queue_error;
+        self.queue_select = regs.queue_select;
+        self.device_features_select = regs.device_features_select;
+        self.driver_features_select = regs.driver_features_select;
+        self.driver_features = regs.driver_features;
+        self.status = regs.status;
+        self.config_generation = regs.config_generation;
+    }
+}
+
 /// Locks a device even if a thread panicked while holding it (see `bus::lock`).
 fn lock(
     dev: &Arc<Mutex<dyn VirtioDevice>>,
@@ -412,4 +455,4 @@ fn lock(
 
 #[cfg(test)]
 #[path = "mmio_tests.rs"]
-mod tests;
+pub(crate) mod tests;

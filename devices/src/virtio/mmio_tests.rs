@@ -11,13 +11,14 @@ use super::*;
 use crate::virtio::{ActivateError, Interrupt, VIRTIO_F_VERSION_1};
 
 /// A device that records what the transport hands it.
-struct Dummy {
+pub(crate) struct Dummy {
     features: u64,
-    acked: u64,
+    pub(crate) acked: u64,
     config: [u8; 8],
     events: Vec<EventFd>,
     interrupt: Arc<Interrupt>,
-    activated_with: Option<Vec<(u16, u64, u64, u64)>>,
+    pub(crate) activated_with: Option<Vec<(u16, u64, u64, u64)>>,
+    pub(crate) queues: Vec<Queue>,
     resets: usize,
 }
 
@@ -59,32 +60,50 @@ impl VirtioDevice for Dummy {
                 .map(|q| (q.size(), q.desc_table(), q.avail_ring(), q.used_ring()))
                 .collect(),
         );
+        self.queues = queues;
         Ok(())
     }
     fn reset(&mut self) {
         self.activated_with = None;
+        self.queues.clear();
         self.resets += 1;
     }
     fn is_activated(&self) -> bool {
         self.activated_with.is_some()
     }
+    fn acked_features(&self) -> u64 {
+        self.acked
+    }
+    fn active_queues(&self) -> &[Queue] {
+        &self.queues
+    }
 }
 
-const FEATURE_X: u64 = 1 << 3;
+pub(crate) const FEATURE_X: u64 = 1 << 3;
 
-fn transport() -> (MmioTransport, Arc<Mutex<Dummy>>) {
+/// A fresh dummy device.
+pub(crate) fn dummy() -> Arc<Mutex<Dummy>> {
     let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let dummy = Arc::new(Mutex::new(Dummy {
+    Arc::new(Mutex::new(Dummy {
         features: (1 << VIRTIO_F_VERSION_1) | FEATURE_X,
         acked: 0,
         config: [1, 2, 3, 4, 5, 6, 7, 8],
         events: vec![evt(), evt()],
         interrupt: Arc::new(Interrupt::new(evt())),
         activated_with: None,
+        queues: Vec::new(),
         resets: 0,
-    }));
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-    (MmioTransport::new(dummy.clone(), mem), dummy)
+    }))
+}
+
+/// One MiB of guest memory.
+pub(crate) fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+}
+
+pub(crate) fn transport() -> (MmioTransport, Arc<Mutex<Dummy>>) {
+    let dummy = dummy();
+    (MmioTransport::new(dummy.clone(), memory()), dummy)
 }
 
 fn r(t: &mut MmioTransport, offset: u64) -> u32 {
@@ -93,12 +112,12 @@ fn r(t: &mut MmioTransport, offset: u64) -> u32 {
     u32::from_le_bytes(b)
 }
 
-fn w(t: &mut MmioTransport, offset: u64, v: u32) {
+pub(crate) fn w(t: &mut MmioTransport, offset: u64, v: u32) {
     t.write(offset, &v.to_le_bytes());
 }
 
 /// Walks a driver through negotiation up to FEATURES_OK with `features`.
-fn negotiate(t: &mut MmioTransport, features: u64) {
+pub(crate) fn negotiate(t: &mut MmioTransport, features: u64) {
     w(t, reg::STATUS, status::ACKNOWLEDGE);
     w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
     w(t, reg::DRIVER_FEATURES_SEL, 0);
@@ -112,7 +131,7 @@ fn negotiate(t: &mut MmioTransport, features: u64) {
     );
 }
 
-fn setup_queue(t: &mut MmioTransport, index: u32, size: u32, base: u64) {
+pub(crate) fn setup_queue(t: &mut MmioTransport, index: u32, size: u32, base: u64) {
     w(t, reg::QUEUE_SEL, index);
     w(t, reg::QUEUE_NUM, size);
     w(t, reg::QUEUE_DESC_LOW, base as u32);
@@ -124,7 +143,8 @@ fn setup_queue(t: &mut MmioTransport, index: u32, size: u32, base: u64) {
     w(t, reg::QUEUE_READY, 1);
 }
 
-const ALL: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+pub(crate) const ALL: u32 =
+    status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
 
 #[test]
 fn identity_registers() {

@@ -7,6 +7,7 @@ use kiln_api::ApiRequest;
 use kiln_api::ApiResponse;
 use kiln_api::requests::actions::Action;
 use kiln_api::requests::instance::{InstanceInfo, InstanceState};
+use kiln_api::requests::snapshot::SnapshotLoad;
 
 use super::{ApiLink, INSTANCE_ID, convert};
 use crate::Vmm;
@@ -14,6 +15,15 @@ use crate::config::{
     BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig, VsockConfig,
 };
 use crate::loader::inspect_kernel;
+use crate::persist::restore::restore;
+
+/// What a request asks of [`configure`] beyond an answer.
+enum Next {
+    /// Boot the configured VM.
+    Start,
+    /// Build the VM from a snapshot.
+    Load(SnapshotLoad),
+}
 
 /// The configuration so far.
 #[derive(Default)]
@@ -39,10 +49,19 @@ impl PreBoot {
         })
     }
 
-    /// Answers a request, or `None` for `InstanceStart`, which [`configure`] carries out.
-    fn handle(&mut self, request: ApiRequest) -> Option<ApiResponse> {
+    /// True once anything that only a boot uses was configured (a snapshot load is refused then,
+    /// as Firecracker does).
+    fn configured(&self) -> bool {
+        self.boot.is_some()
+            || !self.drives.is_empty()
+            || self.vsock.is_some()
+            || self.machine != MachineConfig::default()
+    }
+
+    /// Answers a request, or says what [`configure`] must carry out.
+    fn handle(&mut self, request: ApiRequest) -> Result<ApiResponse, Next> {
         use ApiRequest::*;
-        Some(match request {
+        Ok(match request {
             GetInstanceInfo => {
                 ApiResponse::json(&InstanceInfo::new(INSTANCE_ID, InstanceState::NotStarted))
             }
@@ -67,7 +86,7 @@ impl PreBoot {
             }
             PutDrive(d) => {
                 if let Err(e) = std::fs::metadata(&d.path_on_host) {
-                    return Some(ApiResponse::fault(format!(
+                    return Ok(ApiResponse::fault(format!(
                         "drives/{}: path_on_host {}: {e}",
                         d.drive_id,
                         d.path_on_host.display()
@@ -98,7 +117,7 @@ impl PreBoot {
                 self.vsock = Some(convert::vsock(v));
                 ApiResponse::NoContent
             }
-            PutAction(Action::InstanceStart) => return None,
+            PutAction(Action::InstanceStart) => return Err(Next::Start),
             PutAction(Action::SendCtrlAltDel) => {
                 ApiResponse::fault("SendCtrlAltDel: the instance has not started")
             }
@@ -106,7 +125,10 @@ impl PreBoot {
             CreateSnapshot(_) => {
                 ApiResponse::fault("snapshot/create: the instance has not started")
             }
-            LoadSnapshot(_) => ApiResponse::fault("snapshot/load is not supported yet"),
+            LoadSnapshot(_) if self.configured() => ApiResponse::fault(
+                "snapshot/load: not allowed after boot-source, machine-config, drives or vsock were configured",
+            ),
+            LoadSnapshot(params) => return Err(Next::Load(params)),
         })
     }
 
@@ -129,24 +151,33 @@ impl PreBoot {
     }
 }
 
-/// Serves API requests until an `InstanceStart` builds a VM; returns it with its configuration.
-/// `None` if the API thread went away before that.
-pub fn configure(link: &ApiLink, serial: SerialConfig) -> Option<(Vmm, VmConfig)> {
+/// Serves API requests until an `InstanceStart` builds a VM or a `snapshot/load` restores one;
+/// returns it. `None` if the API thread went away before that.
+pub fn configure(link: &ApiLink, serial: SerialConfig) -> Option<Vmm> {
     let mut state = PreBoot::default();
     loop {
         let pending = link.requests.recv().ok()?;
         let _ = link.wakeup.read();
         let mut started = None;
-        pending.respond(|request| {
-            state
-                .handle(request)
-                .unwrap_or_else(|| match state.start(&serial) {
-                    Ok(ready) => {
-                        started = Some(ready);
-                        ApiResponse::NoContent
+        pending.respond(|request| match state.handle(request) {
+            Ok(answer) => answer,
+            Err(Next::Start) => match state.start(&serial) {
+                Ok((vmm, _)) => {
+                    started = Some(vmm);
+                    ApiResponse::NoContent
+                }
+                Err(e) => ApiResponse::fault(format!("InstanceStart: {e}")),
+            },
+            Err(Next::Load(params)) => match restore(&params, &serial) {
+                Ok(mut vmm) => {
+                    if params.resume_vm {
+                        vmm.resume_on_start();
                     }
-                    Err(e) => ApiResponse::fault(format!("InstanceStart: {e}")),
-                })
+                    started = Some(vmm);
+                    ApiResponse::NoContent
+                }
+                Err(e) => ApiResponse::fault(format!("snapshot/load: {e}")),
+            },
         });
         if started.is_some() {
             return started;

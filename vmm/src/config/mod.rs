@@ -12,7 +12,7 @@ mod validate;
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use cli::{Command, USAGE, parse_args};
 pub use file::parse_config_file;
@@ -28,7 +28,7 @@ pub const MAX_MEM_MIB: usize = 1 << 20;
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1";
 
 /// Everything needed to build a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// The kernel, initrd and command line (`boot-source`).
@@ -49,7 +49,7 @@ pub struct VmConfig {
 }
 
 /// Firecracker's `drives` entry.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveConfig {
     /// Unique id: letters, digits, `_` and `-`; also what GET_ID answers.
@@ -74,7 +74,7 @@ pub struct DriveConfig {
 }
 
 /// Firecracker's `vsock` object.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
     /// The guest's context id (3 or more).
@@ -87,7 +87,7 @@ pub struct VsockConfig {
 }
 
 /// Firecracker's `boot-source` object.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootSourceConfig {
     /// Uncompressed ELF vmlinux or bzImage.
@@ -108,7 +108,7 @@ impl BootSourceConfig {
 }
 
 /// Firecracker's `machine-config` object.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     /// Number of vCPUs, 1 to [`MAX_VCPUS`].
@@ -135,7 +135,7 @@ impl Default for MachineConfig {
 }
 
 /// Where the guest's serial console output goes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SerialConfig {
     /// A file to write the console to (created or truncated); stdout when absent.

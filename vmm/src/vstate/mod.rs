@@ -3,4 +3,7 @@
 
 pub mod exit;
 pub mod vcpu;
+pub mod vcpu_state;
+pub mod vcpu_thread;
 pub mod vm;
+pub mod vm_state;

@@ -1,12 +1,8 @@
 //! One vCPU: its boot configuration (CPUID, MSRs, registers, FPU, LAPIC) and the thread that runs it.
 
-use std::sync::Arc;
-use std::thread::JoinHandle;
-
 use kvm_bindings::{CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 
-use super::exit::{ExitReason, ExitSignal, IoBuses, VcpuAction, handle_exit};
 use super::vm::Vm;
 use crate::arch::{cpuid, interrupts, msr, regs};
 use crate::loader::BootEntry;
@@ -141,58 +137,18 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Starts the thread that runs this vCPU until the VM stops.
-    pub fn start(
-        self,
-        io: Arc<IoBuses>,
-        signal: Arc<ExitSignal>,
-    ) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name(format!("kiln_vcpu{}", self.id))
-            .spawn(move || self.run(&io, &signal))
+    /// The vCPU index.
+    pub fn id(&self) -> u8 {
+        self.id
     }
 
-    fn run(mut self, io: &IoBuses, signal: &ExitSignal) {
-        let vcpu = self.id;
-        while !signal.is_stopping() {
-            let action = match self.fd.run() {
-                Ok(exit) => handle_exit(exit, io, vcpu),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    VcpuAction::Continue
-                }
-                Err(e) => {
-                    VcpuAction::Stop(ExitReason::Vmm(format!("vCPU {vcpu}: KVM_RUN failed: {e}")))
-                }
-            };
-            if let VcpuAction::Stop(reason) = action {
-                signal.request(self.describe(reason));
-                return;
-            }
-        }
+    /// The KVM vCPU descriptor.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
     }
 
-    /// Adds the guest's RIP and KVM's sub-error to an internal error, which KVM reports bare.
-    fn describe(&mut self, reason: ExitReason) -> ExitReason {
-        let ExitReason::InternalError { vcpu, .. } = reason else {
-            return reason;
-        };
-        let suberror = self.fd.get_kvm_run().exit_reason;
-        // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit the `internal` member of the run union is valid.
-        let sub = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-        let rip = self
-            .fd
-            .get_regs()
-            .map(|r| format!("{:#x}", r.rip))
-            .unwrap_or_else(|_| "unknown".into());
-        let what = match sub {
-            1 => "emulation failure",
-            2 => "simultaneous exceptions",
-            3 => "delivery event",
-            _ => "unknown",
-        };
-        ExitReason::InternalError {
-            vcpu,
-            detail: format!("{what} (exit {suberror}, suberror {sub}) at guest RIP {rip}"),
-        }
+    /// Splits the vCPU into its index and descriptor (for the thread that runs it).
+    pub(super) fn into_parts(self) -> (u8, VcpuFd) {
+        (self.id, self.fd)
     }
 }

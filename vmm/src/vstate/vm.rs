@@ -1,6 +1,8 @@
 //! The KVM VM: guest memory slots, the in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT, irqfds.
 
-use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -75,8 +77,9 @@ impl Vm {
         &self.fd
     }
 
-    /// Registers every region of `mem` as a KVM memory slot, in order.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    /// Registers every region of `mem` as a KVM memory slot, in order; with `track_dirty` KVM logs
+    /// the pages the guest writes (for diff snapshots).
+    pub fn register_memory(&self, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
@@ -89,7 +92,11 @@ impl Vm {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
-                flags: 0,
+                flags: if track_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
             };
             // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by `mem`,
             // which the VMM keeps alive (in `Vmm`) for as long as the VM exists.
@@ -117,6 +124,19 @@ impl Vm {
         };
         self.fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
         Ok(())
+    }
+
+    /// The pages the guest wrote in each slot since the last call (KVM clears its log as it is
+    /// read); one bit per 4 KiB page, 64 pages a word. Needs `track_dirty` at registration.
+    pub fn dirty_log(&self, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {
+        mem.iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                self.fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(ioctl("KVM_GET_DIRTY_LOG"))
+            })
+            .collect()
     }
 
     /// Makes writes to `evt` raise guest interrupt line `gsi`.

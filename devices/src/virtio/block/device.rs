@@ -111,11 +111,6 @@ impl Block {
         &self.config
     }
 
-    /// The acknowledged feature bits.
-    pub fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
     /// The configuration space (virtio_blk_config up to blk_size).
     fn config_space(&self) -> [u8; 24] {
         let mut c = [0u8; 24];
@@ -188,5 +183,15 @@ impl VirtioDevice for Block {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn active_queues(&self) -> &[Queue] {
+        self.active
+            .as_ref()
+            .map_or(&[], |a| std::slice::from_ref(&a.queue))
     }
 }

@@ -4,9 +4,11 @@
 
 mod device;
 mod event_handler;
+mod persist;
 mod request;
 
 pub use device::{Block, BlockConfig};
+pub use persist::{BlockRestoreArgs, BlockState};
 pub use request::{Request, RequestError, RequestType};
 
 /// Bytes in a virtio-blk sector, whatever the disk's own block size.
@@ -78,4 +80,12 @@ pub enum BlockError {
     /// An eventfd could not be created.
     #[error("drive {0}: cannot create an eventfd: {1}")]
     EventFd(String, std::io::Error),
+    /// A saved drive cannot be put back.
+    #[error("drive {id}: cannot restore: {why}")]
+    Restore {
+        /// Drive id.
+        id: String,
+        /// Why.
+        why: String,
+    },
 }

@@ -18,6 +18,7 @@ use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
+use vm_memory::bitmap::BitmapSlice;
 
 use event_manager::EventSet;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
@@ -136,11 +137,11 @@ impl Connection {
 
     /// A guest-initiated connection whose REQUEST (`pkt`) reached a listening host socket; the
     /// RESPONSE waits to be sent.
-    pub fn peer_init(
+    pub fn peer_init<B: BitmapSlice>(
         stream: UnixStream,
         local_port: u32,
         peer_port: u32,
-        pkt: &Packet<'_>,
+        pkt: &Packet<'_, B>,
     ) -> Self {
         let mut c = Self::new(stream, local_port, peer_port, State::PeerInit);
         c.update_peer_credit(pkt);
@@ -190,13 +191,13 @@ impl Connection {
         self.expiry
     }
 
-    fn update_peer_credit(&mut self, pkt: &Packet<'_>) {
+    fn update_peer_credit<B: BitmapSlice>(&mut self, pkt: &Packet<'_, B>) {
         self.peer_buf_alloc = pkt.buf_alloc();
         self.peer_fwd_cnt = Wrapping(pkt.fwd_cnt());
     }
 
     /// Handles a packet the guest sent on this connection.
-    pub fn recv(&mut self, pkt: &Packet<'_>, now: Instant) -> Verdict {
+    pub fn recv<B: BitmapSlice>(&mut self, pkt: &Packet<'_, B>, now: Instant) -> Verdict {
         if pkt.op() == op::RST {
             return Verdict::Close;
         }
@@ -232,7 +233,7 @@ impl Connection {
         }
     }
 
-    fn recv_data(&mut self, pkt: &Packet<'_>) -> Verdict {
+    fn recv_data<B: BitmapSlice>(&mut self, pkt: &Packet<'_, B>) -> Verdict {
         if self.peer_shutdown & shutdown::SEND != 0 {
             return Verdict::Violation(Misbehaviour::BadOp);
         }
@@ -263,7 +264,7 @@ impl Connection {
     }
 
     /// Copies the part of `data` from `from` on into the buffer for the host.
-    fn hold(&mut self, data: &VolatileSlice<'_>, from: usize) {
+    fn hold<B: BitmapSlice>(&mut self, data: &VolatileSlice<'_, B>, from: usize) {
         let mut chunk = [0u8; 4096];
         let mut off = from;
         while off < data.len() {
@@ -398,7 +399,12 @@ impl Connection {
 
     /// Puts the next packet for the guest into `pkt`, an rx buffer with room for `room` payload
     /// bytes.
-    pub fn fill_rx(&mut self, pkt: &Packet<'_>, room: usize, now: Instant) -> Fill {
+    pub fn fill_rx<B: BitmapSlice>(
+        &mut self,
+        pkt: &Packet<'_, B>,
+        room: usize,
+        now: Instant,
+    ) -> Fill {
         let (op, flags, len) = match self.state {
             State::LocalInit if self.request_pending => {
                 self.request_pending = false;
@@ -428,9 +434,9 @@ impl Connection {
         })
     }
 
-    fn next_established(
+    fn next_established<B: BitmapSlice>(
         &mut self,
-        pkt: &Packet<'_>,
+        pkt: &Packet<'_, B>,
         room: usize,
         now: Instant,
     ) -> Result<Option<(u16, u32, u32)>, ()> {

@@ -110,11 +110,6 @@ impl Vsock {
         &self.uds_path
     }
 
-    /// The acknowledged feature bits.
-    pub fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
     /// The connection table.
     pub fn muxer(&self) -> &Muxer {
         &self.muxer
@@ -334,6 +329,14 @@ impl VirtioDevice for Vsock {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn active_queues(&self) -> &[Queue] {
+        self.active.as_ref().map_or(&[], |a| a.queues.as_slice())
     }
 }
 

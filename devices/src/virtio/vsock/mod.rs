@@ -15,6 +15,7 @@ mod device;
 mod event_handler;
 pub mod muxer;
 pub mod packet;
+mod persist;
 
 #[cfg(test)]
 mod test_utils;
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use device::Vsock;
+pub use persist::{VsockRestoreArgs, VsockState};
 
 /// Index of the queue on which the device gives packets to the guest.
 pub const RXQ: usize = 0;
@@ -121,6 +123,14 @@ pub enum VsockError {
         what: &'static str,
         /// Why.
         err: std::io::Error,
+    },
+    /// A saved device cannot be put back.
+    #[error("vsock {path}: cannot restore: {why}")]
+    Restore {
+        /// The device's socket path.
+        path: PathBuf,
+        /// Why.
+        why: String,
     },
 }
 

@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use vm_memory::bitmap::BitmapSlice;
 
 use event_manager::EventSet;
 
@@ -317,7 +318,7 @@ impl Muxer {
     }
 
     /// Routes a packet the guest sent.
-    pub fn recv_tx(&mut self, pkt: &Packet<'_>, now: Instant) {
+    pub fn recv_tx<B: BitmapSlice>(&mut self, pkt: &Packet<'_, B>, now: Instant) {
         let key = ConnKey {
             local_port: pkt.dst_port(),
             peer_port: pkt.src_port(),
@@ -378,7 +379,7 @@ impl Muxer {
         PathBuf::from(p)
     }
 
-    fn connect_to_host(&mut self, key: ConnKey, pkt: &Packet<'_>) {
+    fn connect_to_host<B: BitmapSlice>(&mut self, key: ConnKey, pkt: &Packet<'_, B>) {
         if self.full() {
             log::debug!(
                 "virtio-vsock: {} connections open; guest REQUEST {key:?} refused",
@@ -410,7 +411,11 @@ impl Muxer {
 
     /// Writes the next packet for the guest into the rx buffer `pkt`; `None` (and the buffer
     /// untouched) if there is nothing to send. Returns the payload length.
-    pub fn fill_rx(&mut self, pkt: &mut Packet<'_>, now: Instant) -> Option<u32> {
+    pub fn fill_rx<B: BitmapSlice>(
+        &mut self,
+        pkt: &mut Packet<'_, B>,
+        now: Instant,
+    ) -> Option<u32> {
         if let Some((src_cid, key)) = self.rst_queue.pop_front() {
             self.write_rst(pkt, src_cid, key);
             return Some(0);
@@ -438,7 +443,7 @@ impl Muxer {
         None
     }
 
-    fn write_rst(&self, pkt: &mut Packet<'_>, src_cid: u64, key: ConnKey) {
+    fn write_rst<B: BitmapSlice>(&self, pkt: &mut Packet<'_, B>, src_cid: u64, key: ConnKey) {
         let h = Header {
             src_port: key.local_port,
             dst_port: key.peer_port,

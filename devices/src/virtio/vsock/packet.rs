@@ -6,12 +6,16 @@
 
 use virtio_queue::DescriptorChain;
 use virtio_vsock::packet::{Error as ParseError, PKT_HEADER_SIZE};
+use vm_memory::bitmap::BitmapSlice;
 
 use super::{HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
 use crate::virtio::GuestMemoryMmap;
 
-/// A packet in guest memory, as the device sees it (guest memory has no dirty bitmap).
-pub type Packet<'a> = virtio_vsock::packet::VsockPacket<'a, ()>;
+/// A packet in guest memory, as the device sees it; its slices carry guest memory's dirty bitmap,
+/// so the bytes the device writes (rx headers and payloads) count as dirty for diff snapshots.
+/// Tests build packets over plain buffers, which have no bitmap (`B = ()`).
+pub type Packet<'a, B = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>> =
+    virtio_vsock::packet::VsockPacket<'a, B>;
 
 /// A descriptor chain from one of the device's queues.
 pub type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
@@ -44,7 +48,7 @@ pub enum Refusal {
 }
 
 /// Checks the addressing and type of a packet from the guest whose CID is `guest_cid`.
-pub fn check_tx(pkt: &Packet<'_>, guest_cid: u64) -> Result<(), Refusal> {
+pub fn check_tx<B: BitmapSlice>(pkt: &Packet<'_, B>, guest_cid: u64) -> Result<(), Refusal> {
     if pkt.src_cid() != guest_cid {
         return Err(Refusal::WrongSrcCid(pkt.src_cid()));
     }
@@ -77,7 +81,7 @@ pub struct Header {
 }
 
 /// Writes every header field of `pkt` (the guest's buffer holds whatever it held before).
-pub fn write_header(pkt: &mut Packet<'_>, guest_cid: u64, h: &Header) {
+pub fn write_header<B: BitmapSlice>(pkt: &mut Packet<'_, B>, guest_cid: u64, h: &Header) {
     pkt.set_src_cid(HOST_CID)
         .set_dst_cid(guest_cid)
         .set_src_port(h.src_port)
@@ -91,7 +95,7 @@ pub fn write_header(pkt: &mut Packet<'_>, guest_cid: u64, h: &Header) {
 }
 
 /// Payload bytes an rx buffer can take, capped at [`MAX_PKT_DATA`].
-pub fn rx_capacity(pkt: &Packet<'_>) -> usize {
+pub fn rx_capacity<B: BitmapSlice>(pkt: &Packet<'_, B>) -> usize {
     pkt.data_slice()
         .map_or(0, |s| s.len())
         .min(MAX_PKT_DATA as usize)

@@ -113,7 +113,7 @@ impl PktBuf {
     }
 
     /// The packet over these buffers.
-    pub fn packet(&mut self) -> Packet<'_> {
+    pub fn packet(&mut self) -> Packet<'_, ()> {
         let hdr = self.hdr;
         let data = self.data.as_deref_mut();
         // SAFETY: the buffers belong to `self`, which the packet borrows mutably for its whole

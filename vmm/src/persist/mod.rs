@@ -1,0 +1,108 @@
+//! Snapshots: what a paused VM's state file holds ([`MicrovmState`]), how it is taken
+//! ([`create`]) and how a new process is built from it ([`restore`]). Guest memory goes to a
+//! separate memory file ([`memory`]). The file format itself (magic, version, CRC) and atomic
+//! replacement are `kiln-snapshot`'s.
+
+pub mod create;
+pub mod memory;
+pub mod restore;
+
+use std::path::PathBuf;
+
+use kiln_devices::legacy::SerialDeviceState;
+use kiln_devices::virtio::block::BlockState;
+use kiln_devices::virtio::persist::TransportState;
+use kiln_devices::virtio::vsock::VsockState;
+use serde::{Deserialize, Serialize};
+
+use crate::vstate::vcpu_state::VcpuState;
+use crate::vstate::vm_state::VmState;
+
+/// Errors taking or loading a snapshot; each names the file or the step.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The request does not fit the VM's state.
+    #[error("{0}")]
+    Refused(String),
+    /// A state file could not be read or written.
+    #[error("{path}: {err}")]
+    State {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        err: kiln_snapshot::SnapshotError,
+    },
+    /// A file could not be written.
+    #[error("cannot write {path}: {err}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        err: std::io::Error,
+    },
+    /// A file could not be created or committed.
+    #[error("{path}: {err}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        err: kiln_snapshot::AtomicFileError,
+    },
+    /// A memory file could not be written or does not fit.
+    #[error("{path}: {err}")]
+    Memory {
+        /// The memory file.
+        path: PathBuf,
+        /// Why.
+        err: memory::MemoryFileError,
+    },
+    /// KVM refused to save or restore something.
+    #[error("{0}")]
+    Kvm(String),
+    /// The VM could not be rebuilt.
+    #[error(transparent)]
+    Build(#[from] crate::builder::BuildError),
+}
+
+/// A virtio device's saved state, by kind.
+#[derive(Clone, Serialize, Deserialize)]
+pub enum DeviceKindState {
+    /// A drive.
+    Block(BlockState),
+    /// The vsock device.
+    Vsock(VsockState),
+}
+
+/// A virtio device on the bus, saved.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VirtioDeviceState {
+    /// Its MMIO window.
+    pub addr: u64,
+    /// Its interrupt line.
+    pub irq: u32,
+    /// The transport's registers.
+    pub transport: TransportState,
+    /// The device.
+    pub device: DeviceKindState,
+}
+
+/// Everything in a snapshot's state file.
+#[derive(Serialize, Deserialize)]
+pub struct MicrovmState {
+    /// Names the snapshot; the memory file's trailer carries the same id.
+    pub snapshot_id: u64,
+    /// True for a diff snapshot (its memory file holds only the changed pages).
+    pub diff: bool,
+    /// The VM's configuration as JSON (Firecracker's config-file shape), for GET /vm/config.
+    pub config_json: String,
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// The in-kernel devices and clock.
+    pub vm: VmState,
+    /// Each vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// COM1.
+    pub serial: SerialDeviceState,
+    /// The virtio devices, in attachment order.
+    pub devices: Vec<VirtioDeviceState>,
+}

@@ -1,0 +1,171 @@
+//! Building a VM from a snapshot (`PUT /snapshot/load`), in a new `kiln-vmm` process.
+//!
+//! The same order as a boot ([`crate::builder`]) with saved state in place of the kernel: the
+//! state file is checked (magic, version, CRC) and the memory file paired with it (trailer), guest
+//! memory is mapped privately from the memory file, the platform and virtio devices come back at
+//! their saved windows and interrupt lines, then the vCPUs and finally the in-kernel devices and
+//! clock. The VM starts paused unless `resume_vm` was asked for.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use kiln_api::requests::snapshot::SnapshotLoad;
+use kiln_devices::virtio::MmioTransport;
+use kiln_devices::virtio::block::{Block, BlockRestoreArgs};
+use kiln_devices::virtio::vsock::{Vsock, VsockRestoreArgs};
+use kiln_snapshot::Persist;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::memory::check_file;
+use super::{DeviceKindState, MicrovmState, PersistError};
+use crate::Vmm;
+use crate::builder::{BuildError, Platform};
+use crate::config::{SerialConfig, VmConfig};
+use crate::device_manager::{MmioDeviceManager, Placement, VirtioKind};
+use crate::memory::map_snapshot;
+use crate::vmm::VmmParts;
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vcpu_state;
+
+fn refused(msg: String) -> PersistError {
+    PersistError::Refused(msg)
+}
+
+/// Reads and checks the state file and the memory file that goes with it.
+fn open(params: &SnapshotLoad) -> Result<(MicrovmState, File), PersistError> {
+    let state_path = &params.snapshot_path;
+    let state: MicrovmState =
+        kiln_snapshot::load_state(state_path).map_err(|err| PersistError::State {
+            path: state_path.clone(),
+            err,
+        })?;
+    let mem_path = &params.mem_backend.backend_path;
+    let mem_err = |err| PersistError::Memory {
+        path: mem_path.clone(),
+        err,
+    };
+    let file = File::open(mem_path).map_err(|e| mem_err(super::memory::MemoryFileError::Io(e)))?;
+    check_file(&file, state.mem_size, state.snapshot_id).map_err(mem_err)?;
+    if state.vcpus.is_empty() || state.vcpus.len() > usize::from(u8::MAX) {
+        return Err(refused(format!(
+            "{}: the snapshot has {} vCPUs",
+            state_path.display(),
+            state.vcpus.len()
+        )));
+    }
+    Ok((state, file))
+}
+
+/// The restored VM's configuration: the saved one, with this process's console and the vsock
+/// override applied.
+fn config_of(
+    state: &MicrovmState,
+    params: &SnapshotLoad,
+    serial: &SerialConfig,
+    path: &Path,
+) -> Result<VmConfig, PersistError> {
+    let mut config: VmConfig = serde_json::from_str(&state.config_json).map_err(|e| {
+        refused(format!(
+            "{}: the saved configuration is unreadable: {e}",
+            path.display()
+        ))
+    })?;
+    config.serial = serial.clone();
+    config.machine.track_dirty_pages = params.track_dirty_pages;
+    if let (Some(vsock), Some(o)) = (config.vsock.as_mut(), &params.vsock_override) {
+        vsock.uds_path = o.uds_path.clone();
+    }
+    if params.vsock_override.is_some() && config.vsock.is_none() {
+        return Err(refused(
+            "vsock_override: the snapshot has no vsock device".into(),
+        ));
+    }
+    Ok(config)
+}
+
+/// Builds a VM from the snapshot `params` names; console output per `serial`.
+pub fn restore(params: &SnapshotLoad, serial: &SerialConfig) -> Result<Vmm, PersistError> {
+    let (state, file) = open(params)?;
+    let config = config_of(&state, params, serial, &params.snapshot_path)?;
+    let mem = map_snapshot(&file, state.mem_size).map_err(BuildError::from)?;
+    let mut platform = Platform::new(&config, &mem, params.track_dirty_pages, Some(&state.serial))?;
+
+    let mut devices = MmioDeviceManager::default();
+    for saved in &state.devices {
+        let irqfd =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd("a device IRQ", e))?;
+        let (name, kind) = match &saved.device {
+            DeviceKindState::Block(s) => {
+                let args = BlockRestoreArgs {
+                    mem: mem.clone(),
+                    irqfd,
+                };
+                let block = Block::restore(args, s).map_err(BuildError::Block)?;
+                (
+                    format!("drive {}", s.id),
+                    VirtioKind::Block(Arc::new(Mutex::new(block))),
+                )
+            }
+            DeviceKindState::Vsock(s) => {
+                let args = VsockRestoreArgs {
+                    mem: mem.clone(),
+                    irqfd,
+                    uds_override: params.vsock_override.as_ref().map(|o| o.uds_path.clone()),
+                };
+                let vsock = Vsock::restore(args, s).map_err(|e| {
+                    refused(format!(
+                        "{e} (a VM restored beside the original needs its own socket: pass vsock_override)"
+                    ))
+                })?;
+                (
+                    "vsock".to_string(),
+                    VirtioKind::Vsock(Arc::new(Mutex::new(vsock))),
+                )
+            }
+        };
+        let dyn_device: Arc<Mutex<dyn kiln_devices::virtio::VirtioDevice>> = match &kind {
+            VirtioKind::Block(b) => b.clone(),
+            VirtioKind::Vsock(v) => v.clone(),
+        };
+        let transport = MmioTransport::restore(dyn_device, mem.clone(), &saved.transport)
+            .map_err(|e| refused(format!("{name}: cannot restore its transport: {e}")))?;
+        let placement = Placement::At {
+            addr: saved.addr,
+            irq: saved.irq,
+        };
+        let mut ctx = platform.attach_context(&mem);
+        devices
+            .attach(&name, kind, placement, Some(transport), &mut ctx)
+            .map_err(BuildError::from)?;
+    }
+
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (id, saved) in state.vcpus.iter().enumerate() {
+        let vcpu = Vcpu::new(&platform.vm, id as u8).map_err(BuildError::from)?;
+        vcpu_state::restore(vcpu.fd(), id as u8, saved).map_err(BuildError::from)?;
+        vcpus.push(vcpu);
+    }
+    platform
+        .vm
+        .restore_state(&state.vm)
+        .map_err(|e| PersistError::Kvm(e.to_string()))?;
+    log::info!(
+        "restored snapshot {:016x} from {}: {} vCPUs, {} MiB, {} devices",
+        state.snapshot_id,
+        params.snapshot_path.display(),
+        state.vcpus.len(),
+        state.mem_size >> 20,
+        state.devices.len()
+    );
+    Ok(Vmm::new(VmmParts {
+        platform,
+        mem,
+        memfd: None,
+        vcpus,
+        devices,
+        config,
+        track_dirty: params.track_dirty_pages,
+        paused_clock: Some(state.vm.clock),
+    }))
+}

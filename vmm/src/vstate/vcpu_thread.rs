@@ -1,0 +1,327 @@
+//! The thread that runs one vCPU, and the handle the VMM thread uses to pause, resume and save it.
+//!
+//! A paused vCPU sits outside KVM_RUN waiting for requests. To pause a running one the VMM sends
+//! the request and then *kicks* the thread with a signal (a no-op handler, so KVM_RUN returns
+//! EINTR); since the signal can land just before the thread enters KVM_RUN, the kick repeats until
+//! the thread answers. Before answering, the thread re-enters KVM_RUN once with `immediate_exit`
+//! set, which completes any port or MMIO read it had exited for, so the saved registers are
+//! consistent (KVM's API documentation asks for exactly this before saving state).
+
+use std::sync::Arc;
+use std::sync::Once;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuFd;
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use super::exit::{ExitReason, ExitSignal, IoBuses, VcpuAction, handle_exit};
+use super::vcpu::Vcpu;
+use super::vcpu_state::{self, VcpuState};
+
+/// How long a vCPU may take to answer a request before the VMM gives up on it.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an unanswered pause request is re-kicked.
+const KICK_INTERVAL: Duration = Duration::from_millis(5);
+
+/// What the VMM thread asks of a vCPU thread.
+enum Request {
+    Pause,
+    Resume,
+    Save,
+    Kvmclock,
+}
+
+/// A vCPU thread's answers.
+enum Response {
+    Paused,
+    Resumed,
+    Saved(Box<Result<VcpuState, String>>),
+    KvmclockNotified,
+}
+
+/// A vCPU did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuControlError {
+    /// The thread has ended (the VM is stopping).
+    #[error("vCPU {0} has stopped")]
+    Stopped(u8),
+    /// The thread did not answer in time.
+    #[error("vCPU {0} did not answer within {ANSWER_TIMEOUT:?}")]
+    Timeout(u8),
+    /// Saving failed.
+    #[error("{0}")]
+    Save(String),
+}
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick signal's no-op handler once per process.
+fn install_kick_handler() -> std::io::Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    result
+}
+
+/// The VMM thread's end of a running vCPU thread.
+pub struct VcpuHandle {
+    id: u8,
+    requests: Sender<Request>,
+    responses: Receiver<Response>,
+    thread: JoinHandle<()>,
+}
+
+/// What the thread running a vCPU owns.
+struct VcpuThread {
+    id: u8,
+    fd: VcpuFd,
+    requests: Receiver<Request>,
+    responses: Sender<Response>,
+    msr_indices: Arc<Vec<u32>>,
+}
+
+impl Vcpu {
+    /// Starts the thread that runs this vCPU until the VM stops; with `paused` it waits for a
+    /// resume before running the guest. `msr_indices` are the MSRs saved in snapshots.
+    pub fn start(
+        self,
+        io: Arc<IoBuses>,
+        signal: Arc<ExitSignal>,
+        msr_indices: Arc<Vec<u32>>,
+        paused: bool,
+    ) -> std::io::Result<VcpuHandle> {
+        install_kick_handler()?;
+        let (id, fd) = self.into_parts();
+        let (req_tx, req_rx) = channel();
+        let (resp_tx, resp_rx) = channel();
+        let mut thread = VcpuThread {
+            id,
+            fd,
+            requests: req_rx,
+            responses: resp_tx,
+            msr_indices,
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("kiln_vcpu{id}"))
+            .spawn(move || thread.run(&io, &signal, paused))?;
+        Ok(VcpuHandle {
+            id,
+            requests: req_tx,
+            responses: resp_rx,
+            thread: handle,
+        })
+    }
+}
+
+impl VcpuHandle {
+    /// The vCPU index.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    fn ask(&self, request: Request, kick: bool) -> Result<Response, VcpuControlError> {
+        self.requests
+            .send(request)
+            .map_err(|_| VcpuControlError::Stopped(self.id))?;
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        loop {
+            if kick {
+                // A failed kick means the thread is gone; the receive below reports that.
+                let _ = self.thread.kill(kick_signal());
+            }
+            let wait = if kick { KICK_INTERVAL } else { ANSWER_TIMEOUT };
+            match self.responses.recv_timeout(wait) {
+                Ok(response) => return Ok(response),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(VcpuControlError::Stopped(self.id));
+                }
+                Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                    return Err(VcpuControlError::Timeout(self.id));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+
+    /// Stops the vCPU outside KVM_RUN, with any pending I/O completed.
+    pub fn pause(&self) -> Result<(), VcpuControlError> {
+        match self.ask(Request::Pause, true)? {
+            Response::Paused => Ok(()),
+            _ => Err(VcpuControlError::Stopped(self.id)),
+        }
+    }
+
+    /// Tells KVM the guest was paused (KVM_KVMCLOCK_CTRL), so its watchdogs do not fire for the
+    /// paused time. Only meaningful while paused.
+    pub fn notify_kvmclock(&self) -> Result<(), VcpuControlError> {
+        match self.ask(Request::Kvmclock, false)? {
+            Response::KvmclockNotified => Ok(()),
+            _ => Err(VcpuControlError::Stopped(self.id)),
+        }
+    }
+
+    /// Runs the guest again.
+    pub fn resume(&self) -> Result<(), VcpuControlError> {
+        match self.ask(Request::Resume, false)? {
+            Response::Resumed => Ok(()),
+            _ => Err(VcpuControlError::Stopped(self.id)),
+        }
+    }
+
+    /// Saves the (paused) vCPU's state.
+    pub fn save(&self) -> Result<VcpuState, VcpuControlError> {
+        match self.ask(Request::Save, false)? {
+            Response::Saved(result) => (*result).map_err(VcpuControlError::Save),
+            _ => Err(VcpuControlError::Stopped(self.id)),
+        }
+    }
+}
+
+impl VcpuThread {
+    fn run(&mut self, io: &IoBuses, signal: &ExitSignal, paused: bool) {
+        if paused && !self.paused(io, signal) {
+            return;
+        }
+        while !signal.is_stopping() {
+            match self.requests.try_recv() {
+                Ok(Request::Pause) => {
+                    if !self.pause(io, signal) {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(_) => log::warn!("vCPU {}: request while running ignored", self.id),
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+            }
+            if let Some(reason) = self.step(io) {
+                signal.request(reason);
+                return;
+            }
+        }
+    }
+
+    /// One KVM_RUN and its exit; Some when the VM must stop.
+    fn step(&mut self, io: &IoBuses) -> Option<ExitReason> {
+        let vcpu = self.id;
+        let action = match self.fd.run() {
+            Ok(exit) => handle_exit(exit, io, vcpu),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => VcpuAction::Continue,
+            Err(e) => {
+                VcpuAction::Stop(ExitReason::Vmm(format!("vCPU {vcpu}: KVM_RUN failed: {e}")))
+            }
+        };
+        match action {
+            VcpuAction::Continue => None,
+            VcpuAction::Stop(reason) => Some(self.describe(reason)),
+        }
+    }
+
+    /// Completes the I/O the last exit was for, without running guest code: KVM_RUN with
+    /// `immediate_exit` set finishes the pending emulation and returns EINTR.
+    fn complete_pending_io(&mut self, io: &IoBuses) -> Option<ExitReason> {
+        self.fd.set_kvm_immediate_exit(1);
+        let mut stop = None;
+        // A real exit instead of EINTR is handled like any other; at most a few can happen.
+        for _ in 0..4 {
+            match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR => break,
+                Err(e) => {
+                    stop = Some(ExitReason::Vmm(format!(
+                        "vCPU {}: KVM_RUN (completing I/O before a pause) failed: {e}",
+                        self.id
+                    )));
+                    break;
+                }
+                Ok(exit) => {
+                    if let VcpuAction::Stop(reason) = handle_exit(exit, io, self.id) {
+                        stop = Some(self.describe(reason));
+                        break;
+                    }
+                }
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        stop
+    }
+
+    /// Pauses on request: completes pending I/O, answers, then serves requests until resumed.
+    /// Returns false when the thread must end.
+    fn pause(&mut self, io: &IoBuses, signal: &ExitSignal) -> bool {
+        if let Some(reason) = self.complete_pending_io(io) {
+            signal.request(reason);
+            return false;
+        }
+        if self.responses.send(Response::Paused).is_err() {
+            return false;
+        }
+        self.paused(io, signal)
+    }
+
+    /// Serves requests while paused; true once resumed.
+    fn paused(&mut self, _io: &IoBuses, signal: &ExitSignal) -> bool {
+        loop {
+            let Ok(request) = self.requests.recv() else {
+                return false;
+            };
+            let response = match request {
+                Request::Resume => {
+                    let ok = self.responses.send(Response::Resumed).is_ok();
+                    return ok && !signal.is_stopping();
+                }
+                Request::Pause => Response::Paused,
+                Request::Save => Response::Saved(Box::new(
+                    vcpu_state::save(&self.fd, self.id, &self.msr_indices)
+                        .map_err(|e| e.to_string()),
+                )),
+                Request::Kvmclock => {
+                    // EINVAL means the guest does not use kvmclock; nothing to tell then.
+                    if let Err(e) = self.fd.kvmclock_ctrl()
+                        && e.errno() != libc::EINVAL
+                    {
+                        log::warn!("vCPU {}: KVM_KVMCLOCK_CTRL failed: {e}", self.id);
+                    }
+                    Response::KvmclockNotified
+                }
+            };
+            if self.responses.send(response).is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Adds the guest's RIP and KVM's sub-error to an internal error, which KVM reports bare.
+    fn describe(&mut self, reason: ExitReason) -> ExitReason {
+        let ExitReason::InternalError { vcpu, .. } = reason else {
+            return reason;
+        };
+        let suberror = self.fd.get_kvm_run().exit_reason;
+        // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit the `internal` member of the run union is valid.
+        let sub = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let rip = self
+            .fd
+            .get_regs()
+            .map(|r| format!("{:#x}", r.rip))
+            .unwrap_or_else(|_| "unknown".into());
+        let what = match sub {
+            1 => "emulation failure",
+            2 => "simultaneous exceptions",
+            3 => "delivery event",
+            _ => "unknown",
+        };
+        ExitReason::InternalError {
+            vcpu,
+            detail: format!("{what} (exit {suberror}, suberror {sub}) at guest RIP {rip}"),
+        }
+    }
+}
