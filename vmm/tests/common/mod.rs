@@ -22,7 +22,12 @@ pub enum Program {
     TripleFault,
     /// Echoes the first three bytes received on COM1 back out, then resets.
     Echo3,
+    /// Counts forever in the 32-bit word at [`COUNTER_ADDR`], printing a `.` every 16384 counts.
+    Counter,
 }
+
+/// Where [`Program::Counter`] keeps its count (guest-physical, so also the memory file offset).
+pub const COUNTER_ADDR: u32 = 0x20_0000;
 
 pub const GREETING: &str = "hello from the tiny guest\n";
 
@@ -92,6 +97,21 @@ fn echo3_code() -> Vec<u8> {
     ]
 }
 
+fn counter_code() -> Vec<u8> {
+    let mut c = vec![0xba, 0xf8, 0x03, 0x00, 0x00, 0xbb]; // mov edx, 0x3f8; mov ebx, COUNTER
+    c.extend_from_slice(&COUNTER_ADDR.to_le_bytes());
+    c.extend_from_slice(&[
+        0xff, 0x03, // 1: inc dword [ebx]
+        0x8b, 0x03, // mov eax, [ebx]
+        0xa9, 0xff, 0x3f, 0x00, 0x00, // test eax, 0x3fff
+        0x75, 0xf5, // jnz 1b
+        0xb0, b'.', // mov al, '.'
+        0xee, // out dx, al
+        0xeb, 0xf0, // jmp 1b
+    ]);
+    c
+}
+
 const STRINGS: &[(&str, &str)] = &[
     ("greeting", GREETING),
     ("long", "mode: long64\n"),
@@ -123,6 +143,7 @@ pub fn tiny_kernel(program: Program, pvh: bool) -> Vec<u8> {
         Program::Hello => hello_code(addr, len),
         Program::TripleFault => triple_fault_code(addr, len),
         Program::Echo3 => echo3_code(),
+        Program::Counter => counter_code(),
     };
     assert!(code.len() <= 0x100);
 

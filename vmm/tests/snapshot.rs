@@ -1,0 +1,301 @@
+//! Pause, resume, snapshots and restores on the host's /dev/kvm with a tiny guest that counts in
+//! memory: a paused guest does not count, a snapshot's memory file holds the count, a new process
+//! restored from it counts on from there, diffs hold only what changed and merge into their base,
+//! and bad snapshot files are refused by name while the VMM waits for a good one.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{COUNTER_ADDR, Program, scratch, tiny_kernel, write};
+use kiln_api::client::request;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A kiln-vmm process serving its API socket, with its console output collected.
+struct Vmm {
+    child: Child,
+    sock: PathBuf,
+    out: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Vmm {
+    fn start(dir: &Path, name: &str) -> Self {
+        let sock = dir.join(format!("{name}.sock"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
+            .arg("--api-sock")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start kiln-vmm");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(start.elapsed() < LIMIT, "the API socket never appeared");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Self { child, sock, out }
+    }
+
+    fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let body = (!body.is_empty()).then_some(body);
+        request(&self.sock, method, path, body).expect("API call")
+    }
+
+    fn ok(&self, method: &str, path: &str, body: &str) {
+        let (code, text) = self.call(method, path, body);
+        assert_eq!(code, 204, "{method} {path} {body}: {text}");
+    }
+
+    fn dots(&self) -> usize {
+        self.out
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&b| b == b'.')
+            .count()
+    }
+
+    /// Waits until the guest has printed `n` more dots than now.
+    fn wait_dots(&self, n: usize) {
+        let want = self.dots() + n;
+        let start = Instant::now();
+        while self.dots() < want {
+            assert!(start.elapsed() < LIMIT, "the guest stopped counting");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn snapshot(&self, dir: &Path, name: &str, kind: &str) -> (PathBuf, PathBuf) {
+        let (state, mem) = (
+            dir.join(format!("{name}.state")),
+            dir.join(format!("{name}.mem")),
+        );
+        let body = format!(
+            r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        );
+        self.ok("PUT", "/snapshot/create", &body);
+        (state, mem)
+    }
+
+    fn load(&self, state: &Path, mem: &Path, resume: bool) -> (u16, String) {
+        let body = format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": {resume}, "track_dirty_pages": true}}"#,
+            state.display(),
+            mem.display()
+        );
+        self.call("PUT", "/snapshot/load", &body)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The guest's count as saved in a memory file.
+fn counter(mem: &Path) -> u32 {
+    let mut b = [0u8; 4];
+    std::fs::File::open(mem)
+        .unwrap()
+        .read_exact_at(&mut b, u64::from(COUNTER_ADDR))
+        .unwrap();
+    u32::from_le_bytes(b)
+}
+
+/// Bytes of a file that are data, not holes.
+fn data_bytes(path: &Path) -> u64 {
+    let f = std::fs::File::open(path).unwrap();
+    kiln_snapshot::data_ranges(&f, path)
+        .unwrap()
+        .iter()
+        .map(|r| r.end - r.start)
+        .sum()
+}
+
+fn boot_counter(dir: &Path) -> Vmm {
+    let kernel = write(dir, "counter.elf", &tiny_kernel(Program::Counter, true));
+    let vmm = Vmm::start(dir, "boot");
+    vmm.ok(
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display()),
+    );
+    vmm.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 32, "track_dirty_pages": true}"#,
+    );
+    vmm.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    vmm.wait_dots(2);
+    vmm
+}
+
+#[test]
+fn pause_snapshot_restore_diff_and_merge() {
+    let dir = scratch("snapshot");
+    let vmm = boot_counter(&dir);
+
+    let (code, fault) = vmm.call(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_path": "{0}/x.state", "mem_file_path": "{0}/x.mem"}}"#,
+            dir.display()
+        ),
+    );
+    assert_eq!(code, 400);
+    assert!(fault.contains("pause it first"), "{fault}");
+
+    vmm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert!(vmm.call("GET", "/", "").1.contains("\"state\":\"Paused\""));
+    let (a_state, a_mem) = vmm.snapshot(&dir, "a", "Full");
+    let count_a = counter(&a_mem);
+    assert!(count_a >= 2 * 0x4000, "the guest had counted: {count_a}");
+    let dots = vmm.dots();
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, b_mem) = vmm.snapshot(&dir, "b", "Full");
+    assert_eq!(counter(&b_mem), count_a, "a paused guest does not count");
+    assert_eq!(vmm.dots(), dots, "nor print");
+    assert!(
+        data_bytes(&a_mem) < 1 << 20,
+        "a full snapshot of a tiny guest is sparse: {} bytes of data",
+        data_bytes(&a_mem)
+    );
+
+    vmm.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    vmm.wait_dots(2);
+    vmm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let (d_state, d_mem) = vmm.snapshot(&dir, "d", "Diff");
+    let count_d = counter(&d_mem);
+    assert!(count_d > count_a, "{count_d} after {count_a}");
+    assert!(
+        data_bytes(&d_mem) <= 4 * 4096,
+        "the diff holds the counter page and the trailer, not all memory: {} bytes",
+        data_bytes(&d_mem)
+    );
+    drop(vmm);
+
+    // A new process continues from the full snapshot.
+    let restored = Vmm::start(&dir, "restored");
+    let (code, text) = restored.load(&a_state, &a_mem, true);
+    assert_eq!(code, 204, "{text}");
+    assert!(
+        restored
+            .call("GET", "/", "")
+            .1
+            .contains("\"state\":\"Running\"")
+    );
+    assert!(
+        restored
+            .call("GET", "/vm/config", "")
+            .1
+            .contains("\"mem_size_mib\":32")
+    );
+    restored.wait_dots(2);
+    restored.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let (_, e_mem) = restored.snapshot(&dir, "e", "Full");
+    assert!(
+        counter(&e_mem) > count_a,
+        "the restored guest counted on from {count_a}"
+    );
+    assert!(
+        counter(&e_mem) < count_a + 10_000_000,
+        "and did not start over"
+    );
+    drop(restored);
+
+    // The diff's state needs its memory merged into the base first.
+    let merged = dir.join("merged.mem");
+    std::fs::copy(&a_mem, &merged).unwrap();
+    let third = Vmm::start(&dir, "third");
+    let (code, fault) = third.load(&d_state, &a_mem, false);
+    assert_eq!(code, 400);
+    assert!(
+        fault.contains("merge its memory into the base first"),
+        "{fault}"
+    );
+    kiln_snapshot::merge(&merged, std::slice::from_ref(&d_mem)).unwrap();
+    let (code, text) = third.load(&d_state, &merged, false);
+    assert_eq!(code, 204, "{text}");
+    assert!(
+        third
+            .call("GET", "/", "")
+            .1
+            .contains("\"state\":\"Paused\"")
+    );
+    let (_, f_mem) = third.snapshot(&dir, "f", "Full");
+    assert_eq!(
+        counter(&f_mem),
+        count_d,
+        "base + diff is the VM at the diff"
+    );
+}
+
+#[test]
+fn bad_snapshot_files_are_refused_by_name_and_the_vmm_waits() {
+    let dir = scratch("snapshot-bad");
+    let vmm = boot_counter(&dir);
+    vmm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let (state, mem) = vmm.snapshot(&dir, "good", "Full");
+    drop(vmm);
+
+    let target = Vmm::start(&dir, "target");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    let flipped = write(&dir, "flipped.state", &bytes);
+    let (code, fault) = target.load(&flipped, &mem, true);
+    assert_eq!(code, 400);
+    assert!(
+        fault.contains("flipped.state") && fault.to_lowercase().contains("crc"),
+        "{fault}"
+    );
+    let (code, fault) = target.load(&dir.join("missing.state"), &mem, true);
+    assert_eq!(code, 400);
+    assert!(fault.contains("missing.state"), "{fault}");
+    let short = dir.join("short.mem");
+    std::fs::copy(&mem, &short).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&short)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let (code, fault) = target.load(&state, &short, true);
+    assert_eq!(code, 400);
+    assert!(
+        fault.contains("short.mem") && fault.contains("truncated"),
+        "{fault}"
+    );
+
+    // The VMM is still waiting; the good snapshot loads and runs.
+    let (code, text) = target.load(&state, &mem, true);
+    assert_eq!(code, 204, "{text}");
+    target.wait_dots(1);
+    let (code, fault) = target.load(&state, &mem, true);
+    assert_eq!(code, 400);
+    assert!(fault.contains("already started"), "{fault}");
+}
