@@ -337,7 +337,12 @@ fn start(session: &Arc<Session>, id: u64, request: Request) -> Result<(), Stop> 
         }
         Request::Shutdown => {
             let s = session.clone();
-            thread::spawn(move || s.agent.shutdown(&s.outbox, id));
+            let spawned = thread::Builder::new()
+                .name("shutdown".into())
+                .spawn(move || s.agent.shutdown(&s.outbox, id));
+            if let Err(e) = spawned {
+                session.error(id, ErrorKind::Busy, format!("cannot start a thread: {e}"));
+            }
         }
         // A few system calls: answered inline, before any later request on this connection.
         Request::Restored(spec) => session.reply(id, restore::restored(&session.agent, &spec)),
