@@ -188,6 +188,72 @@ fn framing_violations_close_only_that_connection() {
     ping(&mut raw(&agent), 1);
 }
 
+/// Waits up to 5 s for process `pid` to be gone (reaped, so no /proc entry).
+fn process_gone(pid: u32) -> bool {
+    let end = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if Instant::now() > end {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+#[test]
+fn connections_reset_underneath_end_only_their_sessions() {
+    // What a snapshot does to the guest's vsock connections: they die under the agent with
+    // requests running. A Unix socket closed with unread data in its receive queue is reset:
+    // the agent's reads fail with ECONNRESET and its writes with EPIPE, as on a reset vsock.
+    let mut agent = Agent::start("reset");
+    let mut pids = Vec::new();
+    let mut doomed = Vec::new();
+    for id in 1..=4u64 {
+        let mut s = raw(&agent);
+        let flood = Request::Exec(kiln_agent::protocol::ExecSpec::new(["yes"]));
+        let sleep = Request::Exec(kiln_agent::protocol::ExecSpec::new(["sleep", "100"]));
+        s.write_all(&Message::Request(id, flood).encode()).unwrap();
+        s.write_all(&Message::Request(id + 100, sleep).encode())
+            .unwrap();
+        let mut started = 0;
+        while started < 2 {
+            match recv(&mut s) {
+                Some(Message::Event(i, Event::Started { pid })) => {
+                    if i == id + 100 {
+                        pids.push(pid);
+                    }
+                    started += 1;
+                }
+                Some(_) => {}
+                None => panic!("connection {id} closed early"),
+            }
+        }
+        doomed.push(s);
+    }
+    // One more dies halfway through its hello.
+    let mut half = UnixStream::connect(&agent.sock).unwrap();
+    half.write_all(&hello(PROTOCOL_VERSION)[..7]).unwrap();
+    doomed.push(half);
+    // Let `yes` fill the receive queues we will never read.
+    thread::sleep(Duration::from_millis(200));
+    drop(doomed);
+
+    for pid in pids {
+        assert!(
+            process_gone(pid),
+            "exec {pid} outlived its reset connection"
+        );
+    }
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent died");
+    // The listener kept accepting, and new sessions work in full.
+    let c = agent.client();
+    let out = c
+        .run(kiln_agent::protocol::ExecSpec::new(["echo", "still here"]))
+        .unwrap();
+    assert_eq!(out.stdout, b"still here\n");
+    ping(&mut raw(&agent), 1);
+}
+
 #[test]
 fn random_garbage_never_kills_the_agent() {
     let agent = Agent::start("garbage");

@@ -83,9 +83,7 @@ fn fake_vmm(mode: &str) {
         .find_map(|p| p.strip_prefix("uds="))
         .unwrap();
     let listener = UnixListener::bind(uds).unwrap();
-    let agent = Arc::new(Agent {
-        shutdown: ShutdownMode::Exit,
-    });
+    let agent = Arc::new(Agent::new(ShutdownMode::Exit));
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { return };
         let agent = agent.clone();

@@ -9,6 +9,7 @@ mod conn;
 mod connect;
 mod exec;
 mod files;
+mod restore;
 
 use std::io;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 pub use connect::{HANDSHAKE_TIMEOUT, connect_unix, connect_vsock, from_socket, wait_ready};
 pub use exec::{Exec, ExecControl, ExecOutput, ExecStdin, Output};
 pub use files::WriteOptions;
+pub use restore::{RESTORE_ENTROPY, Restored, host_entropy};
 
 use crate::protocol::{ErrorInfo, ErrorKind, Event, Request};
 use conn::{Conn, Inbound};

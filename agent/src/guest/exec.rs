@@ -88,7 +88,7 @@ fn stdio(spec: &ExecSpec) -> io::Result<Ends> {
 }
 
 fn execute(ctx: &Ctx, input: Input, spec: &ExecSpec) -> Result<ExitStatus, ErrorInfo> {
-    let plan = Plan::new(spec)?;
+    let plan = Plan::new(spec, &ctx.agent().default_env())?;
     let ends = stdio(spec).map_err(io_error("setting up the process's stdio"))?;
     let exited = Arc::new(Flag::new().map_err(io_error("creating an eventfd"))?);
     let start = Instant::now();

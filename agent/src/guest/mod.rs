@@ -1,6 +1,7 @@
 //! The in-guest side: the `kiln-agent` program. It sets the guest up when it is PID 1, reaps
 //! every child through one [`reaper`], listens on vsock (or a Unix socket for host tests), and
-//! serves each connection ([`session`]) with a thread per request ([`exec`], [`files`]).
+//! serves each connection ([`session`]) with a thread per request ([`exec`], [`files`]). After a
+//! snapshot restore the host sends one `restored` request ([`restore`]).
 //!
 //! Only the agent binary (and test harnesses standing in for a VM) should run this: the reaper
 //! waits for *every* child of the process.
@@ -10,20 +11,23 @@ pub mod files;
 pub mod init;
 pub mod listen;
 pub mod reaper;
+pub mod restore;
 pub mod session;
 pub mod spawn;
 pub mod sys;
 pub mod user;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
 use crate::link::{Outbox, Socket};
 use crate::protocol::{Event, Message};
 use listen::{ListenAddr, Listener};
+use restore::{Kernel, LinuxKernel};
 
 /// Writes one line to stderr (the console when PID 1). Never panics, unlike `eprintln!`.
 pub fn log(args: std::fmt::Arguments<'_>) {
@@ -39,13 +43,51 @@ pub enum ShutdownMode {
     Exit,
 }
 
-/// Agent-wide settings.
+/// Agent-wide settings and state, shared by every connection.
 pub struct Agent {
-    /// What a shutdown request does.
-    pub shutdown: ShutdownMode,
+    shutdown: ShutdownMode,
+    kernel: Box<dyn Kernel>,
+    /// The default environment of execs, set by `restored`.
+    env: Mutex<BTreeMap<String, String>>,
 }
 
 impl Agent {
+    /// An agent whose shutdown request does `shutdown`, changing the real kernel's RNG and clock
+    /// on `restored`.
+    pub fn new(shutdown: ShutdownMode) -> Agent {
+        Agent {
+            shutdown,
+            kernel: Box::new(LinuxKernel),
+            env: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// This agent with `kernel` in place of the real one (for tests: a clock that records).
+    pub fn with_kernel(mut self, kernel: impl Kernel + 'static) -> Agent {
+        self.kernel = Box::new(kernel);
+        self
+    }
+
+    /// The kernel `restored` changes.
+    pub fn kernel(&self) -> &dyn Kernel {
+        self.kernel.as_ref()
+    }
+
+    fn env(&self) -> MutexGuard<'_, BTreeMap<String, String>> {
+        self.env.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The environment every exec starts from (under its own `env`), beyond the built-in `PATH`,
+    /// `HOME` and the like.
+    pub fn default_env(&self) -> BTreeMap<String, String> {
+        self.env().clone()
+    }
+
+    /// Replaces the default environment.
+    pub fn set_default_env(&self, env: BTreeMap<String, String>) {
+        *self.env() = env;
+    }
+
     /// Acknowledges shutdown request `id`, then shuts down.
     pub fn shutdown(&self, outbox: &Outbox, id: u64) {
         outbox.send(&Message::Event(id, Event::Done { bytes: None }));
@@ -142,7 +184,7 @@ pub fn main() -> ExitCode {
         ShutdownMode::Exit
     };
     reaper::reaper();
-    let agent = Arc::new(Agent { shutdown: mode });
+    let agent = Arc::new(Agent::new(mode));
     let mut listeners = Vec::new();
     for addr in &addrs {
         match Listener::bind(addr) {

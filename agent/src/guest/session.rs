@@ -13,7 +13,7 @@ use std::thread;
 use std::time::Duration;
 
 use super::reaper::reaper;
-use super::{Agent, exec, files, log, sys};
+use super::{Agent, exec, files, log, restore, sys};
 use crate::link::{Budget, Outbox, Socket, Window};
 use crate::protocol::{
     ErrorInfo, ErrorKind, Event, FrameError, Hello, INITIAL_WINDOW, Message, PROTOCOL_VERSION,
@@ -119,6 +119,11 @@ impl Ctx {
             .send_bytes(crate::protocol::message::encode_data(
                 self.id, stream, bytes,
             ));
+    }
+
+    /// The agent-wide state.
+    pub fn agent(&self) -> &Agent {
+        &self.session.agent
     }
 
     /// Whether the host cancelled this request (or went away).
@@ -332,8 +337,15 @@ fn start(session: &Arc<Session>, id: u64, request: Request) -> Result<(), Stop> 
         }
         Request::Shutdown => {
             let s = session.clone();
-            thread::spawn(move || s.agent.shutdown(&s.outbox, id));
+            let spawned = thread::Builder::new()
+                .name("shutdown".into())
+                .spawn(move || s.agent.shutdown(&s.outbox, id));
+            if let Err(e) = spawned {
+                session.error(id, ErrorKind::Busy, format!("cannot start a thread: {e}"));
+            }
         }
+        // A few system calls: answered inline, before any later request on this connection.
+        Request::Restored(spec) => session.reply(id, restore::restored(&session.agent, &spec)),
         other => spawn_request(session, id, other),
     }
     Ok(())

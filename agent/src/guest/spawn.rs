@@ -40,9 +40,10 @@ fn c_string(what: &str, s: &str) -> Result<CString, ErrorInfo> {
 }
 
 impl Plan {
-    /// Checks and converts `spec`. Errors are bad requests (malformed values) or could-not-start
-    /// (an unknown user).
-    pub fn new(spec: &ExecSpec) -> Result<Plan, ErrorInfo> {
+    /// Checks and converts `spec`, whose environment starts from the built-in variables with
+    /// `defaults` (the agent's default environment) over them. Errors are bad requests (malformed
+    /// values) or could-not-start (an unknown user).
+    pub fn new(spec: &ExecSpec, defaults: &BTreeMap<String, String>) -> Result<Plan, ErrorInfo> {
         let program = spec
             .argv
             .first()
@@ -58,7 +59,7 @@ impl Plan {
                 )
             })?),
         };
-        let env = environment(spec, identity.as_ref())?;
+        let env = environment(spec, defaults, identity.as_ref())?;
         let path = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
         let candidates = if program.contains('/') {
             vec![program.clone()]
@@ -96,6 +97,7 @@ impl Plan {
 
 fn environment(
     spec: &ExecSpec,
+    defaults: &BTreeMap<String, String>,
     identity: Option<&Identity>,
 ) -> Result<BTreeMap<String, String>, ErrorInfo> {
     let mut env = BTreeMap::new();
@@ -111,7 +113,7 @@ fn environment(
     if spec.tty.is_some() {
         env.insert("TERM".to_string(), "xterm-256color".to_string());
     }
-    for (k, v) in &spec.env {
+    for (k, v) in defaults.iter().chain(&spec.env) {
         if k.is_empty() || k.contains('=') {
             return Err(ErrorInfo::new(
                 ErrorKind::BadRequest,

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::frame::{RawFrame, encode_frame};
+use super::restore::RestoreSpec;
 
 /// Frame kind: the first frame each side sends, with a JSON [`Hello`].
 pub const KIND_HELLO: u8 = 1;
@@ -173,6 +174,9 @@ pub enum Request {
     },
     /// Acknowledge with [`Event::Done`], then stop every process, sync, unmount and reset the VM.
     Shutdown,
+    /// After a snapshot restore: mix in host entropy and reseed the kernel RNG, step the clock,
+    /// set the default environment. [`Event::Restored`], or an error naming the failed step.
+    Restored(RestoreSpec),
 }
 
 /// The `"op"` names this version understands; any other is [`ErrorKind::UnknownRequest`].
@@ -188,6 +192,7 @@ pub const KNOWN_OPS: &[&str] = &[
     "stat",
     "remove",
     "shutdown",
+    "restored",
 ];
 
 /// How a process ended.
@@ -355,6 +360,13 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         bytes: Option<u64>,
     },
+    /// Answer to [`Request::Restored`]: every step was done. Final.
+    Restored {
+        /// How far `CLOCK_REALTIME` was stepped, in nanoseconds (negative: backwards).
+        clock_step_ns: i64,
+        /// How many bytes of entropy were mixed in (and credited).
+        entropy_bytes: u32,
+    },
     /// The request failed. Final. On request id 0 it concerns the whole connection, which the
     /// agent closes after sending it.
     Error(ErrorInfo),
@@ -369,6 +381,7 @@ impl Event {
                 | Event::Exit { .. }
                 | Event::Stat { .. }
                 | Event::Done { .. }
+                | Event::Restored { .. }
                 | Event::Error(_)
         )
     }

@@ -63,6 +63,21 @@ fn messages_round_trip() {
     round_trip(Message::Data(6, Stream::Stdout, Vec::new()));
     round_trip(Message::Eof(7, Stream::Stdin));
     round_trip(Message::Credit(8, Stream::File, 65536));
+    round_trip(Message::Request(
+        9,
+        Request::Restored(crate::protocol::RestoreSpec {
+            entropy: "00ff".repeat(16),
+            time_ns: 1_718_000_000_123_456_789,
+            env: [("K".to_string(), "V".to_string())].into(),
+        }),
+    ));
+    round_trip(Message::Event(
+        9,
+        Event::Restored {
+            clock_step_ns: -5,
+            entropy_bytes: 64,
+        },
+    ));
 }
 
 #[test]
@@ -80,6 +95,29 @@ fn json_shapes_are_as_documented() {
     assert_eq!(exit, r#"{"event":"exit","status":{"exited":3}}"#);
     let r: Request = serde_json::from_str(r#"{"op":"exec","argv":["true"]}"#).unwrap();
     assert_eq!(r, Request::Exec(ExecSpec::new(["true"])));
+    let r: Request =
+        serde_json::from_str(r#"{"op":"restored","entropy":"ab","time_ns":7}"#).unwrap();
+    let Request::Restored(spec) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!((spec.entropy.as_str(), spec.time_ns), ("ab", 7));
+    assert!(spec.env.is_empty());
+    let done = serde_json::to_string(&Event::Restored {
+        clock_step_ns: 12,
+        entropy_bytes: 64,
+    })
+    .unwrap();
+    assert_eq!(
+        done,
+        r#"{"event":"restored","clock_step_ns":12,"entropy_bytes":64}"#
+    );
+    assert!(
+        Event::Restored {
+            clock_step_ns: 0,
+            entropy_bytes: 32
+        }
+        .is_final()
+    );
 }
 
 #[test]

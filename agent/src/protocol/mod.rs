@@ -2,17 +2,20 @@
 //!
 //! `agent/PROTOCOL.md` is the specification; this module is its single implementation, shared by
 //! the agent and the host client. [`frame`] cuts the byte stream into length-prefixed frames with a
-//! hard size limit; [`message`] gives each frame its typed meaning. Nothing here does I/O beyond
-//! reading and writing one frame, and nothing here trusts its input.
+//! hard size limit; [`message`] gives each frame its typed meaning; [`restore`] holds the body of
+//! the post-restore request and its rules. Nothing here does I/O beyond reading and writing one
+//! frame, and nothing here trusts its input.
 
 pub mod frame;
 pub mod message;
+pub mod restore;
 
 pub use frame::{FrameError, RawFrame, read_frame};
 pub use message::{
     DecodeError, DirEntry, ErrorInfo, ErrorKind, Event, ExecSpec, ExitStatus, FileKind, FileStat,
     Hello, Message, Request, Stream, TtySize,
 };
+pub use restore::{Restore, RestoreSpec, RestoreSpecError};
 
 /// The protocol version both ends announce in their hello; a mismatch ends the connection.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,87 @@
+//! The post-restore step from the host: [`Client::restored`] sends given entropy, time and
+//! environment; [`Client::restored_now`] gathers fresh entropy from the host's `getrandom` and
+//! reads the host's clock just before sending.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::time::SystemTime;
+
+use super::{Client, Error};
+use crate::protocol::{Event, Request, RestoreSpec};
+
+/// Bytes of entropy [`Client::restored_now`] sends (twice the protocol's minimum).
+pub const RESTORE_ENTROPY: usize = 64;
+
+/// What the agent did for a `restored` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// How far it stepped the guest's `CLOCK_REALTIME`, in nanoseconds (negative: backwards).
+    pub clock_step_ns: i64,
+    /// How many bytes of entropy it mixed in.
+    pub entropy_bytes: u32,
+}
+
+/// `n` bytes from the host's `getrandom(2)`, which blocks only until the host's RNG is seeded.
+pub fn host_entropy(n: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        // SAFETY: getrandom writes at most `n - got` bytes into the unfilled tail of `buf`.
+        let rc = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), n - got, 0) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        } else {
+            got += rc as usize;
+        }
+    }
+    Ok(buf)
+}
+
+impl Client {
+    /// Tells an agent whose VM was just restored from a snapshot to mix `entropy` into the
+    /// guest kernel's RNG and reseed it, step the guest clock to `time`, and start every later
+    /// exec from `env` (under the exec's own `env`). Send it before anything else runs.
+    pub fn restored(
+        &self,
+        entropy: &[u8],
+        time: SystemTime,
+        env: BTreeMap<String, String>,
+    ) -> Result<Restored, Error> {
+        match self.call(Request::Restored(RestoreSpec::new(entropy, time, env)))? {
+            Event::Restored {
+                clock_step_ns,
+                entropy_bytes,
+            } => Ok(Restored {
+                clock_step_ns,
+                entropy_bytes,
+            }),
+            other => Err(Error::Protocol(format!("restored answered with {other:?}"))),
+        }
+    }
+
+    /// [`Client::restored`] with [`RESTORE_ENTROPY`] fresh bytes from the host and the host's
+    /// current time.
+    pub fn restored_now(&self, env: BTreeMap<String, String>) -> Result<Restored, Error> {
+        let entropy = host_entropy(RESTORE_ENTROPY).map_err(|source| Error::Local {
+            what: format!("reading {RESTORE_ENTROPY} bytes of host entropy"),
+            source,
+        })?;
+        self.restored(&entropy, SystemTime::now(), env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_entropy_is_fresh() {
+        let a = host_entropy(RESTORE_ENTROPY).unwrap();
+        let b = host_entropy(RESTORE_ENTROPY).unwrap();
+        assert_eq!(a.len(), RESTORE_ENTROPY);
+        assert_ne!(a, b);
+    }
+}
