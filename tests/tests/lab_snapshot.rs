@@ -1,0 +1,358 @@
+//! Snapshots of real Linux guests, inside the nested lab: a booted VM with the agent is paused,
+//! snapshotted and restored in new processes, which carry on its processes and files; clones of
+//! one snapshot run side by side and are not twins; diffs hold only what changed; a snapshot
+//! killed mid-write leaves the previous one loadable; a pause does not show in the guest's clock.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use kiln_agent::client::{Client, wait_ready};
+use kiln_agent::protocol::{ExecSpec, ExitStatus};
+use kiln_api::client::request;
+use kiln_tests::{file_sha256, kiln_vmm_rootfs, rootfs};
+
+/// The command line `kiln run` boots with: the agent as init over a tmpfs overlay.
+const CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent KILN_OVERLAY=tmpfs";
+const AGENT_WAIT: Duration = Duration::from_secs(120);
+
+/// One kiln-vmm process with its API socket and the host end of its vsock.
+struct LabVm {
+    child: Child,
+    sock: PathBuf,
+    uds: PathBuf,
+}
+
+impl LabVm {
+    /// Boots the rootfs with the agent, 256 MiB, one vCPU.
+    fn boot(dir: &Path, name: &str) -> Self {
+        let (sock, uds) = (
+            dir.join(format!("{name}.api")),
+            dir.join(format!("{name}.vsock")),
+        );
+        let child = kiln_vmm_rootfs(&rootfs(), true, &uds, 256, CMDLINE)
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--serial-out")
+            .arg(dir.join(format!("{name}.console")))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start kiln-vmm");
+        Self::wait_socket(&sock);
+        Self { child, sock, uds }
+    }
+
+    /// A new kiln-vmm restored from `state` and `mem`, with its own vsock socket.
+    fn restore(dir: &Path, name: &str, state: &Path, mem: &Path, track_dirty: bool) -> Self {
+        let (sock, uds) = (
+            dir.join(format!("{name}.api")),
+            dir.join(format!("{name}.vsock")),
+        );
+        let child = Command::new("kiln-vmm")
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--serial-out")
+            .arg(dir.join(format!("{name}.console")))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start kiln-vmm");
+        Self::wait_socket(&sock);
+        let vm = Self { child, sock, uds };
+        let body = format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}},
+                "resume_vm": true, "track_dirty_pages": {track_dirty},
+                "vsock_override": {{"uds_path": "{}"}}}}"#,
+            state.display(),
+            mem.display(),
+            vm.uds.display()
+        );
+        vm.ok("PUT", "/snapshot/load", &body);
+        vm
+    }
+
+    fn wait_socket(sock: &Path) {
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(
+                start.elapsed() < AGENT_WAIT,
+                "no API socket at {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        request(
+            &self.sock,
+            method,
+            path,
+            Some(body).filter(|b| !b.is_empty()),
+        )
+        .expect("API")
+    }
+
+    fn ok(&self, method: &str, path: &str, body: &str) {
+        let (code, text) = self.call(method, path, body);
+        assert_eq!(code, 204, "{method} {path}: {text}");
+    }
+
+    fn pause(&self) {
+        self.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    }
+
+    fn resume(&self) {
+        self.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    }
+
+    fn snapshot_body(state: &Path, mem: &Path, kind: &str) -> String {
+        format!(
+            r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        )
+    }
+
+    fn snapshot(&self, state: &Path, mem: &Path, kind: &str) {
+        self.ok(
+            "PUT",
+            "/snapshot/create",
+            &Self::snapshot_body(state, mem, kind),
+        );
+    }
+
+    /// The agent, once it answers.
+    fn agent(&self) -> Client {
+        wait_ready(&self.uds, Instant::now() + AGENT_WAIT).expect("the agent answers")
+    }
+}
+
+impl Drop for LabVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-snap-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `script` with sh in the guest; its stdout, after checking it exited 0.
+fn sh(client: &Client, script: &str) -> String {
+    let out = client
+        .run(ExecSpec::new(["sh", "-c", script]))
+        .expect("exec");
+    assert_eq!(
+        out.status,
+        ExitStatus::Exited(0),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn counter(client: &Client) -> u64 {
+    sh(client, "cat /tmp/counter")
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+/// The guest process the tests keep alive across snapshots: a count in memory, written out.
+const COUNTER: &str = "setsid python3 -c 'import time\nn=0\nwhile True:\n    n+=1\n    open(\"/tmp/counter.new\",\"w\").write(str(n))\n    __import__(\"os\").rename(\"/tmp/counter.new\",\"/tmp/counter\")\n    time.sleep(0.02)' </dev/null >/dev/null 2>&1 &
+while [ ! -s /tmp/counter ]; do sleep 0.05; done";
+
+fn host_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+#[ignore = "runs inside the nested lab: cargo xtask test"]
+fn restored_vms_continue_and_clones_are_not_twins() {
+    let dir = scratch("restore");
+    let (state, mem) = (dir.join("full.state"), dir.join("full.mem"));
+    {
+        let vm = LabVm::boot(&dir, "boot");
+        let client = vm.agent();
+        sh(&client, "echo kept-across-restore > /tmp/note");
+        sh(&client, COUNTER);
+        let before = counter(&client);
+        vm.pause();
+        vm.snapshot(&state, &mem, "Full");
+        assert!(before > 0);
+
+        // A second snapshot over the same files, killed while it writes, must leave the first.
+        vm.resume();
+        std::thread::sleep(Duration::from_millis(200));
+        vm.pause();
+        let (tx, rx) = mpsc::channel();
+        let (sock, body) = (vm.sock.clone(), LabVm::snapshot_body(&state, &mem, "Full"));
+        std::thread::spawn(move || {
+            let _ = tx.send(request(&sock, "PUT", "/snapshot/create", Some(&body)));
+        });
+        let start = Instant::now();
+        let temporary = loop {
+            let found = std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .any(|e| kiln_snapshot::is_temporary_name(&e.file_name()));
+            if found {
+                break true;
+            }
+            if rx.try_recv().is_ok() || start.elapsed() > Duration::from_secs(60) {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert!(
+            temporary,
+            "the second snapshot never showed its temporary file"
+        );
+        let mut vm = vm;
+        vm.child.kill().unwrap();
+        vm.child.wait().unwrap();
+        assert!(
+            rx.recv_timeout(Duration::from_secs(10))
+                .is_ok_and(|r| r.is_err()),
+            "the killed snapshot did not complete"
+        );
+    }
+
+    // A new process carries on from the first snapshot.
+    let restored = LabVm::restore(&dir, "restored", &state, &mem, false);
+    let client = restored.agent();
+    client
+        .restored_now(BTreeMap::new())
+        .expect("post-restore step");
+    assert_eq!(sh(&client, "cat /tmp/note"), "kept-across-restore\n");
+    let first = counter(&client);
+    std::thread::sleep(Duration::from_millis(500));
+    let later = counter(&client);
+    assert!(
+        later > first,
+        "the guest's counter runs on: {first} then {later}"
+    );
+    let guest_now: u64 = sh(&client, "date +%s").trim().parse().unwrap();
+    assert!(
+        guest_now.abs_diff(host_secs()) <= 5,
+        "the restored guest's clock was stepped to the host's: {guest_now} vs {}",
+        host_secs()
+    );
+    drop(client);
+    drop(restored);
+
+    // Three clones at once, each with its own socket, commands and randomness.
+    let clones: Vec<LabVm> = (0..3)
+        .map(|i| LabVm::restore(&dir, &format!("clone{i}"), &state, &mem, false))
+        .collect();
+    let mut seen = Vec::new();
+    for (i, vm) in clones.iter().enumerate() {
+        let client = vm.agent();
+        let env = BTreeMap::from([("CLONE".to_string(), i.to_string())]);
+        client.restored_now(env).expect("post-restore step");
+        assert_eq!(
+            sh(&client, "echo clone-$CLONE > /tmp/who; cat /tmp/who"),
+            format!("clone-{i}\n")
+        );
+        let random = sh(
+            &client,
+            "cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1",
+        );
+        assert!(
+            !seen.contains(&random),
+            "clone {i} repeats another's randomness: {random}"
+        );
+        seen.push(random);
+    }
+}
+
+#[test]
+#[ignore = "runs inside the nested lab: cargo xtask test"]
+fn a_diff_holds_what_changed_and_merges_into_its_base() {
+    let dir = scratch("diff");
+    let (base_state, base_mem) = (dir.join("base.state"), dir.join("base.mem"));
+    {
+        let vm = LabVm::boot(&dir, "boot");
+        drop(vm.agent());
+        vm.pause();
+        vm.snapshot(&base_state, &base_mem, "Full");
+    }
+    let vm = LabVm::restore(&dir, "tracked", &base_state, &base_mem, true);
+    let client = vm.agent();
+    client
+        .restored_now(BTreeMap::new())
+        .expect("post-restore step");
+    // A base taken with tracking on, so the diff below is relative to it.
+    vm.pause();
+    vm.snapshot(&dir.join("base2.state"), &dir.join("base2.mem"), "Full");
+    vm.resume();
+    let sum = sh(
+        &client,
+        "head -c 10485760 /dev/urandom > /tmp/ten && sha256sum /tmp/ten | cut -d' ' -f1",
+    );
+    vm.pause();
+    let (diff_state, diff_mem) = (dir.join("diff.state"), dir.join("diff.mem"));
+    vm.snapshot(&diff_state, &diff_mem, "Diff");
+    drop(client);
+    drop(vm);
+
+    let f = std::fs::File::open(&diff_mem).unwrap();
+    let data: u64 = kiln_snapshot::data_ranges(&f, &diff_mem)
+        .unwrap()
+        .iter()
+        .map(|r| r.end - r.start)
+        .sum();
+    assert!(
+        (10 << 20..48 << 20).contains(&data),
+        "the diff holds about the 10 MiB written, not 256 MiB: {data} bytes"
+    );
+    let merged = dir.join("merged.mem");
+    std::fs::copy(dir.join("base2.mem"), &merged).unwrap();
+    let base_sum = file_sha256(&dir.join("base2.mem"));
+    kiln_snapshot::merge(&merged, &[diff_mem]).unwrap();
+    assert_eq!(
+        file_sha256(&dir.join("base2.mem")),
+        base_sum,
+        "the base copy is untouched"
+    );
+
+    let vm = LabVm::restore(&dir, "merged", &diff_state, &merged, false);
+    let client = vm.agent();
+    client
+        .restored_now(BTreeMap::new())
+        .expect("post-restore step");
+    assert_eq!(sh(&client, "sha256sum /tmp/ten | cut -d' ' -f1"), sum);
+}
+
+#[test]
+#[ignore = "runs inside the nested lab: cargo xtask test"]
+fn a_pause_does_not_show_in_the_guest_clock() {
+    let dir = scratch("pause");
+    let vm = LabVm::boot(&dir, "boot");
+    let client = vm.agent();
+    let uptime =
+        |c: &Client| -> f64 { sh(c, "cut -d' ' -f1 /proc/uptime").trim().parse().unwrap() };
+    let host_start = Instant::now();
+    let before = uptime(&client);
+    vm.pause();
+    std::thread::sleep(Duration::from_secs(2));
+    vm.resume();
+    let after = uptime(&client);
+    let host = host_start.elapsed().as_secs_f64();
+    assert!(
+        after - before < host - 1.5,
+        "the guest saw {:.2} s pass while the host saw {host:.2} s, 2 s of it paused",
+        after - before
+    );
+    assert!(after > before, "the guest clock still moves");
+}
