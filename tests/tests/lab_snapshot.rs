@@ -178,7 +178,7 @@ fn host_secs() -> u64 {
 
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
-fn restored_vms_continue_and_clones_are_not_twins() {
+fn snapshot_restored_vms_continue_and_clones_are_not_twins() {
     let dir = scratch("restore");
     let (state, mem) = (dir.join("full.state"), dir.join("full.mem"));
     {
@@ -278,7 +278,7 @@ fn restored_vms_continue_and_clones_are_not_twins() {
 
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
-fn a_diff_holds_what_changed_and_merges_into_its_base() {
+fn snapshot_diff_holds_what_changed_and_merges_into_its_base() {
     let dir = scratch("diff");
     let (base_state, base_mem) = (dir.join("base.state"), dir.join("base.mem"));
     {
@@ -296,6 +296,9 @@ fn a_diff_holds_what_changed_and_merges_into_its_base() {
     vm.pause();
     vm.snapshot(&dir.join("base2.state"), &dir.join("base2.mem"), "Full");
     vm.resume();
+    // A snapshot resets the guest's vsock connections (as on Firecracker): connect again.
+    drop(client);
+    let client = vm.agent();
     let sum = sh(
         &client,
         "head -c 10485760 /dev/urandom > /tmp/ten && sha256sum /tmp/ten | cut -d' ' -f1",
@@ -336,7 +339,7 @@ fn a_diff_holds_what_changed_and_merges_into_its_base() {
 
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
-fn a_pause_does_not_show_in_the_guest_clock() {
+fn snapshot_pause_does_not_show_in_the_guest_clock() {
     let dir = scratch("pause");
     let vm = LabVm::boot(&dir, "boot");
     let client = vm.agent();
