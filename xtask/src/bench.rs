@@ -6,12 +6,12 @@ use crate::guest_images;
 use crate::lab::{self, LabRun};
 use crate::util::Result;
 
-const USAGE: &str = "usage: cargo xtask bench boot|block|exec|vsock [--runs N]";
+const USAGE: &str = "usage: cargo xtask bench boot|block|exec|vsock|snapshot [--runs N]";
 
 /// Benchmarks `kiln-lab-bench` knows.
-const BENCHMARKS: &[&str] = &["boot", "block", "exec", "vsock"];
+const BENCHMARKS: &[&str] = &["boot", "block", "exec", "vsock", "snapshot"];
 
-/// `cargo xtask bench boot|block|exec|vsock [--runs N]`
+/// `cargo xtask bench boot|block|exec|vsock|snapshot [--runs N]`
 pub fn main(args: &[String]) -> Result<u8> {
     let Some((name, rest)) = args.split_first() else {
         return Err(USAGE.into());

@@ -10,6 +10,10 @@
 //! `kiln-lab-bench exec [--runs N]` times agent exec round trips (`true`, `echo`), p50/p99, and
 //! `kiln-lab-bench vsock [--runs N]` vsock throughput both ways through the agent, each with the
 //! Debian rootfs under kiln-vmm and under QEMU microvm with vhost-vsock.
+//!
+//! `kiln-lab-bench snapshot [--runs N]` times snapshot creation (Full and Diff) with file sizes,
+//! restore to the agent's first reply (p50/p99 over N) against booting under kiln-vmm and QEMU,
+//! and the memory of 10 restored clones against 10 booted VMs.
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -22,6 +26,8 @@ mod block;
 mod exec;
 #[path = "kiln-lab-bench/peer.rs"]
 mod peer;
+#[path = "kiln-lab-bench/snapshot.rs"]
+mod snapshot;
 #[path = "kiln-lab-bench/vsock.rs"]
 mod vsock;
 
@@ -36,7 +42,8 @@ fn main() -> ExitCode {
         Some("block") => runs(rest, 3).and_then(block::run),
         Some("exec") => runs(rest, 200).and_then(exec::run),
         Some("vsock") => runs(rest, 3).and_then(vsock::run),
-        _ => Err("usage: kiln-lab-bench boot|block|exec|vsock [--runs N]".to_string()),
+        Some("snapshot") => runs(rest, 50).and_then(snapshot::run),
+        _ => Err("usage: kiln-lab-bench boot|block|exec|vsock|snapshot [--runs N]".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
