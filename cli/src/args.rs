@@ -6,6 +6,7 @@ use std::time::Duration;
 
 /// The usage text.
 pub const USAGE: &str = "usage: kiln run [OPTIONS] [--] CMD [ARG...]
+       kiln snapshot create|load|merge ...   (kiln snapshot --help)
 
 Boots a Kiln microVM, runs CMD in it through the guest agent, streams its output, and exits
 with its status.
@@ -13,6 +14,10 @@ with its status.
   --kernel PATH        guest kernel (default: $KILN_KERNEL, else /kiln/vmlinux)
   --rootfs PATH        root filesystem image holding /usr/sbin/kiln-agent
                        (default: $KILN_ROOTFS, else /kiln/rootfs.ext4)
+  --snapshot DIR       instead of booting, restore the snapshot in DIR (DIR/vmstate and
+                       DIR/memory, from `kiln snapshot create`; never modified) and give the
+                       guest fresh entropy, the host's time and the --env values first; the
+                       snapshot fixes kernel, rootfs, memory and vCPUs
   --timeout SECS       kill CMD's process group after SECS seconds (exit 124)
   --env K=V            set an environment variable (repeatable)
   --cwd DIR            working directory in the guest (default /)
@@ -41,6 +46,8 @@ pub struct RunArgs {
     pub kernel: Option<PathBuf>,
     /// `--rootfs`.
     pub rootfs: Option<PathBuf>,
+    /// `--snapshot`: restore this snapshot directory instead of booting.
+    pub snapshot: Option<PathBuf>,
     /// `--timeout`.
     pub timeout: Option<Duration>,
     /// `--env`, in order.
@@ -68,6 +75,8 @@ pub struct RunArgs {
 pub enum Command {
     /// `kiln run ...`.
     Run(Box<RunArgs>),
+    /// `kiln snapshot ...`, with the words after `snapshot` (parsed by `snapshot::args`).
+    Snapshot(Vec<String>),
     /// `--help`.
     Help,
     /// `--version`.
@@ -100,19 +109,96 @@ fn env_pair(value: &str) -> Result<(String, String), String> {
     }
 }
 
+/// One option word: its name and the value given with `=`, if any.
+pub struct Opt<'a> {
+    /// `--name` (or `-n`).
+    pub name: &'a str,
+    inline: Option<&'a str>,
+}
+
+/// The words of a command line, read option by option, then the rest.
+pub struct Words<'a> {
+    args: &'a [String],
+    pos: usize,
+}
+
+impl<'a> Words<'a> {
+    /// Reads `args`.
+    pub fn new(args: &'a [String]) -> Words<'a> {
+        Words { args, pos: 0 }
+    }
+
+    /// The next option; `None` at the end, after a `--` (which is consumed), or at the first
+    /// word that is not an option (which is not).
+    pub fn next_opt(&mut self) -> Option<Opt<'a>> {
+        let arg = self.args.get(self.pos)?;
+        if arg == "--" {
+            self.pos += 1;
+            return None;
+        }
+        if !arg.starts_with('-') {
+            return None;
+        }
+        self.pos += 1;
+        Some(match arg.split_once('=') {
+            Some((name, v)) if name.starts_with("--") => Opt {
+                name,
+                inline: Some(v),
+            },
+            _ => Opt {
+                name: arg,
+                inline: None,
+            },
+        })
+    }
+
+    /// The value of `opt`: given with `=`, else the next word.
+    pub fn value(&mut self, opt: &Opt<'_>) -> Result<String, String> {
+        if let Some(v) = opt.inline {
+            return Ok(v.to_string());
+        }
+        let v = self
+            .args
+            .get(self.pos)
+            .ok_or_else(|| format!("{} needs a value", opt.name))?;
+        self.pos += 1;
+        Ok(v.clone())
+    }
+
+    /// Checks that the flag `opt` came without a value.
+    pub fn flag(opt: &Opt<'_>) -> Result<bool, String> {
+        match opt.inline {
+            None => Ok(true),
+            Some(_) => Err(format!("{} takes no value", opt.name)),
+        }
+    }
+
+    /// The words not read yet.
+    pub fn rest(&mut self) -> Vec<String> {
+        let rest = self.args.get(self.pos..).unwrap_or_default().to_vec();
+        self.pos = self.args.len();
+        rest
+    }
+}
+
 /// Parses `args` (without the program name).
 pub fn parse(args: &[String]) -> Result<Command, String> {
-    let mut it = args.iter();
-    match it.next().map(String::as_str) {
+    match args.first().map(String::as_str) {
         None => return Err("no command given; try `kiln run -- CMD` or `kiln --help`".into()),
         Some("-h" | "--help" | "help") => return Ok(Command::Help),
         Some("-V" | "--version") => return Ok(Command::Version),
         Some("run") => {}
-        Some(other) => return Err(format!("unknown command {other:?} (only `run` exists)")),
+        Some("snapshot") => return Ok(Command::Snapshot(args[1..].to_vec())),
+        Some(other) => {
+            return Err(format!(
+                "unknown command {other:?} (`run` and `snapshot` exist)"
+            ));
+        }
     }
     let mut a = RunArgs {
         kernel: None,
         rootfs: None,
+        snapshot: None,
         timeout: None,
         env: Vec::new(),
         cwd: None,
@@ -124,43 +210,36 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         boot_timeout: DEFAULT_BOOT_TIMEOUT,
         command: Vec::new(),
     };
-    while let Some(arg) = it.next() {
-        if arg == "--" {
-            a.command.extend(it.by_ref().cloned());
-            break;
-        }
-        if !arg.starts_with('-') {
-            // The first word that is not an option starts the command.
-            a.command.push(arg.clone());
-            a.command.extend(it.by_ref().cloned());
-            break;
-        }
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
+    let mut words = Words::new(&args[1..]);
+    // Machine flags the snapshot fixes, for the conflict check below.
+    let mut machine_flags = Vec::new();
+    while let Some(opt) = words.next_opt() {
+        let name = opt.name;
         match name {
             "-h" | "--help" => return Ok(Command::Help),
-            "--kernel" => a.kernel = Some(value()?.into()),
-            "--rootfs" => a.rootfs = Some(value()?.into()),
-            "--timeout" => a.timeout = Some(seconds(name, &value()?)?),
-            "--boot-timeout" => a.boot_timeout = seconds(name, &value()?)?,
-            "--env" | "-e" => a.env.push(env_pair(&value()?)?),
-            "--cwd" | "-w" => a.cwd = Some(value()?),
-            "--user" | "-u" => a.user = Some(value()?),
-            "--mem-mib" => a.mem_mib = count(name, &value()?)?,
-            "--vcpus" => a.vcpus = count(name, &value()?)?,
-            "--tty" | "-t" if inline.is_none() => a.tty = true,
-            "--json" if inline.is_none() => a.json = true,
-            "--tty" | "-t" | "--json" => return Err(format!("{name} takes no value")),
+            "--kernel" => a.kernel = Some(words.value(&opt)?.into()),
+            "--rootfs" => a.rootfs = Some(words.value(&opt)?.into()),
+            "--snapshot" => a.snapshot = Some(words.value(&opt)?.into()),
+            "--timeout" => a.timeout = Some(seconds(name, &words.value(&opt)?)?),
+            "--boot-timeout" => a.boot_timeout = seconds(name, &words.value(&opt)?)?,
+            "--env" | "-e" => a.env.push(env_pair(&words.value(&opt)?)?),
+            "--cwd" | "-w" => a.cwd = Some(words.value(&opt)?),
+            "--user" | "-u" => a.user = Some(words.value(&opt)?),
+            "--mem-mib" => a.mem_mib = count(name, &words.value(&opt)?)?,
+            "--vcpus" => a.vcpus = count(name, &words.value(&opt)?)?,
+            "--tty" | "-t" => a.tty = Words::flag(&opt)?,
+            "--json" => a.json = Words::flag(&opt)?,
             other => return Err(format!("unknown option {other}")),
         }
+        if matches!(name, "--kernel" | "--rootfs" | "--mem-mib" | "--vcpus") {
+            machine_flags.push(name);
+        }
+    }
+    a.command = words.rest();
+    if let (Some(_), Some(flag)) = (&a.snapshot, machine_flags.first()) {
+        return Err(format!(
+            "{flag} cannot be used with --snapshot: the snapshot fixes the machine"
+        ));
     }
     if a.command.is_empty() {
         return Err("no command to run: kiln run [OPTIONS] -- CMD [ARG...]".into());

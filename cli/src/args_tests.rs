@@ -88,7 +88,7 @@ fn bad_input_is_named() {
     );
     assert_eq!(
         err(&["start"]),
-        "unknown command \"start\" (only `run` exists)"
+        "unknown command \"start\" (`run` and `snapshot` exist)"
     );
     assert_eq!(
         err(&["run"]),
@@ -129,6 +129,35 @@ fn bad_input_is_named() {
         "--vcpus \"0\" is not a positive whole number"
     );
     assert_eq!(err(&["run", "--json=yes", "true"]), "--json takes no value");
+    assert_eq!(err(&["run", "--snapshot"]), "--snapshot needs a value");
+    for flag in ["--kernel", "--rootfs", "--mem-mib", "--vcpus"] {
+        assert_eq!(
+            err(&["run", "--snapshot", "/s", flag, "1", "true"]),
+            format!("{flag} cannot be used with --snapshot: the snapshot fixes the machine")
+        );
+    }
+}
+
+#[test]
+fn snapshot_runs_and_the_snapshot_command() {
+    let a = run(&[
+        "run",
+        "--snapshot",
+        "/snap",
+        "--env",
+        "K=V",
+        "--timeout=2",
+        "--",
+        "true",
+    ]);
+    assert_eq!(a.snapshot.as_deref(), Some(Path::new("/snap")));
+    assert_eq!(a.env, vec![("K".into(), "V".into())]);
+    assert_eq!(a.timeout, Some(Duration::from_secs(2)));
+    assert_eq!(run(&["run", "true"]).snapshot, None);
+    assert_eq!(
+        parse(&args(&["snapshot", "create", "--dir", "/d"])).unwrap(),
+        Command::Snapshot(args(&["create", "--dir", "/d"]))
+    );
 }
 
 fn scratch() -> PathBuf {

@@ -2,13 +2,16 @@
 //! (`kiln-agent`'s client), stream its output, and exit with its status.
 //!
 //! [`args`] parses the command line, [`vm`] owns the VMM process and its temp dir, [`run`] is
-//! the flow from boot to shutdown; [`signals`], [`term`] and [`cleanup`] make every way out
-//! (Ctrl-C included) leave no VM, temp dir or raw terminal behind.
+//! the flow from boot (or snapshot restore) to shutdown; [`signals`], [`term`] and [`cleanup`]
+//! make every way out (Ctrl-C included) leave no VM, temp dir or raw terminal behind.
+//! [`snapshot`] is `kiln snapshot` (create, load, merge), talking to a VMM through [`api`].
 
+mod api;
 mod args;
 mod cleanup;
 mod run;
 mod signals;
+mod snapshot;
 mod term;
 mod vm;
 
@@ -26,6 +29,7 @@ fn main() {
             0
         }
         Ok(Command::Run(a)) => run::run(&a),
+        Ok(Command::Snapshot(words)) => snapshot::main(&words),
         Err(msg) => {
             eprintln!("kiln: {msg}");
             run::EXIT_KILN
