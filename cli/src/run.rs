@@ -1,5 +1,6 @@
-//! `kiln run`: boot, wait for the agent, run the command streaming its output, shut the VM
-//! down, and turn the outcome into an exit status.
+//! `kiln run`: boot (or restore a snapshot and give the clone its own entropy, clock and
+//! environment), wait for the agent, run the command streaming its output, shut the VM down, and
+//! turn the outcome into an exit status.
 
 use std::io::{self, Read, Write};
 use std::thread;
@@ -9,6 +10,7 @@ use kiln_agent::client::{self, Client, Error, ExecOutput, ExecStdin};
 use kiln_agent::protocol::{ExecSpec, ExitStatus};
 
 use crate::args::{Images, RunArgs};
+use crate::snapshot::SnapshotFiles;
 use crate::vm::{Vm, find_vmm};
 use crate::{signals, term};
 
@@ -52,15 +54,42 @@ struct Outcome {
     exec_ms: u128,
 }
 
+/// Where the VM comes from.
+enum Machine {
+    /// Booted from a kernel and a rootfs.
+    Boot(Images),
+    /// Restored from a snapshot.
+    Restore(SnapshotFiles),
+}
+
 fn try_run(args: &RunArgs) -> Result<i32, Failure> {
-    let images = Images::resolve(args, |v| std::env::var(v).ok()).map_err(kiln_failure)?;
+    // Every file the command line names is checked before anything starts.
+    let machine = match &args.snapshot {
+        Some(dir) => Machine::Restore(SnapshotFiles::existing(dir).map_err(kiln_failure)?),
+        None => {
+            Machine::Boot(Images::resolve(args, |v| std::env::var(v).ok()).map_err(kiln_failure)?)
+        }
+    };
     let vmm = find_vmm(std::env::var("KILN_VMM").ok()).map_err(kiln_failure)?;
     let tty = args.tty && term::is_tty(0);
     signals::install();
 
     let boot_start = Instant::now();
-    let mut vm = Vm::boot(&vmm, &images, args).map_err(kiln_failure)?;
-    let client = wait_for_agent(&mut vm, args.boot_timeout)?;
+    let mut vm = match &machine {
+        Machine::Boot(images) => Vm::boot(&vmm, images, args),
+        Machine::Restore(files) => Vm::restore(&vmm, files, boot_start + args.boot_timeout),
+    }
+    .map_err(kiln_failure)?;
+    let client = wait_for_agent(&mut vm, boot_start, args.boot_timeout)?;
+    if let Machine::Restore(_) = machine {
+        // Before anything runs: a clone must not share its snapshot's RNG state and clock.
+        let env = args.env.iter().cloned().collect();
+        if let Err(e) = client.restored_now(env) {
+            return Err(kiln_failure(vm.failure(&format!(
+                "the guest's post-restore step (entropy, clock, environment): {e}"
+            ))));
+        }
+    }
     let boot_ms = boot_start.elapsed().as_millis();
 
     let mut spec = ExecSpec::new(args.command.iter().cloned());
@@ -123,13 +152,18 @@ fn try_run(args: &RunArgs) -> Result<i32, Failure> {
         }
     }
     outcome.exec_ms = exec_start.elapsed().as_millis();
-    shut_down(&client, &mut vm);
+    match machine {
+        Machine::Boot(_) => shut_down(&client, &mut vm),
+        // A clone is thrown away: nothing in it is worth a clean shutdown, and the snapshot's
+        // files are only read.
+        Machine::Restore(_) => vm.kill(),
+    }
     Ok(report(args.json, &outcome))
 }
 
-/// Retries the agent until it answers, watching for the VMM dying first.
-fn wait_for_agent(vm: &mut Vm, limit: Duration) -> Result<Client, Failure> {
-    let end = Instant::now() + limit;
+/// Retries the agent until it answers, `limit` after `start`, watching for the VMM dying first.
+fn wait_for_agent(vm: &mut Vm, start: Instant, limit: Duration) -> Result<Client, Failure> {
+    let end = start + limit;
     loop {
         let slice = (Instant::now() + Duration::from_millis(500)).min(end);
         match client::wait_ready(&vm.uds, slice) {

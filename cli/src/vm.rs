@@ -1,5 +1,7 @@
 //! One microVM for one `kiln run`: a private temp dir (vsock socket, console log, the VMM's
-//! stderr), the `kiln-vmm` process, and their removal on every way out.
+//! stderr, the API socket of a restored VM), the `kiln-vmm` process, and their removal on every
+//! way out. A VM is booted from images ([`Vm::boot`]) or restored from a snapshot
+//! ([`Vm::restore`]).
 
 use std::fs::File;
 use std::os::unix::fs::DirBuilderExt;
@@ -8,8 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::api::Api;
 use crate::args::{Images, RunArgs};
 use crate::cleanup;
+use crate::snapshot::SnapshotFiles;
 
 /// The guest kernel command line: the agent is init; a reset ends the VMM cleanly.
 ///
@@ -21,6 +25,9 @@ pub const CMDLINE: &str =
 
 /// The guest's vsock context id.
 pub const GUEST_CID: u32 = 3;
+
+/// The vsock socket's name in the VM's temp dir.
+const VSOCK: &str = "vsock.sock";
 
 /// Finds `kiln-vmm`: `$KILN_VMM`, else next to this program, else on `PATH`.
 pub fn find_vmm(var: Option<String>) -> Result<PathBuf, String> {
@@ -77,27 +84,62 @@ fn temp_dir() -> Result<PathBuf, String> {
 impl Vm {
     /// Spawns `vmm` for `images` with `args`' machine size.
     pub fn boot(vmm: &Path, images: &Images, args: &RunArgs) -> Result<Vm, String> {
+        Vm::spawn(vmm, |cmd, dir| {
+            cmd.arg("--kernel")
+                .arg(&images.kernel)
+                .args(["--mem-mib", &args.mem_mib.to_string()])
+                .args(["--vcpus", &args.vcpus.to_string()])
+                .args(["--cmdline", CMDLINE])
+                .arg("--drive")
+                .arg(format!(
+                    "id=rootfs,path={},root,ro",
+                    images.rootfs.display()
+                ))
+                .arg("--vsock")
+                .arg(format!("cid={GUEST_CID},uds={}", dir.join(VSOCK).display()));
+        })
+    }
+
+    /// Spawns `vmm` with only an API socket, loads the snapshot `files` into it and resumes it,
+    /// its vsock moved to this VM's own socket. Gives up at `deadline`.
+    pub fn restore(vmm: &Path, files: &SnapshotFiles, deadline: Instant) -> Result<Vm, String> {
+        let mut api_sock = PathBuf::new();
+        let mut vm = Vm::spawn(vmm, |cmd, dir| {
+            api_sock = dir.join("api.sock");
+            cmd.arg("--api-sock").arg(&api_sock);
+        })?;
+        let api = Api::wait(&api_sock, deadline, || {
+            vm.try_exit()
+                .map(|_| "kiln-vmm stopped before its API socket answered".to_string())
+        });
+        let loaded = api.and_then(|mut api| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            api.set_timeout(left.max(Duration::from_secs(1)));
+            let body = files.load_body(true, Some(vm.uds.clone()), false);
+            api.load_snapshot(&body).map_err(|e| e.to_string())
+        });
+        match loaded {
+            Ok(()) => Ok(vm),
+            Err(e) => Err(vm.failure(&format!(
+                "restoring the snapshot in {}: {e}",
+                files.dir.display()
+            ))),
+        }
+    }
+
+    /// Spawns `vmm` in a new temp dir; `configure` adds the arguments that say what to run,
+    /// given that dir.
+    fn spawn(vmm: &Path, configure: impl FnOnce(&mut Command, &Path)) -> Result<Vm, String> {
         let dir = temp_dir()?;
         cleanup::set_dir(Some(dir.clone()));
-        let uds = dir.join("vsock.sock");
+        let uds = dir.join(VSOCK);
         let console = dir.join("console.log");
         let vmm_stderr = dir.join("kiln-vmm.stderr");
         let stderr = File::create(&vmm_stderr)
             .map_err(|e| format!("creating {}: {e}", vmm_stderr.display()))?;
         let mut cmd = Command::new(vmm);
-        cmd.arg("--kernel")
-            .arg(&images.kernel)
-            .args(["--mem-mib", &args.mem_mib.to_string()])
-            .args(["--vcpus", &args.vcpus.to_string()])
-            .args(["--cmdline", CMDLINE])
-            .arg("--drive")
-            .arg(format!(
-                "id=rootfs,path={},root,ro",
-                images.rootfs.display()
-            ))
-            .arg("--vsock")
-            .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
-            .arg("--serial-out")
+        configure(&mut cmd, &dir);
+        cmd.arg("--serial-out")
             .arg(&console)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
