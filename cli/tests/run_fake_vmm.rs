@@ -1,25 +1,20 @@
-//! `kiln run` end to end on the host, with this test binary standing in for `kiln-vmm`: run with
-//! `KILN_FAKE_VMM` set, it checks the VMM command line, writes a console log, and serves the real
-//! agent code (in-process) behind a Firecracker-style vsock socket. What the guest would do is
-//! real; only the VM is missing. (`harness = false`: `main` is either the fake VMM or the tests.)
+//! `kiln run` end to end on the host, with this test binary standing in for `kiln-vmm` (see
+//! `fake_vmm`): it checks the VMM command line and serves the real agent code (in-process)
+//! behind a Firecracker-style vsock socket. What the guest would do is real; only the VM is
+//! missing. (`harness = false`: `main` is either the fake VMM or the tests.)
+
+mod fake_vmm;
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_agent::guest::{Agent, ShutdownMode, serve_connection};
-use kiln_agent::link::Socket;
+use fake_vmm::{gone, setup, temp_dir_of, text};
 
 fn main() {
-    if let Ok(mode) = std::env::var("KILN_FAKE_VMM") {
-        fake_vmm(&mode);
-        return;
-    }
-    let tests: &[(&str, fn())] = &[
+    fake_vmm::main(&[
         ("streams_output_and_exit_code", streams_output_and_exit_code),
         (
             "signals_timeouts_and_could_not_start",
@@ -33,167 +28,7 @@ fn main() {
         ("boot_timeout_stops_the_vmm", boot_timeout_stops_the_vmm),
         ("ctrl_c_cleans_up", ctrl_c_cleans_up),
         ("bad_input_exits_125", bad_input_exits_125),
-    ];
-    let mut failed = 0;
-    for (name, test) in tests {
-        match std::panic::catch_unwind(test) {
-            Ok(()) => println!("test {name} ... ok"),
-            Err(_) => {
-                println!("test {name} ... FAILED");
-                failed += 1;
-            }
-        }
-    }
-    println!("{} passed, {failed} failed", tests.len() - failed);
-    if failed > 0 {
-        std::process::exit(1);
-    }
-}
-
-// ---- the fake VMM ----
-
-fn fake_vmm(mode: &str) {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let value = |flag: &str| {
-        let i = args.iter().position(|a| a == flag).expect(flag);
-        args[i + 1].clone()
-    };
-    if let Ok(log) = std::env::var("KILN_FAKE_VMM_LOG") {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let blocked = status.lines().find(|l| l.starts_with("SigBlk:")).unwrap();
-        let text = format!(
-            "pid {}\n{blocked}\n{}\n",
-            std::process::id(),
-            args.join("\n")
-        );
-        std::fs::write(log, text).unwrap();
-    }
-    std::fs::write(value("--serial-out"), "fake console: booting\n").unwrap();
-    match mode {
-        "fail" => {
-            eprintln!("kiln-vmm: guest memory: out of memory");
-            std::process::exit(1);
-        }
-        "hang" => thread::sleep(Duration::from_secs(3600)),
-        _ => {}
-    }
-    let vsock = value("--vsock");
-    let uds = vsock
-        .split(',')
-        .find_map(|p| p.strip_prefix("uds="))
-        .unwrap();
-    let listener = UnixListener::bind(uds).unwrap();
-    let agent = Arc::new(Agent::new(ShutdownMode::Exit));
-    for conn in listener.incoming() {
-        let Ok(mut conn) = conn else { return };
-        let agent = agent.clone();
-        thread::spawn(move || {
-            let mut line = Vec::new();
-            let mut b = [0u8; 1];
-            while conn.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
-                line.push(b[0]);
-            }
-            if line != b"CONNECT 1024" {
-                return;
-            }
-            conn.write_all(b"OK 1073741824\n").unwrap();
-            serve_connection(agent, Socket::from_fd(conn.into()));
-        });
-    }
-}
-
-// ---- helpers ----
-
-struct Setup {
-    dir: PathBuf,
-    kernel: PathBuf,
-    rootfs: PathBuf,
-    log: PathBuf,
-}
-
-fn setup(name: &str) -> Setup {
-    let dir = std::env::temp_dir().join(format!("kiln-cli-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (kernel, rootfs) = (dir.join("vmlinux"), dir.join("rootfs.ext4"));
-    std::fs::write(&kernel, b"kernel").unwrap();
-    std::fs::write(&rootfs, b"rootfs").unwrap();
-    let log = dir.join("vmm-args.log");
-    Setup {
-        dir,
-        kernel,
-        rootfs,
-        log,
-    }
-}
-
-impl Setup {
-    fn command(&self, mode: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
-        cmd.arg("run")
-            .arg("--kernel")
-            .arg(&self.kernel)
-            .arg("--rootfs")
-            .arg(&self.rootfs)
-            .args(args)
-            .env("KILN_VMM", std::env::current_exe().unwrap())
-            .env("KILN_FAKE_VMM", mode)
-            .env("KILN_FAKE_VMM_LOG", &self.log)
-            .env_remove("KILN_KERNEL")
-            .env_remove("KILN_ROOTFS")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, mode: &str, args: &[&str]) -> Output {
-        self.command(mode, args).output().unwrap()
-    }
-
-    /// The fake VMM's pid and arguments.
-    fn vmm(&self) -> (u32, String, Vec<String>) {
-        let text = std::fs::read_to_string(&self.log).unwrap();
-        let mut lines = text.lines();
-        let pid = lines
-            .next()
-            .unwrap()
-            .strip_prefix("pid ")
-            .unwrap()
-            .parse()
-            .unwrap();
-        let blocked = lines.next().unwrap().to_string();
-        (pid, blocked, lines.map(String::from).collect())
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn gone(pid: u32) -> bool {
-    let end = Instant::now() + Duration::from_secs(5);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.is_empty()
-            || stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        {
-            return true;
-        }
-        if Instant::now() > end {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    ]);
 }
 
 // ---- the tests ----
@@ -222,11 +57,7 @@ fn streams_output_and_exit_code() {
         blocked, "SigBlk:\t0000000000000000",
         "the VMM inherited a signal mask"
     );
-    let uds = args[args.iter().position(|a| a == "--vsock").unwrap() + 1].clone();
-    let tmp = Path::new(uds.split_once("uds=").unwrap().1)
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let tmp = temp_dir_of(&args, "--vsock");
     let console = tmp.join("console.log");
     let expected: Vec<String> = [
         "--kernel",
@@ -404,11 +235,7 @@ fn ctrl_c_cleans_up() {
     );
     let (pid, _, args) = s.vmm();
     assert!(gone(pid), "the VMM outlived Ctrl-C");
-    let uds = args[args.iter().position(|a| a == "--vsock").unwrap() + 1].clone();
-    let tmp = Path::new(uds.split_once("uds=").unwrap().1)
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let tmp = temp_dir_of(&args, "--vsock");
     assert!(!tmp.exists(), "temp dir {} left behind", tmp.display());
 }
 
@@ -456,6 +283,6 @@ fn bad_input_exits_125() {
     );
     assert_eq!(
         run(&["frobnicate"], &[]),
-        "kiln: unknown command \"frobnicate\" (only `run` exists)\n"
+        "kiln: unknown command \"frobnicate\" (`run` and `snapshot` exist)\n"
     );
 }

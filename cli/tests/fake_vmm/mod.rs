@@ -1,0 +1,351 @@
+#![allow(dead_code)] // each test binary uses a different subset of these helpers
+//! A stand-in for `kiln-vmm`, shared by the CLI's test binaries: run with `KILN_FAKE_VMM` set,
+//! the test binary itself acts as the VMM. It logs its command line, writes a console log, and
+//! serves the real agent code (in-process) behind a Firecracker-style vsock socket: at `--vsock`'s
+//! `uds=` when booted, or at the load request's `vsock_override` when started with only
+//! `--api-sock`, whose requests it answers and logs. What the guest would do is real; only the VM
+//! is missing.
+//!
+//! The in-process agent's kernel is a stand-in too: `restored` must not step this host's clock.
+//! A spy between the vsock socket and the agent logs the `restored` and `exec` requests it sees.
+//!
+//! Modes (`KILN_FAKE_VMM`): `agent` serves; `fail` exits 1 at once; `hang` never answers;
+//! `load-fault` and `create-fault` refuse those API requests with a fault message.
+
+use std::fs::OpenOptions;
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_agent::guest::restore::{Kernel, LinuxKernel};
+use kiln_agent::guest::{Agent, ShutdownMode, serve_connection};
+use kiln_agent::link::Socket;
+use kiln_agent::protocol::frame::encode_frame;
+use kiln_agent::protocol::{Message, Request, read_frame};
+use kiln_api::requests::instance::{InstanceInfo, InstanceState};
+use kiln_api::requests::vm::{VmState, VmStateBody};
+use kiln_api::{ApiRequest, ApiResponse, ApiServer};
+
+/// The fault the `load-fault` mode answers with.
+pub const LOAD_FAULT: &str = "snapshot/load: memory file is 3 bytes, the VM state says 256 MiB";
+/// The fault the `create-fault` mode answers with.
+pub const CREATE_FAULT: &str = "snapshot/create: cannot create /x/memory: Permission denied";
+
+/// Runs `tests` (or, with `KILN_FAKE_VMM` set, the fake VMM): the `main` of a harness-less test
+/// binary.
+pub fn main(tests: &[(&str, fn())]) {
+    if let Ok(mode) = std::env::var("KILN_FAKE_VMM") {
+        fake_vmm(&mode);
+        return;
+    }
+    let mut failed = 0;
+    for (name, test) in tests {
+        match std::panic::catch_unwind(test) {
+            Ok(()) => println!("test {name} ... ok"),
+            Err(_) => {
+                println!("test {name} ... FAILED");
+                failed += 1;
+            }
+        }
+    }
+    println!("{} passed, {failed} failed", tests.len() - failed);
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+// ---- the fake VMM ----
+
+fn fake_vmm(mode: &str) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |flag: &str| {
+        let i = args.iter().position(|a| a == flag)?;
+        args.get(i + 1).cloned()
+    };
+    if let Ok(log) = std::env::var("KILN_FAKE_VMM_LOG") {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let blocked = status.lines().find(|l| l.starts_with("SigBlk:")).unwrap();
+        let text = format!(
+            "pid {}\n{blocked}\n{}\n",
+            std::process::id(),
+            args.join("\n")
+        );
+        std::fs::write(log, text).unwrap();
+    }
+    std::fs::write(value("--serial-out").unwrap(), "fake console: booting\n").unwrap();
+    match mode {
+        "fail" => {
+            eprintln!("kiln-vmm: guest memory: out of memory");
+            std::process::exit(1);
+        }
+        "hang" => thread::sleep(Duration::from_secs(3600)),
+        _ => {}
+    }
+    if let Some(api_sock) = value("--api-sock") {
+        serve_api(mode, Path::new(&api_sock));
+        return;
+    }
+    let vsock = value("--vsock").unwrap();
+    let uds = vsock
+        .split(',')
+        .find_map(|p| p.strip_prefix("uds="))
+        .unwrap();
+    serve_vsock(Path::new(uds));
+}
+
+/// Appends one line to `$KILN_FAKE_VMM_API_LOG`, if set.
+fn log_line(line: &str) {
+    if let Ok(path) = std::env::var("KILN_FAKE_VMM_API_LOG") {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        f.write_all(format!("{line}\n").as_bytes()).unwrap();
+    }
+}
+
+fn json(v: &impl serde::Serialize) -> String {
+    serde_json::to_string(v).unwrap()
+}
+
+/// Answers API requests like a VMM that has a running VM (or can load one), logging each change
+/// as `METHOD PATH BODY`.
+fn serve_api(mode: &str, sock: &Path) {
+    let server = ApiServer::bind(sock).unwrap();
+    let mut state = InstanceState::Running;
+    let mode = mode.to_string();
+    server
+        .serve(move |request| match request {
+            ApiRequest::GetInstanceInfo => ApiResponse::json(&InstanceInfo::new("fake", state)),
+            ApiRequest::PatchVm(s) => {
+                log_line(&format!("PATCH /vm {}", json(&VmStateBody { state: s })));
+                state = match s {
+                    VmState::Paused => InstanceState::Paused,
+                    VmState::Resumed => InstanceState::Running,
+                };
+                ApiResponse::NoContent
+            }
+            ApiRequest::CreateSnapshot(body) => {
+                log_line(&format!("PUT /snapshot/create {}", json(&body)));
+                if mode == "create-fault" {
+                    return ApiResponse::fault(CREATE_FAULT);
+                }
+                ApiResponse::NoContent
+            }
+            ApiRequest::LoadSnapshot(body) => {
+                log_line(&format!("PUT /snapshot/load {}", json(&body)));
+                if mode == "load-fault" {
+                    return ApiResponse::fault(LOAD_FAULT);
+                }
+                if let Some(o) = body.vsock_override {
+                    let listener = UnixListener::bind(&o.uds_path).unwrap();
+                    thread::spawn(move || accept_loop(listener));
+                }
+                ApiResponse::NoContent
+            }
+            other => ApiResponse::fault(format!("the fake VMM does not do {other:?}")),
+        })
+        .unwrap();
+}
+
+fn serve_vsock(uds: &Path) {
+    accept_loop(UnixListener::bind(uds).unwrap());
+}
+
+/// A kernel for the in-process agent that changes nothing on this host.
+struct HostSafeKernel;
+
+impl Kernel for HostSafeKernel {
+    fn add_entropy(&self, _: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn reseed_crng(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn realtime_ns(&self) -> io::Result<i128> {
+        LinuxKernel.realtime_ns()
+    }
+    fn set_realtime_ns(&self, _: u64) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Accepts `CONNECT 1024` connections and serves the agent on each, behind the spy.
+fn accept_loop(listener: UnixListener) {
+    let agent = Arc::new(Agent::new(ShutdownMode::Exit).with_kernel(HostSafeKernel));
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { return };
+        let agent = agent.clone();
+        thread::spawn(move || {
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while conn.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            if line != b"CONNECT 1024" {
+                return;
+            }
+            conn.write_all(b"OK 1073741824\n").unwrap();
+            let (to_agent, agent_end) = UnixStream::pair().unwrap();
+            thread::spawn(move || serve_connection(agent, Socket::from_fd(agent_end.into())));
+            spy(conn, to_agent);
+        });
+    }
+}
+
+/// Copies the host's frames to the agent and the agent's bytes back, logging `restored` and
+/// `exec` requests as `agent OP BODY`.
+fn spy(host: UnixStream, agent: UnixStream) {
+    let (mut from_agent, mut to_host) = (agent.try_clone().unwrap(), host.try_clone().unwrap());
+    thread::spawn(move || {
+        let _ = io::copy(&mut from_agent, &mut to_host);
+        let _ = to_host.shutdown(std::net::Shutdown::Both);
+    });
+    let (mut host, mut agent) = (host, agent);
+    while let Ok(Some(frame)) = read_frame(&mut host) {
+        let bytes = encode_frame(frame.kind, frame.id, &[&frame.payload]);
+        match Message::decode(frame) {
+            Ok(Message::Request(_, Request::Restored(spec))) => {
+                log_line(&format!("agent restored {}", json(&spec)));
+            }
+            Ok(Message::Request(_, Request::Exec(spec))) => {
+                log_line(&format!("agent exec {}", json(&spec.argv)));
+            }
+            _ => {}
+        }
+        if agent.write_all(&bytes).is_err() {
+            break;
+        }
+    }
+    let _ = agent.shutdown(std::net::Shutdown::Write);
+}
+
+// ---- helpers for the tests ----
+
+/// A scratch directory with a fake kernel and rootfs, and where the fake VMM's logs go.
+pub struct Setup {
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub log: PathBuf,
+    pub api_log: PathBuf,
+}
+
+pub fn setup(name: &str) -> Setup {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (kernel, rootfs) = (dir.join("vmlinux"), dir.join("rootfs.ext4"));
+    std::fs::write(&kernel, b"kernel").unwrap();
+    std::fs::write(&rootfs, b"rootfs").unwrap();
+    Setup {
+        log: dir.join("vmm-args.log"),
+        api_log: dir.join("vmm-api.log"),
+        dir,
+        kernel,
+        rootfs,
+    }
+}
+
+impl Setup {
+    /// `kiln ARGS` with this test binary as the VMM in `mode`.
+    pub fn kiln(&self, mode: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args(args)
+            .env("KILN_VMM", std::env::current_exe().unwrap())
+            .env("KILN_FAKE_VMM", mode)
+            .env("KILN_FAKE_VMM_LOG", &self.log)
+            .env("KILN_FAKE_VMM_API_LOG", &self.api_log)
+            .env_remove("KILN_KERNEL")
+            .env_remove("KILN_ROOTFS")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `kiln run --kernel K --rootfs R ARGS`.
+    pub fn command(&self, mode: &str, args: &[&str]) -> Command {
+        let mut cmd = self.kiln(mode, &["run"]);
+        cmd.arg("--kernel")
+            .arg(&self.kernel)
+            .arg("--rootfs")
+            .arg(&self.rootfs)
+            .args(args);
+        cmd
+    }
+
+    pub fn run(&self, mode: &str, args: &[&str]) -> Output {
+        self.command(mode, args).output().unwrap()
+    }
+
+    /// The fake VMM's pid, signal mask line and arguments.
+    pub fn vmm(&self) -> (u32, String, Vec<String>) {
+        let text = std::fs::read_to_string(&self.log).unwrap();
+        let mut lines = text.lines();
+        let pid = lines
+            .next()
+            .unwrap()
+            .strip_prefix("pid ")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let blocked = lines.next().unwrap().to_string();
+        (pid, blocked, lines.map(String::from).collect())
+    }
+
+    /// The API and agent requests the fake VMM logged, as (what, JSON body); emptied.
+    pub fn api_requests(&self) -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(&self.api_log).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.api_log);
+        text.lines()
+            .map(|l| {
+                let mut words = l.splitn(3, ' ');
+                let what = format!("{} {}", words.next().unwrap(), words.next().unwrap());
+                (what, words.next().unwrap().to_string())
+            })
+            .collect()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Waits up to 5 s for `pid` to be gone (or a zombie).
+pub fn gone(pid: u32) -> bool {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty()
+            || stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The VM's temp dir, from the socket path in the VMM's arguments after `flag`.
+pub fn temp_dir_of(args: &[String], flag: &str) -> PathBuf {
+    let value = &args[args.iter().position(|a| a == flag).unwrap() + 1];
+    let path = value.split_once("uds=").map_or(value.as_str(), |(_, p)| p);
+    Path::new(path).parent().unwrap().to_path_buf()
+}
