@@ -2,6 +2,7 @@
 //! signal thread use: the VMM process killed, the temp dir removed, the terminal restored.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 #[derive(Default)]
@@ -12,6 +13,9 @@ struct State {
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+/// Set once a signal is ending kiln: its thread then owns the exit (and the exit status).
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
 
 fn state() -> MutexGuard<'static, Option<State>> {
     STATE.lock().unwrap_or_else(|p| p.into_inner())
@@ -55,4 +59,22 @@ pub fn run_all() {
     if let Some(dir) = dir {
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// Says that a signal is ending kiln. Call before [`run_all`]: killing the VMM makes the main
+/// thread fail too, and it must not exit first with its own status.
+pub fn signalled() {
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+/// Undoes everything and exits with `code`; if a signal is already ending kiln, waits for its
+/// thread to exit instead, so the status is always 128 + the signal.
+pub fn exit(code: i32) -> ! {
+    if SIGNALLED.load(Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
+    run_all();
+    std::process::exit(code)
 }

@@ -35,6 +35,5 @@ fn main() {
             run::EXIT_KILN
         }
     };
-    cleanup::run_all();
-    std::process::exit(code);
+    cleanup::exit(code);
 }

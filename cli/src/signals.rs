@@ -46,6 +46,7 @@ pub fn install() {
                     }
                     continue;
                 }
+                cleanup::signalled();
                 cleanup::run_all();
                 let name = match sig {
                     libc::SIGINT => "interrupted",
