@@ -359,3 +359,68 @@ fn snapshot_pause_does_not_show_in_the_guest_clock() {
     );
     assert!(after > before, "the guest clock still moves");
 }
+
+#[test]
+#[ignore = "runs inside the nested lab: cargo xtask test"]
+fn snapshot_kiln_cli_creates_and_runs_clones() {
+    let dir = scratch("cli");
+    let snap = dir.join("template");
+    {
+        let vm = LabVm::boot(&dir, "boot");
+        drop(vm.agent());
+        let out = Command::new("kiln")
+            .args(["snapshot", "create", "--api-sock"])
+            .arg(&vm.sock)
+            .arg("--dir")
+            .arg(&snap)
+            .output()
+            .expect("run kiln snapshot create");
+        assert!(
+            out.status.success(),
+            "kiln snapshot create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (state_sum, mem_sum) = (
+        file_sha256(&snap.join("vmstate")),
+        file_sha256(&snap.join("memory")),
+    );
+    let clone = |n: &str| {
+        let out = Command::new("kiln")
+            .args(["run", "--snapshot"])
+            .arg(&snap)
+            .args(["--env", &format!("WHO={n}"), "--"])
+            .args([
+                "sh",
+                "-c",
+                "echo $WHO; date +%s; head -c 16 /dev/urandom | od -An -tx1; python3 -c 'print(6*7)'",
+            ])
+            .output()
+            .expect("run kiln run --snapshot");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "kiln run --snapshot: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (a, b) = (clone("a"), clone("b"));
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    assert_eq!((la[0], lb[0]), ("a", "b"), "{a}\n{b}");
+    for lines in [&la, &lb] {
+        let guest: u64 = lines[1].trim().parse().unwrap();
+        assert!(
+            guest.abs_diff(host_secs()) <= 5,
+            "the clone's clock: {guest}"
+        );
+        assert_eq!(lines[3], "42");
+    }
+    assert_ne!(la[2], lb[2], "the clones' random bytes differ");
+    assert_eq!(
+        file_sha256(&snap.join("vmstate")),
+        state_sum,
+        "the snapshot is only read"
+    );
+    assert_eq!(file_sha256(&snap.join("memory")), mem_sum);
+}
