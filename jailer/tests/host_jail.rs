@@ -57,7 +57,7 @@ impl Drop for Netns {
 #[test]
 fn a_jailed_vmm_is_unprivileged_rooted_namespaced_limited_and_cleaned_up() {
     require_root();
-    let (id, base) = fresh("full");
+    let (id, base, _guard) = fresh("full");
     let root = jail_root(&base, &id);
     let netns = Netns::new();
     let (memory, memory_file) = memory_limit(256 << 20);
@@ -257,7 +257,7 @@ fn a_jailed_vmm_is_unprivileged_rooted_namespaced_limited_and_cleaned_up() {
 #[test]
 fn with_a_new_pid_namespace_the_jailer_waits_and_ends_as_the_vmm_did() {
     require_root();
-    let (id, base) = fresh("pidns");
+    let (id, base, _guard) = fresh("pidns");
     let root = jail_root(&base, &id);
     let (memory, _) = memory_limit(128 << 20);
     let mut jailer = jailer(&id, &base, &["--new-pid-ns", "--cgroup", &memory])
@@ -296,7 +296,7 @@ fn with_a_new_pid_namespace_the_jailer_waits_and_ends_as_the_vmm_did() {
 #[test]
 fn daemonized_in_a_new_pid_namespace_the_jailer_returns_once_the_vmm_runs() {
     require_root();
-    let (id, base) = fresh("daemon");
+    let (id, base, _guard) = fresh("daemon");
     let root = jail_root(&base, &id);
     let (memory, _) = memory_limit(128 << 20);
     let mut jailer = jailer(
@@ -342,7 +342,7 @@ fn daemonized_in_a_new_pid_namespace_the_jailer_returns_once_the_vmm_runs() {
     assert_eq!(refused.status.code(), Some(1));
     // SAFETY: kill on the VMM this test started.
     unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
-    wait_gone(vmm);
+    wait_empty(&memory_cgroup(&id));
     let done = cleanup(&id, &base);
     assert_eq!(done.status.code(), Some(0), "{}", text(&done.stderr));
     std::fs::remove_dir_all(&base).unwrap();
@@ -352,7 +352,7 @@ fn daemonized_in_a_new_pid_namespace_the_jailer_returns_once_the_vmm_runs() {
 fn failures_name_the_step_and_leave_no_jail_or_cgroup() {
     require_root();
     // In the cgroup step, on the host.
-    let (id, base) = fresh("fail-cgroup");
+    let (id, base, _guard) = fresh("fail-cgroup");
     let out = jailer(&id, &base, &["--cgroup", "memory.no_such_file=1"])
         .stdin(Stdio::null())
         .output()
@@ -371,7 +371,7 @@ fn failures_name_the_step_and_leave_no_jail_or_cgroup() {
     std::fs::remove_dir_all(&base).unwrap();
 
     // Inside the jail, after pivot_root: --daemonize's setsid fails for a process group leader.
-    let (id, base) = fresh("fail-inside");
+    let (id, base, _guard) = fresh("fail-inside");
     let (memory, _) = memory_limit(64 << 20);
     let out = jailer(&id, &base, &["--daemonize", "--cgroup", &memory])
         .process_group(0)
@@ -394,7 +394,7 @@ fn failures_name_the_step_and_leave_no_jail_or_cgroup() {
     std::fs::remove_dir_all(&base).unwrap();
 
     // Bad input: status 2, nothing built.
-    let (id, base) = fresh("fail-input");
+    let (id, base, _guard) = fresh("fail-input");
     let out = jailer(&id, &base, &["--resource-limit", "cpu=1"])
         .output()
         .unwrap();

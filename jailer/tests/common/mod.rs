@@ -44,14 +44,52 @@ pub fn require_root() {
     assert_eq!(euid, 0, "kiln-jailer's host tests run as root");
 }
 
-/// A fresh id and base folder for one test.
-pub fn fresh(name: &str) -> (String, PathBuf) {
+/// A fresh id and base folder for one test, and the guard that removes what a failure leaves.
+pub fn fresh(name: &str) -> (String, PathBuf, Leftovers) {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let id = format!("it-{}-{name}-{n}", std::process::id());
     let base = std::env::temp_dir().join(format!("kiln-jailer-{id}"));
     let _ = std::fs::remove_dir_all(&base);
-    (id, base)
+    let guard = Leftovers {
+        id: id.clone(),
+        base: base.clone(),
+    };
+    (id, base, guard)
+}
+
+/// Removes what a test's jail left if the test fails part way: kills what is still in its memory
+/// cgroup, runs `--cleanup` and removes the base folder. A passing test has cleaned up already.
+pub struct Leftovers {
+    /// The jail's id.
+    pub id: String,
+    /// Its base folder.
+    pub base: PathBuf,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let procs = memory_cgroup(&self.id).join("cgroup.procs");
+        let start = Instant::now();
+        while let Ok(text) = std::fs::read_to_string(&procs) {
+            let pids: Vec<i32> = text
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            if pids.is_empty() || start.elapsed() > LIMIT {
+                break;
+            }
+            for pid in pids {
+                // SAFETY: kill only sends a signal, to a process this test's jail holds.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.base.exists() {
+            let _ = cleanup(&self.id, &self.base);
+            let _ = std::fs::remove_dir_all(&self.base);
+        }
+    }
 }
 
 /// The jail root the jailer builds for `id` under `base`.
@@ -150,20 +188,20 @@ pub fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
-/// Waits until process `pid` is gone (or a zombie nobody reaps yet).
-pub fn wait_gone(pid: u32) {
+/// Waits until no process is left in the cgroup `dir`. A killed process leaves its cgroup only
+/// once every one of its threads has exited, a little after it shows as a zombie.
+pub fn wait_empty(dir: &Path) {
     let start = Instant::now();
     loop {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let gone = state.is_empty()
-            || state
-                .rsplit(')')
-                .next()
-                .is_some_and(|s| s.trim_start().starts_with('Z'));
-        if gone {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
             return;
         }
-        assert!(start.elapsed() < LIMIT, "process {pid} is still running");
+        assert!(
+            start.elapsed() < LIMIT,
+            "{} still holds {procs}",
+            dir.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
