@@ -38,7 +38,8 @@ uid:gid, optionally a new PID namespace, drops to uid:gid with no capabilities a
   --cgroup FILE=VALUE   write VALUE to FILE in the cgroup; the controller is FILE's prefix
                         (memory.limit_in_bytes=N on v1, memory.max=N on v2)
   --parent-cgroup NAME  relative cgroup path the jail's cgroup goes under (default: exec name)
-  --resource-limit R=N  no-file (open files) or fsize (bytes a file may grow to)
+  --resource-limit R=N  no-file (open files) or fsize (bytes a file may grow to; kiln-vmm's
+                        guest memory is a file too, so fsize must be at least its size)
   --netns PATH          join this network namespace (e.g. /var/run/netns/NAME)
   --new-pid-ns          run in a new PID namespace; the jailer waits and exits as it did, and
                         writes its host PID to <jail root>/<exec-name>.pid
