@@ -7,6 +7,12 @@
 //! either returns at once (`--daemonize`) or waits, passing on SIGINT, SIGTERM, SIGHUP and SIGQUIT,
 //! and ends the way the VMM ended. The waiting jailer stays root inside the jail, so it can
 //! still take the jail back if the child fails before the exec.
+//!
+//! The VMM gets exactly the arguments given after `--`: unlike Firecracker's jailer, no `--id`
+//! is added (kiln-vmm has no such flag). With `--daemonize` and no new PID namespace, a failure
+//! after the standard streams went to /dev/null shows only in the exit status, as in Firecracker;
+//! the steps left by then (prctl, the id change, an exec whose files were checked) do not fail
+//! on a sane host.
 
 use std::ffi::CString;
 use std::fs::File;
