@@ -89,6 +89,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+# Like a current host: cgroup v2 at /sys/fs/cgroup (kiln-jailer's lab test puts the VMM in one).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "lab: cannot mount cgroup2 at /sys/fs/cgroup"
 fault=
 for w in $(cat /proc/cmdline); do
   case "$w" in kiln.fault=*) fault=${w#kiln.fault=} ;; esac

@@ -1,0 +1,199 @@
+//! The jail's directory on the host, `<chroot-base-dir>/<exec-name>/<id>/root`, and what goes in
+//! it before the process moves in: a copy of the exec file at `/<exec-name>` (a copy, not a hard
+//! link, so the jail shares no inode with the host) and, for a dynamically linked one, copies of
+//! its loader and libraries ([`crate::libs`]).
+//!
+//! `<id>` must be new; it is recorded in the undo, so a failure later removes it with everything
+//! in it. The directories above it are shared by jails and stay. The root is owned by uid:gid,
+//! so the VMM can create its API and vsock sockets there; what is copied in stays root's.
+
+use std::io;
+use std::os::unix::fs::{PermissionsExt, chown};
+use std::path::{Component, Path, PathBuf};
+
+use crate::libs::Deps;
+use crate::undo::Undo;
+
+/// Why the jail could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// The jail is there already.
+    #[error("jail {} already exists: another jail has this id, or a finished one was not cleaned up (kiln-jailer --cleanup)", .0.display())]
+    Exists(PathBuf),
+    /// A directory cannot be made.
+    #[error("cannot create {}: {err}", path.display())]
+    Create {
+        /// The directory.
+        path: PathBuf,
+        /// What the OS said.
+        err: io::Error,
+    },
+    /// A file cannot be copied in.
+    #[error("cannot copy {} to {}: {err}", from.display(), to.display())]
+    Copy {
+        /// The host file.
+        from: PathBuf,
+        /// Where it was going.
+        to: PathBuf,
+        /// What the OS said.
+        err: io::Error,
+    },
+    /// Ownership or mode cannot be set.
+    #[error("cannot set the owner or mode of {}: {err}", path.display())]
+    Owner {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        err: io::Error,
+    },
+    /// A path the loader reported cannot be placed inside the jail.
+    #[error("{} cannot be placed inside the jail (it must be absolute, without '..')", .0.display())]
+    Outside(PathBuf),
+}
+
+/// The jail's directories on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jail {
+    /// `<base>/<exec-name>/<id>`, what `--cleanup` removes.
+    pub dir: PathBuf,
+    /// `<dir>/root`, the jailed process's `/`.
+    pub root: PathBuf,
+}
+
+impl Jail {
+    /// Where the jail for `id` lives (nothing is made).
+    pub fn path(base: &Path, exec_name: &str, id: &str) -> Self {
+        let dir = base.join(exec_name).join(id);
+        Self {
+            root: dir.join("root"),
+            dir,
+        }
+    }
+
+    /// Makes the jail's directories, recording `<id>` in `undo`, and gives the root to uid:gid.
+    pub fn create(
+        base: &Path,
+        exec_name: &str,
+        id: &str,
+        owner: (u32, u32),
+        undo: &mut Undo,
+    ) -> Result<Self, JailError> {
+        let jail = Self::path(base, exec_name, id);
+        let parent = base.join(exec_name);
+        std::fs::create_dir_all(&parent).map_err(|err| JailError::Create { path: parent, err })?;
+        undo.create_tree(&jail.dir, |p| std::fs::create_dir(p))
+            .map_err(|err| match err.kind() {
+                io::ErrorKind::AlreadyExists => JailError::Exists(jail.dir.clone()),
+                _ => JailError::Create {
+                    path: jail.dir.clone(),
+                    err,
+                },
+            })?;
+        std::fs::create_dir(&jail.root).map_err(|err| JailError::Create {
+            path: jail.root.clone(),
+            err,
+        })?;
+        set_owner_mode(&jail.root, Some(owner), 0o755)?;
+        Ok(jail)
+    }
+
+    /// Copies `exec_file` to `/<exec_name>` in the jail, and the loader and libraries in `deps`.
+    pub fn install(&self, exec_file: &Path, exec_name: &str, deps: &Deps) -> Result<(), JailError> {
+        self.copy_in(exec_file, &self.root.join(exec_name), 0o755)?;
+        if let Some(interp) = &deps.interpreter {
+            self.copy_in(interp, &self.inside(interp)?, 0o755)?;
+        }
+        let lib_dir = self.inside(&deps.lib_dir)?;
+        for (name, host) in &deps.libraries {
+            let to = lib_dir.join(name);
+            if Path::new(name).components().count() != 1 {
+                return Err(JailError::Outside(to));
+            }
+            self.copy_in(host, &to, 0o644)?;
+        }
+        Ok(())
+    }
+
+    /// `path` (absolute) below the jail's root.
+    fn inside(&self, path: &Path) -> Result<PathBuf, JailError> {
+        let mut parts = path.components();
+        if parts.next() != Some(Component::RootDir)
+            || !parts.clone().all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(JailError::Outside(path.to_path_buf()));
+        }
+        Ok(self.root.join(parts.as_path()))
+    }
+
+    /// Copies `from` (following links) to `to`, making `to`'s directories, with `mode`.
+    fn copy_in(&self, from: &Path, to: &Path, mode: u32) -> Result<(), JailError> {
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir).map_err(|err| JailError::Create {
+                path: dir.to_path_buf(),
+                err,
+            })?;
+        }
+        std::fs::copy(from, to).map_err(|err| JailError::Copy {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+            err,
+        })?;
+        set_owner_mode(to, None, mode)
+    }
+}
+
+fn set_owner_mode(path: &Path, owner: Option<(u32, u32)>, mode: u32) -> Result<(), JailError> {
+    let err = |err| JailError::Owner {
+        path: path.to_path_buf(),
+        err,
+    };
+    if let Some((uid, gid)) = owner {
+        chown(path, Some(uid), Some(gid)).map_err(err)?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_jail_is_new_holds_copies_and_is_undone_whole() {
+        let base = std::env::temp_dir().join(format!("kiln-jailer-jail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let me = (
+            std::fs::metadata("/proc/self").unwrap().uid(),
+            std::fs::metadata("/proc/self").unwrap().gid(),
+        );
+        let mut undo = Undo::new();
+        let jail = Jail::create(&base, "vmm", "id-1", me, &mut undo).unwrap();
+        assert_eq!(jail.root, base.join("vmm/id-1/root"));
+        let exe = std::env::current_exe().unwrap();
+        let deps = Deps {
+            interpreter: Some(exe.clone()),
+            libraries: vec![("libx.so.1".into(), exe.clone())],
+            lib_dir: "/lib/x86_64-linux-gnu".into(),
+        };
+        jail.install(&exe, "vmm", &deps).unwrap();
+        let copy = std::fs::metadata(jail.root.join("vmm")).unwrap();
+        let host = std::fs::metadata(&exe).unwrap();
+        assert_eq!(copy.len(), host.len());
+        assert_ne!(copy.ino(), host.ino(), "a copy, not a link");
+        assert_eq!(copy.mode() & 0o777, 0o755);
+        let lib = jail.root.join("lib/x86_64-linux-gnu/libx.so.1");
+        assert_eq!(std::fs::metadata(lib).unwrap().mode() & 0o777, 0o644);
+        assert!(jail.inside(Path::new("/a/../../etc")).is_err());
+        assert!(jail.inside(Path::new("relative")).is_err());
+
+        let mut again = Undo::new();
+        let err = Jail::create(&base, "vmm", "id-1", me, &mut again).unwrap_err();
+        assert!(matches!(err, JailError::Exists(_)), "{err}");
+        assert!(again.created().is_empty());
+
+        assert!(undo.run().is_empty());
+        assert!(!base.join("vmm/id-1").exists());
+        assert!(base.join("vmm").is_dir(), "the shared parent stays");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}
