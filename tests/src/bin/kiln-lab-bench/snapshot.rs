@@ -239,7 +239,9 @@ pub fn run(runs: usize) -> Result<(), String> {
 
     let mut restores = Vec::with_capacity(runs);
     for i in 0..runs {
-        restores.push(restore_once(&dir, i, &state, &mem)?);
+        let took = restore_once(&dir, i, &state, &mem)?;
+        eprintln!("restore {}/{runs}: {:.0} ms", i + 1, took.as_secs_f64() * 1e3);
+        restores.push(took);
     }
     let (r50, r99) = percentiles(&mut restores);
     let boots = 3;
