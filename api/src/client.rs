@@ -176,15 +176,22 @@ fn parse_response_head(head: &str) -> Result<(u16, Option<usize>), ClientError> 
     Ok((status, content_length))
 }
 
+/// How long [`request`] waits for the VMM: generous, since a snapshot of a large VM takes a while,
+/// but finite, so a VMM that stopped answering is reported instead of waited on forever.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Sends one request on a fresh connection (closed afterwards) and returns the status code and
-/// body. `body` is JSON text, or `None` for requests without one.
+/// body. `body` is JSON text, or `None` for requests without one. Gives up after
+/// [`REQUEST_TIMEOUT`].
 pub fn request(
     socket_path: impl AsRef<Path>,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> Result<(u16, String), ClientError> {
-    Client::connect(socket_path)?.send(method, path, body, true)
+    let mut client = Client::connect(socket_path)?;
+    client.set_timeout(Some(REQUEST_TIMEOUT))?;
+    client.send(method, path, body, true)
 }
 
 #[cfg(test)]
