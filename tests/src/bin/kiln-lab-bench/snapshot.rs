@@ -240,7 +240,11 @@ pub fn run(runs: usize) -> Result<(), String> {
     let mut restores = Vec::with_capacity(runs);
     for i in 0..runs {
         let took = restore_once(&dir, i, &state, &mem)?;
-        eprintln!("restore {}/{runs}: {:.0} ms", i + 1, took.as_secs_f64() * 1e3);
+        eprintln!(
+            "restore {}/{runs}: {:.0} ms",
+            i + 1,
+            took.as_secs_f64() * 1e3
+        );
         restores.push(took);
     }
     let (r50, r99) = percentiles(&mut restores);
