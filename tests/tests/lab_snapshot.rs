@@ -29,11 +29,17 @@ struct LabVm {
 impl LabVm {
     /// Boots the rootfs with the agent, 256 MiB, one vCPU.
     fn boot(dir: &Path, name: &str) -> Self {
+        Self::boot_with(dir, name, 1)
+    }
+
+    /// Boots the rootfs with the agent, 256 MiB, `vcpus` vCPUs.
+    fn boot_with(dir: &Path, name: &str, vcpus: u8) -> Self {
         let (sock, uds) = (
             dir.join(format!("{name}.api")),
             dir.join(format!("{name}.vsock")),
         );
         let child = kiln_vmm_rootfs(&rootfs(), true, &uds, 256, CMDLINE)
+            .args(["--vcpus", &vcpus.to_string()])
             .arg("--api-sock")
             .arg(&sock)
             .arg("--serial-out")
@@ -282,7 +288,8 @@ fn snapshot_diff_holds_what_changed_and_merges_into_its_base() {
     let dir = scratch("diff");
     let (base_state, base_mem) = (dir.join("base.state"), dir.join("base.mem"));
     {
-        let vm = LabVm::boot(&dir, "boot");
+        // Two vCPUs here, so SMP guests' state (both LAPICs, an idle AP) round-trips too.
+        let vm = LabVm::boot_with(&dir, "boot", 2);
         drop(vm.agent());
         vm.pause();
         vm.snapshot(&base_state, &base_mem, "Full");
@@ -335,6 +342,12 @@ fn snapshot_diff_holds_what_changed_and_merges_into_its_base() {
         .restored_now(BTreeMap::new())
         .expect("post-restore step");
     assert_eq!(sh(&client, "sha256sum /tmp/ten | cut -d' ' -f1"), sum);
+    // Both vCPUs came back and run work.
+    assert_eq!(sh(&client, "nproc"), "2\n");
+    assert_eq!(
+        sh(&client, "taskset -c 1 sh -c 'echo on-cpu1'"),
+        "on-cpu1\n"
+    );
 }
 
 #[test]

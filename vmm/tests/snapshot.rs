@@ -135,7 +135,7 @@ fn data_bytes(path: &Path) -> u64 {
         .sum()
 }
 
-fn boot_counter(dir: &Path) -> Vmm {
+fn boot_counter(dir: &Path, vcpus: u8) -> Vmm {
     let kernel = write(dir, "counter.elf", &tiny_kernel(Program::Counter, true));
     let vmm = Vmm::start(dir, "boot");
     vmm.ok(
@@ -146,7 +146,7 @@ fn boot_counter(dir: &Path) -> Vmm {
     vmm.ok(
         "PUT",
         "/machine-config",
-        r#"{"vcpu_count": 1, "mem_size_mib": 32, "track_dirty_pages": true}"#,
+        &format!(r#"{{"vcpu_count": {vcpus}, "mem_size_mib": 32, "track_dirty_pages": true}}"#),
     );
     vmm.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
     vmm.wait_dots(2);
@@ -156,7 +156,7 @@ fn boot_counter(dir: &Path) -> Vmm {
 #[test]
 fn pause_snapshot_restore_diff_and_merge() {
     let dir = scratch("snapshot");
-    let vmm = boot_counter(&dir);
+    let vmm = boot_counter(&dir, 1);
 
     let (code, fault) = vmm.call(
         "PUT",
@@ -256,8 +256,9 @@ fn pause_snapshot_restore_diff_and_merge() {
 
 #[test]
 fn bad_snapshot_files_are_refused_by_name_and_the_vmm_waits() {
+    // Two vCPUs: the second waits for a SIPI that never comes, a state that must survive too.
     let dir = scratch("snapshot-bad");
-    let vmm = boot_counter(&dir);
+    let vmm = boot_counter(&dir, 2);
     vmm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     let (state, mem) = vmm.snapshot(&dir, "good", "Full");
     drop(vmm);
