@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, SubscriberOps};
 use kiln_devices::BusError;
 use kiln_devices::legacy::{
-    COM1_IRQ, COM1_LEN, COM1_PORT, ConsoleInput, I8042, I8042_LEN, I8042_PORT, SerialDevice,
-    SerialDeviceState, SerialRestoreArgs,
+    COM1_IRQ, COM1_LEN, COM1_PORT, ConsoleInput, I8042, I8042_KBD_IRQ, I8042_LEN, I8042_PORT,
+    SerialDevice, SerialDeviceState, SerialRestoreArgs,
 };
 use kiln_devices::virtio::block::{Block, BlockConfig, BlockError};
 use kiln_devices::virtio::vsock::{Vsock, VsockError};
@@ -201,6 +201,8 @@ pub(crate) struct Platform {
     pub(crate) signal: Arc<ExitSignal>,
     pub(crate) io: IoBuses,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    /// Kept beside its place on the bus so the API can press Ctrl-Alt-Del.
+    pub(crate) i8042: Arc<Mutex<I8042>>,
 }
 
 impl Platform {
@@ -248,16 +250,19 @@ impl Platform {
                 drained,
             ))));
         }
+        let kbd_irq = evt("the keyboard IRQ")?;
+        vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
         let reset_signal = signal.clone();
-        let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(move || {
-            reset_signal.request(ExitReason::GuestReset);
-        }))));
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            kbd_irq,
+            Box::new(move || reset_signal.request(ExitReason::GuestReset)),
+        )));
         let mut io = IoBuses::default();
         io.pio
             .insert(serial.clone(), COM1_PORT, COM1_LEN)
             .map_err(|e| BuildError::Bus("serial port", e))?;
         io.pio
-            .insert(i8042, I8042_PORT, I8042_LEN)
+            .insert(i8042.clone(), I8042_PORT, I8042_LEN)
             .map_err(|e| BuildError::Bus("i8042", e))?;
         Ok(Self {
             vm,
@@ -265,6 +270,7 @@ impl Platform {
             signal,
             io,
             serial,
+            i8042,
         })
     }
 

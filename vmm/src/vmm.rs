@@ -11,6 +11,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber};
+use kiln_devices::legacy::{I8042, I8042Error};
 use kvm_bindings::kvm_clock_data;
 
 use crate::api::ApiLink;
@@ -50,6 +51,7 @@ pub struct Vmm {
     events: EventManager<Subscriber>,
     pub(crate) devices: MmioDeviceManager,
     pub(crate) serial: Arc<Mutex<kiln_devices::legacy::SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
     pub(crate) config: VmConfig,
     pub(crate) track_dirty: bool,
     /// False after a snapshot failed once it had read (and so cleared) the dirty page log.
@@ -119,6 +121,7 @@ impl Vmm {
             signal,
             io,
             serial,
+            i8042,
         } = parts.platform;
         Self {
             vm,
@@ -131,6 +134,7 @@ impl Vmm {
             events,
             devices: parts.devices,
             serial,
+            i8042,
             config: parts.config,
             track_dirty: parts.track_dirty,
             dirty_log_intact: true,
@@ -167,6 +171,14 @@ impl Vmm {
     /// True while the vCPUs are paused.
     pub fn is_paused(&self) -> bool {
         self.paused_clock.is_some()
+    }
+
+    /// Presses Ctrl-Alt-Del on the guest's keyboard. A paused guest reads the keys when it resumes.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), I8042Error> {
+        self.i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .trigger_ctrl_alt_del()
     }
 
     /// Runs the guest until it resets, powers off, or fails; returns why it stopped. vCPU threads

@@ -129,6 +129,56 @@ fn a_vm_is_configured_started_and_queried_over_the_api() {
 }
 
 #[test]
+fn ctrl_alt_del_reaches_the_guest_keyboard() {
+    let dir = scratch("api-cad");
+    let kernel = write(&dir, "keys.elf", &tiny_kernel(Program::Keys, false));
+    let sock = dir.join("api.sock");
+    let mut vmm = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kiln-vmm");
+    wait_for_socket(&sock);
+    let call = |method: &str, path: &str, body: &str| {
+        request(&sock, method, path, Some(body)).expect("API call")
+    };
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    let (code, fault) = call("PUT", "/actions", cad);
+    assert_eq!(code, 400);
+    assert!(fault.contains("has not started"), "{fault}");
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    assert_eq!(call("PUT", "/boot-source", &boot).0, 204);
+    let machine = r#"{"vcpu_count": 1, "mem_size_mib": 32}"#;
+    assert_eq!(call("PUT", "/machine-config", machine).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call("PUT", "/actions", start).0, 204);
+    let (code, text) = call("PUT", "/actions", cad);
+    assert_eq!(code, 204, "{text}");
+
+    // The guest copies the scan codes to its console and resets: kiln-vmm exits 0.
+    let started = Instant::now();
+    while vmm.try_wait().unwrap().is_none() {
+        assert!(started.elapsed() < LIMIT, "the guest never saw the keys");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut out = Vec::new();
+    vmm.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    let mut err = String::new();
+    vmm.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(
+        out,
+        [
+            0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14
+        ],
+        "Ctrl, Alt, Delete down then up, in scan code set 2; stderr: {err}"
+    );
+    assert_eq!(vmm.wait().unwrap().code(), Some(0));
+}
+
+#[test]
 fn an_existing_socket_path_is_refused() {
     let dir = scratch("api-exists");
     let sock = write(&dir, "taken.sock", b"");

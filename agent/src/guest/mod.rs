@@ -1,11 +1,13 @@
-//! The in-guest side: the `kiln-agent` program. It sets the guest up when it is PID 1, reaps
-//! every child through one [`reaper`], listens on vsock (or a Unix socket for host tests), and
-//! serves each connection ([`session`]) with a thread per request ([`exec`], [`files`]). After a
-//! snapshot restore the host sends one `restored` request ([`restore`]).
+//! The in-guest side: the `kiln-agent` program. It sets the guest up when it is PID 1 (and shuts
+//! it down on Ctrl-Alt-Del, [`cad`]), reaps every child through one [`reaper`], listens on vsock
+//! (or a Unix socket for host tests), and serves each connection ([`session`]) with a thread per
+//! request ([`exec`], [`files`]). After a snapshot restore the host sends one `restored` request
+//! ([`restore`]).
 //!
 //! Only the agent binary (and test harnesses standing in for a VM) should run this: the reaper
 //! waits for *every* child of the process.
 
+pub mod cad;
 pub mod exec;
 pub mod files;
 pub mod init;
@@ -37,7 +39,7 @@ pub fn log(args: std::fmt::Arguments<'_>) {
 /// What a shutdown request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShutdownMode {
-    /// PID 1: stop everything, sync, unmount, reset the VM.
+    /// PID 1: stop everything, sync, unmount, reset the VM (Ctrl-Alt-Del does the same).
     Reboot,
     /// Under another init (or on the host): kill our processes and exit 0.
     Exit,
@@ -134,7 +136,7 @@ const USAGE: &str = "usage: kiln-agent [--listen vsock[:PORT]|unix:PATH]...
 
 Kiln's guest agent. As PID 1 it mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp and /run,
 sets the hostname (kiln.hostname= on the kernel command line, default kiln) and resets the VM
-on a shutdown request. It listens on vsock port 1024 unless --listen says otherwise.";
+on a shutdown request or Ctrl-Alt-Del (SIGINT). It listens on vsock port 1024 unless --listen says otherwise.";
 
 /// The `kiln-agent` program.
 pub fn main() -> ExitCode {
@@ -176,6 +178,8 @@ pub fn main() -> ExitCode {
     }
     let mode = if pid1 {
         init::setup();
+        // Before any thread starts: it blocks SIGINT in this thread for all threads to inherit.
+        cad::shut_down_on_ctrl_alt_del();
         ShutdownMode::Reboot
     } else {
         // Orphans of our processes come back to us, so the reaper collects them too.

@@ -1,6 +1,6 @@
 //! After `InstanceStart` (or a snapshot load): the event loop answers API requests on the VMM
-//! thread. Queries are answered, pause/resume and snapshots are carried out, and changes to the
-//! booted configuration are refused by name.
+//! thread. Queries are answered, pause/resume, snapshots and Ctrl-Alt-Del are carried out, and
+//! changes to the booted configuration are refused by name.
 
 use kiln_api::requests::actions::Action;
 use kiln_api::requests::instance::{InstanceInfo, InstanceState};
@@ -40,9 +40,10 @@ pub fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResponse {
         PutAction(Action::InstanceStart) => {
             ApiResponse::fault("InstanceStart: the instance is already running")
         }
-        PutAction(Action::SendCtrlAltDel) => ApiResponse::fault(
-            "SendCtrlAltDel: Kiln's guests have no i8042 keyboard; shut down through the agent",
-        ),
+        PutAction(Action::SendCtrlAltDel) => match vmm.send_ctrl_alt_del() {
+            Ok(()) => ApiResponse::NoContent,
+            Err(e) => ApiResponse::fault(format!("SendCtrlAltDel: {e}")),
+        },
         PatchVm(VmState::Paused) => match vmm.pause() {
             Ok(()) => ApiResponse::NoContent,
             Err(e) => ApiResponse::fault(format!("vm: cannot pause: {e}")),

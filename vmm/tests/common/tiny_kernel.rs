@@ -20,6 +20,9 @@ pub enum Program {
     Echo3,
     /// Counts forever in the 32-bit word at [`COUNTER_ADDR`], printing a `.` every 16384 counts.
     Counter,
+    /// Polls the i8042 and copies the first 11 bytes it delivers (Ctrl-Alt-Del's scan codes) to
+    /// COM1, then resets.
+    Keys,
 }
 
 /// Where [`Program::Counter`] keeps its count (guest-physical, so also the memory file offset).
@@ -93,6 +96,21 @@ fn echo3_code() -> Vec<u8> {
     ]
 }
 
+fn keys_code() -> Vec<u8> {
+    vec![
+        0xb9, 0x0b, 0x00, 0x00, 0x00, // mov ecx, 11
+        0xe4, 0x64, // 1: in al, 0x64 (i8042 status)
+        0xa8, 0x01, // test al, 1 (output buffer full)
+        0x74, 0xfa, // jz 1b
+        0xe4, 0x60, // in al, 0x60 (i8042 data)
+        0xba, 0xf8, 0x03, 0x00, 0x00, // mov edx, 0x3f8
+        0xee, // out dx, al
+        0xe2, 0xf0, // loop 1b
+        0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al: reset
+        0xf4, 0xeb, 0xfd, // 1: hlt; jmp 1b
+    ]
+}
+
 fn counter_code() -> Vec<u8> {
     let mut c = vec![0xba, 0xf8, 0x03, 0x00, 0x00, 0xbb]; // mov edx, 0x3f8; mov ebx, COUNTER
     c.extend_from_slice(&COUNTER_ADDR.to_le_bytes());
@@ -140,6 +158,7 @@ pub fn tiny_kernel(program: Program, pvh: bool) -> Vec<u8> {
         Program::TripleFault => triple_fault_code(addr, len),
         Program::Echo3 => echo3_code(),
         Program::Counter => counter_code(),
+        Program::Keys => keys_code(),
     };
     assert!(code.len() <= 0x100);
 
