@@ -143,7 +143,7 @@ fn is_tty(fd: &impl AsRawFd) -> bool {
 /// The guest's command line: the configured one, the root device, then the virtio devices. Kiln's
 /// additions go before a `--`, since everything after it is for init.
 fn guest_cmdline(config: &VmConfig, devices: &MmioDeviceManager) -> String {
-    let args = config.boot_source.boot_args();
+    let args = crate::config::boot_args(&config.boot_source);
     let (kernel_part, init_part) = match args.split_once(" -- ") {
         Some((k, i)) => (k.to_string(), Some(i)),
         None if args.starts_with("-- ") => (String::new(), Some(&args[3..])),
@@ -303,7 +303,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         let irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| BuildError::EventFd("the vsock IRQ", e))?;
         let vsock = Arc::new(Mutex::new(Vsock::new(
-            v.guest_cid,
+            u64::from(v.guest_cid),
             v.uds_path.clone(),
             irq,
         )?));
@@ -366,7 +366,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, SerialConfig};
+    use crate::config::{BootSourceConfig, DriveConfig, SerialConfig};
 
     fn config(args: &str, root: Option<bool>) -> VmConfig {
         VmConfig {
@@ -375,7 +375,7 @@ mod tests {
                 initrd_path: None,
                 boot_args: Some(args.into()),
             },
-            machine: MachineConfig::default(),
+            machine: crate::config::default_machine(),
             serial: SerialConfig::default(),
             drives: root
                 .map(|ro| DriveConfig {

@@ -13,6 +13,7 @@ use super::{ApiLink, INSTANCE_ID, convert};
 use crate::Vmm;
 use crate::config::{
     BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig, VsockConfig,
+    default_machine, validate_machine,
 };
 use crate::loader::inspect_kernel;
 use crate::persist::restore::restore;
@@ -26,7 +27,6 @@ enum Next {
 }
 
 /// The configuration so far.
-#[derive(Default)]
 struct PreBoot {
     boot: Option<BootSourceConfig>,
     machine: MachineConfig,
@@ -55,7 +55,7 @@ impl PreBoot {
         self.boot.is_some()
             || !self.drives.is_empty()
             || self.vsock.is_some()
-            || self.machine != MachineConfig::default()
+            || self.machine != default_machine()
     }
 
     /// Answers a request, or says what [`configure`] must carry out.
@@ -73,16 +73,16 @@ impl PreBoot {
             )),
             PutBootSource(b) => match inspect_kernel(&b.kernel_image_path) {
                 Ok(_) => {
-                    self.boot = Some(convert::boot_source(b));
+                    self.boot = Some(b);
                     ApiResponse::NoContent
                 }
                 Err(e) => ApiResponse::fault(format!("boot-source: {e}")),
             },
-            GetMachineConfig => ApiResponse::json(&convert::api_machine(&self.machine)),
-            PutMachineConfig(m) => self.set_machine(convert::machine(m)),
+            GetMachineConfig => ApiResponse::json(&self.machine),
+            PutMachineConfig(m) => self.set_machine(m),
             PatchMachineConfig(update) => {
-                let patched = update.apply(&convert::api_machine(&self.machine));
-                self.set_machine(convert::machine(patched))
+                let patched = update.apply(&self.machine);
+                self.set_machine(patched)
             }
             PutDrive(d) => {
                 if let Err(e) = std::fs::metadata(&d.path_on_host) {
@@ -92,7 +92,6 @@ impl PreBoot {
                         d.path_on_host.display()
                     )));
                 }
-                let d = convert::drive(d);
                 match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
                     Some(slot) => *slot = d,
                     None => self.drives.push(d),
@@ -114,7 +113,7 @@ impl PreBoot {
                 (Some(_), None) => ApiResponse::NoContent,
             },
             PutVsock(v) => {
-                self.vsock = Some(convert::vsock(v));
+                self.vsock = Some(v);
                 ApiResponse::NoContent
             }
             PutAction(Action::InstanceStart) => return Err(Next::Start),
@@ -141,7 +140,7 @@ impl PreBoot {
     }
 
     fn set_machine(&mut self, m: MachineConfig) -> ApiResponse {
-        match m.validate() {
+        match validate_machine(&m) {
             Ok(()) => {
                 self.machine = m;
                 ApiResponse::NoContent
@@ -154,7 +153,12 @@ impl PreBoot {
 /// Serves API requests until an `InstanceStart` builds a VM or a `snapshot/load` restores one;
 /// returns it. `None` if the API thread went away before that.
 pub fn configure(link: &ApiLink, serial: SerialConfig) -> Option<Vmm> {
-    let mut state = PreBoot::default();
+    let mut state = PreBoot {
+        boot: None,
+        machine: default_machine(),
+        drives: Vec::new(),
+        vsock: None,
+    };
     loop {
         let pending = link.requests.recv().ok()?;
         let _ = link.wakeup.read();

@@ -28,7 +28,7 @@ pub fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResponse {
             ApiResponse::json(&InstanceInfo::new(INSTANCE_ID, state))
         }
         GetVmConfig => ApiResponse::json(&convert::full_of(vmm.config())),
-        GetMachineConfig => ApiResponse::json(&convert::api_machine(&vmm.config().machine)),
+        GetMachineConfig => ApiResponse::json(&vmm.config().machine),
         PutBootSource(_) => after_start("boot-source"),
         PutMachineConfig(_) | PatchMachineConfig(_) => after_start("machine-config"),
         PutDrive(d) => after_start(&format!("drives/{}", d.drive_id)),

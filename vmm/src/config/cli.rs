@@ -162,7 +162,7 @@ impl Flags {
                 let kernel = self
                     .kernel
                     .ok_or("--kernel PATH or --config-file FILE is required")?;
-                let defaults = MachineConfig::default();
+                let defaults = super::default_machine();
                 VmConfig {
                     boot_source: BootSourceConfig {
                         kernel_image_path: kernel,
@@ -227,7 +227,10 @@ mod tests {
             "console=ttyS0 quiet",
         ]);
         assert_eq!(c.boot_source.kernel_image_path, PathBuf::from("/k"));
-        assert_eq!(c.boot_source.boot_args(), "console=ttyS0 quiet");
+        assert_eq!(
+            crate::config::boot_args(&c.boot_source),
+            "console=ttyS0 quiet"
+        );
         assert_eq!(c.machine.vcpu_count, 2);
         assert_eq!(c.machine.mem_size_mib, 128);
         let c = config(&[
@@ -241,7 +244,10 @@ mod tests {
             "/o",
         ]);
         assert_eq!(c.boot_source.initrd_path, Some(PathBuf::from("/i")));
-        assert_eq!(c.boot_source.boot_args(), super::super::DEFAULT_BOOT_ARGS);
+        assert_eq!(
+            crate::config::boot_args(&c.boot_source),
+            super::super::DEFAULT_BOOT_ARGS
+        );
         assert_eq!(c.machine.mem_size_mib, 512);
         assert_eq!(c.serial.serial_out_path, Some(PathBuf::from("/o")));
     }

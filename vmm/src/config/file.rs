@@ -40,7 +40,7 @@ mod tests {
             cfg.boot_source.initrd_path,
             Some(PathBuf::from("/k/initrd"))
         );
-        assert_eq!(cfg.boot_source.boot_args(), "console=ttyS0");
+        assert_eq!(crate::config::boot_args(&cfg.boot_source), "console=ttyS0");
         assert_eq!(cfg.machine.vcpu_count, 2);
         assert_eq!(cfg.machine.mem_size_mib, 256);
         assert!(cfg.machine.track_dirty_pages);

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cli::{Command, USAGE, parse_args};
 pub use file::parse_config_file;
-pub use validate::ValidationError;
+pub use validate::{ValidationError, validate_machine};
 
 /// Most vCPUs a Kiln VM may have.
 pub const MAX_VCPUS: u8 = 32;
@@ -48,89 +48,27 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
 }
 
-/// Firecracker's `drives` entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DriveConfig {
-    /// Unique id: letters, digits, `_` and `-`; also what GET_ID answers.
-    pub drive_id: String,
-    /// The backing file.
-    pub path_on_host: PathBuf,
-    /// Boot from this drive: it becomes /dev/vda and the kernel gets `root=/dev/vda`.
-    #[serde(default)]
-    pub is_root_device: bool,
-    /// Refuse writes.
-    #[serde(default)]
-    pub is_read_only: bool,
-    /// Root partition by PARTUUID instead of the whole disk.
-    #[serde(default)]
-    pub partuuid: Option<String>,
-    /// Firecracker's cache type ("Unsafe" or "Writeback"); Kiln always honours FLUSH.
-    #[serde(default)]
-    pub cache_type: Option<String>,
-    /// Firecracker's I/O engine; Kiln has "Sync".
-    #[serde(default)]
-    pub io_engine: Option<String>,
-}
-
-/// Firecracker's `vsock` object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VsockConfig {
-    /// The guest's context id (3 or more).
-    pub guest_cid: u64,
-    /// The host-side Unix socket; guest connections to host port P go to `<uds_path>_<P>`.
-    pub uds_path: PathBuf,
-    /// Firecracker's deprecated device id; accepted and ignored.
-    #[serde(default)]
-    pub vsock_id: Option<String>,
-}
-
 /// Firecracker's `boot-source` object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BootSourceConfig {
-    /// Uncompressed ELF vmlinux or bzImage.
-    pub kernel_image_path: PathBuf,
-    /// Optional initramfs.
-    #[serde(default)]
-    pub initrd_path: Option<PathBuf>,
-    /// Kernel command line; [`DEFAULT_BOOT_ARGS`] when absent.
-    #[serde(default)]
-    pub boot_args: Option<String>,
-}
-
-impl BootSourceConfig {
-    /// The command line the guest gets.
-    pub fn boot_args(&self) -> &str {
-        self.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS)
-    }
-}
-
+pub use kiln_api::requests::boot_source::BootSource as BootSourceConfig;
+/// Firecracker's `drives` entry: the API's type, so the config file and `PUT /drives` agree.
+pub use kiln_api::requests::drives::Drive as DriveConfig;
 /// Firecracker's `machine-config` object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MachineConfig {
-    /// Number of vCPUs, 1 to [`MAX_VCPUS`].
-    pub vcpu_count: u8,
-    /// Guest memory in MiB.
-    pub mem_size_mib: usize,
-    /// Simultaneous multithreading; Kiln gives each vCPU its own core, so only `false` is accepted.
-    #[serde(default)]
-    pub smt: bool,
-    /// Track dirty pages for diff snapshots.
-    #[serde(default)]
-    pub track_dirty_pages: bool,
+pub use kiln_api::requests::machine_config::MachineConfig;
+/// Firecracker's `vsock` object.
+pub use kiln_api::requests::vsock::Vsock as VsockConfig;
+
+/// The command line the guest gets: the configured one, or [`DEFAULT_BOOT_ARGS`].
+pub fn boot_args(boot: &BootSourceConfig) -> &str {
+    boot.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS)
 }
 
-impl Default for MachineConfig {
-    fn default() -> Self {
-        Self {
-            vcpu_count: 1,
-            mem_size_mib: DEFAULT_MEM_MIB,
-            smt: false,
-            track_dirty_pages: false,
-        }
+/// A VM with nothing asked for: one vCPU and [`DEFAULT_MEM_MIB`] (Firecracker's defaults too).
+pub fn default_machine() -> MachineConfig {
+    MachineConfig {
+        vcpu_count: 1,
+        mem_size_mib: DEFAULT_MEM_MIB,
+        smt: false,
+        track_dirty_pages: false,
     }
 }
 

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use kiln_api::requests::drives::IoEngine;
+
 use super::{MAX_MEM_MIB, MAX_VCPUS, MachineConfig, VmConfig};
 use crate::arch::layout::CMDLINE_MAX_SIZE;
 use crate::loader::{LoaderError, inspect_kernel};
@@ -77,8 +79,8 @@ impl VmConfig {
     /// Checks everything that can be checked before building the VM.
     pub fn validate(&self) -> Result<(), ValidationError> {
         let m = &self.machine;
-        m.validate()?;
-        let args = self.boot_source.boot_args();
+        validate_machine(m)?;
+        let args = super::boot_args(&self.boot_source);
         if args.len() >= CMDLINE_MAX_SIZE {
             return Err(ValidationError::BootArgs(format!(
                 "{} bytes long; Linux takes at most {}",
@@ -143,20 +145,18 @@ impl VmConfig {
     }
 }
 
-impl MachineConfig {
-    /// Checks vCPUs, memory and SMT on their own (the API checks them when they are set).
-    pub fn validate(&self) -> Result<(), ValidationError> {
-        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS {
-            return Err(ValidationError::VcpuCount(self.vcpu_count));
-        }
-        if self.mem_size_mib == 0 || self.mem_size_mib > MAX_MEM_MIB {
-            return Err(ValidationError::MemSize(self.mem_size_mib));
-        }
-        if self.smt {
-            return Err(ValidationError::Smt);
-        }
-        Ok(())
+/// Checks vCPUs, memory and SMT on their own (the API checks them when they are set).
+pub fn validate_machine(m: &MachineConfig) -> Result<(), ValidationError> {
+    if m.vcpu_count == 0 || m.vcpu_count > MAX_VCPUS {
+        return Err(ValidationError::VcpuCount(m.vcpu_count));
     }
+    if m.mem_size_mib == 0 || m.mem_size_mib > MAX_MEM_MIB {
+        return Err(ValidationError::MemSize(m.mem_size_mib));
+    }
+    if m.smt {
+        return Err(ValidationError::Smt);
+    }
+    Ok(())
 }
 
 impl VmConfig {
@@ -200,18 +200,9 @@ impl VmConfig {
                     ));
                 }
             }
-            if let Some(engine) = d.io_engine.as_deref().filter(|e| *e != "Sync") {
+            if let Some(engine) = d.io_engine.filter(|e| *e != IoEngine::Sync) {
                 return Err(err(format!(
                     "io_engine {engine:?} is not supported (Kiln has \"Sync\")"
-                )));
-            }
-            if let Some(cache) = d
-                .cache_type
-                .as_deref()
-                .filter(|c| !matches!(*c, "Unsafe" | "Writeback"))
-            {
-                return Err(err(format!(
-                    "cache_type {cache:?} is not \"Unsafe\" or \"Writeback\""
                 )));
             }
             if let Some(uuid) = &d.partuuid {
@@ -228,7 +219,7 @@ impl VmConfig {
 }
 
 fn validate_vsock(v: &super::VsockConfig) -> Result<(), ValidationError> {
-    if v.guest_cid < 3 || v.guest_cid >= u64::from(u32::MAX) {
+    if v.guest_cid < 3 || v.guest_cid == u32::MAX {
         return Err(ValidationError::Vsock(format!(
             "guest_cid {} is reserved; use 3 to {}",
             v.guest_cid,
@@ -261,7 +252,7 @@ fn validate_vsock(v: &super::VsockConfig) -> Result<(), ValidationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BootSourceConfig, MachineConfig, SerialConfig};
+    use crate::config::{BootSourceConfig, SerialConfig};
     use std::io::Write;
 
     /// A file that passes for an x86_64 ELF kernel loaded at 16 MiB, 4 MiB long; a new file per
@@ -294,7 +285,7 @@ mod tests {
                 initrd_path: None,
                 boot_args: None,
             },
-            machine: MachineConfig::default(),
+            machine: crate::config::default_machine(),
             serial: SerialConfig::default(),
             drives: Vec::new(),
             vsock: None,
@@ -403,13 +394,13 @@ mod tests {
             "drives[0] (\"x\"): path_on_host /nonexistent/disk.img: No such file or directory (os error 2)"
         );
         let mut engine = drive("x", false);
-        engine.io_engine = Some("Async".into());
+        engine.io_engine = Some(IoEngine::Async);
         c.drives = vec![engine];
         assert!(
             c.validate()
                 .unwrap_err()
                 .to_string()
-                .contains("io_engine \"Async\"")
+                .contains("io_engine Async")
         );
         c.drives = (0..20).map(|i| drive(&format!("d{i}"), false)).collect();
         assert!(
@@ -423,7 +414,7 @@ mod tests {
     #[test]
     fn vsock_mistakes_are_named() {
         let dir = std::env::temp_dir();
-        let v = |cid: u64, uds: PathBuf| crate::config::VsockConfig {
+        let v = |cid: u32, uds: PathBuf| crate::config::VsockConfig {
             guest_cid: cid,
             uds_path: uds,
             vsock_id: None,
