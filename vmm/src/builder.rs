@@ -193,6 +193,14 @@ fn attach_drives(
     Ok(())
 }
 
+/// A KVM VM over `mem` (logging dirty pages when `track_dirty`) with its irqchip and PIT.
+pub(crate) fn create_vm(mem: &GuestMemoryMmap, track_dirty: bool) -> Result<Vm, BuildError> {
+    let vm = Vm::new()?;
+    vm.register_memory(mem, track_dirty)?;
+    vm.setup_irqchip()?;
+    Ok(vm)
+}
+
 /// The parts every VM has, whether booted or restored: KVM with memory and the irqchip, the event
 /// loop and exit signal, COM1 (with console input) and the i8042 on the port bus.
 pub(crate) struct Platform {
@@ -206,18 +214,16 @@ pub(crate) struct Platform {
 }
 
 impl Platform {
-    /// Creates the VM over `mem` (logging dirty pages when `track_dirty`) and the legacy devices;
-    /// the UART starts from `serial_state` when restoring.
+    /// Adds the event loop and the legacy devices to `vm` (see [`create_vm`]); the UART starts
+    /// from `serial_state` when restoring. Interrupt lines are connected here, so on a restore
+    /// this comes after the vCPUs and the irqchip got their saved state: an interrupt the saved
+    /// UART raises again must land in the restored irqchip, not be overwritten by it.
     pub(crate) fn new(
+        vm: Vm,
         config: &VmConfig,
-        mem: &GuestMemoryMmap,
-        track_dirty: bool,
         serial_state: Option<&SerialDeviceState>,
     ) -> Result<Self, BuildError> {
         let serial_out = serial_output(config)?;
-        let vm = Vm::new()?;
-        vm.register_memory(mem, track_dirty)?;
-        vm.setup_irqchip()?;
         let mut events = EventManager::<Subscriber>::new()
             .map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
         let signal =
@@ -290,7 +296,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let mem_size = (config.machine.mem_size_mib as u64) << 20;
     let vcpu_count = config.machine.vcpu_count;
     let (mem, memfd) = memory::create(mem_size)?;
-    let mut platform = Platform::new(config, &mem, config.machine.track_dirty_pages, None)?;
+    let vm = create_vm(&mem, config.machine.track_dirty_pages)?;
+    let mut platform = Platform::new(vm, config, None)?;
     log::info!(
         "VM created with {} MiB of memory",
         config.machine.mem_size_mib

@@ -1,10 +1,10 @@
 //! Building a VM from a snapshot (`PUT /snapshot/load`), in a new `kiln-vmm` process.
 //!
-//! The same order as a boot ([`crate::builder`]) with saved state in place of the kernel: the
-//! state file is checked (magic, version, CRC) and the memory file paired with it (trailer), guest
-//! memory is mapped privately from the memory file, the platform and virtio devices come back at
-//! their saved windows and interrupt lines, then the vCPUs and finally the in-kernel devices and
-//! clock. The VM starts paused unless `resume_vm` was asked for.
+//! The state file is checked (magic, version, CRC) and the memory file paired with it (trailer),
+//! guest memory is mapped privately from the memory file, the vCPUs and the in-kernel irqchip, PIT
+//! and clock get their saved state, and only then do the platform and virtio devices come back at
+//! their saved windows and interrupt lines (so interrupts they raise again are not lost). The VM
+//! starts paused unless `resume_vm` was asked for.
 
 use std::fs::File;
 use std::path::Path;
@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::memory::check_file;
 use super::{DeviceKindState, MicrovmState, PersistError};
 use crate::Vmm;
-use crate::builder::{BuildError, Platform};
+use crate::builder::{BuildError, Platform, create_vm};
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{MmioDeviceManager, Placement, VirtioKind};
 use crate::memory::map_snapshot;
@@ -89,7 +89,21 @@ pub fn restore(params: &SnapshotLoad, serial: &SerialConfig) -> Result<Vmm, Pers
     let (state, file) = open(params)?;
     let config = config_of(&state, params, serial, &params.snapshot_path)?;
     let mem = map_snapshot(&file, state.mem_size).map_err(BuildError::from)?;
-    let mut platform = Platform::new(&config, &mem, params.track_dirty_pages, Some(&state.serial))?;
+    let vm = create_vm(&mem, params.track_dirty_pages)?;
+
+    // KVM's own state first: the vCPUs, then the irqchip, PIT and clock. Devices come after, so
+    // the interrupts they raise again on restore (a pending UART or virtio interrupt) are
+    // delivered into the restored irqchip and LAPICs instead of being overwritten by them.
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (id, saved) in state.vcpus.iter().enumerate() {
+        let vcpu = Vcpu::new(&vm, id as u8).map_err(BuildError::from)?;
+        vcpu_state::restore(vcpu.fd(), id as u8, saved).map_err(BuildError::from)?;
+        vcpus.push(vcpu);
+    }
+    vm.restore_state(&state.vm)
+        .map_err(|e| PersistError::Kvm(e.to_string()))?;
+
+    let mut platform = Platform::new(vm, &config, Some(&state.serial))?;
 
     let mut devices = MmioDeviceManager::default();
     for saved in &state.devices {
@@ -140,16 +154,6 @@ pub fn restore(params: &SnapshotLoad, serial: &SerialConfig) -> Result<Vmm, Pers
             .map_err(BuildError::from)?;
     }
 
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for (id, saved) in state.vcpus.iter().enumerate() {
-        let vcpu = Vcpu::new(&platform.vm, id as u8).map_err(BuildError::from)?;
-        vcpu_state::restore(vcpu.fd(), id as u8, saved).map_err(BuildError::from)?;
-        vcpus.push(vcpu);
-    }
-    platform
-        .vm
-        .restore_state(&state.vm)
-        .map_err(|e| PersistError::Kvm(e.to_string()))?;
     log::info!(
         "restored snapshot {:016x} from {}: {} vCPUs, {} MiB, {} devices",
         state.snapshot_id,
