@@ -223,6 +223,32 @@ pub fn kiln_vmm() -> Command {
     cmd
 }
 
+/// A fresh folder under the temporary directory, removed with everything in it when dropped: L1's
+/// /tmp is a tmpfs that the lab tests share, and snapshot memory files fill it quickly.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// Creates `<tmp>/kiln-<name>-<pid>`, emptied first.
+    pub fn new(name: &str) -> ScratchDir {
+        let dir = std::env::temp_dir().join(format!("kiln-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        ScratchDir(dir)
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// How a process that was waited for ended.
 #[derive(Debug)]
 pub struct Finished {

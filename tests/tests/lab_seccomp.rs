@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use kiln_agent::client::{Client, wait_ready};
 use kiln_agent::protocol::{ExecSpec, ExitStatus};
-use kiln_tests::{ApiVmm, Finished, file_sha256, guest_kernel, kiln_vmm, rootfs};
+use kiln_tests::{ApiVmm, Finished, ScratchDir, file_sha256, guest_kernel, kiln_vmm, rootfs};
 
 /// The agent as init over a tmpfs overlay, as `kiln run` boots.
 const CMDLINE: &str =
@@ -26,13 +26,6 @@ const EXIT_WAIT: Duration = Duration::from_secs(60);
 const DATA_BYTES: usize = 8 << 20;
 /// The host port the guest connects to over vsock.
 const HOST_PORT: u32 = 5005;
-
-fn scratch() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-seccomp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// A kiln-vmm with its API socket `<name>.api` and its console in `<name>.console`.
 fn start(dir: &Path, name: &str) -> ApiVmm {
@@ -203,12 +196,13 @@ const READ_DATA: &str =
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn seccomp_filters_allow_every_device_pause_snapshot_and_restore() {
-    let dir = scratch();
+    let scratch = ScratchDir::new("seccomp");
+    let dir = scratch.path();
     let data = dir.join("data.img");
     std::fs::write(&data, vec![0u8; 2 * DATA_BYTES]).unwrap();
 
-    let vm = boot(&dir, &data);
-    let uds = vsock_path(&dir, "boot");
+    let vm = boot(dir, &data);
+    let uds = vsock_path(dir, "boot");
     let client = agent(&uds);
     // Block I/O on the data drive, flushed, then read back past the guest's cache.
     let written = sh(
@@ -263,8 +257,8 @@ fn seccomp_filters_allow_every_device_pause_snapshot_and_restore() {
     );
 
     // The full snapshot, restored in a new process: its memory, devices and agent carry on.
-    let vm = restore(&dir, "restored", &full_state, &full_mem);
-    let uds = vsock_path(&dir, "restored");
+    let vm = restore(dir, "restored", &full_state, &full_mem);
+    let uds = vsock_path(dir, "restored");
     let client = agent(&uds);
     client
         .restored_now(BTreeMap::new())
@@ -289,8 +283,8 @@ fn seccomp_filters_allow_every_device_pause_snapshot_and_restore() {
     let merged = dir.join("merged.mem");
     std::fs::copy(&full_mem, &merged).unwrap();
     kiln_snapshot::merge(&merged, &[diff_mem]).unwrap();
-    let vm = restore(&dir, "merged", &diff_state, &merged);
-    let client = agent(&vsock_path(&dir, "merged"));
+    let vm = restore(dir, "merged", &diff_state, &merged);
+    let client = agent(&vsock_path(dir, "merged"));
     client
         .restored_now(BTreeMap::new())
         .expect("post-restore step");
