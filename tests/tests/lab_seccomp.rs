@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kiln_agent::client::{Client, wait_ready};
@@ -26,6 +27,34 @@ const EXIT_WAIT: Duration = Duration::from_secs(60);
 const DATA_BYTES: usize = 8 << 20;
 /// The host port the guest connects to over vsock.
 const HOST_PORT: u32 = 5005;
+/// The whole test's limit, past which the watchdog ends it saying where it was.
+const TEST_LIMIT: Duration = Duration::from_secs(600);
+
+/// What the test is doing, for the watchdog's report.
+static STEP: Mutex<String> = Mutex::new(String::new());
+
+fn step(what: &str) {
+    *STEP.lock().unwrap_or_else(|p| p.into_inner()) = what.to_string();
+}
+
+/// Ends the test process if it is still running after [`TEST_LIMIT`] (something in a guest or a
+/// kiln-vmm stopped answering), naming the step and showing the tail of each console in `dir`.
+fn watchdog(dir: PathBuf) {
+    std::thread::spawn(move || {
+        std::thread::sleep(TEST_LIMIT);
+        let step = STEP.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        eprintln!("lab_seccomp: still at step {step:?} after {TEST_LIMIT:?}; giving up");
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "console") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let tail = &text[text.len().saturating_sub(2000)..];
+                eprintln!("--- {} (tail) ---\n{tail}", path.display());
+            }
+        }
+        std::process::exit(1);
+    });
+}
 
 /// A kiln-vmm with its API socket `<name>.api` and its console in `<name>.console`.
 fn start(dir: &Path, name: &str) -> ApiVmm {
@@ -41,9 +70,10 @@ fn vsock_path(dir: &Path, name: &str) -> PathBuf {
 
 /// Runs `script` with sh in the guest; its stdout, after checking it exited 0.
 fn sh(client: &Client, script: &str) -> String {
-    let out = client
-        .run(ExecSpec::new(["sh", "-c", script]))
-        .expect("exec");
+    step(script);
+    let mut spec = ExecSpec::new(["sh", "-c", script]);
+    spec.timeout_ms = Some(120_000);
+    let out = client.run(spec).expect("exec");
     assert_eq!(
         out.status,
         ExitStatus::Exited(0),
@@ -95,6 +125,9 @@ fn guest_to_host(client: &Client, uds: &Path) {
     let listener = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display())).unwrap();
     let host = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         let mut got = [0u8; 5];
         stream.read_exact(&mut got).unwrap();
         stream.write_all(b"pong\n").unwrap();
@@ -198,9 +231,11 @@ const READ_DATA: &str =
 fn seccomp_filters_allow_every_device_pause_snapshot_and_restore() {
     let scratch = ScratchDir::new("seccomp");
     let dir = scratch.path();
+    watchdog(dir.to_path_buf());
     let data = dir.join("data.img");
     std::fs::write(&data, vec![0u8; 2 * DATA_BYTES]).unwrap();
 
+    step("boot");
     let vm = boot(dir, &data);
     let uds = vsock_path(dir, "boot");
     let client = agent(&uds);
@@ -226,6 +261,7 @@ fn seccomp_filters_allow_every_device_pause_snapshot_and_restore() {
     assert!(code == 200 && info.contains("Running"), "{code} {info}");
 
     // Pause, a full snapshot, resume; a change; pause, a diff, resume.
+    step("pause and a full snapshot");
     let (full_state, full_mem) = (dir.join("full.state"), dir.join("full.mem"));
     vm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     let (code, info) = vm.call("GET", "/", None);
@@ -233,16 +269,20 @@ fn seccomp_filters_allow_every_device_pause_snapshot_and_restore() {
     snapshot(&vm, &full_state, &full_mem, "Full");
     vm.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
     // A snapshot resets the guest's vsock connections (as on Firecracker): connect again.
+    step("the agent after the full snapshot");
     drop(client);
     let client = agent(&uds);
     sh(&client, "echo after-full > /tmp/after-full");
+    step("pause and a diff snapshot");
     let (diff_state, diff_mem) = (dir.join("diff.state"), dir.join("diff.mem"));
     vm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     snapshot(&vm, &diff_state, &diff_mem, "Diff");
     vm.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    step("the agent after the diff snapshot");
     drop(client);
     let client = agent(&uds);
     assert_eq!(sh(&client, "cat /tmp/after-full"), "after-full");
+    step("shutting down the booted VM");
     shut_down("the booted VM", vm, client);
     let on_host = {
         let mut bytes = std::fs::read(&data).unwrap();
@@ -257,6 +297,7 @@ fn seccomp_filters_allow_every_device_pause_snapshot_and_restore() {
     );
 
     // The full snapshot, restored in a new process: its memory, devices and agent carry on.
+    step("restoring the full snapshot");
     let vm = restore(dir, "restored", &full_state, &full_mem);
     let uds = vsock_path(dir, "restored");
     let client = agent(&uds);
@@ -277,17 +318,20 @@ fn seccomp_filters_allow_every_device_pause_snapshot_and_restore() {
         "dd if=/dev/urandom of=/dev/vdb bs=4096 count=16 seek=2048 oflag=direct conv=fsync 2>/dev/null",
     );
     guest_to_host(&client, &uds);
+    step("shutting down the restored VM");
     shut_down("the VM restored from the full snapshot", vm, client);
 
     // The diff merged into its base, restored: the change made between the two is there.
     let merged = dir.join("merged.mem");
     std::fs::copy(&full_mem, &merged).unwrap();
     kiln_snapshot::merge(&merged, &[diff_mem]).unwrap();
+    step("restoring the merged diff");
     let vm = restore(dir, "merged", &diff_state, &merged);
     let client = agent(&vsock_path(dir, "merged"));
     client
         .restored_now(BTreeMap::new())
         .expect("post-restore step");
     assert_eq!(sh(&client, "cat /tmp/after-full"), "after-full");
+    step("shutting down the merged VM");
     shut_down("the VM restored from the merged diff", vm, client);
 }
