@@ -43,15 +43,18 @@ fn watchdog(dir: PathBuf) {
     std::thread::spawn(move || {
         std::thread::sleep(TEST_LIMIT);
         let step = STEP.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        eprintln!("lab_seccomp: still at step {step:?} after {TEST_LIMIT:?}; giving up");
+        // Straight to fd 2: the test harness captures eprintln!, and the process exits below.
+        let mut report =
+            format!("lab_seccomp: still at step {step:?} after {TEST_LIMIT:?}; giving up\n");
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "console") {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                let tail = &text[text.len().saturating_sub(2000)..];
-                eprintln!("--- {} (tail) ---\n{tail}", path.display());
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                let tail = String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(2000)..]);
+                report.push_str(&format!("--- {} (tail) ---\n{tail}\n", path.display()));
             }
         }
+        let _ = std::io::stderr().write_all(report.as_bytes());
         std::process::exit(1);
     });
 }
