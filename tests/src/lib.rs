@@ -7,9 +7,11 @@
 //! runs it in the lab.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The marker the test initramfs prints first thing in `/init`.
@@ -202,6 +204,160 @@ pub fn kiln_vmm_rootfs(
         .arg("--vsock")
         .arg(format!("cid=3,uds={}", uds.display()));
     cmd
+}
+
+/// A `kiln-vmm` command. With `KILN_VMM_STRACE=DIR` in the environment it runs under
+/// `strace -f` instead, each process tracing to its own `DIR/kiln-vmm-<pid>-<n>.trace` (for
+/// re-deriving the seccomp filters; `cargo xtask lab --with-strace` puts strace in the lab).
+pub fn kiln_vmm() -> Command {
+    let Some(dir) = std::env::var_os("KILN_VMM_STRACE") else {
+        return Command::new("kiln-vmm");
+    };
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let out = Path::new(&dir).join(format!("kiln-vmm-{}-{n}.trace", std::process::id()));
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-X", "verbose", "-s", "48", "-o"])
+        .arg(out)
+        .arg("kiln-vmm");
+    cmd
+}
+
+/// A fresh folder under the temporary directory, removed with everything in it when dropped: L1's
+/// /tmp is a tmpfs that the lab tests share, and snapshot memory files fill it quickly.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// Creates `<tmp>/kiln-<name>-<pid>`, emptied first.
+    pub fn new(name: &str) -> ScratchDir {
+        let dir = std::env::temp_dir().join(format!("kiln-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        ScratchDir(dir)
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// How a process that was waited for ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything it wrote on stderr.
+    pub stderr: String,
+    /// It was still running at the deadline and was killed.
+    pub timed_out: bool,
+}
+
+/// A `kiln-vmm` serving its API socket, with its stderr kept for [`ApiVmm::finish`]; killed
+/// when dropped.
+pub struct ApiVmm {
+    child: Child,
+    sock: PathBuf,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl ApiVmm {
+    /// Starts `cmd` (a `kiln-vmm` command) with `--api-sock sock`, stdin closed, stderr captured,
+    /// and waits until the socket exists.
+    pub fn start(mut cmd: Command, sock: &Path) -> ApiVmm {
+        let mut child = cmd
+            .arg("--api-sock")
+            .arg(sock)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kiln-vmm");
+        let mut pipe = child.stderr.take().expect("stderr is piped");
+        let stderr = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        });
+        let vmm = ApiVmm {
+            child,
+            sock: sock.to_path_buf(),
+            stderr: Some(stderr),
+        };
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no API socket at {} after 60 s",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        vmm
+    }
+
+    /// One API request; its status code and body.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        kiln_api::client::request(&self.sock, method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path} on {}: {e}", self.sock.display()))
+    }
+
+    /// One API request that must be answered 204 No Content.
+    pub fn ok(&self, method: &str, path: &str, body: &str) {
+        let (code, text) = self.call(method, path, Some(body));
+        assert_eq!(code, 204, "{method} {path}: {text}");
+    }
+
+    /// Waits up to `limit` for the process to end (killing it then) and returns how it ended.
+    pub fn finish(mut self, limit: Duration) -> Finished {
+        let (status, timed_out) =
+            wait_with_deadline(&mut self.child, limit).expect("wait for kiln-vmm");
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        Finished {
+            status,
+            stderr,
+            timed_out,
+        }
+    }
+}
+
+impl Drop for ApiVmm {
+    /// Kills the process; when a test is failing, first says whether it had already ended (and
+    /// how: SIGSYS means a seccomp filter killed it) and what it wrote on stderr.
+    fn drop(&mut self) {
+        let ended = self.child.try_wait().ok().flatten();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            use std::os::unix::process::ExitStatusExt;
+            let how = match ended {
+                Some(s) if s.signal() == Some(libc::SIGSYS) => {
+                    format!("had been killed by a seccomp filter ({s})")
+                }
+                Some(s) => format!("had ended ({s})"),
+                None => "was still running".into(),
+            };
+            let stderr = self
+                .stderr
+                .take()
+                .and_then(|t| t.join().ok())
+                .unwrap_or_default();
+            eprintln!(
+                "kiln-vmm at {} {how}; its stderr:\n{stderr}",
+                self.sock.display()
+            );
+        }
+    }
 }
 
 /// Debian's cloud-kernel bzImage, for the bzImage loader.

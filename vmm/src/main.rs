@@ -1,10 +1,13 @@
 //! The `kiln-vmm` binary: parse, validate, build, run, and turn the outcome into an exit status
-//! (0 guest reset or power-off, 1 VMM/KVM failure or triple fault, 2 bad input).
+//! (0 guest reset or power-off, 1 VMM/KVM failure or triple fault, 2 bad input). Each thread
+//! installs its seccomp filter where `kiln_vmm::seccomp` says, unless `--no-seccomp` was given.
 
 use std::io::Write;
 use std::process::ExitCode;
 
+use kiln_vmm::api::ApiStartError;
 use kiln_vmm::config::{Command, VmConfig, parse_args};
+use kiln_vmm::seccomp::SeccompFilters;
 use kiln_vmm::{Vmm, api};
 use vmm_sys_util::terminal::Terminal;
 
@@ -14,12 +17,13 @@ const EXIT_BAD_INPUT: u8 = 2;
 fn main() -> ExitCode {
     kiln_vmm::logger::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (config, api_sock, serial) = match parse_args(&args) {
+    let (config, api_sock, serial, no_seccomp) = match parse_args(&args) {
         Ok(Command::Run {
             config,
             api_sock,
             serial,
-        }) => (config, api_sock, serial),
+            no_seccomp,
+        }) => (config, api_sock, serial, no_seccomp),
         Ok(Command::Help) => {
             println!("{}", kiln_vmm::config::USAGE);
             return ExitCode::SUCCESS;
@@ -30,10 +34,26 @@ fn main() -> ExitCode {
         }
         Err(msg) => return fail(&msg, EXIT_BAD_INPUT),
     };
+    let seccomp = if no_seccomp {
+        eprintln!(
+            "kiln-vmm: warning: --no-seccomp: no seccomp filters; every thread may make any system call"
+        );
+        SeccompFilters::disabled()
+    } else {
+        match SeccompFilters::embedded() {
+            Ok(filters) => filters,
+            Err(e) => return fail(&e.to_string(), EXIT_VMM_ERROR),
+        }
+    };
     // The API socket listens before anything else, so a client can connect right away.
-    let api = match api_sock.as_deref().map(api::start).transpose() {
+    let api = match api_sock
+        .as_deref()
+        .map(|p| api::start(p, &seccomp))
+        .transpose()
+    {
         Ok(api) => api,
-        Err(e) => return fail(&e.to_string(), EXIT_BAD_INPUT),
+        Err(e @ ApiStartError::Bind(_)) => return fail(&e.to_string(), EXIT_BAD_INPUT),
+        Err(e) => return fail(&e.to_string(), EXIT_VMM_ERROR),
     };
     let (mut vmm, api) = match (config, api) {
         (Some(config), api) => match build(&config) {
@@ -59,6 +79,7 @@ fn main() -> ExitCode {
     if let Some(link) = api {
         vmm.serve_api(link);
     }
+    vmm.set_seccomp(seccomp);
     // Keystrokes go to the guest as they are typed (Ctrl-C included), as on Firecracker's console.
     let raw = RawTerminal::enable();
     let reason = vmm.run();

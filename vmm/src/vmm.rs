@@ -5,6 +5,10 @@
 //! with the vCPUs: nothing reads host sockets or writes guest memory until the VM resumes (the
 //! epoll registrations are level-triggered, so whatever arrived meanwhile is handled then). Only
 //! the API and the exit signal are watched while paused.
+//!
+//! The VMM thread installs its seccomp filter in [`Vmm::run`], once the vCPU threads exist (they
+//! start paused and install their own) and before any of them runs the guest
+//! ([`crate::seccomp`]).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -19,6 +23,7 @@ use crate::builder::{BuildError, Platform, build};
 use crate::config::VmConfig;
 use crate::device_manager::{MmioDeviceManager, Subscriber};
 use crate::memory::GuestMemoryMmap;
+use crate::seccomp::{SeccompFilters, ThreadKind};
 use crate::vstate::exit::{ExitReason, ExitSignal, IoBuses};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vcpu_state::saveable_msrs;
@@ -60,6 +65,7 @@ pub struct Vmm {
     pub(crate) paused_clock: Option<kvm_clock_data>,
     api: Option<ApiLink>,
     resume_on_start: bool,
+    seccomp: SeccompFilters,
 }
 
 impl TryFrom<&VmConfig> for Vmm {
@@ -141,6 +147,7 @@ impl Vmm {
             paused_clock: parts.paused_clock,
             api: None,
             resume_on_start: false,
+            seccomp: SeccompFilters::disabled(),
         }
     }
 
@@ -156,6 +163,12 @@ impl Vmm {
             Err(e) => log::error!("cannot watch the API: {e}"),
         };
         self.api = Some(link);
+    }
+
+    /// Installs `filters` when [`Vmm::run`] starts: the VMM one on the calling thread, the vCPU
+    /// one on each vCPU thread. Without this call, none is installed.
+    pub fn set_seccomp(&mut self, filters: SeccompFilters) {
+        self.seccomp = filters;
     }
 
     /// The configuration the VM was built from (for GET /vm/config).
@@ -195,15 +208,30 @@ impl Vmm {
             return ExitReason::Vmm(format!("cannot set the restored guest clock: {e}"));
         }
         let start_paused = self.is_paused();
+        // Every vCPU starts paused, so none runs the guest before this thread's filter is in.
         for vcpu in self.vcpus.drain(..) {
             match vcpu.start(
                 self.io.clone(),
                 self.signal.clone(),
                 msrs.clone(),
-                start_paused,
+                &self.seccomp,
             ) {
                 Ok(handle) => self.handles.push(handle),
                 Err(e) => return ExitReason::Vmm(format!("cannot start a vCPU thread: {e}")),
+            }
+        }
+        if let Err(e) = self.seccomp.install(ThreadKind::Vmm) {
+            return ExitReason::Vmm(e.to_string());
+        }
+        if !start_paused {
+            for handle in &self.handles {
+                if let Err(e) = handle.resume() {
+                    // A vCPU that could not install its filter has said why.
+                    return self
+                        .signal
+                        .reason()
+                        .unwrap_or_else(|| ExitReason::Vmm(format!("cannot start: {e}")));
+                }
             }
         }
         log::info!(

@@ -299,4 +299,25 @@ fn bad_snapshot_files_are_refused_by_name_and_the_vmm_waits() {
     let (code, fault) = target.load(&state, &mem, true);
     assert_eq!(code, 400);
     assert!(fault.contains("already started"), "{fault}");
+
+    // A snapshot that fails after its memory file was written removes that file's temporary
+    // (under the VMM's seccomp filter) and the VM carries on.
+    target.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let (code, fault) = target.call(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_path": "{0}/missing/x.state", "mem_file_path": "{0}/x.mem"}}"#,
+            dir.display()
+        ),
+    );
+    assert_eq!(code, 400);
+    assert!(fault.contains("missing/x.state"), "{fault}");
+    let stray = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .any(|e| kiln_snapshot::is_temporary_name(&e.file_name()));
+    assert!(!stray, "the memory file's temporary was removed");
+    target.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    target.wait_dots(1);
 }

@@ -1,7 +1,8 @@
 //! The VMM side of the API socket (`--api-sock`). A thread serves HTTP with `kiln-api` and hands
 //! each parsed request to the VMM thread over a channel, waking it with an eventfd; the VMM thread
 //! answers. Before `InstanceStart` the requests build up the configuration ([`preboot`]); after it,
-//! an event-loop subscriber answers queries and refuses changes ([`running`]).
+//! an event-loop subscriber answers queries and refuses changes ([`running`]). The API thread
+//! installs its seccomp filter before it serves anything ([`crate::seccomp`]).
 
 mod convert;
 pub mod preboot;
@@ -12,6 +13,8 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 
 use kiln_api::{ApiRequest, ApiResponse, ApiServer};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::seccomp::{SeccompError, SeccompFilters, ThreadKind};
 
 /// A request waiting for the VMM thread's answer.
 pub struct Pending {
@@ -46,17 +49,30 @@ pub enum ApiStartError {
     /// The eventfd or thread could not be created.
     #[error("API socket: cannot start the API thread: {0}")]
     Thread(std::io::Error),
+    /// The API thread could not install its seccomp filter.
+    #[error("API socket: {0}")]
+    Seccomp(#[from] SeccompError),
 }
 
-/// Binds the API socket at `path` (listening when this returns) and starts the thread serving it.
-pub fn start(path: &Path) -> Result<ApiLink, ApiStartError> {
+/// Binds the API socket at `path` (listening when this returns) and starts the thread serving it,
+/// which installs the `api` filter of `seccomp` first (before it, or any thread it starts, reads
+/// a request).
+pub fn start(path: &Path, seccomp: &SeccompFilters) -> Result<ApiLink, ApiStartError> {
     let server = ApiServer::bind(path)?;
     let wakeup = EventFd::new(libc::EFD_NONBLOCK).map_err(ApiStartError::Thread)?;
     let wake = wakeup.try_clone().map_err(ApiStartError::Thread)?;
     let (tx, requests) = mpsc::channel::<Pending>();
+    let (installed_tx, installed) = mpsc::sync_channel(1);
+    let seccomp = seccomp.clone();
     std::thread::Builder::new()
         .name("kiln_api".into())
         .spawn(move || {
+            let result = seccomp.install(ThreadKind::Api);
+            let failed = result.is_err();
+            let _ = installed_tx.send(result);
+            if failed {
+                return;
+            }
             let served = server.serve(move |request| {
                 let (reply, answer) = mpsc::sync_channel(1);
                 if tx.send(Pending { request, reply }).is_err() {
@@ -72,6 +88,14 @@ pub fn start(path: &Path) -> Result<ApiLink, ApiStartError> {
             }
         })
         .map_err(ApiStartError::Thread)?;
+    match installed.recv() {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(ApiStartError::Thread(std::io::Error::other(
+                "the API thread ended before it started serving",
+            )));
+        }
+    }
     Ok(ApiLink { requests, wakeup })
 }
 

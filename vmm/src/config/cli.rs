@@ -14,6 +14,7 @@ pub const USAGE: &str =
                 [--drive id=ID,path=PATH[,ro][,root]]... [--vsock cid=N,uds=PATH] [--serial-out PATH]
        kiln-vmm --config-file FILE [--serial-out PATH] [--api-sock PATH]
        kiln-vmm --api-sock PATH [--serial-out PATH]
+       (each form also takes --no-seccomp)
 
   --kernel PATH       uncompressed ELF vmlinux (PVH entry used when present) or bzImage
   --initrd PATH       initramfs to load
@@ -28,6 +29,8 @@ pub const USAGE: &str =
   --api-sock PATH     serve Firecracker's HTTP API on a Unix socket at PATH; without a kernel or
                       config file, the VM is configured and started through it
   --config-file FILE  Firecracker-style JSON with \"boot-source\" and \"machine-config\"
+  --no-seccomp        install no seccomp filters (for debugging only: a guest that takes over
+                      a thread could then make any system call)
 
 exit status: 0 when the guest reboots or powers off, 1 on a VMM or KVM error or a guest triple
 fault, 2 on a bad command line or configuration.";
@@ -43,6 +46,8 @@ pub enum Command {
         api_sock: Option<PathBuf>,
         /// The serial console for a VM configured over the API.
         serial: SerialConfig,
+        /// `--no-seccomp`: install no seccomp filters.
+        no_seccomp: bool,
     },
     /// Print usage.
     Help,
@@ -63,6 +68,7 @@ struct Flags {
     drives: Vec<DriveConfig>,
     vsock: Option<VsockConfig>,
     api_sock: Option<PathBuf>,
+    no_seccomp: bool,
 }
 
 /// Parses `args` (without the program name).
@@ -96,17 +102,21 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
             "--drive" => flags.drives.push(parse_drive(&value()?)?),
             "--vsock" => set(&mut flags.vsock, name, parse_vsock(&value()?)?)?,
             "--api-sock" => set(&mut flags.api_sock, name, value()?.into())?,
+            "--no-seccomp" if inline.is_some() => return Err(format!("{name} takes no value")),
+            "--no-seccomp" => flags.no_seccomp = true,
             other if other.starts_with('-') => return Err(format!("unknown option {other}")),
             other => return Err(format!("unexpected argument {other:?}")),
         }
     }
     let api_sock = flags.api_sock.take();
+    let no_seccomp = flags.no_seccomp;
     if api_sock.is_some() && flags.kernel.is_none() && flags.config_file.is_none() {
         let serial = flags.into_api_only()?;
         return Ok(Command::Run {
             config: None,
             api_sock,
             serial,
+            no_seccomp,
         });
     }
     let config = flags.into_config()?;
@@ -114,6 +124,7 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
         serial: config.serial.clone(),
         config: Some(Box::new(config)),
         api_sock,
+        no_seccomp,
     })
 }
 
@@ -259,6 +270,7 @@ mod tests {
                 config: None,
                 api_sock,
                 serial,
+                no_seccomp: false,
             } => {
                 assert_eq!(api_sock, Some(PathBuf::from("/run/k.sock")));
                 assert_eq!(serial.serial_out_path, Some(PathBuf::from("/o")));
@@ -278,6 +290,21 @@ mod tests {
         assert_eq!(
             parse(&["--api-sock", "/s", "--vcpus", "2"]).unwrap_err(),
             "--vcpus needs --kernel; with only --api-sock, configure it over the API"
+        );
+    }
+
+    #[test]
+    fn seccomp_is_on_unless_no_seccomp_is_given() {
+        let no_seccomp = |args: &[&str]| match parse(args).unwrap() {
+            Command::Run { no_seccomp, .. } => no_seccomp,
+            other => panic!("expected a run, got {other:?}"),
+        };
+        assert!(!no_seccomp(&["--kernel", "/k"]));
+        assert!(no_seccomp(&["--kernel", "/k", "--no-seccomp"]));
+        assert!(no_seccomp(&["--no-seccomp", "--api-sock", "/s"]));
+        assert_eq!(
+            parse(&["--kernel", "/k", "--no-seccomp=yes"]).unwrap_err(),
+            "--no-seccomp takes no value"
         );
     }
 

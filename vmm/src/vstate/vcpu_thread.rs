@@ -6,6 +6,9 @@
 //! the thread answers. Before answering, the thread re-enters KVM_RUN once with `immediate_exit`
 //! set, which completes any port or MMIO read it had exited for, so the saved registers are
 //! consistent (KVM's API documentation asks for exactly this before saving state).
+//!
+//! The thread installs the vCPU seccomp filter before anything else, so no guest code runs on an
+//! unfiltered vCPU thread ([`crate::seccomp`]).
 
 use std::sync::Arc;
 use std::sync::Once;
@@ -19,6 +22,7 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 use super::exit::{ExitReason, ExitSignal, IoBuses, VcpuAction, handle_exit};
 use super::vcpu::Vcpu;
 use super::vcpu_state::{self, VcpuState};
+use crate::seccomp::{SeccompFilters, ThreadKind};
 
 /// How long a vCPU may take to answer a request before the VMM gives up on it.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -91,14 +95,15 @@ struct VcpuThread {
 }
 
 impl Vcpu {
-    /// Starts the thread that runs this vCPU until the VM stops; with `paused` it waits for a
-    /// resume before running the guest. `msr_indices` are the MSRs saved in snapshots.
+    /// Starts the thread that runs this vCPU until the VM stops. The thread installs the vCPU
+    /// filter of `seccomp`, then waits paused: the guest runs from [`VcpuHandle::resume`] on.
+    /// `msr_indices` are the MSRs saved in snapshots.
     pub fn start(
         self,
         io: Arc<IoBuses>,
         signal: Arc<ExitSignal>,
         msr_indices: Arc<Vec<u32>>,
-        paused: bool,
+        seccomp: &SeccompFilters,
     ) -> std::io::Result<VcpuHandle> {
         install_kick_handler()?;
         let (id, fd) = self.into_parts();
@@ -111,9 +116,16 @@ impl Vcpu {
             responses: resp_tx,
             msr_indices,
         };
+        let seccomp = seccomp.clone();
         let handle = std::thread::Builder::new()
             .name(format!("kiln_vcpu{id}"))
-            .spawn(move || thread.run(&io, &signal, paused))?;
+            .spawn(move || {
+                if let Err(e) = seccomp.install(ThreadKind::Vcpu) {
+                    signal.request(ExitReason::Vmm(format!("vCPU {id}: {e}")));
+                    return;
+                }
+                thread.run(&io, &signal)
+            })?;
         Ok(VcpuHandle {
             id,
             requests: req_tx,
@@ -188,8 +200,8 @@ impl VcpuHandle {
 }
 
 impl VcpuThread {
-    fn run(&mut self, io: &IoBuses, signal: &ExitSignal, paused: bool) {
-        if paused && !self.paused(io, signal) {
+    fn run(&mut self, io: &IoBuses, signal: &ExitSignal) {
+        if !self.paused(io, signal) {
             return;
         }
         while !signal.is_stopping() {

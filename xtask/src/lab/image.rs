@@ -1,6 +1,6 @@
 //! The work image: an ext4 disk L1 mounts at /kiln, holding the workspace's release binaries (bin/)
 //! with their shared libraries (lib/), the guest kernel (vmlinux), the shared folder (share/), the
-//! command file (cmd), the caller's extra files and, on request, QEMU with its firmware.
+//! command file (cmd), the caller's extra files and, on request, QEMU with its firmware and strace.
 //!
 //! Built without root by `mke2fs -d` from a staging folder, fresh for every run: L1 may write to it.
 
@@ -23,6 +23,8 @@ pub struct ImageSpec<'a> {
     pub build_bins: bool,
     /// Add qemu-system-x86_64, its libraries and /usr/share/{qemu,seabios}.
     pub with_qemu: bool,
+    /// Add strace and its libraries (in usr/bin, on L1's PATH).
+    pub with_strace: bool,
 }
 
 /// Room for what L1 writes (logs, L2 disk images) beyond what the image holds at the start. The file
@@ -61,6 +63,13 @@ pub fn build(spec: &ImageSpec, run_dir: &Path) -> Result<PathBuf> {
                     .arg(staging.join("usr/share")),
             )?;
         }
+    }
+    if spec.with_strace {
+        util::ensure_packages(&["strace"])?;
+        let strace = PathBuf::from("/usr/bin/strace");
+        util::mkdir(&staging.join("usr/bin"))?;
+        copy(&strace, &staging.join("usr/bin/strace"))?;
+        executables.push(strace);
     }
     for exe in &executables {
         for (name, path) in ldd_closure(exe)? {

@@ -25,6 +25,8 @@ pub struct LabRun {
     pub files: Vec<(PathBuf, String)>,
     /// Also put QEMU, its libraries and firmware in the image (~55 MB), for QEMU peers inside L1.
     pub with_qemu: bool,
+    /// Also put strace and its libraries in the image (to derive kiln-vmm's seccomp filters).
+    pub with_strace: bool,
     /// Build the workspace's release binaries and put them in /kiln/bin (on PATH in L1).
     pub build_bins: bool,
     /// CMD's argv; run by `/bin/sh` in L1 with no stdin.
@@ -45,6 +47,7 @@ impl Default for LabRun {
             share: None,
             files: Vec::new(),
             with_qemu: false,
+            with_strace: false,
             build_bins: true,
             cmd: Vec::new(),
             mem_mib: 4096,
@@ -228,6 +231,7 @@ pub fn run(lab: &LabRun) -> Result<LabOutcome> {
             files: &files,
             build_bins: lab.build_bins,
             with_qemu: lab.with_qemu,
+            with_strace: lab.with_strace,
         },
         &run_dir.0,
     )?;
@@ -300,6 +304,7 @@ options:
   --share DIR            copy DIR into L1 at /share and run CMD there
   --file HOST=PATH       also put HOST (file or folder) in the image at /kiln/PATH
   --with-qemu            also put QEMU and its firmware in the image (~55 MB)
+  --with-strace          also put strace in the image
   --no-bins              do not build the workspace binaries
   --mem MIB              L1 memory (default 4096)
   --cpus N               L1 vCPUs (default 2)
@@ -332,6 +337,7 @@ fn parse(args: &[String]) -> Result<LabRun> {
                 lab.files.push((PathBuf::from(host), path.to_string()));
             }
             "--with-qemu" => lab.with_qemu = true,
+            "--with-strace" => lab.with_strace = true,
             "--no-bins" => lab.build_bins = false,
             "--mem" => lab.mem_mib = number("--mem", &value("--mem")?)?,
             "--cpus" => lab.cpus = number("--cpus", &value("--cpus")?)?,
@@ -426,7 +432,12 @@ mod tests {
         );
         let lab = parse(&args(&["--file", "/a=b=c/d", "--with-qemu", "--", "true"])).unwrap();
         assert_eq!(lab.files, [(PathBuf::from("/a=b"), "c/d".to_string())]);
-        assert!(lab.with_qemu);
+        assert!(lab.with_qemu && !lab.with_strace);
+        assert!(
+            parse(&args(&["--with-strace", "true"]))
+                .unwrap()
+                .with_strace
+        );
     }
 
     #[test]

@@ -1,0 +1,178 @@
+//! Seccomp filters, one for each kind of thread `kiln-vmm` runs, so that a guest that takes over a
+//! thread (through a device bug, say) can make only the system calls that thread needs.
+//!
+//! The filters are written in seccompiler's JSON (`resources/seccomp/x86_64.json`), compiled to
+//! BPF by `build.rs` and embedded in the binary; any system call a filter does not list kills the
+//! whole process (SIGSYS). `--no-seccomp` installs none. The kinds, and when each installs its
+//! filter:
+//!
+//! - **api**: the `kiln_api` thread, before it serves its first request. The accept thread
+//!   (`kiln-api-accept`) and the one thread per connection (`kiln-api-conn`) are started after
+//!   that, so they inherit the filter: they only read, parse and write HTTP on Unix sockets.
+//! - **vcpu**: each `kiln_vcpu{N}` thread, first thing, before it runs any guest code. Its work is
+//!   KVM_RUN and the exits it handles: port and MMIO accesses dispatched to the devices (serial
+//!   output, eventfd writes, a vsock reset closing host sockets), the kick signal, and the state
+//!   ioctls the VMM thread asks for while paused (snapshots).
+//! - **vmm**: the main thread, which builds the VM (opening /dev/kvm, creating it, mapping memory,
+//!   loading the kernel, or reading a snapshot), then runs the event loop, the devices and the
+//!   API's answers. Its filter is installed *after* the VM is built and the vCPU threads are
+//!   started, and *before* any of them runs guest code: the vCPU threads start paused, each
+//!   installs its own filter, the VMM thread installs its filter, and only then are the vCPUs
+//!   resumed. So the VMM filter need not allow building a VM (no KVM_CREATE_VM, no
+//!   memfd_create, no opening of kernels), and since the vCPU threads were created before it,
+//!   their filters are not stacked on it.
+//!
+//! A filter that cannot be installed is an error naming the thread, and the VMM stops.
+//!
+//! The lists are what `strace -f` showed each thread calling after its filter went in, for the
+//! host tests (tiny guests, the API, snapshots) and for the lab's Linux guests
+//! (`tests/tests/lab_seccomp.rs`: every device, pause, snapshots, restores), plus the few calls
+//! of paths those runs do not reach, each named in its rule's comment: the terminal put back at
+//! exit, a failed snapshot's cleanup, `abort()` after a panic, malloc growing a heap, a timed
+//! wait resumed after SIGSTOP. Arguments are pinned where that narrows something: ioctl requests
+//! (no KVM_CREATE_VM on any thread, no KVM_RUN outside the vCPU threads), socket types, open
+//! flags, futex operations (no priority-inheritance ones), never PROT_EXEC memory. To re-derive
+//! them, run the lab test under strace: `cargo xtask lab --with-strace --share DIR -- ...` with
+//! the test binary in DIR and `KILN_VMM_STRACE=/tmp/traces` in its environment (see
+//! `kiln_tests::kiln_vmm`).
+
+use std::sync::Arc;
+
+use seccompiler::{BpfProgram, sock_filter};
+
+/// The kinds of thread `kiln-vmm` runs, each with its own filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The main thread: the event loop, devices, API answers, snapshots.
+    Vmm,
+    /// The API socket's threads.
+    Api,
+    /// A vCPU thread.
+    Vcpu,
+}
+
+impl ThreadKind {
+    /// Every kind.
+    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu];
+
+    /// The filter's name in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vmm => "vmm",
+            ThreadKind::Api => "api",
+            ThreadKind::Vcpu => "vcpu",
+        }
+    }
+
+    fn embedded(self) -> &'static [u8] {
+        match self {
+            ThreadKind::Vmm => include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-vmm.bpf")),
+            ThreadKind::Api => include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-api.bpf")),
+            ThreadKind::Vcpu => include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-vcpu.bpf")),
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors loading or installing a filter.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The embedded program is not whole BPF instructions (a build problem).
+    #[error(
+        "the embedded {kind} seccomp filter is {len} bytes, not a whole number of 8-byte BPF instructions"
+    )]
+    Corrupt {
+        /// Which filter.
+        kind: ThreadKind,
+        /// Its length.
+        len: usize,
+    },
+    /// The kernel refused the filter.
+    #[error("thread {thread}: cannot install the {kind} seccomp filter: {err}")]
+    Install {
+        /// The thread's name.
+        thread: String,
+        /// Which filter.
+        kind: ThreadKind,
+        /// Why.
+        err: seccompiler::Error,
+    },
+}
+
+/// The BPF program embedded for `kind`.
+pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let bytes = kind.embedded();
+    if bytes.is_empty() || !bytes.len().is_multiple_of(8) {
+        return Err(SeccompError::Corrupt {
+            kind,
+            len: bytes.len(),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|i| sock_filter {
+            code: u16::from_le_bytes([i[0], i[1]]),
+            jt: i[2],
+            jf: i[3],
+            k: u32::from_le_bytes([i[4], i[5], i[6], i[7]]),
+        })
+        .collect())
+}
+
+/// Installs `program` as the calling thread's `kind` filter.
+pub fn install_program(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(program).map_err(|err| SeccompError::Install {
+        thread: std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string(),
+        kind,
+        err,
+    })
+}
+
+/// The filters a `kiln-vmm` process installs, or none (`--no-seccomp`, and library users that
+/// never ask for them). Cheap to clone: each thread that installs one holds a copy.
+#[derive(Clone, Default)]
+pub struct SeccompFilters(Option<Arc<[BpfProgram; 3]>>);
+
+impl SeccompFilters {
+    /// The filters built into this binary.
+    pub fn embedded() -> Result<Self, SeccompError> {
+        Ok(Self(Some(Arc::new([
+            program(ThreadKind::Vmm)?,
+            program(ThreadKind::Api)?,
+            program(ThreadKind::Vcpu)?,
+        ]))))
+    }
+
+    /// No filters: [`SeccompFilters::install`] does nothing.
+    pub fn disabled() -> Self {
+        Self(None)
+    }
+
+    /// True unless disabled.
+    pub fn is_enabled(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Installs the `kind` filter on the calling thread (and so on the threads it starts later).
+    pub fn install(&self, kind: ThreadKind) -> Result<(), SeccompError> {
+        match &self.0 {
+            Some(programs) => install_program(kind, &programs[kind.index()]),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

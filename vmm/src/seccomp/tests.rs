@@ -1,0 +1,166 @@
+//! The embedded filters decode, and the JSON they come from says what it means: every filter
+//! kills on a mismatch, every rule says why, and every named number (ioctl requests, signals,
+//! socket and fcntl arguments) is the number the name stands for on this target.
+
+use std::collections::BTreeMap;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_irqchip, kvm_lapic_state,
+    kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave,
+};
+use serde_json::Value;
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+
+use super::*;
+
+const JSON: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../resources/seccomp/x86_64.json"
+));
+
+// The requests as kvm-ioctls defines them (its own definitions are private).
+const KVMIO: u32 = 0xAE;
+ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+
+/// The names a condition's comment may start with, and their values.
+fn known() -> BTreeMap<&'static str, u64> {
+    let mut m: BTreeMap<&'static str, u64> = [
+        ("KVM_RUN", KVM_RUN()),
+        ("KVM_GET_REGS", KVM_GET_REGS()),
+        ("KVM_GET_SREGS", KVM_GET_SREGS()),
+        ("KVM_GET_MSRS", KVM_GET_MSRS()),
+        ("KVM_GET_LAPIC", KVM_GET_LAPIC()),
+        ("KVM_GET_CPUID2", KVM_GET_CPUID2()),
+        ("KVM_GET_MP_STATE", KVM_GET_MP_STATE()),
+        ("KVM_GET_VCPU_EVENTS", KVM_GET_VCPU_EVENTS()),
+        ("KVM_GET_DEBUGREGS", KVM_GET_DEBUGREGS()),
+        ("KVM_GET_TSC_KHZ", KVM_GET_TSC_KHZ()),
+        ("KVM_GET_XSAVE", KVM_GET_XSAVE()),
+        ("KVM_GET_XCRS", KVM_GET_XCRS()),
+        ("KVM_KVMCLOCK_CTRL", KVM_KVMCLOCK_CTRL()),
+        ("KVM_GET_DIRTY_LOG", KVM_GET_DIRTY_LOG()),
+        ("KVM_GET_IRQCHIP", KVM_GET_IRQCHIP()),
+        ("KVM_SET_CLOCK", KVM_SET_CLOCK()),
+        ("KVM_GET_CLOCK", KVM_GET_CLOCK()),
+        ("KVM_GET_PIT2", KVM_GET_PIT2()),
+    ]
+    .into_iter()
+    .collect();
+    let libc_values: [(&'static str, i64); 22] = [
+        ("TCGETS", libc::TCGETS as i64),
+        ("TCSETS", libc::TCSETS as i64),
+        ("FIONBIO", libc::FIONBIO as i64),
+        ("SIGABRT", libc::SIGABRT.into()),
+        ("SIGRTMIN", vmm_sys_util::signal::SIGRTMIN().into()),
+        ("AF_UNIX", libc::AF_UNIX.into()),
+        (
+            "SOCK_STREAM|SOCK_NONBLOCK|SOCK_CLOEXEC",
+            (libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC).into(),
+        ),
+        ("SOCK_CLOEXEC", libc::SOCK_CLOEXEC.into()),
+        ("SOL_SOCKET", libc::SOL_SOCKET.into()),
+        ("SO_SNDTIMEO", libc::SO_SNDTIMEO.into()),
+        ("SHUT_RDWR", libc::SHUT_RDWR.into()),
+        ("SHUT_RD", libc::SHUT_RD.into()),
+        ("SHUT_WR", libc::SHUT_WR.into()),
+        ("F_GETFD", libc::F_GETFD.into()),
+        ("PR_SET_NAME", libc::PR_SET_NAME.into()),
+        ("PROT_EXEC", libc::PROT_EXEC.into()),
+        ("MADV_DONTNEED", libc::MADV_DONTNEED.into()),
+        (
+            "O_RDONLY|O_CLOEXEC",
+            (libc::O_RDONLY | libc::O_CLOEXEC).into(),
+        ),
+        (
+            "O_RDWR|O_CREAT|O_EXCL|O_CLOEXEC",
+            (libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC).into(),
+        ),
+        ("FUTEX_WAIT", libc::FUTEX_WAIT.into()),
+        ("FUTEX_WAKE", libc::FUTEX_WAKE.into()),
+        ("FUTEX_WAIT_BITSET", libc::FUTEX_WAIT_BITSET.into()),
+    ];
+    for (name, value) in libc_values {
+        m.insert(name, value as u64);
+    }
+    m
+}
+
+fn filters() -> serde_json::Map<String, Value> {
+    match serde_json::from_str(JSON).expect("the filters are JSON") {
+        Value::Object(m) => m,
+        other => panic!("the filters are not an object: {other}"),
+    }
+}
+
+#[test]
+fn every_embedded_filter_decodes() {
+    for kind in ThreadKind::ALL {
+        let p = program(kind).unwrap();
+        assert!(p.len() > 4, "{kind}: {} instructions", p.len());
+    }
+    assert!(SeccompFilters::embedded().unwrap().is_enabled());
+    assert!(!SeccompFilters::disabled().is_enabled());
+}
+
+#[test]
+fn every_filter_kills_the_process_on_a_mismatch_and_every_rule_says_why() {
+    let filters = filters();
+    let names: Vec<&str> = filters.keys().map(String::as_str).collect();
+    assert_eq!(names, ["api", "vcpu", "vmm"]);
+    for (name, filter) in &filters {
+        assert_eq!(filter["default_action"], "kill_process", "{name}");
+        assert_eq!(filter["filter_action"], "allow", "{name}");
+        for rule in filter["filter"].as_array().unwrap() {
+            let comment = rule["comment"].as_str().unwrap_or_default();
+            assert!(!comment.is_empty(), "{name}: {rule} has no comment");
+        }
+    }
+}
+
+#[test]
+fn every_named_argument_has_the_value_its_name_stands_for() {
+    let known = known();
+    for (name, filter) in filters() {
+        for rule in filter["filter"].as_array().unwrap() {
+            let syscall = rule["syscall"].as_str().unwrap();
+            for cond in rule["args"].as_array().into_iter().flatten() {
+                let comment = cond["comment"].as_str().unwrap_or_default();
+                // "without X": the bits of X are masked and must be clear; otherwise the comment
+                // names the value compared with.
+                let (word, got) = match comment.strip_prefix("without ") {
+                    Some(rest) => {
+                        assert_eq!(cond["val"], 0, "{name}: {syscall}: {cond}");
+                        (rest, cond["op"]["masked_eq"].as_u64().unwrap_or_default())
+                    }
+                    None => (comment, cond["val"].as_u64().unwrap()),
+                };
+                let word = word.split_whitespace().next().unwrap_or_default();
+                let value = known.get(word).unwrap_or_else(|| {
+                    panic!("{name}: {syscall}: argument {cond} is not named by its comment")
+                });
+                assert_eq!(
+                    got, *value,
+                    "{name}: {syscall}: {word} is {value:#x}, the JSON says {got:#x}"
+                );
+            }
+        }
+    }
+}
