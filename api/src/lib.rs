@@ -24,4 +24,4 @@ pub mod server;
 pub use error::ApiError;
 pub use requests::{ApiRequest, ROUTES, Route, parse_request};
 pub use response::ApiResponse;
-pub use server::ApiServer;
+pub use server::{ApiServer, Unwritten};

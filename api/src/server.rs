@@ -10,6 +10,7 @@ use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -26,6 +27,37 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
+    unwritten: Unwritten,
+}
+
+/// Counts answers the handler gave that are not yet written to their connections, so a VMM that
+/// is about to exit can let the last ones (an action that ended the VM, say) reach their clients.
+#[derive(Clone, Debug, Default)]
+pub struct Unwritten(Arc<(Mutex<usize>, Condvar)>);
+
+impl Unwritten {
+    fn add(&self) {
+        *self.0.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    fn done(&self) {
+        let mut n = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.0.1.notify_all();
+        }
+    }
+
+    /// Waits until every answer was written or `timeout` passed; true if none is left.
+    pub fn wait_written(&self, timeout: std::time::Duration) -> bool {
+        let n = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, _) = self
+            .0
+            .1
+            .wait_timeout_while(n, timeout, |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *n == 0
+    }
 }
 
 /// A parsed request on its way to the handler, with where its answer goes.
@@ -40,7 +72,11 @@ impl ApiServer {
             return Err(ApiError::SocketExists(path));
         }
         match UnixListener::bind(&path) {
-            Ok(listener) => Ok(Self { listener, path }),
+            Ok(listener) => Ok(Self {
+                listener,
+                path,
+                unwritten: Unwritten::default(),
+            }),
             // Something appeared between the check and the bind.
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(ApiError::SocketExists(path)),
             Err(source) => Err(ApiError::Bind { path, source }),
@@ -52,15 +88,20 @@ impl ApiServer {
         &self.path
     }
 
+    /// A handle on the answers not yet written (see [`Unwritten`]).
+    pub fn unwritten(&self) -> Unwritten {
+        self.unwritten.clone()
+    }
+
     /// Answers requests until the process ends, calling `handler` for each request that
     /// parsed, one at a time on this thread; malformed requests and bad bodies are answered
     /// 400 without reaching it. Returns only if the accept thread cannot be started.
     pub fn serve(self, mut handler: impl FnMut(ApiRequest) -> ApiResponse) -> Result<(), ApiError> {
         let (jobs, job_rx) = mpsc::channel::<Job>();
-        let listener = self.listener;
+        let (listener, unwritten) = (self.listener, self.unwritten);
         thread::Builder::new()
             .name("kiln-api-accept".into())
-            .spawn(move || accept_loop(listener, jobs))
+            .spawn(move || accept_loop(listener, jobs, unwritten))
             .map_err(ApiError::Thread)?;
         // The accept thread never ends, so neither does this loop.
         for (request, reply) in job_rx {
@@ -72,14 +113,14 @@ impl ApiServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, jobs: Sender<Job>) {
+fn accept_loop(listener: UnixListener, jobs: Sender<Job>, unwritten: Unwritten) {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
-                let jobs = jobs.clone();
+                let (jobs, unwritten) = (jobs.clone(), unwritten.clone());
                 let spawned = thread::Builder::new()
                     .name("kiln-api-conn".into())
-                    .spawn(move || serve_connection(stream, jobs));
+                    .spawn(move || serve_connection(stream, jobs, unwritten));
                 if let Err(e) = spawned {
                     log::warn!("API connection dropped: cannot start its thread: {e}");
                 }
@@ -94,18 +135,23 @@ fn accept_loop(listener: UnixListener, jobs: Sender<Job>) {
 
 /// Reads, answers and repeats until the client closes, asks to close, or sends something that
 /// is not HTTP (after which the next request's start cannot be found, so the connection ends).
-fn serve_connection(mut stream: UnixStream, jobs: Sender<Job>) {
+fn serve_connection(mut stream: UnixStream, jobs: Sender<Job>, unwritten: Unwritten) {
     if let Err(e) = stream.set_write_timeout(Some(WRITE_TIMEOUT)) {
         log::warn!("API connection: cannot set a write timeout: {e}");
     }
     let mut reader = RequestReader::new();
     loop {
+        let mut counted = false;
         let (response, keep_alive) = match reader.read_request(&mut stream) {
             Ok(None) => return,
             Ok(Some(request)) => {
                 let response = match parse_request(&request.method, &request.target, &request.body)
                 {
-                    Ok(api_request) => dispatch(&jobs, api_request),
+                    Ok(api_request) => {
+                        unwritten.add();
+                        counted = true;
+                        dispatch(&jobs, api_request)
+                    }
                     Err(e) => {
                         log::debug!(
                             "API request {} {} refused: {e}",
@@ -126,7 +172,11 @@ fn serve_connection(mut stream: UnixStream, jobs: Sender<Job>) {
                 (ApiResponse::fault(e), false)
             }
         };
-        if let Err(e) = write_response(&mut stream, &response, keep_alive) {
+        let written = write_response(&mut stream, &response, keep_alive);
+        if counted {
+            unwritten.done();
+        }
+        if let Err(e) = written {
             log::debug!("API connection write failed: {e}");
             return;
         }

@@ -83,6 +83,7 @@ fn main() -> ExitCode {
     // Keystrokes go to the guest as they are typed (Ctrl-C included), as on Firecracker's console.
     let raw = RawTerminal::enable();
     let reason = vmm.run();
+    vmm.flush_api(std::time::Duration::from_millis(500));
     raw.restore();
     let _ = std::io::stdout().flush();
     let code = if reason.is_clean() {

@@ -171,6 +171,16 @@ impl Vmm {
         self.seccomp = filters;
     }
 
+    /// Lets the API's last answers (say, the 204 of an action that ended the VM) reach their
+    /// clients before the process exits; waits at most `timeout`.
+    pub fn flush_api(&self, timeout: std::time::Duration) {
+        if let Some(api) = &self.api
+            && !api.unwritten.wait_written(timeout)
+        {
+            log::warn!("exiting with API answers not yet written to their clients");
+        }
+    }
+
     /// The configuration the VM was built from (for GET /vm/config).
     pub fn config(&self) -> &VmConfig {
         &self.config

@@ -38,6 +38,8 @@ pub struct ApiLink {
     pub requests: Receiver<Pending>,
     /// Written once per request.
     pub wakeup: EventFd,
+    /// Answers given but not yet written to their clients.
+    pub unwritten: kiln_api::Unwritten,
 }
 
 /// Errors starting the API.
@@ -59,6 +61,7 @@ pub enum ApiStartError {
 /// a request).
 pub fn start(path: &Path, seccomp: &SeccompFilters) -> Result<ApiLink, ApiStartError> {
     let server = ApiServer::bind(path)?;
+    let unwritten = server.unwritten();
     let wakeup = EventFd::new(libc::EFD_NONBLOCK).map_err(ApiStartError::Thread)?;
     let wake = wakeup.try_clone().map_err(ApiStartError::Thread)?;
     let (tx, requests) = mpsc::channel::<Pending>();
@@ -96,7 +99,11 @@ pub fn start(path: &Path, seccomp: &SeccompFilters) -> Result<ApiLink, ApiStartE
             )));
         }
     }
-    Ok(ApiLink { requests, wakeup })
+    Ok(ApiLink {
+        requests,
+        wakeup,
+        unwritten,
+    })
 }
 
 /// The instance id the API reports (Firecracker's default when no --id is given).
