@@ -250,6 +250,9 @@ impl Vmm {
         );
         loop {
             if let Some(reason) = self.signal.reason() {
+                if reason.is_clean() && !self.is_paused() {
+                    self.drain_devices();
+                }
                 return reason;
             }
             if self.is_paused() {
@@ -258,6 +261,17 @@ impl Vmm {
                 return ExitReason::Vmm(format!("event loop failed: {e:?}"));
             }
             self.answer_api();
+        }
+    }
+
+    /// Runs the device work already waiting, so what a guest sent just before it rebooted (vsock
+    /// data on its tx queue, say) still reaches the host. Bounded: a few passes without waiting.
+    fn drain_devices(&mut self) {
+        for _ in 0..16 {
+            match self.events.run_with_timeout(0) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
         }
     }
 
