@@ -14,6 +14,9 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kiln_agent::client::Client;
+use kiln_agent::protocol::{ExecSpec, ExitStatus as AgentExit};
+
 /// The marker the test initramfs prints first thing in `/init`.
 pub const INIT_MARKER: &str = "KILN-INIT-START";
 /// The line prefix under which the test initramfs reports what it saw.
@@ -302,6 +305,11 @@ impl ApiVmm {
         vmm
     }
 
+    /// The API socket.
+    pub fn sock(&self) -> &Path {
+        &self.sock
+    }
+
     /// One API request; its status code and body.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
         kiln_api::client::request(&self.sock, method, path, body)
@@ -329,6 +337,46 @@ impl ApiVmm {
             timed_out,
         }
     }
+}
+
+/// Runs `spec` in the guest through the agent; its stdout, after checking it exited 0.
+pub fn run_ok(client: &Client, spec: ExecSpec) -> String {
+    let argv = spec.argv.clone();
+    let out = client.run(spec).expect("exec");
+    assert_eq!(
+        out.status,
+        AgentExit::Exited(0),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `script` with sh in the guest; its stdout, after checking it exited 0.
+pub fn sh(client: &Client, script: &str) -> String {
+    run_ok(client, ExecSpec::new(["sh", "-c", script]))
+}
+
+/// The body of `PUT /snapshot/create`.
+pub fn snapshot_create_body(state: &Path, mem: &Path, kind: &str) -> String {
+    format!(
+        r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        mem.display()
+    )
+}
+
+/// The body of `PUT /snapshot/load` for a VM resumed at once, listening on its own vsock socket
+/// `uds`.
+pub fn snapshot_load_body(state: &Path, mem: &Path, track_dirty: bool, uds: &Path) -> String {
+    format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}},
+            "resume_vm": true, "track_dirty_pages": {track_dirty},
+            "vsock_override": {{"uds_path": "{}"}}}}"#,
+        state.display(),
+        mem.display(),
+        uds.display()
+    )
 }
 
 impl Drop for ApiVmm {

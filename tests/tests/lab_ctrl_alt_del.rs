@@ -5,13 +5,10 @@
 //! kernel's own Ctrl-Alt-Del (an immediate restart) would have lost it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_agent::client::{Client, wait_ready};
-use kiln_agent::protocol::{ExecSpec, ExitStatus};
-use kiln_api::client::request;
-use kiln_tests::{kiln_vmm_rootfs, rootfs, wait_with_deadline};
+use kiln_tests::{ApiVmm, kiln_vmm_rootfs, rootfs, sh};
 
 /// The command line `kiln run` boots with: the agent as init over a tmpfs overlay.
 const CMDLINE: &str =
@@ -24,8 +21,7 @@ const NOTE: &str = "written-before-ctrl-alt-del";
 
 /// A kiln-vmm with the rootfs, the scratch disk as /dev/vdb, an API socket and vsock.
 struct LabVm {
-    child: Child,
-    sock: PathBuf,
+    vm: ApiVmm,
     uds: PathBuf,
     console: PathBuf,
 }
@@ -34,19 +30,13 @@ impl LabVm {
     fn boot(dir: &Path, name: &str, scratch: &Path) -> Self {
         let path = |ext: &str| dir.join(format!("{name}.{ext}"));
         let (sock, uds, console) = (path("api"), path("vsock"), path("console"));
-        let child = kiln_vmm_rootfs(&rootfs(), true, &uds, 256, CMDLINE)
-            .arg("--drive")
+        let mut cmd = kiln_vmm_rootfs(&rootfs(), true, &uds, 256, CMDLINE);
+        cmd.arg("--drive")
             .arg(format!("id=scratch,path={}", scratch.display()))
-            .arg("--api-sock")
-            .arg(&sock)
             .arg("--serial-out")
-            .arg(&console)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start kiln-vmm");
+            .arg(&console);
         Self {
-            child,
-            sock,
+            vm: ApiVmm::start(cmd, &sock),
             uds,
             console,
         }
@@ -55,31 +45,6 @@ impl LabVm {
     fn agent(&self) -> Client {
         wait_ready(&self.uds, Instant::now() + AGENT_WAIT).expect("the agent answers")
     }
-
-    fn console(&self) -> String {
-        std::fs::read_to_string(&self.console).unwrap_or_default()
-    }
-}
-
-impl Drop for LabVm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs `script` with sh in the guest; its stdout, after checking it exited 0.
-fn sh(client: &Client, script: &str) -> String {
-    let out = client
-        .run(ExecSpec::new(["sh", "-c", script]))
-        .expect("exec");
-    assert_eq!(
-        out.status,
-        ExitStatus::Exited(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -93,7 +58,7 @@ fn ctrl_alt_del_shuts_the_guest_down_cleanly_and_kiln_vmm_exits_0() {
         .and_then(|f| f.set_len(32 << 20))
         .expect("create the scratch disk");
 
-    let mut vm = LabVm::boot(&dir, "first", &scratch);
+    let vm = LabVm::boot(&dir, "first", &scratch);
     let client = vm.agent();
     // commit=600: ext4 would keep the file in the journal's memory for ten minutes; only a sync
     // (or an unmount) puts it on the disk before the VM ends.
@@ -104,17 +69,11 @@ fn ctrl_alt_del_shuts_the_guest_down_cleanly_and_kiln_vmm_exits_0() {
         ),
     );
     let pressed = Instant::now();
-    let (code, text) = request(
-        &vm.sock,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-    )
-    .expect("API");
-    assert_eq!(code, 204, "SendCtrlAltDel: {text}");
-    let (status, timed_out) =
-        wait_with_deadline(&mut vm.child, SHUTDOWN_LIMIT).expect("wait for kiln-vmm");
-    let console = vm.console();
+    vm.vm
+        .ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let end = vm.vm.finish(SHUTDOWN_LIMIT);
+    let (status, timed_out) = (end.status, end.timed_out);
+    let console = std::fs::read_to_string(&vm.console).unwrap_or_default();
     assert!(
         !timed_out,
         "kiln-vmm still ran {SHUTDOWN_LIMIT:?} after Ctrl-Alt-Del; console:\n{console}"
@@ -126,7 +85,6 @@ fn ctrl_alt_del_shuts_the_guest_down_cleanly_and_kiln_vmm_exits_0() {
         "the agent shut down, not the kernel's immediate restart; console:\n{console}"
     );
     drop(client);
-    drop(vm);
 
     // A new VM finds the file on the scratch disk.
     let vm = LabVm::boot(&dir, "second", &scratch);

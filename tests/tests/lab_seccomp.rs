@@ -15,8 +15,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kiln_agent::client::{Client, wait_ready};
-use kiln_agent::protocol::{ExecSpec, ExitStatus};
-use kiln_tests::{ApiVmm, Finished, ScratchDir, file_sha256, guest_kernel, kiln_vmm, rootfs};
+use kiln_agent::protocol::ExecSpec;
+use kiln_tests::{
+    ApiVmm, Finished, ScratchDir, file_sha256, guest_kernel, kiln_vmm, rootfs, run_ok,
+    snapshot_create_body, snapshot_load_body,
+};
 
 /// The agent as init over a tmpfs overlay, as `kiln run` boots.
 const CMDLINE: &str =
@@ -76,14 +79,7 @@ fn sh(client: &Client, script: &str) -> String {
     step(script);
     let mut spec = ExecSpec::new(["sh", "-c", script]);
     spec.timeout_ms = Some(120_000);
-    let out = client.run(spec).expect("exec");
-    assert_eq!(
-        out.status,
-        ExitStatus::Exited(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    run_ok(client, spec).trim().to_string()
 }
 
 fn agent(uds: &Path) -> Client {
@@ -199,11 +195,7 @@ fn snapshot(vm: &ApiVmm, state: &Path, mem: &Path, kind: &str) {
     vm.ok(
         "PUT",
         "/snapshot/create",
-        &format!(
-            r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-            state.display(),
-            mem.display()
-        ),
+        &snapshot_create_body(state, mem, kind),
     );
 }
 
@@ -213,14 +205,7 @@ fn restore(dir: &Path, name: &str, state: &Path, mem: &Path) -> ApiVmm {
     vm.ok(
         "PUT",
         "/snapshot/load",
-        &format!(
-            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}},
-                "resume_vm": true, "track_dirty_pages": true,
-                "vsock_override": {{"uds_path": "{}"}}}}"#,
-            state.display(),
-            mem.display(),
-            vsock_path(dir, name).display()
-        ),
+        &snapshot_load_body(state, mem, true, &vsock_path(dir, name)),
     );
     vm
 }

@@ -5,14 +5,16 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use kiln_agent::client::{Client, wait_ready};
-use kiln_agent::protocol::{ExecSpec, ExitStatus};
 use kiln_api::client::request;
-use kiln_tests::{file_sha256, kiln_vmm_rootfs, rootfs};
+use kiln_tests::{
+    ApiVmm, ScratchDir, file_sha256, kiln_vmm, kiln_vmm_rootfs, rootfs, sh, snapshot_create_body,
+    snapshot_load_body,
+};
 
 /// The command line `kiln run` boots with: the agent as init over a tmpfs overlay.
 const CMDLINE: &str =
@@ -21,12 +23,21 @@ const AGENT_WAIT: Duration = Duration::from_secs(120);
 
 /// One kiln-vmm process with its API socket and the host end of its vsock.
 struct LabVm {
-    child: Child,
-    sock: PathBuf,
+    vm: ApiVmm,
     uds: PathBuf,
 }
 
 impl LabVm {
+    /// Starts `cmd` as `name`, its API socket and console beside its vsock socket in `dir`.
+    fn start(dir: &Path, name: &str, mut cmd: Command) -> Self {
+        cmd.arg("--serial-out")
+            .arg(dir.join(format!("{name}.console")));
+        Self {
+            vm: ApiVmm::start(cmd, &dir.join(format!("{name}.api"))),
+            uds: dir.join(format!("{name}.vsock")),
+        }
+    }
+
     /// Boots the rootfs with the agent, 256 MiB, one vCPU.
     fn boot(dir: &Path, name: &str) -> Self {
         Self::boot_with(dir, name, 1)
@@ -34,99 +45,33 @@ impl LabVm {
 
     /// Boots the rootfs with the agent, 256 MiB, `vcpus` vCPUs.
     fn boot_with(dir: &Path, name: &str, vcpus: u8) -> Self {
-        let (sock, uds) = (
-            dir.join(format!("{name}.api")),
-            dir.join(format!("{name}.vsock")),
-        );
-        let child = kiln_vmm_rootfs(&rootfs(), true, &uds, 256, CMDLINE)
-            .args(["--vcpus", &vcpus.to_string()])
-            .arg("--api-sock")
-            .arg(&sock)
-            .arg("--serial-out")
-            .arg(dir.join(format!("{name}.console")))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start kiln-vmm");
-        Self::wait_socket(&sock);
-        Self { child, sock, uds }
+        let uds = dir.join(format!("{name}.vsock"));
+        let mut cmd = kiln_vmm_rootfs(&rootfs(), true, &uds, 256, CMDLINE);
+        cmd.args(["--vcpus", &vcpus.to_string()]);
+        Self::start(dir, name, cmd)
     }
 
     /// A new kiln-vmm restored from `state` and `mem`, with its own vsock socket.
     fn restore(dir: &Path, name: &str, state: &Path, mem: &Path, track_dirty: bool) -> Self {
-        let (sock, uds) = (
-            dir.join(format!("{name}.api")),
-            dir.join(format!("{name}.vsock")),
-        );
-        let child = Command::new("kiln-vmm")
-            .arg("--api-sock")
-            .arg(&sock)
-            .arg("--serial-out")
-            .arg(dir.join(format!("{name}.console")))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start kiln-vmm");
-        Self::wait_socket(&sock);
-        let vm = Self { child, sock, uds };
-        let body = format!(
-            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}},
-                "resume_vm": true, "track_dirty_pages": {track_dirty},
-                "vsock_override": {{"uds_path": "{}"}}}}"#,
-            state.display(),
-            mem.display(),
-            vm.uds.display()
-        );
-        vm.ok("PUT", "/snapshot/load", &body);
-        vm
-    }
-
-    fn wait_socket(sock: &Path) {
-        let start = Instant::now();
-        while !sock.exists() {
-            assert!(
-                start.elapsed() < AGENT_WAIT,
-                "no API socket at {}",
-                sock.display()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        request(
-            &self.sock,
-            method,
-            path,
-            Some(body).filter(|b| !b.is_empty()),
-        )
-        .expect("API")
-    }
-
-    fn ok(&self, method: &str, path: &str, body: &str) {
-        let (code, text) = self.call(method, path, body);
-        assert_eq!(code, 204, "{method} {path}: {text}");
+        let lab = Self::start(dir, name, kiln_vmm());
+        let body = snapshot_load_body(state, mem, track_dirty, &lab.uds);
+        lab.vm.ok("PUT", "/snapshot/load", &body);
+        lab
     }
 
     fn pause(&self) {
-        self.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+        self.vm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     }
 
     fn resume(&self) {
-        self.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
-    }
-
-    fn snapshot_body(state: &Path, mem: &Path, kind: &str) -> String {
-        format!(
-            r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-            state.display(),
-            mem.display()
-        )
+        self.vm.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
     }
 
     fn snapshot(&self, state: &Path, mem: &Path, kind: &str) {
-        self.ok(
+        self.vm.ok(
             "PUT",
             "/snapshot/create",
-            &Self::snapshot_body(state, mem, kind),
+            &snapshot_create_body(state, mem, kind),
         );
     }
 
@@ -134,34 +79,6 @@ impl LabVm {
     fn agent(&self) -> Client {
         wait_ready(&self.uds, Instant::now() + AGENT_WAIT).expect("the agent answers")
     }
-}
-
-impl Drop for LabVm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-snap-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Runs `script` with sh in the guest; its stdout, after checking it exited 0.
-fn sh(client: &Client, script: &str) -> String {
-    let out = client
-        .run(ExecSpec::new(["sh", "-c", script]))
-        .expect("exec");
-    assert_eq!(
-        out.status,
-        ExitStatus::Exited(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn counter(client: &Client) -> u64 {
@@ -185,10 +102,11 @@ fn host_secs() -> u64 {
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn snapshot_restored_vms_continue_and_clones_are_not_twins() {
-    let dir = scratch("restore");
+    let scratch = ScratchDir::new("snap-restore");
+    let dir = scratch.path();
     let (state, mem) = (dir.join("full.state"), dir.join("full.mem"));
     {
-        let vm = LabVm::boot(&dir, "boot");
+        let vm = LabVm::boot(dir, "boot");
         let client = vm.agent();
         sh(&client, "echo kept-across-restore > /tmp/note");
         sh(&client, COUNTER);
@@ -202,13 +120,16 @@ fn snapshot_restored_vms_continue_and_clones_are_not_twins() {
         std::thread::sleep(Duration::from_millis(200));
         vm.pause();
         let (tx, rx) = mpsc::channel();
-        let (sock, body) = (vm.sock.clone(), LabVm::snapshot_body(&state, &mem, "Full"));
+        let (sock, body) = (
+            vm.vm.sock().to_path_buf(),
+            snapshot_create_body(&state, &mem, "Full"),
+        );
         std::thread::spawn(move || {
             let _ = tx.send(request(&sock, "PUT", "/snapshot/create", Some(&body)));
         });
         let start = Instant::now();
         let temporary = loop {
-            let found = std::fs::read_dir(&dir)
+            let found = std::fs::read_dir(dir)
                 .unwrap()
                 .flatten()
                 .any(|e| kiln_snapshot::is_temporary_name(&e.file_name()));
@@ -224,9 +145,8 @@ fn snapshot_restored_vms_continue_and_clones_are_not_twins() {
             temporary,
             "the second snapshot never showed its temporary file"
         );
-        let mut vm = vm;
-        vm.child.kill().unwrap();
-        vm.child.wait().unwrap();
+        // Killed at once: a zero deadline.
+        vm.vm.finish(Duration::ZERO);
         assert!(
             rx.recv_timeout(Duration::from_secs(10))
                 .is_ok_and(|r| r.is_err()),
@@ -235,7 +155,7 @@ fn snapshot_restored_vms_continue_and_clones_are_not_twins() {
     }
 
     // A new process carries on from the first snapshot.
-    let restored = LabVm::restore(&dir, "restored", &state, &mem, false);
+    let restored = LabVm::restore(dir, "restored", &state, &mem, false);
     let client = restored.agent();
     client
         .restored_now(BTreeMap::new())
@@ -259,7 +179,7 @@ fn snapshot_restored_vms_continue_and_clones_are_not_twins() {
 
     // Three clones at once, each with its own socket, commands and randomness.
     let clones: Vec<LabVm> = (0..3)
-        .map(|i| LabVm::restore(&dir, &format!("clone{i}"), &state, &mem, false))
+        .map(|i| LabVm::restore(dir, &format!("clone{i}"), &state, &mem, false))
         .collect();
     let mut seen = Vec::new();
     for (i, vm) in clones.iter().enumerate() {
@@ -285,16 +205,17 @@ fn snapshot_restored_vms_continue_and_clones_are_not_twins() {
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn snapshot_diff_holds_what_changed_and_merges_into_its_base() {
-    let dir = scratch("diff");
+    let scratch = ScratchDir::new("snap-diff");
+    let dir = scratch.path();
     let (base_state, base_mem) = (dir.join("base.state"), dir.join("base.mem"));
     {
         // Two vCPUs here, so SMP guests' state (both LAPICs, an idle AP) round-trips too.
-        let vm = LabVm::boot_with(&dir, "boot", 2);
+        let vm = LabVm::boot_with(dir, "boot", 2);
         drop(vm.agent());
         vm.pause();
         vm.snapshot(&base_state, &base_mem, "Full");
     }
-    let vm = LabVm::restore(&dir, "tracked", &base_state, &base_mem, true);
+    let vm = LabVm::restore(dir, "tracked", &base_state, &base_mem, true);
     let client = vm.agent();
     client
         .restored_now(BTreeMap::new())
@@ -336,7 +257,7 @@ fn snapshot_diff_holds_what_changed_and_merges_into_its_base() {
         "the base copy is untouched"
     );
 
-    let vm = LabVm::restore(&dir, "merged", &diff_state, &merged, false);
+    let vm = LabVm::restore(dir, "merged", &diff_state, &merged, false);
     let client = vm.agent();
     client
         .restored_now(BTreeMap::new())
@@ -353,8 +274,9 @@ fn snapshot_diff_holds_what_changed_and_merges_into_its_base() {
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn snapshot_pause_does_not_show_in_the_guest_clock() {
-    let dir = scratch("pause");
-    let vm = LabVm::boot(&dir, "boot");
+    let scratch = ScratchDir::new("snap-pause");
+    let dir = scratch.path();
+    let vm = LabVm::boot(dir, "boot");
     let client = vm.agent();
     let uptime =
         |c: &Client| -> f64 { sh(c, "cut -d' ' -f1 /proc/uptime").trim().parse().unwrap() };
@@ -376,14 +298,15 @@ fn snapshot_pause_does_not_show_in_the_guest_clock() {
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn snapshot_kiln_cli_creates_and_runs_clones() {
-    let dir = scratch("cli");
+    let scratch = ScratchDir::new("snap-cli");
+    let dir = scratch.path();
     let snap = dir.join("template");
     {
-        let vm = LabVm::boot(&dir, "boot");
+        let vm = LabVm::boot(dir, "boot");
         drop(vm.agent());
         let out = Command::new("kiln")
             .args(["snapshot", "create", "--api-sock"])
-            .arg(&vm.sock)
+            .arg(vm.vm.sock())
             .arg("--dir")
             .arg(&snap)
             .output()

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use kiln_agent::client::{Client, wait_ready};
 use kiln_agent::protocol::ExecSpec;
 use kiln_api::client::request;
-use kiln_tests::{guest_kernel, rootfs};
+use kiln_tests::{guest_kernel, rootfs, snapshot_create_body, snapshot_load_body};
 
 use crate::exec::percentiles;
 use crate::peer::{Peer, Vm};
@@ -110,12 +110,7 @@ impl KilnVm {
         vm.api(
             "PUT",
             "/snapshot/load",
-            &format!(
-                r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true, "vsock_override": {{"uds_path": "{}"}}}}"#,
-                state.display(),
-                mem.display(),
-                vm.uds.display()
-            ),
+            &snapshot_load_body(state, mem, false, &vm.uds),
         )?;
         Ok(vm)
     }
@@ -132,11 +127,7 @@ impl KilnVm {
         self.api(
             "PUT",
             "/snapshot/create",
-            &format!(
-                r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-                state.display(),
-                mem.display()
-            ),
+            &snapshot_create_body(state, mem, kind),
         )?;
         Ok(start.elapsed())
     }
