@@ -58,6 +58,16 @@ pub enum VirtioKind {
     Vsock(Arc<Mutex<Vsock>>),
 }
 
+impl VirtioKind {
+    /// The device as its transport sees it.
+    pub fn device(&self) -> Arc<Mutex<dyn VirtioDevice>> {
+        match self {
+            VirtioKind::Block(d) => d.clone(),
+            VirtioKind::Vsock(d) => d.clone(),
+        }
+    }
+}
+
 /// A device on the MMIO bus.
 pub struct AttachedDevice {
     /// Start of its 4 KiB window.

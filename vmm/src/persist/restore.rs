@@ -138,11 +138,7 @@ pub fn restore(params: &SnapshotLoad, serial: &SerialConfig) -> Result<Vmm, Pers
                 )
             }
         };
-        let dyn_device: Arc<Mutex<dyn kiln_devices::virtio::VirtioDevice>> = match &kind {
-            VirtioKind::Block(b) => b.clone(),
-            VirtioKind::Vsock(v) => v.clone(),
-        };
-        let transport = MmioTransport::restore(dyn_device, mem.clone(), &saved.transport)
+        let transport = MmioTransport::restore(kind.device(), mem.clone(), &saved.transport)
             .map_err(|e| refused(format!("{name}: cannot restore its transport: {e}")))?;
         let placement = Placement::At {
             addr: saved.addr,

@@ -201,7 +201,7 @@ impl VcpuHandle {
 
 impl VcpuThread {
     fn run(&mut self, io: &IoBuses, signal: &ExitSignal) {
-        if !self.paused(io, signal) {
+        if !self.paused(signal) {
             return;
         }
         while !signal.is_stopping() {
@@ -277,11 +277,11 @@ impl VcpuThread {
         if self.responses.send(Response::Paused).is_err() {
             return false;
         }
-        self.paused(io, signal)
+        self.paused(signal)
     }
 
     /// Serves requests while paused; true once resumed.
-    fn paused(&mut self, _io: &IoBuses, signal: &ExitSignal) -> bool {
+    fn paused(&mut self, signal: &ExitSignal) -> bool {
         loop {
             let Ok(request) = self.requests.recv() else {
                 return false;
