@@ -30,5 +30,5 @@ pub fn main(args: &[String]) -> Result<u8> {
         cmd,
         ..LabRun::default()
     })?;
-    outcome.status.exit_status("benchmark")
+    outcome.exit_status("benchmark")
 }

@@ -31,7 +31,7 @@ pub fn main(args: &[String]) -> Result<u8> {
         cmd,
         ..LabRun::default()
     })?;
-    outcome.status.exit_status("command")
+    outcome.exit_status("command")
 }
 
 #[cfg(test)]

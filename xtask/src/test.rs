@@ -126,10 +126,16 @@ pub fn main(args: &[String]) -> Result<u8> {
                 .collect(),
             ..LabRun::default()
         })?;
-        match outcome.status {
+        match &outcome.status {
             LabStatus::Exited(0) => {}
-            LabStatus::Exited(code) => return Err(format!("lab tests failed (status {code})")),
-            LabStatus::Failed(why) => return Err(format!("the lab failed, not the tests: {why}")),
+            LabStatus::Exited(code) => {
+                outcome.print_diagnosis();
+                return Err(format!("lab tests failed (status {code})"));
+            }
+            LabStatus::Failed(why) => {
+                outcome.print_diagnosis();
+                return Err(format!("the lab failed, not the tests: {why}"));
+            }
         }
     }
     eprintln!("\nxtask test: all passed");

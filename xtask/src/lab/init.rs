@@ -21,6 +21,8 @@ pub enum Marker {
     Exit(i32),
     /// L1's init gave up before CMD could run, for this reason.
     Fail(String),
+    /// L1's userspace is alive (init writes one every few seconds to the kernel console, ttyS1).
+    Beat,
 }
 
 /// Splits one serial line (without its newline) into the text before a marker and the marker, if the
@@ -34,6 +36,8 @@ pub fn parse_line(line: &str) -> (&str, Option<Marker>) {
             let body = &rest[..end];
             let marker = if body == "READY" {
                 Some(Marker::Ready)
+            } else if body == "BEAT" {
+                Some(Marker::Beat)
             } else if let Some(code) = body.strip_prefix("EXIT ") {
                 code.trim().parse().ok().map(Marker::Exit)
             } else {
@@ -76,6 +80,7 @@ pub fn init_script(modules: &[String]) -> String {
     INIT_TEMPLATE
         .replace("@MODULE_DIR@", MODULE_DIR)
         .replace("@MODULES@", &list)
+        .replace("@BEAT@", &super::watch::BEAT_EVERY_SECS.to_string())
 }
 
 /// Kept as a template rather than `format!` so the shell's own braces need no escaping.
@@ -88,12 +93,18 @@ fail() { mark "FAIL $*"; sync; poweroff -f; sleep 60; }
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# The kernel's console is ttyS1 (a log the host keeps); markers and CMD's output go to ttyS0 alone.
+exec </dev/null >/dev/ttyS0 2>&1
 mount -t tmpfs tmpfs /tmp
 # Like a current host: cgroup v2 at /sys/fs/cgroup (kiln-jailer's lab test puts the VMM in one).
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "lab: cannot mount cgroup2 at /sys/fs/cgroup"
 fault=
+kallsyms=
 for w in $(cat /proc/cmdline); do
-  case "$w" in kiln.fault=*) fault=${w#kiln.fault=} ;; esac
+  case "$w" in
+    kiln.fault=*) fault=${w#kiln.fault=} ;;
+    kiln.kallsyms=1) kallsyms=1 ;;
+  esac
 done
 if [ "$fault" = module ]; then
   insmod /@MODULE_DIR@/kiln-fault.ko || fail "insmod kiln-fault.ko failed (forced by kiln.fault=module)"
@@ -102,6 +113,10 @@ for m in @MODULES@; do
   insmod "/@MODULE_DIR@/$m" || fail "insmod $m failed"
 done
 [ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm-amd (does the L1 CPU have SVM?)"
+# Where the modules sit, so the host can name an address in a hung L1; then a heartbeat, so the
+# host knows L1's userspace still runs.
+cat /proc/modules >/dev/ttyS1
+( while :; do echo "@@$M:BEAT@@"; sleep @BEAT@; done ) >/dev/ttyS1 2>&1 &
 n=0
 while [ ! -b /dev/vda ]; do
   n=$((n + 1))
@@ -110,6 +125,10 @@ while [ ! -b /dev/vda ]; do
 done
 mkdir -p /kiln
 mount -t ext4 /dev/vda /kiln || fail "cannot mount /dev/vda (the work image) at /kiln"
+if [ "$kallsyms" = 1 ]; then
+  # Asked once per L1 kernel: its code symbols, for the host to name where a hung L1 is.
+  grep -i ' [tw] ' /proc/kallsyms >/kiln/l1-kallsyms
+fi
 if [ -e /kiln/lib/ld-linux-x86-64.so.2 ]; then
   mkdir -p /lib64
   ln -sf /kiln/lib/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
@@ -146,6 +165,7 @@ mod tests {
     #[test]
     fn markers_are_found_alone_and_after_text() {
         assert_eq!(parse_line("@@KILN-LAB:READY@@"), ("", Some(Marker::Ready)));
+        assert_eq!(parse_line("@@KILN-LAB:BEAT@@"), ("", Some(Marker::Beat)));
         assert_eq!(
             parse_line("@@KILN-LAB:EXIT 3@@"),
             ("", Some(Marker::Exit(3)))

@@ -31,6 +31,9 @@ pub const WANTED: &[&str] = &[
 
 /// The manifest in a cache entry: module file names in load order, one a line.
 const MANIFEST: &str = "modules.load";
+/// L1's code symbols, saved from its own `/proc/kallsyms` on the first lab run with this kernel
+/// (Debian ships only a stub System.map), to name where a hung L1 is.
+const KALLSYMS: &str = "kallsyms";
 
 /// A ready L1 kernel.
 pub struct L1Kernel {
@@ -38,6 +41,13 @@ pub struct L1Kernel {
     pub vmlinuz: PathBuf,
     /// Uncompressed `.ko` files in the order they must be loaded.
     pub modules: Vec<PathBuf>,
+    /// Its code symbols (see `watch::save_kallsyms`); missing until a lab run saved them.
+    pub kallsyms: PathBuf,
+}
+
+/// True when `entry` holds everything [`load`] reads.
+fn complete(entry: &Path) -> bool {
+    entry.join(MANIFEST).exists()
 }
 
 /// Returns the cached L1 kernel for the current Debian cloud kernel, fetching it first if needed.
@@ -57,7 +67,7 @@ pub fn ensure() -> Result<L1Kernel> {
         }
     };
     let entry = root.join(deb_name.trim_end_matches(".deb"));
-    if entry.join(MANIFEST).exists() {
+    if complete(&entry) {
         return load(&entry);
     }
     eprintln!("xtask lab: fetching the L1 kernel {deb_name}");
@@ -72,10 +82,7 @@ fn resolve_cached(root: &Path) -> Result<String> {
     let memo_text = std::fs::read_to_string(&memo).unwrap_or_default();
     if let (Some(stamp), Some((seen, deb_name))) = (&stamp, memo_text.trim().split_once(' '))
         && seen == stamp
-        && root
-            .join(deb_name.trim_end_matches(".deb"))
-            .join(MANIFEST)
-            .exists()
+        && complete(&root.join(deb_name.trim_end_matches(".deb")))
     {
         return Ok(deb_name.to_string());
     }
@@ -146,7 +153,7 @@ fn cached_entries(root: &Path) -> Vec<PathBuf> {
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.join(MANIFEST).exists())
+        .filter(|p| complete(p))
         .collect();
     found.sort();
     found
@@ -158,6 +165,7 @@ fn load(entry: &Path) -> Result<L1Kernel> {
         .map_err(|e| format!("cannot read {}: {e}", manifest.display()))?;
     Ok(L1Kernel {
         vmlinuz: entry.join("vmlinuz"),
+        kallsyms: entry.join(KALLSYMS),
         modules: text
             .lines()
             .filter(|l| !l.is_empty())
@@ -222,7 +230,7 @@ fn fetch_into(deb_name: &str, work: &Path, entry: &Path) -> Result<()> {
     util::mkdir(entry.parent().unwrap_or(Path::new(".")))?;
     if let Err(e) = std::fs::rename(&staging, entry) {
         // Another run may have filled the same entry meanwhile; theirs is as good as ours.
-        if !entry.join(MANIFEST).exists() {
+        if !complete(entry) {
             return Err(format!(
                 "cannot move {} to {}: {e}",
                 staging.display(),

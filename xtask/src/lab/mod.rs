@@ -9,6 +9,7 @@ mod image;
 mod init;
 mod l1_kernel;
 mod qemu;
+mod watch;
 
 use crate::util::{self, Result};
 use std::fmt;
@@ -67,16 +68,6 @@ pub enum LabStatus {
     Failed(LabFailure),
 }
 
-impl LabStatus {
-    /// The command's status as an xtask exit status (1 when it does not fit in a byte), or an error
-    /// saying the lab, not `what`, failed.
-    pub fn exit_status(self, what: &str) -> Result<u8> {
-        match self {
-            LabStatus::Exited(code) => Ok(u8::try_from(code).unwrap_or(1)),
-            LabStatus::Failed(why) => Err(format!("the lab failed, not the {what}: {why}")),
-        }
-    }
-}
 
 /// Why the lab failed rather than the command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +82,8 @@ pub enum LabFailure {
     QemuExited(String),
     /// CMD was still running when the timeout expired; L1 had booted.
     Timeout(Duration),
+    /// L1's heartbeat stopped for this long: its userspace no longer runs (a hung L1 kernel).
+    Hung(Duration),
 }
 
 impl fmt::Display for LabFailure {
@@ -109,6 +102,11 @@ impl fmt::Display for LabFailure {
                 "the command was still running after {} s",
                 after.as_secs()
             ),
+            LabFailure::Hung(silent) => write!(
+                f,
+                "L1 hung: its heartbeat stopped {} s ago (its kernel no longer runs userspace)",
+                silent.as_secs()
+            ),
         }
     }
 }
@@ -120,16 +118,49 @@ impl fmt::Display for LabFailure {
 pub struct LabOutcome {
     /// CMD's exit status, or why the lab failed.
     pub status: LabStatus,
-    /// Console text while CMD ran (its stdout and stderr, plus any L1 kernel warnings); `\r\n` read as `\n`.
+    /// Console text while CMD ran (its stdout and stderr only); `\r\n` read as `\n`.
     pub output: String,
     /// All console text, boot included, markers removed.
     pub log: String,
+    /// L1's kernel messages, kept apart from CMD's output.
+    pub kernel_log: String,
+    /// When the lab failed: where L1's CPUs were and its last kernel messages.
+    pub diagnosis: Option<String>,
     /// Host-side preparation: packages, kernels, initramfs, work image.
     pub setup: Duration,
     /// From starting QEMU to L1's ready marker.
     pub boot: Option<Duration>,
     /// From the ready marker to CMD's exit.
     pub command: Option<Duration>,
+}
+
+impl LabOutcome {
+    /// The command's status as an xtask exit status (1 when it does not fit in a byte), or an error
+    /// saying the lab, not `what`, failed, with what L1 was doing.
+    pub fn exit_status(self, what: &str) -> Result<u8> {
+        match &self.status {
+            LabStatus::Exited(code) => Ok(u8::try_from(*code).unwrap_or(1)),
+            LabStatus::Failed(why) => {
+                self.print_diagnosis();
+                Err(format!("the lab failed, not the {what}: {why}"))
+            }
+        }
+    }
+
+    /// Prints the diagnosis of a failed lab (L1's CPUs and last kernel messages) to stderr, and
+    /// where the whole kernel log was kept.
+    pub fn print_diagnosis(&self) {
+        if let Some(d) = &self.diagnosis {
+            eprintln!("xtask lab: {d}");
+        }
+        eprintln!(
+            "xtask lab: L1's whole kernel log: {}",
+            util::cache_dir()
+                .join("lab")
+                .join(LAST_KERNEL_LOG)
+                .display()
+        );
+    }
 }
 
 /// Debugging knobs, read from the environment so that they reach runs started by `test` and `bench`.
@@ -143,6 +174,8 @@ struct Knobs {
     verbose: bool,
     /// `KILN_LAB_APPEND`: extra words for L1's kernel command line.
     append: String,
+    /// `KILN_LAB_STALL_SECS`: how long L1's heartbeat may be silent before L1 counts as hung.
+    stall_after: Duration,
 }
 
 impl Knobs {
@@ -160,6 +193,12 @@ impl Knobs {
                 format!("KILN_LAB_READY_TIMEOUT={secs:?} is not a number of seconds")
             })?),
         };
+        let stall_after = match var("KILN_LAB_STALL_SECS").as_str() {
+            "" => STALL_AFTER,
+            secs => Duration::from_secs(secs.parse().map_err(|_| {
+                format!("KILN_LAB_STALL_SECS={secs:?} is not a number of seconds")
+            })?),
+        };
         let mut append = var("KILN_LAB_APPEND");
         if fault == "module" || fault == "hang" {
             append.push_str(&format!(" kiln.fault={fault}"));
@@ -169,12 +208,19 @@ impl Knobs {
             ready_within,
             verbose: !var("KILN_LAB_VERBOSE").is_empty(),
             append: append.trim().to_string(),
+            stall_after,
         })
     }
 }
 
 /// Default watchdog: L1 is ready in a few seconds, but TCG on a loaded 2-core machine is slow.
 const READY_WITHIN: Duration = Duration::from_secs(180);
+/// Default hang watchdog: init's heartbeat comes every few seconds; two minutes of silence means
+/// L1's kernel stopped running userspace, not that the host is busy.
+const STALL_AFTER: Duration = Duration::from_secs(120);
+
+/// L1's kernel messages of the latest run, under `<cache>/lab/`.
+pub const LAST_KERNEL_LOG: &str = "last-l1-kernel.log";
 
 /// Debian's cloud-kernel bzImage (L1's own kernel), which lab tests also boot under kiln-vmm to
 /// cover the bzImage loader with a kernel Kiln did not build.
@@ -236,6 +282,11 @@ pub fn run(lab: &LabRun) -> Result<LabOutcome> {
         &run_dir.0,
     )?;
 
+    let mut cmdline_extra = knobs.append.clone();
+    let save_kallsyms = !l1.kallsyms.exists();
+    if save_kallsyms {
+        cmdline_extra.push_str(" kiln.kallsyms=1");
+    }
     let kernel = if knobs.fault == "kernel" {
         run_dir.0.join("no-such-bzImage")
     } else {
@@ -248,20 +299,49 @@ pub fn run(lab: &LabRun) -> Result<LabOutcome> {
         image: &image,
         mem_mib: lab.mem_mib,
         cpus: lab.cpus,
-        cmdline_extra: &knobs.append,
+        cmdline_extra: cmdline_extra.trim(),
         verbose: knobs.verbose,
         ready_within: knobs.ready_within,
         timeout: lab.timeout,
         echo: lab.echo,
+        run_dir: &run_dir.0,
+        kallsyms: &l1.kallsyms,
+        stall_after: knobs.stall_after,
     });
+    if save_kallsyms && !console.kernel_log.is_empty() {
+        keep_kallsyms(&image, &console.kernel_log, &l1.kallsyms);
+    }
+    // Kept after the run folder goes, for a person looking into a failure.
+    let _ = std::fs::write(lab_cache.join(LAST_KERNEL_LOG), &console.kernel_log);
     Ok(LabOutcome {
         status: console.status,
         output: console.output,
         log: console.log,
+        kernel_log: console.kernel_log,
+        diagnosis: console.diagnosis,
         setup,
         boot: console.boot,
         command: console.command,
     })
+}
+
+/// Copies the symbols L1's init wrote to the work image into the L1 kernel's cache entry (once per
+/// L1 kernel). Best effort: without them a hung L1's addresses are just not named.
+fn keep_kallsyms(image: &std::path::Path, kernel_log: &str, to: &std::path::Path) {
+    let raw = to.with_extension("raw");
+    let dumped = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump /l1-kallsyms {}", raw.display()))
+        .arg(image)
+        .stderr(std::process::Stdio::null())
+        .status();
+    if let (Ok(st), Ok(text)) = (dumped, std::fs::read_to_string(&raw))
+        && st.success()
+        && !text.is_empty()
+    {
+        let _ = util::write_atomic(to, watch::save_kallsyms(&text, kernel_log).as_bytes());
+    }
+    let _ = std::fs::remove_file(&raw);
 }
 
 /// A per-run folder under `<cache>/lab/runs/`, removed when dropped. Folders left by runs that were
@@ -394,18 +474,20 @@ pub fn main(args: &[String]) -> Result<u8> {
     );
     Ok(match outcome.status {
         LabStatus::Exited(code) => u8::try_from(code).unwrap_or(255),
-        LabStatus::Failed(why @ LabFailure::Timeout(_)) => {
+        LabStatus::Failed(ref why @ LabFailure::Timeout(_)) => {
+            outcome.print_diagnosis();
             eprintln!("xtask lab: {why} (L1 had booted fine); QEMU was killed");
             124
         }
-        LabStatus::Failed(why) => {
+        LabStatus::Failed(ref why) => {
+            outcome.print_diagnosis();
             let when = if outcome.boot.is_some() {
                 "while the command ran"
             } else {
                 "before the command ran"
             };
             eprintln!(
-                "xtask lab: L1 BOOT FAILED ({when}); this is not the command's status: {why}"
+                "xtask lab: L1 FAILED ({when}); this is not the command's status: {why}"
             );
             125
         }

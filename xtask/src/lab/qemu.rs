@@ -6,6 +6,7 @@
 //! dies with the thread that started it even when we are killed outright.
 
 use super::init::{self, Marker};
+use super::watch::{self, KernelLog, SymbolMap};
 use super::{LabFailure, LabStatus};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -38,16 +39,38 @@ pub struct Boot<'a> {
     pub timeout: Duration,
     /// Copy the console (markers removed) to our stdout as it arrives.
     pub echo: bool,
+    /// This run's folder: L1's kernel log and the QMP socket live here.
+    pub run_dir: &'a Path,
+    /// L1's saved code symbols, to name the functions a hung L1 is in.
+    pub kallsyms: &'a Path,
+    /// How long L1's heartbeat may be silent before L1 counts as hung.
+    pub stall_after: Duration,
+}
+
+impl Boot<'_> {
+    /// L1's kernel console (ttyS1), as QEMU writes it.
+    fn kernel_log_path(&self) -> std::path::PathBuf {
+        self.run_dir.join("l1-kernel.log")
+    }
+
+    /// QEMU's QMP socket.
+    fn qmp_path(&self) -> std::path::PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
 }
 
 /// What the console said.
 pub struct Console {
     /// CMD's status, or why there is none.
     pub status: LabStatus,
-    /// Console text between the ready and exit markers: CMD's output (and any L1 kernel messages).
+    /// Console text between the ready and exit markers: CMD's output.
     pub output: String,
     /// All console text, markers removed.
     pub log: String,
+    /// L1's kernel messages (its console is ttyS1, apart from CMD's output).
+    pub kernel_log: String,
+    /// When the lab failed: where L1's CPUs were and its last kernel messages.
+    pub diagnosis: Option<String>,
     /// From starting QEMU to the ready marker.
     pub boot: Option<Duration>,
     /// From the ready marker to the exit marker.
@@ -56,9 +79,13 @@ pub struct Console {
 
 /// The QEMU command line for `b`.
 fn command(b: &Boot) -> Command {
-    let mut append = String::from("console=ttyS0 panic=-1");
+    // The kernel's console is ttyS1, a file the host keeps: kernel messages never land in CMD's
+    // output on ttyS0. Warnings and the backtraces printed with them (soft lockups) are kept; the
+    // rest only when verbose. Without KASLR, System.map names the addresses of a hung L1.
+    let mut append =
+        String::from("console=ttyS1 panic=-1 nokaslr edd=off softlockup_all_cpu_backtrace=1");
     if !b.verbose {
-        append.push_str(" quiet");
+        append.push_str(" loglevel=5");
     }
     if let Some(khz) = host_tsc_khz() {
         append.push_str(&format!(" tsc_early_khz={khz}"));
@@ -70,6 +97,8 @@ fn command(b: &Boot) -> Command {
     // QEMU option values escape a comma by doubling it.
     let image = b.image.to_string_lossy().replace(',', ",,");
     let drive = format!("id=d0,format=raw,if=none,file={image}");
+    let kernel_log = b.kernel_log_path().to_string_lossy().replace(',', ",,");
+    let qmp = b.qmp_path().to_string_lossy().replace(',', ",,");
     let mut cmd = Command::new("setpriv");
     cmd.args(["--pdeathsig", "KILL", "--", "qemu-system-x86_64"])
         .args(["-accel", "tcg,thread=multi", "-M", "microvm", "-cpu", "max"])
@@ -83,6 +112,11 @@ fn command(b: &Boot) -> Command {
             "stdio",
             "-no-reboot",
         ])
+        .arg("-chardev")
+        .arg(format!("file,id=l1log,path={kernel_log}"))
+        .args(["-device", "isa-serial,chardev=l1log,iobase=0x2f8,irq=3"])
+        .arg("-qmp")
+        .arg(format!("unix:{qmp},server=on,wait=off"))
         .arg("-kernel")
         .arg(b.kernel)
         .arg("-initrd")
@@ -151,9 +185,12 @@ pub fn boot(b: &Boot) -> Console {
         status: LabStatus::Failed(LabFailure::QemuStart(String::new())),
         output: String::new(),
         log: String::new(),
+        kernel_log: String::new(),
+        diagnosis: None,
         boot: None,
         command: None,
     };
+    let mut klog = KernelLog::new(b.kernel_log_path());
     let mut cmd = command(b);
     let start = Instant::now();
     let mut child = match cmd.spawn() {
@@ -219,7 +256,14 @@ pub fn boot(b: &Boot) -> Console {
             }
             break;
         };
-        let bytes = match rx.recv_timeout(left) {
+        klog.poll();
+        if let (Phase::Booting(_) | Phase::Running(_), Some(silent)) = (&phase, klog.since_beat())
+            && silent > b.stall_after
+        {
+            outcome = Some(LabStatus::Failed(LabFailure::Hung(silent)));
+            break;
+        }
+        let bytes = match rx.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(Some(bytes)) => bytes,
             Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                 if !pending.is_empty() {
@@ -238,6 +282,23 @@ pub fn boot(b: &Boot) -> Console {
         }
     }
 
+    if matches!(
+        outcome,
+        Some(LabStatus::Failed(
+            LabFailure::Hung(_) | LabFailure::Timeout(_) | LabFailure::NoReady(_)
+        ))
+    ) {
+        // QEMU still runs: ask it where L1's CPUs are before it goes.
+        klog.poll();
+        let map = SymbolMap::load(b.kallsyms);
+        console.diagnosis = Some(format!(
+            "where L1's CPUs were (QEMU's registers; a CPU in an L2 guest shows the guest's \
+             address):\n{}\
+             L1's last kernel messages:\n{}",
+            watch::cpu_report(&b.qmp_path(), &map, &klog.text),
+            klog.tail(40)
+        ));
+    }
     let _ = reaper.0.kill();
     let exit = reaper
         .0
@@ -245,12 +306,18 @@ pub fn boot(b: &Boot) -> Console {
         .map(|s| s.to_string())
         .unwrap_or_else(|e| format!("unknown status ({e})"));
     let stderr = stderr_reader.join().unwrap_or_default();
+    klog.poll();
+    if console.diagnosis.is_none() && !matches!(outcome, Some(LabStatus::Exited(_))) {
+        console.diagnosis = Some(format!("L1's last kernel messages:\n{}", klog.tail(40)));
+    }
+    let got_any = got_any || !klog.text.is_empty();
+    console.kernel_log = std::mem::take(&mut klog.text);
     console.status = outcome.unwrap_or_else(|| {
         let why = format!("QEMU exited ({exit}){}", describe_stderr(&stderr));
         if got_any {
             LabStatus::Failed(LabFailure::QemuExited(format!(
                 "{why}; last console lines:\n{}",
-                tail(&console.log, 15)
+                tail(&console.log, 5)
             )))
         } else {
             LabStatus::Failed(LabFailure::QemuStart(why))
@@ -273,6 +340,7 @@ fn take_line(
     let line = text.trim_end_matches('\n').trim_end_matches('\r');
     let (before, marker) = init::parse_line(line);
     let marker = match (&phase, marker) {
+        // Heartbeats go to ttyS1 (see `watch`); one on ttyS0 is CMD's text.
         (Phase::Booting(_), Some(m @ (Marker::Ready | Marker::Fail(_))))
         | (Phase::Running(_), Some(m @ Marker::Exit(_))) => Some(m),
         // A marker out of place (CMD printing one, say) is just text.
@@ -325,7 +393,7 @@ fn take_line(
             *outcome = Some(LabStatus::Failed(LabFailure::Init(why)));
             *phase = Phase::Done(now);
         }
-        None => {}
+        Some(Marker::Beat) | None => {}
     }
 }
 
@@ -353,6 +421,8 @@ mod tests {
             status: LabStatus::Exited(-1),
             output: String::new(),
             log: String::new(),
+            kernel_log: String::new(),
+            diagnosis: None,
             boot: None,
             command: None,
         };
