@@ -227,8 +227,9 @@ fn describe_rip(rip: u64, cpl: &str, map: &SymbolMap, mods: &[Module]) -> String
         .unwrap_or_else(|| "not in L1's kernel (an L2 guest, or no symbols saved)".into())
 }
 
-/// One request over QMP: runs the human monitor `command` and returns its output.
-fn hmp(sock: &Path, command: &str) -> Result<String, String> {
+/// One request over QMP: runs the human monitor `command` (on CPU `cpu` when given: `x` reads
+/// memory through that CPU's page tables) and returns its output.
+fn hmp(sock: &Path, command: &str, cpu: Option<usize>) -> Result<String, String> {
     let stream = UnixStream::connect(sock).map_err(|e| format!("QMP {}: {e}", sock.display()))?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut writer = stream
@@ -256,17 +257,32 @@ fn hmp(sock: &Path, command: &str) -> Result<String, String> {
         }
     };
     answer(&serde_json::json!({"execute": "qmp_capabilities"}))?;
+    let mut arguments = serde_json::json!({"command-line": command});
+    if let Some(cpu) = cpu {
+        arguments["cpu-index"] = cpu.into();
+    }
     let out = answer(&serde_json::json!({
         "execute": "human-monitor-command",
-        "arguments": {"command-line": command}
+        "arguments": arguments
     }))?;
     Ok(out.as_str().unwrap_or_default().to_string())
 }
 
-/// `(cpu, rip, cpl, halted)` for each CPU in `info registers -a` output.
-fn cpu_states(text: &str) -> Vec<(usize, u64, String, bool)> {
+/// One CPU's state, from `info registers -a`.
+#[derive(Debug, PartialEq, Eq)]
+struct CpuState {
+    cpu: usize,
+    rip: u64,
+    rsp: u64,
+    cpl: String,
+    halted: bool,
+}
+
+/// Each CPU's state in `info registers -a` output.
+fn cpu_states(text: &str) -> Vec<CpuState> {
     let mut out = Vec::new();
     let mut cpu = None;
+    let mut rsp = 0;
     for line in text.lines() {
         if let Some(n) = line.trim().strip_prefix("CPU#") {
             cpu = n.trim().parse().ok();
@@ -275,15 +291,54 @@ fn cpu_states(text: &str) -> Vec<(usize, u64, String, bool)> {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(name).map(str::to_string))
         };
+        if let Some(v) = field("RSP=") {
+            rsp = u64::from_str_radix(&v, 16).unwrap_or(0);
+        }
         if let (Some(c), Some(rip)) = (cpu, field("RIP="))
             && let Ok(rip) = u64::from_str_radix(&rip, 16)
         {
             let cpl = field("CPL=").unwrap_or_default();
             let halted = field("HLT=").as_deref() == Some("1");
-            out.push((c, rip, cpl, halted));
+            out.push(CpuState {
+                cpu: c,
+                rip,
+                rsp,
+                cpl,
+                halted,
+            });
         }
     }
     out
+}
+
+/// The words of an `x /Ngx ADDR` dump (`ADDR: 0xWORD 0xWORD` lines).
+fn dump_words(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.split_once(':').map(|(_, words)| words))
+        .flat_map(|words| words.split_whitespace())
+        .filter_map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+        .collect()
+}
+
+/// The code addresses on a CPU's kernel stack, innermost first: a poor man's backtrace (it may
+/// hold stale return addresses too, as the kernel's own unreliable frames do).
+fn stack_scan(qmp: &Path, state: &CpuState, map: &SymbolMap, mods: &[Module]) -> String {
+    if state.cpl == "3" || state.rsp == 0 {
+        return String::new();
+    }
+    let Ok(dump) = hmp(qmp, &format!("x /160gx {:#x}", state.rsp), Some(state.cpu)) else {
+        return String::new();
+    };
+    let names: Vec<String> = dump_words(&dump)
+        .into_iter()
+        .filter(|w| *w >= 0xffff_ffff_8000_0000)
+        .map(|w| describe_rip(w, "0", map, mods))
+        .filter(|n| !n.starts_with("not in"))
+        .collect();
+    if names.is_empty() {
+        return String::new();
+    }
+    format!("    stack: {}\n", names.join(" < "))
 }
 
 /// Where each L1 CPU is, sampled twice a second apart (a CPU whose RIP does not move is spinning in
@@ -295,18 +350,24 @@ pub fn cpu_report(qmp: &Path, map: &SymbolMap, kernel_log: &str) -> String {
         if sample > 0 {
             std::thread::sleep(Duration::from_secs(1));
         }
-        match hmp(qmp, "info registers -a") {
+        match hmp(qmp, "info registers -a", None) {
             Ok(text) => {
                 let states = cpu_states(&text);
                 if states.is_empty() {
                     report.push_str(&format!("  (no registers in QEMU's answer: {text:?})\n"));
                 }
-                for (cpu, rip, cpl, halted) in states {
+                for st in states {
                     report.push_str(&format!(
-                        "  sample {sample} cpu{cpu}: RIP {rip:016x} CPL {cpl}{} -> {}\n",
-                        if halted { " halted" } else { "" },
-                        describe_rip(rip, &cpl, map, &mods)
+                        "  sample {sample} cpu{}: RIP {:016x} CPL {}{} -> {}\n",
+                        st.cpu,
+                        st.rip,
+                        st.cpl,
+                        if st.halted { " halted" } else { "" },
+                        describe_rip(st.rip, &st.cpl, map, &mods)
                     ));
+                    if sample == 0 {
+                        report.push_str(&stack_scan(qmp, &st, map, &mods));
+                    }
                 }
             }
             Err(e) => {
@@ -376,13 +437,20 @@ mod tests {
 
     #[test]
     fn registers_are_read_per_cpu() {
-        let text = "CPU#0\nRAX=0 RBX=1\nRIP=ffffffff81000104 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0\nCPU#1\nRIP=0000000000401000 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=1\n";
+        let text = "CPU#0\nRAX=0 RBX=1\nRSI=0 RDI=0 RBP=0 RSP=ffffc90000013e58\nRIP=ffffffff81000104 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0\nCPU#1\nRIP=0000000000401000 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=1\n";
+        let states = cpu_states(text);
+        assert_eq!(states.len(), 2);
         assert_eq!(
-            cpu_states(text),
-            vec![
-                (0, 0xffffffff81000104, "0".into(), false),
-                (1, 0x401000, "3".into(), true)
-            ]
+            (states[0].cpu, states[0].rip, states[0].cpl.as_str(), states[0].halted),
+            (0, 0xffffffff81000104, "0", false)
+        );
+        assert_eq!(
+            (states[1].cpu, states[1].rip, states[1].cpl.as_str(), states[1].halted),
+            (1, 0x401000, "3", true)
+        );
+        assert_eq!(
+            dump_words("ffffc90000013e58: 0xffffffff81a04ffe 0x0000000000000000\n"),
+            vec![0xffffffff81a04ffe, 0]
         );
     }
 }
