@@ -6,12 +6,13 @@ use crate::guest_images;
 use crate::lab::{self, LabRun};
 use crate::util::Result;
 
-const USAGE: &str = "usage: cargo xtask bench boot|block|exec|vsock|snapshot [--runs N]";
+const USAGE: &str = "usage: cargo xtask bench boot|block|exec|vsock|snapshot [--runs N]
+       cargo xtask bench cycles [--restores N] [--boots M]";
 
 /// Benchmarks `kiln-lab-bench` knows.
-const BENCHMARKS: &[&str] = &["boot", "block", "exec", "vsock", "snapshot"];
+const BENCHMARKS: &[&str] = &["boot", "block", "exec", "vsock", "snapshot", "cycles"];
 
-/// `cargo xtask bench boot|block|exec|vsock|snapshot [--runs N]`
+/// `cargo xtask bench NAME [OPTIONS]` (see USAGE)
 pub fn main(args: &[String]) -> Result<u8> {
     let Some((name, rest)) = args.split_first() else {
         return Err(USAGE.into());

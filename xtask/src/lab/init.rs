@@ -116,6 +116,15 @@ done
 # Where the modules sit, so the host can name an address in a hung L1; then a heartbeat, so the
 # host knows L1's userspace still runs.
 cat /proc/modules >/dev/ttyS1
+# One KVM VM held open for L1's life, so KVM never live-patches kernel text as VMs come and go
+# (unreliable under multi-threaded TCG; see xtask/src/lab/kvm_pin.rs).
+kvm-pin /tmp/kvm-pin.ready >/dev/ttyS1 2>&1 &
+n=0
+while [ ! -e /tmp/kvm-pin.ready ]; do
+  n=$((n + 1))
+  [ $n -gt 200 ] && fail "kvm-pin did not hold a KVM VM within 10 s"
+  sleep 0.05
+done
 ( while :; do echo "@@$M:BEAT@@"; sleep @BEAT@; done ) >/dev/ttyS1 2>&1 &
 n=0
 while [ ! -b /dev/vda ]; do

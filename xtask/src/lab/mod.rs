@@ -7,6 +7,7 @@
 
 mod image;
 mod init;
+mod kvm_pin;
 mod l1_kernel;
 mod qemu;
 mod watch;
@@ -67,7 +68,6 @@ pub enum LabStatus {
     /// The lab itself failed; the command's status is unknown.
     Failed(LabFailure),
 }
-
 
 /// Why the lab failed rather than the command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,12 +193,13 @@ impl Knobs {
                 format!("KILN_LAB_READY_TIMEOUT={secs:?} is not a number of seconds")
             })?),
         };
-        let stall_after = match var("KILN_LAB_STALL_SECS").as_str() {
-            "" => STALL_AFTER,
-            secs => Duration::from_secs(secs.parse().map_err(|_| {
-                format!("KILN_LAB_STALL_SECS={secs:?} is not a number of seconds")
-            })?),
-        };
+        let stall_after =
+            match var("KILN_LAB_STALL_SECS").as_str() {
+                "" => STALL_AFTER,
+                secs => Duration::from_secs(secs.parse().map_err(|_| {
+                    format!("KILN_LAB_STALL_SECS={secs:?} is not a number of seconds")
+                })?),
+            };
         let mut append = var("KILN_LAB_APPEND");
         if fault == "module" || fault == "hang" {
             append.push_str(&format!(" kiln.fault={fault}"));
@@ -246,7 +247,8 @@ pub fn run(lab: &LabRun) -> Result<LabOutcome> {
     let lab_cache = util::cache_dir().join("lab");
 
     let l1 = l1_kernel::ensure()?;
-    let mut modules = Vec::new();
+    // The initramfs holds L1's modules and kvm-pin beside busybox and init.
+    let mut initrd_files = Vec::new();
     let mut names = Vec::new();
     for path in &l1.modules {
         let name = path
@@ -254,12 +256,13 @@ pub fn run(lab: &LabRun) -> Result<LabOutcome> {
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
-        modules.push((path.clone(), format!("{}/{name}", init::MODULE_DIR)));
+        initrd_files.push((path.clone(), format!("{}/{name}", init::MODULE_DIR)));
         names.push(name);
     }
+    initrd_files.push((kvm_pin::build()?, kvm_pin::IN_INITRAMFS.into()));
     let initrd = crate::initramfs::cached(
         &init::init_script(&names),
-        &modules,
+        &initrd_files,
         &lab_cache.join("initramfs"),
     )?;
     let guest_kernel = crate::guest_kernel::build()?;
@@ -486,9 +489,7 @@ pub fn main(args: &[String]) -> Result<u8> {
             } else {
                 "before the command ran"
             };
-            eprintln!(
-                "xtask lab: L1 FAILED ({when}); this is not the command's status: {why}"
-            );
+            eprintln!("xtask lab: L1 FAILED ({when}); this is not the command's status: {why}");
             125
         }
     })

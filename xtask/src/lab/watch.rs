@@ -232,9 +232,7 @@ fn describe_rip(rip: u64, cpl: &str, map: &SymbolMap, mods: &[Module]) -> String
 fn hmp(sock: &Path, command: &str, cpu: Option<usize>) -> Result<String, String> {
     let stream = UnixStream::connect(sock).map_err(|e| format!("QMP {}: {e}", sock.display()))?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut writer = stream
-        .try_clone()
-        .map_err(|e| format!("QMP socket: {e}"))?;
+    let mut writer = stream.try_clone().map_err(|e| format!("QMP socket: {e}"))?;
     let mut reader = BufReader::new(stream);
     let mut answer = |request: &serde_json::Value| -> Result<serde_json::Value, String> {
         writeln!(writer, "{request}").map_err(|e| format!("QMP write: {e}"))?;
@@ -320,6 +318,25 @@ fn dump_words(text: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The bytes around a CPU's RIP (from one before it): shows an `int3` (cc) a CPU keeps hitting,
+/// or code that is not what it should be.
+fn code_bytes(qmp: &Path, state: &CpuState) -> String {
+    match hmp(
+        qmp,
+        &format!("x /12bx {:#x}", state.rip.wrapping_sub(1)),
+        Some(state.cpu),
+    ) {
+        Ok(dump) => {
+            let bytes: Vec<String> = dump_words(&dump)
+                .into_iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("    code from RIP-1: {}\n", bytes.join(" "))
+        }
+        Err(_) => String::new(),
+    }
+}
+
 /// The code addresses on a CPU's kernel stack, innermost first: a poor man's backtrace (it may
 /// hold stale return addresses too, as the kernel's own unreliable frames do).
 fn stack_scan(qmp: &Path, state: &CpuState, map: &SymbolMap, mods: &[Module]) -> String {
@@ -366,6 +383,7 @@ pub fn cpu_report(qmp: &Path, map: &SymbolMap, kernel_log: &str) -> String {
                         describe_rip(st.rip, &st.cpl, map, &mods)
                     ));
                     if sample == 0 {
+                        report.push_str(&code_bytes(qmp, &st));
                         report.push_str(&stack_scan(qmp, &st, map, &mods));
                     }
                 }
@@ -441,11 +459,21 @@ mod tests {
         let states = cpu_states(text);
         assert_eq!(states.len(), 2);
         assert_eq!(
-            (states[0].cpu, states[0].rip, states[0].cpl.as_str(), states[0].halted),
+            (
+                states[0].cpu,
+                states[0].rip,
+                states[0].cpl.as_str(),
+                states[0].halted
+            ),
             (0, 0xffffffff81000104, "0", false)
         );
         assert_eq!(
-            (states[1].cpu, states[1].rip, states[1].cpl.as_str(), states[1].halted),
+            (
+                states[1].cpu,
+                states[1].rip,
+                states[1].cpl.as_str(),
+                states[1].halted
+            ),
             (1, 0x401000, "3", true)
         );
         assert_eq!(
