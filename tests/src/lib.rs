@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use kiln_agent::client::Client;
 use kiln_agent::protocol::{ExecSpec, ExitStatus as AgentExit};
 
+pub mod cycles;
+
 /// The marker the test initramfs prints first thing in `/init`.
 pub const INIT_MARKER: &str = "KILN-INIT-START";
 /// The line prefix under which the test initramfs reports what it saw.

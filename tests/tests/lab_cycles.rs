@@ -1,9 +1,4 @@
-//! Many VM lifecycles in one L1, one after another, as a user's loop of `kiln run` makes them:
-//! restores of one snapshot (restore, exec, kill) and boots (boot, exec, shutdown). Every cycle
-//! must give the right output within its bound, L1 must stay up, and nothing may be left behind.
-//! CI runs `KILN_CYCLES_RESTORES` (default 100) and `KILN_CYCLES_BOOTS` (default 20);
-//! `cargo xtask bench cycles` runs 500 and 200 with timings.
-
+//! Many VM lifecycles in one L1, one after another: L1 must stay up through them.
 
 fn count(var: &str, default: usize) -> usize {
     std::env::var(var)

@@ -14,6 +14,9 @@
 //! `kiln-lab-bench snapshot [--runs N]` times snapshot creation (Full and Diff) with file sizes,
 //! restore to the agent's first reply (p50/p99 over N) against booting under kiln-vmm and QEMU,
 //! and the memory of 10 restored clones against 10 booted VMs.
+//!
+//! `kiln-lab-bench cycles [--restores N] [--boots M]` runs N restore cycles and M boot cycles of
+//! `kiln run` in one L1 (500 and 200 by default) and prints their p50/p99 and ratio.
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -22,6 +25,8 @@ use kiln_tests::{INIT_MARKER, kiln_vmm_boot, qemu_microvm_boot, run_watching};
 
 #[path = "kiln-lab-bench/block.rs"]
 mod block;
+#[path = "kiln-lab-bench/cycles.rs"]
+mod cycles;
 #[path = "kiln-lab-bench/exec.rs"]
 mod exec;
 #[path = "kiln-lab-bench/peer.rs"]
@@ -43,7 +48,11 @@ fn main() -> ExitCode {
         Some("exec") => runs(rest, 200).and_then(exec::run),
         Some("vsock") => runs(rest, 3).and_then(vsock::run),
         Some("snapshot") => runs(rest, 50).and_then(snapshot::run),
-        _ => Err("usage: kiln-lab-bench boot|block|exec|vsock|snapshot [--runs N]".to_string()),
+        Some("cycles") => cycles::run(rest),
+        _ => Err(
+            "usage: kiln-lab-bench boot|block|exec|vsock|snapshot [--runs N] | cycles [--restores N] [--boots M]"
+                .to_string(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
