@@ -80,17 +80,6 @@ fn try_run(args: &RunArgs) -> Result<i32, Failure> {
         Machine::Restore(files) => Vm::restore(&vmm, files, boot_start + args.boot_timeout),
     }
     .map_err(kiln_failure)?;
-    let client = wait_for_agent(&mut vm, boot_start, args.boot_timeout)?;
-    if let Machine::Restore(_) = machine {
-        // Before anything runs: a clone must not share its snapshot's RNG state and clock.
-        let env = args.env.iter().cloned().collect();
-        if let Err(e) = client.restored_now(env) {
-            return Err(kiln_failure(vm.failure(&format!(
-                "the guest's post-restore step (entropy, clock, environment): {e}"
-            ))));
-        }
-    }
-    let boot_ms = boot_start.elapsed().as_millis();
 
     let mut spec = ExecSpec::new(args.command.iter().cloned());
     spec.env = args.env.iter().cloned().collect();
@@ -100,7 +89,29 @@ fn try_run(args: &RunArgs) -> Result<i32, Failure> {
     spec.tty = tty.then(term::size);
     spec.stdin = true;
 
-    let exec_start = Instant::now();
+    let (client, started, boot_ms, exec_start) = match machine {
+        Machine::Boot(_) => {
+            let client = wait_for_agent(&mut vm, boot_start, args.boot_timeout)?;
+            let boot_ms = boot_start.elapsed().as_millis();
+            let exec_start = Instant::now();
+            let started = client.exec(spec);
+            (client, started, boot_ms, exec_start)
+        }
+        // A clone must not share its snapshot's RNG state and clock: the post-restore step goes
+        // first, with the command right behind it in the same round trip.
+        Machine::Restore(_) => {
+            let env = args.env.iter().cloned().collect();
+            let first = restore_and_exec(&mut vm, boot_start, args.boot_timeout, env, spec)?;
+            let at = Instant::now();
+            (
+                first.client,
+                first.exec,
+                at.duration_since(boot_start).as_millis(),
+                at,
+            )
+        }
+    };
+
     let mut outcome = Outcome {
         status: None,
         error: None,
@@ -109,7 +120,7 @@ fn try_run(args: &RunArgs) -> Result<i32, Failure> {
         boot_ms,
         exec_ms: 0,
     };
-    match client.exec(spec) {
+    match started {
         Ok(mut exec) => {
             if let Some(stdin) = exec.take_stdin() {
                 thread::spawn(move || forward_stdin(stdin));
@@ -159,6 +170,43 @@ fn try_run(args: &RunArgs) -> Result<i32, Failure> {
         Machine::Restore(_) => vm.kill(),
     }
     Ok(report(args.json, &outcome))
+}
+
+/// The first contact with a restored VM: the post-restore step and the command in one round trip
+/// (`client::restore_and_exec`), retried until `limit` after `start` while the agent is not there
+/// yet, watching for the VMM dying first. How the command fared is in the answer's `exec`; any
+/// failure of the connection or the step is fatal for the VM.
+fn restore_and_exec(
+    vm: &mut Vm,
+    start: Instant,
+    limit: Duration,
+    env: std::collections::BTreeMap<String, String>,
+    spec: ExecSpec,
+) -> Result<client::RestoredExec, Failure> {
+    let end = start + limit;
+    loop {
+        let slice = (Instant::now() + Duration::from_millis(500)).min(end);
+        match client::restore_and_exec(&vm.uds, slice, env.clone(), spec.clone()) {
+            Ok(first) => return Ok(first),
+            Err(Error::NotReady { last, .. }) => {
+                if let Some(st) = vm.try_exit() {
+                    return Err(kiln_failure(vm.failure(&format!(
+                        "the VM stopped before its agent answered ({st})"
+                    ))));
+                }
+                if Instant::now() >= end {
+                    return Err(kiln_failure(vm.failure(&format!(
+                        "the guest agent did not answer within {limit:?} (last attempt: {last})"
+                    ))));
+                }
+            }
+            Err(e) => {
+                return Err(kiln_failure(vm.failure(&format!(
+                    "the guest's post-restore step (entropy, clock, environment): {e}"
+                ))));
+            }
+        }
+    }
 }
 
 /// Retries the agent until it answers, `limit` after `start`, watching for the VMM dying first.

@@ -342,7 +342,11 @@ fn snapshot_kiln_cli_creates_and_runs_clones() {
             String::from_utf8_lossy(&out.stderr)
         );
         let after = host_secs();
-        (String::from_utf8_lossy(&out.stdout).into_owned(), before, after)
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            before,
+            after,
+        )
     };
     let ((a, a_from, a_to), (b, b_from, b_to)) = (clone("a"), clone("b"));
     let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());

@@ -193,11 +193,26 @@ fn attach_drives(
     Ok(())
 }
 
-/// A KVM VM over `mem` (logging dirty pages when `track_dirty`) with its irqchip and PIT.
-pub(crate) fn create_vm(mem: &GuestMemoryMmap, track_dirty: bool) -> Result<Vm, BuildError> {
+/// A KVM VM with its irqchip and PIT, no memory yet: what does not depend on the configuration,
+/// so a VMM waiting for its configuration or snapshot can make it ahead ([`crate::api::preboot`]).
+pub fn prepare_vm() -> Result<Vm, VmError> {
     let vm = Vm::new()?;
-    vm.register_memory(mem, track_dirty)?;
     vm.setup_irqchip()?;
+    Ok(vm)
+}
+
+/// The KVM VM over `mem` (logging dirty pages when `track_dirty`): `prepared` (from
+/// [`prepare_vm`]) when there is one, else a new one.
+pub(crate) fn create_vm(
+    prepared: Option<Vm>,
+    mem: &GuestMemoryMmap,
+    track_dirty: bool,
+) -> Result<Vm, BuildError> {
+    let vm = match prepared {
+        Some(vm) => vm,
+        None => prepare_vm()?,
+    };
+    vm.register_memory(mem, track_dirty)?;
     Ok(vm)
 }
 
@@ -293,10 +308,15 @@ impl Platform {
 
 /// Builds the VM `config` describes; `config` must have passed [`VmConfig::validate`].
 pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
+    build_in(config, None)
+}
+
+/// [`build`] in the KVM VM `prepared` made ahead, if any.
+pub fn build_in(config: &VmConfig, prepared: Option<Vm>) -> Result<Vmm, BuildError> {
     let mem_size = (config.machine.mem_size_mib as u64) << 20;
     let vcpu_count = config.machine.vcpu_count;
     let (mem, memfd) = memory::create(mem_size)?;
-    let vm = create_vm(&mem, config.machine.track_dirty_pages)?;
+    let vm = create_vm(prepared, &mem, config.machine.track_dirty_pages)?;
     let mut platform = Platform::new(vm, config, None)?;
     log::info!(
         "VM created with {} MiB of memory",

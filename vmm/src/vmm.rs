@@ -207,6 +207,7 @@ impl Vmm {
     /// Runs the guest until it resets, powers off, or fails; returns why it stopped. vCPU threads
     /// may still be inside KVM when this returns: the caller exits the process, with `self` alive.
     pub fn run(&mut self) -> ExitReason {
+        log::debug!("run: starting");
         let msrs = match saveable_msrs(self.vm.kvm()) {
             Ok(list) => Arc::new(list),
             Err(e) => return ExitReason::Vmm(format!("cannot list KVM's saveable MSRs: {e}")),
@@ -230,6 +231,7 @@ impl Vmm {
                 Err(e) => return ExitReason::Vmm(format!("cannot start a vCPU thread: {e}")),
             }
         }
+        log::debug!("run: vCPU threads started");
         if let Err(e) = self.seccomp.install(ThreadKind::Vmm) {
             return ExitReason::Vmm(e.to_string());
         }

@@ -6,11 +6,13 @@ use crate::guest_images;
 use crate::lab::{self, LabRun};
 use crate::util::Result;
 
-const USAGE: &str = "usage: cargo xtask bench boot|block|exec|vsock|snapshot [--runs N]
+const USAGE: &str = "usage: cargo xtask bench boot|block|exec|vsock|snapshot|restore [--runs N]
        cargo xtask bench cycles [--restores N] [--boots M]";
 
 /// Benchmarks `kiln-lab-bench` knows.
-const BENCHMARKS: &[&str] = &["boot", "block", "exec", "vsock", "snapshot", "cycles"];
+const BENCHMARKS: &[&str] = &[
+    "boot", "block", "exec", "vsock", "snapshot", "restore", "cycles",
+];
 
 /// `cargo xtask bench NAME [OPTIONS]` (see USAGE)
 pub fn main(args: &[String]) -> Result<u8> {

@@ -65,6 +65,13 @@ impl Drop for Conn {
 impl Conn {
     /// Starts the reader and writer threads on a socket that finished its handshake.
     pub fn start(socket: Socket) -> Result<Arc<Conn>, Error> {
+        Ok(Self::start_with_sent(socket, 0)?.0)
+    }
+
+    /// [`Conn::start`] on a socket where the first `sent` requests (ids 1 to `sent`) were
+    /// already written, behind the hello: their handles are returned, in order, registered
+    /// before the reader can see their answers.
+    pub fn start_with_sent(socket: Socket, sent: u64) -> Result<(Arc<Conn>, Vec<Req>), Error> {
         let io = |e| Error::Local {
             what: "starting the connection threads".into(),
             source: e,
@@ -74,15 +81,18 @@ impl Conn {
         let conn = Arc::new(Conn {
             outbox,
             slots: Mutex::new(Slots::default()),
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(sent + 1),
             socket,
         });
+        let reqs = (1..=sent)
+            .map(|id| conn.register(id))
+            .collect::<Result<Vec<_>, _>>()?;
         let weak = Arc::downgrade(&conn);
         thread::Builder::new()
             .name("kiln-client-reader".into())
             .spawn(move || read_loop(weak, reader))
             .map_err(io)?;
-        Ok(conn)
+        Ok((conn, reqs))
     }
 
     fn slots(&self) -> MutexGuard<'_, Slots> {
@@ -92,29 +102,33 @@ impl Conn {
     /// Sends `request` under a fresh id and returns its handle.
     pub fn start_request(self: &Arc<Self>, request: Request) -> Result<Req, Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let req = self.register(id)?;
+        if !self.outbox.send(&Message::Request(id, request)) {
+            return Err(Error::Closed("the connection's writer stopped".into()));
+        }
+        Ok(req)
+    }
+
+    /// Makes the slot that receives request `id`'s answers.
+    fn register(self: &Arc<Self>, id: u64) -> Result<Req, Error> {
         let (tx, rx) = mpsc::channel();
         let flow = Arc::new(Flow {
             windows: std::array::from_fn(|_| Window::new(INITIAL_WINDOW)),
             budgets: Default::default(),
             queued: AtomicUsize::new(0),
         });
-        {
-            let mut slots = self.slots();
-            if let Some(reason) = &slots.closed {
-                return Err(Error::Closed(reason.clone()));
-            }
-            slots.map.insert(
-                id,
-                Slot {
-                    tx,
-                    flow: flow.clone(),
-                    discard: false,
-                },
-            );
+        let mut slots = self.slots();
+        if let Some(reason) = &slots.closed {
+            return Err(Error::Closed(reason.clone()));
         }
-        if !self.outbox.send(&Message::Request(id, request)) {
-            return Err(Error::Closed("the connection's writer stopped".into()));
-        }
+        slots.map.insert(
+            id,
+            Slot {
+                tx,
+                flow: flow.clone(),
+                discard: false,
+            },
+        );
         Ok(Req {
             id,
             conn: self.clone(),

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::conn::Conn;
+use super::conn::{Conn, Req};
 use super::{Client, Error};
 use crate::link::Socket;
-use crate::protocol::{AGENT_PORT, Event, Hello, Message, PROTOCOL_VERSION, read_frame};
+use crate::protocol::{AGENT_PORT, Event, Hello, Message, PROTOCOL_VERSION, Request, read_frame};
 
 /// How long connecting and the hello exchange may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,6 +36,13 @@ pub fn connect_vsock(uds: impl AsRef<Path>, port: u32) -> Result<Client, Error> 
 }
 
 fn connect_vsock_within(uds: &Path, port: u32, timeout: Duration) -> Result<Client, Error> {
+    let socket = open_vsock(uds, port, timeout, &[])?;
+    from_socket(socket, timeout)
+}
+
+/// Connects to the VMM's vsock socket `uds`, writes `CONNECT <port>\n` followed by `then` in one
+/// write (the VMM holds what follows the line until the guest accepts), and reads the `OK` line.
+fn open_vsock(uds: &Path, port: u32, timeout: Duration, then: &[u8]) -> Result<Socket, Error> {
     let stream = UnixStream::connect(uds).map_err(|source| Error::Connect {
         path: uds.into(),
         source,
@@ -48,8 +55,10 @@ fn connect_vsock_within(uds: &Path, port: u32, timeout: Duration) -> Result<Clie
     socket
         .set_read_timeout(Some(timeout))
         .map_err(local("setting a timeout on"))?;
+    let mut out = format!("CONNECT {port}\n").into_bytes();
+    out.extend_from_slice(then);
     (&socket)
-        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .write_all(&out)
         .map_err(local("writing CONNECT to"))?;
     // Byte by byte: whatever follows the newline already belongs to the agent.
     let mut reply = Vec::new();
@@ -75,19 +84,29 @@ fn connect_vsock_within(uds: &Path, port: u32, timeout: Duration) -> Result<Clie
             reply: text,
         });
     }
-    from_socket(socket, timeout)
+    Ok(socket)
+}
+
+fn our_hello() -> Message {
+    Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        software: format!("kiln-agent client {}", env!("CARGO_PKG_VERSION")),
+    })
 }
 
 /// Says hello on an already connected socket and starts the client.
 pub fn from_socket(socket: Socket, timeout: Duration) -> Result<Client, Error> {
-    let hello = Message::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        software: format!("kiln-agent client {}", env!("CARGO_PKG_VERSION")),
-    });
     let closed = |e: std::io::Error| Error::Closed(format!("during the hello: {e}"));
     socket.set_read_timeout(Some(timeout)).map_err(closed)?;
-    (&socket).write_all(&hello.encode()).map_err(closed)?;
-    let raw = match read_frame(&mut &socket) {
+    (&socket).write_all(&our_hello().encode()).map_err(closed)?;
+    read_hello(&socket, timeout)?;
+    Ok(Client::new(Conn::start(socket)?))
+}
+
+/// Reads the agent's hello (within the socket's read timeout) and clears the timeout.
+fn read_hello(socket: &Socket, timeout: Duration) -> Result<(), Error> {
+    let closed = |e: std::io::Error| Error::Closed(format!("during the hello: {e}"));
+    let raw = match read_frame(&mut &*socket) {
         Ok(Some(raw)) => raw,
         Ok(None) => {
             return Err(Error::Closed(
@@ -120,8 +139,46 @@ pub fn from_socket(socket: Socket, timeout: Duration) -> Result<Client, Error> {
         }
         Err(e) => return Err(Error::Protocol(format!("the agent's hello: {e}"))),
     }
-    socket.set_read_timeout(None).map_err(closed)?;
-    Ok(Client::new(Conn::start(socket)?))
+    socket.set_read_timeout(None).map_err(closed)
+}
+
+/// Connects to the agent through vsock socket `uds` and sends `requests` (ids 1, 2, ...) in the
+/// same write as `CONNECT` and the hello: they reach the agent without waiting for a round trip,
+/// and the agent takes them in order after its hello. Retries while the agent is not there yet
+/// (until `deadline`); once its hello arrived the requests may have run, so an error after that
+/// is returned, never retried. Returns the client and each request's handle.
+pub(crate) fn connect_pipelined(
+    uds: &Path,
+    deadline: Instant,
+    requests: Vec<Request>,
+) -> Result<(Client, Vec<Req>), Error> {
+    let mut frames = our_hello().encode();
+    for (id, request) in (1u64..).zip(requests.iter()) {
+        frames.extend_from_slice(&Message::Request(id, request.clone()).encode());
+    }
+    let start = Instant::now();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = left.clamp(Duration::from_secs(1), HANDSHAKE_TIMEOUT);
+        let attempt = open_vsock(uds, AGENT_PORT, timeout, &frames)
+            .and_then(|socket| read_hello(&socket, timeout).map(|()| socket));
+        let last = match attempt {
+            Ok(socket) => {
+                let (conn, reqs) = Conn::start_with_sent(socket, requests.len() as u64)?;
+                return Ok((Client::new(conn), reqs));
+            }
+            Err(e @ Error::VersionMismatch { .. }) => return Err(e),
+            Err(e) => e,
+        };
+        if Instant::now() + Duration::from_millis(10) >= deadline {
+            return Err(Error::NotReady {
+                path: uds.into(),
+                waited: start.elapsed(),
+                last: Box::new(last),
+            });
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Connects to the agent on [`AGENT_PORT`] through vsock socket `uds`, retrying until it

@@ -45,8 +45,26 @@ impl Client {
     /// program, directory or user is wrong.
     pub fn exec(&self, spec: ExecSpec) -> Result<Exec, Error> {
         let wants_stdin = spec.stdin;
-        let mut req = self.conn.start_request(Request::Exec(spec))?;
-        let pid = match req.recv(None)? {
+        let req = self.conn.start_request(Request::Exec(spec))?;
+        Exec::started(req, wants_stdin, None)
+    }
+
+    /// Runs a process to the end with no stdin and collects its output.
+    pub fn run(&self, mut spec: ExecSpec) -> Result<Output, Error> {
+        spec.stdin = false;
+        self.exec(spec)?.output()
+    }
+}
+
+impl Exec {
+    /// Waits (until `deadline`, if given) for the agent to say whether exec request `req`
+    /// started.
+    pub(crate) fn started(
+        mut req: Req,
+        wants_stdin: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Exec, Error> {
+        let pid = match req.recv(deadline)? {
             Inbound::Event(Event::Started { pid }) => pid,
             Inbound::Event(Event::Error(info)) => return Err(info.into()),
             other => return Err(unexpected("exec", &other)),
@@ -63,14 +81,6 @@ impl Client {
         })
     }
 
-    /// Runs a process to the end with no stdin and collects its output.
-    pub fn run(&self, mut spec: ExecSpec) -> Result<Output, Error> {
-        spec.stdin = false;
-        self.exec(spec)?.output()
-    }
-}
-
-impl Exec {
     /// The process's pid inside the guest.
     pub fn pid(&self) -> u32 {
         self.pid

@@ -4,10 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::time::SystemTime;
+use std::path::Path;
+use std::time::{Instant, SystemTime};
 
-use super::{Client, Error};
-use crate::protocol::{Event, Request, RestoreSpec};
+use super::conn::{Inbound, Req};
+use super::connect::{HANDSHAKE_TIMEOUT, connect_pipelined};
+use super::exec::Exec;
+use super::{Client, Error, unexpected};
+use crate::protocol::{Event, ExecSpec, Request, RestoreSpec};
 
 /// Bytes of entropy [`Client::restored_now`] sends (twice the protocol's minimum).
 pub const RESTORE_ENTROPY: usize = 64;
@@ -38,6 +42,65 @@ pub fn host_entropy(n: usize) -> io::Result<Vec<u8>> {
         }
     }
     Ok(buf)
+}
+
+/// What [`restore_and_exec`] hands back: the connected client, what the clone step did, and the
+/// first command.
+pub struct RestoredExec {
+    /// The connection, for later requests.
+    pub client: Client,
+    /// What the agent did in the clone step.
+    pub restored: Restored,
+    /// The first command, running, or why it did not start ([`Error::CouldNotStart`] for a bad
+    /// program, directory or user).
+    pub exec: Result<Exec, Error>,
+}
+
+/// The whole first contact with a VM just restored from a snapshot, in one round trip: connects
+/// to its agent through the VMM's vsock socket `uds` and sends, in the same write as `CONNECT`
+/// and the hello, the clone step ([`RESTORE_ENTROPY`] fresh bytes of host entropy, the host's
+/// time, `env`) and `spec`'s exec. The agent answers the clone step before it reads the exec,
+/// and refuses the exec if the step failed, so the command never runs in a clone that was not
+/// reseeded. Connecting is retried until `deadline` while the agent is not there yet; a failure
+/// after its hello is returned as is (the requests may have run). `Err` means the connection or
+/// the clone step failed; how the command fared is in [`RestoredExec::exec`].
+pub fn restore_and_exec(
+    uds: impl AsRef<Path>,
+    deadline: Instant,
+    env: BTreeMap<String, String>,
+    spec: ExecSpec,
+) -> Result<RestoredExec, Error> {
+    let entropy = host_entropy(RESTORE_ENTROPY).map_err(|source| Error::Local {
+        what: format!("reading {RESTORE_ENTROPY} bytes of host entropy"),
+        source,
+    })?;
+    let wants_stdin = spec.stdin;
+    let requests = vec![
+        Request::Restored(RestoreSpec::new(&entropy, SystemTime::now(), env)),
+        Request::Exec(spec),
+    ];
+    let (client, reqs) = connect_pipelined(uds.as_ref(), deadline, requests)?;
+    let [mut step, exec]: [Req; 2] = reqs
+        .try_into()
+        .map_err(|_| Error::Protocol("two pipelined requests expected".into()))?;
+    let answer_by = Some(deadline.max(Instant::now() + HANDSHAKE_TIMEOUT));
+    let restored = match step.recv(answer_by)? {
+        Inbound::Event(Event::Restored {
+            clock_step_ns,
+            entropy_bytes,
+        }) => Restored {
+            clock_step_ns,
+            entropy_bytes,
+        },
+        Inbound::Event(Event::Error(info)) => return Err(info.into()),
+        other => return Err(unexpected("restored", &other)),
+    };
+    let exec = Exec::started(exec, wants_stdin, answer_by);
+    Ok(RestoredExec {
+        client,
+        restored,
+        exec,
+    })
 }
 
 impl Client {

@@ -51,6 +51,9 @@ pub struct Agent {
     kernel: Box<dyn Kernel>,
     /// The default environment of execs, set by `restored`.
     env: Mutex<BTreeMap<String, String>>,
+    /// Why the last `restored` failed, while it stands: a clone that could not be reseeded runs
+    /// nothing, even an exec the host sent along with the step before it heard the answer.
+    restore_failed: Mutex<Option<String>>,
 }
 
 impl Agent {
@@ -61,6 +64,7 @@ impl Agent {
             shutdown,
             kernel: Box::new(LinuxKernel),
             env: Mutex::new(BTreeMap::new()),
+            restore_failed: Mutex::new(None),
         }
     }
 
@@ -88,6 +92,28 @@ impl Agent {
     /// Replaces the default environment.
     pub fn set_default_env(&self, env: BTreeMap<String, String>) {
         *self.env() = env;
+    }
+
+    fn restore_failed(&self) -> MutexGuard<'_, Option<String>> {
+        self.restore_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records how the latest `restored` went: a failure (its message) blocks execs until one
+    /// succeeds.
+    pub fn set_restore_outcome(&self, failure: Option<String>) {
+        *self.restore_failed() = failure;
+    }
+
+    /// Why execs are refused: the latest `restored` failed.
+    pub fn exec_refusal(&self) -> Option<String> {
+        self.restore_failed().as_ref().map(|why| {
+            format!(
+                "this VM's post-restore step failed ({why}); nothing runs until a restored \
+                 request succeeds"
+            )
+        })
     }
 
     /// Acknowledges shutdown request `id`, then shuts down.

@@ -344,8 +344,21 @@ fn start(session: &Arc<Session>, id: u64, request: Request) -> Result<(), Stop> 
                 session.error(id, ErrorKind::Busy, format!("cannot start a thread: {e}"));
             }
         }
-        // A few system calls: answered inline, before any later request on this connection.
-        Request::Restored(spec) => session.reply(id, restore::restored(&session.agent, &spec)),
+        // A few system calls: answered inline, before any later request on this connection, so
+        // an exec sent right behind it (in the same write) starts in the reseeded guest.
+        Request::Restored(spec) => {
+            let event = restore::restored(&session.agent, &spec);
+            let failure = match &event {
+                Event::Error(info) => Some(info.message.clone()),
+                _ => None,
+            };
+            session.agent.set_restore_outcome(failure);
+            session.reply(id, event);
+        }
+        Request::Exec(_) if session.agent.exec_refusal().is_some() => {
+            let why = session.agent.exec_refusal().unwrap_or_default();
+            session.error(id, ErrorKind::CouldNotStart, why);
+        }
         other => spawn_request(session, id, other),
     }
     Ok(())

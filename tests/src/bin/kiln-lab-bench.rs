@@ -31,6 +31,8 @@ mod cycles;
 mod exec;
 #[path = "kiln-lab-bench/peer.rs"]
 mod peer;
+#[path = "kiln-lab-bench/restore.rs"]
+mod restore;
 #[path = "kiln-lab-bench/snapshot.rs"]
 mod snapshot;
 #[path = "kiln-lab-bench/vsock.rs"]
@@ -49,8 +51,9 @@ fn main() -> ExitCode {
         Some("vsock") => runs(rest, 3).and_then(vsock::run),
         Some("snapshot") => runs(rest, 50).and_then(snapshot::run),
         Some("cycles") => cycles::run(rest),
+        Some("restore") => runs(rest, 20).and_then(restore::run),
         _ => Err(
-            "usage: kiln-lab-bench boot|block|exec|vsock|snapshot [--runs N] | cycles [--restores N] [--boots M]"
+            "usage: kiln-lab-bench boot|block|exec|vsock|snapshot|restore [--runs N] | cycles [--restores N] [--boots M]"
                 .to_string(),
         ),
     };

@@ -11,12 +11,14 @@ use kiln_api::requests::snapshot::SnapshotLoad;
 
 use super::{ApiLink, INSTANCE_ID, convert};
 use crate::Vmm;
+use crate::builder::{build_in, prepare_vm};
 use crate::config::{
     BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig, VsockConfig,
     default_machine, validate_machine,
 };
 use crate::loader::inspect_kernel;
 use crate::persist::restore::restore;
+use crate::vstate::vm::Vm;
 
 /// What a request asks of [`configure`] beyond an answer.
 enum Next {
@@ -131,11 +133,16 @@ impl PreBoot {
         })
     }
 
-    /// Validates and builds the VM configured so far.
-    fn start(&self, serial: &SerialConfig) -> Result<(Vmm, VmConfig), String> {
+    /// Validates and builds the VM configured so far, in `prepared` if there is one (taken only
+    /// once the configuration is valid).
+    fn start(
+        &self,
+        serial: &SerialConfig,
+        prepared: &mut Option<Vm>,
+    ) -> Result<(Vmm, VmConfig), String> {
         let config = self.config(serial)?;
         config.validate().map_err(|e| e.to_string())?;
-        let vmm = Vmm::try_from(&config).map_err(|e| e.to_string())?;
+        let vmm = build_in(&config, prepared.take()).map_err(|e| e.to_string())?;
         Ok((vmm, config))
     }
 
@@ -152,27 +159,41 @@ impl PreBoot {
 
 /// Serves API requests until an `InstanceStart` builds a VM or a `snapshot/load` restores one;
 /// returns it. `None` if the API thread went away before that.
+///
+/// The KVM VM itself (with its irqchip and PIT) is made first, while the client is still writing
+/// its first request: it does not depend on the configuration, and a restore into a VMM that was
+/// started ahead then only maps memory and puts state back. If making it fails here, the build
+/// tries again and reports the error on the request that needed it.
 pub fn configure(link: &ApiLink, serial: SerialConfig) -> Option<Vmm> {
+    let mut prepared = match prepare_vm() {
+        Ok(vm) => Some(vm),
+        Err(e) => {
+            log::warn!("cannot make the KVM VM ahead: {e}");
+            None
+        }
+    };
     let mut state = PreBoot {
         boot: None,
         machine: default_machine(),
         drives: Vec::new(),
         vsock: None,
     };
+    log::debug!("ready for the configuration");
     loop {
         let pending = link.requests.recv().ok()?;
         let _ = link.wakeup.read();
+        log::debug!("API request: {:?}", pending.request);
         let mut started = None;
         pending.respond(|request| match state.handle(request) {
             Ok(answer) => answer,
-            Err(Next::Start) => match state.start(&serial) {
+            Err(Next::Start) => match state.start(&serial, &mut prepared) {
                 Ok((vmm, _)) => {
                     started = Some(vmm);
                     ApiResponse::NoContent
                 }
                 Err(e) => ApiResponse::fault(format!("InstanceStart: {e}")),
             },
-            Err(Next::Load(params)) => match restore(&params, &serial) {
+            Err(Next::Load(params)) => match restore(&params, &serial, &mut prepared) {
                 Ok(mut vmm) => {
                     if params.resume_vm {
                         vmm.resume_on_start();

@@ -27,6 +27,7 @@ use crate::memory::map_snapshot;
 use crate::vmm::VmmParts;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vcpu_state;
+use crate::vstate::vm::Vm;
 
 fn refused(msg: String) -> PersistError {
     PersistError::Refused(msg)
@@ -84,12 +85,20 @@ fn config_of(
     Ok(config)
 }
 
-/// Builds a VM from the snapshot `params` names; console output per `serial`.
-pub fn restore(params: &SnapshotLoad, serial: &SerialConfig) -> Result<Vmm, PersistError> {
+/// Builds a VM from the snapshot `params` names; console output per `serial`. Uses the KVM VM
+/// in `prepared` (made ahead by [`crate::builder::prepare_vm`]) if there is one, and takes it only
+/// once the snapshot's files were read and checked, so a bad file leaves it for the next try.
+pub fn restore(
+    params: &SnapshotLoad,
+    serial: &SerialConfig,
+    prepared: &mut Option<Vm>,
+) -> Result<Vmm, PersistError> {
     let (state, file) = open(params)?;
+    log::debug!("restore: state file read and checked");
     let config = config_of(&state, params, serial, &params.snapshot_path)?;
     let mem = map_snapshot(&file, state.mem_size).map_err(BuildError::from)?;
-    let vm = create_vm(&mem, params.track_dirty_pages)?;
+    let vm = create_vm(prepared.take(), &mem, params.track_dirty_pages)?;
+    log::debug!("restore: memory mapped and registered");
 
     // KVM's own state first: the vCPUs, then the irqchip, PIT and clock. Devices come after, so
     // the interrupts they raise again on restore (a pending UART or virtio interrupt) are
@@ -100,8 +109,10 @@ pub fn restore(params: &SnapshotLoad, serial: &SerialConfig) -> Result<Vmm, Pers
         vcpu_state::restore(vcpu.fd(), id as u8, saved).map_err(BuildError::from)?;
         vcpus.push(vcpu);
     }
+    log::debug!("restore: vCPUs restored");
     vm.restore_state(&state.vm)
         .map_err(|e| PersistError::Kvm(e.to_string()))?;
+    log::debug!("restore: irqchip, PIT and clock restored");
 
     let mut platform = Platform::new(vm, &config, Some(&state.serial))?;
 

@@ -96,6 +96,8 @@ mount -t devtmpfs devtmpfs /dev
 # The kernel's console is ttyS1 (a log the host keeps); markers and CMD's output go to ttyS0 alone.
 exec </dev/null >/dev/ttyS0 2>&1
 mount -t tmpfs tmpfs /tmp
+# KVM's per-VM counters (exits, page faults) for benchmarks that report them.
+mount -t debugfs debugfs /sys/kernel/debug || echo "lab: cannot mount debugfs"
 # Like a current host: cgroup v2 at /sys/fs/cgroup (kiln-jailer's lab test puts the VMM in one).
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "lab: cannot mount cgroup2 at /sys/fs/cgroup"
 fault=

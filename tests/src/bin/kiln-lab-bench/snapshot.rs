@@ -26,10 +26,11 @@ const LIMIT: Duration = Duration::from_secs(120);
 const FLEET: usize = 10;
 
 /// A kiln-vmm process and its sockets.
-struct KilnVm {
+pub struct KilnVm {
     child: Child,
     sock: PathBuf,
-    uds: PathBuf,
+    /// Its vsock Unix socket.
+    pub uds: PathBuf,
 }
 
 impl Drop for KilnVm {
@@ -40,7 +41,8 @@ impl Drop for KilnVm {
 }
 
 impl KilnVm {
-    fn spawn(dir: &Path, name: &str) -> Result<Self, String> {
+    /// Starts `kiln-vmm --api-sock` as `name` in `dir` and waits for its socket.
+    pub fn spawn(dir: &Path, name: &str) -> Result<Self, String> {
         let sock = dir.join(format!("{name}.api"));
         let uds = dir.join(format!("{name}.vsock"));
         let child = Command::new("kiln-vmm")
@@ -51,17 +53,24 @@ impl KilnVm {
             .stdin(Stdio::null())
             .spawn()
             .map_err(|e| format!("starting kiln-vmm: {e}"))?;
+        // The socket file appears at bind, a moment before it listens: wait until it accepts.
         let start = Instant::now();
-        while !sock.exists() {
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             if start.elapsed() > LIMIT {
-                return Err("kiln-vmm's API socket never appeared".into());
+                return Err("kiln-vmm's API socket never answered".into());
             }
             std::thread::sleep(Duration::from_micros(200));
         }
         Ok(Self { child, sock, uds })
     }
 
-    fn api(&self, method: &str, path: &str, body: &str) -> Result<(), String> {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// One API request that must answer 204.
+    pub fn api(&self, method: &str, path: &str, body: &str) -> Result<(), String> {
         match request(&self.sock, method, path, Some(body)) {
             Ok((204, _)) => Ok(()),
             Ok((code, text)) => Err(format!("{method} {path}: {code} {text}")),
@@ -70,7 +79,7 @@ impl KilnVm {
     }
 
     /// Boots the rootfs with the agent, configured over the API.
-    fn boot(dir: &Path, name: &str) -> Result<Self, String> {
+    pub fn boot(dir: &Path, name: &str) -> Result<Self, String> {
         let vm = Self::spawn(dir, name)?;
         vm.api(
             "PUT",
@@ -107,22 +116,28 @@ impl KilnVm {
     /// A new process restored from `state`/`mem`, resumed at once.
     fn restore(dir: &Path, name: &str, state: &Path, mem: &Path) -> Result<Self, String> {
         let vm = Self::spawn(dir, name)?;
-        vm.api(
-            "PUT",
-            "/snapshot/load",
-            &snapshot_load_body(state, mem, false, &vm.uds),
-        )?;
+        vm.load(state, mem)?;
         Ok(vm)
     }
 
+    /// Loads `state`/`mem` into this (fresh) process and resumes it.
+    pub fn load(&self, state: &Path, mem: &Path) -> Result<(), String> {
+        self.api(
+            "PUT",
+            "/snapshot/load",
+            &snapshot_load_body(state, mem, false, &self.uds),
+        )
+    }
+
     /// The agent, once it answers a ping.
-    fn agent(&self) -> Result<Client, String> {
+    pub fn agent(&self) -> Result<Client, String> {
         let client = wait_ready(&self.uds, Instant::now() + LIMIT)
             .map_err(|e| format!("the agent did not answer: {e}"))?;
         Ok(client)
     }
 
-    fn snapshot(&self, state: &Path, mem: &Path, kind: &str) -> Result<Duration, String> {
+    /// Takes a snapshot of the (paused) VM; returns how long it took.
+    pub fn snapshot(&self, state: &Path, mem: &Path, kind: &str) -> Result<Duration, String> {
         let start = Instant::now();
         self.api(
             "PUT",
