@@ -18,13 +18,12 @@
 //! `kiln-lab-bench cycles [--restores N] [--boots M]` runs N restore cycles and M boot cycles of
 //! `kiln run` in one L1 (500 and 200 by default) and prints their p50/p99 and ratio.
 
-use std::process::{Command, ExitCode};
-use std::time::Duration;
-
-use kiln_tests::{INIT_MARKER, kiln_vmm_boot, qemu_microvm_boot, run_watching};
+use std::process::ExitCode;
 
 #[path = "kiln-lab-bench/block.rs"]
 mod block;
+#[path = "kiln-lab-bench/boot.rs"]
+mod boot;
 #[path = "kiln-lab-bench/cycles.rs"]
 mod cycles;
 #[path = "kiln-lab-bench/exec.rs"]
@@ -38,14 +37,11 @@ mod snapshot;
 #[path = "kiln-lab-bench/vsock.rs"]
 mod vsock;
 
-const LIMIT: Duration = Duration::from_secs(30);
-const MEM_MIB: u32 = 256;
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = args.get(1..).unwrap_or_default();
     let result = match args.first().map(String::as_str) {
-        Some("boot") => runs(rest, 10).and_then(boot),
+        Some("boot") => runs(rest, 10).and_then(boot::run),
         Some("block") => runs(rest, 3).and_then(block::run),
         Some("exec") => runs(rest, 200).and_then(exec::run),
         Some("vsock") => runs(rest, 3).and_then(vsock::run),
@@ -77,31 +73,6 @@ fn runs(args: &[String], default: usize) -> Result<usize, String> {
     }
 }
 
-/// Time from spawn to the init marker, checking that the VMM then exits 0.
-fn time_boot(name: &str, cmd: Command) -> Result<Duration, String> {
-    let run = run_watching(cmd, INIT_MARKER, LIMIT).map_err(|e| format!("{name}: {e}"))?;
-    if run.timed_out {
-        return Err(format!(
-            "{name} still running after {LIMIT:?}\nstdout:\n{}\nstderr:\n{}",
-            run.stdout, run.stderr
-        ));
-    }
-    let after = run.marker_after.ok_or_else(|| {
-        format!(
-            "{name}: the guest never printed {INIT_MARKER}\n{}\n{}",
-            run.stdout, run.stderr
-        )
-    })?;
-    if !run.status.success() {
-        return Err(format!(
-            "{name} exited with {} after the guest rebooted: {}",
-            run.status, run.stderr
-        ));
-    }
-    Ok(after)
-}
-
-/// (min, median, max) of `samples` in milliseconds.
 /// The median of `v` (sorted in place).
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -113,63 +84,9 @@ pub(crate) fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// (min, median, max) of `samples` in milliseconds.
-fn stats(samples: &mut [Duration]) -> (f64, f64, f64) {
-    samples.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let n = samples.len();
-    let median = if n % 2 == 1 {
-        ms(samples[n / 2])
-    } else {
-        (ms(samples[n / 2 - 1]) + ms(samples[n / 2])) / 2.0
-    };
-    (ms(samples[0]), median, ms(samples[n - 1]))
-}
-
-fn boot(runs: usize) -> Result<(), String> {
-    let mut kiln = Vec::with_capacity(runs);
-    let mut qemu = Vec::with_capacity(runs);
-    for i in 0..runs {
-        kiln.push(time_boot("kiln-vmm", kiln_vmm_boot(1, MEM_MIB, ""))?);
-        qemu.push(time_boot(
-            "qemu microvm",
-            qemu_microvm_boot(1, MEM_MIB, ""),
-        )?);
-        eprintln!(
-            "run {}/{runs}: kiln {:?}, qemu {:?}",
-            i + 1,
-            kiln[i],
-            qemu[i]
-        );
-    }
-    let (kmin, kmed, kmax) = stats(&mut kiln);
-    let (qmin, qmed, qmax) = stats(&mut qemu);
-    println!(
-        "boot: VMM start -> guest init marker, {runs} runs each, 1 vCPU, {MEM_MIB} MiB, same kernel and initramfs"
-    );
-    println!(
-        "{:<14}{:>10}{:>10}{:>10}",
-        "", "min ms", "median ms", "max ms"
-    );
-    println!("{:<14}{kmin:>10.1}{kmed:>10.1}{kmax:>10.1}", "kiln-vmm");
-    println!("{:<14}{qmin:>10.1}{qmed:>10.1}{qmax:>10.1}", "qemu microvm");
-    println!("ratio (qemu median / kiln median): {:.2}x", qmed / kmed);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stats_sort_and_take_the_middle() {
-        let ms = Duration::from_millis;
-        assert_eq!(stats(&mut [ms(30), ms(10), ms(20)]), (10.0, 20.0, 30.0));
-        assert_eq!(
-            stats(&mut [ms(40), ms(10), ms(20), ms(30)]),
-            (10.0, 25.0, 40.0)
-        );
-    }
 
     #[test]
     fn runs_flag_is_checked() {

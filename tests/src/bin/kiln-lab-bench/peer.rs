@@ -100,6 +100,11 @@ impl Vm {
         Ok(Vm { client, child, dir })
     }
 
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Shuts the guest down and waits for the VMM to exit.
     pub fn stop(mut self) -> Result<(), String> {
         self.client
