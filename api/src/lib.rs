@@ -15,6 +15,7 @@
 //! turns each [`ApiRequest`] into an [`ApiResponse`].
 
 pub mod client;
+pub mod echo;
 mod error;
 pub mod http;
 pub mod requests;

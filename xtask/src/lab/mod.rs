@@ -68,7 +68,6 @@ pub enum LabStatus {
     Failed(LabFailure),
 }
 
-
 /// Why the lab failed rather than the command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LabFailure {
@@ -193,12 +192,13 @@ impl Knobs {
                 format!("KILN_LAB_READY_TIMEOUT={secs:?} is not a number of seconds")
             })?),
         };
-        let stall_after = match var("KILN_LAB_STALL_SECS").as_str() {
-            "" => STALL_AFTER,
-            secs => Duration::from_secs(secs.parse().map_err(|_| {
-                format!("KILN_LAB_STALL_SECS={secs:?} is not a number of seconds")
-            })?),
-        };
+        let stall_after =
+            match var("KILN_LAB_STALL_SECS").as_str() {
+                "" => STALL_AFTER,
+                secs => Duration::from_secs(secs.parse().map_err(|_| {
+                    format!("KILN_LAB_STALL_SECS={secs:?} is not a number of seconds")
+                })?),
+            };
         let mut append = var("KILN_LAB_APPEND");
         if fault == "module" || fault == "hang" {
             append.push_str(&format!(" kiln.fault={fault}"));
@@ -486,9 +486,7 @@ pub fn main(args: &[String]) -> Result<u8> {
             } else {
                 "before the command ran"
             };
-            eprintln!(
-                "xtask lab: L1 FAILED ({when}); this is not the command's status: {why}"
-            );
+            eprintln!("xtask lab: L1 FAILED ({when}); this is not the command's status: {why}");
             125
         }
     })

@@ -231,9 +231,7 @@ fn describe_rip(rip: u64, cpl: &str, map: &SymbolMap, mods: &[Module]) -> String
 fn hmp(sock: &Path, command: &str) -> Result<String, String> {
     let stream = UnixStream::connect(sock).map_err(|e| format!("QMP {}: {e}", sock.display()))?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut writer = stream
-        .try_clone()
-        .map_err(|e| format!("QMP socket: {e}"))?;
+    let mut writer = stream.try_clone().map_err(|e| format!("QMP socket: {e}"))?;
     let mut reader = BufReader::new(stream);
     let mut answer = |request: &serde_json::Value| -> Result<serde_json::Value, String> {
         writeln!(writer, "{request}").map_err(|e| format!("QMP write: {e}"))?;
