@@ -147,20 +147,55 @@ fn is_token_byte(b: u8) -> bool {
 
 /// Reads requests one after another from a connection, never holding more than
 /// [`MAX_REQUEST_SIZE`] plus one read's worth of bytes.
+///
+/// It works on blocking streams ([`RequestReader::read_request`]) and on non-blocking ones, where
+/// the caller alternates [`RequestReader::fill`] (one read, when the socket is readable) and
+/// [`RequestReader::parse`] (what the bytes so far make), so a request may arrive over any
+/// number of reads without being parsed again from the start.
 #[derive(Debug, Default)]
 pub struct RequestReader {
     buf: Vec<u8>,
     /// How much of `buf` has been searched for the head's end.
     scanned: usize,
+    /// The current request's head, once it is complete and valid (its body may not be).
+    head: Option<RequestHead>,
+    /// `100 Continue` was asked for the current request.
+    continue_asked: bool,
+}
+
+/// What the bytes read so far make, from [`RequestReader::parse`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// A whole request; its bytes left the buffer (a pipelined next request's stay).
+    Request(HttpRequest),
+    /// Not a whole request yet.
+    Incomplete {
+        /// The head asked for `100 Continue` before its body; true once per request, the
+        /// moment its head is complete and its body is not: the caller sends it.
+        send_continue: bool,
+    },
 }
 
 /// How much one read asks for.
 const READ_CHUNK: usize = 4096;
 
+/// What a client that sent `Expect: 100-continue` is told before it sends the body.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
 impl RequestReader {
     /// A reader with nothing buffered.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// True when nothing of a next request has arrived.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Bytes received and not yet part of a returned request.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
     /// The next request, `Ok(None)` if the peer closed cleanly between requests. `stream` is
@@ -169,13 +204,14 @@ impl RequestReader {
         &mut self,
         stream: &mut S,
     ) -> Result<Option<HttpRequest>, HttpError> {
-        let head_end = loop {
-            if let Some(end) = find_head_end(&self.buf, self.scanned) {
-                break end;
-            }
-            self.scanned = self.buf.len();
-            if self.buf.len() >= MAX_REQUEST_SIZE {
-                return Err(HttpError::TooLarge);
+        loop {
+            match self.parse()? {
+                Parsed::Request(request) => return Ok(Some(request)),
+                Parsed::Incomplete { send_continue } => {
+                    if send_continue {
+                        stream.write_all(CONTINUE)?;
+                    }
+                }
             }
             if self.fill(stream)? == 0 {
                 return match self.buf.is_empty() {
@@ -183,24 +219,48 @@ impl RequestReader {
                     false => Err(HttpError::Truncated),
                 };
             }
+        }
+    }
+
+    /// What the buffered bytes make: a request, or not yet one. An error as soon as they
+    /// cannot become a valid request within [`MAX_REQUEST_SIZE`]; the connection cannot be
+    /// read further after one (the next request's start is lost).
+    pub fn parse(&mut self) -> Result<Parsed, HttpError> {
+        let waiting = Parsed::Incomplete {
+            send_continue: false,
         };
-        if head_end > MAX_REQUEST_SIZE {
-            return Err(HttpError::TooLarge);
-        }
-        let head = parse_complete_head(&self.buf[..head_end])?;
-        let total = head.head_len + head.content_length;
-        if self.buf.len() < total && head.expect_continue {
-            stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-        }
-        while self.buf.len() < total {
-            if self.fill(stream)? == 0 {
-                return Err(HttpError::Truncated);
+        let head = match self.head.take() {
+            Some(head) => head,
+            None => {
+                let Some(end) = find_head_end(&self.buf, self.scanned) else {
+                    self.scanned = self.buf.len();
+                    if self.buf.len() >= MAX_REQUEST_SIZE {
+                        return Err(HttpError::TooLarge);
+                    }
+                    return Ok(waiting);
+                };
+                if end > MAX_REQUEST_SIZE {
+                    return Err(HttpError::TooLarge);
+                }
+                parse_complete_head(&self.buf[..end])?
             }
+        };
+        let total = head.head_len + head.content_length;
+        if self.buf.len() < total {
+            let send_continue = head.expect_continue && !self.continue_asked;
+            self.continue_asked |= send_continue;
+            self.head = Some(head);
+            return Ok(Parsed::Incomplete { send_continue });
         }
         let body = self.buf[head.head_len..total].to_vec();
         self.buf.drain(..total);
         self.scanned = 0;
-        Ok(Some(HttpRequest {
+        self.continue_asked = false;
+        if self.buf.is_empty() && self.buf.capacity() > 2 * READ_CHUNK {
+            // An idle keep-alive connection does not keep a large request's buffer.
+            self.buf = Vec::new();
+        }
+        Ok(Parsed::Request(HttpRequest {
             method: head.method,
             target: head.target,
             body,
@@ -208,8 +268,9 @@ impl RequestReader {
         }))
     }
 
-    /// Reads once into the buffer; returns how many bytes came (0 at end of stream).
-    fn fill<S: Read>(&mut self, stream: &mut S) -> Result<usize, HttpError> {
+    /// Reads once into the buffer; returns how many bytes came (0 at end of stream). On a
+    /// non-blocking stream with nothing to read, the error is `WouldBlock` and nothing changed.
+    pub fn fill<S: Read>(&mut self, stream: &mut S) -> Result<usize, HttpError> {
         let mut chunk = [0u8; READ_CHUNK];
         loop {
             match stream.read(&mut chunk) {
@@ -443,5 +504,79 @@ mod tests {
             .unwrap();
         assert_eq!(req.body, b"{}");
         assert_eq!(stream.output, b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+
+    #[test]
+    fn parse_resumes_across_reads_and_asks_for_continue_once() {
+        let input = b"PUT /vm HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 19\r\n\r\n{\"state\": \"Paused\"}GET / HTTP/1.1\r\n\r\n";
+        let mut stream = Mock::new(input, 5);
+        let mut reader = RequestReader::new();
+        let mut continues = 0;
+        let first = loop {
+            match reader.parse().unwrap() {
+                Parsed::Request(r) => break r,
+                Parsed::Incomplete { send_continue } => continues += usize::from(send_continue),
+            }
+            assert!(reader.fill(&mut stream).unwrap() > 0, "input ran out");
+        };
+        assert_eq!((first.target.as_str(), first.body.len()), ("/vm", 19));
+        assert_eq!(continues, 1);
+        // The pipelined request's start stayed buffered; its head is parsed afresh.
+        assert!(!reader.is_empty());
+        let second = loop {
+            match reader.parse().unwrap() {
+                Parsed::Request(r) => break r,
+                Parsed::Incomplete { send_continue } => assert!(!send_continue),
+            }
+            assert!(reader.fill(&mut stream).unwrap() > 0, "input ran out");
+        };
+        assert_eq!(second.target, "/");
+        assert!(reader.is_empty() && reader.buffered() == 0);
+    }
+
+    #[test]
+    fn a_would_block_read_changes_nothing() {
+        struct Empty;
+        impl Read for Empty {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        }
+        let mut reader = RequestReader::new();
+        let mut stream = Mock::new(b"GET / HT", 64);
+        reader.fill(&mut stream).unwrap();
+        let e = reader.fill(&mut Empty).unwrap_err();
+        assert!(
+            matches!(&e, HttpError::Io(io) if io.kind() == io::ErrorKind::WouldBlock),
+            "{e}"
+        );
+        assert_eq!(reader.buffered(), 8);
+        assert_eq!(
+            reader.parse().unwrap(),
+            Parsed::Incomplete {
+                send_continue: false
+            }
+        );
+    }
+
+    #[test]
+    fn an_endless_head_fed_in_reads_stops_at_the_limit() {
+        let endless = vec![b'a'; 2 * MAX_REQUEST_SIZE];
+        let mut stream = Mock::new(&endless, 1000);
+        let mut reader = RequestReader::new();
+        let e = loop {
+            match reader.parse() {
+                Ok(_) => {
+                    reader.fill(&mut stream).unwrap();
+                }
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(e, HttpError::TooLarge));
+        assert!(
+            stream.pos < MAX_REQUEST_SIZE + 1000,
+            "read {} bytes",
+            stream.pos
+        );
     }
 }
