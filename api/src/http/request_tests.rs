@@ -1,4 +1,5 @@
 //! The request parser and reader on hostile and odd inputs, fed in pieces of every size.
+
 use super::*;
 
 /// A stream that hands out its input `step` bytes per read and records what is written.
