@@ -64,7 +64,7 @@ fn known() -> BTreeMap<&'static str, u64> {
     ]
     .into_iter()
     .collect();
-    let libc_values: [(&'static str, i64); 22] = [
+    let libc_values: [(&'static str, i64); 19] = [
         ("TCGETS", libc::TCGETS as i64),
         ("TCSETS", libc::TCSETS as i64),
         ("FIONBIO", libc::FIONBIO as i64),
@@ -76,13 +76,13 @@ fn known() -> BTreeMap<&'static str, u64> {
             (libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC).into(),
         ),
         ("SOCK_CLOEXEC", libc::SOCK_CLOEXEC.into()),
-        ("SOL_SOCKET", libc::SOL_SOCKET.into()),
-        ("SO_SNDTIMEO", libc::SO_SNDTIMEO.into()),
-        ("SHUT_RDWR", libc::SHUT_RDWR.into()),
+        (
+            "SOCK_NONBLOCK|SOCK_CLOEXEC",
+            (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC).into(),
+        ),
         ("SHUT_RD", libc::SHUT_RD.into()),
         ("SHUT_WR", libc::SHUT_WR.into()),
         ("F_GETFD", libc::F_GETFD.into()),
-        ("PR_SET_NAME", libc::PR_SET_NAME.into()),
         ("PROT_EXEC", libc::PROT_EXEC.into()),
         ("MADV_DONTNEED", libc::MADV_DONTNEED.into()),
         (
