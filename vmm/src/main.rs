@@ -15,6 +15,11 @@ const EXIT_VMM_ERROR: u8 = 1;
 const EXIT_BAD_INPUT: u8 = 2;
 
 fn main() -> ExitCode {
+    // Before anything allocates much and before any thread exists: malloc then uses only the
+    // system calls every thread's seccomp filter allows (see kiln_vmm::seccomp::malloc).
+    if let Err(e) = kiln_vmm::seccomp::malloc::configure() {
+        return fail(&e.to_string(), EXIT_VMM_ERROR);
+    }
     kiln_vmm::logger::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (config, api_sock, serial, no_seccomp) = match parse_args(&args) {

@@ -6,9 +6,9 @@
 //! whole process (SIGSYS). `--no-seccomp` installs none. The kinds, and when each installs its
 //! filter:
 //!
-//! - **api**: the `kiln_api` thread, before it serves its first request. The accept thread
-//!   (`kiln-api-accept`) and the one thread per connection (`kiln-api-conn`) are started after
-//!   that, so they inherit the filter: they only read, parse and write HTTP on Unix sockets.
+//! - **api**: the `kiln_api` thread, before it serves its first request. It serves every
+//!   connection from one epoll loop and starts no thread: it accepts, reads, parses and writes
+//!   HTTP on Unix sockets and hands requests to the VMM thread.
 //! - **vcpu**: each `kiln_vcpu{N}` thread, first thing, before it runs any guest code. Its work is
 //!   KVM_RUN and the exits it handles: port and MMIO accesses dispatched to the devices (serial
 //!   output, eventfd writes, a vsock reset closing host sockets), the kick signal, and the state
@@ -24,6 +24,10 @@
 //!
 //! A filter that cannot be installed is an error naming the thread, and the VMM stops.
 //!
+//! Threads allocate under their filters, so the allocator must use only calls every filter
+//! allows: `main` calls [`malloc::configure`] before any thread exists (one arena, a fixed mmap
+//! threshold; the module says why).
+//!
 //! The lists are what `strace -f` showed each thread calling after its filter went in, for the
 //! host tests (tiny guests, the API, snapshots) and for the lab's Linux guests
 //! (`tests/tests/lab_seccomp.rs`: every device, pause, snapshots, restores), plus the few calls
@@ -35,6 +39,8 @@
 //! them, run the lab test under strace: `cargo xtask lab --with-strace --share DIR -- ...` with
 //! the test binary in DIR and `KILN_VMM_STRACE=/tmp/traces` in its environment (see
 //! `kiln_tests::kiln_vmm`).
+
+pub mod malloc;
 
 use std::sync::Arc;
 

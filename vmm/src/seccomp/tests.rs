@@ -64,7 +64,7 @@ fn known() -> BTreeMap<&'static str, u64> {
     ]
     .into_iter()
     .collect();
-    let libc_values: [(&'static str, i64); 19] = [
+    let libc_values: [(&'static str, i64); 20] = [
         ("TCGETS", libc::TCGETS as i64),
         ("TCSETS", libc::TCSETS as i64),
         ("FIONBIO", libc::FIONBIO as i64),
@@ -85,6 +85,7 @@ fn known() -> BTreeMap<&'static str, u64> {
         ("F_GETFD", libc::F_GETFD.into()),
         ("PROT_EXEC", libc::PROT_EXEC.into()),
         ("MADV_DONTNEED", libc::MADV_DONTNEED.into()),
+        ("MREMAP_MAYMOVE", libc::MREMAP_MAYMOVE.into()),
         (
             "O_RDONLY|O_CLOEXEC",
             (libc::O_RDONLY | libc::O_CLOEXEC).into(),
@@ -162,5 +163,40 @@ fn every_named_argument_has_the_value_its_name_stands_for() {
                 );
             }
         }
+    }
+}
+
+/// The syscalls of `filter` named `name`, with their argument conditions.
+fn rules<'a>(filter: &'a Value, name: &str) -> Vec<&'a Value> {
+    filter["filter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["syscall"] == name)
+        .collect()
+}
+
+#[test]
+fn every_filter_allows_what_malloc_free_and_realloc_call() {
+    // See malloc.rs: with one arena and a fixed mmap threshold, these are all of them.
+    for (kind, filter) in filters() {
+        for name in ["brk", "mmap", "munmap", "mremap"] {
+            assert!(!rules(&filter, name).is_empty(), "{kind}: no {name}");
+        }
+        let mremap = rules(&filter, "mremap");
+        assert_eq!(
+            mremap[0]["args"][0]["val"],
+            libc::MREMAP_MAYMOVE,
+            "{kind}: realloc's mremap flags"
+        );
+        let futex_ops: Vec<&Value> = rules(&filter, "futex")
+            .iter()
+            .map(|r| &r["args"][0]["val"])
+            .collect();
+        for op in [libc::FUTEX_WAIT, libc::FUTEX_WAKE, libc::FUTEX_WAIT_BITSET] {
+            assert!(futex_ops.contains(&&Value::from(op)), "{kind}: futex {op}");
+        }
+        // Nothing makes memory executable, and nothing needs to change protections at all.
+        assert!(rules(&filter, "mprotect").is_empty(), "{kind}: mprotect");
     }
 }
