@@ -1,6 +1,7 @@
 //! The `kiln-vmm` binary: parse, validate, build, run, and turn the outcome into an exit status
-//! (0 guest reset or power-off, 1 VMM/KVM failure or triple fault, 2 bad input). Each thread
-//! installs its seccomp filter where `kiln_vmm::seccomp` says, unless `--no-seccomp` was given.
+//! (0 guest reset or power-off, 1 VMM/KVM failure or triple fault, 2 bad input, 148 a system call
+//! a seccomp filter forbids, from its SIGSYS handler). Each thread installs its seccomp filter
+//! where `kiln_vmm::seccomp` says, unless `--no-seccomp` was given.
 
 use std::io::Write;
 use std::process::ExitCode;

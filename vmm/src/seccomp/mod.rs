@@ -2,9 +2,10 @@
 //! thread (through a device bug, say) can make only the system calls that thread needs.
 //!
 //! The filters are written in seccompiler's JSON (`resources/seccomp/x86_64.json`), compiled to
-//! BPF by `build.rs` and embedded in the binary; any system call a filter does not list kills the
-//! whole process (SIGSYS). `--no-seccomp` installs none. The kinds, and when each installs its
-//! filter:
+//! BPF by `build.rs` and embedded in the binary; any system call a filter does not list traps:
+//! the SIGSYS handler ([`sigsys`]) names the thread and the call on stderr and ends the process
+//! with status [`EXIT_BAD_SYSCALL`] (148). `--no-seccomp` installs none. The kinds, and when
+//! each installs its filter:
 //!
 //! - **api**: the `kiln_api` thread, before it serves its first request. It serves every
 //!   connection from one epoll loop and starts no thread: it accepts, reads, parses and writes
@@ -41,10 +42,13 @@
 //! `kiln_tests::kiln_vmm`).
 
 pub mod malloc;
+pub mod sigsys;
 
 use std::sync::Arc;
 
 use seccompiler::{BpfProgram, sock_filter};
+
+pub use sigsys::EXIT_BAD_SYSCALL;
 
 /// The kinds of thread `kiln-vmm` runs, each with its own filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +106,16 @@ pub enum SeccompError {
         /// Its length.
         len: usize,
     },
+    /// The handler that reports a forbidden call could not be installed.
+    #[error(
+        "thread {thread}: cannot install the SIGSYS handler that reports forbidden system calls: {err}"
+    )]
+    Handler {
+        /// The thread's name.
+        thread: String,
+        /// Why.
+        err: std::io::Error,
+    },
     /// The kernel refused the filter.
     #[error("thread {thread}: cannot install the {kind} seccomp filter: {err}")]
     Install {
@@ -134,13 +148,22 @@ pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         .collect())
 }
 
-/// Installs `program` as the calling thread's `kind` filter.
+/// Installs `program` as the calling thread's `kind` filter, after the SIGSYS handler that
+/// reports a forbidden call (see [`sigsys`]) and the thread's name for that report.
 pub fn install_program(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
-    seccompiler::apply_filter(program).map_err(|err| SeccompError::Install {
-        thread: std::thread::current()
+    let thread = || {
+        std::thread::current()
             .name()
             .unwrap_or("unnamed")
-            .to_string(),
+            .to_string()
+    };
+    sigsys::remember_thread_name();
+    sigsys::install_handler().map_err(|err| SeccompError::Handler {
+        thread: thread(),
+        err,
+    })?;
+    seccompiler::apply_filter(program).map_err(|err| SeccompError::Install {
+        thread: thread(),
         kind,
         err,
     })
