@@ -77,8 +77,15 @@ pub(crate) struct Conn<S> {
     last_activity: Instant,
     /// Last time writing made progress, or `out` became non-empty.
     last_write: Instant,
-    /// At least one answer was queued on this connection.
-    served: bool,
+}
+
+/// What a connection that may give up its slot is doing with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holding {
+    /// Nothing: idle after an answer, or silent since it connected.
+    Idle,
+    /// A request that has started arriving and is not complete.
+    Partial,
 }
 
 impl<S: Read + Write> Conn<S> {
@@ -99,7 +106,6 @@ impl<S: Read + Write> Conn<S> {
             partial_since: None,
             last_activity: now,
             last_write: now,
-            served: false,
         }
     }
 
@@ -208,7 +214,6 @@ impl<S: Read + Write> Conn<S> {
 
     fn answer_bytes(&mut self, response: &ApiResponse, keep_alive: bool, counted: bool) {
         self.queue(&encode_response(response, keep_alive), counted);
-        self.served = true;
         if !keep_alive {
             self.close_after_write = true;
         }
@@ -358,18 +363,17 @@ impl<S: Read + Write> Conn<S> {
         0
     }
 
-    /// How long the connection has held its slot without a reason to, if it may be dropped to
-    /// make room for a new one: `Some` for an idle keep-alive connection (since its last
-    /// activity) or one whose request is still arriving (since that began), `None` while the
-    /// handler has its request or answers are being written.
-    pub(crate) fn evictable_since(&self) -> Option<(Instant, bool)> {
+    /// Whether the connection may give up its slot to a new client, and since when it has held
+    /// it that way: idle (since its last activity) or with a request still arriving (since that
+    /// began); `None` while the handler has its request or answers are being written, or while
+    /// reading is paused with bytes buffered (the write deadline applies then).
+    pub(crate) fn holding(&self) -> Option<(Holding, Instant)> {
         if self.waits_for_handler() || self.unsent() > 0 {
             return None;
         }
         match self.partial_since {
-            Some(since) => Some((since, false)),
-            None if self.reader.is_empty() => Some((self.last_activity, self.served)),
-            // Bytes buffered while reading is paused: not idle; the write deadline applies.
+            Some(since) => Some((Holding::Partial, since)),
+            None if self.reader.is_empty() => Some((Holding::Idle, self.last_activity)),
             None => None,
         }
     }

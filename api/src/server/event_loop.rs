@@ -192,7 +192,8 @@ impl<D: FnMut(ApiRequest, Reply)> EventLoop<D> {
                             .note(now, "connections dropped to make room", || {
                                 format!(
                                     "{} connections open, the most served at once; dropped the one \
-                                 that held its slot longest without a request to make room",
+                                     idle longest, or else the one whose request has been \
+                                     arriving longest, to make room",
                                     limits.max_connections
                                 )
                             });

@@ -43,9 +43,9 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Answers buffered for a client before its further requests are no longer read.
     pub max_unsent: usize,
-    /// When every slot is taken, an idle keep-alive connection that was answered is dropped for
-    /// a new client at once; one that has not completed a request only after holding its slot
-    /// this long.
+    /// When every slot is taken, a connection idle this long (after an answer, or silent since it
+    /// connected) is dropped for a new client; failing that, the one whose request has been
+    /// arriving longest, at once.
     pub evict_after: Duration,
     /// New connections accepted per event, so a flood of them does not starve the rest.
     pub accepts_per_turn: usize,

@@ -2,18 +2,19 @@
 //! earlier connection in the same slot, the choice of which connection gives up its slot when
 //! all are taken, and the nearest deadline.
 //!
-//! Which connection is dropped to make room, in order: the keep-alive connection that has been
-//! idle longest after being answered at least once; then, among connections that have held
-//! their slot for at least [`Limits::evict_after`] without completing a request (a slowloris
-//! trickle, a client that connected and said nothing), the one that has done so longest.
-//! Connections whose request is with the handler or whose answers are being written are never
-//! dropped: the first finishes on its own, the second within the write timeout.
+//! Which connection is dropped to make room, in order: the one idle longest (after an answer,
+//! or silent since it connected), once idle for [`Limits::evict_after`], so a client about to
+//! send its (next) request is not cut off; then, the one whose request has been arriving longest
+//! (a slowloris trickle), at once: a request is normally sent in one go and read as soon as the
+//! connection is accepted. Connections whose request is with the handler or whose answers are
+//! being written are never dropped: the first finishes on its own, the second within the write
+//! timeout.
 
 use std::io::{Read, Write};
 use std::time::Instant;
 
 use super::Limits;
-use super::conn::{Conn, Expiry, Interest};
+use super::conn::{Conn, Expiry, Holding, Interest};
 
 /// Names one connection for as long as it lives; the same slot reused later gets another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,26 +129,24 @@ impl<S: Read + Write> Table<S> {
     /// The connection to drop to make room for a new one at `now` (see the module's doc), if
     /// any may be.
     pub(crate) fn eviction_candidate(&self, now: Instant, limits: &Limits) -> Option<Token> {
-        let mut best: Option<(bool, Instant, Token)> = None;
+        let mut best: Option<(Holding, Instant, Token)> = None;
         for token in self.tokens() {
             let Some(entry) = self.slots[token.slot as usize].as_ref() else {
                 continue;
             };
-            let Some((since, answered_idle)) = entry.conn.evictable_since() else {
+            let Some((holding, since)) = entry.conn.holding() else {
                 continue;
             };
-            if !answered_idle && now.saturating_duration_since(since) < limits.evict_after {
+            if holding == Holding::Idle && now.saturating_duration_since(since) < limits.evict_after
+            {
                 continue;
             }
-            // Answered idle connections first, then the longest-held.
-            let better = match best {
-                None => true,
-                Some((b_idle, b_since, _)) => {
-                    (answered_idle, std::cmp::Reverse(since)) > (b_idle, std::cmp::Reverse(b_since))
-                }
-            };
-            if better {
-                best = Some((answered_idle, since, token));
+            // Idle ones first, then the longest-held.
+            let rank = |h: Holding, since: Instant| (h == Holding::Idle, std::cmp::Reverse(since));
+            if best.is_none_or(|(b_holding, b_since, _)| {
+                rank(holding, since) > rank(b_holding, b_since)
+            }) {
+                best = Some((holding, since, token));
             }
         }
         best.map(|(_, _, token)| token)
@@ -174,14 +173,15 @@ impl<S: Read + Write> Table<S> {
             .collect()
     }
 
-    /// The earliest time a connection that may not be dropped yet becomes droppable, when the
-    /// table is full and none may be dropped now.
+    /// The earliest time an idle connection that may not be dropped yet becomes droppable, when
+    /// the table is full and none may be dropped now.
     pub(crate) fn next_evictable(&self, limits: &Limits) -> Option<Instant> {
         self.slots
             .iter()
             .flatten()
-            .filter_map(|e| e.conn.evictable_since())
-            .map(|(since, _)| since + limits.evict_after)
+            .filter_map(|e| e.conn.holding())
+            .filter(|(holding, _)| *holding == Holding::Idle)
+            .map(|(_, since)| since + limits.evict_after)
             .min()
     }
 }
