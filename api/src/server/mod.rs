@@ -59,7 +59,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(5),
             max_unsent: 64 * 1024,
-            evict_after: Duration::from_millis(500),
+            evict_after: Duration::from_millis(50),
             accepts_per_turn: 32,
         }
     }

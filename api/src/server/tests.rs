@@ -318,11 +318,11 @@ fn a_full_table_drops_the_longest_idle_connection_once_idle_long_enough_then_a_t
     assert!(entry.conn.take_request().is_some());
     entry.conn.answer(&ApiResponse::NoContent, t2);
     entry.conn.flush(t2);
-    let now = t2 + Duration::from_millis(100);
-    // Silent for 2.1 s: idle long enough, and idle goes before a trickle.
+    let now = t2 + Duration::from_millis(10);
+    // Silent for 2 s: idle long enough, and idle goes before a trickle.
     assert_eq!(t.eviction_candidate(now, &limits()), Some(silent));
     t.remove(silent);
-    // Answered 100 ms ago: its client may be about to ask again. The trickle goes at once.
+    // Answered 10 ms ago: its client may be about to ask again. The trickle goes at once.
     assert_eq!(t.eviction_candidate(now, &limits()), Some(trickle));
     t.remove(trickle);
     assert_eq!(t.eviction_candidate(now, &limits()), None);
