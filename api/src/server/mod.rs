@@ -13,9 +13,9 @@
 
 mod conn;
 mod event_loop;
+mod listen;
 mod table;
 
-use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -141,20 +141,14 @@ impl Drop for Reply {
 
 impl ApiServer {
     /// Creates the socket at `path` and starts listening: clients can connect as soon as this
-    /// returns. Refuses a path where anything already exists rather than removing it.
+    /// returns, and as soon as the file exists (see `listen.rs`). Refuses a path where anything
+    /// already exists rather than removing it.
     pub fn bind(path: impl AsRef<Path>) -> Result<Self, ApiError> {
         let path = path.as_ref().to_path_buf();
         if path.symlink_metadata().is_ok() {
             return Err(ApiError::SocketExists(path));
         }
-        let listener = match UnixListener::bind(&path) {
-            Ok(listener) => listener,
-            // Something appeared between the check and the bind.
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-                return Err(ApiError::SocketExists(path));
-            }
-            Err(source) => return Err(ApiError::Bind { path, source }),
-        };
+        let listener = listen::listen_at(&path)?;
         let setup = |what| move |source| ApiError::Setup { what, source };
         listener
             .set_nonblocking(true)
