@@ -53,9 +53,17 @@ pub enum ApiError {
         /// The OS error.
         source: io::Error,
     },
-    /// The thread that accepts connections could not be started.
-    #[error("cannot start the API socket's accept thread: {0}")]
-    Thread(io::Error),
+    /// The descriptors the server loop waits on could not be created.
+    #[error("cannot set up the API socket's event loop ({what}): {source}")]
+    Setup {
+        /// Which descriptor or setting.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Waiting for events failed; the server stops.
+    #[error("the API socket's event loop failed: {0}")]
+    Serve(io::Error),
 }
 
 impl ApiError {

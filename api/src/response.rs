@@ -1,9 +1,13 @@
 //! What the VMM's handler answers: Firecracker's three outcomes (204, 200 with JSON, 400 with a
-//! fault message). The HTTP encoding lives in [`crate::http`].
+//! fault message). The HTTP encoding lives in [`crate::http`]. Fault messages are bounded
+//! ([`crate::echo`]): what they echo of the request is cut, so no answer grows with its input.
+
+use std::borrow::Cow;
 
 use serde::Serialize;
 
 use crate::ApiError;
+use crate::echo::bound_fault;
 
 /// The answer to one [`crate::ApiRequest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +17,7 @@ pub enum ApiResponse {
     /// Done, with a JSON body: 200 OK.
     Json(String),
     /// Refused: 400 Bad Request with `{"fault_message": ...}`. Firecracker uses 400 for every error.
+    /// The message is bounded when sent ([`crate::echo::bound_fault`]).
     Fault(String),
 }
 
@@ -25,9 +30,14 @@ impl ApiResponse {
         }
     }
 
-    /// A 400 answer with `message` as its fault message.
+    /// A 400 answer with `message` as its fault message, bounded ([`crate::echo::bound_fault`])
+    /// here, so a long echo is dropped on the thread that wrote it.
     pub fn fault(message: impl ToString) -> Self {
-        ApiResponse::Fault(message.to_string())
+        let message = message.to_string();
+        match bound_fault(&message) {
+            Cow::Borrowed(_) => ApiResponse::Fault(message),
+            Cow::Owned(bounded) => ApiResponse::Fault(bounded),
+        }
     }
 
     /// The HTTP status code this answer is sent with.
@@ -44,8 +54,9 @@ impl ApiResponse {
         match self {
             ApiResponse::NoContent => String::new(),
             ApiResponse::Json(body) => body.clone(),
+            // Bounded again: `Fault` can be built without `fault()`.
             ApiResponse::Fault(message) => {
-                serde_json::json!({ "fault_message": message }).to_string()
+                serde_json::json!({ "fault_message": bound_fault(message) }).to_string()
             }
         }
     }
@@ -53,7 +64,7 @@ impl ApiResponse {
 
 impl From<ApiError> for ApiResponse {
     fn from(e: ApiError) -> Self {
-        ApiResponse::Fault(e.to_string())
+        ApiResponse::fault(e)
     }
 }
 
@@ -67,6 +78,21 @@ mod tests {
         assert_eq!(r.status(), 400);
         let v: serde_json::Value = serde_json::from_str(&r.body()).unwrap();
         assert_eq!(v["fault_message"], "bad \"x\"");
+    }
+
+    #[test]
+    fn long_echoes_are_bounded_however_the_fault_was_made() {
+        let path = format!("/{}", "x".repeat(30_000));
+        let from_error: ApiResponse = ApiError::UnknownPath(path.clone()).into();
+        let built = ApiResponse::Fault(format!("unknown path {path}"));
+        for r in [from_error, built] {
+            let body = r.body();
+            assert!(body.len() < 400, "{} bytes", body.len());
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let m = v["fault_message"].as_str().unwrap();
+            assert!(m.starts_with("unknown path /xxx"), "{m}");
+            assert!(m.ends_with("(30001 bytes, truncated)"), "{m}");
+        }
     }
 
     #[test]

@@ -250,6 +250,12 @@ fn bind_refuses_an_existing_path() {
     let dir = TempDir::new("exists");
     let path = dir.0.join("api.sock");
     let _server = ApiServer::bind(&path).unwrap();
+    // Bound under a temporary name and linked: nothing else is left in the directory.
+    let names: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["api.sock"]);
     let e = ApiServer::bind(&path).unwrap_err();
     assert!(matches!(e, ApiError::SocketExists(_)), "{e}");
     assert!(e.to_string().contains(&path.display().to_string()), "{e}");

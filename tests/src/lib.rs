@@ -21,6 +21,10 @@ pub mod cycles;
 
 /// The marker the test initramfs prints first thing in `/init`.
 pub const INIT_MARKER: &str = "KILN-INIT-START";
+
+/// kiln-vmm's exit status when a seccomp filter stopped one of its threads
+/// (`kiln_vmm::seccomp::EXIT_BAD_SYSCALL`; this crate does not depend on kiln-vmm).
+pub const EXIT_BAD_SYSCALL: i32 = 148;
 /// The line prefix under which the test initramfs reports what it saw.
 pub const REPORT_PREFIX: &str = "KILN-REPORT";
 
@@ -383,7 +387,8 @@ pub fn snapshot_load_body(state: &Path, mem: &Path, track_dirty: bool, uds: &Pat
 
 impl Drop for ApiVmm {
     /// Kills the process; when a test is failing, first says whether it had already ended (and
-    /// how: SIGSYS means a seccomp filter killed it) and what it wrote on stderr.
+    /// how: status 148 means a seccomp filter stopped it, SIGSYS that one stopped its SIGSYS
+    /// handler too) and what it wrote on stderr.
     fn drop(&mut self) {
         let ended = self.child.try_wait().ok().flatten();
         let _ = self.child.kill();
@@ -391,6 +396,9 @@ impl Drop for ApiVmm {
         if std::thread::panicking() {
             use std::os::unix::process::ExitStatusExt;
             let how = match ended {
+                Some(s) if s.code() == Some(EXIT_BAD_SYSCALL) => {
+                    format!("had been stopped by a seccomp filter ({s})")
+                }
                 Some(s) if s.signal() == Some(libc::SIGSYS) => {
                     format!("had been killed by a seccomp filter ({s})")
                 }

@@ -1,6 +1,7 @@
 //! The `kiln-vmm` binary: parse, validate, build, run, and turn the outcome into an exit status
-//! (0 guest reset or power-off, 1 VMM/KVM failure or triple fault, 2 bad input). Each thread
-//! installs its seccomp filter where `kiln_vmm::seccomp` says, unless `--no-seccomp` was given.
+//! (0 guest reset or power-off, 1 VMM/KVM failure or triple fault, 2 bad input, 148 a system call
+//! a seccomp filter forbids, from its SIGSYS handler). Each thread installs its seccomp filter
+//! where `kiln_vmm::seccomp` says, unless `--no-seccomp` was given.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -15,6 +16,11 @@ const EXIT_VMM_ERROR: u8 = 1;
 const EXIT_BAD_INPUT: u8 = 2;
 
 fn main() -> ExitCode {
+    // Before anything allocates much and before any thread exists: malloc then uses only the
+    // system calls every thread's seccomp filter allows (see kiln_vmm::seccomp::malloc).
+    if let Err(e) = kiln_vmm::seccomp::malloc::configure() {
+        return fail(&e.to_string(), EXIT_VMM_ERROR);
+    }
     kiln_vmm::logger::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (config, api_sock, serial, no_seccomp) = match parse_args(&args) {

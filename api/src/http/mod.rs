@@ -10,7 +10,7 @@ mod response;
 
 use std::io;
 
-pub use request::{HttpRequest, RequestHead, RequestReader, parse_head};
+pub use request::{CONTINUE, HttpRequest, Parsed, RequestHead, RequestReader, parse_head};
 pub use response::{encode_response, write_response};
 
 /// Largest request (head and body together) the API reads, as Firecracker: 50 KiB.

@@ -147,20 +147,55 @@ fn is_token_byte(b: u8) -> bool {
 
 /// Reads requests one after another from a connection, never holding more than
 /// [`MAX_REQUEST_SIZE`] plus one read's worth of bytes.
+///
+/// It works on blocking streams ([`RequestReader::read_request`]) and on non-blocking ones, where
+/// the caller alternates [`RequestReader::fill`] (one read, when the socket is readable) and
+/// [`RequestReader::parse`] (what the bytes so far make), so a request may arrive over any
+/// number of reads without being parsed again from the start.
 #[derive(Debug, Default)]
 pub struct RequestReader {
     buf: Vec<u8>,
     /// How much of `buf` has been searched for the head's end.
     scanned: usize,
+    /// The current request's head, once it is complete and valid (its body may not be).
+    head: Option<RequestHead>,
+    /// `100 Continue` was asked for the current request.
+    continue_asked: bool,
+}
+
+/// What the bytes read so far make, from [`RequestReader::parse`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// A whole request; its bytes left the buffer (a pipelined next request's stay).
+    Request(HttpRequest),
+    /// Not a whole request yet.
+    Incomplete {
+        /// The head asked for `100 Continue` before its body; true once per request, the
+        /// moment its head is complete and its body is not: the caller sends it.
+        send_continue: bool,
+    },
 }
 
 /// How much one read asks for.
 const READ_CHUNK: usize = 4096;
 
+/// What a client that sent `Expect: 100-continue` is told before it sends the body.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
 impl RequestReader {
     /// A reader with nothing buffered.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// True when nothing of a next request has arrived.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Bytes received and not yet part of a returned request.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
     /// The next request, `Ok(None)` if the peer closed cleanly between requests. `stream` is
@@ -169,13 +204,14 @@ impl RequestReader {
         &mut self,
         stream: &mut S,
     ) -> Result<Option<HttpRequest>, HttpError> {
-        let head_end = loop {
-            if let Some(end) = find_head_end(&self.buf, self.scanned) {
-                break end;
-            }
-            self.scanned = self.buf.len();
-            if self.buf.len() >= MAX_REQUEST_SIZE {
-                return Err(HttpError::TooLarge);
+        loop {
+            match self.parse()? {
+                Parsed::Request(request) => return Ok(Some(request)),
+                Parsed::Incomplete { send_continue } => {
+                    if send_continue {
+                        stream.write_all(CONTINUE)?;
+                    }
+                }
             }
             if self.fill(stream)? == 0 {
                 return match self.buf.is_empty() {
@@ -183,24 +219,48 @@ impl RequestReader {
                     false => Err(HttpError::Truncated),
                 };
             }
+        }
+    }
+
+    /// What the buffered bytes make: a request, or not yet one. An error as soon as they
+    /// cannot become a valid request within [`MAX_REQUEST_SIZE`]; the connection cannot be
+    /// read further after one (the next request's start is lost).
+    pub fn parse(&mut self) -> Result<Parsed, HttpError> {
+        let waiting = Parsed::Incomplete {
+            send_continue: false,
         };
-        if head_end > MAX_REQUEST_SIZE {
-            return Err(HttpError::TooLarge);
-        }
-        let head = parse_complete_head(&self.buf[..head_end])?;
-        let total = head.head_len + head.content_length;
-        if self.buf.len() < total && head.expect_continue {
-            stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-        }
-        while self.buf.len() < total {
-            if self.fill(stream)? == 0 {
-                return Err(HttpError::Truncated);
+        let head = match self.head.take() {
+            Some(head) => head,
+            None => {
+                let Some(end) = find_head_end(&self.buf, self.scanned) else {
+                    self.scanned = self.buf.len();
+                    if self.buf.len() >= MAX_REQUEST_SIZE {
+                        return Err(HttpError::TooLarge);
+                    }
+                    return Ok(waiting);
+                };
+                if end > MAX_REQUEST_SIZE {
+                    return Err(HttpError::TooLarge);
+                }
+                parse_complete_head(&self.buf[..end])?
             }
+        };
+        let total = head.head_len + head.content_length;
+        if self.buf.len() < total {
+            let send_continue = head.expect_continue && !self.continue_asked;
+            self.continue_asked |= send_continue;
+            self.head = Some(head);
+            return Ok(Parsed::Incomplete { send_continue });
         }
         let body = self.buf[head.head_len..total].to_vec();
         self.buf.drain(..total);
         self.scanned = 0;
-        Ok(Some(HttpRequest {
+        self.continue_asked = false;
+        if self.buf.is_empty() && self.buf.capacity() > 2 * READ_CHUNK {
+            // An idle keep-alive connection does not keep a large request's buffer.
+            self.buf = Vec::new();
+        }
+        Ok(Parsed::Request(HttpRequest {
             method: head.method,
             target: head.target,
             body,
@@ -208,8 +268,9 @@ impl RequestReader {
         }))
     }
 
-    /// Reads once into the buffer; returns how many bytes came (0 at end of stream).
-    fn fill<S: Read>(&mut self, stream: &mut S) -> Result<usize, HttpError> {
+    /// Reads once into the buffer; returns how many bytes came (0 at end of stream). On a
+    /// non-blocking stream with nothing to read, the error is `WouldBlock` and nothing changed.
+    pub fn fill<S: Read>(&mut self, stream: &mut S) -> Result<usize, HttpError> {
         let mut chunk = [0u8; READ_CHUNK];
         loop {
             match stream.read(&mut chunk) {
@@ -225,223 +286,5 @@ impl RequestReader {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A stream that hands out its input `step` bytes per read and records what is written.
-    struct Mock {
-        input: Vec<u8>,
-        pos: usize,
-        step: usize,
-        output: Vec<u8>,
-    }
-
-    impl Mock {
-        fn new(input: &[u8], step: usize) -> Self {
-            Mock {
-                input: input.to_vec(),
-                pos: 0,
-                step,
-                output: Vec::new(),
-            }
-        }
-    }
-
-    impl Read for Mock {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            let n = self.step.min(buf.len()).min(self.input.len() - self.pos);
-            buf[..n].copy_from_slice(&self.input[self.pos..self.pos + n]);
-            self.pos += n;
-            Ok(n)
-        }
-    }
-
-    impl Write for Mock {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.output.extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn head(bytes: &[u8]) -> Result<Option<RequestHead>, HttpError> {
-        parse_head(bytes)
-    }
-
-    fn err(bytes: &[u8]) -> String {
-        head(bytes).unwrap_err().to_string()
-    }
-
-    #[test]
-    fn parses_a_put_head() {
-        let head_bytes = b"PUT /drives/a HTTP/1.1\r\nHost: localhost\r\ncontent-length: 12\r\n\r\n";
-        let h = head(&[&head_bytes[..], b"{"].concat()).unwrap().unwrap();
-        assert_eq!(h.method, "PUT");
-        assert_eq!(h.target, "/drives/a");
-        assert_eq!(h.content_length, 12);
-        assert!(h.keep_alive && !h.expect_continue);
-        assert_eq!(h.head_len, head_bytes.len());
-    }
-
-    #[test]
-    fn connection_header_and_version() {
-        let h = head(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert!(!h.keep_alive);
-        let h = head(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
-        assert!(!h.keep_alive);
-        let h = head(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert!(h.keep_alive);
-        assert_eq!(
-            err(b"GET / HTTP/2.0\r\n\r\n"),
-            r#"unsupported HTTP version "HTTP/2.0""#
-        );
-    }
-
-    #[test]
-    fn incomplete_heads_wait() {
-        assert_eq!(head(b"").unwrap(), None);
-        assert_eq!(head(b"GET / HTTP/1.1\r\n").unwrap(), None);
-        assert_eq!(head(b"GET / HTTP/1.1\r\nHost: x\r\n\r").unwrap(), None);
-    }
-
-    #[test]
-    fn malformed_heads() {
-        for bad in [
-            &b"GARBAGE\r\n\r\n"[..],
-            b"GET  / HTTP/1.1\r\n\r\n",
-            b"GET /\r\n\r\n",
-            b"G(T / HTTP/1.1\r\n\r\n",
-            b"GET x HTTP/1.1\r\n\r\n",
-            b"GET / HTTP/1.1\r\nNoColon\r\n\r\n",
-            b"GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n",
-            b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
-            b"GET / HTTP/1.1\r\nA: b\x00c\r\n\r\n",
-            b"GET / HTTP/1.1\r\nA: \xff\r\n\r\n",
-        ] {
-            assert!(
-                matches!(head(bad), Err(HttpError::Malformed(_))),
-                "{:?}: {:?}",
-                String::from_utf8_lossy(bad),
-                head(bad)
-            );
-        }
-    }
-
-    #[test]
-    fn bad_content_lengths() {
-        for cl in ["-1", "+5", "1 2", "0x10", "", "1.0"] {
-            let req = format!("PUT / HTTP/1.1\r\nContent-Length: {cl}\r\n\r\n");
-            assert!(
-                matches!(head(req.as_bytes()), Err(HttpError::BadContentLength(_))),
-                "{cl}"
-            );
-        }
-        let rep = b"PUT / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
-        assert!(matches!(head(rep), Err(HttpError::BadContentLength(_))));
-        let huge = b"PUT / HTTP/1.1\r\nContent-Length: 99999999999999999999999999\r\n\r\n";
-        assert!(matches!(head(huge), Err(HttpError::TooLarge)));
-    }
-
-    #[test]
-    fn chunked_is_refused() {
-        let req = b"PUT /vm HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert_eq!(
-            err(req),
-            r#"Transfer-Encoding "chunked" is not supported; send the body with a Content-Length"#
-        );
-    }
-
-    #[test]
-    fn oversized_requests_are_refused_early() {
-        // A body announced too large is refused from the head alone.
-        let req = format!("PUT /vm HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 60 * 1024);
-        assert_eq!(err(req.as_bytes()), "request larger than 51200 bytes");
-        // Exactly at the limit is fine.
-        let prefix_len = "PUT /vm HTTP/1.1\r\nContent-Length: 00000\r\n\r\n".len();
-        let req = format!(
-            "PUT /vm HTTP/1.1\r\nContent-Length: {:05}\r\n\r\n",
-            MAX_REQUEST_SIZE - prefix_len
-        );
-        assert!(head(req.as_bytes()).unwrap().is_some());
-        // A head that never ends is refused once it reaches the limit.
-        let mut endless = b"GET / HTTP/1.1\r\n".to_vec();
-        while endless.len() < MAX_REQUEST_SIZE {
-            endless.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaa\r\n");
-        }
-        assert_eq!(err(&endless), "request larger than 51200 bytes");
-        endless.truncate(MAX_REQUEST_SIZE - 1);
-        assert_eq!(head(&endless).unwrap(), None);
-    }
-
-    #[test]
-    fn reader_pipelined_requests() {
-        let input = b"PUT /vm HTTP/1.1\r\nContent-Length: 19\r\n\r\n{\"state\": \"Paused\"}\
-                      GET / HTTP/1.1\r\n\r\n\
-                      GET /vm/config HTTP/1.1\r\nConnection: close\r\n\r\n";
-        for step in [1, 7, 4096] {
-            let mut stream = Mock::new(input, step);
-            let mut reader = RequestReader::new();
-            let a = reader.read_request(&mut stream).unwrap().unwrap();
-            assert_eq!((a.method.as_str(), a.target.as_str()), ("PUT", "/vm"));
-            assert_eq!(a.body, b"{\"state\": \"Paused\"}");
-            let b = reader.read_request(&mut stream).unwrap().unwrap();
-            assert_eq!(
-                (b.target.as_str(), b.body.len(), b.keep_alive),
-                ("/", 0, true)
-            );
-            let c = reader.read_request(&mut stream).unwrap().unwrap();
-            assert_eq!((c.target.as_str(), c.keep_alive), ("/vm/config", false));
-            assert_eq!(reader.read_request(&mut stream).unwrap(), None);
-            assert!(stream.output.is_empty());
-        }
-    }
-
-    #[test]
-    fn reader_truncated_requests() {
-        for input in [
-            &b"GET / HTTP/1.1\r\nHost: x"[..],
-            b"PUT /vm HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"sta",
-        ] {
-            let mut stream = Mock::new(input, 3);
-            let e = RequestReader::new().read_request(&mut stream).unwrap_err();
-            assert!(matches!(e, HttpError::Truncated), "{e}");
-        }
-    }
-
-    #[test]
-    fn reader_refuses_oversize_without_reading_it_all() {
-        let mut input =
-            format!("PUT /vm HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 60 * 1024).into_bytes();
-        input.resize(input.len() + 60 * 1024, b'x');
-        let mut stream = Mock::new(&input, 1024);
-        let e = RequestReader::new().read_request(&mut stream).unwrap_err();
-        assert!(matches!(e, HttpError::TooLarge));
-        assert!(stream.pos <= 1024, "read {} bytes", stream.pos);
-
-        // Byte by byte, an endless head stops at the limit.
-        let endless = vec![b'a'; 2 * MAX_REQUEST_SIZE];
-        let mut stream = Mock::new(&endless, 1);
-        let e = RequestReader::new().read_request(&mut stream).unwrap_err();
-        assert!(matches!(e, HttpError::TooLarge));
-        assert_eq!(stream.pos, MAX_REQUEST_SIZE);
-    }
-
-    #[test]
-    fn reader_sends_100_continue_when_asked() {
-        let head = b"PUT /vm HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n";
-        // The first read brings exactly the head, as when a client waits before the body.
-        let mut stream = Mock::new(&[&head[..], b"{}"].concat(), head.len());
-        let req = RequestReader::new()
-            .read_request(&mut stream)
-            .unwrap()
-            .unwrap();
-        assert_eq!(req.body, b"{}");
-        assert_eq!(stream.output, b"HTTP/1.1 100 Continue\r\n\r\n");
-    }
-}
+#[path = "request_tests.rs"]
+mod tests;

@@ -1,17 +1,20 @@
-//! The VMM side of the API socket (`--api-sock`). A thread serves HTTP with `kiln-api` and hands
-//! each parsed request to the VMM thread over a channel, waking it with an eventfd; the VMM thread
-//! answers. Before `InstanceStart` the requests build up the configuration ([`preboot`]); after it,
-//! an event-loop subscriber answers queries and refuses changes ([`running`]). The API thread
-//! installs its seccomp filter before it serves anything ([`crate::seccomp`]).
+//! The VMM side of the API socket (`--api-sock`). One thread serves HTTP with `kiln-api`'s epoll
+//! loop (every connection on that thread) and hands each parsed request to the VMM thread over a
+//! channel, waking it with an eventfd; the VMM thread answers through the request's
+//! [`kiln_api::Reply`], which wakes the API thread in turn, so the API thread never blocks on the
+//! VMM and keeps serving (and timing out) other clients meanwhile. Before `InstanceStart` the
+//! requests build up the configuration ([`preboot`]); after it, an event-loop subscriber answers
+//! queries and refuses changes ([`running`]). The API thread installs its seccomp filter before
+//! it serves anything ([`crate::seccomp`]).
 
 mod convert;
 pub mod preboot;
 pub mod running;
 
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::mpsc::{self, Receiver};
 
-use kiln_api::{ApiRequest, ApiResponse, ApiServer};
+use kiln_api::{ApiRequest, ApiResponse, ApiServer, Reply};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::seccomp::{SeccompError, SeccompFilters, ThreadKind};
@@ -20,15 +23,15 @@ use crate::seccomp::{SeccompError, SeccompFilters, ThreadKind};
 pub struct Pending {
     /// What was asked.
     pub request: ApiRequest,
-    reply: SyncSender<ApiResponse>,
+    reply: Reply,
 }
 
 impl Pending {
     /// Answers with what `handle` makes of the request, and sends it back to the API thread.
     pub fn respond(self, handle: impl FnOnce(ApiRequest) -> ApiResponse) {
         let response = handle(self.request);
-        // The client may have gone; nothing to do then.
-        let _ = self.reply.send(response);
+        // The client may have gone; the API thread then drops the answer.
+        self.reply.send(response);
     }
 }
 
@@ -57,8 +60,8 @@ pub enum ApiStartError {
 }
 
 /// Binds the API socket at `path` (listening when this returns) and starts the thread serving it,
-/// which installs the `api` filter of `seccomp` first (before it, or any thread it starts, reads
-/// a request).
+/// which installs the `api` filter of `seccomp` first (before it reads a request; it starts no
+/// thread of its own).
 pub fn start(path: &Path, seccomp: &SeccompFilters) -> Result<ApiLink, ApiStartError> {
     let server = ApiServer::bind(path)?;
     let unwritten = server.unwritten();
@@ -76,15 +79,15 @@ pub fn start(path: &Path, seccomp: &SeccompFilters) -> Result<ApiLink, ApiStartE
             if failed {
                 return;
             }
-            let served = server.serve(move |request| {
-                let (reply, answer) = mpsc::sync_channel(1);
-                if tx.send(Pending { request, reply }).is_err() {
-                    return ApiResponse::fault("the VMM is shutting down");
+            let served = server.serve_deferred(move |request, reply| {
+                match tx.send(Pending { request, reply }) {
+                    Ok(()) => {
+                        let _ = wake.write(1);
+                    }
+                    Err(mpsc::SendError(pending)) => pending
+                        .reply
+                        .send(ApiResponse::fault("the VMM is shutting down")),
                 }
-                let _ = wake.write(1);
-                answer
-                    .recv()
-                    .unwrap_or_else(|_| ApiResponse::fault("the VMM stopped before answering"))
             });
             if let Err(e) = served {
                 log::error!("API server stopped: {e}");

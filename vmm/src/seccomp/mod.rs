@@ -2,13 +2,14 @@
 //! thread (through a device bug, say) can make only the system calls that thread needs.
 //!
 //! The filters are written in seccompiler's JSON (`resources/seccomp/x86_64.json`), compiled to
-//! BPF by `build.rs` and embedded in the binary; any system call a filter does not list kills the
-//! whole process (SIGSYS). `--no-seccomp` installs none. The kinds, and when each installs its
-//! filter:
+//! BPF by `build.rs` and embedded in the binary; any system call a filter does not list traps:
+//! the SIGSYS handler ([`sigsys`]) names the thread and the call on stderr and ends the process
+//! with status [`EXIT_BAD_SYSCALL`] (148). `--no-seccomp` installs none. The kinds, and when
+//! each installs its filter:
 //!
-//! - **api**: the `kiln_api` thread, before it serves its first request. The accept thread
-//!   (`kiln-api-accept`) and the one thread per connection (`kiln-api-conn`) are started after
-//!   that, so they inherit the filter: they only read, parse and write HTTP on Unix sockets.
+//! - **api**: the `kiln_api` thread, before it serves its first request. It serves every
+//!   connection from one epoll loop and starts no thread: it accepts, reads, parses and writes
+//!   HTTP on Unix sockets and hands requests to the VMM thread.
 //! - **vcpu**: each `kiln_vcpu{N}` thread, first thing, before it runs any guest code. Its work is
 //!   KVM_RUN and the exits it handles: port and MMIO accesses dispatched to the devices (serial
 //!   output, eventfd writes, a vsock reset closing host sockets), the kick signal, and the state
@@ -24,6 +25,10 @@
 //!
 //! A filter that cannot be installed is an error naming the thread, and the VMM stops.
 //!
+//! Threads allocate under their filters, so the allocator must use only calls every filter
+//! allows: `main` calls [`malloc::configure`] before any thread exists (one arena, a fixed mmap
+//! threshold; the module says why).
+//!
 //! The lists are what `strace -f` showed each thread calling after its filter went in, for the
 //! host tests (tiny guests, the API, snapshots) and for the lab's Linux guests
 //! (`tests/tests/lab_seccomp.rs`: every device, pause, snapshots, restores), plus the few calls
@@ -36,9 +41,14 @@
 //! the test binary in DIR and `KILN_VMM_STRACE=/tmp/traces` in its environment (see
 //! `kiln_tests::kiln_vmm`).
 
+pub mod malloc;
+pub mod sigsys;
+
 use std::sync::Arc;
 
 use seccompiler::{BpfProgram, sock_filter};
+
+pub use sigsys::EXIT_BAD_SYSCALL;
 
 /// The kinds of thread `kiln-vmm` runs, each with its own filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +106,16 @@ pub enum SeccompError {
         /// Its length.
         len: usize,
     },
+    /// The handler that reports a forbidden call could not be installed.
+    #[error(
+        "thread {thread}: cannot install the SIGSYS handler that reports forbidden system calls: {err}"
+    )]
+    Handler {
+        /// The thread's name.
+        thread: String,
+        /// Why.
+        err: std::io::Error,
+    },
     /// The kernel refused the filter.
     #[error("thread {thread}: cannot install the {kind} seccomp filter: {err}")]
     Install {
@@ -128,13 +148,22 @@ pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         .collect())
 }
 
-/// Installs `program` as the calling thread's `kind` filter.
+/// Installs `program` as the calling thread's `kind` filter, after the SIGSYS handler that
+/// reports a forbidden call (see [`sigsys`]) and the thread's name for that report.
 pub fn install_program(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
-    seccompiler::apply_filter(program).map_err(|err| SeccompError::Install {
-        thread: std::thread::current()
+    let thread = || {
+        std::thread::current()
             .name()
             .unwrap_or("unnamed")
-            .to_string(),
+            .to_string()
+    };
+    sigsys::remember_thread_name();
+    sigsys::install_handler().map_err(|err| SeccompError::Handler {
+        thread: thread(),
+        err,
+    })?;
+    seccompiler::apply_filter(program).map_err(|err| SeccompError::Install {
+        thread: thread(),
         kind,
         err,
     })
