@@ -1,10 +1,42 @@
-//! Many VM lifecycles in one L1, one after another: L1 must stay up through them.
+//! Many VM lifecycles in one L1, one after another, as a user's loop of `kiln run` makes them:
+//! restores of one snapshot (restore, exec, kill) and boots (boot, exec, shutdown). Every cycle
+//! must give the right output within its bound, L1 must stay up, and nothing may be left behind.
+//! CI runs `KILN_CYCLES_RESTORES` (default 100) and `KILN_CYCLES_BOOTS` (default 20);
+//! `cargo xtask bench cycles` runs 500 and 200 with timings.
+
+use kiln_tests::ScratchDir;
+use kiln_tests::cycles::{Census, Cycle, make_snapshot, p50_p99, run_cycle};
 
 fn count(var: &str, default: usize) -> usize {
     std::env::var(var)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+#[test]
+#[ignore = "runs inside the nested lab: cargo xtask test"]
+fn restores_and_boots_cycle_without_hangs_or_leaks() {
+    let scratch = ScratchDir::new("cycles");
+    let snap = make_snapshot(scratch.path()).expect("a snapshot to restore");
+    let before = Census::take();
+    let mut times = Vec::new();
+    for (kind, n) in [
+        (Cycle::Restore, count("KILN_CYCLES_RESTORES", 100)),
+        (Cycle::Boot, count("KILN_CYCLES_BOOTS", 20)),
+    ] {
+        times.clear();
+        for i in 0..n {
+            match run_cycle(kind, i, &snap) {
+                Ok(t) => times.push(t),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let (p50, p99) = p50_p99(&times);
+        eprintln!("{n} {kind:?} cycles: p50 {p50} ms, p99 {p99} ms");
+    }
+    let after = Census::take();
+    assert_eq!(before, after, "what the cycles left behind");
 }
 
 /// KVM patches kernel text (static keys) whenever the first VM on L1 is created or the last one
