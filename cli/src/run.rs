@@ -35,6 +35,27 @@ fn kiln_failure(message: impl Into<String>) -> Failure {
 
 /// Runs `kiln run`; returns the exit status.
 pub fn run(args: &RunArgs) -> i32 {
+    if let Some(template) = &args.template {
+        let what = match &args.code {
+            Some(code) => crate::kilnd::RunWhat::Code(code.clone()),
+            None => crate::kilnd::RunWhat::Command(args.command.clone()),
+        };
+        let opts = crate::kilnd::args::ExecOpts {
+            env: args.env.clone(),
+            cwd: args.cwd.clone(),
+            user: args.user.clone(),
+            timeout_s: args.timeout.map(|t| t.as_secs().max(1)),
+            stdin: !term::is_tty(0),
+        };
+        return crate::kilnd::run_template(
+            args.kilnd.clone(),
+            template,
+            args.lang.as_deref(),
+            what,
+            &opts,
+            args.json,
+        );
+    }
     match try_run(args) {
         Ok(code) => code,
         Err(Failure(message, code)) => {

@@ -283,6 +283,6 @@ fn bad_input_exits_125() {
     );
     assert_eq!(
         run(&["frobnicate"], &[]),
-        "kiln: unknown command \"frobnicate\" (`run` and `snapshot` exist)\n"
+        "kiln: unknown command \"frobnicate\" (run, snapshot, template, sandbox)\n"
     );
 }

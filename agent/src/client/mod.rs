@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 pub use connect::{HANDSHAKE_TIMEOUT, connect_unix, connect_vsock, from_socket, wait_ready};
 pub use exec::{Exec, ExecControl, ExecOutput, ExecStdin, Output};
 pub use files::WriteOptions;
-pub use restore::{RESTORE_ENTROPY, Restored, RestoredExec, host_entropy, restore_and_exec};
+pub use restore::{
+    RESTORE_ENTROPY, Restored, RestoredExec, host_entropy, restore_and_exec, restore_connect,
+};
 
 use crate::protocol::{ErrorInfo, ErrorKind, Event, Request};
 use conn::{Conn, Inbound};
