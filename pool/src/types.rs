@@ -229,8 +229,12 @@ pub struct DirEntryInfo {
     pub kind: String,
     /// Its size in bytes.
     pub size: u64,
-    /// Its permission bits.
+    /// Its permission bits (setuid, setgid and sticky included).
     pub mode: u32,
+    /// Its owner.
+    pub uid: u32,
+    /// Its group.
+    pub gid: u32,
 }
 
 #[cfg(test)]

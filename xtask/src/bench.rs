@@ -30,6 +30,8 @@ pub fn main(args: &[String]) -> Result<u8> {
             "test-initramfs.cpio".into(),
         )],
         with_qemu: true,
+        // The pool benchmark builds kilnd's python template.
+        with_python: name == "pool",
         cmd,
         ..LabRun::default()
     })?;

@@ -124,6 +124,7 @@ pub fn main(args: &[String]) -> Result<u8> {
                 .map(String::from)
                 .chain(filter)
                 .collect(),
+            with_python: true,
             ..LabRun::default()
         })?;
         match &outcome.status {

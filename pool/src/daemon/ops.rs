@@ -203,6 +203,8 @@ impl Daemon {
                     kind: format!("{:?}", e.stat.kind).to_lowercase(),
                     size: e.stat.size,
                     mode: e.stat.mode,
+                    uid: e.stat.uid,
+                    gid: e.stat.gid,
                 })
                 .collect())
         })
