@@ -9,6 +9,7 @@ mod conn;
 mod connect;
 mod exec;
 mod files;
+mod procs;
 mod restore;
 
 use std::io;
