@@ -119,14 +119,7 @@ impl Envd {
             .daemon
             .sandbox(&id)
             .map_err(|_| Refusal::Gone(format!("The sandbox {id} was not found")))?;
-        if let Some(port) = header(headers, "e2b-sandbox-port")
-            && port.parse::<u16>() != Ok(ENVD_PORT)
-        {
-            return Err(Refusal::Port(format!(
-                "The sandbox {id} is running but port is not open: {port} (kilnd serves only \
-                 envd, {ENVD_PORT}; its guests have no network)"
-            )));
-        }
+        check_port(headers, &id)?;
         let token = e2b.token(&sandbox);
         match header(headers, "x-access-token") {
             Some(given) if same_secret(given, &token) => {}
@@ -258,9 +251,25 @@ pub fn agent_error(e: AgentError) -> ConnectError {
     }
 }
 
-/// `GET /health`: 204 while the sandbox runs.
+/// Refuses a port other than envd's (kilnd reaches guests only through their agent).
+fn check_port(headers: &HeaderMap, id: &str) -> Result<(), Refusal> {
+    if let Some(port) = header(headers, "e2b-sandbox-port")
+        && port.parse::<u16>() != Ok(ENVD_PORT)
+    {
+        return Err(Refusal::Port(format!(
+            "The sandbox {id} is running but port is not open: {port} (kilnd serves only envd, \
+             {ENVD_PORT}; its guests have no network)"
+        )));
+    }
+    Ok(())
+}
+
+/// `GET /health`: 204 while the sandbox runs (no token needed, as on envd).
 async fn health(State(e2b): State<Arc<E2b>>, headers: HeaderMap) -> Response {
     let id = header(&headers, "e2b-sandbox-id").unwrap_or("");
+    if let Err(refusal) = check_port(&headers, id) {
+        return refusal.into_response();
+    }
     match e2b.daemon.sandbox(id) {
         Ok(sb) if sb.live().state == SandboxState::Running => {
             StatusCode::NO_CONTENT.into_response()

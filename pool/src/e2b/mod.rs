@@ -17,6 +17,7 @@ pub mod connect;
 pub mod envd;
 pub mod files;
 pub mod filesystem;
+pub mod listing;
 pub mod process;
 pub mod proto;
 pub mod rest;
