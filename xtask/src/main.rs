@@ -3,6 +3,7 @@
 //! the shipped VMM; it calls cargo, apt-get, make and QEMU, and is called by people and by `.ci/run`.
 
 mod bench;
+mod e2b;
 mod guest_images;
 mod guest_kernel;
 mod initramfs;
@@ -20,7 +21,9 @@ commands:
   run [KILN-RUN-OPTIONS] -- CMD...
                                set up the lab and run `kiln run -- CMD` in it (a Kiln VM from
                                the Debian rootfs; CMD runs through the guest agent)
-  test [--host | --lab]        lints, unit and host-KVM tests, then end-to-end tests in the lab
+  test [--host | --lab [FILTER] | --e2b [FILTER]]
+                               lints, unit and host-KVM tests, then end-to-end tests in the lab,
+                               then E2B's Python SDK (pinned, in a venv) against kilnd in the lab
   bench boot [--runs N]        boot time under kiln-vmm vs QEMU microvm, inside the lab
   guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
   rootfs [--agent PATH]        build (or find in the cache) the guest root filesystem (Debian bookworm,

@@ -75,14 +75,21 @@ fn stage_lab_tests(bins: &[PathBuf], dir: &Path) -> Result<()> {
     util::write_atomic(&dir.join("run-lab-tests.sh"), RUNNER.as_bytes())
 }
 
-/// `cargo xtask test [--host | --lab [FILTER]]`: FILTER picks lab tests by name.
+/// `cargo xtask test [--host | --lab [FILTER] | --e2b [FILTER]]`: FILTER picks lab tests by name
+/// (or the E2B suite's pytest tests, as `-k`).
 pub fn main(args: &[String]) -> Result<u8> {
-    let (host, lab, filter) = match args {
-        [] => (true, true, None),
-        [a] if a == "--host" => (true, false, None),
-        [a] if a == "--lab" => (false, true, None),
-        [a, f] if a == "--lab" => (false, true, Some(f.clone())),
-        _ => return Err("usage: cargo xtask test [--host | --lab [FILTER]]".into()),
+    let (host, lab, e2b, filter) = match args {
+        [] => (true, true, true, None),
+        [a] if a == "--host" => (true, false, false, None),
+        [a] if a == "--lab" => (false, true, false, None),
+        [a, f] if a == "--lab" => (false, true, false, Some(f.clone())),
+        [a] if a == "--e2b" => (false, false, true, None),
+        [a, f] if a == "--e2b" => (false, false, true, Some(f.clone())),
+        _ => {
+            return Err(
+                "usage: cargo xtask test [--host | --lab [FILTER] | --e2b [FILTER]]".into(),
+            );
+        }
     };
     if host {
         step("cargo fmt --check");
@@ -122,7 +129,7 @@ pub fn main(args: &[String]) -> Result<u8> {
             cmd: ["sh", "/share/run-lab-tests.sh"]
                 .into_iter()
                 .map(String::from)
-                .chain(filter)
+                .chain(filter.clone())
                 .collect(),
             with_python: true,
             ..LabRun::default()
@@ -137,6 +144,14 @@ pub fn main(args: &[String]) -> Result<u8> {
                 outcome.print_diagnosis();
                 return Err(format!("the lab failed, not the tests: {why}"));
             }
+        }
+    }
+    if e2b {
+        step("E2B's Python SDK against kilnd in the nested lab");
+        let filter = if lab { None } else { filter };
+        match crate::e2b::run_suite(filter)? {
+            0 => {}
+            code => return Err(format!("the E2B SDK suite failed (pytest status {code})")),
         }
     }
     eprintln!("\nxtask test: all passed");
