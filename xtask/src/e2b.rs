@@ -2,7 +2,8 @@
 //! makes, drives kilnd in the lab through one forwarded port. L1 starts kilnd with its E2B
 //! listener and builds the `base` template; the host runs `tests/e2b` with pytest against
 //! `127.0.0.1:PORT` (QEMU forwards it to L1) while L1 waits; then the host sends pytest's status
-//! back over a second forwarded port and L1 exits with it.
+//! back over a second forwarded port and L1 exits with it. `cargo xtask test` runs the suite in
+//! the same L1 boot as the lab tests, after them ([`Before`]).
 //!
 //! The venv, its pinned versions and the port plumbing are here so that other suites (Kiln's own
 //! SDK, `bench e2b`) can reuse them: [`venv`], [`free_port`], [`Forwarded`].
@@ -25,14 +26,24 @@ pub const PYTEST_VERSION: &str = "8.4.2";
 const L1_E2B_PORT: u16 = 3000;
 /// The port L1 waits on for the host's verdict.
 const L1_CONTROL_PORT: u16 = 3001;
+/// The line L1 prints after the first command of a shared boot, before its status.
+const BEFORE_MARK: &str = "e2b-l1: the lab tests exited ";
 /// How long L1 may take to have kilnd and the `base` template ready.
 const READY_WITHIN: Duration = Duration::from_secs(900);
 /// How long the whole lab run may take.
 const LAB_TIMEOUT: Duration = Duration::from_secs(2400);
 
-/// Runs in L1 (from /share): kilnd with its E2B listener on eth0, the `base` template, a file
-/// only L1 has (the suite checks that no sandbox path reaches it), then waits for the verdict.
+/// Runs in L1 (from /share): first the command in its arguments if any (the lab tests of a
+/// shared boot), then kilnd with its E2B listener on eth0, the `base` template, a file only L1
+/// has (the suite checks that no sandbox path reaches it), then waits for the verdict and exits
+/// with it. The first command's status is in its output line ([`BEFORE_MARK`]).
 const L1_SCRIPT: &str = r#"#!/bin/sh
+before=0
+if [ $# -gt 0 ]; then
+  "$@"
+  before=$?
+  echo "@BEFORE_MARK@$before"
+fi
 key=$(cat /share/e2b-api-key)
 state=/kiln/e2b-state
 rm -rf "$state"; mkdir -p "$state"
@@ -162,13 +173,46 @@ fn random_key() -> Result<String> {
     ))
 }
 
-/// `cargo xtask test --e2b [FILTER]`: the suite, FILTER passed to pytest's `-k`. Returns pytest's
-/// status; the lab failing is an error.
-pub fn run_suite(filter: Option<String>) -> Result<u8> {
+/// A lab run the suite shares its boot with: L1 runs `run.cmd` first, in `run.share` (where the
+/// suite adds its own files), with `run.files` and the rest of `run`'s settings; its `timeout` is
+/// that command's.
+pub struct Before {
+    /// The first command's lab run.
+    pub run: LabRun,
+}
+
+/// How a suite run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// pytest's status.
+    pub suite: u8,
+    /// Whether the command of a shared boot ([`Before`]) passed (true without one).
+    pub before_passed: bool,
+}
+
+/// `cargo xtask test --e2b [FILTER]`: the suite, FILTER passed to pytest's `-k`, in its own L1
+/// boot or after `before` in one. The lab failing is an error.
+pub fn run_suite(filter: Option<String>, before: Option<Before>) -> Result<Verdict> {
     let venv = venv()?;
     let suite = util::workspace_root().join("tests/e2b");
-    let share = util::cache_dir().join("e2b-share");
-    let _ = std::fs::remove_dir_all(&share);
+    let (mut run, before_cmd, before_timeout) = match before {
+        Some(b) => {
+            let mut run = b.run;
+            let cmd = std::mem::take(&mut run.cmd);
+            let timeout = run.timeout;
+            (run, cmd, timeout)
+        }
+        None => (LabRun::default(), Vec::new(), Duration::ZERO),
+    };
+    let shared = !before_cmd.is_empty();
+    let share = match &run.share {
+        Some(s) => s.clone(),
+        None => {
+            let s = util::cache_dir().join("e2b-share");
+            let _ = std::fs::remove_dir_all(&s);
+            s
+        }
+    };
     util::mkdir(&share)?;
     let key = random_key()?;
     util::write_atomic(&share.join("e2b-api-key"), key.as_bytes())?;
@@ -177,19 +221,21 @@ pub fn run_suite(filter: Option<String>) -> Result<u8> {
         L1_SCRIPT
             .replace("@E2B_PORT@", &L1_E2B_PORT.to_string())
             .replace("@CONTROL_PORT@", &L1_CONTROL_PORT.to_string())
+            .replace("@BEFORE_MARK@", BEFORE_MARK)
             .as_bytes(),
     )?;
     let (api, control) = (Forwarded(free_port()?), Forwarded(free_port()?));
-    let run = LabRun {
-        share: Some(share),
-        cmd: vec!["sh".into(), "/share/e2b-l1.sh".into()],
-        forwards: vec![(api.0, L1_E2B_PORT), (control.0, L1_CONTROL_PORT)],
-        timeout: LAB_TIMEOUT,
-        ..LabRun::default()
-    };
+    run.share = Some(share);
+    run.cmd = ["sh", "/share/e2b-l1.sh"]
+        .into_iter()
+        .map(String::from)
+        .chain(before_cmd)
+        .collect();
+    run.forwards = vec![(api.0, L1_E2B_PORT), (control.0, L1_CONTROL_PORT)];
+    run.timeout = before_timeout + LAB_TIMEOUT;
     let lab_thread = std::thread::spawn(move || lab::run(&run));
     // Ready when kilnd in L1 lists the base template through the forwarded port.
-    let end = Instant::now() + READY_WITHIN;
+    let end = Instant::now() + before_timeout + READY_WITHIN;
     let ready = loop {
         if lab_thread.is_finished() {
             break false;
@@ -246,8 +292,16 @@ pub fn run_suite(filter: Option<String>) -> Result<u8> {
     let outcome = lab_thread
         .join()
         .map_err(|_| "the lab thread panicked".to_string())??;
+    let before_passed = !shared
+        || outcome
+            .output
+            .lines()
+            .any(|l| l.trim_end() == format!("{BEFORE_MARK}0"));
     match (&outcome.status, verdict) {
-        (LabStatus::Exited(code), v) if v >= 0 && *code == v => Ok(u8::try_from(v).unwrap_or(1)),
+        (LabStatus::Exited(code), v) if v >= 0 && *code == v => Ok(Verdict {
+            suite: u8::try_from(v).unwrap_or(1),
+            before_passed,
+        }),
         (LabStatus::Exited(code), -1) => Err(format!(
             "kilnd in the lab never served E2B (the L1 script exited {code}; its output is above)"
         )),

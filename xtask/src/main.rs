@@ -23,7 +23,7 @@ commands:
                                the Debian rootfs; CMD runs through the guest agent)
   test [--host | --lab [FILTER] | --e2b [FILTER]]
                                lints, unit and host-KVM tests, then end-to-end tests in the lab,
-                               then E2B's Python SDK (pinned, in a venv) against kilnd in the lab
+                               then E2B's Python SDK (pinned, in a venv) against kilnd in the same lab boot
   bench boot [--runs N]        boot time under kiln-vmm vs QEMU microvm, inside the lab
   guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
   rootfs [--agent PATH]        build (or find in the cache) the guest root filesystem (Debian bookworm,

@@ -106,8 +106,8 @@ pub fn main(args: &[String]) -> Result<u8> {
         step("unit and host-KVM integration tests");
         util::run(cargo().args(["test", "--workspace"]))?;
     }
-    if lab {
-        step("end-to-end tests in the nested lab");
+    // The lab tests and the E2B suite share one L1 boot when both run.
+    let lab_run = if lab {
         let bins = build_lab_tests()?;
         if bins.is_empty() {
             return Err(format!(
@@ -117,7 +117,7 @@ pub fn main(args: &[String]) -> Result<u8> {
         let share = util::cache_dir().join("lab-tests-share");
         let _ = std::fs::remove_dir_all(&share);
         stage_lab_tests(&bins, &share)?;
-        let outcome = lab::run(&LabRun {
+        Some(LabRun {
             share: Some(share),
             files: vec![
                 (
@@ -129,11 +129,35 @@ pub fn main(args: &[String]) -> Result<u8> {
             cmd: ["sh", "/share/run-lab-tests.sh"]
                 .into_iter()
                 .map(String::from)
-                .chain(filter.clone())
+                .chain(if e2b { None } else { filter.clone() })
                 .collect(),
             with_python: true,
             ..LabRun::default()
-        })?;
+        })
+    } else {
+        None
+    };
+    if e2b {
+        if lab {
+            step("end-to-end tests in the nested lab, then E2B's Python SDK against kilnd there");
+        } else {
+            step("E2B's Python SDK against kilnd in the nested lab");
+        }
+        let filter = if lab { None } else { filter };
+        let before = lab_run.map(|run| crate::e2b::Before { run });
+        let verdict = crate::e2b::run_suite(filter, before)?;
+        if !verdict.before_passed {
+            return Err("lab tests failed (their output is above)".into());
+        }
+        if verdict.suite != 0 {
+            return Err(format!(
+                "the E2B SDK suite failed (pytest status {})",
+                verdict.suite
+            ));
+        }
+    } else if let Some(run) = lab_run {
+        step("end-to-end tests in the nested lab");
+        let outcome = lab::run(&run)?;
         match &outcome.status {
             LabStatus::Exited(0) => {}
             LabStatus::Exited(code) => {
@@ -144,14 +168,6 @@ pub fn main(args: &[String]) -> Result<u8> {
                 outcome.print_diagnosis();
                 return Err(format!("the lab failed, not the tests: {why}"));
             }
-        }
-    }
-    if e2b {
-        step("E2B's Python SDK against kilnd in the nested lab");
-        let filter = if lab { None } else { filter };
-        match crate::e2b::run_suite(filter)? {
-            0 => {}
-            code => return Err(format!("the E2B SDK suite failed (pytest status {code})")),
         }
     }
     eprintln!("\nxtask test: all passed");
