@@ -277,7 +277,11 @@ impl Daemon {
         let expired: Vec<String> = self
             .all_sandboxes()
             .into_iter()
-            .filter(|s| s.live().expires_at <= now)
+            // A paused sandbox's clock stands still (see `pause`): only running ones expire.
+            .filter(|s| {
+                let live = s.live();
+                live.state == SandboxState::Running && live.expires_at <= now
+            })
             .map(|s| s.id.clone())
             .collect();
         for id in &expired {
@@ -316,9 +320,11 @@ impl Daemon {
         match result {
             Ok(dir) => {
                 {
+                    // While paused, `expires_at` holds the lifetime left (resume adds it to now).
                     let mut live = sb.live();
                     live.state = SandboxState::Paused;
                     live.memory_from = dir;
+                    live.expires_at = live.expires_at.saturating_sub(now_s()).max(1);
                 }
                 self.save(&sb)?;
                 self.release_memory_source(&old_source)?;
@@ -355,6 +361,7 @@ impl Daemon {
             live.vm = Some(vm);
             live.client = Some(client);
             live.state = SandboxState::Running;
+            live.expires_at += now_s();
         }
         drop(starting);
         self.save(&sb)?;

@@ -132,7 +132,11 @@ impl Daemon {
                 state,
                 vm,
                 client,
-                expires_at: row.expires_at.max(now_s()),
+                // A paused one's `expires_at` is the lifetime it has left (see `pause`).
+                expires_at: match state {
+                    SandboxState::Running => row.expires_at.max(now_s()),
+                    SandboxState::Paused => row.expires_at,
+                },
                 exec_count: row.exec_count,
                 memory_from: PathBuf::from(&row.memory_from),
             },
