@@ -277,7 +277,7 @@ mod tests {
     #[test]
     fn timestamps_are_utc_civil_time() {
         let t = UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789);
-        assert_eq!(timestamp(t), "2026-11-18T10:13:20.123456789");
+        assert_eq!(timestamp(t), "2026-11-18T11:06:40.123456789");
         assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000000000");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert!(timestamp(leap).starts_with("2000-02-29T00:00:00"));
@@ -319,11 +319,11 @@ mod tests {
             .unwrap();
         assert_eq!(
             line.0,
-            "2026-11-18T10:13:20.000000000 [vm-7:kiln_vcpu0] Guest-boot-time =   1234 us 1 ms\n"
+            "2026-11-18T11:06:40.000000000 [vm-7:kiln_vcpu0] Guest-boot-time =   1234 us 1 ms\n"
         );
         assert_eq!(
             line.1,
-            "2026-11-18T10:13:20.000000000 [vm-7:kiln_vcpu0:INFO:vmm/src/x.rs:42] Guest-boot-time =   1234 us 1 ms\n"
+            "2026-11-18T11:06:40.000000000 [vm-7:kiln_vcpu0:INFO:vmm/src/x.rs:42] Guest-boot-time =   1234 us 1 ms\n"
         );
     }
 }
