@@ -140,13 +140,10 @@ impl Block {
         let mem = active.mem.clone();
         active.queue.disable_notification(&mem)?;
         let mut count = 0;
-        loop {
-            // A lying avail index shows up here as an error rather than being silently ignored
-            // (popping alone would read it as an empty queue, and the notification re-check
-            // would then ask for another pass, for ever).
-            let Some(chain) = active.queue.iter(&mem)?.next() else {
-                break;
-            };
+        // A lying avail index shows up here as an error rather than being silently ignored
+        // (popping alone would read it as an empty queue, and the notification re-check would
+        // then ask for another pass, for ever).
+        while let Some(chain) = active.queue.iter(&mem)?.next() {
             let head = chain.head_index();
             let (status_byte, used_len, status_addr) = match request::parse(chain, &mem) {
                 Ok(req) => {
