@@ -130,7 +130,8 @@ pub struct Disk {
 }
 
 impl Request {
-    fn data_len(&self) -> Option<u64> {
+    /// Bytes of data the request moves (None if the lengths overflow).
+    pub fn data_len(&self) -> Option<u64> {
         self.data
             .iter()
             .try_fold(0u64, |acc, (_, len)| acc.checked_add(u64::from(*len)))

@@ -259,6 +259,7 @@ fn rig(read_only: bool) -> (Rig, MockSplitQueue<'static, GuestMemoryMmap>) {
         id: "data".into(),
         path: path.clone(),
         read_only,
+        rate_limiter: Default::default(),
     };
     let block = Arc::new(Mutex::new(
         Block::new(cfg, EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap(),

@@ -50,6 +50,7 @@ pub struct Vsock {
     /// The queue eventfds are registered with the event loop (done once, at first activation).
     pub(super) queues_registered: bool,
     log: LogOnce,
+    pub(super) metrics: Arc<crate::metrics::VsockMetrics>,
 }
 
 impl Vsock {
@@ -97,12 +98,18 @@ impl Vsock {
             active: None,
             queues_registered: false,
             log: LogOnce::default(),
+            metrics: Arc::new(crate::metrics::VsockMetrics::default()),
         })
     }
 
     /// The guest's context id.
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<crate::metrics::VsockMetrics> {
+        self.metrics.clone()
     }
 
     /// Where the device listens for host connections.
@@ -182,7 +189,11 @@ impl Vsock {
                 while let Some(mut chain) = pop(queue, mem)? {
                     let head = chain.head_index();
                     match packet::parse_tx(mem, &mut chain) {
-                        Ok(pkt) => self.muxer.recv_tx(&pkt, now),
+                        Ok(pkt) => {
+                            self.metrics.tx_packets_count.inc();
+                            self.metrics.tx_bytes_count.add(u64::from(pkt.len()));
+                            self.muxer.recv_tx(&pkt, now)
+                        }
                         Err(e) => self.log.warn(
                             Misbehaviour::BadTxChain,
                             format_args!("tx chain refused: {e}"),
@@ -223,7 +234,11 @@ impl Vsock {
                     let head = chain.head_index();
                     let len = match packet::parse_rx(mem, &mut chain) {
                         Ok(mut pkt) => match self.muxer.fill_rx(&mut pkt, now) {
-                            Some(len) => packet::used_len(len),
+                            Some(len) => {
+                                self.metrics.rx_packets_count.inc();
+                                self.metrics.rx_bytes_count.add(u64::from(len));
+                                packet::used_len(len)
+                            }
                             None => {
                                 // Nothing after all: the buffer stays available.
                                 queue.go_to_previous_position();
