@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::Error;
-use crate::link::{Budget, Outbox, Socket, Window};
+use crate::link::{Budget, Credit, Outbox, Socket, Window};
 use crate::protocol::{
     Event, INITIAL_WINDOW, MAX_CHUNK, Message, Request, Stream, message::encode_data, read_frame,
 };
@@ -423,13 +423,8 @@ impl ReqSender {
         self.conn.outbox.send(&Message::Eof(self.id, stream));
     }
 
-    /// Waits for credit until `deadline` (`Err(())` then); returns how much one `send` may
-    /// take, or `None` once the request ended.
-    pub fn wait_credit_until(
-        &self,
-        stream: Stream,
-        deadline: Instant,
-    ) -> Result<Option<usize>, ()> {
+    /// Waits for credit until `deadline`: how much one `send` may take.
+    pub fn wait_credit_until(&self, stream: Stream, deadline: Instant) -> Credit {
         self.flow.windows[stream as usize].wait_until(MAX_CHUNK, deadline)
     }
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use super::conn::{Inbound, Req};
 use super::{Client, Error, unexpected};
+use crate::link::Credit;
 
 /// The most entries [`Client::list_dir`] collects.
 pub const MAX_LIST_ENTRIES: usize = 100_000;
@@ -54,9 +55,9 @@ impl Client {
         loop {
             let idle = Instant::now() + self.reply_timeout;
             let credit = match sender.wait_credit_until(Stream::File, idle) {
-                Ok(Some(credit)) => credit,
-                Ok(None) => break,
-                Err(()) => {
+                Credit::Granted(credit) => credit,
+                Credit::Closed => break,
+                Credit::TimedOut => {
                     req.abandon();
                     return Err(Error::Timeout(self.reply_timeout));
                 }

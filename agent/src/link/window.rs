@@ -13,6 +13,17 @@ struct State {
     closed: bool,
 }
 
+/// What waiting for credit until a deadline came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credit {
+    /// This many bytes may be sent now.
+    Granted(usize),
+    /// The stream is over.
+    Closed,
+    /// The deadline passed first.
+    TimedOut,
+}
+
 /// Send credit for one stream.
 pub struct Window {
     state: Mutex<State>,
@@ -65,19 +76,21 @@ impl Window {
         self.changed.notify_all();
     }
 
-    /// Like [`Window::wait`], but gives up at `deadline`: `Err(())` then, `Ok(None)` once closed.
-    pub fn wait_until(&self, max: usize, deadline: Instant) -> Result<Option<usize>, ()> {
+    /// Like [`Window::wait`], but gives up at `deadline`.
+    pub fn wait_until(&self, max: usize, deadline: Instant) -> Credit {
         let mut s = self.lock();
         loop {
             if s.closed {
-                return Ok(None);
+                return Credit::Closed;
             }
             if s.available > 0 {
-                return Ok(Some(
+                return Credit::Granted(
                     usize::try_from(s.available).unwrap_or(usize::MAX).min(max),
-                ));
+                );
             }
-            let left = deadline.checked_duration_since(Instant::now()).ok_or(())?;
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return Credit::TimedOut;
+            };
             s = self
                 .changed
                 .wait_timeout(s, left)
@@ -150,11 +163,11 @@ mod tests {
         assert_eq!(w.wait(usize::MAX), Some(10));
         w.consume(10);
         let end = Instant::now() + Duration::from_millis(30);
-        assert_eq!(w.wait_until(5, end), Err(()));
+        assert_eq!(w.wait_until(5, end), Credit::TimedOut);
         w.grant(3);
-        assert_eq!(w.wait_until(5, end), Ok(Some(3)));
+        assert_eq!(w.wait_until(5, end), Credit::Granted(3));
         w.close();
-        assert_eq!(w.wait_until(5, end), Ok(None));
+        assert_eq!(w.wait_until(5, end), Credit::Closed);
     }
 
     #[test]
