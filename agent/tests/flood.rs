@@ -68,7 +68,7 @@ fn a_flood_of_tiny_frames_keeps_the_client_bounded() {
             Some(ExecOutput::Exit(_)) | None => break,
             Some(other) => panic!("{other:?}"),
         }
-        if got % 65536 == 0 {
+        if got.is_multiple_of(65536) {
             peak = peak.max(rss_kib());
         }
     }
