@@ -10,7 +10,7 @@ use super::request::Disk;
 use super::{BlockError, ID_BYTES, QUEUE_SIZE, QUEUE_SIZES, SECTOR_SIZE, features};
 use crate::virtio::device::read_config_space;
 use crate::virtio::{
-    ActivateError, GuestMemoryMmap, Interrupt, Queue, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    ActivateError, GuestMemoryMmap, Interrupt, LogOnce, Queue, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
 };
 
@@ -43,6 +43,8 @@ pub struct Block {
     pub(super) active: Option<Active>,
     /// The queue eventfd is registered with the event loop (done once, at first activation).
     pub(super) queue_registered: bool,
+    /// What the driver got wrong, logged once per kind.
+    pub(super) log: LogOnce,
 }
 
 impl Block {
@@ -102,6 +104,7 @@ impl Block {
             interrupt: Arc::new(Interrupt::new(irqfd)),
             active: None,
             queue_registered: false,
+            log: LogOnce::default(),
             config,
         })
     }

@@ -1,11 +1,15 @@
-//! The block device's event-manager subscriber: the activation event, then queue notifications.
+//! The block device's event-manager subscriber: the activation event, then queue notifications,
+//! each served within a budget so a guest that keeps the queue full cannot keep the VMM thread.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
 
+use vm_memory::{Bytes, GuestAddress};
+
 use super::device::Block;
-use super::request;
-use super::status;
+use super::{BYTES_PER_PASS, CHAINS_PER_PASS, request, status};
+use crate::virtio::budget::Budget;
+use crate::virtio::chain::{self, ChainError};
 use crate::virtio::device::VirtioDevice;
 
 const ACTIVATE: u32 = 0;
@@ -58,24 +62,43 @@ impl MutEventSubscriber for Block {
     }
 }
 
+/// Why a pass over the queue stopped short: the driver broke the queue or a chain.
+#[derive(Debug, thiserror::Error)]
+enum QueueError {
+    /// The rings (a lying avail index, say).
+    #[error("{0:?}")]
+    Queue(virtio_queue::Error),
+    /// A chain that uses INDIRECT, loops, or points outside its table.
+    #[error("{0}")]
+    Chain(#[from] ChainError),
+}
+
+impl From<virtio_queue::Error> for QueueError {
+    fn from(e: virtio_queue::Error) -> Self {
+        QueueError::Queue(e)
+    }
+}
+
 impl Block {
-    /// Runs every request the driver has made available, then interrupts the guest if it asked.
+    /// Runs the requests the driver made available, at most one pass's budget of them
+    /// ([`CHAINS_PER_PASS`] chains or [`BYTES_PER_PASS`] bytes of I/O), then interrupts the guest
+    /// if it asked. With work left, the queue's eventfd is signalled again and the handler
+    /// returns, so the event loop serves the API and other devices between passes however fast
+    /// the guest posts requests.
     pub(super) fn process_queue(&mut self) {
         if !self.is_activated() || self.interrupt.needs_reset() {
             return;
         }
         let id = self.config.id.clone();
+        let mut budget = Budget::new(CHAINS_PER_PASS, BYTES_PER_PASS);
         let mut used_any = false;
-        loop {
-            match self.drain_once() {
+        let outcome = loop {
+            match self.drain_once(&mut budget) {
                 Ok(n) => used_any |= n > 0,
-                Err(e) => {
-                    log::warn!(
-                        "virtio-blk {id}: the driver broke the queue ({e:?}); device needs reset"
-                    );
-                    self.interrupt.set_needs_reset();
-                    return;
-                }
+                Err(e) => break Err(e),
+            }
+            if budget.spent() {
+                break Ok(true);
             }
             let Some(active) = self.active.as_mut() else {
                 return;
@@ -83,12 +106,25 @@ impl Block {
             // With EVENT_IDX this re-arms notifications and reports requests that raced in.
             match active.queue.enable_notification(&active.mem) {
                 Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    log::warn!("virtio-blk {id}: cannot re-enable notifications ({e:?})");
-                    self.interrupt.set_needs_reset();
-                    return;
+                Ok(false) => break Ok(false),
+                Err(e) => break Err(e.into()),
+            }
+        };
+        match outcome {
+            Ok(true) => {
+                // More may be waiting: come back after the rest of the loop had its turn.
+                if let Err(e) = self.queue_events[0].write(1) {
+                    log::error!("virtio-blk {id}: cannot re-signal the queue: {e}");
                 }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                self.log.warn(
+                    0,
+                    &format!("virtio-blk {id}"),
+                    format_args!("the driver broke the queue ({e}); device needs reset"),
+                );
+                self.interrupt.set_needs_reset();
             }
         }
         if used_any {
@@ -100,25 +136,38 @@ impl Block {
         }
     }
 
-    /// Takes the available chains, runs them and returns how many were used.
-    fn drain_once(&mut self) -> Result<usize, virtio_queue::Error> {
+    /// Takes available chains one by one while the budget lasts, runs them and returns how many
+    /// were used.
+    fn drain_once(&mut self, budget: &mut Budget) -> Result<usize, QueueError> {
         let Some(active) = self.active.as_mut() else {
             return Ok(0);
         };
         let mem = active.mem.clone();
         active.queue.disable_notification(&mem)?;
-        // Collect first: the iterator borrows the queue, add_used needs it back. A lying avail
-        // index shows up here as an error rather than being silently ignored.
-        let chains: Vec<_> = active.queue.iter(&mem)?.collect();
-        let count = chains.len();
-        for chain in chains {
-            let head = chain.head_index();
-            let (status_byte, used_len, status_addr) = match request::parse(chain, &mem) {
+        let table = GuestAddress(active.queue.desc_table());
+        let size = active.queue.size();
+        let mut count = 0;
+        while !budget.spent() {
+            // A lying avail index shows up here as an error rather than being silently ignored.
+            let Some(head) = active.queue.iter(&mem)?.next().map(|c| c.head_index()) else {
+                break;
+            };
+            let descs = match chain::walk(&mem, table, size, head) {
+                Ok(descs) => descs,
+                Err(e) => {
+                    // Nothing in a broken chain can be trusted, its status byte included.
+                    active.queue.add_used(&mem, head, 0)?;
+                    return Err(e.into());
+                }
+            };
+            let (status_byte, used_len, status_addr) = match request::parse(&descs, &mem) {
                 Ok(req) => {
+                    budget.charge(req.data_len().unwrap_or(u64::MAX));
                     let (s, n) = req.execute(&mut self.disk, &mem);
                     (s, n, Some(req.status))
                 }
                 Err((e, addr)) => {
+                    budget.charge(0);
                     log::debug!("virtio-blk {}: malformed request: {e}", self.config.id);
                     (status::IOERR, u32::from(addr.is_some()), addr)
                 }
@@ -127,13 +176,13 @@ impl Block {
                 write_status(&mem, addr, status_byte);
             }
             active.queue.add_used(&mem, head, used_len)?;
+            count += 1;
         }
         Ok(count)
     }
 }
 
-fn write_status(mem: &crate::virtio::GuestMemoryMmap, addr: vm_memory::GuestAddress, status: u8) {
-    use vm_memory::Bytes;
+fn write_status(mem: &crate::virtio::GuestMemoryMmap, addr: GuestAddress, status: u8) {
     if mem.write_obj(status, addr).is_err() {
         log::debug!(
             "virtio-blk: status byte at {:#x} is outside guest memory",

@@ -158,17 +158,11 @@ pub enum Misbehaviour {
 
 /// Remembers which [`Misbehaviour`]s were already logged.
 #[derive(Debug, Default)]
-pub struct LogOnce(u32);
+pub struct LogOnce(crate::virtio::LogOnce);
 
 impl LogOnce {
     /// Logs `msg` at `warn` the first time `kind` happens, at `debug` after that.
     pub fn warn(&mut self, kind: Misbehaviour, msg: std::fmt::Arguments<'_>) {
-        let bit = 1u32 << (kind as u32);
-        if self.0 & bit == 0 {
-            self.0 |= bit;
-            log::warn!("virtio-vsock: {msg} (further ones are logged at debug level)");
-        } else {
-            log::debug!("virtio-vsock: {msg}");
-        }
+        self.0.warn(kind as u32, "virtio-vsock", msg);
     }
 }
