@@ -54,6 +54,24 @@ pub enum ChainError {
     },
 }
 
+/// Why a device stopped serving a queue: the driver broke the rings or a chain. Either way the
+/// device needs a reset.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The rings (a lying avail index, say).
+    #[error("{0:?}")]
+    Queue(virtio_queue::Error),
+    /// A chain that uses INDIRECT, loops, or points outside its table.
+    #[error("{0}")]
+    Chain(#[from] ChainError),
+}
+
+impl From<virtio_queue::Error> for QueueError {
+    fn from(e: virtio_queue::Error) -> Self {
+        QueueError::Queue(e)
+    }
+}
+
 /// The descriptors of the chain starting at `head` in the table at `table` of a queue of
 /// `size`, in order; refuses indirect descriptors, loops, out-of-range indices and chains over
 /// 4 GiB.

@@ -389,5 +389,9 @@ fn a_driver_looping_on_bad_writes_logs_one_warning_per_kind() {
         setup_queue(&mut t, 0, 0x1_0004, 0x1_0000);
         w(&mut t, reg::STATUS, 0);
     }
-    assert_eq!(t.warnings(), 3, "status, queue size and features, once each");
+    assert_eq!(
+        t.warnings(),
+        3,
+        "status, queue size and features, once each"
+    );
 }

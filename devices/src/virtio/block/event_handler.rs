@@ -9,7 +9,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::device::Block;
 use super::{BYTES_PER_PASS, CHAINS_PER_PASS, request, status};
 use crate::virtio::budget::Budget;
-use crate::virtio::chain::{self, ChainError};
+use crate::virtio::chain::{self, QueueError};
 use crate::virtio::device::VirtioDevice;
 
 const ACTIVATE: u32 = 0;
@@ -59,23 +59,6 @@ impl MutEventSubscriber for Block {
             }
             other => log::debug!("virtio-blk {}: unexpected event {other}", self.config.id),
         }
-    }
-}
-
-/// Why a pass over the queue stopped short: the driver broke the queue or a chain.
-#[derive(Debug, thiserror::Error)]
-enum QueueError {
-    /// The rings (a lying avail index, say).
-    #[error("{0:?}")]
-    Queue(virtio_queue::Error),
-    /// A chain that uses INDIRECT, loops, or points outside its table.
-    #[error("{0}")]
-    Chain(#[from] ChainError),
-}
-
-impl From<virtio_queue::Error> for QueueError {
-    fn from(e: virtio_queue::Error) -> Self {
-        QueueError::Queue(e)
     }
 }
 
