@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cli::{Command, USAGE, parse_args};
 pub use file::parse_config_file;
-pub use validate::{ValidationError, validate_machine};
+pub use validate::{MAX_VIRTIO_DEVICES, ValidationError, validate_machine};
 
 /// Most vCPUs a Kiln VM may have.
 pub const MAX_VCPUS: u8 = 32;
