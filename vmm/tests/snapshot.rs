@@ -348,7 +348,8 @@ fn crafted_state_files_with_a_right_crc_are_validated_by_name() {
     drop(vmm);
 
     let target = Vmm::start(&dir, "target");
-    let cases: Vec<(&str, Box<dyn Fn(&mut MicrovmState)>, &str)> = vec![
+    type Craft = Box<dyn Fn(&mut MicrovmState)>;
+    let cases: Vec<(&str, Craft, &str)> = vec![
         (
             "huge-mem",
             Box::new(|s| s.mem_size = u64::MAX - 100),
