@@ -23,8 +23,11 @@ mod targets;
 
 pub use targets::*;
 
+/// A fuzz target: raw bytes in, nothing out.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name, as `cargo xtask fuzz` and the tests call them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("blk_queue", blk_queue),
     ("vsock_queue", vsock_queue),
     ("mmio", mmio),
@@ -36,6 +39,6 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
 ];
 
 /// The target called `name`.
-pub fn target(name: &str) -> Option<fn(&[u8])> {
+pub fn target(name: &str) -> Option<Target> {
     TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
