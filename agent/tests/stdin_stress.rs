@@ -56,7 +56,11 @@ fn checksums_of_stdin_are_always_printed_and_never_late() {
         let out = exec.output().unwrap();
         let took = start.elapsed();
         feeder.join().unwrap();
-        assert_eq!(out.status, ExitStatus::Exited(0), "size {size} round {round}");
+        assert_eq!(
+            out.status,
+            ExitStatus::Exited(0),
+            "size {size} round {round}"
+        );
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
             format!("{want}\n"),
@@ -93,5 +97,8 @@ fn true_with_stdin_open_ends_without_the_output_grace() {
             slow.push(took);
         }
     }
-    assert!(slow.is_empty(), "execs of true that waited out the grace: {slow:?}");
+    assert!(
+        slow.is_empty(),
+        "execs of true that waited out the grace: {slow:?}"
+    );
 }
