@@ -153,7 +153,7 @@ fn counter_code() -> Vec<u8> {
 
 fn blk_flood_code() -> Vec<u8> {
     let mut c = Vec::new();
-    let mut mmio = |c: &mut Vec<u8>, reg: u32, value: u32| {
+    let mmio = |c: &mut Vec<u8>, reg: u32, value: u32| {
         c.push(0xb8); // mov eax, BLK_MMIO + reg
         c.extend_from_slice(&(BLK_MMIO + reg).to_le_bytes());
         c.extend_from_slice(&[0xc7, 0x00]); // mov dword [eax], value
