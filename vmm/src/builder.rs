@@ -153,8 +153,20 @@ fn serial_output(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>, Bu
 
 fn serial_sink(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>, BuildError> {
     match &config.serial.serial_out_path {
-        Some(path) => File::create(path)
-            .map(|f| Box::new(f) as Box<dyn std::io::Write + Send>)
+        // Capped, keeping the tail: a guest printing in a loop must not fill the host's disk.
+        // Read and write: the tail is read back when the cap is reached.
+        Some(path) => File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map(|f| {
+                Box::new(kiln_devices::legacy::ConsoleLog::new(
+                    f,
+                    kiln_devices::legacy::CONSOLE_LOG_CAP,
+                )) as Box<dyn std::io::Write + Send>
+            })
             .map_err(|err| BuildError::SerialOut {
                 path: path.clone(),
                 err,

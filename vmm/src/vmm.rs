@@ -488,21 +488,44 @@ impl Vmm {
         self.vm.set_clock(clock)
     }
 
-    /// Stops every vCPU and, with them, device work; the guest clock is held where it was.
+    /// Stops every vCPU and, with them, device work; the guest clock is held where it was. A
+    /// pause that fails part way (a vCPU that does not answer, a clock KVM will not give) is
+    /// undone: the vCPUs already paused run again, so the VM is never left half paused with no
+    /// clock saved.
     pub fn pause(&mut self) -> Result<(), String> {
         if self.is_paused() {
             return Ok(());
         }
-        for handle in &self.handles {
-            handle.pause().map_err(|e| e.to_string())?;
+        let mut paused = 0;
+        let result = (|| -> Result<kvm_clock_data, String> {
+            for handle in &self.handles {
+                handle.pause().map_err(|e| e.to_string())?;
+                paused += 1;
+            }
+            let clock = self.vm.clock().map_err(|e| e.to_string())?;
+            for handle in &self.handles {
+                handle.notify_kvmclock().map_err(|e| e.to_string())?;
+            }
+            Ok(clock)
+        })();
+        match result {
+            Ok(clock) => {
+                self.paused_clock = Some(clock);
+                log::info!("VM paused");
+                Ok(())
+            }
+            Err(e) => {
+                // The one that failed too: its pause may still be queued, and a resume behind
+                // it in its channel undoes it whenever it gets there.
+                let undo = (paused + 1).min(self.handles.len());
+                for handle in &self.handles[..undo] {
+                    if let Err(r) = handle.resume() {
+                        log::warn!("undoing a failed pause: {r}");
+                    }
+                }
+                Err(format!("pausing the VM failed ({e}); it runs on"))
+            }
         }
-        let clock = self.vm.clock().map_err(|e| e.to_string())?;
-        for handle in &self.handles {
-            handle.notify_kvmclock().map_err(|e| e.to_string())?;
-        }
-        self.paused_clock = Some(clock);
-        log::info!("VM paused");
-        Ok(())
     }
 
     /// Runs the vCPUs again, with the guest clock continuing from where it was paused.

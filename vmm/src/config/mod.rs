@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 pub use cli::{Command, ProcessOptions, USAGE, parse_args};
 pub use file::parse_config_file;
 pub use validate::{
-    ValidationError, validate_drive, validate_machine, validate_serial, validate_vsock,
+    MAX_VIRTIO_DEVICES, ValidationError, validate_drive, validate_machine, validate_serial,
+    validate_vsock,
 };
 
 /// Most vCPUs a Kiln VM may have.

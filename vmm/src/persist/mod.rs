@@ -6,6 +6,7 @@
 pub mod create;
 pub mod memory;
 pub mod restore;
+pub mod validate;
 
 use std::path::PathBuf;
 

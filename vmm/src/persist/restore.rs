@@ -18,6 +18,7 @@ use kiln_snapshot::Persist;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::check_file;
+use super::validate::validate;
 use super::{DeviceKindState, MicrovmState, PersistError};
 use crate::Vmm;
 use crate::builder::{BuildError, Platform, create_vm};
@@ -46,15 +47,10 @@ fn open(params: &SnapshotLoad) -> Result<(MicrovmState, File), PersistError> {
         path: mem_path.clone(),
         err,
     };
+    // Before the memory size sizes anything (the file check, the mapping, the dirty bitmap).
+    validate(&state, state_path)?;
     let file = File::open(mem_path).map_err(|e| mem_err(super::memory::MemoryFileError::Io(e)))?;
     check_file(&file, state.mem_size, state.snapshot_id).map_err(mem_err)?;
-    if state.vcpus.is_empty() || state.vcpus.len() > usize::from(u8::MAX) {
-        return Err(refused(format!(
-            "{}: the snapshot has {} vCPUs",
-            state_path.display(),
-            state.vcpus.len()
-        )));
-    }
     Ok((state, file))
 }
 

@@ -12,7 +12,7 @@ use crate::metrics::BlockMetrics;
 use crate::rate_limiter::{LimiterConfig, RateLimiter};
 use crate::virtio::device::read_config_space;
 use crate::virtio::{
-    ActivateError, GuestMemoryMmap, Interrupt, Queue, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    ActivateError, GuestMemoryMmap, Interrupt, LogOnce, Queue, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
 };
 
@@ -51,6 +51,8 @@ pub struct Block {
     /// throttled request may go.
     pub(super) limiter: RateLimiter,
     pub(super) metrics: Arc<BlockMetrics>,
+    /// What the driver got wrong, logged once per kind.
+    pub(super) log: LogOnce,
 }
 
 impl Block {
@@ -114,6 +116,7 @@ impl Block {
             interrupt: Arc::new(Interrupt::new(irqfd)),
             active: None,
             queue_registered: false,
+            log: LogOnce::default(),
             config,
         })
     }
