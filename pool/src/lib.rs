@@ -17,6 +17,8 @@ pub mod daemon;
 pub mod db;
 #[cfg(feature = "daemon")]
 pub mod e2b;
+#[cfg(feature = "daemon")]
+pub mod jail;
 pub mod template;
 pub mod types;
 #[cfg(feature = "daemon")]

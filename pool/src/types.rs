@@ -56,7 +56,8 @@ pub struct SandboxInfo {
     pub state: SandboxState,
     /// When it was created, seconds since the epoch.
     pub created_at: u64,
-    /// When it will be killed, seconds since the epoch.
+    /// When it will be killed, seconds since the epoch (a paused sandbox's lifetime stands still:
+    /// for it this is now plus what it has left).
     pub expires_at: u64,
     /// Its vCPUs.
     pub vcpus: u32,

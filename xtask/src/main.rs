@@ -4,6 +4,7 @@
 
 mod bench;
 mod e2b;
+mod fuzz;
 mod guest_images;
 mod guest_kernel;
 mod initramfs;
@@ -25,6 +26,7 @@ commands:
                                lints, unit and host-KVM tests, then end-to-end tests in the lab,
                                then E2B's Python SDK (pinned, in a venv) against kilnd in the same lab boot
   bench boot [--runs N]        boot time under kiln-vmm vs QEMU microvm, inside the lab
+  fuzz [TARGET] [--seconds N]  run the fuzz targets (fuzz/) under libFuzzer, N s each (60)
   guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
   rootfs [--agent PATH]        build (or find in the cache) the guest root filesystem (Debian bookworm,
                                python3, kiln-agent as PID 1) and print its path
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         "run" => run::main(rest),
         "test" => test::main(rest),
         "bench" => bench::main(rest),
+        "fuzz" => fuzz::main(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(0)

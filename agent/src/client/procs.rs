@@ -4,10 +4,12 @@
 
 use std::io::{self, Read};
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use super::conn::Inbound;
 use super::exec::Exec;
 use super::{Client, Error, unexpected};
+use crate::link::Credit;
 use crate::protocol::{Event, MAX_CHUNK, ProcessInfo, Request, Selector, Stream, UserInfo};
 
 impl Client {
@@ -50,8 +52,18 @@ impl Client {
         let mut req = self.conn.start_request(Request::WriteStdin { process })?;
         let sender = req.sender();
         let mut buf = vec![0u8; MAX_CHUNK];
-        // Stops early when the agent ends the request (it failed): its error follows.
-        while let Some(credit) = sender.wait_credit(Stream::Stdin) {
+        // Stops early when the agent ends the request (it failed): its error follows. A process
+        // that takes none of it within the reply timeout fails the write, as a silent agent does.
+        loop {
+            let idle = Instant::now() + self.reply_timeout;
+            let credit = match sender.wait_credit_until(Stream::Stdin, idle) {
+                Credit::Granted(credit) => credit,
+                Credit::Closed => break,
+                Credit::TimedOut => {
+                    req.abandon();
+                    return Err(Error::Timeout(self.reply_timeout));
+                }
+            };
             let n = match data.read(&mut buf[..credit]) {
                 Ok(0) => {
                     sender.eof(Stream::Stdin);
@@ -75,7 +87,7 @@ impl Client {
                 }
             }
         }
-        match req.recv(None)? {
+        match self.recv_idle(&mut req)? {
             Inbound::Event(Event::Done { bytes }) => Ok(bytes.unwrap_or(0)),
             Inbound::Event(Event::Error(info)) => Err(info.into()),
             other => Err(unexpected("write_stdin", &other)),

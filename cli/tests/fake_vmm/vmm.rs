@@ -10,7 +10,8 @@
 //! A spy between the vsock socket and the agent logs the `restored` and `exec` requests it sees.
 //!
 //! Modes (`KILN_FAKE_VMM`): `agent` serves; `fail` exits 1 at once; `hang` never answers;
-//! `load-fault` and `create-fault` refuse those API requests with a fault message.
+//! `load-fault` and `create-fault` refuse those API requests with a fault message;
+//! `silent-agent` has an agent that says hello and then nothing ever again.
 
 use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
@@ -209,11 +210,30 @@ fn accept_loop(listener: UnixListener) {
                 return;
             }
             conn.write_all(b"OK 1073741824\n").unwrap();
+            if std::env::var("KILN_FAKE_VMM").as_deref() == Ok("silent-agent") {
+                silent_agent(conn);
+                return;
+            }
             let (to_agent, agent_end) = UnixStream::pair().unwrap();
             thread::spawn(move || serve_connection(agent, Socket::from_fd(agent_end.into())));
             spy(conn, to_agent);
         });
     }
+}
+
+/// Answers the hello, then reads everything and answers nothing.
+fn silent_agent(mut conn: UnixStream) {
+    if read_frame(&mut conn).is_err() {
+        return;
+    }
+    let hello = Message::Hello(kiln_agent::protocol::Hello {
+        version: kiln_agent::protocol::PROTOCOL_VERSION,
+        software: "silent".into(),
+        revision: 0,
+    });
+    let _ = conn.write_all(&hello.encode());
+    let mut buf = [0u8; 4096];
+    while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
 }
 
 /// Copies the host's frames to the agent and the agent's bytes back, logging `restored` and

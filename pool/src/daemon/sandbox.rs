@@ -113,7 +113,10 @@ impl Sandbox {
             template_id: self.template_id.clone(),
             state: live.state,
             created_at: self.created_at,
-            expires_at: live.expires_at,
+            expires_at: match live.state {
+                SandboxState::Running => live.expires_at,
+                SandboxState::Paused => super::now_s() + live.expires_at,
+            },
             vcpus: self.spec.vcpus,
             mem_mib: self.spec.mem_mib,
             metadata: self.metadata.clone(),

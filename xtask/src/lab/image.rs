@@ -27,6 +27,9 @@ pub struct ImageSpec<'a> {
     pub with_strace: bool,
 }
 
+/// The e2fsprogs tools kilnd runs in L1 to make template images.
+const E2FSPROGS: &[&str] = &["mke2fs", "e2fsck", "resize2fs", "debugfs"];
+
 /// Room for what L1 writes (logs, L2 disk images, kilnd's templates under /kiln/state) beyond
 /// what the image holds at the start. The file is sparse, so unused headroom costs nothing on
 /// the host.
@@ -46,6 +49,16 @@ pub fn build(spec: &ImageSpec, run_dir: &Path) -> Result<PathBuf> {
                 .join(bin.file_name().unwrap_or_default());
             copy(&bin, &to)?;
             executables.push(bin);
+        }
+    }
+    if spec.build_bins {
+        // kilnd makes template images with e2fsprogs (busybox has none of it).
+        util::ensure_packages(&["e2fsprogs"])?;
+        util::mkdir(&staging.join("usr/bin"))?;
+        for tool in E2FSPROGS {
+            let path = PathBuf::from("/usr/sbin").join(tool);
+            copy(&path, &staging.join("usr/bin").join(tool))?;
+            executables.push(path);
         }
     }
     if spec.with_qemu {
