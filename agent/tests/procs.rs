@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::io::Read;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -253,4 +254,29 @@ fn directories_renames_users_and_names() {
     let listed = c.list_dir(&d).unwrap();
     let link = listed.iter().find(|e| e.name == "link").unwrap();
     assert!(link.stat.symlink_target.is_some());
+}
+
+#[test]
+fn stdin_a_process_never_reads_fails_within_the_reply_timeout() {
+    let agent = Agent::start("stdin-stuck");
+    let a = agent.client();
+    let mut spec = keep("sleep 60", None);
+    spec.stdin = true;
+    let sleeper = a.exec(spec).unwrap();
+    let pid = sleeper.pid();
+    let b = agent
+        .client()
+        .with_reply_timeout(Duration::from_millis(500));
+    // Far more than the pipe and the agent's window hold: the writer runs out of credit.
+    // (Without the reply timeout it would wait until `sleep` ends and fail otherwise.)
+    let e = b
+        .write_stdin(Selector::Pid(pid), std::io::repeat(b'x').take(64 << 20))
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout(_)), "{e}");
+    // The connection still serves, and the process is still there to be killed.
+    b.signal_process(Selector::Pid(pid), libc::SIGKILL).unwrap();
+    assert_eq!(
+        sleeper.output().unwrap().status,
+        ExitStatus::Signaled(libc::SIGKILL)
+    );
 }

@@ -66,6 +66,8 @@ fn start_kilnd(dir: &Path) -> Daemon {
         .arg("--agent")
         .arg(dir.join("agent"))
         .args(["--e2b-listen", &format!("127.0.0.1:{port}")])
+        // The stand-in VMM is this test binary, which logs outside any jail.
+        .arg("--no-jail")
         .env("KILND_E2B_API_KEY", KEY)
         .env("KILN_FAKE_VMM", "agent")
         .env_remove("KILN_FAKE_VMM_LOG")
