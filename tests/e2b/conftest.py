@@ -21,9 +21,10 @@ for var in ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL"):
         raise pytest.UsageError(f"{var} is not set: the suite talks to kilnd through E2B_* only")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def sandbox():
-    """A sandbox from the base template, killed afterwards whatever happened."""
+    """A sandbox from the base template shared by the tests that take it (each uses its own paths
+    and processes; lab time is TCG-bound), killed afterwards whatever happened."""
     sb = Sandbox.create(template="base", timeout=600)
     yield sb
     try:

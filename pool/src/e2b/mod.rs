@@ -23,6 +23,7 @@ pub mod proto;
 pub mod rest;
 pub mod state;
 pub mod time;
+pub mod unread;
 
 use std::sync::Arc;
 
@@ -36,17 +37,19 @@ pub use state::E2b;
 pub fn router(e2b: Arc<E2b>) -> Router {
     let rest = rest::router(e2b.clone());
     let envd = envd::router(e2b);
-    Router::new().fallback(move |req: Request| {
-        let target = if req.headers().contains_key("e2b-sandbox-id") {
-            envd.clone()
-        } else {
-            rest.clone()
-        };
-        async move {
-            match target.oneshot(req).await {
-                Ok(resp) => resp,
-                Err(never) => match never {},
+    Router::new()
+        .fallback(move |req: Request| {
+            let target = if req.headers().contains_key("e2b-sandbox-id") {
+                envd.clone()
+            } else {
+                rest.clone()
+            };
+            async move {
+                match target.oneshot(req).await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
+                }
             }
-        }
-    })
+        })
+        .layer(axum::middleware::from_fn(unread::close_when_unread))
 }
