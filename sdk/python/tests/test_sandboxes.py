@@ -57,19 +57,25 @@ def test_a_command_that_cannot_start_raises(kiln: Kiln, template: Template) -> N
 def test_streamed_output_arrives_in_order_while_the_command_runs(
     kiln: Kiln, template: Template, work: Path
 ) -> None:
-    go = work / "go"
+    go1, go2 = work / "go1", work / "go2"
+
+    def wait(f: Path) -> str:
+        return f"while [ ! -f {f} ]; do sleep 0.02; done"
+
     with kiln.create_sandbox("t") as sb:
-        # The command waits for a file the test writes only after seeing its first line: a
-        # stream that were not live would leave it to its timeout.
+        # Each line waits for a file the test writes only after seeing the line before: a stream
+        # that were not live would leave the command to its timeout.
         stream = sb.exec_stream(
-            f"echo one; echo two >&2; while [ ! -f {go} ]; do sleep 0.02; done; echo three; exit 7",
+            f"echo one; {wait(go1)}; echo two >&2; {wait(go2)}; echo three; exit 7",
             timeout=20,
         )
         events = []
         for ev in stream:
             events.append(ev)
-            if isinstance(ev, Stderr):
-                sb.files.write(str(go), b"")
+            if ev == Stdout(b"one\n"):
+                sb.files.write(str(go1), b"")
+            elif ev == Stderr(b"two\n"):
+                sb.files.write(str(go2), b"")
         assert isinstance(events[0], Started)
         seen = [(type(e).__name__, e.data) for e in events if isinstance(e, (Stdout, Stderr))]
         assert seen == [("Stdout", b"one\n"), ("Stderr", b"two\n"), ("Stdout", b"three\n")]
@@ -86,7 +92,7 @@ def test_callbacks_and_the_e2b_shape(kiln: Kiln, template: Template) -> None:
             on_stdout=out.append,
             on_stderr=err.append,
         )
-        # A character split across two writes reaches the callback whole.
+        # A character split across two writes (if they arrive apart) reaches the callback whole.
         assert ("".join(out), "".join(err)) == ("hé!\n", "e\n")
         assert r.stdout == "hé!\n" and r.exit_code == 0
 
