@@ -221,10 +221,14 @@ fn bin_targets(metadata: &str) -> Result<(PathBuf, Vec<String>)> {
                 .into_iter()
                 .flatten()
                 .any(|k| k == "bin");
-            // A bin behind a feature (the libFuzzer driver) is not built by a plain build.
+            // A bin behind a feature that is not a default one (the libFuzzer driver) is not
+            // built by a plain build.
+            let defaults = package["features"]["default"].as_array();
             let gated = target["required-features"]
                 .as_array()
-                .is_some_and(|f| !f.is_empty());
+                .into_iter()
+                .flatten()
+                .any(|f| !defaults.is_some_and(|d| d.contains(f)));
             if let (true, false, Some(name)) = (is_bin, gated, target["name"].as_str()) {
                 names.push(name.to_string());
             }
@@ -304,10 +308,11 @@ mod tests {
             {"name":"xtask","targets":[{"name":"xtask","kind":["bin"]}]},
             {"name":"kiln-vmm","targets":[{"name":"kiln_vmm","kind":["lib"]},{"name":"kiln-vmm","kind":["bin"]}]},
             {"name":"kiln-fuzz","targets":[{"name":"kiln-fuzz","kind":["bin"],"required-features":["libfuzzer"]}]},
+            {"name":"kiln-pool","features":{"default":["daemon"],"daemon":[]},"targets":[{"name":"kilnd","kind":["bin"],"required-features":["daemon"]}]},
             {"name":"kiln-devices","targets":[{"name":"kiln_devices","kind":["lib"]}]}]}"#;
         let (dir, names) = bin_targets(json).unwrap();
         assert_eq!(dir, PathBuf::from("/w/target"));
-        assert_eq!(names, ["kiln-vmm"]);
+        assert_eq!(names, ["kiln-vmm", "kilnd"]);
         let (_, none) = bin_targets(r#"{"target_directory":"/t","packages":[]}"#).unwrap();
         assert!(none.is_empty());
     }
