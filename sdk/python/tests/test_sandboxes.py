@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import List
 
@@ -189,3 +191,32 @@ def test_stats_count_commands_and_memory(kiln: Kiln, template: Template) -> None
         assert s.rss_bytes is not None and s.rss_bytes > 0
         assert s.pss_bytes is not None and 0 < s.pss_bytes <= s.rss_bytes
         assert s.uptime_seconds >= 0
+
+
+def test_an_abandoned_stream_cancels_its_command(kiln: Kiln, template: Template, work: Path) -> None:
+    pid_file = work / "pid"
+    with kiln.create_sandbox("t") as sb:
+        with sb.exec_stream(f"echo $$ > {pid_file}; while :; do echo tick; sleep 0.05; done") as s:
+            first = [next(s), next(s)]
+        assert isinstance(first[0], Started) and first[1] == Stdout(b"tick\n")
+        pid = int(pid_file.read_text())
+
+        def gone() -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            # A zombie the agent has not reaped yet counts as gone.
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+            except FileNotFoundError:
+                return True
+
+        # The stand-in guest is this host: the command's shell is a process here.
+        wait_for("kilnd to cancel the abandoned command", gone)
+        # kilnd goes on serving the sandbox.
+        assert sb.exec("echo next").stdout == "next\n"
+        # Large files go through whole.
+        big = os.urandom(8 << 20)
+        sb.files.write(f"{work}/big", big)
+        assert hashlib.sha256(sb.files.read(f"{work}/big")).digest() == hashlib.sha256(big).digest()

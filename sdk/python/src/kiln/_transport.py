@@ -165,8 +165,7 @@ class Transport:
 
 class LineStream:
     """The JSON lines of a streamed answer, as dicts, read as they arrive. ``close()`` drops the
-    connection (kilnd then stops following; a command already started runs on to its end or
-    timeout in the sandbox)."""
+    connection (kilnd notices when it next has a line to send, and cancels a command)."""
 
     def __init__(self, resp: http.client.HTTPResponse, what: str) -> None:
         self._resp = resp

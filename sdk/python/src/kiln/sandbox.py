@@ -90,8 +90,8 @@ class ExecStream:
     :class:`~kiln.models.Stderr`, and last :class:`~kiln.models.Exit`), yielded as kilnd sends
     them. A command that cannot start, or a sandbox that fails under it, raises
     :class:`~kiln.errors.ExecError`. Output is also kept, so :meth:`wait` returns all of it
-    whatever was iterated before. Closing the stream early stops following the command (it runs
-    on in the sandbox until it ends or its timeout)."""
+    whatever was iterated before. Closing the stream early cancels the command: kilnd kills it
+    when it next has output for the stream (a silent one runs on to its end or timeout)."""
 
     def __init__(self, lines: LineStream, argv: List[str]) -> None:
         self._lines = lines
@@ -162,7 +162,7 @@ class ExecStream:
         )
 
     def close(self) -> None:
-        """Stops following the command."""
+        """Stops following the command, which kilnd then cancels."""
         self._lines.close()
 
     def __enter__(self) -> "ExecStream":
