@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
+from urllib.parse import quote
 
 from ._transport import LineStream
 from .errors import BuildFailed, KilnError, ProtocolError
@@ -178,7 +179,7 @@ class Template:
         limit beyond the host's)."""
         ans = self._kiln._t.json(
             "PUT",
-            f"/templates/{self.name}/pool",
+            f"/templates/{quote(self.name, safe='')}/pool",
             {"min_ready": int(min_ready), "max_sandboxes": int(max_sandboxes)},
         )
         self._info = TemplateInfo.from_json(ans)
