@@ -6,8 +6,8 @@ E2B_API_URL    http://HOST:PORT of kilnd's --e2b-listen
 E2B_SANDBOX_URL
                the same URL: envd is served by kilnd on the host, not inside the VM
 
-`cargo xtask test --e2b` sets all three against kilnd in the nested lab; the suite expects kilnd's
-bundled `base` template to be built there.
+`cargo xtask test --e2b` sets all three against kilnd in the nested lab (`--e2b-host`: against kilnd
+on the host with the stand-in VMM, tests marked `vm` left out); the suite expects a `base` template.
 """
 
 import os
@@ -19,6 +19,14 @@ from e2b import Sandbox
 for var in ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL"):
     if not os.environ.get(var):
         raise pytest.UsageError(f"{var} is not set: the suite talks to kilnd through E2B_* only")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "vm: needs a VM of its own (memory apart for forks, a filesystem apart from kilnd's "
+        "machine); `cargo xtask test` runs these in the lab only, not against the stand-in VMM",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -158,6 +158,7 @@ def test_a_streamed_upload_arrives_whole(sandbox):
     assert sandbox.commands.run("sha256sum /tmp/big").stdout.split()[0] == digest
 
 
+@pytest.mark.vm
 def test_no_path_reaches_outside_the_sandbox(sandbox):
     # /tmp/kiln-l1-only exists on the machine kilnd runs on, never in a guest.
     for path in ("/tmp/kiln-l1-only", "../../../../../tmp/kiln-l1-only", "/proc/../tmp/kiln-l1-only"):
@@ -192,6 +193,7 @@ def test_list_pause_connect_and_timeout():
             pass
 
 
+@pytest.mark.vm
 def test_fork(sandbox):
     sandbox.commands.run("echo original > /root/who")
     forks = sandbox.fork(count=2)

@@ -24,10 +24,12 @@ commands:
                                set up the lab and run `kiln run -- CMD` in it (a Kiln VM from
                                the Debian rootfs; CMD runs through the guest agent)
   test [--host | --lab [FILTER]]
-                               lints, unit and host-KVM tests, the Python SDK's suite, then
+                               lints, unit and host-KVM tests, the Python SDK's suite and the
+                               E2B suite against kilnd with the stand-in VMM, then
                                end-to-end tests in the lab and E2B's Python SDK (pinned, in a venv)
                                against kilnd in the same lab boot
   test --e2b [FILTER]          only the E2B SDK suite against kilnd in the lab
+  test --e2b-host [FILTER]     only the E2B SDK suite against kilnd on the host (stand-in VMM)
   test --sdk [FILTER]          only the Python SDK's suite (mypy, pytest against kilnd on the host)
   bench boot [--runs N]        boot time under kiln-vmm vs QEMU microvm, inside the lab
   fuzz [TARGET] [--seconds N]  run the fuzz targets (fuzz/) under libFuzzer, N s each (60)

@@ -77,8 +77,8 @@ fn stage_lab_tests(bins: &[PathBuf], dir: &Path) -> Result<()> {
     util::write_atomic(&dir.join("run-lab-tests.sh"), RUNNER.as_bytes())
 }
 
-/// `cargo xtask test [--host | --lab [FILTER] | --e2b [FILTER] | --sdk [FILTER]]`: FILTER picks
-/// lab tests by name, or the E2B or SDK suite's tests by pytest's `-k`.
+/// `cargo xtask test [--host | --lab [FILTER] | --e2b [FILTER] | --e2b-host [FILTER] | --sdk
+/// [FILTER]]`: FILTER picks lab tests by name, or the E2B or SDK suite's tests by pytest's `-k`.
 pub fn main(args: &[String]) -> Result<u8> {
     let (host, lab, e2b, filter) = match args {
         [] => (true, true, true, None),
@@ -87,6 +87,12 @@ pub fn main(args: &[String]) -> Result<u8> {
         [a, f] if a == "--lab" => (false, true, false, Some(f.clone())),
         [a] if a == "--e2b" => (false, false, true, None),
         [a, f] if a == "--e2b" => (false, false, true, Some(f.clone())),
+        [a, rest @ ..] if a == "--e2b-host" && rest.len() <= 1 => {
+            step("E2B's Python SDK against kilnd on the host (the stand-in VMM)");
+            crate::e2b::run_host_suite(rest.first().map(String::as_str))?;
+            eprintln!("\nxtask test: all passed");
+            return Ok(0);
+        }
         [a, rest @ ..] if a == "--sdk" && rest.len() <= 1 => {
             step("the Python SDK's suite (mypy, pytest against kilnd with the stand-in VMM)");
             crate::sdk::run_suite(rest.first().map(String::as_str))?;
@@ -95,7 +101,8 @@ pub fn main(args: &[String]) -> Result<u8> {
         }
         _ => {
             return Err(
-                "usage: cargo xtask test [--host | --lab [FILTER] | --e2b [FILTER] | --sdk [FILTER]]"
+                "usage: cargo xtask test [--host | --lab [FILTER] | --e2b [FILTER] | --e2b-host [FILTER] \
+                 | --sdk [FILTER]]"
                     .into(),
             );
         }
@@ -116,6 +123,8 @@ pub fn main(args: &[String]) -> Result<u8> {
         util::run(cargo().args(["test", "--workspace"]))?;
         step("the Python SDK's suite (mypy, pytest against kilnd with the stand-in VMM)");
         crate::sdk::run_suite(None)?;
+        step("E2B's Python SDK against kilnd on the host (the stand-in VMM)");
+        crate::e2b::run_host_suite(None)?;
         // The fuzz targets already ran as property tests above; a short libFuzzer run of each
         // checks the driver builds and finds nothing quick.
         step("fuzz targets under libFuzzer, 10 s each");
