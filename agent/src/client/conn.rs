@@ -111,6 +111,11 @@ impl Conn {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether the connection ended (the agent closed it, or it was judged misbehaving).
+    pub fn is_closed(&self) -> bool {
+        self.slots().closed.is_some()
+    }
+
     /// Sends `request` under a fresh id and returns its handle.
     pub fn start_request(self: &Arc<Self>, request: Request) -> Result<Req, Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

@@ -184,6 +184,12 @@ impl Client {
         }
     }
 
+    /// Whether the connection ended: every request on it fails, and a new connection is needed
+    /// (a snapshot's vsock transport reset ends every connection into the guest, for one).
+    pub fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+
     /// Round trip; returns the agent's software version.
     pub fn ping(&self) -> Result<String, Error> {
         match self.call(Request::Ping)? {
