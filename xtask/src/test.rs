@@ -1,6 +1,7 @@
 //! `cargo xtask test`: everything that checks Kiln, in order of cost. Lints (fmt, clippy with
 //! warnings denied), the host's unit and integration tests (tiny guests on the host's /dev/kvm,
-//! the fuzz targets as property tests), a short libFuzzer run of each fuzz target, then the
+//! the fuzz targets as property tests), Firecracker's own clients against kiln-vmm on the host
+//! (`cargo xtask clients`), a short libFuzzer run of each fuzz target, then the
 //! end-to-end tests, built on the host and run inside one lab boot.
 
 use std::path::{Path, PathBuf};
@@ -99,6 +100,8 @@ pub fn main(args: &[String]) -> Result<u8> {
         ]))?;
         step("unit and host-KVM integration tests");
         util::run(cargo().args(["test", "--workspace"]))?;
+        step("Firecracker's clients against kiln-vmm (firecracker-python, schemathesis)");
+        crate::clients::main(&[])?;
         // The fuzz targets already ran as property tests above; a short libFuzzer run of each
         // checks the driver builds and finds nothing quick.
         step("fuzz targets under libFuzzer, 10 s each");
