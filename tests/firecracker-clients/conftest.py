@@ -32,6 +32,7 @@ def kiln():
         "counter": _env("KILN_TINY_COUNTER"),
         "counter_addr": int(_env("KILN_COUNTER_ADDR")),
         "swagger": _env("KILN_FIRECRACKER_SWAGGER"),
+        "openapi": _env("KILN_OPENAPI"),
     }
 
 

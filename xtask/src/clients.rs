@@ -105,6 +105,7 @@ pub fn main(args: &[String]) -> Result<u8> {
                 "KILN_FIRECRACKER_SWAGGER",
                 root.join("api/firecracker-swagger.yaml"),
             )
+            .env("KILN_OPENAPI", root.join("api/openapi.json"))
             .env("KILN_WORK", &work),
     )?;
     Ok(0)
