@@ -237,9 +237,10 @@ def fuzz(kiln, vmm, tmp_path, label, **schema):
     assert bridge.refused == 0, f"{bridge.refused} connections to kiln-vmm were refused"
     assert bridge.connections >= WORKERS, bridge.connections
     assert status == 0, f"schemathesis found problems ({label}): its report is printed above"
-    # Still answering, and still what it was.
+    # Still answering, and still what it was: the jail's id, which kiln-jailer passed as --id.
     status, body = api(vmm.sock, "GET", "/", "")
     assert status == 200, body
+    assert f'"id":"{vmm.id}"' in body, body
     return body
 
 
