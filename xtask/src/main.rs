@@ -11,6 +11,7 @@ mod initramfs;
 mod lab;
 mod rootfs;
 mod run;
+mod sdk;
 mod test;
 mod util;
 
@@ -22,7 +23,9 @@ commands:
   run [KILN-RUN-OPTIONS] -- CMD...
                                set up the lab and run `kiln run -- CMD` in it (a Kiln VM from
                                the Debian rootfs; CMD runs through the guest agent)
-  test [--host | --lab]        lints, unit and host-KVM tests, then end-to-end tests in the lab
+  test [--host | --lab]        lints, unit and host-KVM tests, the Python SDK's suite,
+                               Firecracker's clients, then end-to-end tests in the lab
+  test --sdk [FILTER]          only the Python SDK's suite (mypy, pytest against kilnd on the host)
   clients [PYTEST-ARGS]        Firecracker's clients against kiln-vmm on the host's /dev/kvm: the
                                pinned firecracker-python package, and schemathesis over
                                Firecracker's swagger (tests/firecracker-clients)
