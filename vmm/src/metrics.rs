@@ -335,7 +335,8 @@ fn add_vmm_groups(groups: &mut Map<String, Value>) {
     );
     logger.insert("metrics_fails".into(), METRICS_FAILS.take_delta().into());
     groups.insert("logger".into(), logger.into());
-    // A process whose filter trapped a call has ended; its SIGSYS handler writes its own line.
+    // A process whose filter trapped a call has ended; its SIGSYS handler writes its own last
+    // line, counting the fault (crate::signals::write_last_metrics_line).
     let mut seccomp = Map::new();
     seccomp.insert("num_faults".into(), 0.into());
     groups.insert("seccomp".into(), seccomp.into());

@@ -12,8 +12,9 @@
 //! kiln-vmm: thread kiln_vmm got SIGBUS (code 2): shutting down with exit status 149
 //! ```
 //!
-//! to stderr and, when metrics are configured, a last metrics line holding the timestamp and the
-//! `signals` group, then exits with Firecracker's status for the signal. Like the SIGSYS handler
+//! to stderr and, when metrics are configured, a last metrics line holding the timestamp, the
+//! `seccomp` group and the `signals` group, then exits with Firecracker's status for the signal.
+//! The SIGSYS handler writes the same last line, with `seccomp.num_faults` at 1. Like the SIGSYS handler
 //! ([`crate::seccomp::sigsys`]) it runs on whichever thread got the signal, under that thread's
 //! seccomp filter, so it only makes `write`, `clock_gettime`, `exit_group` and (for SIGPIPE)
 //! `rt_sigreturn`, which every filter allows; it allocates nothing and takes no lock. It runs on
@@ -161,14 +162,21 @@ extern "C" fn on_signal(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut
     let mut report = Report::new();
     shutdown_line(&mut report, &name[..len], caught.name, code, exit);
     write_all(2, report.as_bytes());
+    write_last_metrics_line(0);
+    // SAFETY: _exit ends the process at once (exit_group), running nothing else.
+    unsafe { libc::_exit(exit) };
+}
+
+/// Writes the last metrics line of a process a handler is ending, when metrics are configured:
+/// `seccomp_faults` forbidden calls (the SIGSYS handler's one) and the signals caught. Safe in a
+/// signal handler.
+pub(crate) fn write_last_metrics_line(seccomp_faults: u64) {
     let fd = METRICS_FD.load(Ordering::Relaxed);
     if fd >= 0 {
         let mut line = Report::new();
-        metrics_line(&mut line, utc_ms());
+        metrics_line(&mut line, utc_ms(), seccomp_faults);
         write_all(fd, line.as_bytes());
     }
-    // SAFETY: _exit ends the process at once (exit_group), running nothing else.
-    unsafe { libc::_exit(exit) };
 }
 
 /// The stderr line for a fatal signal.
@@ -194,11 +202,14 @@ fn shutdown_line(report: &mut Report, thread: &[u8], signal: &str, code: i32, ex
     report.push(b"\n");
 }
 
-/// The last metrics line: the timestamp and the `signals` group since the previous line.
-fn metrics_line(line: &mut Report, utc_ms: u64) {
+/// The last metrics line: the timestamp, Firecracker's `seccomp.num_faults` and the `signals`
+/// group since the previous line.
+fn metrics_line(line: &mut Report, utc_ms: u64, seccomp_faults: u64) {
     line.push(b"{\"utc_timestamp_ms\":");
     line.push_number(utc_ms);
-    line.push(b",\"signals\":{");
+    line.push(b",\"seccomp\":{\"num_faults\":");
+    line.push_number(seccomp_faults);
+    line.push(b"},\"signals\":{");
     for (i, caught) in CAUGHT.iter().enumerate() {
         if i > 0 {
             line.push(b",");
@@ -247,11 +258,12 @@ mod tests {
     #[test]
     fn the_last_metrics_line_is_json_with_firecrackers_names() {
         let mut line = Report::new();
-        metrics_line(&mut line, 1_765_000_000_123);
+        metrics_line(&mut line, 1_765_000_000_123, 1);
         let text = std::str::from_utf8(line.as_bytes()).unwrap();
         assert!(text.ends_with('\n'));
         let v: serde_json::Value = serde_json::from_str(text).unwrap();
         assert_eq!(v["utc_timestamp_ms"], 1_765_000_000_123u64);
+        assert_eq!(v["seccomp"]["num_faults"], 1);
         let names: Vec<&String> = v["signals"].as_object().unwrap().keys().collect();
         assert_eq!(
             names.len(),

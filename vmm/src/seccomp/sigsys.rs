@@ -5,9 +5,10 @@
 //! kiln-vmm: seccomp: thread kiln_api made a forbidden system call 257 (openat)
 //! ```
 //!
-//! to stderr and ends the process with [`EXIT_BAD_SYSCALL`] (148, Firecracker's status for a bad
-//! system call). The handler runs on the thread that made the call, under that thread's
-//! filter, so it makes only `write` and `exit_group`, which every filter allows, and being a
+//! to stderr, writes a last metrics line with `seccomp.num_faults` at 1 when metrics are
+//! configured ([`crate::signals`]), and ends the process with [`EXIT_BAD_SYSCALL`] (148,
+//! Firecracker's status for a bad system call). The handler runs on the thread that made the call, under that thread's
+//! filter, so it makes only `write`, `clock_gettime` and `exit_group`, which every filter allows, and being a
 //! signal handler it only calls what is async-signal-safe: it allocates nothing, takes no lock,
 //! and formats into a buffer on its stack. The thread's name is copied into a thread-local
 //! buffer when the thread installs its filter, because asking for it later would take a system
@@ -93,6 +94,8 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     let mut report = Report::new();
     write_report(&mut report, &name[..len], number);
     write_all(2, report.as_bytes());
+    // Firecracker's seccomp.num_faults, in a last metrics line (when metrics are configured).
+    crate::signals::write_last_metrics_line(1);
     // SAFETY: _exit ends the process at once (exit_group), running nothing else.
     unsafe { libc::_exit(EXIT_BAD_SYSCALL) };
 }
