@@ -3,6 +3,7 @@
 //! the shipped VMM; it calls cargo, apt-get, make and QEMU, and is called by people and by `.ci/run`.
 
 mod bench;
+mod clients;
 mod e2b;
 mod fuzz;
 mod guest_images;
@@ -24,13 +25,16 @@ commands:
                                set up the lab and run `kiln run -- CMD` in it (a Kiln VM from
                                the Debian rootfs; CMD runs through the guest agent)
   test [--host | --lab [FILTER]]
-                               lints, unit and host-KVM tests, the Python SDK's suite and the
-                               E2B suite against kilnd with the stand-in VMM, then
-                               end-to-end tests in the lab and E2B's Python SDK (pinned, in a venv)
-                               against kilnd in the same lab boot
+                               lints, unit and host-KVM tests, the Python SDK's suite,
+                               Firecracker's clients, the E2B suite against kilnd with the stand-in
+                               VMM, then end-to-end tests in the lab and E2B's Python SDK (pinned,
+                               in a venv) against kilnd in the same lab boot
   test --e2b [FILTER]          only the E2B SDK suite against kilnd in the lab
   test --e2b-host [FILTER]     only the E2B SDK suite against kilnd on the host (stand-in VMM)
   test --sdk [FILTER]          only the Python SDK's suite (mypy, pytest against kilnd on the host)
+  clients [PYTEST-ARGS]        Firecracker's clients against kiln-vmm on the host's /dev/kvm: the
+                               pinned firecracker-python package, and schemathesis over
+                               Firecracker's swagger (tests/firecracker-clients)
   bench boot [--runs N]        boot time under kiln-vmm vs QEMU microvm, inside the lab
   fuzz [TARGET] [--seconds N]  run the fuzz targets (fuzz/) under libFuzzer, N s each (60)
   guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         "test" => test::main(rest),
         "bench" => bench::main(rest),
         "fuzz" => fuzz::main(rest),
+        "clients" => clients::main(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(0)
