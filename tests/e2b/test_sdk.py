@@ -213,6 +213,17 @@ def test_fork(sandbox):
             f.kill()
 
 
+def test_the_source_of_a_fork_runs_on(sandbox):
+    # A fork's snapshot resets the source's vsock connections; kilnd connects again.
+    forks = sandbox.fork(count=1)
+    try:
+        assert sandbox.commands.run("echo still here").stdout == "still here\n"
+        assert forks[0].commands.run("echo fork").stdout == "fork\n"
+    finally:
+        for f in forks:
+            f.kill()
+
+
 def test_kill_and_a_dead_sandbox():
     sb = Sandbox.create(template="base")
     assert sb.kill() is True
