@@ -14,6 +14,7 @@ use kiln_devices::legacy::{
     SerialDevice, SerialDeviceState, SerialRestoreArgs,
 };
 use kiln_devices::virtio::block::{Block, BlockConfig, BlockError};
+use kiln_devices::virtio::net::{Net, NetError};
 use kiln_devices::virtio::vsock::{Vsock, VsockError};
 use kiln_snapshot::Persist;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -79,6 +80,9 @@ pub enum BuildError {
     /// The vsock device could not be created.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// A network interface could not be created (its TAP, say).
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// A virtio device could not be attached.
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -96,6 +100,7 @@ impl BuildError {
                 | BuildError::SerialOut { .. }
                 | BuildError::Block(_)
                 | BuildError::Vsock(_)
+                | BuildError::Net(_)
         )
     }
 }
@@ -185,6 +190,27 @@ fn attach_drives(
         devices.attach(
             &format!("drive {}", d.drive_id),
             VirtioKind::Block(block),
+            Placement::Next,
+            None,
+            ctx,
+        )?;
+    }
+    Ok(())
+}
+
+/// Attaches each network interface (the first is the guest's eth0), each on its TAP.
+fn attach_nets(
+    config: &VmConfig,
+    devices: &mut MmioDeviceManager,
+    ctx: &mut AttachContext<'_>,
+) -> Result<(), BuildError> {
+    for n in &config.network_interfaces {
+        let irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| BuildError::EventFd("a network interface's IRQ", e))?;
+        let net = Net::new(crate::config::net::device_config(n), irq)?;
+        devices.attach(
+            &format!("network interface {}", n.iface_id),
+            VirtioKind::Net(Arc::new(Mutex::new(net))),
             Placement::Next,
             None,
             ctx,
@@ -326,6 +352,7 @@ pub fn build_in(config: &VmConfig, prepared: Option<Vm>) -> Result<Vmm, BuildErr
     let mut devices = MmioDeviceManager::default();
     let mut ctx = platform.attach_context(&mem);
     attach_drives(config, &mut devices, &mut ctx)?;
+    attach_nets(config, &mut devices, &mut ctx)?;
     if let Some(v) = &config.vsock {
         let irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| BuildError::EventFd("the vsock IRQ", e))?;
@@ -417,6 +444,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             vsock: None,
+            network_interfaces: Vec::new(),
         }
     }
 

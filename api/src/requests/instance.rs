@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::boot_source::BootSource;
 use super::drives::Drive;
 use super::machine_config::MachineConfig;
+use super::network_interfaces::NetworkInterface;
 use super::vsock::Vsock;
 
 /// The `app_name` every Kiln VMM reports.
@@ -74,6 +75,9 @@ pub struct FullVmConfig {
     /// `vsock`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
+    /// `network-interfaces`, in attachment order.
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
 }
 
 #[cfg(test)]
@@ -99,9 +103,11 @@ mod tests {
                        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
                        "drives": [{"drive_id": "rootfs", "path_on_host": "/r",
                                    "is_root_device": true}],
-                       "vsock": {"guest_cid": 3, "uds_path": "/v"}}"#;
+                       "vsock": {"guest_cid": 3, "uds_path": "/v"},
+                       "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]}"#;
         let cfg: FullVmConfig = serde_json::from_str(json).unwrap();
         assert_eq!(cfg.drives[0].drive_id, "rootfs");
+        assert_eq!(cfg.network_interfaces[0].host_dev_name, "tap0");
         let again: FullVmConfig =
             serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
         assert_eq!(again, cfg);

@@ -10,6 +10,7 @@ pub mod boot_source;
 pub mod drives;
 pub mod instance;
 pub mod machine_config;
+pub mod network_interfaces;
 pub mod snapshot;
 pub mod vm;
 pub mod vsock;
@@ -21,6 +22,7 @@ use actions::Action;
 use boot_source::BootSource;
 use drives::{Drive, DriveUpdate};
 use machine_config::{MachineConfig, MachineConfigUpdate};
+use network_interfaces::{NetworkInterface, NetworkInterfaceUpdate};
 use snapshot::{SnapshotCreate, SnapshotLoad};
 use vm::VmState;
 use vsock::Vsock;
@@ -46,6 +48,10 @@ pub enum ApiRequest {
     PatchDrive(DriveUpdate),
     /// `PUT /vsock`.
     PutVsock(Vsock),
+    /// `PUT /network-interfaces/{iface_id}` (the body's id matches the path's).
+    PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{iface_id}` (the body's id matches the path's).
+    PatchNetworkInterface(NetworkInterfaceUpdate),
     /// `PUT /actions`.
     PutAction(Action),
     /// `PATCH /vm`: pause or resume.
@@ -61,7 +67,7 @@ pub enum ApiRequest {
 pub struct Route {
     /// The HTTP method, upper case.
     pub method: &'static str,
-    /// The path, with `{drive_id}` where the id goes.
+    /// The path, with `{drive_id}` or `{iface_id}` where the id goes.
     pub path: &'static str,
 }
 
@@ -80,6 +86,8 @@ pub const ROUTES: &[Route] = &[
     route("PUT", "/drives/{drive_id}"),
     route("PATCH", "/drives/{drive_id}"),
     route("PUT", "/vsock"),
+    route("PUT", "/network-interfaces/{iface_id}"),
+    route("PATCH", "/network-interfaces/{iface_id}"),
     route("PUT", "/actions"),
     route("PATCH", "/vm"),
     route("PUT", "/snapshot/create"),
@@ -111,29 +119,50 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
             .map(|b| ApiRequest::PatchVm(b.state)),
         ("/snapshot/create", "PUT") => req.json("snapshot/create").map(ApiRequest::CreateSnapshot),
         ("/snapshot/load", "PUT") => req.json("snapshot/load").map(ApiRequest::LoadSnapshot),
-        _ => match drive_id_in(path) {
-            Some(id) => match method {
-                "PUT" => {
-                    let drive: Drive = req.json("drives")?;
-                    drives::check_id(id, &drive.drive_id)?;
-                    Ok(ApiRequest::PutDrive(drive))
-                }
-                "PATCH" => {
-                    let update: DriveUpdate = req.json("drives")?;
-                    drives::check_id(id, &update.drive_id)?;
-                    Ok(ApiRequest::PatchDrive(update))
-                }
-                _ => Err(req.wrong_method()),
-            },
-            None if ROUTES.iter().any(|r| r.path == path) => Err(req.wrong_method()),
-            None => Err(ApiError::UnknownPath(path.to_string())),
-        },
+        _ => {
+            if let Some(id) = id_in(path, "/drives/") {
+                return match method {
+                    "PUT" => {
+                        let drive: Drive = req.json("drives")?;
+                        drives::check_id(id, &drive.drive_id)?;
+                        Ok(ApiRequest::PutDrive(drive))
+                    }
+                    "PATCH" => {
+                        let update: DriveUpdate = req.json("drives")?;
+                        drives::check_id(id, &update.drive_id)?;
+                        Ok(ApiRequest::PatchDrive(update))
+                    }
+                    _ => Err(req.wrong_method()),
+                };
+            }
+            if let Some(id) = id_in(path, "/network-interfaces/") {
+                return match method {
+                    "PUT" => {
+                        let iface: NetworkInterface = req.json("network-interfaces")?;
+                        network_interfaces::check_id(id, &iface.iface_id)?;
+                        Ok(ApiRequest::PutNetworkInterface(iface))
+                    }
+                    "PATCH" => {
+                        let update: NetworkInterfaceUpdate = req.json("network-interfaces")?;
+                        network_interfaces::check_id(id, &update.iface_id)?;
+                        update.check()?;
+                        Ok(ApiRequest::PatchNetworkInterface(update))
+                    }
+                    _ => Err(req.wrong_method()),
+                };
+            }
+            if ROUTES.iter().any(|r| r.path == path) {
+                Err(req.wrong_method())
+            } else {
+                Err(ApiError::UnknownPath(path.to_string()))
+            }
+        }
     }
 }
 
-/// The id in `/drives/{drive_id}`, if `path` has that shape with a non-empty, slash-free id.
-fn drive_id_in(path: &str) -> Option<&str> {
-    path.strip_prefix("/drives/")
+/// The id in `{prefix}{id}`, if `path` has that shape with a non-empty, slash-free id.
+fn id_in<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    path.strip_prefix(prefix)
         .filter(|id| !id.is_empty() && !id.contains('/'))
 }
 
@@ -206,7 +235,10 @@ mod tests {
     #[test]
     fn wrong_method_is_named_for_every_route() {
         for r in ROUTES {
-            let path = r.path.replace("{drive_id}", "rootfs");
+            let path = r
+                .path
+                .replace("{drive_id}", "rootfs")
+                .replace("{iface_id}", "eth0");
             for method in ["GET", "PUT", "PATCH", "POST", "DELETE"] {
                 if ROUTES
                     .iter()

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::network_interfaces::NetworkOverride;
+
 /// Full or diff (only pages dirtied since the last snapshot).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SnapshotType {
@@ -64,7 +66,11 @@ pub struct SnapshotLoad {
     /// Resume the VM once loaded (otherwise it stays paused).
     pub resume_vm: bool,
     /// A new host socket for the vsock device, so clones of one snapshot can run side by side.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
+    /// New TAPs for network interfaces, so clones of one snapshot can run side by side.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
 }
 
 /// Firecracker's `VsockOverride` object: the restored vsock device listens here instead of at
@@ -93,6 +99,8 @@ struct SnapshotLoadBody {
     resume_vm: bool,
     #[serde(default)]
     vsock_override: Option<VsockOverride>,
+    #[serde(default)]
+    network_overrides: Vec<NetworkOverride>,
 }
 
 impl TryFrom<SnapshotLoadBody> for SnapshotLoad {
@@ -121,12 +129,24 @@ impl TryFrom<SnapshotLoadBody> for SnapshotLoad {
             }
             (a, b) => a.or(b).unwrap_or(false),
         };
+        for (i, o) in body.network_overrides.iter().enumerate() {
+            if body.network_overrides[..i]
+                .iter()
+                .any(|p| p.iface_id == o.iface_id)
+            {
+                return Err(format!(
+                    "network_overrides names iface_id {:?} twice",
+                    o.iface_id
+                ));
+            }
+        }
         Ok(SnapshotLoad {
             snapshot_path: body.snapshot_path,
             mem_backend,
             track_dirty_pages,
             resume_vm: body.resume_vm,
             vsock_override: body.vsock_override,
+            network_overrides: body.network_overrides,
         })
     }
 }
@@ -186,6 +206,7 @@ mod tests {
             track_dirty_pages: true,
             resume_vm: true,
             vsock_override: None,
+            network_overrides: Vec::new(),
         };
         let body = br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File",
                         "backend_path": "/m"}, "enable_diff_snapshots": true, "resume_vm": true}"#;
@@ -213,6 +234,27 @@ mod tests {
     }
 
     #[test]
+    fn load_with_network_overrides() {
+        let body = br#"{"snapshot_path": "/s", "mem_file_path": "/m",
+                        "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap-clone-1"}]}"#;
+        let ApiRequest::LoadSnapshot(load) = parse_request("PUT", "/snapshot/load", body).unwrap()
+        else {
+            panic!("wrong variant")
+        };
+        assert_eq!(
+            load.network_overrides,
+            [NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: "tap-clone-1".into()
+            }]
+        );
+        // And back: a client serializes the same shape.
+        let json = serde_json::to_value(&load).unwrap();
+        assert_eq!(json["network_overrides"][0]["host_dev_name"], "tap-clone-1");
+        assert!(json.get("vsock_override").is_none());
+    }
+
+    #[test]
     fn load_errors() {
         let f = fault("PUT", "/snapshot/load", r#"{"snapshot_path": "/s"}"#);
         assert!(
@@ -237,10 +279,20 @@ mod tests {
         let f = fault(
             "PUT",
             "/snapshot/load",
-            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": []}"#,
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": [{"iface_id": "eth0"}]}"#,
         );
         assert!(
-            f.starts_with("snapshot/load: unknown field `network_overrides`"),
+            f.starts_with("snapshot/load: missing field `host_dev_name`"),
+            "{f}"
+        );
+        let f = fault(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": [
+                {"iface_id": "eth0", "host_dev_name": "a"}, {"iface_id": "eth0", "host_dev_name": "b"}]}"#,
+        );
+        assert!(
+            f.starts_with("snapshot/load: network_overrides names iface_id \"eth0\" twice"),
             "{f}"
         );
         let f = fault(

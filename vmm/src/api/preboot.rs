@@ -13,8 +13,8 @@ use super::{ApiLink, INSTANCE_ID, convert};
 use crate::Vmm;
 use crate::builder::{build_in, prepare_vm};
 use crate::config::{
-    BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig, VsockConfig,
-    default_machine, validate_machine,
+    BootSourceConfig, DriveConfig, MachineConfig, NetworkInterfaceConfig, SerialConfig, VmConfig,
+    VsockConfig, default_machine, validate_machine,
 };
 use crate::loader::inspect_kernel;
 use crate::persist::restore::restore;
@@ -34,6 +34,7 @@ struct PreBoot {
     machine: MachineConfig,
     drives: Vec<DriveConfig>,
     vsock: Option<VsockConfig>,
+    nets: Vec<NetworkInterfaceConfig>,
 }
 
 impl PreBoot {
@@ -48,6 +49,7 @@ impl PreBoot {
             serial: serial.clone(),
             drives: self.drives.clone(),
             vsock: self.vsock.clone(),
+            network_interfaces: self.nets.clone(),
         })
     }
 
@@ -57,6 +59,7 @@ impl PreBoot {
         self.boot.is_some()
             || !self.drives.is_empty()
             || self.vsock.is_some()
+            || !self.nets.is_empty()
             || self.machine != default_machine()
     }
 
@@ -72,6 +75,7 @@ impl PreBoot {
                 &self.machine,
                 &self.drives,
                 self.vsock.as_ref(),
+                &self.nets,
             )),
             PutBootSource(b) => match inspect_kernel(&b.kernel_image_path) {
                 Ok(_) => {
@@ -118,6 +122,11 @@ impl PreBoot {
                 self.vsock = Some(v);
                 ApiResponse::NoContent
             }
+            PutNetworkInterface(n) => self.put_net(n),
+            PatchNetworkInterface(u) => ApiResponse::fault(format!(
+                "network-interfaces/{}: PATCH changes a running VM's rate limiters; before boot, PUT the interface again",
+                u.iface_id
+            )),
             PutAction(Action::InstanceStart) => return Err(Next::Start),
             PutAction(Action::SendCtrlAltDel) => {
                 ApiResponse::fault("SendCtrlAltDel: the instance has not started")
@@ -127,7 +136,7 @@ impl PreBoot {
                 ApiResponse::fault("snapshot/create: the instance has not started")
             }
             LoadSnapshot(_) if self.configured() => ApiResponse::fault(
-                "snapshot/load: not allowed after boot-source, machine-config, drives or vsock were configured",
+                "snapshot/load: not allowed after boot-source, machine-config, drives, vsock or network-interfaces were configured",
             ),
             LoadSnapshot(params) => return Err(Next::Load(params)),
         })
@@ -144,6 +153,38 @@ impl PreBoot {
         config.validate().map_err(|e| e.to_string())?;
         let vmm = build_in(&config, prepared.take()).map_err(|e| e.to_string())?;
         Ok((vmm, config))
+    }
+
+    /// Adds or replaces an interface, checked on its own and against the others (the TAP itself
+    /// is attached at `InstanceStart`).
+    fn put_net(&mut self, n: NetworkInterfaceConfig) -> ApiResponse {
+        let id = n.iface_id.clone();
+        if let Err(e) = crate::config::net::check_interface(&n) {
+            return ApiResponse::fault(format!("network-interfaces/{id}: {e}"));
+        }
+        let others = self.nets.iter().filter(|o| o.iface_id != id);
+        if let Some(o) = others.clone().find(|o| o.host_dev_name == n.host_dev_name) {
+            return ApiResponse::fault(format!(
+                "network-interfaces/{id}: host_dev_name {} is used by interface {}",
+                n.host_dev_name, o.iface_id
+            ));
+        }
+        if let Some(mac) = &n.guest_mac
+            && let Some(o) = others.clone().find(|o| {
+                o.guest_mac.as_deref().map(str::to_ascii_lowercase)
+                    == Some(mac.to_ascii_lowercase())
+            })
+        {
+            return ApiResponse::fault(format!(
+                "network-interfaces/{id}: guest_mac {mac} is used by interface {}",
+                o.iface_id
+            ));
+        }
+        match self.nets.iter_mut().find(|o| o.iface_id == id) {
+            Some(slot) => *slot = n,
+            None => self.nets.push(n),
+        }
+        ApiResponse::NoContent
     }
 
     fn set_machine(&mut self, m: MachineConfig) -> ApiResponse {
@@ -177,6 +218,7 @@ pub fn configure(link: &ApiLink, serial: SerialConfig) -> Option<Vmm> {
         machine: default_machine(),
         drives: Vec::new(),
         vsock: None,
+        nets: Vec::new(),
     };
     log::debug!("ready for the configuration");
     loop {

@@ -37,6 +37,11 @@ pub fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResponse {
             d.drive_id
         )),
         PutVsock(_) => after_start("vsock"),
+        PutNetworkInterface(n) => after_start(&format!("network-interfaces/{}", n.iface_id)),
+        PatchNetworkInterface(u) => match vmm.update_net(&u) {
+            Ok(()) => ApiResponse::NoContent,
+            Err(e) => ApiResponse::fault(format!("network-interfaces/{}: {e}", u.iface_id)),
+        },
         PutAction(Action::InstanceStart) => {
             ApiResponse::fault("InstanceStart: the instance is already running")
         }

@@ -75,15 +75,20 @@ pub struct Tap {
     offload: u32,
 }
 
-fn check_name(name: &str) -> Result<(), TapError> {
-    let ok = !name.is_empty()
+/// Whether `name` can be an interface name: 1 to [`MAX_NAME_LEN`] bytes, not `.` or `..`, no
+/// '/', whitespace or NUL.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name != "."
         && name != ".."
         && !name
             .bytes()
-            .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace());
-    if ok {
+            .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
+}
+
+fn check_name(name: &str) -> Result<(), TapError> {
+    if valid_name(name) {
         Ok(())
     } else {
         Err(TapError::BadName(name.to_string()))
