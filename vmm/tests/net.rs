@@ -59,8 +59,7 @@ fn netns_with_taps(names: &[&str]) {
     // SAFETY: geteuid has no arguments and no failure.
     let uid = unsafe { libc::geteuid() };
     assert_eq!(
-        uid,
-        0,
+        uid, 0,
         "this test makes TAPs in a network namespace of its own: run it as root (CAP_NET_ADMIN)"
     );
     // SAFETY: unshare with a constant flag; it affects only this thread's network namespace.
