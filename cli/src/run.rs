@@ -186,7 +186,7 @@ fn restore_and_exec(
     let end = start + limit;
     loop {
         let slice = (Instant::now() + Duration::from_millis(500)).min(end);
-        match client::restore_and_exec(&vm.uds, slice, env.clone(), spec.clone()) {
+        match client::restore_and_exec(&vm.uds, slice, env.clone(), None, spec.clone()) {
             Ok(first) => return Ok(first),
             Err(Error::NotReady { last, .. }) => {
                 if let Some(st) = vm.try_exit() {

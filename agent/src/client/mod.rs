@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use connect::{HANDSHAKE_TIMEOUT, connect_unix, connect_vsock, from_socket, wait_ready};
+pub use connect::{
+    HANDSHAKE_TIMEOUT, connect_unix, connect_vsock, forward, from_socket, wait_ready,
+};
 pub use exec::{Exec, ExecControl, ExecOutput, ExecStdin, Output};
 pub use files::WriteOptions;
 pub use restore::{RESTORE_ENTROPY, Restored, RestoredExec, host_entropy, restore_and_exec};

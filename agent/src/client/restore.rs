@@ -11,7 +11,7 @@ use super::conn::{Inbound, Req};
 use super::connect::{HANDSHAKE_TIMEOUT, connect_pipelined};
 use super::exec::Exec;
 use super::{Client, Error, unexpected};
-use crate::protocol::{Event, ExecSpec, Request, RestoreSpec};
+use crate::protocol::{Event, ExecSpec, NetSpec, Request, RestoreSpec};
 
 /// Bytes of entropy [`Client::restored_now`] sends (twice the protocol's minimum).
 pub const RESTORE_ENTROPY: usize = 64;
@@ -59,7 +59,7 @@ pub struct RestoredExec {
 /// The whole first contact with a VM just restored from a snapshot, in one round trip: connects
 /// to its agent through the VMM's vsock socket `uds` and sends, in the same write as `CONNECT`
 /// and the hello, the clone step ([`RESTORE_ENTROPY`] fresh bytes of host entropy, the host's
-/// time, `env`) and `spec`'s exec. The agent answers the clone step before it reads the exec,
+/// time, `env`, and eth0's settings `net` for a VM with a network interface) and `spec`'s exec. The agent answers the clone step before it reads the exec,
 /// and refuses the exec if the step failed, so the command never runs in a clone that was not
 /// reseeded. Connecting is retried until `deadline` while the agent is not there yet; a failure
 /// after its hello is returned as is (the requests may have run). `Err` means the connection or
@@ -68,6 +68,7 @@ pub fn restore_and_exec(
     uds: impl AsRef<Path>,
     deadline: Instant,
     env: BTreeMap<String, String>,
+    net: Option<NetSpec>,
     spec: ExecSpec,
 ) -> Result<RestoredExec, Error> {
     let entropy = host_entropy(RESTORE_ENTROPY).map_err(|source| Error::Local {
@@ -76,7 +77,7 @@ pub fn restore_and_exec(
     })?;
     let wants_stdin = spec.stdin;
     let requests = vec![
-        Request::Restored(RestoreSpec::new(&entropy, SystemTime::now(), env)),
+        Request::Restored(RestoreSpec::new(&entropy, SystemTime::now(), env).with_net(net)),
         Request::Exec(spec),
     ];
     let (client, reqs) = connect_pipelined(uds.as_ref(), deadline, requests)?;

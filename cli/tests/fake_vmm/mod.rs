@@ -173,6 +173,9 @@ impl Kernel for HostSafeKernel {
     fn set_realtime_ns(&self, _: u64) -> io::Result<()> {
         Ok(())
     }
+    fn configure_net(&self, _: &kiln_agent::protocol::Net) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Accepts `CONNECT 1024` connections and serves the agent on each, behind the spy.
