@@ -17,9 +17,20 @@
 
 pub mod addr;
 pub mod dns;
+pub mod http;
 pub mod link;
 pub mod netns;
+pub mod nflog;
 pub mod nft;
 pub mod policy;
+pub mod proxy;
+pub mod publish;
 pub mod refusal;
+pub mod sandbox;
 pub mod sni;
+pub mod uplink;
+
+pub use policy::{DomainPattern, Policy};
+pub use publish::{PublishSpec, Published, Target};
+pub use refusal::Refusal;
+pub use sandbox::{Sandbox, SandboxConfig, SandboxError};

@@ -141,6 +141,25 @@ pub fn create_tap(name: &str, mac: [u8; 6]) -> Result<(), LinkError> {
         .map_err(step("setting the MAC address of", name))
 }
 
+/// Routes everything not on a link out of `name` (no gateway).
+pub fn default_route_dev(name: &str) -> Result<(), LinkError> {
+    let s = ctl_socket().map_err(step("opening a socket for", name))?;
+    let dev = std::ffi::CString::new(name).map_err(|_| LinkError::Step {
+        what: "naming",
+        name: name.into(),
+        err: io::ErrorKind::InvalidInput.into(),
+    })?;
+    // SAFETY: rtentry is plain data; all-zero is a valid value.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+    rt.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+    rt.rt_flags = libc::RTF_UP;
+    rt.rt_dev = dev.as_ptr().cast_mut();
+    // SAFETY: the ioctl reads the valid rtentry and the device name, which outlives the call.
+    check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCADDRT, &rt) })
+        .map_err(step("adding a default route out of", name))
+}
+
 /// Writes `value` to `/proc/sys/<path>` (for the calling thread's namespace).
 pub fn sysctl(path: &str, value: &str) -> Result<(), LinkError> {
     let full = format!("/proc/sys/{path}");

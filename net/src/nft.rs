@@ -4,10 +4,11 @@
 //!
 //! In the VM's namespace, traffic from the TAP goes like this. DNS (UDP and TCP port 53, to any
 //! address) is redirected to the VM's resolver on the gateway. With a domain allowlist, all other
-//! TCP is redirected to the egress proxy, which decides per connection; nothing is forwarded.
-//! With `--allow-net`, other traffic is forwarded out the veth and masqueraded, except to the
-//! refused ranges and the uplink's own addresses. Whatever is dropped is first sent to NFLOG
-//! group [`LOG_GROUP`] (rate-limited), whose reader reports it with the VM's id.
+//! TCP is redirected to the egress proxy, which decides per connection, and nothing else is let
+//! through. With `--allow-net`, other traffic is forwarded out the veth and masqueraded, except to
+//! the refused ranges and the uplink's own addresses. Whatever is refused is first sent to NFLOG
+//! group [`LOG_GROUP`] (rate-limited), whose reader reports it with the VM's id, then rejected
+//! with a TCP reset or an ICMP error so the guest's program fails at once.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -133,8 +134,37 @@ impl Table {
     }
 }
 
+/// Adds two rules matching `matches`: one logging (rate-limited) with `prefix`, one with the
+/// verdict, so a flood that outruns the log limit is still refused.
+fn log_then(t: &mut Table, chain: &str, matches: Vec<Value>, prefix: &str, verdict: Value) {
+    let mut logged = matches.clone();
+    logged.extend(log(prefix));
+    t.rule(chain, logged);
+    let mut ruled = matches;
+    ruled.push(verdict);
+    t.rule(chain, ruled);
+}
+
+/// Refuses with a TCP reset or an ICMP error, so the guest fails at once instead of waiting.
+fn reject_rules(t: &mut Table, chain: &str, matches: Vec<Value>, prefix: &str) {
+    let mut tcp = matches.clone();
+    tcp.push(m("==", meta("l4proto"), json!("tcp")));
+    log_then(
+        t,
+        chain,
+        tcp,
+        prefix,
+        json!({"reject": {"type": "tcp reset"}}),
+    );
+    log_then(t, chain, matches, prefix, json!({"reject": null}));
+}
+
 /// The VM namespace's table. `host_addrs` are the uplink's own addresses, refused with
 /// [`Egress::Routed`] (with a proxy, connections to them are the proxy's to refuse).
+///
+/// The namespace forwards in both modes: what is neither redirected nor for the gateway goes
+/// through the forward chain, where it is logged and refused with a reset or an ICMP error (with
+/// a proxy, a default route back out of the TAP makes sure it gets there; nothing is accepted).
 pub fn vm_ruleset(egress: Egress, host_addrs: &[Ipv4Addr]) -> Value {
     let mut t = Table::new("inet", VM_TABLE);
     let tap = || iif(TAP_NAME);
@@ -163,54 +193,15 @@ pub fn vm_ruleset(egress: Egress, host_addrs: &[Ipv4Addr]) -> Value {
         );
     }
 
-    // Everything from the guest that was not redirected nor is for the gateway.
+    // IPv6 is off on the guest's link; a guest sending it anyway is only logged.
     t.chain("guest", "filter", "prerouting", 0, "accept");
-    t.rule(
+    log_then(
+        &mut t,
         "guest",
-        vec![
-            tap(),
-            m("in", json!({"ct": {"key": "status"}}), json!("dnat")),
-            json!({"accept": null}),
-        ],
+        vec![tap(), m("==", meta("nfproto"), json!("ipv6"))],
+        "ipv6",
+        json!({"drop": null}),
     );
-    let mut v6 = vec![tap(), m("==", meta("nfproto"), json!("ipv6"))];
-    v6.extend(log("ipv6"));
-    v6.push(json!({"drop": null}));
-    t.rule("guest", v6);
-    t.rule(
-        "guest",
-        vec![
-            tap(),
-            m("==", payload("ip", "daddr"), json!(gw)),
-            json!({"accept": null}),
-        ],
-    );
-    match egress {
-        Egress::Proxied => {
-            let mut r = vec![tap()];
-            r.extend(log("egress"));
-            r.push(json!({"drop": null}));
-            t.rule("guest", r);
-        }
-        Egress::Routed => {
-            let refused: Vec<(String, u8)> = REFUSED_V4
-                .iter()
-                .map(|(a, l)| (a.to_string(), *l))
-                .collect();
-            let mut r = vec![tap(), m("==", payload("ip", "daddr"), prefixes(&refused))];
-            r.extend(log("range"));
-            r.push(json!({"drop": null}));
-            t.rule("guest", r);
-            if !host_addrs.is_empty() {
-                let hosts: Vec<(String, u8)> =
-                    host_addrs.iter().map(|a| (a.to_string(), 32)).collect();
-                let mut r = vec![tap(), m("==", payload("ip", "daddr"), prefixes(&hosts))];
-                r.extend(log("host"));
-                r.push(json!({"drop": null}));
-                t.rule("guest", r);
-            }
-        }
-    }
 
     // To the gateway itself: only the resolver and (redirected) the proxy.
     t.chain("input", "filter", "input", 0, "drop");
@@ -243,28 +234,48 @@ pub fn vm_ruleset(egress: Egress, host_addrs: &[Ipv4Addr]) -> Value {
             ],
         );
     }
-    let mut r = vec![tap()];
-    r.extend(log("gateway"));
-    r.push(json!({"reject": null}));
-    t.rule("input", r);
+    reject_rules(&mut t, "input", vec![tap()], "gateway");
 
     t.chain("forward", "filter", "forward", 0, "drop");
-    if egress == Egress::Routed {
-        t.rule(
-            "forward",
-            vec![tap(), oif(VETH_INSIDE), json!({"accept": null})],
-        );
-        t.rule(
-            "forward",
-            vec![
-                iif(VETH_INSIDE),
-                oif(TAP_NAME),
-                ct_state(&["established", "related"]),
-                json!({"accept": null}),
-            ],
-        );
-        t.chain("snat", "nat", "postrouting", 100, "accept");
-        t.rule("snat", vec![oif(VETH_INSIDE), json!({"masquerade": null})]);
+    match egress {
+        Egress::Proxied => reject_rules(&mut t, "forward", vec![tap()], "egress"),
+        Egress::Routed => {
+            let refused: Vec<(String, u8)> = REFUSED_V4
+                .iter()
+                .map(|(a, l)| (a.to_string(), *l))
+                .collect();
+            reject_rules(
+                &mut t,
+                "forward",
+                vec![tap(), m("==", payload("ip", "daddr"), prefixes(&refused))],
+                "range",
+            );
+            if !host_addrs.is_empty() {
+                let hosts: Vec<(String, u8)> =
+                    host_addrs.iter().map(|a| (a.to_string(), 32)).collect();
+                reject_rules(
+                    &mut t,
+                    "forward",
+                    vec![tap(), m("==", payload("ip", "daddr"), prefixes(&hosts))],
+                    "host",
+                );
+            }
+            t.rule(
+                "forward",
+                vec![tap(), oif(VETH_INSIDE), json!({"accept": null})],
+            );
+            t.rule(
+                "forward",
+                vec![
+                    iif(VETH_INSIDE),
+                    oif(TAP_NAME),
+                    ct_state(&["established", "related"]),
+                    json!({"accept": null}),
+                ],
+            );
+            t.chain("snat", "nat", "postrouting", 100, "accept");
+            t.rule("snat", vec![oif(VETH_INSIDE), json!({"masquerade": null})]);
+        }
     }
     t.json()
 }
@@ -410,6 +421,7 @@ mod tests {
             let listed = list_ruleset().unwrap();
             assert!(listed.contains("redirect to :15001"), "{listed}");
             assert!(listed.contains("log prefix \"egress\" group 100"), "{listed}");
+            assert!(listed.contains("reject with tcp reset"), "{listed}");
             run(&["flush", "ruleset"], None).unwrap();
             let hosts = [Ipv4Addr::new(203, 0, 113, 1)];
             apply("test VM (routed)", &vm_ruleset(Egress::Routed, &hosts)).unwrap();
