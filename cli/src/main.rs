@@ -2,13 +2,14 @@
 //! (`kiln-agent`'s client), stream its output, and exit with its status.
 //!
 //! [`args`] parses the command line, [`vm`] owns the VMM process and its temp dir, [`run`] is
-//! the flow from boot (or snapshot restore) to shutdown; [`signals`], [`term`] and [`cleanup`]
+//! the flow from boot (or snapshot restore) to shutdown, [`net`] its network (from `kiln-net`); [`signals`], [`term`] and [`cleanup`]
 //! make every way out (Ctrl-C included) leave no VM, temp dir or raw terminal behind.
 //! [`snapshot`] is `kiln snapshot` (create, load, merge), talking to a VMM through [`api`].
 
 mod api;
 mod args;
 mod cleanup;
+mod net;
 mod run;
 mod signals;
 mod snapshot;

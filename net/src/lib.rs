@@ -31,6 +31,6 @@ pub mod sni;
 pub mod uplink;
 
 pub use policy::{DomainPattern, Policy};
-pub use publish::{PublishSpec, Published, Target};
+pub use publish::{PublishSpec, Published, Publisher, Target};
 pub use refusal::Refusal;
 pub use sandbox::{Sandbox, SandboxConfig, SandboxError};

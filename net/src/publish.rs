@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tokio::runtime::Handle;
+use tokio::runtime::{Handle, Runtime};
 
 use crate::addr::GUEST_IP;
 use crate::netns::NetNs;
@@ -95,6 +95,59 @@ pub struct Published {
     pub host: SocketAddrV4,
     /// The guest port behind it.
     pub guest_port: u16,
+}
+
+/// Published ports and, when they have one of their own, the runtime serving them; dropping it
+/// closes the listeners.
+pub struct Publisher {
+    runtime: Option<Runtime>,
+    ports: Vec<Published>,
+}
+
+impl Publisher {
+    /// Publishes `specs` to `target`, served on `on` (a sandbox's runtime, which then owns the
+    /// listeners) or, without one, on a small runtime of the publisher's own.
+    pub fn start(
+        specs: &[PublishSpec],
+        target: Target,
+        on: Option<&Handle>,
+    ) -> Result<Publisher, PublishError> {
+        let runtime = match on {
+            Some(_) => None,
+            None => Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("kiln-publish")
+                    .enable_all()
+                    .build()
+                    .map_err(|err| PublishError::Listen {
+                        spec: "(runtime)".into(),
+                        addr: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+                        err,
+                    })?,
+            ),
+        };
+        let handle = match (&runtime, on) {
+            (Some(rt), _) => rt.handle().clone(),
+            (None, Some(h)) => h.clone(),
+            (None, None) => unreachable!("a runtime was made above"),
+        };
+        let ports = start(&handle, specs, target)?;
+        Ok(Publisher { runtime, ports })
+    }
+
+    /// The ports, in the order of the specs.
+    pub fn ports(&self) -> &[Published] {
+        &self.ports
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
 }
 
 /// Binds a listener on 127.0.0.1 for each spec (failing on the first that cannot be had), then

@@ -74,7 +74,9 @@ fn fake_vmm(mode: &str) {
             std::process::id(),
             args.join("\n")
         );
-        std::fs::write(log, text).unwrap();
+        std::fs::write(&log, text).unwrap();
+        let ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+        std::fs::write(format!("{log}.netns"), ns.to_string_lossy().as_bytes()).unwrap();
     }
     std::fs::write(value("--serial-out").unwrap(), "fake console: booting\n").unwrap();
     match mode {
@@ -190,6 +192,12 @@ fn accept_loop(listener: UnixListener) {
             while conn.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
                 line.push(b[0]);
             }
+            if line == b"CONNECT 1025" {
+                // The agent's port forwarding, for published ports of a VM without a NIC.
+                conn.write_all(b"OK 1073741825\n").unwrap();
+                kiln_agent::guest::forward::serve(Socket::from_fd(conn.into()));
+                return;
+            }
             if line != b"CONNECT 1024" {
                 return;
             }
@@ -298,6 +306,11 @@ impl Setup {
             .unwrap();
         let blocked = lines.next().unwrap().to_string();
         (pid, blocked, lines.map(String::from).collect())
+    }
+
+    /// The network namespace the fake VMM ran in (`net:[INODE]`).
+    pub fn vmm_netns(&self) -> String {
+        std::fs::read_to_string(format!("{}.netns", self.log.display())).unwrap()
     }
 
     /// The API and agent requests the fake VMM logged, as (what, JSON body); emptied.
