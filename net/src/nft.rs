@@ -18,6 +18,10 @@ use serde_json::{Value, json};
 
 use crate::addr::{DNS_PORT, GATEWAY_IP, PROXY_PORT, TAP_NAME};
 
+/// TCP's protocol number: numbers, not names, so nft needs no /etc/protocols (minimal hosts lack
+/// one).
+const IPPROTO_TCP: u8 = 6;
+
 /// The NFLOG group refused packets go to (per namespace).
 pub const LOG_GROUP: u16 = 100;
 /// The table in each VM's namespace.
@@ -148,7 +152,7 @@ fn log_then(t: &mut Table, chain: &str, matches: Vec<Value>, prefix: &str, verdi
 /// Refuses with a TCP reset or an ICMP error, so the guest fails at once instead of waiting.
 fn reject_rules(t: &mut Table, chain: &str, matches: Vec<Value>, prefix: &str) {
     let mut tcp = matches.clone();
-    tcp.push(m("==", meta("l4proto"), json!("tcp")));
+    tcp.push(m("==", meta("l4proto"), json!(IPPROTO_TCP)));
     log_then(
         t,
         chain,
@@ -186,7 +190,7 @@ pub fn vm_ruleset(egress: Egress, host_addrs: &[Ipv4Addr]) -> Value {
             "dnat",
             vec![
                 tap(),
-                m("==", meta("l4proto"), json!("tcp")),
+                m("==", meta("l4proto"), json!(IPPROTO_TCP)),
                 m("!=", payload("ip", "daddr"), json!(gw)),
                 json!({"redirect": {"port": PROXY_PORT}}),
             ],

@@ -12,8 +12,9 @@ use std::process::Command;
 /// The metapackage that always depends on the current cloud kernel.
 const METAPACKAGE: &str = "linux-image-cloud-amd64";
 
-/// Modules L1 needs, by module name: KVM, the virtio-mmio disk, TAP devices, and vhost-vsock for QEMU
-/// peers. Their dependencies are added from modules.dep.
+/// Modules L1 needs, by module name: KVM, the virtio-mmio disk, TAP devices, vhost-vsock for QEMU
+/// peers, and for network sandboxes nftables (NAT, redirect, conntrack, reject, limits, NFLOG),
+/// veth and dummy links. Their dependencies are added from modules.dep.
 pub const WANTED: &[&str] = &[
     "irqbypass",
     "kvm",
@@ -27,6 +28,17 @@ pub const WANTED: &[&str] = &[
     "vhost_iotlb",
     "vsock",
     "vhost_vsock",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_redir",
+    "nft_masq",
+    "nft_ct",
+    "nft_log",
+    "nft_limit",
+    "nft_reject_inet",
+    "nfnetlink_log",
+    "veth",
+    "dummy",
 ];
 
 /// The manifest in a cache entry: module file names in load order, one a line.
@@ -45,9 +57,16 @@ pub struct L1Kernel {
     pub kallsyms: PathBuf,
 }
 
-/// True when `entry` holds everything [`load`] reads.
+/// The list of wanted modules an entry was made for: an entry made for another list is stale.
+const WANTED_STAMP: &str = "wanted";
+
+/// True when `entry` holds everything [`load`] reads, for today's [`WANTED`].
 fn complete(entry: &Path) -> bool {
     entry.join(MANIFEST).exists()
+        && std::fs::read_to_string(entry.join(WANTED_STAMP))
+            .ok()
+            .as_deref()
+            == Some(WANTED.join("\n").as_str())
 }
 
 /// Returns the cached L1 kernel for the current Debian cloud kernel, fetching it first if needed.
@@ -227,7 +246,13 @@ fn fetch_into(deb_name: &str, work: &Path, entry: &Path) -> Result<()> {
         &staging.join(MANIFEST),
         (names.join("\n") + "\n").as_bytes(),
     )?;
+    util::write_atomic(&staging.join(WANTED_STAMP), WANTED.join("\n").as_bytes())?;
     util::mkdir(entry.parent().unwrap_or(Path::new(".")))?;
+    if entry.exists() && !complete(entry) {
+        // Made for another list of modules: replaced whole.
+        std::fs::remove_dir_all(entry)
+            .map_err(|e| format!("cannot remove the stale {}: {e}", entry.display()))?;
+    }
     if let Err(e) = std::fs::rename(&staging, entry) {
         // Another run may have filled the same entry meanwhile; theirs is as good as ours.
         if !complete(entry) {
