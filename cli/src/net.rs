@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kiln_agent::protocol::NetSpec;
-use kiln_api::requests::network_interfaces::NetworkOverride;
+use kiln_api::requests::snapshot::NetworkOverride;
 use kiln_net::addr::{GUEST_IP, IFACE_ID, TAP_NAME};
 use kiln_net::dns::Upstream;
 use kiln_net::{Policy, Publisher, Sandbox, SandboxConfig, Target};

@@ -36,6 +36,10 @@ fn main() {
             "a_network_puts_the_vmm_in_its_namespace_with_a_nic",
             a_network_puts_the_vmm_in_its_namespace_with_a_nic,
         ),
+        (
+            "a_silent_agent_cannot_outlast_the_timeout",
+            a_silent_agent_cannot_outlast_the_timeout,
+        ),
     ]);
 }
 
@@ -291,7 +295,7 @@ fn bad_input_exits_125() {
     );
     assert_eq!(
         run(&["frobnicate"], &[]),
-        "kiln: unknown command \"frobnicate\" (`run` and `snapshot` exist)\n"
+        "kiln: unknown command \"frobnicate\" (run, snapshot, template, sandbox)\n"
     );
 }
 
@@ -384,4 +388,28 @@ fn a_network_puts_the_vmm_in_its_namespace_with_a_nic() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["network"]["address"], "172.16.0.2");
     assert_eq!(v["network"]["refused_total"], 0);
+}
+
+/// An agent that goes silent after its hello: `--timeout` bounds the whole call (the start
+/// included), the VM is stopped, and the error says what happened.
+fn a_silent_agent_cannot_outlast_the_timeout() {
+    let s = setup("silent");
+    let start = Instant::now();
+    let out = s.run("silent-agent", &["--timeout", "0.5", "--", "true"]);
+    let took = start.elapsed();
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no answer from the agent"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("kiln-vmm was stopped"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The timeout plus the grace the guest gets to report, and a margin for a loaded machine.
+    assert!(took < Duration::from_secs(25), "kiln run took {took:?}");
+    let (pid, _, _) = s.vmm();
+    assert!(gone(pid), "the fake VMM {pid} outlived kiln");
 }

@@ -75,6 +75,7 @@ fn load_request(snap: &Path, uds: PathBuf, track_dirty_pages: bool) -> ApiReques
         resume_vm: true,
         vsock_override: Some(VsockOverride { uds_path: uds }),
         network_overrides: Vec::new(),
+        clock_realtime: false,
     })
 }
 
@@ -512,8 +513,10 @@ fn a_clone_with_a_network_gets_its_tap_and_eth0_settings() {
     let requests = s.api_requests();
     let restored: RestoreSpec = serde_json::from_str(&requests[1].1).unwrap();
     assert_eq!(restored.net, None);
-    assert!(
-        !requests[0].1.contains("network_overrides"),
+    let load: serde_json::Value = serde_json::from_str(&requests[0].1).unwrap();
+    assert_eq!(
+        load["network_overrides"],
+        serde_json::json!([]),
         "{}",
         requests[0].1
     );

@@ -6,7 +6,8 @@ use crate::guest_images;
 use crate::lab::{self, LabRun};
 use crate::util::Result;
 
-const USAGE: &str = "usage: cargo xtask bench boot|block|exec|vsock|snapshot|restore [--runs N]
+const USAGE: &str =
+    "usage: cargo xtask bench boot|block|exec|vsock|snapshot|restore|pool [--runs N]
        cargo xtask bench cycles [--restores N] [--boots M]";
 
 /// Benchmarks `kiln-lab-bench` knows.
@@ -30,6 +31,8 @@ pub fn main(args: &[String]) -> Result<u8> {
             "test-initramfs.cpio".into(),
         )],
         with_qemu: true,
+        // The pool benchmark builds kilnd's python template.
+        with_python: name == "pool",
         cmd,
         ..LabRun::default()
     })?;

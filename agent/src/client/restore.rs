@@ -59,11 +59,12 @@ pub struct RestoredExec {
 /// The whole first contact with a VM just restored from a snapshot, in one round trip: connects
 /// to its agent through the VMM's vsock socket `uds` and sends, in the same write as `CONNECT`
 /// and the hello, the clone step ([`RESTORE_ENTROPY`] fresh bytes of host entropy, the host's
-/// time, `env`, and eth0's settings `net` for a VM with a network interface) and `spec`'s exec. The agent answers the clone step before it reads the exec,
-/// and refuses the exec if the step failed, so the command never runs in a clone that was not
-/// reseeded. Connecting is retried until `deadline` while the agent is not there yet; a failure
-/// after its hello is returned as is (the requests may have run). `Err` means the connection or
-/// the clone step failed; how the command fared is in [`RestoredExec::exec`].
+/// time, `env`, and eth0's settings `net` for a VM with a network interface) and `spec`'s exec.
+/// The agent answers the clone step before it reads the exec, and refuses the exec if the step
+/// failed, so the command never runs in a clone that was not reseeded. Connecting is retried
+/// until `deadline` while the agent is not there yet; a failure after its hello is returned as
+/// is (the requests may have run). `Err` means the connection or the clone step failed; how the
+/// command fared is in [`RestoredExec::exec`].
 pub fn restore_and_exec(
     uds: impl AsRef<Path>,
     deadline: Instant,
@@ -71,37 +72,63 @@ pub fn restore_and_exec(
     net: Option<NetSpec>,
     spec: ExecSpec,
 ) -> Result<RestoredExec, Error> {
-    let entropy = host_entropy(RESTORE_ENTROPY).map_err(|source| Error::Local {
-        what: format!("reading {RESTORE_ENTROPY} bytes of host entropy"),
-        source,
-    })?;
     let wants_stdin = spec.stdin;
-    let requests = vec![
-        Request::Restored(RestoreSpec::new(&entropy, SystemTime::now(), env).with_net(net)),
-        Request::Exec(spec),
-    ];
+    let requests = vec![clone_step(env, net)?, Request::Exec(spec)];
     let (client, reqs) = connect_pipelined(uds.as_ref(), deadline, requests)?;
-    let [mut step, exec]: [Req; 2] = reqs
+    let [step, exec]: [Req; 2] = reqs
         .try_into()
         .map_err(|_| Error::Protocol("two pipelined requests expected".into()))?;
     let answer_by = Some(deadline.max(Instant::now() + HANDSHAKE_TIMEOUT));
-    let restored = match step.recv(answer_by)? {
-        Inbound::Event(Event::Restored {
-            clock_step_ns,
-            entropy_bytes,
-        }) => Restored {
-            clock_step_ns,
-            entropy_bytes,
-        },
-        Inbound::Event(Event::Error(info)) => return Err(info.into()),
-        other => return Err(unexpected("restored", &other)),
-    };
+    let restored = await_restored(step, answer_by)?;
     let exec = Exec::started(exec, wants_stdin, answer_by);
     Ok(RestoredExec {
         client,
         restored,
         exec,
     })
+}
+
+/// [`restore_and_exec`] without a command: the connection, the hello and the clone step in one
+/// round trip, for a clone that is handed out to run commands later.
+pub fn restore_connect(
+    uds: impl AsRef<Path>,
+    deadline: Instant,
+    env: BTreeMap<String, String>,
+) -> Result<(Client, Restored), Error> {
+    let (client, reqs) = connect_pipelined(uds.as_ref(), deadline, vec![clone_step(env, None)?])?;
+    let step = reqs
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Protocol("one pipelined request expected".into()))?;
+    let answer_by = Some(deadline.max(Instant::now() + HANDSHAKE_TIMEOUT));
+    Ok((client, await_restored(step, answer_by)?))
+}
+
+/// The clone step's request: fresh host entropy, the host's time now, `env`, and eth0's settings
+/// `net` for a VM with a network interface.
+fn clone_step(env: BTreeMap<String, String>, net: Option<NetSpec>) -> Result<Request, Error> {
+    let entropy = host_entropy(RESTORE_ENTROPY).map_err(|source| Error::Local {
+        what: format!("reading {RESTORE_ENTROPY} bytes of host entropy"),
+        source,
+    })?;
+    Ok(Request::Restored(
+        RestoreSpec::new(&entropy, SystemTime::now(), env).with_net(net),
+    ))
+}
+
+/// The agent's answer to a clone step.
+fn await_restored(mut step: Req, deadline: Option<Instant>) -> Result<Restored, Error> {
+    match step.recv(deadline)? {
+        Inbound::Event(Event::Restored {
+            clock_step_ns,
+            entropy_bytes,
+        }) => Ok(Restored {
+            clock_step_ns,
+            entropy_bytes,
+        }),
+        Inbound::Event(Event::Error(info)) => Err(info.into()),
+        other => Err(unexpected("restored", &other)),
+    }
 }
 
 impl Client {

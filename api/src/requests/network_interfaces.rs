@@ -1,36 +1,10 @@
 //! `PUT` and `PATCH /network-interfaces/{iface_id}`: virtio-net devices on host TAPs, and their
-//! rate limiters. Also the `network_overrides` entries of `PUT /snapshot/load`.
+//! rate limiters (Firecracker's `RateLimiter` objects, [`super::rate_limiter`]).
 
 use serde::{Deserialize, Serialize};
 
+use super::rate_limiter::RateLimiter;
 use crate::ApiError;
-
-/// Firecracker's `TokenBucket`: `size` tokens (bytes or operations) refilled every
-/// `refill_time` milliseconds, plus a `one_time_burst` spent first. A size or refill time of 0
-/// means no limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenBucket {
-    /// Tokens the bucket holds when full.
-    pub size: u64,
-    /// Extra tokens available once, at the start.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub one_time_burst: Option<u64>,
-    /// Milliseconds to refill `size` tokens.
-    pub refill_time: u64,
-}
-
-/// Firecracker's `RateLimiter`: a bytes bucket and an operations bucket, each optional.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimiter {
-    /// Bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bandwidth: Option<TokenBucket>,
-    /// Operations (frames).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ops: Option<TokenBucket>,
-}
 
 /// Firecracker's `NetworkInterface` body for `PUT /network-interfaces/{iface_id}`, also an entry
 /// of the config file's `network-interfaces`.
@@ -68,17 +42,6 @@ pub struct NetworkInterfaceUpdate {
     pub tx_rate_limiter: Option<RateLimiter>,
 }
 
-/// Firecracker's `NetworkOverride` in `PUT /snapshot/load`: the restored interface attaches this
-/// TAP instead of the one saved in the snapshot, so clones of one snapshot can run side by side.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkOverride {
-    /// The interface, by the id it had when the snapshot was taken.
-    pub iface_id: String,
-    /// The TAP to attach.
-    pub host_dev_name: String,
-}
-
 /// The id in the body must be the id in the path.
 pub(crate) fn check_id(path_id: &str, body_id: &str) -> Result<(), ApiError> {
     if path_id != body_id {
@@ -107,6 +70,7 @@ impl NetworkInterfaceUpdate {
 mod tests {
     use super::*;
     use crate::ApiRequest;
+    use crate::requests::rate_limiter::TokenBucket;
     use crate::requests::{parse_request, tests::fault};
 
     #[test]
@@ -225,7 +189,11 @@ mod tests {
         );
         assert_eq!(
             fault("PUT", "/network-interfaces/", "{}"),
-            "unknown path /network-interfaces/"
+            "network-interfaces: The ID cannot be empty."
+        );
+        assert!(
+            fault("PATCH", "/network-interfaces/eth-0", "{}")
+                .starts_with("network-interfaces: id \"eth-0\": API Resource IDs can only contain")
         );
         assert_eq!(
             fault("PUT", "/network-interfaces/a/b", "{}"),

@@ -11,13 +11,18 @@
 //!
 //! Time comes from a [`Clock`], so tests drive a fake one ([`FakeClock`]); devices use
 //! [`MonotonicClock`]. The device arms its own timer from [`RateLimiter::wait`]: this type makes
-//! no system calls.
+//! no system calls. [`TimedRateLimiter`] adds the timer, for devices that stop until it fires
+//! (block). The serial console's output uses a lone [`TokenBucket`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+mod timed;
+
+pub use timed::TimedRateLimiter;
 
 /// Why a rate limiter configuration is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -8,13 +8,18 @@
 //! `request.rs` (or `packet.rs`) and their tests.
 
 pub mod block;
+pub mod budget;
+pub mod chain;
 pub mod device;
+mod log_once;
 pub mod mmio;
 pub mod net;
 pub mod persist;
 pub mod vsock;
 
+pub use budget::Budget;
 pub use device::{ActivateError, Interrupt, VirtioDevice};
+pub use log_once::LogOnce;
 pub use mmio::MmioTransport;
 
 /// Device ID of a block device.

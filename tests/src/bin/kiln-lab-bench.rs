@@ -15,6 +15,9 @@
 //! restore to the agent's first reply (p50/p99 over N) against booting under kiln-vmm and QEMU,
 //! and the memory of 10 restored clones against 10 booted VMs.
 //!
+//! `kiln-lab-bench pool [--runs N]` measures kilnd: create -> first result from a warm and a cold
+//! pool, creates per second, the memory of 50 idle sandboxes, a fork into 4.
+//!
 //! `kiln-lab-bench cycles [--restores N] [--boots M]` runs N restore cycles and M boot cycles of
 //! `kiln run` in one L1 (500 and 200 by default) and prints their p50/p99 and ratio.
 
@@ -30,6 +33,8 @@ mod cycles;
 mod exec;
 #[path = "kiln-lab-bench/peer.rs"]
 mod peer;
+#[path = "kiln-lab-bench/pool.rs"]
+mod pool;
 #[path = "kiln-lab-bench/restore.rs"]
 mod restore;
 #[path = "kiln-lab-bench/snapshot.rs"]
@@ -48,8 +53,9 @@ fn main() -> ExitCode {
         Some("snapshot") => runs(rest, 50).and_then(snapshot::run),
         Some("cycles") => cycles::run(rest),
         Some("restore") => runs(rest, 20).and_then(restore::run),
+        Some("pool") => runs(rest, 20).and_then(pool::run),
         _ => Err(
-            "usage: kiln-lab-bench boot|block|exec|vsock|snapshot|restore [--runs N] | cycles [--restores N] [--boots M]"
+            "usage: kiln-lab-bench boot|block|exec|vsock|snapshot|restore|pool [--runs N] | cycles [--restores N] [--boots M]"
                 .to_string(),
         ),
     };

@@ -2,52 +2,10 @@
 //! by `validate` for the whole configuration and by the API for each `PUT`), and the conversion
 //! of the API's shapes into the device's.
 
-use kiln_api::requests::network_interfaces::{RateLimiter, TokenBucket};
-use kiln_devices::rate_limiter::{BucketConfig, BucketUpdate, RateLimiterConfig};
 use kiln_devices::virtio::net::{NetConfig, parse_mac, tap};
 
 use super::NetworkInterfaceConfig;
-
-/// A bucket as the device takes it (an absent burst is none).
-pub fn bucket(b: &TokenBucket) -> BucketConfig {
-    BucketConfig {
-        size: b.size,
-        one_time_burst: b.one_time_burst.unwrap_or(0),
-        refill_time_ms: b.refill_time,
-    }
-}
-
-/// A limiter as the device takes it (absent: no limit).
-pub fn rate_limiter(l: Option<&RateLimiter>) -> RateLimiterConfig {
-    RateLimiterConfig {
-        bandwidth: l.and_then(|l| l.bandwidth.as_ref()).map(bucket),
-        ops: l.and_then(|l| l.ops.as_ref()).map(bucket),
-    }
-}
-
-/// A `PATCH`'s limiter as bucket updates: a bucket given replaces, one left out stays.
-pub fn updates(l: Option<&RateLimiter>) -> [BucketUpdate; 2] {
-    let update =
-        |b: Option<&TokenBucket>| b.map_or(BucketUpdate::Keep, |b| BucketUpdate::Set(bucket(b)));
-    match l {
-        None => [BucketUpdate::Keep; 2],
-        Some(l) => [update(l.bandwidth.as_ref()), update(l.ops.as_ref())],
-    }
-}
-
-/// The API's shape of a limiter the device runs (for `GET /vm/config` after a `PATCH`).
-pub fn api_rate_limiter(c: &RateLimiterConfig) -> Option<RateLimiter> {
-    let bucket = |b: &BucketConfig| TokenBucket {
-        size: b.size,
-        one_time_burst: (b.one_time_burst != 0).then_some(b.one_time_burst),
-        refill_time: b.refill_time_ms,
-    };
-    let l = RateLimiter {
-        bandwidth: c.bandwidth.as_ref().map(bucket),
-        ops: c.ops.as_ref().map(bucket),
-    };
-    (l != RateLimiter::default()).then_some(l)
-}
+use super::rate_limiter::rate_limiter;
 
 /// Checks one interface on its own; the message names the field and value.
 pub fn check_interface(n: &NetworkInterfaceConfig) -> Result<(), String> {
@@ -100,6 +58,7 @@ pub fn device_config(n: &NetworkInterfaceConfig) -> NetConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_api::requests::rate_limiter::{RateLimiter, TokenBucket};
 
     fn iface(id: &str, tap: &str, mac: Option<&str>) -> NetworkInterfaceConfig {
         NetworkInterfaceConfig {
@@ -142,33 +101,5 @@ mod tests {
             ops: None,
         });
         assert!(e(n).starts_with("rx_rate_limiter: refill_time"));
-    }
-
-    #[test]
-    fn limiters_convert_both_ways() {
-        let l = RateLimiter {
-            bandwidth: Some(TokenBucket {
-                size: 1000,
-                one_time_burst: Some(10),
-                refill_time: 100,
-            }),
-            ops: None,
-        };
-        let c = rate_limiter(Some(&l));
-        assert_eq!(
-            c.bandwidth,
-            Some(BucketConfig {
-                size: 1000,
-                one_time_burst: 10,
-                refill_time_ms: 100
-            })
-        );
-        assert_eq!(api_rate_limiter(&c), Some(l));
-        assert_eq!(api_rate_limiter(&RateLimiterConfig::default()), None);
-        assert_eq!(
-            updates(Some(&l)),
-            [BucketUpdate::Set(c.bandwidth.unwrap()), BucketUpdate::Keep]
-        );
-        assert_eq!(updates(None), [BucketUpdate::Keep; 2]);
     }
 }
