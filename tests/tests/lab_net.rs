@@ -7,7 +7,21 @@ use std::io::{Read, Write};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_tests::fakenet::{ALLOWED, ALLOWED_IP, BLOCKED_IP, DNS_IP, EDGE_IP, FakeInternet};
+use kiln_tests::fakenet::{
+    ALLOWED, ALLOWED_IP, BLOCKED_IP, Census, DNS_IP, EDGE_IP, FakeInternet, census,
+};
+
+/// Waits until the host looks as it did in `before` (kiln-vmm may take a moment to be reaped
+/// after kiln), then asserts it: no namespace, link, rule, listener or process left behind.
+fn nothing_left_behind(before: &Census) {
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut now = census();
+    while now != *before && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+        now = census();
+    }
+    assert_eq!(&now, before, "a sandbox left something behind");
+}
 
 /// Runs `kiln run ARGS -- python3 -c SCRIPT --json` and returns kiln's JSON and the script's own
 /// JSON (its stdout).
@@ -105,7 +119,7 @@ fn refused(kiln: &serde_json::Value, fields: &[(&str, &str)]) -> bool {
 
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
-fn an_allowlisted_guest_reaches_its_domain_and_nothing_else() {
+fn net_allowlist_reaches_the_allowed_domain_and_nothing_else() {
     let _net = FakeInternet::start();
     let script = format!(
         r#"{PROBES}
@@ -129,7 +143,9 @@ r["etc_hosts"] = tls("{ALLOWED}", 443, "{ALLOWED}")
 print(json.dumps(r))
 "#
     );
+    let before = census();
     let (kiln, g, out) = kiln_json(&["--allow-domain", ALLOWED], &script);
+    nothing_left_behind(&before);
     assert_eq!(out.status.code(), Some(0), "{kiln}");
     assert_eq!(ok(&g, "resolve_allowed"), ALLOWED_IP.to_string());
     assert!(ok(&g, "resolve_blocked").starts_with("error: "), "{g}");
@@ -195,7 +211,7 @@ print(json.dumps(r))
 
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
-fn without_net_there_is_no_nic_and_nothing_leaves() {
+fn net_off_by_default_there_is_no_nic_and_nothing_leaves() {
     let _net = FakeInternet::start();
     let script = format!(
         r#"{PROBES}
@@ -215,7 +231,7 @@ print(json.dumps(r))
 
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
-fn allow_net_reaches_anything_but_private_metadata_and_host_addresses() {
+fn net_allow_net_reaches_anything_but_private_metadata_and_host_addresses() {
     let _net = FakeInternet::start();
     let script = format!(
         r#"{PROBES}
@@ -256,6 +272,7 @@ print(json.dumps(r))
 /// Starts `kiln run ARGS -- python3 -m http.server 8080`, reads the published port from its
 /// stderr, fetches `/` through it, and stops kiln; returns the page.
 fn published_page(args: &[&str]) -> String {
+    let before = census();
     let mut child = Command::new("kiln")
         .arg("run")
         .args(args)
@@ -314,12 +331,13 @@ fn published_page(args: &[&str]) -> String {
         std::net::TcpStream::connect(&host).is_err(),
         "{host} closed with kiln"
     );
+    nothing_left_behind(&before);
     page
 }
 
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
-fn a_published_port_serves_the_guests_server_with_and_without_a_nic() {
+fn net_published_port_serves_the_guests_server_with_and_without_a_nic() {
     let page = published_page(&[]);
     assert!(page.ends_with("kiln\n"), "over vsock: {page}");
     let page = published_page(&["--net"]);
