@@ -10,6 +10,7 @@ mod initramfs;
 mod lab;
 mod rootfs;
 mod run;
+mod sdk;
 mod test;
 mod util;
 
@@ -21,7 +22,9 @@ commands:
   run [KILN-RUN-OPTIONS] -- CMD...
                                set up the lab and run `kiln run -- CMD` in it (a Kiln VM from
                                the Debian rootfs; CMD runs through the guest agent)
-  test [--host | --lab]        lints, unit and host-KVM tests, then end-to-end tests in the lab
+  test [--host | --lab]        lints, unit and host-KVM tests, the Python SDK's suite, then
+                               end-to-end tests in the lab
+  test --sdk [FILTER]          only the Python SDK's suite (mypy, pytest against kilnd on the host)
   bench boot [--runs N]        boot time under kiln-vmm vs QEMU microvm, inside the lab
   fuzz [TARGET] [--seconds N]  run the fuzz targets (fuzz/) under libFuzzer, N s each (60)
   guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
