@@ -334,15 +334,20 @@ pub fn uplink_ruleset() -> Value {
     t.json()
 }
 
-/// Loads `ruleset` with `nft -j -f -` (in the calling thread's namespace); `what` names it in
-/// errors.
+/// Loads `ruleset` with `nft -j -f` from a pipe (in the calling thread's namespace); `what`
+/// names it in errors.
 pub fn apply(what: &'static str, ruleset: &Value) -> Result<(), NftError> {
-    run(&["-j", "-f", "-"], Some(ruleset.to_string().as_bytes()))
-        .map(drop)
-        .map_err(|e| match e {
-            NftError::Refused { why, .. } => NftError::Refused { what, why },
-            e => e,
-        })
+    // Not `-f -`: nft turns that into /dev/stdin, which a minimal /dev (an initramfs's, a
+    // container's) lacks; /proc/self/fd/0 is the same pipe wherever /proc is mounted.
+    run(
+        &["-j", "-f", "/proc/self/fd/0"],
+        Some(ruleset.to_string().as_bytes()),
+    )
+    .map(drop)
+    .map_err(|e| match e {
+        NftError::Refused { why, .. } => NftError::Refused { what, why },
+        e => e,
+    })
 }
 
 /// Whether table `name` of `family` exists (in the calling thread's namespace).

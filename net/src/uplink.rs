@@ -63,6 +63,10 @@ struct Lock(File);
 
 impl Lock {
     fn take() -> Result<Lock, UplinkError> {
+        // /run is there on any booted host, but not always in a minimal root (an initramfs).
+        if let Some(dir) = std::path::Path::new(LOCK_FILE).parent() {
+            std::fs::create_dir_all(dir).map_err(UplinkError::Lock)?;
+        }
         let f = File::options()
             .create(true)
             .truncate(false)

@@ -11,6 +11,12 @@ use kiln_tests::fakenet::{
     ALLOWED, ALLOWED_IP, BLOCKED_IP, Census, DNS_IP, EDGE_IP, FakeInternet, census,
 };
 
+/// L1 plays the host, but its init leaves loopback down, which no booted host does: published
+/// ports listen on 127.0.0.1.
+fn loopback_up() {
+    kiln_net::link::up("lo").expect("bring L1's loopback up");
+}
+
 /// Waits until the host looks as it did in `before` (kiln-vmm may take a moment to be reaped
 /// after kiln), then asserts it: no namespace, link, rule, listener or process left behind.
 fn nothing_left_behind(before: &Census) {
@@ -120,6 +126,7 @@ fn refused(kiln: &serde_json::Value, fields: &[(&str, &str)]) -> bool {
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn net_allowlist_reaches_the_allowed_domain_and_nothing_else() {
+    loopback_up();
     let _net = FakeInternet::start();
     let script = format!(
         r#"{PROBES}
@@ -212,6 +219,7 @@ print(json.dumps(r))
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn net_off_by_default_there_is_no_nic_and_nothing_leaves() {
+    loopback_up();
     let _net = FakeInternet::start();
     let script = format!(
         r#"{PROBES}
@@ -232,6 +240,7 @@ print(json.dumps(r))
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn net_allow_net_reaches_anything_but_private_metadata_and_host_addresses() {
+    loopback_up();
     let _net = FakeInternet::start();
     let script = format!(
         r#"{PROBES}
@@ -272,6 +281,7 @@ print(json.dumps(r))
 /// Starts `kiln run ARGS -- python3 -m http.server 8080`, reads the published port from its
 /// stderr, fetches `/` through it, and stops kiln; returns the page.
 fn published_page(args: &[&str]) -> String {
+    loopback_up();
     let before = census();
     let mut child = Command::new("kiln")
         .arg("run")
