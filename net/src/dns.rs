@@ -94,7 +94,11 @@ impl Resolver {
         pins: Pins,
         refusals: Refusals,
     ) -> Result<Self, DnsError> {
+        // A policy that allows no name never asks upstream, so a host without name servers
+        // (no /etc/resolv.conf) can still run a sandbox that has --net alone.
+        let asks = policy.allow_net || !policy.domains.is_empty();
         let (config, mut opts) = match upstream {
+            _ if !asks => (ResolverConfig::new(), ResolverOpts::default()),
             Upstream::System => hickory_resolver::system_conf::read_system_conf()
                 .map_err(|e| DnsError::SystemConf(e.to_string()))?,
             Upstream::Servers(list) => {
