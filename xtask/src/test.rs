@@ -1,8 +1,9 @@
 //! `cargo xtask test`: everything that checks Kiln, in order of cost. Lints (fmt, clippy with
 //! warnings denied), the host's unit and integration tests (tiny guests on the host's /dev/kvm,
 //! the fuzz targets as property tests), the Python SDK's suite against kilnd with the stand-in VMM,
-//! a short libFuzzer run of each fuzz target, then the end-to-end tests, built on the host and run
-//! inside one lab boot.
+//! Firecracker's own clients against kiln-vmm on the host (`cargo xtask clients`), a short
+//! libFuzzer run of each fuzz target, then the end-to-end tests, built on the host and run inside
+//! one lab boot.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -115,6 +116,8 @@ pub fn main(args: &[String]) -> Result<u8> {
         util::run(cargo().args(["test", "--workspace"]))?;
         step("the Python SDK's suite (mypy, pytest against kilnd with the stand-in VMM)");
         crate::sdk::run_suite(None)?;
+        step("Firecracker's clients against kiln-vmm (firecracker-python, schemathesis)");
+        crate::clients::main(&[])?;
         // The fuzz targets already ran as property tests above; a short libFuzzer run of each
         // checks the driver builds and finds nothing quick.
         step("fuzz targets under libFuzzer, 10 s each");
