@@ -48,6 +48,9 @@ impl Kernel for TestKernel {
         self.clock_set_to.lock().unwrap().push(ns);
         Ok(())
     }
+    fn configure_net(&self, _: &kiln_agent::protocol::Net) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What the stand-in vsock socket saw.
@@ -128,7 +131,7 @@ fn the_clone_step_and_the_first_command_go_with_the_hello() {
 
     let spec = ExecSpec::new(["sh", "-c", "echo \"clone $WHO\""]);
     let deadline = Instant::now() + Duration::from_secs(20);
-    let first = client::restore_and_exec(&uds, deadline, env(&[("WHO", "a")]), spec)
+    let first = client::restore_and_exec(&uds, deadline, env(&[("WHO", "a")]), None, spec)
         .expect("restore and exec");
     assert_eq!(
         first.restored.entropy_bytes as usize,
@@ -171,7 +174,7 @@ fn a_failed_clone_step_keeps_the_command_from_running() {
     let marker = dir.join("ran");
     let spec = ExecSpec::new(["touch", marker.to_str().unwrap()]);
     let deadline = Instant::now() + Duration::from_secs(20);
-    match client::restore_and_exec(&uds, deadline, BTreeMap::new(), spec.clone()) {
+    match client::restore_and_exec(&uds, deadline, BTreeMap::new(), None, spec.clone()) {
         Err(Error::Agent { kind, message, .. }) => {
             assert_eq!(kind, ErrorKind::PermissionDenied);
             assert!(message.contains("RNDRESEEDCRNG"), "{message}");
@@ -205,8 +208,14 @@ fn a_guest_not_listening_yet_is_waited_for() {
     let uds = dir.join("v.sock");
     let seen = vsock_socket(&uds, agent, 3);
     let deadline = Instant::now() + Duration::from_secs(20);
-    let first = client::restore_and_exec(&uds, deadline, BTreeMap::new(), ExecSpec::new(["true"]))
-        .expect("restore and exec after three refusals");
+    let first = client::restore_and_exec(
+        &uds,
+        deadline,
+        BTreeMap::new(),
+        None,
+        ExecSpec::new(["true"]),
+    )
+    .expect("restore and exec after three refusals");
     assert_eq!(seen.refused.load(Ordering::SeqCst), 3);
     assert_eq!(
         first.exec.unwrap().output().unwrap().status,
@@ -218,6 +227,7 @@ fn a_guest_not_listening_yet_is_waited_for() {
         &nowhere,
         Instant::now() + Duration::from_millis(300),
         BTreeMap::new(),
+        None,
         ExecSpec::new(["true"]),
     ) {
         Err(Error::NotReady { .. }) => {}

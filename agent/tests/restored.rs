@@ -59,6 +59,9 @@ impl Kernel for TestKernel {
         self.clock_set_to.lock().unwrap().push(ns);
         Ok(())
     }
+    fn configure_net(&self, _: &kiln_agent::protocol::Net) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A new connection to `agent`, served on a thread of this process.

@@ -40,8 +40,12 @@ fn every_documented_route_parses_with_its_example() {
         } else {
             example.to_string()
         };
-        let id = example["drive_id"].as_str().unwrap_or("rootfs");
-        let path = template.replace("{drive_id}", id);
+        let path = template
+            .replace(
+                "{drive_id}",
+                example["drive_id"].as_str().unwrap_or("rootfs"),
+            )
+            .replace("{iface_id}", example["iface_id"].as_str().unwrap_or("eth0"));
         if let Err(e) = parse_request(&method, &path, body.as_bytes()) {
             panic!("{method} {template} with its example {body}: {e}");
         }

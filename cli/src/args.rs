@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_net::{DomainPattern, PublishSpec};
+
 /// The usage text.
 pub const USAGE: &str = "usage: kiln run [OPTIONS] [--] CMD [ARG...]
        kiln snapshot create|load|merge ...   (kiln snapshot --help)
@@ -34,6 +36,19 @@ with its status.
                        warm pool when ready); then -c CODE runs code in --lang (python, sh,
                        node; default python) and a lone FILE.py/.sh/.js is copied in and run;
                        --kilnd PATH names kilnd's socket (see `kiln template --help`)
+
+Network (none by default: no network interface at all):
+  --net                a network interface in a namespace of its own, egress denied
+  --allow-domain D     --net, and let the guest resolve D and reach it on ports 80 and 443
+                       (checked by TLS SNI or HTTP Host against what D resolved to); *.D allows
+                       the names under D (repeatable)
+  --allow-net          --net, and any egress but to private, loopback, link-local and metadata
+                       addresses and the host's own
+  --publish [HOST:]GUEST
+                       listen on 127.0.0.1:HOST (a free port if omitted) and carry connections
+                       to GUEST in the guest, over its network interface or, without one, over
+                       vsock (repeatable); the ports chosen are printed on stderr and in --json
+Refused lookups and connections are printed on stderr as `kiln: net: ...` (and listed in --json).
 
 kiln-vmm is taken from $KILN_VMM, else next to kiln, else from PATH.
 
@@ -72,6 +87,8 @@ pub struct RunArgs {
     pub json: bool,
     /// `--boot-timeout`.
     pub boot_timeout: Duration,
+    /// `--net`, `--allow-domain`, `--allow-net`, `--publish`.
+    pub net: NetArgs,
     /// `--template`: run in a sandbox of this kilnd template instead of booting.
     pub template: Option<String>,
     /// `--kilnd`: kilnd's socket.
@@ -82,6 +99,19 @@ pub struct RunArgs {
     pub code: Option<String>,
     /// The command.
     pub command: Vec<String>,
+}
+
+/// The network the command line asks for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NetArgs {
+    /// A network interface (`--net`, or implied by `--allow-domain`/`--allow-net`).
+    pub nic: bool,
+    /// `--allow-domain`, in order.
+    pub domains: Vec<DomainPattern>,
+    /// `--allow-net`.
+    pub allow_net: bool,
+    /// `--publish`, in order.
+    pub publish: Vec<PublishSpec>,
 }
 
 /// What the command line asks for.
@@ -228,6 +258,7 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         tty: false,
         json: false,
         boot_timeout: DEFAULT_BOOT_TIMEOUT,
+        net: NetArgs::default(),
         template: None,
         kilnd: None,
         lang: None,
@@ -253,6 +284,16 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
             "--vcpus" => a.vcpus = count(name, &words.value(&opt)?)?,
             "--tty" | "-t" => a.tty = Words::flag(&opt)?,
             "--json" => a.json = Words::flag(&opt)?,
+            "--net" => a.net.nic = Words::flag(&opt)?,
+            "--allow-net" => a.net.allow_net = Words::flag(&opt)?,
+            "--allow-domain" => a
+                .net
+                .domains
+                .push(words.value(&opt)?.parse().map_err(|e| format!("{e}"))?),
+            "--publish" | "-p" => a
+                .net
+                .publish
+                .push(words.value(&opt)?.parse().map_err(|e| format!("{e}"))?),
             "--template" => a.template = Some(words.value(&opt)?),
             "--kilnd" => a.kilnd = Some(words.value(&opt)?.into()),
             "--lang" => a.lang = Some(words.value(&opt)?),
@@ -267,6 +308,13 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         }
     }
     a.command = words.rest();
+    if a.net.allow_net && !a.net.domains.is_empty() {
+        return Err(
+            "--allow-net allows every domain already; give --allow-domain or --allow-net, not both"
+                .into(),
+        );
+    }
+    a.net.nic |= a.net.allow_net || !a.net.domains.is_empty();
     if let (Some(_), Some(flag)) = (
         &a.snapshot,
         machine_flags.iter().find(|f| **f != "--snapshot"),
@@ -279,6 +327,12 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         return Err(format!(
             "{flag} cannot be used with --template: the template fixes the machine"
         ));
+    }
+    if a.template.is_some() && (a.net.nic || !a.net.publish.is_empty()) {
+        return Err(
+            "--net, --allow-domain, --allow-net and --publish cannot be used with --template: kilnd's sandboxes have no network yet"
+                .into(),
+        );
     }
     if a.template.is_none()
         && let Some(flag) = [

@@ -250,3 +250,69 @@ fn images_come_from_flags_then_variables_then_the_lab() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn network_flags() {
+    let a = run(&["run", "--", "true"]);
+    assert_eq!(a.net, NetArgs::default(), "no network unless asked");
+    let a = run(&[
+        "run",
+        "--allow-domain",
+        "pypi.org",
+        "--allow-domain=*.pythonhosted.org",
+        "--publish",
+        "8080",
+        "-p",
+        "18000:8000",
+        "--",
+        "true",
+    ]);
+    assert!(
+        a.net.nic && !a.net.allow_net,
+        "--allow-domain implies a NIC"
+    );
+    assert_eq!(
+        a.net
+            .domains
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>(),
+        ["pypi.org", "*.pythonhosted.org"]
+    );
+    assert_eq!(
+        a.net
+            .publish
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>(),
+        ["8080", "18000:8000"]
+    );
+    let a = run(&["run", "--allow-net", "--", "true"]);
+    assert!(a.net.nic && a.net.allow_net);
+    let a = run(&["run", "--publish", "80", "--", "true"]);
+    assert!(!a.net.nic, "publishing alone needs no NIC");
+    assert!(run(&["run", "--net", "--", "true"]).net.nic);
+    assert_eq!(
+        err(&["run", "--allow-domain", "bad name", "--", "true"]),
+        "--allow-domain \"bad name\" is not a domain name (letters, digits and '-' in dot-separated labels of 1 to 63 characters)"
+    );
+    assert_eq!(
+        err(&["run", "--publish", "0", "--", "true"]),
+        "--publish \"0\" is not [HOSTPORT:]GUESTPORT with ports from 1 to 65535"
+    );
+    assert!(
+        err(&[
+            "run",
+            "--allow-net",
+            "--allow-domain",
+            "a.test",
+            "--",
+            "true"
+        ])
+        .contains("not both")
+    );
+    assert_eq!(
+        err(&["run", "--net=yes", "--", "true"]),
+        "--net takes no value"
+    );
+}

@@ -2,7 +2,7 @@
 //! (`kiln-agent`'s client), stream its output, and exit with its status.
 //!
 //! [`args`] parses the command line, [`vm`] owns the VMM process and its temp dir, [`run`] is
-//! the flow from boot (or snapshot restore) to shutdown; [`signals`], [`term`] and [`cleanup`]
+//! the flow from boot (or snapshot restore) to shutdown, [`net`] its network (from `kiln-net`); [`signals`], [`term`] and [`cleanup`]
 //! make every way out (Ctrl-C included) leave no VM, temp dir or raw terminal behind.
 //! [`snapshot`] is `kiln snapshot` (create, load, merge), talking to a VMM through [`api`].
 //! [`kilnd`] is `kiln template`, `kiln sandbox` and `kiln run --template`, through kilnd.
@@ -11,6 +11,7 @@ mod api;
 mod args;
 mod cleanup;
 mod kilnd;
+mod net;
 mod run;
 mod signals;
 mod snapshot;

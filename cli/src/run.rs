@@ -13,6 +13,7 @@ use kiln_agent::client::{
 use kiln_agent::protocol::{ExecSpec, ExitStatus};
 
 use crate::args::{Images, RunArgs};
+use crate::net::Network;
 use crate::snapshot::SnapshotFiles;
 use crate::vm::{Vm, find_vmm};
 use crate::{signals, term};
@@ -102,11 +103,19 @@ fn try_run(args: &RunArgs) -> Result<i32, Failure> {
     signals::install();
 
     let boot_start = Instant::now();
+    // The network before the VM: kiln-vmm starts inside the sandbox's namespace.
+    let mut network = Network::create(&args.net, &format!("kiln-{}", std::process::id()))
+        .map_err(kiln_failure)?;
     let mut vm = match &machine {
-        Machine::Boot(images) => Vm::boot(&vmm, images, args),
-        Machine::Restore(files) => Vm::restore(&vmm, files, boot_start + args.boot_timeout),
+        Machine::Boot(images) => Vm::boot(&vmm, images, args, &network),
+        Machine::Restore(files) => {
+            Vm::restore(&vmm, files, boot_start + args.boot_timeout, &network)
+        }
     }
     .map_err(kiln_failure)?;
+    if let Err(e) = network.publish(&args.net, &vm.uds) {
+        return Err(kiln_failure(vm.failure(&e)));
+    }
 
     let mut spec = ExecSpec::new(args.command.iter().cloned());
     spec.env = args.env.iter().cloned().collect();
@@ -133,7 +142,8 @@ fn try_run(args: &RunArgs) -> Result<i32, Failure> {
         // first, with the command right behind it in the same round trip.
         Machine::Restore(_) => {
             let env = args.env.iter().cloned().collect();
-            let first = restore_and_exec(&mut vm, boot_start, args.boot_timeout, env, spec)?;
+            let net = network.guest_net_spec();
+            let first = restore_and_exec(&mut vm, boot_start, args.boot_timeout, env, net, spec)?;
             let at = Instant::now();
             (
                 first.client,
@@ -203,7 +213,9 @@ fn try_run(args: &RunArgs) -> Result<i32, Failure> {
         // files are only read.
         Machine::Restore(_) => vm.kill(),
     }
-    Ok(report(args.json, &outcome))
+    let code = report(args.json, &outcome, network.report());
+    drop(network);
+    Ok(code)
 }
 
 /// The first contact with a restored VM: the post-restore step and the command in one round trip
@@ -215,12 +227,13 @@ fn restore_and_exec(
     start: Instant,
     limit: Duration,
     env: std::collections::BTreeMap<String, String>,
+    net: Option<kiln_agent::protocol::NetSpec>,
     spec: ExecSpec,
 ) -> Result<client::RestoredExec, Failure> {
     let end = start + limit;
     loop {
         let slice = (Instant::now() + Duration::from_millis(500)).min(end);
-        match client::restore_and_exec(&vm.uds, slice, env.clone(), spec.clone()) {
+        match client::restore_and_exec(&vm.uds, slice, env.clone(), net.clone(), spec.clone()) {
             Ok(first) => return Ok(first),
             Err(Error::NotReady { last, .. }) => {
                 if let Some(st) = vm.try_exit() {
@@ -354,8 +367,9 @@ fn shut_down(client: &Client, vm: &mut Vm) {
     }
 }
 
-/// Prints the result (JSON or the could-not-start reason) and returns the exit status.
-fn report(json: bool, o: &Outcome) -> i32 {
+/// Prints the result (JSON, with `network` when the VM had a network or published ports, or the
+/// could-not-start reason) and returns the exit status.
+fn report(json: bool, o: &Outcome, network: Option<serde_json::Value>) -> i32 {
     let code = o.status.map_or(EXIT_NOT_STARTED, ExitStatus::shell_code);
     if json {
         let (exit_code, signal) = match o.status {
@@ -364,7 +378,7 @@ fn report(json: bool, o: &Outcome) -> i32 {
             Some(ExitStatus::TimedOut) => (None, None),
             None => (Some(EXIT_NOT_STARTED), None),
         };
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "stdout": String::from_utf8_lossy(&o.stdout),
             "stderr": String::from_utf8_lossy(&o.stderr),
             "exit_code": exit_code,
@@ -375,6 +389,9 @@ fn report(json: bool, o: &Outcome) -> i32 {
             "error": o.error,
             "timings": {"boot_ms": o.boot_ms as u64, "exec_ms": o.exec_ms as u64},
         });
+        if let Some(n) = network {
+            value["network"] = n;
+        }
         println!("{value}");
     } else if let Some(e) = &o.error {
         eprintln!("kiln: {e}");

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::api::Api;
 use crate::args::{Images, RunArgs};
 use crate::cleanup;
+use crate::net::Network;
 use crate::snapshot::SnapshotFiles;
 
 /// The guest kernel command line: the agent is init; a reset ends the VMM cleanly.
@@ -82,14 +83,23 @@ fn temp_dir() -> Result<PathBuf, String> {
 }
 
 impl Vm {
-    /// Spawns `vmm` for `images` with `args`' machine size.
-    pub fn boot(vmm: &Path, images: &Images, args: &RunArgs) -> Result<Vm, String> {
-        Vm::spawn(vmm, |cmd, dir| {
+    /// Spawns `vmm` for `images` with `args`' machine size, inside `net`'s namespace with its
+    /// network interface when it has one.
+    pub fn boot(vmm: &Path, images: &Images, args: &RunArgs, net: &Network) -> Result<Vm, String> {
+        let boot_net = net.boot_args();
+        let cmdline = match &boot_net {
+            Some((_, word)) => format!("{CMDLINE} {word}"),
+            None => CMDLINE.to_string(),
+        };
+        Vm::spawn(vmm, net.netns_fd(), |cmd, dir| {
+            if let Some((iface, _)) = &boot_net {
+                cmd.arg("--net").arg(iface);
+            }
             cmd.arg("--kernel")
                 .arg(&images.kernel)
                 .args(["--mem-mib", &args.mem_mib.to_string()])
                 .args(["--vcpus", &args.vcpus.to_string()])
-                .args(["--cmdline", CMDLINE])
+                .args(["--cmdline", &cmdline])
                 .arg("--drive")
                 .arg(format!(
                     "id=rootfs,path={},root,ro",
@@ -101,10 +111,16 @@ impl Vm {
     }
 
     /// Spawns `vmm` with only an API socket, loads the snapshot `files` into it and resumes it,
-    /// its vsock moved to this VM's own socket. Gives up at `deadline`.
-    pub fn restore(vmm: &Path, files: &SnapshotFiles, deadline: Instant) -> Result<Vm, String> {
+    /// its vsock moved to this VM's own socket and its network interface (if `net` has one) to
+    /// `net`'s TAP. Gives up at `deadline`.
+    pub fn restore(
+        vmm: &Path,
+        files: &SnapshotFiles,
+        deadline: Instant,
+        net: &Network,
+    ) -> Result<Vm, String> {
         let mut api_sock = PathBuf::new();
-        let mut vm = Vm::spawn(vmm, |cmd, dir| {
+        let mut vm = Vm::spawn(vmm, net.netns_fd(), |cmd, dir| {
             api_sock = dir.join("api.sock");
             cmd.arg("--api-sock").arg(&api_sock);
         })?;
@@ -115,21 +131,35 @@ impl Vm {
         let loaded = api.and_then(|mut api| {
             let left = deadline.saturating_duration_since(Instant::now());
             api.set_timeout(left.max(Duration::from_secs(1)));
-            let body = files.load_body(true, Some(vm.uds.clone()), false);
+            let mut body = files.load_body(true, Some(vm.uds.clone()), false);
+            body.network_overrides = net.overrides();
             api.load_snapshot(&body).map_err(|e| e.to_string())
         });
         match loaded {
             Ok(()) => Ok(vm),
-            Err(e) => Err(vm.failure(&format!(
-                "restoring the snapshot in {}: {e}",
-                files.dir.display()
-            ))),
+            Err(e) => {
+                let hint = if net.netns_fd().is_none() && e.contains("network interface") {
+                    " (the snapshot has a network interface: run it with --net, --allow-domain or --allow-net)"
+                } else if e.contains("has no network interface") {
+                    " (--net and the --allow flags need a snapshot taken with a network interface)"
+                } else {
+                    ""
+                };
+                Err(vm.failure(&format!(
+                    "restoring the snapshot in {}: {e}{hint}",
+                    files.dir.display()
+                )))
+            }
         }
     }
 
-    /// Spawns `vmm` in a new temp dir; `configure` adds the arguments that say what to run,
-    /// given that dir.
-    fn spawn(vmm: &Path, configure: impl FnOnce(&mut Command, &Path)) -> Result<Vm, String> {
+    /// Spawns `vmm` in a new temp dir (and in the network namespace `netns`, if given);
+    /// `configure` adds the arguments that say what to run, given that dir.
+    fn spawn(
+        vmm: &Path,
+        netns: Option<std::os::fd::RawFd>,
+        configure: impl FnOnce(&mut Command, &Path),
+    ) -> Result<Vm, String> {
         let dir = temp_dir()?;
         cleanup::set_dir(Some(dir.clone()));
         let uds = dir.join(VSOCK);
@@ -147,9 +177,13 @@ impl Vm {
             // Its own process group: a Ctrl-C at the terminal is ours to handle, not the VMM's.
             .process_group(0);
         // SAFETY: the closure only makes async-signal-safe calls (sigemptyset, pthread_sigmask,
-        // prctl) on a local, between fork and exec.
+        // prctl, setns) on a local and a descriptor the parent keeps open, between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                // The VMM lives in the sandbox's namespace, where its TAP is.
+                if let Some(fd) = netns {
+                    kiln_net::netns::enter_raw(fd)?;
+                }
                 // kiln blocks the signals its signal thread takes, and a signal mask survives
                 // exec: the VMM must start with none blocked.
                 let mut none: libc::sigset_t = std::mem::zeroed();

@@ -29,6 +29,14 @@ fn main() {
         ("ctrl_c_cleans_up", ctrl_c_cleans_up),
         ("bad_input_exits_125", bad_input_exits_125),
         (
+            "a_port_is_published_over_vsock_without_a_nic",
+            a_port_is_published_over_vsock_without_a_nic,
+        ),
+        (
+            "a_network_puts_the_vmm_in_its_namespace_with_a_nic",
+            a_network_puts_the_vmm_in_its_namespace_with_a_nic,
+        ),
+        (
             "a_silent_agent_cannot_outlast_the_timeout",
             a_silent_agent_cannot_outlast_the_timeout,
         ),
@@ -289,6 +297,97 @@ fn bad_input_exits_125() {
         run(&["frobnicate"], &[]),
         "kiln: unknown command \"frobnicate\" (run, snapshot, template, sandbox)\n"
     );
+}
+
+fn a_port_is_published_over_vsock_without_a_nic() {
+    // The fake agent runs on this host, so the "guest" server is one here on loopback.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let guest_port = server.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for mut c in server.incoming().flatten() {
+            let mut line = String::new();
+            let mut b = [0u8; 1];
+            while c.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+                line.push(b[0] as char);
+            }
+            let _ = c.write_all(format!("guest got {line}\n").as_bytes());
+        }
+    });
+    let s = setup("publish");
+    let mut child = s
+        .command(
+            "agent",
+            &[
+                "--json",
+                "--publish",
+                &guest_port.to_string(),
+                "--",
+                "sleep",
+                "3",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    let mut b = [0u8; 1];
+    while !seen.ends_with('\n') && stderr.read(&mut b).unwrap_or(0) == 1 {
+        seen.push(b[0] as char);
+    }
+    let host = seen
+        .strip_prefix("kiln: published ")
+        .and_then(|r| r.split(" -> ").next())
+        .unwrap_or_else(|| panic!("no published line: {seen:?}"))
+        .to_string();
+    assert!(
+        seen.ends_with(&format!("-> guest port {guest_port}\n")),
+        "{seen}"
+    );
+    assert!(host.starts_with("127.0.0.1:"), "{host}");
+    let mut c = std::net::TcpStream::connect(&host).unwrap();
+    c.write_all(b"hello\n").unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "guest got hello\n");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let published = &v["network"]["published"][0];
+    assert_eq!(published["host"], host);
+    assert_eq!(published["guest_port"], guest_port);
+    assert!(v["network"]["address"].is_null(), "no NIC: {v}");
+    assert!(
+        std::net::TcpStream::connect(&host).is_err(),
+        "closed with the run"
+    );
+}
+
+fn a_network_puts_the_vmm_in_its_namespace_with_a_nic() {
+    let s = setup("nic");
+    let out = s.run(
+        "agent",
+        &["--json", "--allow-domain", "allowed.test", "--", "true"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (_, _, args) = s.vmm();
+    let net = &args[args.iter().position(|a| a == "--net").unwrap() + 1];
+    assert_eq!(net, "id=eth0,tap=kiln0,mac=06:00:ac:10:00:02");
+    let cmdline = &args[args.iter().position(|a| a == "--cmdline").unwrap() + 1];
+    assert!(
+        cmdline.ends_with(" kiln.net=172.16.0.2/30,172.16.0.1,172.16.0.1"),
+        "{cmdline}"
+    );
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert_ne!(
+        s.vmm_netns(),
+        ours.to_string_lossy(),
+        "the VMM ran in the sandbox's namespace"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["network"]["address"], "172.16.0.2");
+    assert_eq!(v["network"]["refused_total"], 0);
 }
 
 /// An agent that goes silent after its hello: `--timeout` bounds the whole call (the start

@@ -40,6 +40,10 @@ fn main() {
             "bad_input_is_named_before_anything_starts",
             bad_input_is_named_before_anything_starts,
         ),
+        (
+            "a_clone_with_a_network_gets_its_tap_and_eth0_settings",
+            a_clone_with_a_network_gets_its_tap_and_eth0_settings,
+        ),
     ]);
 }
 
@@ -468,4 +472,52 @@ fn bad_input_is_named_before_anything_starts() {
     };
     assert_eq!(code, Some(0));
     assert!(usage.starts_with("usage: kiln snapshot create"), "{usage}");
+}
+
+fn a_clone_with_a_network_gets_its_tap_and_eth0_settings() {
+    let s = setup("snapnet");
+    let snap = snapshot_dir(&s, "snap", &["vmstate", "memory"]);
+    let out = run_snapshot(
+        &s,
+        "agent",
+        &snap,
+        &["--allow-domain", "pypi.org", "--", "true"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let requests = s.api_requests();
+    let ApiRequest::LoadSnapshot(load) = parsed(&requests[0]) else {
+        panic!("{requests:?}")
+    };
+    assert_eq!(load.network_overrides.len(), 1);
+    assert_eq!(
+        (
+            load.network_overrides[0].iface_id.as_str(),
+            load.network_overrides[0].host_dev_name.as_str()
+        ),
+        ("eth0", "kiln0"),
+        "the clone's interface moves to its own sandbox's TAP"
+    );
+    let restored: RestoreSpec = serde_json::from_str(&requests[1].1).unwrap();
+    let net = restored
+        .validate()
+        .unwrap()
+        .net
+        .expect("eth0 settings in the clone step");
+    assert_eq!(
+        (net.address.to_string(), net.prefix, net.gateway.to_string()),
+        ("172.16.0.2".to_string(), 30, "172.16.0.1".to_string())
+    );
+    // Without a network the clone step carries none, and no override is sent.
+    let out = run_snapshot(&s, "agent", &snap, &["--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let requests = s.api_requests();
+    let restored: RestoreSpec = serde_json::from_str(&requests[1].1).unwrap();
+    assert_eq!(restored.net, None);
+    let load: serde_json::Value = serde_json::from_str(&requests[0].1).unwrap();
+    assert_eq!(
+        load["network_overrides"],
+        serde_json::json!([]),
+        "{}",
+        requests[0].1
+    );
 }

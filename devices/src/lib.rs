@@ -2,7 +2,7 @@
 //!
 //! This crate owns the port-I/O and MMIO [`bus`] that routes a vCPU's exits to a device, and the
 //! devices themselves: [`legacy`] (the 16550 UART and the i8042) and [`virtio`] (the virtio-mmio
-//! transport and the virtio devices). It may call the rust-vmm
+//! transport and the virtio devices), and the [`rate_limiter`] devices share. It may call the rust-vmm
 //! device crates (`vm-superio`) and `vmm-sys-util`; it never touches KVM. The `kiln-vmm` crate builds
 //! the devices, places them on a bus and calls into them from its vCPU threads.
 //!

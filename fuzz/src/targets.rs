@@ -4,12 +4,11 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use kiln_agent::protocol::{Message, Request, read_frame};
 use kiln_api::http::{Parsed, RequestReader};
 use kiln_devices::BusDevice;
-use kiln_devices::rate_limiter::{BucketConfig, LimiterConfig};
+use kiln_devices::rate_limiter::{BucketConfig, RateLimiterConfig};
 use kiln_devices::virtio::block::{Block, BlockConfig};
 use kiln_devices::virtio::vsock::Vsock;
 use kiln_devices::virtio::{MmioTransport, VirtioDevice};
@@ -42,15 +41,15 @@ fn block(read_only: bool, throttled: bool) -> Block {
     let bucket = |size| BucketConfig {
         size,
         one_time_burst: 0,
-        refill_time: Duration::from_millis(1),
+        refill_time_ms: 1,
     };
     let rate_limiter = if throttled {
-        LimiterConfig {
+        RateLimiterConfig {
             bandwidth: Some(bucket(4096)),
             ops: Some(bucket(4)),
         }
     } else {
-        LimiterConfig::default()
+        RateLimiterConfig::default()
     };
     let cfg = BlockConfig {
         id: "fuzz".into(),

@@ -18,6 +18,7 @@ use kiln_agent::client::Client;
 use kiln_agent::protocol::{ExecSpec, ExitStatus as AgentExit};
 
 pub mod cycles;
+pub mod fakenet;
 
 /// The marker the test initramfs prints first thing in `/init`.
 pub const INIT_MARKER: &str = "KILN-INIT-START";

@@ -14,6 +14,7 @@ use kiln_devices::legacy::{
     SerialDevice, SerialDeviceState, SerialRestoreArgs,
 };
 use kiln_devices::virtio::block::{Block, BlockConfig, BlockError};
+use kiln_devices::virtio::net::{Net, NetError};
 use kiln_devices::virtio::vsock::{Vsock, VsockError};
 use kiln_snapshot::Persist;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -79,6 +80,9 @@ pub enum BuildError {
     /// The vsock device could not be created.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// A network interface could not be created (its TAP, say).
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// A virtio device could not be attached.
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -96,6 +100,7 @@ impl BuildError {
                 | BuildError::SerialOut { .. }
                 | BuildError::Block(_)
                 | BuildError::Vsock(_)
+                | BuildError::Net(_)
         )
     }
 }
@@ -105,22 +110,23 @@ impl BuildError {
 struct LimitedOutput {
     inner: Box<dyn std::io::Write + Send>,
     bucket: kiln_devices::rate_limiter::TokenBucket,
+    clock: kiln_devices::rate_limiter::MonotonicClock,
     dropped: u64,
 }
 
 impl std::io::Write for LimitedOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self
-            .bucket
-            .reduce(buf.len() as u64, std::time::Instant::now())
-            .is_err()
-        {
+        use kiln_devices::rate_limiter::Clock;
+        let now = self.clock.now();
+        if !self.bucket.ready(now) {
             if self.dropped == 0 {
                 log::warn!("serial console: output over its rate limit is dropped");
             }
             self.dropped += buf.len() as u64;
             return Ok(buf.len());
         }
+        // What is written may leave the bucket in debt: later output waits it out.
+        self.bucket.consume(now, buf.len() as u64);
         self.inner.write(buf)
     }
 
@@ -130,21 +136,20 @@ impl std::io::Write for LimitedOutput {
 }
 
 fn serial_output(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>, BuildError> {
+    use kiln_devices::rate_limiter::Clock;
     let out = serial_sink(config)?;
+    let clock = kiln_devices::rate_limiter::MonotonicClock::default();
     let bucket = config.serial.rate_limiter.and_then(|b| {
         kiln_devices::rate_limiter::TokenBucket::new(
-            kiln_devices::rate_limiter::BucketConfig {
-                size: b.size,
-                one_time_burst: b.one_time_burst.unwrap_or(0),
-                refill_time: std::time::Duration::from_millis(b.refill_time),
-            },
-            std::time::Instant::now(),
+            crate::config::rate_limiter::bucket(&b),
+            clock.now(),
         )
     });
     Ok(match bucket {
         Some(bucket) => Box::new(LimitedOutput {
             inner: out,
             bucket,
+            clock,
             dropped: 0,
         }),
         None => out,
@@ -243,7 +248,7 @@ fn attach_drives(
             id: d.drive_id.clone(),
             path: d.path_on_host.clone(),
             read_only: d.is_read_only,
-            rate_limiter: limiter_config(d.rate_limiter.as_ref()),
+            rate_limiter: crate::config::rate_limiter::rate_limiter(d.rate_limiter.as_ref()),
         };
         let block = Arc::new(Mutex::new(Block::new(cfg, irq)?));
         devices.attach(
@@ -257,25 +262,25 @@ fn attach_drives(
     Ok(())
 }
 
-/// A drive's rate limits, from the API's shape to the device's.
-pub(crate) fn limiter_config(
-    r: Option<&kiln_api::requests::rate_limiter::RateLimiter>,
-) -> kiln_devices::rate_limiter::LimiterConfig {
-    kiln_devices::rate_limiter::LimiterConfig {
-        bandwidth: r.and_then(|r| r.bandwidth).map(bucket_config),
-        ops: r.and_then(|r| r.ops).map(bucket_config),
+/// Attaches each network interface (the first is the guest's eth0), each on its TAP.
+fn attach_nets(
+    config: &VmConfig,
+    devices: &mut MmioDeviceManager,
+    ctx: &mut AttachContext<'_>,
+) -> Result<(), BuildError> {
+    for n in &config.network_interfaces {
+        let irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| BuildError::EventFd("a network interface's IRQ", e))?;
+        let net = Net::new(crate::config::net::device_config(n), irq)?;
+        devices.attach(
+            &format!("network interface {}", n.iface_id),
+            VirtioKind::Net(Arc::new(Mutex::new(net))),
+            Placement::Next,
+            None,
+            ctx,
+        )?;
     }
-}
-
-/// One bucket, from the API's shape to the device's.
-pub(crate) fn bucket_config(
-    b: kiln_api::requests::rate_limiter::TokenBucket,
-) -> kiln_devices::rate_limiter::BucketConfig {
-    kiln_devices::rate_limiter::BucketConfig {
-        size: b.size,
-        one_time_burst: b.one_time_burst.unwrap_or(0),
-        refill_time: std::time::Duration::from_millis(b.refill_time),
-    }
+    Ok(())
 }
 
 /// The boot timer's hook: logs the boot time as Firecracker does, measured from `started`.
@@ -436,6 +441,7 @@ pub fn build_in(
     }
     let mut ctx = platform.attach_context(&mem);
     attach_drives(config, &mut devices, &mut ctx)?;
+    attach_nets(config, &mut devices, &mut ctx)?;
     if let Some(v) = &config.vsock {
         let irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| BuildError::EventFd("the vsock IRQ", e))?;

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kiln_devices::virtio::block::Block;
 use kiln_devices::virtio::mmio::{MMIO_LEN, QUEUE_NOTIFY_OFFSET};
+use kiln_devices::virtio::net::Net;
 use kiln_devices::virtio::vsock::Vsock;
 use kiln_devices::virtio::{MmioTransport, VirtioDevice};
 use kvm_ioctls::IoEventAddress;
@@ -56,6 +57,8 @@ pub enum VirtioKind {
     Block(Arc<Mutex<Block>>),
     /// The vsock device.
     Vsock(Arc<Mutex<Vsock>>),
+    /// A network interface.
+    Net(Arc<Mutex<Net>>),
 }
 
 impl VirtioKind {
@@ -64,6 +67,7 @@ impl VirtioKind {
         match self {
             VirtioKind::Block(d) => d.clone(),
             VirtioKind::Vsock(d) => d.clone(),
+            VirtioKind::Net(d) => d.clone(),
         }
     }
 }
@@ -139,6 +143,7 @@ impl MmioDeviceManager {
         match kind.clone() {
             VirtioKind::Block(d) => self.attach_device(name, d, kind, placement, transport, ctx),
             VirtioKind::Vsock(d) => self.attach_device(name, d, kind, placement, transport, ctx),
+            VirtioKind::Net(d) => self.attach_device(name, d, kind, placement, transport, ctx),
         }
     }
 
@@ -199,6 +204,14 @@ impl MmioDeviceManager {
             kind,
         });
         Ok(())
+    }
+
+    /// The network interface `id`, if attached.
+    pub fn net(&self, id: &str) -> Option<&Arc<Mutex<Net>>> {
+        self.devices.iter().find_map(|d| match &d.kind {
+            VirtioKind::Net(n) if n.lock().unwrap_or_else(|p| p.into_inner()).id() == id => Some(n),
+            _ => None,
+        })
     }
 
     /// The attached devices, in attachment order.

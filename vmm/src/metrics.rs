@@ -4,8 +4,8 @@
 //! `get_api_requests`, `put_api_requests`, `patch_api_requests`, `block` (all drives) and
 //! `block_<id>` (each), `vsock`, `vcpu`, `latencies_us`, `logger`, `seccomp`, `signals`. Counters are what
 //! happened since the previous line, as in Firecracker; latencies and start-up times are the
-//! latest value. The network and balloon devices add their groups where [`Vmm::metrics_line`]
-//! walks the devices (`net`, `balloon`).
+//! latest value. The network device keeps no counters yet; it and the balloon device add their
+//! groups (`net`, `balloon`) where [`Vmm::metrics_line`] walks the devices.
 //!
 //! [`Vmm::metrics_line`]: crate::Vmm::metrics_line
 
@@ -119,6 +119,10 @@ metrics_group!(
         mmds_count,
         /// Failed.
         mmds_fails,
+        /// `PUT /network-interfaces`.
+        network_count,
+        /// Failed.
+        network_fails,
         /// `PUT /vsock`.
         vsock_count,
         /// Failed.
@@ -149,6 +153,10 @@ metrics_group!(
         mmds_count,
         /// Failed.
         mmds_fails,
+        /// `PATCH /network-interfaces`.
+        network_count,
+        /// Failed.
+        network_fails,
         /// `PATCH /vm`.
         vmm_count,
         /// Failed.
@@ -178,12 +186,14 @@ fn request_counters(request: &ApiRequest) -> (&'static IncMetric, Option<&'stati
         PutMachineConfig(_) => (&PUT.machine_cfg_count, Some(&PUT.machine_cfg_fails)),
         PutMetrics(_) => (&PUT.metrics_count, Some(&PUT.metrics_fails)),
         PutMmds(_) | PutMmdsConfig(_) => (&PUT.mmds_count, Some(&PUT.mmds_fails)),
+        PutNetworkInterface(_) => (&PUT.network_count, Some(&PUT.network_fails)),
         PutVsock(_) => (&PUT.vsock_count, Some(&PUT.vsock_fails)),
         PutSerial(_) => (&PUT.serial_count, Some(&PUT.serial_fails)),
         CreateSnapshot(_) | LoadSnapshot(_) => (&PUT.snapshot_count, Some(&PUT.snapshot_fails)),
         PatchDrive(_) => (&PATCH.drive_count, Some(&PATCH.drive_fails)),
         PatchMachineConfig(_) => (&PATCH.machine_cfg_count, Some(&PATCH.machine_cfg_fails)),
         PatchMmds(_) => (&PATCH.mmds_count, Some(&PATCH.mmds_fails)),
+        PatchNetworkInterface(_) => (&PATCH.network_count, Some(&PATCH.network_fails)),
         PatchVm(_) => (&PATCH.vmm_count, Some(&PATCH.vmm_fails)),
     }
 }

@@ -121,6 +121,8 @@ pub fn main(args: &[String]) -> Result<u8> {
             "warnings",
         ]))?;
         step("unit and host-KVM integration tests");
+        // kiln-net's tests build sandboxes, which need nft and ip on the host.
+        util::ensure_packages(&["nftables", "iproute2"])?;
         util::run(cargo().args(["test", "--workspace"]))?;
         step("the Python SDK's suite (mypy, pytest against kilnd with the stand-in VMM)");
         crate::sdk::run_suite(None)?;

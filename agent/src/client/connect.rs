@@ -88,6 +88,55 @@ fn open_vsock(uds: &Path, port: u32, timeout: Duration, then: &[u8]) -> Result<S
     Ok(socket)
 }
 
+/// Connects to the TCP port `guest_port` inside the guest through the agent's forwarding service
+/// (vsock port [`crate::protocol::FORWARD_PORT`]) behind the VMM's vsock socket `uds`: the stream
+/// returned carries the guest connection's bytes. For published ports of a VM without a network
+/// interface.
+pub fn forward(
+    uds: impl AsRef<Path>,
+    guest_port: u16,
+    timeout: Duration,
+) -> Result<UnixStream, Error> {
+    let uds = uds.as_ref();
+    let socket = open_vsock(
+        uds,
+        crate::protocol::FORWARD_PORT,
+        timeout,
+        format!("FORWARD {guest_port}\n").as_bytes(),
+    )?;
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while reply.len() < 256 {
+        match (&socket).read(&mut byte) {
+            Ok(1) if byte[0] == b'\n' => break,
+            Ok(1) => reply.push(byte[0]),
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::Local {
+                    what: format!("reading the FORWARD answer from {}", uds.display()),
+                    source: e,
+                });
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&reply).into_owned();
+    if text != "OK" {
+        return Err(Error::ConnectRefused {
+            path: uds.into(),
+            port: u32::from(guest_port),
+            reply: text,
+        });
+    }
+    socket
+        .set_read_timeout(None)
+        .map_err(|source| Error::Local {
+            what: format!("clearing the timeout on {}", uds.display()),
+            source,
+        })?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
+}
+
 fn our_hello() -> Message {
     Message::Hello(Hello {
         version: PROTOCOL_VERSION,

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use conn::{MAX_QUEUED_EVENT_BYTES, MAX_QUEUED_EVENTS};
-pub use connect::{HANDSHAKE_TIMEOUT, connect_unix, connect_vsock, from_socket, wait_ready};
+pub use connect::{
+    HANDSHAKE_TIMEOUT, connect_unix, connect_vsock, forward, from_socket, wait_ready,
+};
 pub use exec::{
     Exec, ExecControl, ExecOutput, ExecStdin, MAX_COLLECTED_STDERR, MAX_COLLECTED_STDOUT, Output,
     REPORT_GRACE, collect_capped,

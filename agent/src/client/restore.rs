@@ -11,7 +11,7 @@ use super::conn::{Inbound, Req};
 use super::connect::{HANDSHAKE_TIMEOUT, connect_pipelined};
 use super::exec::Exec;
 use super::{Client, Error, unexpected};
-use crate::protocol::{Event, ExecSpec, Request, RestoreSpec};
+use crate::protocol::{Event, ExecSpec, NetSpec, Request, RestoreSpec};
 
 /// Bytes of entropy [`Client::restored_now`] sends (twice the protocol's minimum).
 pub const RESTORE_ENTROPY: usize = 64;
@@ -59,19 +59,21 @@ pub struct RestoredExec {
 /// The whole first contact with a VM just restored from a snapshot, in one round trip: connects
 /// to its agent through the VMM's vsock socket `uds` and sends, in the same write as `CONNECT`
 /// and the hello, the clone step ([`RESTORE_ENTROPY`] fresh bytes of host entropy, the host's
-/// time, `env`) and `spec`'s exec. The agent answers the clone step before it reads the exec,
-/// and refuses the exec if the step failed, so the command never runs in a clone that was not
-/// reseeded. Connecting is retried until `deadline` while the agent is not there yet; a failure
-/// after its hello is returned as is (the requests may have run). `Err` means the connection or
-/// the clone step failed; how the command fared is in [`RestoredExec::exec`].
+/// time, `env`, and eth0's settings `net` for a VM with a network interface) and `spec`'s exec.
+/// The agent answers the clone step before it reads the exec, and refuses the exec if the step
+/// failed, so the command never runs in a clone that was not reseeded. Connecting is retried
+/// until `deadline` while the agent is not there yet; a failure after its hello is returned as
+/// is (the requests may have run). `Err` means the connection or the clone step failed; how the
+/// command fared is in [`RestoredExec::exec`].
 pub fn restore_and_exec(
     uds: impl AsRef<Path>,
     deadline: Instant,
     env: BTreeMap<String, String>,
+    net: Option<NetSpec>,
     spec: ExecSpec,
 ) -> Result<RestoredExec, Error> {
     let wants_stdin = spec.stdin;
-    let requests = vec![clone_step(env)?, Request::Exec(spec)];
+    let requests = vec![clone_step(env, net)?, Request::Exec(spec)];
     let (client, reqs) = connect_pipelined(uds.as_ref(), deadline, requests)?;
     let [step, exec]: [Req; 2] = reqs
         .try_into()
@@ -93,7 +95,7 @@ pub fn restore_connect(
     deadline: Instant,
     env: BTreeMap<String, String>,
 ) -> Result<(Client, Restored), Error> {
-    let (client, reqs) = connect_pipelined(uds.as_ref(), deadline, vec![clone_step(env)?])?;
+    let (client, reqs) = connect_pipelined(uds.as_ref(), deadline, vec![clone_step(env, None)?])?;
     let step = reqs
         .into_iter()
         .next()
@@ -102,17 +104,16 @@ pub fn restore_connect(
     Ok((client, await_restored(step, answer_by)?))
 }
 
-/// The clone step's request: fresh host entropy, the host's time now, and `env`.
-fn clone_step(env: BTreeMap<String, String>) -> Result<Request, Error> {
+/// The clone step's request: fresh host entropy, the host's time now, `env`, and eth0's settings
+/// `net` for a VM with a network interface.
+fn clone_step(env: BTreeMap<String, String>, net: Option<NetSpec>) -> Result<Request, Error> {
     let entropy = host_entropy(RESTORE_ENTROPY).map_err(|source| Error::Local {
         what: format!("reading {RESTORE_ENTROPY} bytes of host entropy"),
         source,
     })?;
-    Ok(Request::Restored(RestoreSpec::new(
-        &entropy,
-        SystemTime::now(),
-        env,
-    )))
+    Ok(Request::Restored(
+        RestoreSpec::new(&entropy, SystemTime::now(), env).with_net(net),
+    ))
 }
 
 /// The agent's answer to a clone step.

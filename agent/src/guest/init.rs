@@ -1,5 +1,6 @@
 //! What the agent does as the guest's PID 1: optionally put a tmpfs overlay over a read-only root,
-//! mount the kernel filesystems, name the host, bring up loopback, make the root writable, and at
+//! mount the kernel filesystems, name the host, bring up loopback and (with `kiln.net=` on the
+//! kernel command line) eth0, make the root writable, and at
 //! the end stop everything and reset the VM (Kiln's VMM treats a reset as a clean exit; there is no
 //! ACPI to power off with).
 
@@ -169,6 +170,15 @@ pub fn setup() {
     }
     if let Err(e) = loopback_up() {
         log(format_args!("bringing up lo: {e}"));
+    }
+    match crate::protocol::NetSpec::from_cmdline(&cmdline).map(|r| r.and_then(|s| s.validate())) {
+        None => {}
+        Some(Ok(net)) => {
+            if let Err(e) = super::net::configure(&net) {
+                log(format_args!("network: {e}"));
+            }
+        }
+        Some(Err(e)) => log(format_args!("network: {e}")),
     }
 }
 

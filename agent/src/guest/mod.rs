@@ -2,7 +2,8 @@
 //! it down on Ctrl-Alt-Del, [`cad`]), reaps every child through one [`reaper`], listens on vsock
 //! (or a Unix socket for host tests), and serves each connection ([`session`]) with a thread per
 //! request ([`exec`], [`files`]). After a snapshot restore the host sends one `restored` request
-//! ([`restore`]).
+//! ([`restore`]). It sets eth0 up from the host's settings ([`net`]) and forwards published ports
+//! of a VM without a network interface over vsock ([`forward`]).
 //!
 //! Only the agent binary (and test harnesses standing in for a VM) should run this: the reaper
 //! waits for *every* child of the process.
@@ -10,8 +11,10 @@
 pub mod cad;
 pub mod exec;
 pub mod files;
+pub mod forward;
 pub mod init;
 pub mod listen;
+pub mod net;
 pub mod procs;
 pub mod reaper;
 pub mod restore;
@@ -159,17 +162,21 @@ pub fn accept_loop(agent: Arc<Agent>, listener: Listener) {
     }
 }
 
-const USAGE: &str = "usage: kiln-agent [--listen vsock[:PORT]|unix:PATH]...
+const USAGE: &str =
+    "usage: kiln-agent [--listen vsock[:PORT]|unix:PATH]... [--forward vsock[:PORT]|unix:PATH]
 
 Kiln's guest agent. As PID 1 it mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp and /run,
 sets the hostname (kiln.hostname= on the kernel command line, default kiln) and resets the VM
-on a shutdown request or Ctrl-Alt-Del (SIGINT). It listens on vsock port 1024 unless --listen says otherwise.";
+on a shutdown request or Ctrl-Alt-Del (SIGINT), and sets eth0 up from kiln.net= on the kernel
+command line. It listens on vsock port 1024 and forwards port connections on vsock port 1025
+unless --listen (and --forward) say otherwise.";
 
 /// The `kiln-agent` program.
 pub fn main() -> ExitCode {
     let pid1 = std::process::id() == 1;
     sys::ensure_std_fds();
     let mut addrs = Vec::new();
+    let mut forward = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let parsed = match arg.as_str() {
@@ -185,6 +192,22 @@ pub fn main() -> ExitCode {
                 .next()
                 .ok_or_else(|| "--listen needs a value".to_string())
                 .and_then(|v| ListenAddr::parse(&v)),
+            "--forward" => {
+                match args
+                    .next()
+                    .ok_or_else(|| "--forward needs a value".to_string())
+                    .and_then(|v| ListenAddr::parse(&v))
+                {
+                    Ok(a) => {
+                        forward = Some(a);
+                        continue;
+                    }
+                    Err(msg) => {
+                        log(format_args!("{msg}"));
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             other => match other.strip_prefix("--listen=") {
                 Some(v) => ListenAddr::parse(v),
                 // As PID 1 the kernel passes unknown command-line words as arguments: ignore them.
@@ -202,6 +225,7 @@ pub fn main() -> ExitCode {
     }
     if addrs.is_empty() {
         addrs.push(ListenAddr::Vsock(crate::protocol::AGENT_PORT));
+        forward.get_or_insert(ListenAddr::Vsock(crate::protocol::FORWARD_PORT));
     }
     let mode = if pid1 {
         init::setup();
@@ -227,6 +251,17 @@ pub fn main() -> ExitCode {
                 }
                 return ExitCode::FAILURE;
             }
+        }
+    }
+    if let Some(addr) = &forward {
+        match Listener::bind(addr) {
+            Ok(l) => {
+                thread::spawn(move || forward::accept_loop(l));
+            }
+            // Published ports of a VM without a NIC stop working; commands still run.
+            Err(e) => log(format_args!(
+                "cannot listen for forwarded ports on {addr:?}: {e}"
+            )),
         }
     }
     let handles: Vec<_> = listeners

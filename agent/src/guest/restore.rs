@@ -2,7 +2,8 @@
 //! that clones of one snapshot are not twins. In order: mix the host's entropy into the kernel's
 //! pool (crediting it) and force the CRNG to reseed from it, so no two clones continue one random
 //! stream; step `CLOCK_REALTIME` to the host's time, since the guest's clock stopped when the
-//! snapshot was taken; replace the default environment for later execs. The steps that touch the
+//! snapshot was taken; set eth0 up again when the host sent network settings; replace the default
+//! environment for later execs. The steps that touch the
 //! kernel go through [`Kernel`], so tests on a host can leave its real clock alone.
 
 use std::fs::File;
@@ -31,6 +32,8 @@ pub trait Kernel: Send + Sync {
     fn realtime_ns(&self) -> io::Result<i128>;
     /// Steps `CLOCK_REALTIME` to `ns` nanoseconds since the epoch.
     fn set_realtime_ns(&self, ns: u64) -> io::Result<()>;
+    /// Sets eth0's address, route and name servers (see [`super::net::configure`]).
+    fn configure_net(&self, net: &crate::protocol::Net) -> io::Result<()>;
 }
 
 /// The real thing: ioctls on `/dev/urandom` and `clock_settime(2)`. Needs `CAP_SYS_ADMIN` for
@@ -86,6 +89,10 @@ impl Kernel for LinuxKernel {
         };
         // SAFETY: clock_settime reads one timespec from the valid pointer.
         check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })
+    }
+
+    fn configure_net(&self, net: &crate::protocol::Net) -> io::Result<()> {
+        super::net::configure(net)
     }
 }
 
@@ -148,6 +155,15 @@ fn run(agent: &Agent, spec: &RestoreSpec) -> Result<Event, ErrorInfo> {
     })?;
     let step = i128::from(r.time_ns) - before;
     let clock_step_ns = i64::try_from(step).unwrap_or(if step < 0 { i64::MIN } else { i64::MAX });
+    if let Some(net) = &r.net {
+        kernel.configure_net(net).map_err(|e| {
+            step_failed(
+                &format!("configuring {}", crate::protocol::net::INTERFACE),
+                "the RNG was reseeded and the clock set; the environment was not changed",
+                e,
+            )
+        })?;
+    }
     agent.set_default_env(r.env);
     log(format_args!(
         "restored: {n} bytes of entropy, RNG reseeded, clock stepped by {clock_step_ns} ns"

@@ -15,6 +15,7 @@ struct Seen {
     entropy: Vec<Vec<u8>>,
     reseeds: u32,
     clock_set_to: Vec<u64>,
+    net: Vec<crate::protocol::Net>,
 }
 
 /// A kernel whose clock reads `now_ns` and records every change; `fail_reseed` makes the reseed
@@ -59,6 +60,10 @@ impl Kernel for Recording {
         self.seen.lock().unwrap().clock_set_to.push(ns);
         Ok(())
     }
+    fn configure_net(&self, net: &crate::protocol::Net) -> io::Result<()> {
+        self.seen.lock().unwrap().net.push(net.clone());
+        Ok(())
+    }
 }
 
 fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -73,7 +78,43 @@ fn spec(entropy: &[u8], time_ns: u64, env: BTreeMap<String, String>) -> RestoreS
         entropy: crate::protocol::restore::encode_hex(entropy),
         time_ns,
         env,
+        net: None,
     }
+}
+
+#[test]
+fn network_settings_are_applied_after_the_clock_and_checked_first() {
+    let kernel = Recording::new(1_000);
+    let agent = Agent::new(ShutdownMode::Exit).with_kernel(kernel.clone());
+    let net = crate::protocol::NetSpec {
+        address: "172.16.0.2/30".into(),
+        gateway: "172.16.0.1".into(),
+        dns: vec!["172.16.0.1".into()],
+    };
+    let good = spec(&[7; 32], 5_000, env(&[])).with_net(Some(net.clone()));
+    assert!(matches!(restored(&agent, &good), Event::Restored { .. }));
+    let seen = kernel.seen();
+    assert_eq!(seen.net.len(), 1);
+    assert_eq!(seen.net[0].address.to_string(), "172.16.0.2");
+    assert_eq!(seen.net[0].prefix, 30);
+
+    let bad = spec(&[7; 32], 6_000, env(&[])).with_net(Some(crate::protocol::NetSpec {
+        gateway: "10.9.9.9".into(),
+        ..net
+    }));
+    match restored(&agent, &bad) {
+        Event::Error(info) => {
+            assert_eq!(info.kind, ErrorKind::BadRequest);
+            assert_eq!(
+                info.message,
+                "net.gateway 10.9.9.9 is not another host of 172.16.0.2/30's subnet"
+            );
+        }
+        other => panic!("expected bad_request, got {other:?}"),
+    }
+    let after = kernel.seen();
+    assert_eq!(after.net.len(), 1, "nothing applied");
+    assert_eq!(after.clock_set_to, seen.clock_set_to, "not even the clock");
 }
 
 #[test]
@@ -98,6 +139,7 @@ fn mixes_entropy_steps_the_clock_and_sets_the_env() {
             entropy: vec![entropy],
             reseeds: 1,
             clock_set_to: vec![1_000_000_500_000],
+            net: Vec::new(),
         }
     );
     assert_eq!(agent.default_env(), env(&[("A", "1")]));
@@ -127,6 +169,7 @@ fn bad_requests_change_nothing() {
                 entropy: "zz".repeat(32),
                 time_ns: 10,
                 env: BTreeMap::new(),
+                net: None,
             },
             "entropy: 'z'",
         ),

@@ -77,6 +77,11 @@ fn messages_round_trip() {
             entropy: "00ff".repeat(16),
             time_ns: 1_718_000_000_123_456_789,
             env: [("K".to_string(), "V".to_string())].into(),
+            net: Some(crate::protocol::NetSpec {
+                address: "172.16.0.2/30".into(),
+                gateway: "172.16.0.1".into(),
+                dns: vec!["172.16.0.1".into()],
+            }),
         }),
     ));
     round_trip(Message::Event(

@@ -3,11 +3,12 @@
 //! `agent/PROTOCOL.md` is the specification; this module is its single implementation, shared by
 //! the agent and the host client. [`frame`] cuts the byte stream into length-prefixed frames with a
 //! hard size limit; [`message`] gives each frame its typed meaning; [`restore`] holds the body of
-//! the post-restore request and its rules. Nothing here does I/O beyond reading and writing one
+//! the post-restore request and its rules; [`net`] the guest's network settings. Nothing here does I/O beyond reading and writing one
 //! frame, and nothing here trusts its input.
 
 pub mod frame;
 pub mod message;
+pub mod net;
 pub mod ops;
 pub mod restore;
 pub mod shapes;
@@ -18,6 +19,7 @@ pub use message::{
     Hello, Message, Request, Stream, TtySize,
 };
 pub use ops::{MkdirSpec, PROTOCOL_REVISION, ProcessInfo, Selector, UserInfo};
+pub use net::{Net, NetSpec, NetSpecError};
 pub use restore::{Restore, RestoreSpec, RestoreSpecError};
 
 /// The protocol version both ends announce in their hello; a mismatch ends the connection.
@@ -25,6 +27,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The vsock port the agent listens on inside the guest.
 pub const AGENT_PORT: u32 = 1024;
+
+/// The vsock port on which the agent forwards connections to guest TCP ports (published ports of
+/// a VM without a network interface): the host writes `FORWARD <port>\n`, the agent connects to
+/// `127.0.0.1:<port>` in the guest and answers `OK\n` (then relays bytes both ways) or
+/// `ERR <reason>\n`.
+pub const FORWARD_PORT: u32 = 1025;
 
 /// The largest frame accepted, counted from the kind byte to the end of the payload. Anything
 /// longer is a protocol error that closes the connection; nothing is allocated for it.

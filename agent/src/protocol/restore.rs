@@ -9,6 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::net::{Net, NetSpec, NetSpecError};
+
 /// The least entropy a `restored` request carries, in bytes (256 bits: the kernel's CRNG key).
 pub const MIN_ENTROPY: usize = 32;
 /// The most entropy a `restored` request may carry, in bytes.
@@ -26,6 +28,10 @@ pub struct RestoreSpec {
     /// own `env` still adds to it or overrides it.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Network settings to apply to eth0 again (address, route, name servers), for a VM with a
+    /// network interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetSpec>,
 }
 
 /// A [`RestoreSpec`] whose values were checked.
@@ -37,6 +43,8 @@ pub struct Restore {
     pub time_ns: u64,
     /// The new default environment.
     pub env: BTreeMap<String, String>,
+    /// eth0's settings, if any were sent.
+    pub net: Option<Net>,
 }
 
 /// Why a [`RestoreSpec`] is not acceptable; each message names the field.
@@ -71,6 +79,9 @@ pub enum RestoreSpecError {
     /// An `env` value holds a NUL byte.
     #[error("env: the value of {0} contains a NUL byte")]
     EnvValue(String),
+    /// `net` breaks a rule.
+    #[error(transparent)]
+    Net(#[from] NetSpecError),
 }
 
 impl RestoreSpec {
@@ -84,7 +95,14 @@ impl RestoreSpec {
             entropy: encode_hex(entropy),
             time_ns,
             env,
+            net: None,
         }
+    }
+
+    /// This request with network settings for eth0.
+    pub fn with_net(mut self, net: Option<NetSpec>) -> RestoreSpec {
+        self.net = net;
+        self
     }
 
     /// Checks every field and decodes the entropy.
@@ -106,10 +124,12 @@ impl RestoreSpec {
                 return Err(RestoreSpecError::EnvValue(k.clone()));
             }
         }
+        let net = self.net.as_ref().map(NetSpec::validate).transpose()?;
         Ok(Restore {
             entropy,
             time_ns: self.time_ns,
             env: self.env.clone(),
+            net,
         })
     }
 }
@@ -152,6 +172,7 @@ mod tests {
             entropy: entropy.into(),
             time_ns: 1_700_000_000_000_000_000,
             env: BTreeMap::new(),
+            net: None,
         }
     }
 

@@ -10,6 +10,7 @@ use super::logger::Logger;
 use super::machine_config::MachineConfig;
 use super::metrics::Metrics;
 use super::mmds::MmdsConfig;
+use super::network_interfaces::NetworkInterface;
 use super::vsock::Vsock;
 
 /// The `app_name` every Kiln VMM reports.
@@ -101,9 +102,9 @@ pub struct FullVmConfig {
     /// `mmds-config`, once configured.
     #[serde(rename = "mmds-config", default)]
     pub mmds_config: Option<MmdsConfig>,
-    /// `network-interfaces` (the network devices' configurations, once they exist).
+    /// `network-interfaces`, in attachment order.
     #[serde(rename = "network-interfaces", default)]
-    pub network_interfaces: Vec<Value>,
+    pub network_interfaces: Vec<NetworkInterface>,
     /// `vsock`, if any.
     #[serde(default)]
     pub vsock: Option<Vsock>,
@@ -141,9 +142,11 @@ mod tests {
                        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
                        "drives": [{"drive_id": "rootfs", "path_on_host": "/r",
                                    "is_root_device": true}],
-                       "vsock": {"guest_cid": 3, "uds_path": "/v"}}"#;
+                       "vsock": {"guest_cid": 3, "uds_path": "/v"},
+                       "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]}"#;
         let cfg: FullVmConfig = serde_json::from_str(json).unwrap();
         assert_eq!(cfg.drives[0].drive_id, "rootfs");
+        assert_eq!(cfg.network_interfaces[0].host_dev_name, "tap0");
         let text = serde_json::to_string(&cfg).unwrap();
         let again: FullVmConfig = serde_json::from_str(&text).unwrap();
         assert_eq!(serde_json::to_string(&again).unwrap(), text);

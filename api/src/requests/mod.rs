@@ -19,6 +19,7 @@ pub mod logger;
 pub mod machine_config;
 pub mod metrics;
 pub mod mmds;
+pub mod network_interfaces;
 pub mod rate_limiter;
 pub mod refused;
 pub mod serial;
@@ -37,6 +38,7 @@ use logger::Logger;
 use machine_config::{MachineConfig, MachineConfigUpdate};
 use metrics::Metrics;
 use mmds::MmdsConfig;
+use network_interfaces::{NetworkInterface, NetworkInterfaceUpdate};
 use serial::Serial;
 use snapshot::{SnapshotCreate, SnapshotLoad};
 use vm::VmState;
@@ -65,6 +67,10 @@ pub enum ApiRequest {
     PatchDrive(DriveUpdate),
     /// `PUT /vsock`.
     PutVsock(Vsock),
+    /// `PUT /network-interfaces/{iface_id}` (the body's id matches the path's).
+    PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{iface_id}` (the body's id matches the path's).
+    PatchNetworkInterface(NetworkInterfaceUpdate),
     /// `PUT /logger`.
     PutLogger(Logger),
     /// `PUT /metrics`.
@@ -94,7 +100,7 @@ pub enum ApiRequest {
 pub struct Route {
     /// The HTTP method, upper case.
     pub method: &'static str,
-    /// The path, with `{drive_id}` where the id goes.
+    /// The path, with `{drive_id}` or `{iface_id}` where the id goes.
     pub path: &'static str,
 }
 
@@ -114,6 +120,8 @@ pub const ROUTES: &[Route] = &[
     route("PUT", "/drives/{drive_id}"),
     route("PATCH", "/drives/{drive_id}"),
     route("PUT", "/vsock"),
+    route("PUT", "/network-interfaces/{iface_id}"),
+    route("PATCH", "/network-interfaces/{iface_id}"),
     route("PUT", "/logger"),
     route("PUT", "/metrics"),
     route("PUT", "/serial"),
@@ -170,37 +178,73 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
             .map(|b| ApiRequest::PatchVm(b.state)),
         ("/snapshot/create", "PUT") => req.json("snapshot/create").map(ApiRequest::CreateSnapshot),
         ("/snapshot/load", "PUT") => req.json("snapshot/load").map(ApiRequest::LoadSnapshot),
-        _ => match drive_id_in(path) {
-            Some(id) => match method {
-                "PUT" => {
-                    drives::check_path_id("drives", id)?;
-                    let drive: Drive = req.json("drives")?;
-                    drives::check_id(id, &drive.drive_id)?;
-                    if let Some(r) = &drive.rate_limiter {
-                        r.check("drives")?;
+        _ => {
+            if let Some(id) = id_in(path, "/drives/") {
+                return match method {
+                    "PUT" => {
+                        drives::check_path_id("drives", id)?;
+                        let drive: Drive = req.json("drives")?;
+                        drives::check_id(id, &drive.drive_id)?;
+                        if let Some(r) = &drive.rate_limiter {
+                            r.check("drives")?;
+                        }
+                        Ok(ApiRequest::PutDrive(drive))
                     }
-                    Ok(ApiRequest::PutDrive(drive))
-                }
-                "PATCH" => {
-                    drives::check_path_id("drives", id)?;
-                    let update: DriveUpdate = req.json("drives")?;
-                    drives::check_id(id, &update.drive_id)?;
-                    if let Some(r) = &update.rate_limiter {
-                        r.check("drives")?;
+                    "PATCH" => {
+                        drives::check_path_id("drives", id)?;
+                        let update: DriveUpdate = req.json("drives")?;
+                        drives::check_id(id, &update.drive_id)?;
+                        if let Some(r) = &update.rate_limiter {
+                            r.check("drives")?;
+                        }
+                        Ok(ApiRequest::PatchDrive(update))
                     }
-                    Ok(ApiRequest::PatchDrive(update))
-                }
-                _ => Err(req.wrong_method("/drives/{drive_id}")),
-            },
-            None if ROUTES.iter().any(|r| r.path == path) => Err(req.wrong_method(path)),
-            None => Err(ApiError::UnknownPath(path.to_string())),
-        },
+                    _ => Err(req.wrong_method("/drives/{drive_id}")),
+                };
+            }
+            if let Some(id) = id_in(path, "/network-interfaces/") {
+                return match method {
+                    "PUT" => {
+                        drives::check_path_id("network-interfaces", id)?;
+                        let iface: NetworkInterface = req.json("network-interfaces")?;
+                        network_interfaces::check_id(id, &iface.iface_id)?;
+                        for r in [&iface.rx_rate_limiter, &iface.tx_rate_limiter]
+                            .into_iter()
+                            .flatten()
+                        {
+                            r.check("network-interfaces")?;
+                        }
+                        Ok(ApiRequest::PutNetworkInterface(iface))
+                    }
+                    "PATCH" => {
+                        drives::check_path_id("network-interfaces", id)?;
+                        let update: NetworkInterfaceUpdate = req.json("network-interfaces")?;
+                        network_interfaces::check_id(id, &update.iface_id)?;
+                        update.check()?;
+                        for r in [&update.rx_rate_limiter, &update.tx_rate_limiter]
+                            .into_iter()
+                            .flatten()
+                        {
+                            r.check("network-interfaces")?;
+                        }
+                        Ok(ApiRequest::PatchNetworkInterface(update))
+                    }
+                    _ => Err(req.wrong_method("/network-interfaces/{iface_id}")),
+                };
+            }
+            if ROUTES.iter().any(|r| r.path == path) {
+                Err(req.wrong_method(path))
+            } else {
+                Err(ApiError::UnknownPath(path.to_string()))
+            }
+        }
     }
 }
 
-/// The id in `/drives/{drive_id}`, if `path` has that shape with a slash-free id.
-fn drive_id_in(path: &str) -> Option<&str> {
-    path.strip_prefix("/drives/").filter(|id| !id.contains('/'))
+/// The id in `{prefix}{id}`, if `path` has that shape with a slash-free id (an empty one is
+/// named by the resource's own check).
+fn id_in<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    path.strip_prefix(prefix).filter(|id| !id.contains('/'))
 }
 
 /// One request on its way to being typed.
@@ -289,7 +333,10 @@ mod tests {
     #[test]
     fn wrong_method_is_named_for_every_route() {
         for r in ROUTES {
-            let path = r.path.replace("{drive_id}", "rootfs");
+            let path = r
+                .path
+                .replace("{drive_id}", "rootfs")
+                .replace("{iface_id}", "eth0");
             let allow: Vec<&str> = ROUTES
                 .iter()
                 .filter(|o| o.path == r.path)

@@ -78,6 +78,7 @@ pub struct SnapshotLoad {
     /// Resume the VM once loaded (otherwise it stays paused).
     pub resume_vm: bool,
     /// A new host socket for the vsock device, so clones of one snapshot can run side by side.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
     /// New host TAP devices for network interfaces, one entry per interface at most.
     pub network_overrides: Vec<NetworkOverride>,
@@ -262,6 +263,27 @@ mod tests {
     }
 
     #[test]
+    fn load_with_network_overrides() {
+        let body = br#"{"snapshot_path": "/s", "mem_file_path": "/m",
+                        "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap-clone-1"}]}"#;
+        let ApiRequest::LoadSnapshot(load) = parse_request("PUT", "/snapshot/load", body).unwrap()
+        else {
+            panic!("wrong variant")
+        };
+        assert_eq!(
+            load.network_overrides,
+            [NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: "tap-clone-1".into()
+            }]
+        );
+        // And back: a client serializes the same shape.
+        let json = serde_json::to_value(&load).unwrap();
+        assert_eq!(json["network_overrides"][0]["host_dev_name"], "tap-clone-1");
+        assert!(json.get("vsock_override").is_none());
+    }
+
+    #[test]
     fn load_errors() {
         let f = fault("PUT", "/snapshot/load", r#"{"snapshot_path": "/s"}"#);
         assert!(
@@ -282,6 +304,15 @@ mod tests {
         );
         assert!(
             f.starts_with("snapshot/load: network_overrides[0].host_dev_name \"tap-with-a-very-long-name\" is not"),
+            "{f}"
+        );
+        let f = fault(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": [{"iface_id": "eth0"}]}"#,
+        );
+        assert!(
+            f.starts_with("snapshot/load: missing field `host_dev_name`"),
             "{f}"
         );
         let f = fault(

@@ -83,6 +83,11 @@ impl Setup {
         (pid, blocked, lines.map(String::from).collect())
     }
 
+    /// The network namespace the fake VMM ran in (`net:[INODE]`).
+    pub fn vmm_netns(&self) -> String {
+        std::fs::read_to_string(format!("{}.netns", self.log.display())).unwrap()
+    }
+
     /// The API and agent requests the fake VMM logged, as (what, JSON body); emptied.
     pub fn api_requests(&self) -> Vec<(String, String)> {
         let text = std::fs::read_to_string(&self.api_log).unwrap_or_default();

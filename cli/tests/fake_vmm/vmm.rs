@@ -75,7 +75,9 @@ fn fake_vmm(mode: &str) {
             std::process::id(),
             args.join("\n")
         );
-        std::fs::write(log, text).unwrap();
+        std::fs::write(&log, text).unwrap();
+        let ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+        std::fs::write(format!("{log}.netns"), ns.to_string_lossy().as_bytes()).unwrap();
     }
     std::fs::write(value("--serial-out").unwrap(), "fake console: booting\n").unwrap();
     match mode {
@@ -194,6 +196,9 @@ impl Kernel for HostSafeKernel {
     fn set_realtime_ns(&self, _: u64) -> io::Result<()> {
         Ok(())
     }
+    fn configure_net(&self, _: &kiln_agent::protocol::Net) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The host's connections to the agent, ended by a snapshot (as a transport reset ends them).
@@ -218,6 +223,12 @@ fn accept_loop(listener: UnixListener) {
             let mut b = [0u8; 1];
             while conn.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
                 line.push(b[0]);
+            }
+            if line == b"CONNECT 1025" {
+                // The agent's port forwarding, for published ports of a VM without a NIC.
+                conn.write_all(b"OK 1073741825\n").unwrap();
+                kiln_agent::guest::forward::serve(Socket::from_fd(conn.into()));
+                return;
             }
             if line != b"CONNECT 1024" {
                 return;

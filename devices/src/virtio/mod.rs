@@ -13,6 +13,7 @@ pub mod chain;
 pub mod device;
 mod log_once;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 pub mod vsock;
 

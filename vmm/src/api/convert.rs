@@ -3,7 +3,9 @@
 
 use kiln_api::requests::instance::FullVmConfig;
 
-use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, VmConfig, VsockConfig};
+use crate::config::{
+    BootSourceConfig, DriveConfig, MachineConfig, NetworkInterfaceConfig, VmConfig, VsockConfig,
+};
 use crate::instance::Instance;
 
 /// The whole configuration so far (before `InstanceStart` the boot source may be missing).
@@ -13,12 +15,14 @@ pub fn full(
     machine: &MachineConfig,
     drives: &[DriveConfig],
     vsock: Option<&VsockConfig>,
+    nets: &[NetworkInterfaceConfig],
 ) -> FullVmConfig {
     FullVmConfig {
         boot_source: boot.cloned(),
         machine_config: Some(machine.clone()),
         drives: drives.to_vec(),
         vsock: vsock.cloned(),
+        network_interfaces: nets.to_vec(),
         logger: instance.logger.clone(),
         metrics: instance.metrics_config.clone(),
         mmds_config: instance.mmds_config.clone(),
@@ -34,5 +38,6 @@ pub fn full_of(instance: &Instance, config: &VmConfig) -> FullVmConfig {
         &config.machine,
         &config.drives,
         config.vsock.as_ref(),
+        &config.network_interfaces,
     )
 }

@@ -16,8 +16,8 @@ use super::{ApiLink, common, convert};
 use crate::Vmm;
 use crate::builder::{build_in, prepare_vm};
 use crate::config::{
-    BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig, VsockConfig,
-    default_machine, validate_drive, validate_machine, validate_vsock,
+    BootSourceConfig, DriveConfig, MachineConfig, NetworkInterfaceConfig, SerialConfig, VmConfig,
+    VsockConfig, default_machine, validate_drive, validate_machine, validate_vsock,
 };
 use crate::instance::Instance;
 use crate::loader::inspect_kernel;
@@ -39,6 +39,7 @@ struct PreBoot {
     machine: MachineConfig,
     drives: Vec<DriveConfig>,
     vsock: Option<VsockConfig>,
+    nets: Vec<NetworkInterfaceConfig>,
     serial: SerialConfig,
 }
 
@@ -54,6 +55,7 @@ impl PreBoot {
             serial: self.serial.clone(),
             drives: self.drives.clone(),
             vsock: self.vsock.clone(),
+            network_interfaces: self.nets.clone(),
             ..VmConfig::default()
         })
     }
@@ -64,6 +66,7 @@ impl PreBoot {
         self.boot.is_some()
             || !self.drives.is_empty()
             || self.vsock.is_some()
+            || !self.nets.is_empty()
             || self.machine != default_machine()
     }
 
@@ -85,6 +88,7 @@ impl PreBoot {
                 &self.machine,
                 &self.drives,
                 self.vsock.as_ref(),
+                &self.nets,
             )),
             PutBootSource(b) => {
                 if let Err(e) = inspect_kernel(&b.kernel_image_path) {
@@ -146,12 +150,27 @@ impl PreBoot {
                     Err(e) => ApiResponse::fault(e),
                 }
             }
+            PutNetworkInterface(n) => self.put_net(n),
+            PatchNetworkInterface(u) => ApiResponse::fault(format!(
+                "network-interfaces/{}: PATCH changes a running VM's rate limiters; before boot, PUT the interface again",
+                u.iface_id
+            )),
             GetMmds => common::get_mmds(instance),
             PutMmds(data) => common::put_mmds(instance, data),
             PatchMmds(patch) => common::patch_mmds(instance, &patch),
-            // The interfaces an MMDS configuration names must be configured network devices;
-            // this build has none yet, so every name is reported missing.
-            PutMmdsConfig(config) => common::put_mmds_config(instance, config, &[]),
+            // The network device does not answer the MMDS address yet: an interface that exists
+            // is refused by name rather than configured to serve nothing, and one that does not
+            // is reported missing.
+            PutMmdsConfig(config) => match config
+                .network_interfaces
+                .iter()
+                .find(|i| self.nets.iter().any(|n| &n.iface_id == *i))
+            {
+                Some(i) => ApiResponse::fault(format!(
+                    "mmds/config: serving the MMDS over network interface {i:?} is not in Kiln yet"
+                )),
+                None => common::put_mmds_config(instance, config, &[]),
+            },
             PutAction(Action::InstanceStart) => return Err(Next::Start),
             PutAction(Action::SendCtrlAltDel) => {
                 ApiResponse::fault("SendCtrlAltDel: the instance has not started")
@@ -164,7 +183,7 @@ impl PreBoot {
                 ApiResponse::fault("snapshot/create: the instance has not started")
             }
             LoadSnapshot(_) if self.configured() => ApiResponse::fault(
-                "snapshot/load: not allowed after boot-source, machine-config, drives or vsock were configured",
+                "snapshot/load: not allowed after boot-source, machine-config, drives, vsock or network-interfaces were configured",
             ),
             LoadSnapshot(params) => return Err(Next::Load(params)),
         })
@@ -200,6 +219,38 @@ impl PreBoot {
         build_in(&config, prepared.take(), instance).map_err(|e| e.to_string())
     }
 
+    /// Adds or replaces an interface, checked on its own and against the others (the TAP itself
+    /// is attached at `InstanceStart`).
+    fn put_net(&mut self, n: NetworkInterfaceConfig) -> ApiResponse {
+        let id = n.iface_id.clone();
+        if let Err(e) = crate::config::net::check_interface(&n) {
+            return ApiResponse::fault(format!("network-interfaces/{id}: {e}"));
+        }
+        let others = self.nets.iter().filter(|o| o.iface_id != id);
+        if let Some(o) = others.clone().find(|o| o.host_dev_name == n.host_dev_name) {
+            return ApiResponse::fault(format!(
+                "network-interfaces/{id}: host_dev_name {} is used by interface {}",
+                n.host_dev_name, o.iface_id
+            ));
+        }
+        if let Some(mac) = &n.guest_mac
+            && let Some(o) = others.clone().find(|o| {
+                o.guest_mac.as_deref().map(str::to_ascii_lowercase)
+                    == Some(mac.to_ascii_lowercase())
+            })
+        {
+            return ApiResponse::fault(format!(
+                "network-interfaces/{id}: guest_mac {mac} is used by interface {}",
+                o.iface_id
+            ));
+        }
+        match self.nets.iter_mut().find(|o| o.iface_id == id) {
+            Some(slot) => *slot = n,
+            None => self.nets.push(n),
+        }
+        ApiResponse::NoContent
+    }
+
     fn set_machine(&mut self, m: MachineConfig) -> ApiResponse {
         match validate_machine(&m) {
             Ok(()) => {
@@ -231,6 +282,7 @@ pub fn configure(link: &ApiLink, serial: SerialConfig, instance: &mut Instance) 
         machine: default_machine(),
         drives: Vec::new(),
         vsock: None,
+        nets: Vec::new(),
         serial,
     };
     log::debug!("ready for the configuration");

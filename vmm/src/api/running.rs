@@ -50,6 +50,11 @@ fn answer(vmm: &mut Vmm, request: ApiRequest) -> ApiResponse {
             Err(e) => ApiResponse::fault(format!("drives/{}: {e}", d.drive_id)),
         },
         PutVsock(_) => after_start("vsock"),
+        PutNetworkInterface(n) => after_start(&format!("network-interfaces/{}", n.iface_id)),
+        PatchNetworkInterface(u) => match vmm.update_net(&u) {
+            Ok(()) => ApiResponse::NoContent,
+            Err(e) => ApiResponse::fault(format!("network-interfaces/{}: {e}", u.iface_id)),
+        },
         PutLogger(_) => after_start("logger"),
         PutMetrics(_) => after_start("metrics"),
         PutSerial(_) => after_start("serial"),

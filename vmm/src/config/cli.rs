@@ -4,16 +4,17 @@ use std::path::PathBuf;
 
 use kiln_api::requests::logger::{LogLevel, Logger as LoggerConfig};
 
-use super::device_args::{parse_drive, parse_vsock};
+use super::device_args::{parse_drive, parse_net, parse_vsock};
 use super::{
-    BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig, VsockConfig,
-    parse_config_file,
+    BootSourceConfig, DriveConfig, MachineConfig, NetworkInterfaceConfig, SerialConfig, VmConfig,
+    VsockConfig, parse_config_file,
 };
 
 /// The usage text for `--help`.
 pub const USAGE: &str =
     "usage: kiln-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
-                [--drive id=ID,path=PATH[,ro][,root]]... [--vsock cid=N,uds=PATH] [--serial-out PATH]
+                [--drive id=ID,path=PATH[,ro][,root]]... [--vsock cid=N,uds=PATH]
+                [--net id=ID,tap=NAME[,mac=MAC]]... [--serial-out PATH]
        kiln-vmm --config-file FILE [--serial-out PATH] [--api-sock PATH]
        kiln-vmm --api-sock PATH [--serial-out PATH]
        kiln-vmm --describe-snapshot STATE_FILE
@@ -28,6 +29,8 @@ pub const USAGE: &str =
                       device, `ro` refuses writes (repeatable)
   --vsock SPEC        a virtio-vsock device; the host reaches guest port P by connecting to uds and
                       writing \"CONNECT P\\n\"; the guest reaches host port P at uds_P
+  --net SPEC          a virtio-net device on the existing TAP `tap` (in kiln-vmm's network
+                      namespace); `mac` is the guest's MAC address (repeatable; the first is eth0)
   --serial-out PATH   write the serial console to PATH instead of stdout
   --api-sock PATH     serve Firecracker's HTTP API on a Unix socket at PATH; without a kernel or
                       config file, the VM is configured and started through it
@@ -144,6 +147,7 @@ struct Flags {
     config_file: Option<PathBuf>,
     drives: Vec<DriveConfig>,
     vsock: Option<VsockConfig>,
+    nets: Vec<NetworkInterfaceConfig>,
     api_sock: Option<PathBuf>,
     no_seccomp: bool,
     no_api: bool,
@@ -228,6 +232,7 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
             "--config-file" => set(&mut flags.config_file, name, value()?.into())?,
             "--drive" => flags.drives.push(parse_drive(&value()?)?),
             "--vsock" => set(&mut flags.vsock, name, parse_vsock(&value()?)?)?,
+            "--net" => flags.nets.push(parse_net(&value()?)?),
             "--api-sock" => set(&mut flags.api_sock, name, value()?.into())?,
             "--no-seccomp" if inline.is_some() => return Err(format!("{name} takes no value")),
             "--no-seccomp" => flags.no_seccomp = true,
@@ -275,6 +280,7 @@ impl Flags {
             (self.vcpus.is_some(), "--vcpus"),
             (!self.drives.is_empty(), "--drive"),
             (self.vsock.is_some(), "--vsock"),
+            (!self.nets.is_empty(), "--net"),
         ]
         .into_iter()
         .find_map(|(given, flag)| given.then_some(flag))
@@ -325,6 +331,7 @@ impl Flags {
                     serial: SerialConfig::default(),
                     drives: self.drives,
                     vsock: self.vsock,
+                    network_interfaces: self.nets,
                     ..VmConfig::default()
                 }
             }

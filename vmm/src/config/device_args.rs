@@ -1,9 +1,9 @@
-//! The device flags' `key=value,...` syntax: `--drive id=ID,path=PATH[,ro][,root]` and
-//! `--vsock cid=N,uds=PATH`.
+//! The device flags' `key=value,...` syntax: `--drive id=ID,path=PATH[,ro][,root]`,
+//! `--vsock cid=N,uds=PATH` and `--net id=ID,tap=NAME[,mac=MAC]`.
 
 use std::path::PathBuf;
 
-use super::{DriveConfig, VsockConfig};
+use super::{DriveConfig, NetworkInterfaceConfig, VsockConfig};
 
 /// Splits `a=1,b,c=3` into pairs; a bare word has no value. Empty items are errors.
 fn items<'a>(flag: &str, spec: &'a str) -> Result<Vec<(&'a str, Option<&'a str>)>, String> {
@@ -70,9 +70,59 @@ pub fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
     })
 }
 
+/// Parses `--net id=ID,tap=NAME[,mac=MAC]`.
+pub fn parse_net(spec: &str) -> Result<NetworkInterfaceConfig, String> {
+    let (mut id, mut tap, mut mac) = (None, None, None);
+    for (key, value) in items("--net", spec)? {
+        match (key, value) {
+            ("id", Some(v)) => id = Some(v.to_string()),
+            ("tap", Some(v)) => tap = Some(v.to_string()),
+            ("mac", Some(v)) => mac = Some(v.to_string()),
+            (k, _) => {
+                return Err(format!(
+                    "--net {spec:?}: unknown or malformed item {k:?} (want id=, tap=, mac=)"
+                ));
+            }
+        }
+    }
+    Ok(NetworkInterfaceConfig {
+        iface_id: id.ok_or_else(|| format!("--net {spec:?} needs id=ID"))?,
+        host_dev_name: tap.ok_or_else(|| format!("--net {spec:?} needs tap=NAME"))?,
+        guest_mac: mac,
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_parses_and_bad_values_are_named() {
+        let n = parse_net("id=eth0,tap=kiln0,mac=06:00:ac:10:00:02").unwrap();
+        assert_eq!(
+            (
+                n.iface_id.as_str(),
+                n.host_dev_name.as_str(),
+                n.guest_mac.as_deref()
+            ),
+            ("eth0", "kiln0", Some("06:00:ac:10:00:02"))
+        );
+        assert_eq!(
+            parse_net("tap=t").unwrap_err(),
+            "--net \"tap=t\" needs id=ID"
+        );
+        assert_eq!(
+            parse_net("id=e").unwrap_err(),
+            "--net \"id=e\" needs tap=NAME"
+        );
+        assert!(
+            parse_net("id=e,tap=t,host_dev_name=x")
+                .unwrap_err()
+                .contains("item \"host_dev_name\"")
+        );
+    }
 
     #[test]
     fn drives_parse_with_flags() {

@@ -28,7 +28,10 @@ mod tests {
                 "boot-source": {"kernel_image_path": "/k/vmlinux", "boot_args": "console=ttyS0",
                                 "initrd_path": "/k/initrd"},
                 "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false,
-                                   "track_dirty_pages": true}
+                                   "track_dirty_pages": true},
+                "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0",
+                                        "guest_mac": "06:00:ac:10:00:02",
+                                        "rx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 10}}}]
             }"#,
         )
         .unwrap();
@@ -45,6 +48,12 @@ mod tests {
         assert_eq!(cfg.machine.mem_size_mib, 256);
         assert!(cfg.machine.track_dirty_pages);
         assert_eq!(cfg.serial.serial_out_path, None);
+        let eth0 = &cfg.network_interfaces[0];
+        assert_eq!(
+            (eth0.iface_id.as_str(), eth0.host_dev_name.as_str()),
+            ("eth0", "tap0")
+        );
+        assert_eq!(eth0.rx_rate_limiter.unwrap().bandwidth.unwrap().size, 1000);
     }
 
     #[test]

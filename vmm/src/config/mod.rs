@@ -8,6 +8,8 @@
 mod cli;
 mod device_args;
 mod file;
+pub mod net;
+pub mod rate_limiter;
 mod validate;
 
 use std::path::PathBuf;
@@ -49,6 +51,9 @@ pub struct VmConfig {
     /// The vsock device (`vsock`), if any.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Network interfaces (`network-interfaces`), in the order the guest sees them (eth0 first).
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
     /// The log file (`logger`), as `PUT /logger`.
     #[serde(default)]
     pub logger: Option<kiln_api::requests::logger::Logger>,
@@ -87,6 +92,7 @@ impl Default for VmConfig {
             serial: SerialConfig::default(),
             drives: Vec::new(),
             vsock: None,
+            network_interfaces: Vec::new(),
             logger: None,
             metrics: None,
             mmds_config: None,
@@ -104,6 +110,9 @@ pub use kiln_api::requests::boot_source::BootSource as BootSourceConfig;
 pub use kiln_api::requests::drives::Drive as DriveConfig;
 /// Firecracker's `machine-config` object.
 pub use kiln_api::requests::machine_config::MachineConfig;
+/// Firecracker's `network-interfaces` entry: the API's type, so the config file and
+/// `PUT /network-interfaces` agree.
+pub use kiln_api::requests::network_interfaces::NetworkInterface as NetworkInterfaceConfig;
 /// Firecracker's `vsock` object.
 pub use kiln_api::requests::vsock::Vsock as VsockConfig;
 

@@ -82,6 +82,16 @@ pub enum ValidationError {
     /// The vsock settings are wrong.
     #[error("vsock: {0}")]
     Vsock(String),
+    /// A network interface's settings are wrong.
+    #[error("network-interfaces[{index}] ({id:?}): {what}")]
+    NetworkInterface {
+        /// Position in the list.
+        index: usize,
+        /// Its iface_id.
+        id: String,
+        /// What is wrong.
+        what: String,
+    },
     /// More devices than interrupt lines.
     #[error("{0} virtio devices configured; Kiln has interrupt lines for {MAX_VIRTIO_DEVICES}")]
     TooManyDevices(usize),
@@ -147,6 +157,7 @@ impl VmConfig {
         if let Some(vsock) = &self.vsock {
             validate_vsock(vsock)?;
         }
+        self.validate_network_interfaces()?;
         for (given, key, what) in [
             (
                 self.entropy.as_ref().is_some_and(|v| !v.is_null()),
@@ -169,7 +180,8 @@ impl VmConfig {
                 return Err(ValidationError::NotInKiln { key, what });
             }
         }
-        let devices = self.drives.len() + usize::from(self.vsock.is_some());
+        let devices =
+            self.drives.len() + usize::from(self.vsock.is_some()) + self.network_interfaces.len();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ValidationError::TooManyDevices(devices));
         }
@@ -269,6 +281,38 @@ impl VmConfig {
                         "a second root device; only one drive may be the root".into()
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VmConfig {
+    fn validate_network_interfaces(&self) -> Result<(), ValidationError> {
+        for (index, n) in self.network_interfaces.iter().enumerate() {
+            let err = |what: String| ValidationError::NetworkInterface {
+                index,
+                id: n.iface_id.clone(),
+                what,
+            };
+            super::net::check_interface(n).map_err(err)?;
+            let before = &self.network_interfaces[..index];
+            if before.iter().any(|o| o.iface_id == n.iface_id) {
+                return Err(err("iface_id is used twice".into()));
+            }
+            if before.iter().any(|o| o.host_dev_name == n.host_dev_name) {
+                return Err(err(format!(
+                    "host_dev_name {} is used by another interface",
+                    n.host_dev_name
+                )));
+            }
+            if let Some(mac) = &n.guest_mac
+                && before.iter().any(|o| {
+                    o.guest_mac.as_deref().map(str::to_ascii_lowercase)
+                        == Some(mac.to_ascii_lowercase())
+                })
+            {
+                return Err(err(format!("guest_mac {mac} is used by another interface")));
             }
         }
         Ok(())
@@ -519,5 +563,44 @@ mod tests {
                 .to_string()
                 .ends_with("its directory does not exist")
         );
+    }
+
+    #[test]
+    fn network_interface_mistakes_are_named() {
+        let n = |id: &str, tap: &str, mac: Option<&str>| crate::config::NetworkInterfaceConfig {
+            iface_id: id.into(),
+            host_dev_name: tap.into(),
+            guest_mac: mac.map(str::to_string),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        let mut c = config();
+        c.network_interfaces = vec![
+            n("eth0", "tap0", Some("06:00:ac:10:00:02")),
+            n("eth1", "tap1", None),
+        ];
+        c.validate().unwrap();
+        let err = |c: &VmConfig| c.validate().unwrap_err().to_string();
+        c.network_interfaces[1] = n("eth0", "tap1", None);
+        assert_eq!(
+            err(&c),
+            "network-interfaces[1] (\"eth0\"): iface_id is used twice"
+        );
+        c.network_interfaces[1] = n("eth1", "tap0", None);
+        assert_eq!(
+            err(&c),
+            "network-interfaces[1] (\"eth1\"): host_dev_name tap0 is used by another interface"
+        );
+        c.network_interfaces[1] = n("eth1", "tap1", Some("06:00:AC:10:00:02"));
+        assert_eq!(
+            err(&c),
+            "network-interfaces[1] (\"eth1\"): guest_mac 06:00:AC:10:00:02 is used by another interface"
+        );
+        c.network_interfaces[1] = n("eth1", "tap/1", None);
+        assert!(err(&c).contains("host_dev_name \"tap/1\" is not an interface name"));
+        c.network_interfaces = (0..20)
+            .map(|i| n(&format!("e{i}"), &format!("t{i}"), None))
+            .collect();
+        assert!(err(&c).starts_with("20 virtio devices configured"));
     }
 }

@@ -83,6 +83,7 @@ impl Vmm {
                         }
                         DeviceKindState::Vsock(v.save())
                     }
+                    VirtioKind::Net(n) => DeviceKindState::Net(lock(n).save()),
                 };
                 VirtioDeviceState {
                     addr: d.addr,

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use kiln_devices::legacy::SerialDeviceState;
 use kiln_devices::virtio::block::BlockState;
+use kiln_devices::virtio::net::NetState;
 use kiln_devices::virtio::persist::TransportState;
 use kiln_devices::virtio::vsock::VsockState;
 use serde::{Deserialize, Serialize};
@@ -91,6 +92,8 @@ pub enum DeviceKindState {
     Block(BlockState),
     /// The vsock device.
     Vsock(VsockState),
+    /// A network interface.
+    Net(NetState),
 }
 
 /// A virtio device on the bus, saved.

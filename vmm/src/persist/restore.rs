@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use kiln_api::requests::snapshot::SnapshotLoad;
 use kiln_devices::virtio::MmioTransport;
 use kiln_devices::virtio::block::{Block, BlockRestoreArgs};
+use kiln_devices::virtio::net::{Net, NetRestoreArgs};
 use kiln_devices::virtio::vsock::{Vsock, VsockRestoreArgs};
 use kiln_snapshot::Persist;
 use vmm_sys_util::eventfd::EventFd;
@@ -78,6 +79,30 @@ fn config_of(
             "vsock_override: the snapshot has no vsock device".into(),
         ));
     }
+    for o in &params.network_overrides {
+        let Some(n) = config
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == o.iface_id)
+        else {
+            let have: Vec<&str> = config
+                .network_interfaces
+                .iter()
+                .map(|n| n.iface_id.as_str())
+                .collect();
+            return Err(refused(format!(
+                "network_overrides: the snapshot has no network interface {:?} (it has {have:?})",
+                o.iface_id
+            )));
+        };
+        if !kiln_devices::virtio::net::tap::valid_name(&o.host_dev_name) {
+            return Err(refused(format!(
+                "network_overrides: host_dev_name {:?} is not an interface name",
+                o.host_dev_name
+            )));
+        }
+        n.host_dev_name = o.host_dev_name.clone();
+    }
     Ok(config)
 }
 
@@ -97,14 +122,6 @@ pub fn restore(
     }
     let (state, file) = open(params)?;
     log::debug!("restore: state file read and checked");
-    // The snapshot's network interfaces would be named in its configuration; this build's
-    // snapshots have none, so any override names a missing one.
-    if let Some(o) = params.network_overrides.first() {
-        return Err(refused(format!(
-            "network_overrides: the snapshot has no network interface {:?}",
-            o.iface_id
-        )));
-    }
     if params.clock_realtime && state.vm.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME == 0 {
         return Err(refused(format!(
             "clock_realtime: {} has no wall-clock stamp on its guest clock (the host that took it had no stable TSC)",
@@ -146,7 +163,7 @@ pub fn restore(
                 let args = BlockRestoreArgs {
                     mem: mem.clone(),
                     irqfd,
-                    rate_limiter: crate::builder::limiter_config(limits),
+                    rate_limiter: crate::config::rate_limiter::rate_limiter(limits),
                 };
                 let block = Block::restore(args, s).map_err(BuildError::Block)?;
                 (
@@ -168,6 +185,27 @@ pub fn restore(
                 (
                     "vsock".to_string(),
                     VirtioKind::Vsock(Arc::new(Mutex::new(vsock))),
+                )
+            }
+            DeviceKindState::Net(s) => {
+                let host_dev_name = params
+                    .network_overrides
+                    .iter()
+                    .find(|o| o.iface_id == s.id)
+                    .map(|o| o.host_dev_name.clone());
+                let args = NetRestoreArgs {
+                    mem: mem.clone(),
+                    irqfd,
+                    host_dev_name,
+                };
+                let net = Net::restore(args, s).map_err(|e| {
+                    refused(format!(
+                        "{e} (a VM restored beside the original needs its own TAP: pass network_overrides)"
+                    ))
+                })?;
+                (
+                    format!("network interface {}", s.id),
+                    VirtioKind::Net(Arc::new(Mutex::new(net))),
                 )
             }
         };

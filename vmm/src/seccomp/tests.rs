@@ -64,8 +64,9 @@ fn known() -> BTreeMap<&'static str, u64> {
     ]
     .into_iter()
     .collect();
-    let libc_values: [(&'static str, i64); 20] = [
+    let libc_values: [(&'static str, i64); 21] = [
         ("TCGETS", libc::TCGETS as i64),
+        ("TUNSETOFFLOAD", libc::TUNSETOFFLOAD as i64),
         ("TCSETS", libc::TCSETS as i64),
         ("FIONBIO", libc::FIONBIO as i64),
         ("SIGABRT", libc::SIGABRT.into()),

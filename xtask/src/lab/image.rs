@@ -1,6 +1,7 @@
 //! The work image: an ext4 disk L1 mounts at /kiln, holding the workspace's release binaries (bin/)
 //! with their shared libraries (lib/), the guest kernel (vmlinux), the shared folder (share/), the
-//! command file (cmd), the caller's extra files and, on request, QEMU with its firmware and strace.
+//! command file (cmd), the caller's extra files, `nft` and `ip` (network sandboxes need them) and,
+//! on request, QEMU with its firmware and strace.
 //!
 //! Built without root by `mke2fs -d` from a staging folder, fresh for every run: L1 may write to it.
 
@@ -77,6 +78,20 @@ pub fn build(spec: &ImageSpec, run_dir: &Path) -> Result<PathBuf> {
                     .arg(staging.join("usr/share")),
             )?;
         }
+    }
+    // Network sandboxes load their rules with nft and, for --allow-net, make veths with ip; the
+    // lab's tests build their small internet with ip.
+    util::ensure_packages(&["nftables", "iproute2"])?;
+    util::mkdir(&staging.join("usr/bin"))?;
+    for tool in ["/usr/sbin/nft", "/usr/sbin/ip"] {
+        let tool = PathBuf::from(tool);
+        copy(
+            &tool,
+            &staging
+                .join("usr/bin")
+                .join(tool.file_name().unwrap_or_default()),
+        )?;
+        executables.push(tool);
     }
     if spec.with_strace {
         util::ensure_packages(&["strace"])?;

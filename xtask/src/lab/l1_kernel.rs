@@ -13,8 +13,9 @@ use std::process::Command;
 const METAPACKAGE: &str = "linux-image-cloud-amd64";
 
 /// Modules L1 needs, by module name: KVM, the virtio-mmio disk, TAP devices, vhost-vsock for QEMU
-/// peers, and virtio-net for the one forwarded port some runs give L1 (the E2B SDK suite). Their
-/// dependencies are added from modules.dep.
+/// peers, virtio-net for the one forwarded port some runs give L1 (the E2B SDK suite), and for
+/// network sandboxes nftables (NAT, redirect, conntrack, reject, limits, NFLOG), veth and dummy
+/// links. Their dependencies are added from modules.dep.
 pub const WANTED: &[&str] = &[
     "irqbypass",
     "kvm",
@@ -29,6 +30,17 @@ pub const WANTED: &[&str] = &[
     "vsock",
     "vhost_vsock",
     "virtio_net",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_redir",
+    "nft_masq",
+    "nft_ct",
+    "nft_log",
+    "nft_limit",
+    "nft_reject_inet",
+    "nfnetlink_log",
+    "veth",
+    "dummy",
 ];
 
 /// The manifest in a cache entry: module file names in load order, one a line.
@@ -240,6 +252,11 @@ fn fetch_into(deb_name: &str, work: &Path, entry: &Path) -> Result<()> {
         (WANTED.join("\n") + "\n").as_bytes(),
     )?;
     util::mkdir(entry.parent().unwrap_or(Path::new(".")))?;
+    if entry.exists() && !complete(entry) {
+        // Made for another list of modules: replaced whole.
+        std::fs::remove_dir_all(entry)
+            .map_err(|e| format!("cannot remove the stale {}: {e}", entry.display()))?;
+    }
     if let Err(e) = std::fs::rename(&staging, entry) {
         // Another run may have filled the same entry meanwhile; theirs is as good as ours.
         if !complete(entry) {

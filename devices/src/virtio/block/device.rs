@@ -9,7 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::request::Disk;
 use super::{BlockError, ID_BYTES, QUEUE_SIZE, QUEUE_SIZES, SECTOR_SIZE, features};
 use crate::metrics::BlockMetrics;
-use crate::rate_limiter::{LimiterConfig, RateLimiter};
+use crate::rate_limiter::{BucketUpdate, MonotonicClock, RateLimiterConfig, TimedRateLimiter};
 use crate::virtio::device::read_config_space;
 use crate::virtio::{
     ActivateError, GuestMemoryMmap, Interrupt, LogOnce, Queue, TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -26,7 +26,7 @@ pub struct BlockConfig {
     /// Refuse writes and advertise VIRTIO_BLK_F_RO.
     pub read_only: bool,
     /// Token buckets on the drive's bytes and requests.
-    pub rate_limiter: LimiterConfig,
+    pub rate_limiter: RateLimiterConfig,
 }
 
 /// A queue handed over by the driver, with the memory it lives in.
@@ -49,7 +49,7 @@ pub struct Block {
     pub(super) queue_registered: bool,
     /// Spends the drive's budget before each request; its timer wakes the device when a
     /// throttled request may go.
-    pub(super) limiter: RateLimiter,
+    pub(super) limiter: TimedRateLimiter,
     pub(super) metrics: Arc<BlockMetrics>,
     /// What the driver got wrong, logged once per kind.
     pub(super) log: LogOnce,
@@ -98,8 +98,11 @@ impl Block {
             EventFd::new(libc::EFD_NONBLOCK)
                 .map_err(|e| BlockError::EventFd(format!("{} ({what})", config.id), e))
         };
-        let limiter = RateLimiter::new(config.rate_limiter.bandwidth, config.rate_limiter.ops)
-            .map_err(|e| BlockError::EventFd(format!("{} (rate limiter timer)", config.id), e))?;
+        let limiter =
+            TimedRateLimiter::new(&config.rate_limiter, Arc::new(MonotonicClock::default()))
+                .map_err(|e| {
+                    BlockError::EventFd(format!("{} (rate limiter timer)", config.id), e)
+                })?;
         Ok(Self {
             limiter,
             metrics: Arc::new(BlockMetrics::default()),
@@ -131,17 +134,12 @@ impl Block {
         self.metrics.clone()
     }
 
-    /// Changes the rate limits after boot (`PATCH /drives`): each bucket that is `Some` is
-    /// replaced (`Some(None)` lifts its limit), the others keep theirs; requests waiting for the
-    /// old limits are tried again at once.
-    pub fn update_rate_limiter(
-        &mut self,
-        bandwidth: Option<Option<crate::rate_limiter::BucketConfig>>,
-        ops: Option<Option<crate::rate_limiter::BucketConfig>>,
-    ) {
+    /// Changes the rate limits after boot (`PATCH /drives`): each bucket that is set is
+    /// replaced (a zero size or refill time lifts its limit), the others keep theirs; requests
+    /// waiting for the old limits are tried again at once.
+    pub fn update_rate_limiter(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) {
         self.limiter.update(bandwidth, ops);
-        let (bandwidth, ops) = self.limiter.config();
-        self.config.rate_limiter = LimiterConfig { bandwidth, ops };
+        self.config.rate_limiter = self.limiter.config();
         self.metrics.update_count.inc();
         self.process_queue();
     }

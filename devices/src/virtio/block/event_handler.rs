@@ -3,8 +3,6 @@
 //! the queue full cannot keep the VMM thread, and each request spends the drive's rate-limit
 //! budget before it runs; a request over that goes back on the queue and waits for the timer.
 
-use std::time::Instant;
-
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
 
@@ -191,7 +189,7 @@ impl Block {
                         RequestType::In | RequestType::Out => req.data_len().unwrap_or(0),
                         _ => 0,
                     };
-                    if !self.limiter.consume(bytes, Instant::now()) {
+                    if !self.limiter.consume(bytes) {
                         active.queue.go_to_previous_position();
                         self.metrics.rate_limiter_throttled_events.inc();
                         return Ok((count, Pass::Throttled));

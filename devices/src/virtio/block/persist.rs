@@ -34,7 +34,7 @@ pub struct BlockRestoreArgs {
     /// The interrupt eventfd (registered as an irqfd by the VMM).
     pub irqfd: EventFd,
     /// The drive's rate limits (from its configuration; buckets start full).
-    pub rate_limiter: crate::rate_limiter::LimiterConfig,
+    pub rate_limiter: crate::rate_limiter::RateLimiterConfig,
 }
 
 impl Persist for Block {

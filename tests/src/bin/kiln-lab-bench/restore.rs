@@ -110,6 +110,7 @@ fn restore_steps_fast(dir: &Path, name: &str, state: &Path, mem: &Path) -> Resul
         &vm.uds,
         Instant::now() + Duration::from_secs(60),
         BTreeMap::new(),
+        None,
         ExecSpec::new(["true"]),
     )
     .map_err(|e| format!("the restored agent: {e}"))?;
