@@ -1,0 +1,239 @@
+//! The balloon's event-manager subscriber: the activation event and the statistics timer from
+//! the start, the queue eventfds once the driver activated the device.
+//!
+//! Each queue event takes at most [`CHAINS_PER_CALL`] chains; the pages they name go to
+//! [`super::GuestPages::discard`] in one call (one look at the dirty log per batch, not per
+//! chain), and only then are the chains used, since the guest may reuse reported pages as soon as
+//! it sees its report used. A queue with more work left wakes itself up again, after the rest of
+//! the event loop had its turn.
+
+use std::ops::Range;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{QueueOwnedT, QueueT};
+
+use super::device::{Balloon, DEFLATEQ, INFLATEQ};
+use super::request::{pfn_ranges, report_ranges, stats_entries};
+use super::{CHAINS_PER_CALL, Misbehaviour, PAGE_SIZE};
+use crate::virtio::device::VirtioDevice;
+
+const ACTIVATE: u32 = 0;
+const STATS_TIMER: u32 = 1;
+/// Queue `i`'s events carry `QUEUE_BASE + i`.
+const QUEUE_BASE: u32 = 2;
+
+/// What a queue's chains are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Inflate,
+    Deflate,
+    Stats,
+    Reporting,
+}
+
+impl MutEventSubscriber for Balloon {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, data, what) in [
+            (
+                &self.activate_evt as &dyn std::os::fd::AsRawFd,
+                ACTIVATE,
+                "activation event",
+            ),
+            (&self.stats_timer, STATS_TIMER, "statistics timer"),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd.as_raw_fd(), data, EventSet::IN)) {
+                log::error!("virtio-balloon: cannot watch the {what}: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            ACTIVATE => {
+                let _ = self.activate_evt.read();
+                if !self.is_activated() {
+                    return;
+                }
+                if !self.queues_registered {
+                    self.register_queues(ops);
+                }
+                if let Err(e) = self.arm_stats_timer() {
+                    log::error!("{e}");
+                }
+                // The driver may have queued chains before the loop saw the activation.
+                for q in 0..self.index.count {
+                    self.process_queue(q);
+                }
+            }
+            STATS_TIMER => {
+                let _ = self.stats_timer.wait();
+                self.request_stats();
+            }
+            data => {
+                let q = (data - QUEUE_BASE) as usize;
+                match self.queue_events.get(q) {
+                    Some(evt) => {
+                        let _ = evt.read();
+                        self.process_queue(q);
+                    }
+                    None => log::debug!("virtio-balloon: unexpected event {data}"),
+                }
+            }
+        }
+    }
+}
+
+impl Balloon {
+    fn register_queues(&mut self, ops: &mut EventOps) {
+        for (i, evt) in self.queue_events.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, QUEUE_BASE + i as u32, EventSet::IN)) {
+                log::error!("virtio-balloon: cannot watch queue {i}: {e:?}; device needs reset");
+                self.interrupt().set_needs_reset();
+                return;
+            }
+        }
+        self.queues_registered = true;
+    }
+
+    fn kind(&self, q: usize) -> Kind {
+        match q {
+            INFLATEQ => Kind::Inflate,
+            DEFLATEQ => Kind::Deflate,
+            _ if Some(q) == self.index.stats => Kind::Stats,
+            _ => Kind::Reporting,
+        }
+    }
+
+    /// Handles what the driver made available on queue `q`, within the budget.
+    pub(super) fn process_queue(&mut self, q: usize) {
+        if !self.is_activated() || self.interrupt().needs_reset() || q >= self.index.count {
+            return;
+        }
+        let kind = self.kind(q);
+        let mut budget = CHAINS_PER_CALL;
+        let mut used_any = false;
+        loop {
+            match self.drain(q, kind, budget) {
+                Ok(n) => {
+                    used_any |= n > 0;
+                    budget -= n;
+                }
+                Err(e) => {
+                    log::warn!(
+                        "virtio-balloon: the driver broke {kind:?} queue {q} ({e:?}); device needs reset"
+                    );
+                    self.interrupt().set_needs_reset();
+                    return;
+                }
+            }
+            if budget == 0 {
+                // More may be waiting: come back after the rest of the event loop.
+                if let Err(e) = self.queue_events[q].write(1) {
+                    log::error!("virtio-balloon: cannot wake queue {q} again: {e}");
+                }
+                break;
+            }
+            let Some(active) = self.active.as_mut() else {
+                return;
+            };
+            // With EVENT_IDX this re-arms notifications and reports chains that raced in.
+            match active.queues[q].enable_notification(&active.mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    log::warn!("virtio-balloon: cannot re-enable notifications ({e:?})");
+                    self.interrupt().set_needs_reset();
+                    return;
+                }
+            }
+        }
+        if used_any && let Some(active) = self.active.as_mut() {
+            self.interrupt
+                .signal_used_if_needed(&mut active.queues[q], &active.mem);
+        }
+    }
+
+    /// Takes up to `budget` chains from queue `q`, carries them out and uses them (except a stats
+    /// buffer, which the device keeps); returns how many chains it took.
+    fn drain(&mut self, q: usize, kind: Kind, budget: usize) -> Result<usize, virtio_queue::Error> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(0);
+        };
+        let mem = active.mem.clone();
+        active.queues[q].disable_notification(&mem)?;
+        // Collect first: the iterator borrows the queue, add_used needs it back.
+        let chains: Vec<_> = active.queues[q].iter(&mem)?.take(budget).collect();
+        let taken = chains.len();
+        let mut heads = Vec::with_capacity(taken);
+        let mut discard: Vec<Range<u64>> = Vec::new();
+        for chain in chains {
+            let head = chain.head_index();
+            match kind {
+                Kind::Inflate => {
+                    let ranges = pfn_ranges(chain, &mem, &mut self.log);
+                    self.counters.inflated_pages += pages(&ranges);
+                    discard.extend(ranges);
+                }
+                Kind::Deflate => {
+                    // Without MUST_TELL_HOST the guest may already be using these pages; the
+                    // dirty log tells snapshots when it writes them. Only checked and counted.
+                    let ranges = pfn_ranges(chain, &mem, &mut self.log);
+                    self.counters.deflated_pages += pages(&ranges);
+                }
+                Kind::Reporting => {
+                    let ranges = report_ranges(chain, &mem, &mut self.log);
+                    self.counters.reported_bytes += pages(&ranges) * PAGE_SIZE;
+                    discard.extend(ranges);
+                }
+                Kind::Stats => {
+                    self.take_stats(chain, &mem);
+                    if let Some(older) = self.stats_desc.replace(head) {
+                        self.log.warn(
+                            Misbehaviour::ExtraStatsBuffer,
+                            format_args!(
+                                "a second stats buffer ({head}) while buffer {older} is held; the older one is returned"
+                            ),
+                        );
+                        heads.push(older);
+                    }
+                    continue;
+                }
+            }
+            heads.push(head);
+        }
+        if !discard.is_empty() {
+            match self.pages.discard(&discard) {
+                Ok(bytes) => self.counters.given_back_bytes += bytes,
+                // The pages are still the guest's to give; only the host keeps their memory.
+                Err(e) => log::warn!("virtio-balloon: {e}"),
+            }
+        }
+        let Some(active) = self.active.as_mut() else {
+            return Ok(taken);
+        };
+        for head in heads {
+            active.queues[q].add_used(&mem, head, 0)?;
+        }
+        Ok(taken)
+    }
+
+    fn take_stats(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&crate::virtio::GuestMemoryMmap>,
+        mem: &crate::virtio::GuestMemoryMmap,
+    ) {
+        for (tag, value) in stats_entries(chain, mem, &mut self.log) {
+            if !self.stats.set(tag, value) {
+                self.log.warn(
+                    Misbehaviour::UnknownStat,
+                    format_args!("unknown statistics tag {tag} (value {value}) ignored"),
+                );
+            }
+        }
+        self.counters.stats_updates += 1;
+    }
+}
+
+fn pages(ranges: &[Range<u64>]) -> u64 {
+    ranges.iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum()
+}
