@@ -13,6 +13,7 @@ use kiln_devices::legacy::{
     COM1_IRQ, COM1_LEN, COM1_PORT, ConsoleInput, I8042, I8042_KBD_IRQ, I8042_LEN, I8042_PORT,
     SerialDevice, SerialDeviceState, SerialRestoreArgs,
 };
+use kiln_devices::virtio::balloon::{Balloon, BalloonError};
 use kiln_devices::virtio::block::{Block, BlockConfig, BlockError};
 use kiln_devices::virtio::vsock::{Vsock, VsockError};
 use kiln_snapshot::Persist;
@@ -26,6 +27,7 @@ use crate::device_manager::{
     AttachContext, DeviceError, MmioDeviceManager, Placement, Subscriber, VirtioKind,
 };
 use crate::loader::{self, BootEntry, LoaderError};
+use crate::memory::free_pages::FreePages;
 use crate::memory::{self, GuestMemoryMmap, MemoryError, low_ram_end};
 use crate::vmm::{ExitWatcher, Vmm, VmmParts};
 use crate::vstate::exit::{ExitReason, ExitSignal, IoBuses};
@@ -79,6 +81,9 @@ pub enum BuildError {
     /// The vsock device could not be created.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// The balloon could not be created.
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
     /// A virtio device could not be attached.
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -96,6 +101,7 @@ impl BuildError {
                 | BuildError::SerialOut { .. }
                 | BuildError::Block(_)
                 | BuildError::Vsock(_)
+                | BuildError::Balloon(BalloonError::TooLarge { .. })
         )
     }
 }
@@ -191,6 +197,68 @@ fn attach_drives(
         )?;
     }
     Ok(())
+}
+
+/// Whether KVM logs the guest's writes: for diff snapshots, and for a balloon, whose free-page
+/// record needs to see a freed page written again. The cost is a write fault on the first write
+/// to each page after every look at the log (reports, snapshots), which are rare.
+pub(crate) fn logs_dirty_pages(config: &VmConfig, track_dirty: bool) -> bool {
+    track_dirty || config.balloon.is_some()
+}
+
+/// The free-page record of `mem`, reading KVM's dirty log when `logged`.
+pub(crate) fn free_pages(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    logged: bool,
+) -> Result<Arc<FreePages>, BuildError> {
+    let log = if logged {
+        Some(vm.dirty_log_reader(mem)?)
+    } else {
+        None
+    };
+    Ok(Arc::new(FreePages::new(mem.clone(), log)))
+}
+
+/// Creates the balloon `config` asks for, if any, and attaches it; the pages it frees go to
+/// `pages`.
+pub(crate) fn attach_balloon(
+    config: &VmConfig,
+    pages: &Arc<FreePages>,
+    devices: &mut MmioDeviceManager,
+    ctx: &mut AttachContext<'_>,
+) -> Result<(), BuildError> {
+    let Some(b) = &config.balloon else {
+        return Ok(());
+    };
+    let irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd("the balloon IRQ", e))?;
+    let balloon = Balloon::new(
+        device_config(b),
+        config.machine.mem_size_mib as u64,
+        pages.clone(),
+        irq,
+    )?;
+    devices.attach(
+        "balloon",
+        VirtioKind::Balloon(Arc::new(Mutex::new(balloon))),
+        Placement::Next,
+        None,
+        ctx,
+    )?;
+    Ok(())
+}
+
+/// The device's view of the API's `balloon` object.
+pub(crate) fn device_config(
+    b: &crate::config::BalloonConfig,
+) -> kiln_devices::virtio::balloon::BalloonConfig {
+    kiln_devices::virtio::balloon::BalloonConfig {
+        amount_mib: b.amount_mib,
+        deflate_on_oom: b.deflate_on_oom,
+        stats_polling_interval_s: b.stats_polling_interval_s,
+        free_page_reporting: b.free_page_reporting,
+    }
 }
 
 /// A KVM VM with its irqchip and PIT, no memory yet: what does not depend on the configuration,
@@ -316,7 +384,9 @@ pub fn build_in(config: &VmConfig, prepared: Option<Vm>) -> Result<Vmm, BuildErr
     let mem_size = (config.machine.mem_size_mib as u64) << 20;
     let vcpu_count = config.machine.vcpu_count;
     let (mem, memfd) = memory::create(mem_size)?;
-    let vm = create_vm(prepared, &mem, config.machine.track_dirty_pages)?;
+    let logged = logs_dirty_pages(config, config.machine.track_dirty_pages);
+    let vm = create_vm(prepared, &mem, logged)?;
+    let pages = free_pages(&vm, &mem, logged)?;
     let mut platform = Platform::new(vm, config, None)?;
     log::info!(
         "VM created with {} MiB of memory",
@@ -342,6 +412,7 @@ pub fn build_in(config: &VmConfig, prepared: Option<Vm>) -> Result<Vmm, BuildErr
             &mut ctx,
         )?;
     }
+    attach_balloon(config, &pages, &mut devices, &mut ctx)?;
 
     let kernel = loader::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
     let initrd = match &config.boot_source.initrd_path {
@@ -382,6 +453,7 @@ pub fn build_in(config: &VmConfig, prepared: Option<Vm>) -> Result<Vmm, BuildErr
         platform,
         mem,
         memfd: Some(memfd),
+        pages,
         vcpus,
         devices,
         config: config.clone(),
@@ -417,6 +489,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             vsock: None,
+            balloon: None,
         }
     }
 

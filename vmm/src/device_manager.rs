@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kiln_devices::virtio::balloon::Balloon;
 use kiln_devices::virtio::block::Block;
 use kiln_devices::virtio::mmio::{MMIO_LEN, QUEUE_NOTIFY_OFFSET};
 use kiln_devices::virtio::vsock::Vsock;
@@ -56,6 +57,8 @@ pub enum VirtioKind {
     Block(Arc<Mutex<Block>>),
     /// The vsock device.
     Vsock(Arc<Mutex<Vsock>>),
+    /// The memory balloon.
+    Balloon(Arc<Mutex<Balloon>>),
 }
 
 impl VirtioKind {
@@ -64,6 +67,7 @@ impl VirtioKind {
         match self {
             VirtioKind::Block(d) => d.clone(),
             VirtioKind::Vsock(d) => d.clone(),
+            VirtioKind::Balloon(d) => d.clone(),
         }
     }
 }
@@ -139,6 +143,7 @@ impl MmioDeviceManager {
         match kind.clone() {
             VirtioKind::Block(d) => self.attach_device(name, d, kind, placement, transport, ctx),
             VirtioKind::Vsock(d) => self.attach_device(name, d, kind, placement, transport, ctx),
+            VirtioKind::Balloon(d) => self.attach_device(name, d, kind, placement, transport, ctx),
         }
     }
 
@@ -199,6 +204,14 @@ impl MmioDeviceManager {
             kind,
         });
         Ok(())
+    }
+
+    /// The balloon, if there is one.
+    pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
+        self.devices.iter().find_map(|d| match &d.kind {
+            VirtioKind::Balloon(b) => Some(b),
+            _ => None,
+        })
     }
 
     /// The attached devices, in attachment order.

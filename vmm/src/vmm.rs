@@ -23,6 +23,7 @@ use crate::builder::{BuildError, Platform, build};
 use crate::config::VmConfig;
 use crate::device_manager::{MmioDeviceManager, Subscriber};
 use crate::memory::GuestMemoryMmap;
+use crate::memory::free_pages::FreePages;
 use crate::seccomp::{SeccompFilters, ThreadKind};
 use crate::vstate::exit::{ExitReason, ExitSignal, IoBuses};
 use crate::vstate::vcpu::Vcpu;
@@ -36,6 +37,8 @@ pub(crate) struct VmmParts {
     pub(crate) mem: GuestMemoryMmap,
     /// The memfd behind guest memory; `None` when memory is a private mapping of a snapshot.
     pub(crate) memfd: Option<File>,
+    /// Which guest pages are free, for snapshots (the balloon fills it).
+    pub(crate) pages: Arc<FreePages>,
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) devices: MmioDeviceManager,
     pub(crate) config: VmConfig,
@@ -49,6 +52,7 @@ pub struct Vmm {
     pub(crate) vm: Vm,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) memfd: Option<File>,
+    pub(crate) pages: Arc<FreePages>,
     vcpus: Vec<Vcpu>,
     pub(crate) handles: Vec<VcpuHandle>,
     io: Arc<IoBuses>,
@@ -133,6 +137,7 @@ impl Vmm {
             vm,
             mem: parts.mem,
             memfd: parts.memfd,
+            pages: parts.pages,
             vcpus: parts.vcpus,
             handles: Vec::new(),
             io: Arc::new(io),

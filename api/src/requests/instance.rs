@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::balloon::Balloon;
 use super::boot_source::BootSource;
 use super::drives::Drive;
 use super::machine_config::MachineConfig;
@@ -74,6 +75,9 @@ pub struct FullVmConfig {
     /// `vsock`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
+    /// `balloon`, if any (its current target and statistics interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<Balloon>,
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! state, files on disk, value ranges) is the VMM's to check when it handles the request.
 
 pub mod actions;
+pub mod balloon;
 pub mod boot_source;
 pub mod drives;
 pub mod instance;
@@ -18,6 +19,7 @@ use serde::de::DeserializeOwned;
 
 use crate::ApiError;
 use actions::Action;
+use balloon::{Balloon, BalloonStatsUpdate, BalloonUpdate};
 use boot_source::BootSource;
 use drives::{Drive, DriveUpdate};
 use machine_config::{MachineConfig, MachineConfigUpdate};
@@ -54,6 +56,16 @@ pub enum ApiRequest {
     CreateSnapshot(SnapshotCreate),
     /// `PUT /snapshot/load`.
     LoadSnapshot(SnapshotLoad),
+    /// `GET /balloon`: the balloon's configuration ([`Balloon`]).
+    GetBalloon,
+    /// `PUT /balloon`.
+    PutBalloon(Balloon),
+    /// `PATCH /balloon`: a new target.
+    PatchBalloon(BalloonUpdate),
+    /// `GET /balloon/statistics` ([`balloon::BalloonStats`]).
+    GetBalloonStats,
+    /// `PATCH /balloon/statistics`: a new polling interval.
+    PatchBalloonStats(BalloonStatsUpdate),
 }
 
 /// A path and method the API serves; `path` is a template as in `openapi.json`.
@@ -84,6 +96,11 @@ pub const ROUTES: &[Route] = &[
     route("PATCH", "/vm"),
     route("PUT", "/snapshot/create"),
     route("PUT", "/snapshot/load"),
+    route("GET", "/balloon"),
+    route("PUT", "/balloon"),
+    route("PATCH", "/balloon"),
+    route("GET", "/balloon/statistics"),
+    route("PATCH", "/balloon/statistics"),
 ];
 
 /// Turns one HTTP request into an [`ApiRequest`], or the error to answer it with.
@@ -111,6 +128,17 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
             .map(|b| ApiRequest::PatchVm(b.state)),
         ("/snapshot/create", "PUT") => req.json("snapshot/create").map(ApiRequest::CreateSnapshot),
         ("/snapshot/load", "PUT") => req.json("snapshot/load").map(ApiRequest::LoadSnapshot),
+        ("/balloon", "GET") => req.no_body(ApiRequest::GetBalloon),
+        ("/balloon", "PUT") => {
+            let balloon: Balloon = req.json("balloon")?;
+            balloon.check()?;
+            Ok(ApiRequest::PutBalloon(balloon))
+        }
+        ("/balloon", "PATCH") => req.json("balloon").map(ApiRequest::PatchBalloon),
+        ("/balloon/statistics", "GET") => req.no_body(ApiRequest::GetBalloonStats),
+        ("/balloon/statistics", "PATCH") => req
+            .json("balloon/statistics")
+            .map(ApiRequest::PatchBalloonStats),
         _ => match drive_id_in(path) {
             Some(id) => match method {
                 "PUT" => {

@@ -3,7 +3,9 @@
 
 use kiln_api::requests::instance::FullVmConfig;
 
-use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, VmConfig, VsockConfig};
+use crate::config::{
+    BalloonConfig, BootSourceConfig, DriveConfig, MachineConfig, VmConfig, VsockConfig,
+};
 
 /// The whole configuration so far (before `InstanceStart` the boot source may be missing).
 pub fn full(
@@ -11,12 +13,14 @@ pub fn full(
     machine: &MachineConfig,
     drives: &[DriveConfig],
     vsock: Option<&VsockConfig>,
+    balloon: Option<&BalloonConfig>,
 ) -> FullVmConfig {
     FullVmConfig {
         boot_source: boot.cloned(),
         machine_config: Some(machine.clone()),
         drives: drives.to_vec(),
         vsock: vsock.cloned(),
+        balloon: balloon.cloned(),
     }
 }
 
@@ -27,5 +31,6 @@ pub fn full_of(config: &VmConfig) -> FullVmConfig {
         &config.machine,
         &config.drives,
         config.vsock.as_ref(),
+        config.balloon.as_ref(),
     )
 }

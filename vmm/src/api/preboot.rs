@@ -13,8 +13,8 @@ use super::{ApiLink, INSTANCE_ID, convert};
 use crate::Vmm;
 use crate::builder::{build_in, prepare_vm};
 use crate::config::{
-    BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig, VsockConfig,
-    default_machine, validate_machine,
+    BalloonConfig, BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig,
+    VsockConfig, default_machine, validate_machine,
 };
 use crate::loader::inspect_kernel;
 use crate::persist::restore::restore;
@@ -34,6 +34,7 @@ struct PreBoot {
     machine: MachineConfig,
     drives: Vec<DriveConfig>,
     vsock: Option<VsockConfig>,
+    balloon: Option<BalloonConfig>,
 }
 
 impl PreBoot {
@@ -48,6 +49,7 @@ impl PreBoot {
             serial: serial.clone(),
             drives: self.drives.clone(),
             vsock: self.vsock.clone(),
+            balloon: self.balloon,
         })
     }
 
@@ -57,6 +59,7 @@ impl PreBoot {
         self.boot.is_some()
             || !self.drives.is_empty()
             || self.vsock.is_some()
+            || self.balloon.is_some()
             || self.machine != default_machine()
     }
 
@@ -72,6 +75,7 @@ impl PreBoot {
                 &self.machine,
                 &self.drives,
                 self.vsock.as_ref(),
+                self.balloon.as_ref(),
             )),
             PutBootSource(b) => match inspect_kernel(&b.kernel_image_path) {
                 Ok(_) => {
@@ -127,8 +131,12 @@ impl PreBoot {
                 ApiResponse::fault("snapshot/create: the instance has not started")
             }
             LoadSnapshot(_) if self.configured() => ApiResponse::fault(
-                "snapshot/load: not allowed after boot-source, machine-config, drives or vsock were configured",
+                "snapshot/load: not allowed after boot-source, machine-config, drives, vsock or balloon were configured",
             ),
+            request @ (GetBalloon | PutBalloon(_) | PatchBalloon(_) | GetBalloonStats
+            | PatchBalloonStats(_)) => {
+                super::balloon::preboot(&mut self.balloon, &self.machine, request)
+            }
             LoadSnapshot(params) => return Err(Next::Load(params)),
         })
     }
@@ -177,6 +185,7 @@ pub fn configure(link: &ApiLink, serial: SerialConfig) -> Option<Vmm> {
         machine: default_machine(),
         drives: Vec::new(),
         vsock: None,
+        balloon: None,
     };
     log::debug!("ready for the configuration");
     loop {

@@ -2,16 +2,17 @@
 
 use std::path::PathBuf;
 
-use super::device_args::{parse_drive, parse_vsock};
+use super::device_args::{parse_balloon, parse_drive, parse_vsock};
 use super::{
-    BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig, VsockConfig,
-    parse_config_file,
+    BalloonConfig, BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig,
+    VsockConfig, parse_config_file,
 };
 
 /// The usage text for `--help`.
 pub const USAGE: &str =
     "usage: kiln-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
                 [--drive id=ID,path=PATH[,ro][,root]]... [--vsock cid=N,uds=PATH] [--serial-out PATH]
+                [--balloon [amount_mib=N][,deflate_on_oom][,stats_polling_interval_s=N][,free_page_reporting]]
        kiln-vmm --config-file FILE [--serial-out PATH] [--api-sock PATH]
        kiln-vmm --api-sock PATH [--serial-out PATH]
        (each form also takes --no-seccomp)
@@ -25,6 +26,10 @@ pub const USAGE: &str =
                       device, `ro` refuses writes (repeatable)
   --vsock SPEC        a virtio-vsock device; the host reaches guest port P by connecting to uds and
                       writing \"CONNECT P\\n\"; the guest reaches host port P at uds_P
+  --balloon SPEC      a virtio-balloon device (Firecracker's `balloon` fields; `-` for the defaults):
+                      a target of amount_mib, deflate_on_oom, statistics every N seconds, and
+                      free_page_reporting, with which the memory the guest frees goes back to the
+                      host
   --serial-out PATH   write the serial console to PATH instead of stdout
   --api-sock PATH     serve Firecracker's HTTP API on a Unix socket at PATH; without a kernel or
                       config file, the VM is configured and started through it
@@ -67,6 +72,7 @@ struct Flags {
     config_file: Option<PathBuf>,
     drives: Vec<DriveConfig>,
     vsock: Option<VsockConfig>,
+    balloon: Option<BalloonConfig>,
     api_sock: Option<PathBuf>,
     no_seccomp: bool,
 }
@@ -101,6 +107,7 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
             "--config-file" => set(&mut flags.config_file, name, value()?.into())?,
             "--drive" => flags.drives.push(parse_drive(&value()?)?),
             "--vsock" => set(&mut flags.vsock, name, parse_vsock(&value()?)?)?,
+            "--balloon" => set(&mut flags.balloon, name, parse_balloon(&value()?)?)?,
             "--api-sock" => set(&mut flags.api_sock, name, value()?.into())?,
             "--no-seccomp" if inline.is_some() => return Err(format!("{name} takes no value")),
             "--no-seccomp" => flags.no_seccomp = true,
@@ -139,6 +146,7 @@ impl Flags {
             (self.vcpus.is_some(), "--vcpus"),
             (!self.drives.is_empty(), "--drive"),
             (self.vsock.is_some(), "--vsock"),
+            (self.balloon.is_some(), "--balloon"),
         ]
         .into_iter()
         .find_map(|(given, flag)| given.then_some(flag))
@@ -188,6 +196,7 @@ impl Flags {
                     serial: SerialConfig::default(),
                     drives: self.drives,
                     vsock: self.vsock,
+                    balloon: self.balloon,
                 }
             }
         };
@@ -261,6 +270,27 @@ mod tests {
         );
         assert_eq!(c.machine.mem_size_mib, 512);
         assert_eq!(c.serial.serial_out_path, Some(PathBuf::from("/o")));
+    }
+
+    #[test]
+    fn the_balloon_flag_adds_a_balloon() {
+        let c = config(&[
+            "--kernel",
+            "/k",
+            "--balloon",
+            "free_page_reporting,deflate_on_oom",
+        ]);
+        let b = c.balloon.unwrap();
+        assert!(b.free_page_reporting && b.deflate_on_oom);
+        assert_eq!(config(&["--kernel", "/k"]).balloon, None);
+        assert_eq!(
+            parse(&["--kernel", "/k", "--balloon", "-", "--balloon", "-"]).unwrap_err(),
+            "--balloon given more than once"
+        );
+        assert_eq!(
+            parse(&["--config-file", "/c.json", "--balloon", "-"]).unwrap_err(),
+            "--balloon cannot be combined with --config-file"
+        );
     }
 
     #[test]

@@ -45,6 +45,28 @@ mod tests {
         assert_eq!(cfg.machine.mem_size_mib, 256);
         assert!(cfg.machine.track_dirty_pages);
         assert_eq!(cfg.serial.serial_out_path, None);
+        assert_eq!(cfg.balloon, None);
+    }
+
+    #[test]
+    fn the_balloon_object_is_firecrackers() {
+        let cfg = parse_config_text(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 512},
+                "balloon": {"amount_mib": 64, "deflate_on_oom": true,
+                            "stats_polling_interval_s": 2, "free_page_reporting": true}}"#,
+        )
+        .unwrap();
+        let b = cfg.balloon.unwrap();
+        assert_eq!(
+            (
+                b.amount_mib,
+                b.deflate_on_oom,
+                b.stats_polling_interval_s,
+                b.free_page_reporting
+            ),
+            (64, true, 2, true)
+        );
     }
 
     #[test]
@@ -57,10 +79,17 @@ mod tests {
         assert!(err.contains("unknown field `cpu_template`"), "{err}");
         let err = parse_config_text(
             r#"{"boot-source": {"kernel_image_path": "/k"},
-                "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "balloon": {}}"#,
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "frobnicator": {}}"#,
         )
         .unwrap_err();
-        assert!(err.contains("unknown field `balloon`"), "{err}");
+        assert!(err.contains("unknown field `frobnicator`"), "{err}");
+        let err = parse_config_text(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+                "balloon": {"amount_mib": 0, "deflate_on_oom": true, "inflate": 1}}"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("unknown field `inflate`"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cli::{Command, USAGE, parse_args};
 pub use file::parse_config_file;
-pub use validate::{ValidationError, validate_machine};
+pub use validate::{ValidationError, validate_balloon, validate_machine};
 
 /// Most vCPUs a Kiln VM may have.
 pub const MAX_VCPUS: u8 = 32;
@@ -46,8 +46,13 @@ pub struct VmConfig {
     /// The vsock device (`vsock`), if any.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// The memory balloon (`balloon`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
 }
 
+/// Firecracker's `balloon` object.
+pub use kiln_api::requests::balloon::Balloon as BalloonConfig;
 /// Firecracker's `boot-source` object.
 pub use kiln_api::requests::boot_source::BootSource as BootSourceConfig;
 /// Firecracker's `drives` entry: the API's type, so the config file and `PUT /drives` agree.

@@ -10,6 +10,7 @@ pub mod restore;
 use std::path::PathBuf;
 
 use kiln_devices::legacy::SerialDeviceState;
+use kiln_devices::virtio::balloon::BalloonState;
 use kiln_devices::virtio::block::BlockState;
 use kiln_devices::virtio::persist::TransportState;
 use kiln_devices::virtio::vsock::VsockState;
@@ -71,6 +72,8 @@ pub enum DeviceKindState {
     Block(BlockState),
     /// The vsock device.
     Vsock(VsockState),
+    /// The memory balloon (boxed: it carries the guest's statistics).
+    Balloon(Box<BalloonState>),
 }
 
 /// A virtio device on the bus, saved.

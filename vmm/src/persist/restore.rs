@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use kiln_api::requests::snapshot::SnapshotLoad;
 use kiln_devices::virtio::MmioTransport;
+use kiln_devices::virtio::balloon::{Balloon, BalloonRestoreArgs};
 use kiln_devices::virtio::block::{Block, BlockRestoreArgs};
 use kiln_devices::virtio::vsock::{Vsock, VsockRestoreArgs};
 use kiln_snapshot::Persist;
@@ -20,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::memory::check_file;
 use super::{DeviceKindState, MicrovmState, PersistError};
 use crate::Vmm;
-use crate::builder::{BuildError, Platform, create_vm};
+use crate::builder::{BuildError, Platform, create_vm, free_pages, logs_dirty_pages};
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{MmioDeviceManager, Placement, VirtioKind};
 use crate::memory::map_snapshot;
@@ -97,7 +98,9 @@ pub fn restore(
     log::debug!("restore: state file read and checked");
     let config = config_of(&state, params, serial, &params.snapshot_path)?;
     let mem = map_snapshot(&file, state.mem_size).map_err(BuildError::from)?;
-    let vm = create_vm(prepared.take(), &mem, params.track_dirty_pages)?;
+    let logged = logs_dirty_pages(&config, params.track_dirty_pages);
+    let vm = create_vm(prepared.take(), &mem, logged)?;
+    let pages = free_pages(&vm, &mem, logged)?;
     log::debug!("restore: memory mapped and registered");
 
     // KVM's own state first: the vCPUs, then the irqchip, PIT and clock. Devices come after, so
@@ -148,6 +151,18 @@ pub fn restore(
                     VirtioKind::Vsock(Arc::new(Mutex::new(vsock))),
                 )
             }
+            DeviceKindState::Balloon(s) => {
+                let args = BalloonRestoreArgs {
+                    mem: mem.clone(),
+                    irqfd,
+                    pages: pages.clone(),
+                };
+                let balloon = Balloon::restore(args, s).map_err(BuildError::Balloon)?;
+                (
+                    "balloon".to_string(),
+                    VirtioKind::Balloon(Arc::new(Mutex::new(balloon))),
+                )
+            }
         };
         let transport = MmioTransport::restore(kind.device(), mem.clone(), &saved.transport)
             .map_err(|e| refused(format!("{name}: cannot restore its transport: {e}")))?;
@@ -173,6 +188,7 @@ pub fn restore(
         platform,
         mem,
         memfd: None,
+        pages,
         vcpus,
         devices,
         config,
