@@ -18,6 +18,7 @@ use kiln_agent::client::Client;
 use kiln_agent::protocol::{ExecSpec, ExitStatus as AgentExit};
 
 pub mod cycles;
+pub mod memory;
 
 /// The marker the test initramfs prints first thing in `/init`.
 pub const INIT_MARKER: &str = "KILN-INIT-START";
@@ -314,6 +315,11 @@ impl ApiVmm {
     /// The API socket.
     pub fn sock(&self) -> &Path {
         &self.sock
+    }
+
+    /// The kiln-vmm process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// One API request; its status code and body.

@@ -6,12 +6,13 @@ use crate::guest_images;
 use crate::lab::{self, LabRun};
 use crate::util::Result;
 
-const USAGE: &str = "usage: cargo xtask bench boot|block|exec|vsock|snapshot|restore [--runs N]
+const USAGE: &str =
+    "usage: cargo xtask bench boot|block|exec|vsock|snapshot|restore|memory [--runs N]
        cargo xtask bench cycles [--restores N] [--boots M]";
 
 /// Benchmarks `kiln-lab-bench` knows.
 const BENCHMARKS: &[&str] = &[
-    "boot", "block", "exec", "vsock", "snapshot", "restore", "cycles",
+    "boot", "block", "exec", "vsock", "snapshot", "restore", "cycles", "memory",
 ];
 
 /// `cargo xtask bench NAME [OPTIONS]` (see USAGE)
