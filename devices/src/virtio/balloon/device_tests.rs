@@ -3,11 +3,13 @@
 //! the per-call budget, and what a hostile guest gets.
 
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-use vm_memory::{Address, Bytes};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::*;
 use crate::virtio::balloon::test_utils::{HIGH_LEN, HIGH_START, Recorder, TestGuest, config};
-use crate::virtio::balloon::{CHAINS_PER_CALL, Misbehaviour, PAGE_SIZE, features};
+use crate::virtio::balloon::{
+    CHAINS_PER_CALL, MAX_PFN_BYTES, Misbehaviour, PAGE_SIZE, RANGES_PER_CALL, features,
+};
 use crate::virtio::interrupt_status;
 
 const P: u64 = PAGE_SIZE;
@@ -263,6 +265,33 @@ fn a_queue_full_of_chains_is_handled_a_budget_at_a_time() {
         "the device woke itself up"
     );
     assert_eq!(g.pages.taken().len(), n);
+}
+
+#[test]
+fn scattered_pages_are_given_back_a_bounded_number_of_ranges_at_a_time() {
+    let mut g = TestGuest::new(config(0, false, 0, false));
+    // Chains of 4096 pages, every other one of the first 4096 twice over: 4096 ranges each, nothing to merge.
+    let per_chain = MAX_PFN_BYTES as usize / 4;
+    let chains = RANGES_PER_CALL / per_chain + 1;
+    for c in 0..chains {
+        let pfns: Vec<u8> = (0..per_chain)
+            .flat_map(|i| ((i as u32 * 2) % 4096).to_le_bytes())
+            .collect();
+        let addr = 0x20_0000 + c as u64 * u64::from(MAX_PFN_BYTES);
+        g.mem.write_slice(&pfns, GuestAddress(addr)).unwrap();
+        g.add_chain(0, &[(addr, MAX_PFN_BYTES, 0)]);
+    }
+    g.dev().queue_events()[0].write(1).unwrap();
+    g.em.run_with_timeout(0).unwrap();
+    assert_eq!(
+        g.used(0).len(),
+        chains - 1,
+        "the event stopped once {RANGES_PER_CALL} ranges were gathered"
+    );
+    assert_eq!(g.pages.taken().len(), RANGES_PER_CALL);
+    g.poll();
+    assert_eq!(g.used(0).len(), 1, "and came back for the rest");
+    assert_eq!(g.pages.taken().len(), chains * per_chain);
 }
 
 #[test]

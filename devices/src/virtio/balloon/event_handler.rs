@@ -1,7 +1,8 @@
 //! The balloon's event-manager subscriber: the activation event and the statistics timer from
 //! the start, the queue eventfds once the driver activated the device.
 //!
-//! Each queue event takes at most [`CHAINS_PER_CALL`] chains; the pages they name go to
+//! Each queue event takes at most [`CHAINS_PER_CALL`] chains, and stops early once they name
+//! [`RANGES_PER_CALL`] ranges to give back (each is a system call); the pages they name go to
 //! [`super::GuestPages::discard`] in one call (one look at the dirty log per batch, not per
 //! chain), and only then are the chains used, since the guest may reuse reported pages as soon as
 //! it sees its report used. A queue with more work left wakes itself up again, after the rest of
@@ -14,7 +15,7 @@ use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::device::{Balloon, DEFLATEQ, INFLATEQ};
 use super::request::{pfn_ranges, report_ranges, stats_entries};
-use super::{CHAINS_PER_CALL, Misbehaviour, PAGE_SIZE};
+use super::{CHAINS_PER_CALL, Misbehaviour, PAGE_SIZE, RANGES_PER_CALL};
 use crate::virtio::device::VirtioDevice;
 
 const ACTIVATE: u32 = 0;
@@ -113,10 +114,11 @@ impl Balloon {
         let mut budget = CHAINS_PER_CALL;
         let mut used_any = false;
         loop {
-            match self.drain(q, kind, budget) {
-                Ok(n) => {
+            let ranges_ran_out = match self.drain(q, kind, budget) {
+                Ok((n, full)) => {
                     used_any |= n > 0;
                     budget -= n;
+                    full
                 }
                 Err(e) => {
                     log::warn!(
@@ -125,8 +127,8 @@ impl Balloon {
                     self.interrupt().set_needs_reset();
                     return;
                 }
-            }
-            if budget == 0 {
+            };
+            if budget == 0 || ranges_ran_out {
                 // More may be waiting: come back after the rest of the event loop.
                 if let Err(e) = self.queue_events[q].write(1) {
                     log::error!("virtio-balloon: cannot wake queue {q} again: {e}");
@@ -153,42 +155,72 @@ impl Balloon {
         }
     }
 
-    /// Takes up to `budget` chains from queue `q`, carries them out and uses them (except a stats
-    /// buffer, which the device keeps); returns how many chains it took.
-    fn drain(&mut self, q: usize, kind: Kind, budget: usize) -> Result<usize, virtio_queue::Error> {
-        let Some(active) = self.active.as_mut() else {
-            return Ok(0);
+    /// Takes chains from queue `q` until `budget` chains, or [`RANGES_PER_CALL`] ranges to give
+    /// back, carries them out and uses them (except a stats buffer, which the device keeps);
+    /// returns how many chains it took and whether the ranges ran out first.
+    fn drain(
+        &mut self,
+        q: usize,
+        kind: Kind,
+        budget: usize,
+    ) -> Result<(usize, bool), virtio_queue::Error> {
+        let Balloon {
+            active,
+            log,
+            counters,
+            stats,
+            stats_desc,
+            pages: guest_pages,
+            ..
+        } = self;
+        let Some(active) = active.as_mut() else {
+            return Ok((0, false));
         };
         let mem = active.mem.clone();
         active.queues[q].disable_notification(&mem)?;
-        // Collect first: the iterator borrows the queue, add_used needs it back.
-        let chains: Vec<_> = active.queues[q].iter(&mem)?.take(budget).collect();
-        let taken = chains.len();
-        let mut heads = Vec::with_capacity(taken);
+        let mut taken = 0;
+        let mut heads = Vec::new();
         let mut discard: Vec<Range<u64>> = Vec::new();
-        for chain in chains {
+        // One chain at a time: how many more to take depends on what the last ones named. The
+        // iterator borrows the queue until its last use; add_used needs it back, after.
+        let mut chains = active.queues[q].iter(&mem)?;
+        while taken < budget && discard.len() < RANGES_PER_CALL {
+            let Some(chain) = chains.next() else {
+                break;
+            };
+            taken += 1;
             let head = chain.head_index();
             match kind {
                 Kind::Inflate => {
-                    let ranges = pfn_ranges(chain, &mem, &mut self.log);
-                    self.counters.inflated_pages += pages(&ranges);
+                    let ranges = pfn_ranges(chain, &mem, log);
+                    counters.inflated_pages += page_count(&ranges);
                     discard.extend(ranges);
                 }
                 Kind::Deflate => {
                     // Without MUST_TELL_HOST the guest may already be using these pages; the
                     // dirty log tells snapshots when it writes them. Only checked and counted.
-                    let ranges = pfn_ranges(chain, &mem, &mut self.log);
-                    self.counters.deflated_pages += pages(&ranges);
+                    let ranges = pfn_ranges(chain, &mem, log);
+                    counters.deflated_pages += page_count(&ranges);
                 }
                 Kind::Reporting => {
-                    let ranges = report_ranges(chain, &mem, &mut self.log);
-                    self.counters.reported_bytes += pages(&ranges) * PAGE_SIZE;
+                    let ranges = report_ranges(chain, &mem, log);
+                    counters.reported_bytes += page_count(&ranges) * PAGE_SIZE;
                     discard.extend(ranges);
                 }
                 Kind::Stats => {
-                    self.take_stats(chain, &mem);
-                    if let Some(older) = self.stats_desc.replace(head) {
-                        self.log.warn(
+                    for (tag, value) in stats_entries(chain, &mem, log) {
+                        if !stats.set(tag, value) {
+                            log.warn(
+                                Misbehaviour::UnknownStat,
+                                format_args!(
+                                    "unknown statistics tag {tag} (value {value}) ignored"
+                                ),
+                            );
+                        }
+                    }
+                    counters.stats_updates += 1;
+                    if let Some(older) = stats_desc.replace(head) {
+                        log.warn(
                             Misbehaviour::ExtraStatsBuffer,
                             format_args!(
                                 "a second stats buffer ({head}) while buffer {older} is held; the older one is returned"
@@ -201,39 +233,21 @@ impl Balloon {
             }
             heads.push(head);
         }
+        let full = discard.len() >= RANGES_PER_CALL;
         if !discard.is_empty() {
-            match self.pages.discard(&discard) {
-                Ok(bytes) => self.counters.given_back_bytes += bytes,
+            match guest_pages.discard(&discard) {
+                Ok(bytes) => counters.given_back_bytes += bytes,
                 // The pages are still the guest's to give; only the host keeps their memory.
                 Err(e) => log::warn!("virtio-balloon: {e}"),
             }
         }
-        let Some(active) = self.active.as_mut() else {
-            return Ok(taken);
-        };
         for head in heads {
             active.queues[q].add_used(&mem, head, 0)?;
         }
-        Ok(taken)
-    }
-
-    fn take_stats(
-        &mut self,
-        chain: virtio_queue::DescriptorChain<&crate::virtio::GuestMemoryMmap>,
-        mem: &crate::virtio::GuestMemoryMmap,
-    ) {
-        for (tag, value) in stats_entries(chain, mem, &mut self.log) {
-            if !self.stats.set(tag, value) {
-                self.log.warn(
-                    Misbehaviour::UnknownStat,
-                    format_args!("unknown statistics tag {tag} (value {value}) ignored"),
-                );
-            }
-        }
-        self.counters.stats_updates += 1;
+        Ok((taken, full))
     }
 }
 
-fn pages(ranges: &[Range<u64>]) -> u64 {
+fn page_count(ranges: &[Range<u64>]) -> u64 {
     ranges.iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum()
 }
