@@ -10,7 +10,7 @@ pub enum ApiError {
     /// No resource lives at this path.
     #[error("unknown path {0}")]
     UnknownPath(String),
-    /// The resource exists but not with this method.
+    /// The resource exists but not with this method (one of GET, PUT, PATCH): 400, as Firecracker.
     #[error("{path} does not accept {method}")]
     MethodNotAllowed {
         /// The request's method.
@@ -18,6 +18,20 @@ pub enum ApiError {
         /// The request's path.
         path: String,
     },
+    /// A method Firecracker's server takes on no path (POST, DELETE, HEAD, ...): 405 with the
+    /// methods this path takes.
+    #[error("{method} is not a method this API takes; {path} takes {allow}")]
+    UnsupportedMethod {
+        /// The request's method.
+        method: String,
+        /// The request's path.
+        path: String,
+        /// The methods the path takes, comma-separated (the `Allow` header).
+        allow: String,
+    },
+    /// A Firecracker resource whose device Kiln does not have by design.
+    #[error("{0}")]
+    NotInKiln(String),
     /// The request needs a JSON body and came with none.
     #[error("{method} {path} needs a JSON body")]
     MissingBody {

@@ -1,6 +1,7 @@
-//! What the VMM's handler answers: Firecracker's three outcomes (204, 200 with JSON, 400 with a
-//! fault message). The HTTP encoding lives in [`crate::http`]. Fault messages are bounded
-//! ([`crate::echo`]): what they echo of the request is cut, so no answer grows with its input.
+//! What the VMM's handler answers: Firecracker's outcomes (204, 200 with JSON, 400 with a fault
+//! message, and the few other statuses Firecracker uses: 404, 405 and 413). The HTTP encoding
+//! lives in [`crate::http`]. Fault messages are bounded ([`crate::echo`]): what they echo of the
+//! request is cut, so no answer grows with its input.
 
 use std::borrow::Cow;
 
@@ -16,9 +17,20 @@ pub enum ApiResponse {
     NoContent,
     /// Done, with a JSON body: 200 OK.
     Json(String),
-    /// Refused: 400 Bad Request with `{"fault_message": ...}`. Firecracker uses 400 for every error.
-    /// The message is bounded when sent ([`crate::echo::bound_fault`]).
+    /// Refused: 400 Bad Request with `{"fault_message": ...}`, Firecracker's answer to nearly
+    /// every error. The message is bounded when sent ([`crate::echo::bound_fault`]).
     Fault(String),
+    /// Refused with another status Firecracker uses: 404 (`GET /mmds` before any `PUT`), 405 (a
+    /// method Firecracker's server does not take, with the methods the path does take) or 413
+    /// (the MMDS data store would grow past its limit).
+    FaultWith {
+        /// The status code.
+        status: u16,
+        /// The fault message.
+        message: String,
+        /// For 405, the `Allow` header's value.
+        allow: Option<String>,
+    },
 }
 
 impl ApiResponse {
@@ -33,10 +45,15 @@ impl ApiResponse {
     /// A 400 answer with `message` as its fault message, bounded ([`crate::echo::bound_fault`])
     /// here, so a long echo is dropped on the thread that wrote it.
     pub fn fault(message: impl ToString) -> Self {
-        let message = message.to_string();
-        match bound_fault(&message) {
-            Cow::Borrowed(_) => ApiResponse::Fault(message),
-            Cow::Owned(bounded) => ApiResponse::Fault(bounded),
+        ApiResponse::Fault(bounded(message))
+    }
+
+    /// A refusal with `status` (404, 405 or 413) and `message`, bounded as [`ApiResponse::fault`].
+    pub fn fault_with(status: u16, message: impl ToString) -> Self {
+        ApiResponse::FaultWith {
+            status,
+            message: bounded(message),
+            allow: None,
         }
     }
 
@@ -46,6 +63,15 @@ impl ApiResponse {
             ApiResponse::NoContent => 204,
             ApiResponse::Json(_) => 200,
             ApiResponse::Fault(_) => 400,
+            ApiResponse::FaultWith { status, .. } => *status,
+        }
+    }
+
+    /// The `Allow` header a 405 carries.
+    pub fn allow(&self) -> Option<&str> {
+        match self {
+            ApiResponse::FaultWith { allow, .. } => allow.as_deref(),
+            _ => None,
         }
     }
 
@@ -55,16 +81,32 @@ impl ApiResponse {
             ApiResponse::NoContent => String::new(),
             ApiResponse::Json(body) => body.clone(),
             // Bounded again: `Fault` can be built without `fault()`.
-            ApiResponse::Fault(message) => {
+            ApiResponse::Fault(message) | ApiResponse::FaultWith { message, .. } => {
                 serde_json::json!({ "fault_message": bound_fault(message) }).to_string()
             }
         }
     }
 }
 
+/// `message` as a string, bounded ([`crate::echo::bound_fault`]) without copying a short one.
+fn bounded(message: impl ToString) -> String {
+    let message = message.to_string();
+    match bound_fault(&message) {
+        Cow::Borrowed(_) => message,
+        Cow::Owned(bounded) => bounded,
+    }
+}
+
 impl From<ApiError> for ApiResponse {
     fn from(e: ApiError) -> Self {
-        ApiResponse::fault(e)
+        match &e {
+            ApiError::UnsupportedMethod { allow, .. } => ApiResponse::FaultWith {
+                status: 405,
+                allow: Some(allow.clone()),
+                message: bounded(&e),
+            },
+            _ => ApiResponse::fault(e),
+        }
     }
 }
 
@@ -93,6 +135,24 @@ mod tests {
             assert!(m.starts_with("unknown path /xxx"), "{m}");
             assert!(m.ends_with("(30001 bytes, truncated)"), "{m}");
         }
+    }
+
+    #[test]
+    fn other_statuses_carry_a_fault_message() {
+        let r = ApiResponse::fault_with(413, "too big");
+        assert_eq!(r.status(), 413);
+        assert_eq!(r.body(), r#"{"fault_message":"too big"}"#);
+        let e = ApiError::UnsupportedMethod {
+            method: "POST".into(),
+            path: "/vm".into(),
+            allow: "PATCH".into(),
+        };
+        let r = ApiResponse::from(e);
+        assert_eq!((r.status(), r.allow()), (405, Some("PATCH")));
+        assert!(
+            r.body()
+                .contains("POST is not a method this API takes; /vm takes PATCH")
+        );
     }
 
     #[test]

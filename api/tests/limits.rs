@@ -44,6 +44,7 @@ fn short() -> Limits {
         max_unsent: 4096,
         evict_after: Duration::from_millis(200),
         accepts_per_turn: 32,
+        max_payload: kiln_api::http::DEFAULT_MAX_PAYLOAD,
     }
 }
 
@@ -108,6 +109,31 @@ fn a_trickled_request_is_refused_once_its_time_is_up() {
     );
     assert!(took >= Duration::from_millis(250), "closed after {took:?}");
     println!("trickled request closed after {took:?} (read timeout 300 ms)");
+}
+
+#[test]
+fn a_body_over_the_payload_limit_is_refused_from_its_head() {
+    let dir = TempDir::new("payload");
+    let path = serve(
+        &dir,
+        Limits {
+            max_payload: 100,
+            ..short()
+        },
+    );
+    let mut c = client::Client::connect(&path).unwrap();
+    let big = format!("{{\"state\": \"{}\"}}", "x".repeat(200));
+    let (code, body) = c.request("PATCH", "/vm", Some(&big)).unwrap();
+    assert_eq!(code, 400);
+    assert!(
+        body.contains("Request payload with size 213 is larger than the limit of 100"),
+        "{body}"
+    );
+    let mut c = client::Client::connect(&path).unwrap();
+    let (code, _) = c
+        .request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#))
+        .unwrap();
+    assert_eq!(code, 200, "a body within the limit is served");
 }
 
 #[test]
@@ -241,7 +267,15 @@ fn a_client_that_never_reads_is_dropped_and_others_are_served_meanwhile() {
 fn the_loop_serves_others_while_the_handler_works_and_keeps_the_order() {
     let dir = TempDir::new("deferred");
     let path = dir.0.join("api.sock");
-    let server = ApiServer::bind(&path).unwrap().with_limits(short());
+    // No deadline is under test here: generous ones, so a loaded machine cannot make a waiting
+    // request look idle.
+    let limits = Limits {
+        read_timeout: GENEROUS,
+        idle_timeout: GENEROUS,
+        write_timeout: GENEROUS,
+        ..short()
+    };
+    let server = ApiServer::bind(&path).unwrap().with_limits(limits);
     let (handed, replies) = mpsc::channel::<(ApiRequest, Reply)>();
     thread::spawn(move || server.serve_deferred(move |r, reply| handed.send((r, reply)).unwrap()));
 

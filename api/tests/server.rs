@@ -49,6 +49,8 @@ fn start(dir: &TempDir) -> (PathBuf, Receiver<ApiRequest>) {
                     mem_size_mib: 128,
                     smt: false,
                     track_dirty_pages: false,
+                    huge_pages: Default::default(),
+                    cpu_template: None,
                 }),
                 ApiRequest::PatchVm(VmState::Resumed) => ApiResponse::fault("the VM is not paused"),
                 _ => ApiResponse::NoContent,
@@ -136,7 +138,10 @@ fn oversized_request_is_refused() {
     let big = format!(r#"{{"kernel_image_path": "{}"}}"#, "k".repeat(60 * 1024));
     let (status, body) = client.request("PUT", "/boot-source", Some(&big)).unwrap();
     assert_eq!(status, 400);
-    assert_eq!(fault_message(&body), "request larger than 51200 bytes");
+    assert_eq!(
+        fault_message(&body),
+        "Request payload with size 61465 is larger than the limit of 51200 allowed by server."
+    );
     // The server closed that connection; a new one works.
     assert!(client.request("GET", "/", None).is_err());
     assert_eq!(client::request(&path, "GET", "/", None).unwrap().0, 200);

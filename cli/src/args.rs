@@ -9,6 +9,8 @@ use kiln_agent::guest::memory::ZramSize;
 /// The usage text.
 pub const USAGE: &str = "usage: kiln run [OPTIONS] [--] CMD [ARG...]
        kiln snapshot create|load|merge ...   (kiln snapshot --help)
+       kiln template build|ls|rm|pool ...    (kiln template --help)
+       kiln sandbox create|ls|exec|cp|fork|pause|resume|kill|timeout ...
 
 Boots a Kiln microVM, runs CMD in it through the guest agent, streams its output, and exits
 with its status.
@@ -38,6 +40,10 @@ with its status.
   --json               print one JSON object {stdout, stderr, exit_code, signal, timed_out,
                        timings: {boot_ms, exec_ms}} instead of streaming
   --boot-timeout SECS  give up when the agent has not answered after SECS (default 30)
+  --template NAME      run in a sandbox of kilnd's template NAME instead of booting (from its
+                       warm pool when ready); then -c CODE runs code in --lang (python, sh,
+                       node; default python) and a lone FILE.py/.sh/.js is copied in and run;
+                       --kilnd PATH names kilnd's socket (see `kiln template --help`)
 
 kiln-vmm is taken from $KILN_VMM, else next to kiln, else from PATH.
 
@@ -82,6 +88,14 @@ pub struct RunArgs {
     pub json: bool,
     /// `--boot-timeout`.
     pub boot_timeout: Duration,
+    /// `--template`: run in a sandbox of this kilnd template instead of booting.
+    pub template: Option<String>,
+    /// `--kilnd`: kilnd's socket.
+    pub kilnd: Option<PathBuf>,
+    /// `--lang`: the language of `-c` code (python, sh, node).
+    pub lang: Option<String>,
+    /// `-c CODE` (with `--template`).
+    pub code: Option<String>,
     /// The command.
     pub command: Vec<String>,
 }
@@ -93,6 +107,10 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// `kiln snapshot ...`, with the words after `snapshot` (parsed by `snapshot::args`).
     Snapshot(Vec<String>),
+    /// `kiln template ...`, with the words after `template` (parsed by `kilnd::args`).
+    Template(Vec<String>),
+    /// `kiln sandbox ...`, with the words after `sandbox`.
+    Sandbox(Vec<String>),
     /// `--help`.
     Help,
     /// `--version`.
@@ -213,9 +231,11 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         Some("-V" | "--version") => return Ok(Command::Version),
         Some("run") => {}
         Some("snapshot") => return Ok(Command::Snapshot(args[1..].to_vec())),
+        Some("template") => return Ok(Command::Template(args[1..].to_vec())),
+        Some("sandbox") => return Ok(Command::Sandbox(args[1..].to_vec())),
         Some(other) => {
             return Err(format!(
-                "unknown command {other:?} (`run` and `snapshot` exist)"
+                "unknown command {other:?} (run, snapshot, template, sandbox)"
             ));
         }
     }
@@ -235,6 +255,10 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         tty: false,
         json: false,
         boot_timeout: DEFAULT_BOOT_TIMEOUT,
+        template: None,
+        kilnd: None,
+        lang: None,
+        code: None,
         command: Vec::new(),
     };
     let mut words = Words::new(&args[1..]);
@@ -268,6 +292,10 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
             }
             "--tty" | "-t" => a.tty = Words::flag(&opt)?,
             "--json" => a.json = Words::flag(&opt)?,
+            "--template" => a.template = Some(words.value(&opt)?),
+            "--kilnd" => a.kilnd = Some(words.value(&opt)?.into()),
+            "--lang" => a.lang = Some(words.value(&opt)?),
+            "-c" => a.code = Some(words.value(&opt)?),
             other => return Err(format!("unknown option {other}")),
         }
         if matches!(
@@ -276,6 +304,9 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
                 | "--rootfs"
                 | "--mem-mib"
                 | "--vcpus"
+                | "--snapshot"
+                | "--tty"
+                | "-t"
                 | "--zram"
                 | "--free-page-reporting"
                 | "--balloon-mib"
@@ -284,12 +315,34 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         }
     }
     a.command = words.rest();
-    if let (Some(_), Some(flag)) = (&a.snapshot, machine_flags.first()) {
+    if let (Some(_), Some(flag)) = (
+        &a.snapshot,
+        machine_flags.iter().find(|f| **f != "--snapshot"),
+    ) {
         return Err(format!(
             "{flag} cannot be used with --snapshot: the snapshot fixes the machine"
         ));
     }
-    if a.command.is_empty() {
+    if let (Some(_), Some(flag)) = (&a.template, machine_flags.first()) {
+        return Err(format!(
+            "{flag} cannot be used with --template: the template fixes the machine"
+        ));
+    }
+    if a.template.is_none()
+        && let Some(flag) = [
+            ("-c", a.code.is_some()),
+            ("--lang", a.lang.is_some()),
+            ("--kilnd", a.kilnd.is_some()),
+        ]
+        .iter()
+        .find(|(_, given)| *given)
+    {
+        return Err(format!("{} only works with --template", flag.0));
+    }
+    if a.code.is_some() && !a.command.is_empty() {
+        return Err("give either -c CODE or a command, not both".into());
+    }
+    if a.command.is_empty() && a.code.is_none() {
         return Err("no command to run: kiln run [OPTIONS] -- CMD [ARG...]".into());
     }
     if a.balloon_mib >= a.mem_mib {

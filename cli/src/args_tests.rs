@@ -95,6 +95,32 @@ fn defaults_and_command_without_dashes() {
 }
 
 #[test]
+fn template_runs_take_code_or_a_command() {
+    let a = run(&["run", "--template", "python", "-c", "print(1)"]);
+    assert_eq!(
+        (a.template.as_deref(), a.code.as_deref()),
+        (Some("python"), Some("print(1)"))
+    );
+    let a = run(&["run", "--template", "base", "--lang", "sh", "--", "uname"]);
+    assert_eq!(
+        (a.lang.as_deref(), a.command.clone()),
+        (Some("sh"), args(&["uname"]))
+    );
+    assert_eq!(
+        err(&["run", "-c", "print(1)"]),
+        "-c only works with --template"
+    );
+    assert_eq!(
+        err(&["run", "--template", "p", "--vcpus", "2", "--", "true"]),
+        "--vcpus cannot be used with --template: the template fixes the machine"
+    );
+    assert_eq!(
+        err(&["run", "--template", "p", "-c", "x", "--", "true"]),
+        "give either -c CODE or a command, not both"
+    );
+}
+
+#[test]
 fn bad_input_is_named() {
     assert_eq!(
         err(&[]),
@@ -102,7 +128,7 @@ fn bad_input_is_named() {
     );
     assert_eq!(
         err(&["start"]),
-        "unknown command \"start\" (`run` and `snapshot` exist)"
+        "unknown command \"start\" (run, snapshot, template, sandbox)"
     );
     assert_eq!(
         err(&["run"]),

@@ -5,10 +5,12 @@
 //! the flow from boot (or snapshot restore) to shutdown; [`signals`], [`term`] and [`cleanup`]
 //! make every way out (Ctrl-C included) leave no VM, temp dir or raw terminal behind.
 //! [`snapshot`] is `kiln snapshot` (create, load, merge), talking to a VMM through [`api`].
+//! [`kilnd`] is `kiln template`, `kiln sandbox` and `kiln run --template`, through kilnd.
 
 mod api;
 mod args;
 mod cleanup;
+mod kilnd;
 mod run;
 mod signals;
 mod snapshot;
@@ -16,6 +18,10 @@ mod term;
 mod vm;
 
 use args::Command;
+
+fn help(words: &[String]) -> bool {
+    words.iter().any(|w| w == "-h" || w == "--help")
+}
 
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +36,16 @@ fn main() {
         }
         Ok(Command::Run(a)) => run::run(&a),
         Ok(Command::Snapshot(words)) => snapshot::main(&words),
+        Ok(Command::Template(words)) if help(&words) => {
+            println!("{}", kilnd::args::USAGE);
+            0
+        }
+        Ok(Command::Sandbox(words)) if help(&words) => {
+            println!("{}", kilnd::args::USAGE);
+            0
+        }
+        Ok(Command::Template(words)) => kilnd::template(&words),
+        Ok(Command::Sandbox(words)) => kilnd::sandbox(&words),
         Err(msg) => {
             eprintln!("kiln: {msg}");
             run::EXIT_KILN

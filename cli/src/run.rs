@@ -6,7 +6,10 @@ use std::io::{self, Read, Write};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_agent::client::{self, Client, Error, ExecOutput, ExecStdin};
+use kiln_agent::client::{
+    self, Client, DEFAULT_REPLY_TIMEOUT, Error, ExecOutput, ExecStdin, MAX_COLLECTED_STDERR,
+    MAX_COLLECTED_STDOUT, REPORT_GRACE, collect_capped,
+};
 use kiln_agent::protocol::{ExecSpec, ExitStatus};
 
 use crate::args::{Images, RunArgs};
@@ -22,7 +25,7 @@ pub const EXIT_NOT_STARTED: i32 = 127;
 pub const EXIT_TIMED_OUT: i32 = 124;
 
 /// How long past `--timeout` the guest may take to report before the host gives up on it.
-const GUEST_REPORT_GRACE: Duration = Duration::from_secs(10);
+const GUEST_REPORT_GRACE: Duration = REPORT_GRACE;
 /// How long the VMM may take to exit after the shutdown request.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(8);
 
@@ -35,6 +38,27 @@ fn kiln_failure(message: impl Into<String>) -> Failure {
 
 /// Runs `kiln run`; returns the exit status.
 pub fn run(args: &RunArgs) -> i32 {
+    if let Some(template) = &args.template {
+        let what = match &args.code {
+            Some(code) => crate::kilnd::RunWhat::Code(code.clone()),
+            None => crate::kilnd::RunWhat::Command(args.command.clone()),
+        };
+        let opts = crate::kilnd::args::ExecOpts {
+            env: args.env.clone(),
+            cwd: args.cwd.clone(),
+            user: args.user.clone(),
+            timeout_s: args.timeout.map(|t| t.as_secs().max(1)),
+            stdin: !term::is_tty(0),
+        };
+        return crate::kilnd::run_template(
+            args.kilnd.clone(),
+            template,
+            args.lang.as_deref(),
+            what,
+            &opts,
+            args.json,
+        );
+    }
     match try_run(args) {
         Ok(code) => code,
         Err(Failure(message, code)) => {
@@ -50,6 +74,9 @@ struct Outcome {
     error: Option<String>,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
+    /// Bytes past the `--json` caps, read and dropped.
+    stdout_dropped: u64,
+    stderr_dropped: u64,
     boot_ms: u128,
     exec_ms: u128,
 }
@@ -93,8 +120,13 @@ fn try_run(args: &RunArgs) -> Result<i32, Failure> {
         Machine::Boot(_) => {
             let client = wait_for_agent(&mut vm, boot_start, args.boot_timeout)?;
             let boot_ms = boot_start.elapsed().as_millis();
+            // `--timeout` covers the whole call from here: a silent agent cannot hold the start.
             let exec_start = Instant::now();
-            let started = client.exec(spec);
+            let started_by = exec_start
+                + args.timeout.map_or(DEFAULT_REPLY_TIMEOUT, |t| {
+                    (t + GUEST_REPORT_GRACE).min(DEFAULT_REPLY_TIMEOUT)
+                });
+            let started = client.exec_until(spec, started_by);
             (client, started, boot_ms, exec_start)
         }
         // A clone must not share its snapshot's RNG state and clock: the post-restore step goes
@@ -117,6 +149,8 @@ fn try_run(args: &RunArgs) -> Result<i32, Failure> {
         error: None,
         stdout: Vec::new(),
         stderr: Vec::new(),
+        stdout_dropped: 0,
+        stderr_dropped: 0,
         boot_ms,
         exec_ms: 0,
     };
@@ -247,8 +281,18 @@ fn stream(
             None => exec.next_output()?,
         };
         match next {
-            Some(ExecOutput::Stdout(b)) if json => out.stdout.extend_from_slice(&b),
-            Some(ExecOutput::Stderr(b)) if json => out.stderr.extend_from_slice(&b),
+            Some(ExecOutput::Stdout(b)) if json => collect_capped(
+                &mut out.stdout,
+                &mut out.stdout_dropped,
+                MAX_COLLECTED_STDOUT,
+                &b,
+            ),
+            Some(ExecOutput::Stderr(b)) if json => collect_capped(
+                &mut out.stderr,
+                &mut out.stderr_dropped,
+                MAX_COLLECTED_STDERR,
+                &b,
+            ),
             Some(ExecOutput::Stdout(b)) => {
                 if !stdout_gone && write_flush(&mut io::stdout().lock(), &b).is_err() {
                     // Our reader went away (`kiln run ... | head`): stop the command like a
@@ -326,6 +370,8 @@ fn report(json: bool, o: &Outcome) -> i32 {
             "exit_code": exit_code,
             "signal": signal,
             "timed_out": o.status == Some(ExitStatus::TimedOut),
+            "stdout_dropped_bytes": o.stdout_dropped,
+            "stderr_dropped_bytes": o.stderr_dropped,
             "error": o.error,
             "timings": {"boot_ms": o.boot_ms as u64, "exec_ms": o.exec_ms as u64},
         });

@@ -28,6 +28,10 @@ fn main() {
         ("boot_timeout_stops_the_vmm", boot_timeout_stops_the_vmm),
         ("ctrl_c_cleans_up", ctrl_c_cleans_up),
         ("bad_input_exits_125", bad_input_exits_125),
+        (
+            "a_silent_agent_cannot_outlast_the_timeout",
+            a_silent_agent_cannot_outlast_the_timeout,
+        ),
     ]);
 }
 
@@ -318,6 +322,30 @@ fn bad_input_exits_125() {
     );
     assert_eq!(
         run(&["frobnicate"], &[]),
-        "kiln: unknown command \"frobnicate\" (`run` and `snapshot` exist)\n"
+        "kiln: unknown command \"frobnicate\" (run, snapshot, template, sandbox)\n"
     );
+}
+
+/// An agent that goes silent after its hello: `--timeout` bounds the whole call (the start
+/// included), the VM is stopped, and the error says what happened.
+fn a_silent_agent_cannot_outlast_the_timeout() {
+    let s = setup("silent");
+    let start = Instant::now();
+    let out = s.run("silent-agent", &["--timeout", "0.5", "--", "true"]);
+    let took = start.elapsed();
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no answer from the agent"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("kiln-vmm was stopped"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The timeout plus the grace the guest gets to report, and a margin for a loaded machine.
+    assert!(took < Duration::from_secs(25), "kiln run took {took:?}");
+    let (pid, _, _) = s.vmm();
+    assert!(gone(pid), "the fake VMM {pid} outlived kiln");
 }

@@ -70,6 +70,8 @@ fn load_request(snap: &Path, uds: PathBuf, track_dirty_pages: bool) -> ApiReques
         track_dirty_pages,
         resume_vm: true,
         vsock_override: Some(VsockOverride { uds_path: uds }),
+        network_overrides: Vec::new(),
+        clock_realtime: false,
     })
 }
 

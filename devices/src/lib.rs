@@ -10,6 +10,9 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod metrics;
+pub mod pseudo;
+pub mod rate_limiter;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, BusRange};

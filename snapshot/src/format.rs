@@ -178,6 +178,19 @@ pub fn to_bytes<T: Serialize>(state: &T) -> Result<Vec<u8>, SnapshotError> {
     encode(state, Path::new(IN_MEMORY))
 }
 
+/// A whole state file around the raw `payload` bytes, with a right header and CRC: what a crafted
+/// file looks like to the loader. For tests and fuzzing of deserialization and validation.
+pub fn frame_payload(payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len() + CRC_LEN);
+    bytes.extend_from_slice(&MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    let crc = CRC64.checksum(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
 /// Checks a whole state file's bytes and deserializes its payload.
 pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
     decode(bytes, Path::new(IN_MEMORY))

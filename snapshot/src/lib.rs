@@ -27,8 +27,8 @@ mod test_util;
 pub use atomic::{AtomicFile, AtomicFileError, is_temporary_name};
 pub use bitmap::{BitmapError, PAGE_SIZE, PageBitmap};
 pub use format::{
-    FORMAT_VERSION, MAGIC, MAX_STATE_FILE_SIZE, SnapshotError, from_bytes, load_state, save_state,
-    to_bytes,
+    FORMAT_VERSION, MAGIC, MAX_STATE_FILE_SIZE, SnapshotError, frame_payload, from_bytes,
+    load_state, save_state, to_bytes,
 };
 pub use memfile::{MemFileError, MergeStats, data_ranges, merge};
 pub use persist::Persist;

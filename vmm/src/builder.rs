@@ -106,10 +106,73 @@ impl BuildError {
     }
 }
 
+/// Console output over its byte budget is dropped and counted, as Firecracker's rate-limited
+/// serial console does, so a guest printing in a loop cannot fill the host's disk.
+struct LimitedOutput {
+    inner: Box<dyn std::io::Write + Send>,
+    bucket: kiln_devices::rate_limiter::TokenBucket,
+    dropped: u64,
+}
+
+impl std::io::Write for LimitedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self
+            .bucket
+            .reduce(buf.len() as u64, std::time::Instant::now())
+            .is_err()
+        {
+            if self.dropped == 0 {
+                log::warn!("serial console: output over its rate limit is dropped");
+            }
+            self.dropped += buf.len() as u64;
+            return Ok(buf.len());
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn serial_output(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>, BuildError> {
+    let out = serial_sink(config)?;
+    let bucket = config.serial.rate_limiter.and_then(|b| {
+        kiln_devices::rate_limiter::TokenBucket::new(
+            kiln_devices::rate_limiter::BucketConfig {
+                size: b.size,
+                one_time_burst: b.one_time_burst.unwrap_or(0),
+                refill_time: std::time::Duration::from_millis(b.refill_time),
+            },
+            std::time::Instant::now(),
+        )
+    });
+    Ok(match bucket {
+        Some(bucket) => Box::new(LimitedOutput {
+            inner: out,
+            bucket,
+            dropped: 0,
+        }),
+        None => out,
+    })
+}
+
+fn serial_sink(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>, BuildError> {
     match &config.serial.serial_out_path {
-        Some(path) => File::create(path)
-            .map(|f| Box::new(f) as Box<dyn std::io::Write + Send>)
+        // Capped, keeping the tail: a guest printing in a loop must not fill the host's disk.
+        // Read and write: the tail is read back when the cap is reached.
+        Some(path) => File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map(|f| {
+                Box::new(kiln_devices::legacy::ConsoleLog::new(
+                    f,
+                    kiln_devices::legacy::CONSOLE_LOG_CAP,
+                )) as Box<dyn std::io::Write + Send>
+            })
             .map_err(|err| BuildError::SerialOut {
                 path: path.clone(),
                 err,
@@ -186,6 +249,7 @@ fn attach_drives(
             id: d.drive_id.clone(),
             path: d.path_on_host.clone(),
             read_only: d.is_read_only,
+            rate_limiter: limiter_config(d.rate_limiter.as_ref()),
         };
         let block = Arc::new(Mutex::new(Block::new(cfg, irq)?));
         devices.attach(
@@ -259,6 +323,43 @@ pub(crate) fn device_config(
         stats_polling_interval_s: b.stats_polling_interval_s,
         free_page_reporting: b.free_page_reporting,
     }
+}
+
+/// A drive's rate limits, from the API's shape to the device's.
+pub(crate) fn limiter_config(
+    r: Option<&kiln_api::requests::rate_limiter::RateLimiter>,
+) -> kiln_devices::rate_limiter::LimiterConfig {
+    kiln_devices::rate_limiter::LimiterConfig {
+        bandwidth: r.and_then(|r| r.bandwidth).map(bucket_config),
+        ops: r.and_then(|r| r.ops).map(bucket_config),
+    }
+}
+
+/// One bucket, from the API's shape to the device's.
+pub(crate) fn bucket_config(
+    b: kiln_api::requests::rate_limiter::TokenBucket,
+) -> kiln_devices::rate_limiter::BucketConfig {
+    kiln_devices::rate_limiter::BucketConfig {
+        size: b.size,
+        one_time_burst: b.one_time_burst.unwrap_or(0),
+        refill_time: std::time::Duration::from_millis(b.refill_time),
+    }
+}
+
+/// The boot timer's hook: logs the boot time as Firecracker does, measured from `started`.
+fn boot_timer(started: crate::instance::Timestamp) -> kiln_devices::pseudo::BootTimer {
+    kiln_devices::pseudo::BootTimer::new(Box::new(move || {
+        let now = crate::instance::Timestamp::now();
+        let us = now.wall_us.saturating_sub(started.wall_us);
+        let cpu_us = now.cpu_us.saturating_sub(started.cpu_us);
+        log::info!(
+            "Guest-boot-time = {:>6} us {} ms, {:>6} CPU us {} CPU ms",
+            us,
+            us / 1000,
+            cpu_us,
+            cpu_us / 1000
+        );
+    }))
 }
 
 /// A KVM VM with its irqchip and PIT, no memory yet: what does not depend on the configuration,
@@ -375,15 +476,21 @@ impl Platform {
 }
 
 /// Builds the VM `config` describes; `config` must have passed [`VmConfig::validate`].
-pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
-    build_in(config, None)
+pub fn build(config: &VmConfig, instance: &crate::instance::Instance) -> Result<Vmm, BuildError> {
+    build_in(config, None, instance)
 }
 
 /// [`build`] in the KVM VM `prepared` made ahead, if any.
-pub fn build_in(config: &VmConfig, prepared: Option<Vm>) -> Result<Vmm, BuildError> {
+pub fn build_in(
+    config: &VmConfig,
+    prepared: Option<Vm>,
+    instance: &crate::instance::Instance,
+) -> Result<Vmm, BuildError> {
+    // As Firecracker, the boot timer measures from the start of the build to the guest's signal.
+    let build_started = crate::instance::Timestamp::now();
     let mem_size = (config.machine.mem_size_mib as u64) << 20;
     let vcpu_count = config.machine.vcpu_count;
-    let (mem, memfd) = memory::create(mem_size)?;
+    let (mem, memfd) = memory::create_with(mem_size, config.machine.huge_pages)?;
     let logged = logs_dirty_pages(config, config.machine.track_dirty_pages);
     let vm = create_vm(prepared, &mem, logged)?;
     let pages = free_pages(&vm, &mem, logged)?;
@@ -394,6 +501,9 @@ pub fn build_in(config: &VmConfig, prepared: Option<Vm>) -> Result<Vmm, BuildErr
     );
 
     let mut devices = MmioDeviceManager::default();
+    if instance.boot_timer {
+        devices.attach_boot_timer(&mut platform.io, boot_timer(build_started))?;
+    }
     let mut ctx = platform.attach_context(&mem);
     attach_drives(config, &mut devices, &mut ctx)?;
     if let Some(v) = &config.vsock {
@@ -459,6 +569,7 @@ pub fn build_in(config: &VmConfig, prepared: Option<Vm>) -> Result<Vmm, BuildErr
         config: config.clone(),
         track_dirty: config.machine.track_dirty_pages,
         paused_clock: None,
+        clock_realtime: false,
     }))
 }
 
@@ -485,11 +596,11 @@ mod tests {
                     partuuid: None,
                     cache_type: None,
                     io_engine: None,
+                    rate_limiter: None,
                 })
                 .into_iter()
                 .collect(),
-            vsock: None,
-            balloon: None,
+            ..VmConfig::default()
         }
     }
 

@@ -219,6 +219,21 @@ impl MmioDeviceManager {
         &self.devices
     }
 
+    /// Puts the boot timer in the first MMIO window, where Firecracker's guests write to it
+    /// (`--boot-timer`); virtio devices then start at the next window. Call before attaching
+    /// any virtio device.
+    pub fn attach_boot_timer(
+        &mut self,
+        io: &mut IoBuses,
+        timer: kiln_devices::pseudo::BootTimer,
+    ) -> Result<(), DeviceError> {
+        io.mmio
+            .insert(Arc::new(Mutex::new(timer)), MMIO_DEVICES_START, MMIO_LEN)
+            .map_err(|e| DeviceError::Bus("the boot timer".into(), e))?;
+        self.next_addr = self.next_addr.max(MMIO_DEVICES_START + MMIO_LEN);
+        Ok(())
+    }
+
     /// Records a command-line entry as if a device had been attached (for tests of callers).
     #[cfg(test)]
     pub fn add_cmdline_for_test(&mut self, entry: &str) {

@@ -45,6 +45,8 @@ pub(crate) struct VmmParts {
     pub(crate) track_dirty: bool,
     /// `Some` to start paused, holding the guest clock to set on resume.
     pub(crate) paused_clock: Option<kvm_clock_data>,
+    /// The first resume advances the guest clock by the wall-clock time since the snapshot.
+    pub(crate) clock_realtime: bool,
 }
 
 /// A VM ready to run (and, once running, the owner of everything the vCPU threads use).
@@ -67,16 +69,21 @@ pub struct Vmm {
     pub(crate) dirty_log_intact: bool,
     /// The guest clock saved at pause time; `Some` exactly while paused.
     pub(crate) paused_clock: Option<kvm_clock_data>,
+    /// The next resume sets the clock with `KVM_CLOCK_REALTIME` (a load with `clock_realtime`).
+    clock_realtime: bool,
     api: Option<ApiLink>,
     resume_on_start: bool,
     seccomp: SeccompFilters,
+    instance: crate::instance::Instance,
+    /// Fires every [`crate::metrics::FLUSH_PERIOD`] once a metrics file is configured.
+    metrics_timer: Option<vmm_sys_util::timerfd::TimerFd>,
 }
 
 impl TryFrom<&VmConfig> for Vmm {
     type Error = BuildError;
 
     fn try_from(config: &VmConfig) -> Result<Self, BuildError> {
-        build(config)
+        build(config, &crate::instance::Instance::default())
     }
 }
 
@@ -122,6 +129,19 @@ impl MutEventSubscriber for ApiWatcher {
     }
 }
 
+/// Wakes the event loop for a descriptor the loop itself reads afterwards (the metrics timer).
+struct WakeOnly(std::os::fd::RawFd);
+
+impl MutEventSubscriber for WakeOnly {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data_raw(self.0, 0, EventSet::IN)) {
+            log::error!("cannot watch the metrics timer: {e:?}");
+        }
+    }
+}
+
 impl Vmm {
     /// Assembles a VMM from built parts.
     pub(crate) fn new(parts: VmmParts) -> Self {
@@ -150,10 +170,130 @@ impl Vmm {
             track_dirty: parts.track_dirty,
             dirty_log_intact: true,
             paused_clock: parts.paused_clock,
+            clock_realtime: parts.clock_realtime,
             api: None,
             resume_on_start: false,
             seccomp: SeccompFilters::disabled(),
+            instance: crate::instance::Instance::default(),
+            metrics_timer: None,
         }
+    }
+
+    /// Hands the VMM the process-level state (id, log and metrics files, MMDS) it serves; with a
+    /// metrics file, sets up the periodic flush (made here, before the VMM thread's filter).
+    pub fn set_instance(&mut self, instance: crate::instance::Instance) {
+        if instance.metrics.path().is_some() {
+            match vmm_sys_util::timerfd::TimerFd::new().and_then(|mut t| {
+                let period = crate::metrics::FLUSH_PERIOD;
+                t.reset(period, Some(period)).map(|()| t)
+            }) {
+                Ok(timer) => {
+                    // The loop wakes for the timer; `flush_metrics_if_due` reads it.
+                    event_manager::SubscriberOps::add_subscriber(
+                        &mut self.events,
+                        Arc::new(Mutex::new(WakeOnly(timer.as_raw_fd()))),
+                    );
+                    self.metrics_timer = Some(timer);
+                }
+                Err(e) => log::error!("metrics: cannot make the flush timer: {e}"),
+            }
+        }
+        self.instance = instance;
+    }
+
+    /// The process-level state.
+    pub fn instance(&self) -> &crate::instance::Instance {
+        &self.instance
+    }
+
+    /// The metrics groups of the devices: `block` (all drives together), `block_<id>` (each)
+    /// `vsock` and `balloon`. A network device would add `net`/`net_<id>` here.
+    pub fn metrics_line(&self) -> kiln_devices::metrics::Map<String, kiln_devices::metrics::Value> {
+        use kiln_devices::metrics::{Map, Value};
+        let mut groups = Map::new();
+        let mut all_block = Map::new();
+        for dev in self.devices.devices() {
+            match &dev.kind {
+                crate::device_manager::VirtioKind::Block(b) => {
+                    let b = b.lock().unwrap_or_else(|p| p.into_inner());
+                    let report = b.metrics().report();
+                    for (k, v) in &report {
+                        let sum = all_block.get(k).and_then(Value::as_u64).unwrap_or(0)
+                            + v.as_u64().unwrap_or(0);
+                        all_block.insert(k.clone(), sum.into());
+                    }
+                    groups.insert(format!("block_{}", b.config().id), report.into());
+                }
+                crate::device_manager::VirtioKind::Vsock(v) => {
+                    let v = v.lock().unwrap_or_else(|p| p.into_inner());
+                    groups.insert("vsock".into(), v.metrics().report().into());
+                }
+                crate::device_manager::VirtioKind::Balloon(b) => {
+                    let b = b.lock().unwrap_or_else(|p| p.into_inner());
+                    groups.insert("balloon".into(), b.metrics().report().into());
+                }
+            }
+        }
+        groups.insert("block".into(), all_block.into());
+        groups
+    }
+
+    /// Writes the metrics line now (`FlushMetrics`, the periodic timer, the VMM's exit).
+    pub fn flush_metrics(&self) -> Result<(), crate::metrics::MetricsError> {
+        self.instance.metrics.write(self.metrics_line())
+    }
+
+    /// Changes a drive of the running VM (`PATCH /drives`): its rate limits. A new backing file
+    /// is refused (not supported yet).
+    pub fn patch_drive(
+        &mut self,
+        update: &kiln_api::requests::drives::DriveUpdate,
+    ) -> Result<(), String> {
+        if update.path_on_host.is_some() {
+            return Err("changing path_on_host of a running VM is not supported yet".into());
+        }
+        let block = self
+            .devices
+            .devices()
+            .iter()
+            .find_map(|d| match &d.kind {
+                crate::device_manager::VirtioKind::Block(b)
+                    if b.lock().unwrap_or_else(|p| p.into_inner()).config().id
+                        == update.drive_id =>
+                {
+                    Some(b.clone())
+                }
+                _ => None,
+            })
+            .ok_or_else(|| "no such drive".to_string())?;
+        if let Some(r) = &update.rate_limiter {
+            let bw = r
+                .bandwidth
+                .map(|b| (!b.is_unlimited()).then(|| crate::builder::bucket_config(b)));
+            let ops = r
+                .ops
+                .map(|b| (!b.is_unlimited()).then(|| crate::builder::bucket_config(b)));
+            block
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .update_rate_limiter(bw, ops);
+            if let Some(d) = self
+                .config
+                .drives
+                .iter_mut()
+                .find(|d| d.drive_id == update.drive_id)
+            {
+                let mut limits = d.rate_limiter.unwrap_or_default();
+                if r.bandwidth.is_some() {
+                    limits.bandwidth = r.bandwidth;
+                }
+                if r.ops.is_some() {
+                    limits.ops = r.ops;
+                }
+                d.rate_limiter = Some(limits);
+            }
+        }
+        Ok(())
     }
 
     /// Serves `link` from the event loop once the VM runs.
@@ -219,7 +359,7 @@ impl Vmm {
         };
         if self.resume_on_start
             && let Some(clock) = self.paused_clock.take()
-            && let Err(e) = self.vm.set_clock(&clock)
+            && let Err(e) = self.set_clock(&clock)
         {
             return ExitReason::Vmm(format!("cannot set the restored guest clock: {e}"));
         }
@@ -268,6 +408,26 @@ impl Vmm {
                 return ExitReason::Vmm(format!("event loop failed: {e:?}"));
             }
             self.answer_api();
+            self.flush_metrics_if_due();
+        }
+    }
+
+    /// Writes the metrics line if the periodic timer fired (it is read without blocking).
+    fn flush_metrics_if_due(&mut self) {
+        let Some(timer) = self.metrics_timer.as_mut() else {
+            return;
+        };
+        let mut pfd = libc::pollfd {
+            fd: timer.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } == 1 {
+            let _ = timer.wait();
+            if let Err(e) = self.flush_metrics() {
+                log::warn!("{e}");
+            }
         }
     }
 
@@ -292,6 +452,13 @@ impl Vmm {
         if let Some(api) = &self.api {
             fds.push(libc::pollfd {
                 fd: api.wakeup.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        if let Some(timer) = &self.metrics_timer {
+            fds.push(libc::pollfd {
+                fd: timer.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             });
@@ -321,21 +488,53 @@ impl Vmm {
         self.api = Some(api);
     }
 
-    /// Stops every vCPU and, with them, device work; the guest clock is held where it was.
+    /// Sets the guest clock for a resume: held where it was, or (the first resume after a load
+    /// with `clock_realtime`) advanced by the wall-clock time since the snapshot.
+    fn set_clock(&mut self, clock: &kvm_clock_data) -> Result<(), crate::vstate::vm::VmError> {
+        if std::mem::take(&mut self.clock_realtime) {
+            return self.vm.set_clock_realtime(clock);
+        }
+        self.vm.set_clock(clock)
+    }
+
+    /// Stops every vCPU and, with them, device work; the guest clock is held where it was. A
+    /// pause that fails part way (a vCPU that does not answer, a clock KVM will not give) is
+    /// undone: the vCPUs already paused run again, so the VM is never left half paused with no
+    /// clock saved.
     pub fn pause(&mut self) -> Result<(), String> {
         if self.is_paused() {
             return Ok(());
         }
-        for handle in &self.handles {
-            handle.pause().map_err(|e| e.to_string())?;
+        let mut paused = 0;
+        let result = (|| -> Result<kvm_clock_data, String> {
+            for handle in &self.handles {
+                handle.pause().map_err(|e| e.to_string())?;
+                paused += 1;
+            }
+            let clock = self.vm.clock().map_err(|e| e.to_string())?;
+            for handle in &self.handles {
+                handle.notify_kvmclock().map_err(|e| e.to_string())?;
+            }
+            Ok(clock)
+        })();
+        match result {
+            Ok(clock) => {
+                self.paused_clock = Some(clock);
+                log::info!("VM paused");
+                Ok(())
+            }
+            Err(e) => {
+                // The one that failed too: its pause may still be queued, and a resume behind
+                // it in its channel undoes it whenever it gets there.
+                let undo = (paused + 1).min(self.handles.len());
+                for handle in &self.handles[..undo] {
+                    if let Err(r) = handle.resume() {
+                        log::warn!("undoing a failed pause: {r}");
+                    }
+                }
+                Err(format!("pausing the VM failed ({e}); it runs on"))
+            }
         }
-        let clock = self.vm.clock().map_err(|e| e.to_string())?;
-        for handle in &self.handles {
-            handle.notify_kvmclock().map_err(|e| e.to_string())?;
-        }
-        self.paused_clock = Some(clock);
-        log::info!("VM paused");
-        Ok(())
     }
 
     /// Runs the vCPUs again, with the guest clock continuing from where it was paused.
@@ -343,7 +542,7 @@ impl Vmm {
         let Some(clock) = self.paused_clock else {
             return Ok(());
         };
-        self.vm.set_clock(&clock).map_err(|e| e.to_string())?;
+        self.set_clock(&clock).map_err(|e| e.to_string())?;
         for handle in &self.handles {
             handle.resume().map_err(|e| e.to_string())?;
         }

@@ -213,6 +213,51 @@ fn many_threads(kind: ThreadKind) {
     }
 }
 
+/// Channels under contention, as the vCPU request/answer channels and the API's answers are
+/// when busy: std's channels spin, then back off with `sched_yield`. Eight threads under `kind`'s
+/// filter hammer one rendezvous channel whose receiver runs under the same filter. (vmm-kind
+/// threads park at the end instead of ending, as the VMM thread never ends.)
+fn contended_channels(kind: ThreadKind) {
+    let filter = decoded(kind);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<usize>(0);
+    let (done_tx, done) = channel::<()>();
+    let finish = move |done_tx: Sender<()>| {
+        let _ = done_tx.send(());
+        if kind == ThreadKind::Vmm {
+            loop {
+                thread::park();
+            }
+        }
+    };
+    {
+        let (filter, done_tx) = (filter.clone(), done_tx.clone());
+        thread::spawn(move || {
+            filtered(kind, &filter);
+            let mut sum = 0usize;
+            while let Ok(v) = rx.recv() {
+                sum = sum.wrapping_add(v);
+            }
+            std::hint::black_box(sum);
+            finish(done_tx);
+        });
+    }
+    for i in 0..8 {
+        let (tx, filter, done_tx) = (tx.clone(), filter.clone(), done_tx.clone());
+        thread::spawn(move || {
+            filtered(kind, &filter);
+            for n in 0..5000 {
+                let _ = tx.send(i * n);
+            }
+            drop(tx);
+            finish(done_tx);
+        });
+    }
+    drop(tx);
+    for _ in 0..9 {
+        done.recv().expect("a thread ended early");
+    }
+}
+
 /// As `kiln-vmm` runs: vCPU threads and the API thread under their filters, then the main
 /// thread under the VMM filter, all allocating at once and freeing each other's blocks.
 fn like_kiln_vmm() {
@@ -306,7 +351,25 @@ fn fork_child(configure: bool, scenario: fn()) -> Outcome {
 type Scenario = (&'static str, bool, fn(), Expect);
 
 fn main() {
-    let scenarios: [Scenario; 5] = [
+    let scenarios: [Scenario; 8] = [
+        (
+            "contended channels, api",
+            true,
+            || contended_channels(ThreadKind::Api),
+            Expect::Clean,
+        ),
+        (
+            "contended channels, vcpu",
+            true,
+            || contended_channels(ThreadKind::Vcpu),
+            Expect::Clean,
+        ),
+        (
+            "contended channels, vmm",
+            true,
+            || contended_channels(ThreadKind::Vmm),
+            Expect::Clean,
+        ),
         (
             "16 api threads",
             true,

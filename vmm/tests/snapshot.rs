@@ -136,8 +136,14 @@ fn data_bytes(path: &Path) -> u64 {
 }
 
 fn boot_counter(dir: &Path, vcpus: u8) -> Vmm {
+    boot_counter_with(dir, vcpus, |_| {})
+}
+
+/// [`boot_counter`], with `configure` adding to the VM before it starts.
+fn boot_counter_with(dir: &Path, vcpus: u8, configure: impl FnOnce(&Vmm)) -> Vmm {
     let kernel = write(dir, "counter.elf", &tiny_kernel(Program::Counter, true));
     let vmm = Vmm::start(dir, "boot");
+    configure(&vmm);
     vmm.ok(
         "PUT",
         "/boot-source",
@@ -319,5 +325,71 @@ fn bad_snapshot_files_are_refused_by_name_and_the_vmm_waits() {
         .any(|e| kiln_snapshot::is_temporary_name(&e.file_name()));
     assert!(!stray, "the memory file's temporary was removed");
     target.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    target.wait_dots(1);
+}
+
+#[test]
+fn crafted_state_files_with_a_right_crc_are_validated_by_name() {
+    use kiln_vmm::persist::MicrovmState;
+    let dir = scratch("snapshot-crafted");
+    let disk = write(&dir, "data.img", &[0u8; 4096]);
+    let vmm = boot_counter_with(&dir, 2, |vmm| {
+        vmm.ok(
+            "PUT",
+            "/drives/data",
+            &format!(
+                r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": true}}"#,
+                disk.display()
+            ),
+        )
+    });
+    vmm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let (state_path, mem) = vmm.snapshot(&dir, "good", "Full");
+    drop(vmm);
+
+    let target = Vmm::start(&dir, "target");
+    type Craft = Box<dyn Fn(&mut MicrovmState)>;
+    let cases: Vec<(&str, Craft, &str)> = vec![
+        (
+            "huge-mem",
+            Box::new(|s| s.mem_size = u64::MAX - 100),
+            "bytes of memory",
+        ),
+        ("no-vcpus", Box::new(|s| s.vcpus.clear()), "vCPU states"),
+        (
+            "vcpu-count",
+            Box::new(|s| {
+                s.config_json = s
+                    .config_json
+                    .replace("\"vcpu_count\":2", "\"vcpu_count\":200")
+            }),
+            "vcpu_count is 200",
+        ),
+        (
+            "device-addr",
+            Box::new(|s| s.devices.iter_mut().for_each(|d| d.addr = u64::MAX - 0x10)),
+            "outside the device window",
+        ),
+        (
+            "device-irq",
+            Box::new(|s| s.devices.iter_mut().for_each(|d| d.irq = 99)),
+            "interrupt line 99",
+        ),
+    ];
+    for (name, craft, expect) in cases {
+        let mut state: MicrovmState = kiln_snapshot::load_state(&state_path).unwrap();
+        craft(&mut state);
+        let path = dir.join(format!("{name}.state"));
+        kiln_snapshot::save_state(&path, &state).unwrap();
+        let (code, fault) = target.load(&path, &mem, true);
+        assert_eq!(code, 400, "{name}: {fault}");
+        assert!(
+            fault.contains(&format!("{name}.state")) && fault.contains(expect),
+            "{name}: {fault}"
+        );
+    }
+    // Still waiting: the good one loads and runs.
+    let (code, text) = target.load(&state_path, &mem, true);
+    assert_eq!(code, 204, "{text}");
     target.wait_dots(1);
 }

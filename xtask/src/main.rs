@@ -3,6 +3,7 @@
 //! the shipped VMM; it calls cargo, apt-get, make and QEMU, and is called by people and by `.ci/run`.
 
 mod bench;
+mod fuzz;
 mod guest_images;
 mod guest_kernel;
 mod initramfs;
@@ -22,6 +23,7 @@ commands:
                                the Debian rootfs; CMD runs through the guest agent)
   test [--host | --lab]        lints, unit and host-KVM tests, then end-to-end tests in the lab
   bench boot [--runs N]        boot time under kiln-vmm vs QEMU microvm, inside the lab
+  fuzz [TARGET] [--seconds N]  run the fuzz targets (fuzz/) under libFuzzer, N s each (60)
   guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
   rootfs [--agent PATH]        build (or find in the cache) the guest root filesystem (Debian bookworm,
                                python3, kiln-agent as PID 1) and print its path
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         "run" => run::main(rest),
         "test" => test::main(rest),
         "bench" => bench::main(rest),
+        "fuzz" => fuzz::main(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(0)

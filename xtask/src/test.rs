@@ -1,6 +1,7 @@
 //! `cargo xtask test`: everything that checks Kiln, in order of cost. Lints (fmt, clippy with
-//! warnings denied), the host's unit and integration tests (tiny guests on the host's /dev/kvm),
-//! then the end-to-end tests, built on the host and run inside one lab boot.
+//! warnings denied), the host's unit and integration tests (tiny guests on the host's /dev/kvm,
+//! the fuzz targets as property tests), a short libFuzzer run of each fuzz target, then the
+//! end-to-end tests, built on the host and run inside one lab boot.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -98,6 +99,10 @@ pub fn main(args: &[String]) -> Result<u8> {
         ]))?;
         step("unit and host-KVM integration tests");
         util::run(cargo().args(["test", "--workspace"]))?;
+        // The fuzz targets already ran as property tests above; a short libFuzzer run of each
+        // checks the driver builds and finds nothing quick.
+        step("fuzz targets under libFuzzer, 10 s each");
+        crate::fuzz::main(&["--seconds".to_string(), "10".to_string()])?;
     }
     if lab {
         step("end-to-end tests in the nested lab");
@@ -124,6 +129,7 @@ pub fn main(args: &[String]) -> Result<u8> {
                 .map(String::from)
                 .chain(filter)
                 .collect(),
+            with_python: true,
             ..LabRun::default()
         })?;
         match &outcome.status {

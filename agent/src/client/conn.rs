@@ -1,7 +1,9 @@
 //! One connection to an agent, shared by every request on it: a reader thread that routes each
 //! frame to its request's channel, and the writer thread ([`Outbox`]). The agent is inside an
 //! untrusted guest, so the reader enforces the flow-control credit it gave and bounds how many
-//! events may queue; a misbehaving agent gets its connection closed, never our memory.
+//! events may queue, and how many bytes they take; a misbehaving agent gets its connection
+//! closed, never our memory. The reader never waits on the writer (credit is coalesced, cancels
+//! are one per request), so a peer that stops reading cannot stop us reading.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -11,14 +13,18 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::Error;
-use crate::link::{Budget, Outbox, Socket, Window};
+use crate::link::{Budget, Credit, Outbox, Socket, Window};
 use crate::protocol::{
     Event, INITIAL_WINDOW, MAX_CHUNK, Message, Request, Stream, message::encode_data, read_frame,
 };
 
 /// Events (and end-of-stream marks) that may wait unread for one request before the agent is
 /// judged to be flooding us.
-const MAX_QUEUED_EVENTS: usize = 1024;
+pub const MAX_QUEUED_EVENTS: usize = 1024;
+
+/// Bytes of events (as framed on the wire) that may wait unread for one request before the agent
+/// is judged to be flooding us: 1024 events of a megabyte each would otherwise be a gigabyte.
+pub const MAX_QUEUED_EVENT_BYTES: usize = 4 << 20;
 
 /// What the reader hands a request.
 pub(crate) enum Inbound {
@@ -33,10 +39,13 @@ struct Flow {
     windows: [Window; 4],
     budgets: [Budget; 4],
     queued: AtomicUsize,
+    /// Wire bytes of the events counted in `queued`.
+    queued_bytes: AtomicUsize,
 }
 
 struct Slot {
-    tx: Sender<Inbound>,
+    /// Each item with the event bytes it was charged (0 for data, which credit bounds).
+    tx: Sender<(Inbound, usize)>,
     flow: Arc<Flow>,
     /// The owner went away: credit data at once and drop everything.
     discard: bool,
@@ -116,6 +125,7 @@ impl Conn {
             windows: std::array::from_fn(|_| Window::new(INITIAL_WINDOW)),
             budgets: Default::default(),
             queued: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
         });
         let mut slots = self.slots();
         if let Some(reason) = &slots.closed {
@@ -138,23 +148,24 @@ impl Conn {
         })
     }
 
-    /// Asks the agent to abandon request `target`, ignoring the answer.
+    /// Asks the agent to abandon request `target`, ignoring the answer. Never waits (the reader
+    /// calls it); at most one per request.
     fn cancel(&self, target: u64) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.outbox
-            .send(&Message::Request(id, Request::Cancel { target }));
+            .send_control(&Message::Request(id, Request::Cancel { target }));
     }
 
     fn credit(&self, id: u64, stream: Stream, flow: &Flow, n: usize) {
         flow.budgets[stream as usize].release(n);
-        self.outbox.send(&Message::Credit(id, stream, n as u32));
+        self.outbox.credit(id, stream, n);
     }
 
     /// Ends every request with `reason` and refuses new ones.
     fn fail_all(&self, reason: String) {
         let mut slots = self.slots();
         for (_, slot) in slots.map.drain() {
-            let _ = slot.tx.send(Inbound::Closed(reason.clone()));
+            let _ = slot.tx.send((Inbound::Closed(reason.clone()), 0));
             for w in &slot.flow.windows {
                 w.close();
             }
@@ -164,8 +175,9 @@ impl Conn {
         self.socket.shutdown();
     }
 
-    /// Routes one decoded message; an error is a reason to close the connection.
-    fn route(&self, message: Message) -> Result<(), String> {
+    /// Routes one decoded message that took `wire_len` bytes; an error is a reason to close the
+    /// connection.
+    fn route(&self, message: Message, wire_len: usize) -> Result<(), String> {
         let mut slots = self.slots();
         let (id, item) = match message {
             Message::Event(0, Event::Error(info)) => {
@@ -189,6 +201,13 @@ impl Conn {
             return Ok(());
         };
         let flow = slot.flow.clone();
+        if slot.discard && !matches!(item, Inbound::Data(..)) {
+            // Nobody reads this request any more: only its end matters.
+            if matches!(&item, Inbound::Event(e) if e.is_final()) {
+                slots.map.remove(&id);
+            }
+            return Ok(());
+        }
         match &item {
             Inbound::Data(stream, bytes) => {
                 if !flow.budgets[*stream as usize].charge(bytes.len(), INITIAL_WINDOW) {
@@ -205,12 +224,27 @@ impl Conn {
             }
             _ => {
                 if flow.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_EVENTS {
-                    return Err(format!("request {id}: the agent sent too many events"));
+                    return Err(format!(
+                        "request {id}: the agent sent more than {MAX_QUEUED_EVENTS} events that \
+                         were not read yet"
+                    ));
+                }
+                let bytes = flow.queued_bytes.fetch_add(wire_len, Ordering::AcqRel) + wire_len;
+                if bytes > MAX_QUEUED_EVENT_BYTES {
+                    return Err(format!(
+                        "request {id}: the agent sent {bytes} bytes of events that were not \
+                         read yet (the limit is {MAX_QUEUED_EVENT_BYTES})"
+                    ));
                 }
             }
         }
         let is_final = matches!(&item, Inbound::Event(e) if e.is_final());
-        let _ = slot.tx.send(item);
+        let charged = if matches!(item, Inbound::Data(..)) {
+            0
+        } else {
+            wire_len
+        };
+        let _ = slot.tx.send((item, charged));
         if is_final {
             slots.map.remove(&id);
             for w in &flow.windows {
@@ -225,7 +259,7 @@ impl Conn {
         let Some(slot) = self.slots().map.remove(&id) else {
             return;
         };
-        let _ = slot.tx.send(Inbound::Closed(reason));
+        let _ = slot.tx.send((Inbound::Closed(reason), 0));
         for w in &slot.flow.windows {
             w.close();
         }
@@ -241,8 +275,9 @@ fn read_loop(conn: std::sync::Weak<Conn>, socket: Socket) {
             Err(e) => break e.to_string(),
         };
         let Some(conn) = conn.upgrade() else { return };
+        let wire_len = raw.payload.len() + 13;
         let result = match Message::decode(raw) {
-            Ok(m) => conn.route(m),
+            Ok(m) => conn.route(m, wire_len),
             Err(e) if e.id() == 0 => Err(format!("protocol error: {e}")),
             Err(e) => {
                 conn.fail_request(e.id(), format!("protocol error: {e}"));
@@ -262,7 +297,7 @@ fn read_loop(conn: std::sync::Weak<Conn>, socket: Socket) {
 pub(crate) struct Req {
     pub id: u64,
     conn: Arc<Conn>,
-    rx: Receiver<Inbound>,
+    rx: Receiver<(Inbound, usize)>,
     flow: Arc<Flow>,
     finished: bool,
 }
@@ -283,7 +318,7 @@ impl Req {
                 .rx
                 .recv_timeout(d.saturating_duration_since(Instant::now())),
         };
-        let item = match item {
+        let (item, charged) = match item {
             Ok(item) => item,
             Err(RecvTimeoutError::Timeout) => {
                 return Err(Error::Timeout(
@@ -301,10 +336,12 @@ impl Req {
             }
             Inbound::Event(e) => {
                 self.flow.queued.fetch_sub(1, Ordering::AcqRel);
+                self.flow.queued_bytes.fetch_sub(charged, Ordering::AcqRel);
                 self.finished = e.is_final();
             }
             Inbound::Eof(_) => {
                 self.flow.queued.fetch_sub(1, Ordering::AcqRel);
+                self.flow.queued_bytes.fetch_sub(charged, Ordering::AcqRel);
             }
             Inbound::Closed(reason) => {
                 self.finished = true;
@@ -346,7 +383,7 @@ impl Drop for Req {
         if let Some(slot) = self.conn.slots().map.get_mut(&self.id) {
             slot.discard = true;
         }
-        while let Ok(item) = self.rx.try_recv() {
+        while let Ok((item, _)) = self.rx.try_recv() {
             if let Inbound::Data(stream, bytes) = item {
                 self.conn.credit(self.id, stream, &self.flow, bytes.len());
             }
@@ -368,10 +405,16 @@ impl ReqSender {
     pub fn send(&self, stream: Stream, bytes: &[u8]) -> Option<usize> {
         let window = &self.flow.windows[stream as usize];
         let n = window.wait(bytes.len().min(MAX_CHUNK))?;
-        window.consume(n);
+        self.send_granted(stream, &bytes[..n])
+    }
+
+    /// Sends `bytes` (at most what the window holds), which the caller waited credit for.
+    fn send_granted(&self, stream: Stream, bytes: &[u8]) -> Option<usize> {
+        let n = bytes.len();
+        self.flow.windows[stream as usize].consume(n);
         self.conn
             .outbox
-            .send_bytes(encode_data(self.id, stream, &bytes[..n]))
+            .send_bytes(encode_data(self.id, stream, bytes))
             .then_some(n)
     }
 
@@ -380,8 +423,8 @@ impl ReqSender {
         self.conn.outbox.send(&Message::Eof(self.id, stream));
     }
 
-    /// Waits for credit; returns how much one `send` may take, or `None` once the request ended.
-    pub fn wait_credit(&self, stream: Stream) -> Option<usize> {
-        self.flow.windows[stream as usize].wait(MAX_CHUNK)
+    /// Waits for credit until `deadline`: how much one `send` may take.
+    pub fn wait_credit_until(&self, stream: Stream, deadline: Instant) -> Credit {
+        self.flow.windows[stream as usize].wait_until(MAX_CHUNK, deadline)
     }
 }

@@ -1,6 +1,12 @@
 //! Running processes: [`Client::exec`] returns once the process started (or could not), then
 //! its output arrives chunk by chunk as the process writes it ([`Exec::next_output`]), stdin goes in
 //! through an [`ExecStdin`] that any thread may own, and an [`ExecControl`] signals or resizes it.
+//!
+//! The start is always awaited with a deadline. Output is awaited as long as the process runs,
+//! unless the caller gives a deadline ([`Exec::next_output_until`], [`Exec::output_until`]), or the
+//! spec has a timeout ([`Client::run`] then gives up [`REPORT_GRACE`] after it). Collected output
+//! ([`Exec::output`]) keeps at most [`MAX_COLLECTED_STDOUT`] and [`MAX_COLLECTED_STDERR`] bytes; the
+//! rest is read, counted in [`Output::stdout_dropped`] / [`Output::stderr_dropped`], and dropped.
 
 use std::io::{self, Write};
 use std::sync::Arc;
@@ -21,15 +27,35 @@ pub enum ExecOutput {
     Exit(ExitStatus),
 }
 
-/// Everything a finished process produced.
+/// The most stdout bytes [`Exec::output`] keeps.
+pub const MAX_COLLECTED_STDOUT: usize = 8 << 20;
+/// The most stderr bytes [`Exec::output`] keeps.
+pub const MAX_COLLECTED_STDERR: usize = 1 << 20;
+
+/// How long past a process's own timeout the agent may take to report its end before the host
+/// gives up on the agent.
+pub const REPORT_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything a finished process produced (up to the collection caps).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output {
     /// How it ended.
     pub status: ExitStatus,
-    /// All of stdout.
+    /// Its stdout, up to [`MAX_COLLECTED_STDOUT`] bytes.
     pub stdout: Vec<u8>,
-    /// All of stderr.
+    /// Its stderr, up to [`MAX_COLLECTED_STDERR`] bytes.
     pub stderr: Vec<u8>,
+    /// Stdout bytes past the cap, read and dropped.
+    pub stdout_dropped: u64,
+    /// Stderr bytes past the cap, read and dropped.
+    pub stderr_dropped: u64,
+}
+
+/// Appends `b` to `buf` up to `cap` bytes; counts the rest in `dropped`.
+pub fn collect_capped(buf: &mut Vec<u8>, dropped: &mut u64, cap: usize, b: &[u8]) {
+    let room = cap.saturating_sub(buf.len()).min(b.len());
+    buf.extend_from_slice(&b[..room]);
+    *dropped += (b.len() - room) as u64;
 }
 
 /// A running process.
@@ -42,17 +68,36 @@ pub struct Exec {
 
 impl Client {
     /// Starts a process. Returns when it is running, or [`Error::CouldNotStart`] when the
-    /// program, directory or user is wrong.
+    /// program, directory or user is wrong, or [`Error::Timeout`] when the agent did not say
+    /// within the client's reply timeout.
     pub fn exec(&self, spec: ExecSpec) -> Result<Exec, Error> {
-        let wants_stdin = spec.stdin;
-        let req = self.conn.start_request(Request::Exec(spec))?;
-        Exec::started(req, wants_stdin, None)
+        self.exec_until(spec, Instant::now() + self.reply_timeout)
     }
 
-    /// Runs a process to the end with no stdin and collects its output.
+    /// [`Client::exec`], giving up at `deadline` instead.
+    pub fn exec_until(&self, spec: ExecSpec, deadline: Instant) -> Result<Exec, Error> {
+        let wants_stdin = spec.stdin;
+        let mut req = self.conn.start_request(Request::Exec(spec))?;
+        match Exec::wait_started(&mut req, Some(deadline)) {
+            Ok(pid) => Ok(Exec::new(req, pid, wants_stdin)),
+            Err(e @ Error::Timeout(_)) => {
+                req.abandon();
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs a process to the end with no stdin and collects its output (see [`Exec::output`]).
+    /// With a `timeout_ms` in the spec, gives up on the agent [`REPORT_GRACE`] after it.
     pub fn run(&self, mut spec: ExecSpec) -> Result<Output, Error> {
         spec.stdin = false;
-        self.exec(spec)?.output()
+        let start = Instant::now();
+        let limit = spec
+            .timeout_ms
+            .map(|ms| start + Duration::from_millis(ms) + REPORT_GRACE);
+        let exec = self.exec_until(spec, limit.unwrap_or(start + self.reply_timeout))?;
+        exec.collect(limit)
     }
 }
 
@@ -64,21 +109,30 @@ impl Exec {
         wants_stdin: bool,
         deadline: Option<Instant>,
     ) -> Result<Exec, Error> {
-        let pid = match req.recv(deadline)? {
-            Inbound::Event(Event::Started { pid }) => pid,
-            Inbound::Event(Event::Error(info)) => return Err(info.into()),
-            other => return Err(unexpected("exec", &other)),
-        };
+        let pid = Self::wait_started(&mut req, deadline)?;
+        Ok(Self::new(req, pid, wants_stdin))
+    }
+
+    /// The pid the agent reports for exec request `req`.
+    fn wait_started(req: &mut Req, deadline: Option<Instant>) -> Result<u32, Error> {
+        match req.recv(deadline)? {
+            Inbound::Event(Event::Started { pid }) => Ok(pid),
+            Inbound::Event(Event::Error(info)) => Err(info.into()),
+            other => Err(unexpected("exec", &other)),
+        }
+    }
+
+    fn new(req: Req, pid: u32, wants_stdin: bool) -> Exec {
         let stdin = wants_stdin.then(|| ExecStdin {
             sender: req.sender(),
             closed: false,
         });
-        Ok(Exec {
+        Exec {
             req,
             pid,
             stdin,
             exited: false,
-        })
+        }
     }
 
     /// The process's pid inside the guest.
@@ -148,18 +202,48 @@ impl Exec {
         }
     }
 
-    /// Waits for the end and collects all output.
+    /// Waits for the end (as long as the process runs) and collects its output, up to
+    /// [`MAX_COLLECTED_STDOUT`] and [`MAX_COLLECTED_STDERR`] bytes.
     pub fn output(self) -> Result<Output, Error> {
+        self.collect(None)
+    }
+
+    /// [`Exec::output`], giving up at `deadline` with [`Error::Timeout`] (the process is
+    /// cancelled then).
+    pub fn output_until(self, deadline: Instant) -> Result<Output, Error> {
+        self.collect(Some(deadline))
+    }
+
+    fn collect(mut self, deadline: Option<Instant>) -> Result<Output, Error> {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        let status = self.wait_with(
-            |b| stdout.extend_from_slice(b),
-            |b| stderr.extend_from_slice(b),
-        )?;
-        Ok(Output {
-            status,
-            stdout,
-            stderr,
-        })
+        let (mut stdout_dropped, mut stderr_dropped) = (0, 0);
+        loop {
+            let next = match self.next_before(deadline) {
+                Err(e @ Error::Timeout(_)) => {
+                    self.req.abandon();
+                    return Err(e);
+                }
+                other => other?,
+            };
+            match next {
+                Some(ExecOutput::Stdout(b)) => {
+                    collect_capped(&mut stdout, &mut stdout_dropped, MAX_COLLECTED_STDOUT, &b)
+                }
+                Some(ExecOutput::Stderr(b)) => {
+                    collect_capped(&mut stderr, &mut stderr_dropped, MAX_COLLECTED_STDERR, &b)
+                }
+                Some(ExecOutput::Exit(status)) => {
+                    return Ok(Output {
+                        status,
+                        stdout,
+                        stderr,
+                        stdout_dropped,
+                        stderr_dropped,
+                    });
+                }
+                None => return Err(Error::Protocol("exec already ended".into())),
+            }
+        }
     }
 }
 

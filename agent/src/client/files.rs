@@ -1,10 +1,17 @@
 //! File transfer and inspection. Transfers stream chunk by chunk against the agent's credit, so
-//! memory stays flat whatever the file size.
+//! memory stays flat whatever the file size. Every wait is bounded by the client's reply timeout
+//! from the agent's last sign of life: a transfer may take as long as it needs while the agent
+//! keeps answering, and fails with [`Error::Timeout`] once it goes silent.
 
 use std::io::{self, Read, Write};
+use std::time::Instant;
 
-use super::conn::Inbound;
+use super::conn::{Inbound, Req};
 use super::{Client, Error, unexpected};
+use crate::link::Credit;
+
+/// The most entries [`Client::list_dir`] collects.
+pub const MAX_LIST_ENTRIES: usize = 100_000;
 use crate::protocol::{DirEntry, Event, FileStat, MAX_CHUNK, Request, Stream};
 
 /// How [`Client::write_file`] creates the file.
@@ -45,7 +52,16 @@ impl Client {
         let sender = req.sender();
         let mut buf = vec![0u8; MAX_CHUNK];
         // Stops early when the agent ends the request (it failed): its error follows.
-        while let Some(credit) = sender.wait_credit(Stream::File) {
+        loop {
+            let idle = Instant::now() + self.reply_timeout;
+            let credit = match sender.wait_credit_until(Stream::File, idle) {
+                Credit::Granted(credit) => credit,
+                Credit::Closed => break,
+                Credit::TimedOut => {
+                    req.abandon();
+                    return Err(Error::Timeout(self.reply_timeout));
+                }
+            };
             let n = match data.read(&mut buf[..credit]) {
                 Ok(0) => {
                     sender.eof(Stream::File);
@@ -69,7 +85,7 @@ impl Client {
                 }
             }
         }
-        match req.recv(None)? {
+        match self.recv_idle(&mut req)? {
             Inbound::Event(Event::Done { bytes }) => Ok(bytes.unwrap_or(0)),
             Inbound::Event(Event::Error(info)) => Err(info.into()),
             other => Err(unexpected("write_file", &other)),
@@ -83,7 +99,7 @@ impl Client {
         })?;
         let mut bytes = 0u64;
         loop {
-            match req.recv(None)? {
+            match self.recv_idle(&mut req)? {
                 Inbound::Event(Event::Opened { .. }) | Inbound::Eof(Stream::File) => {}
                 Inbound::Data(Stream::File, chunk) => {
                     if let Err(source) = out.write_all(&chunk) {
@@ -102,15 +118,36 @@ impl Client {
         }
     }
 
-    /// Lists directory `path` (entries are not followed through symlinks).
+    /// The next thing the agent sends for `req`, waiting at most the reply timeout.
+    fn recv_idle(&self, req: &mut Req) -> Result<Inbound, Error> {
+        match req.recv(Some(Instant::now() + self.reply_timeout)) {
+            Err(Error::Timeout(_)) => {
+                req.abandon();
+                Err(Error::Timeout(self.reply_timeout))
+            }
+            other => other,
+        }
+    }
+
+    /// Lists directory `path` (entries are not followed through symlinks). A directory of more
+    /// than [`MAX_LIST_ENTRIES`] entries is an [`Error::TooLarge`], never a silent cut.
     pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>, Error> {
         let mut req = self.conn.start_request(Request::ListDir {
             path: path.to_string(),
         })?;
         let mut all = Vec::new();
         loop {
-            match req.recv(None)? {
-                Inbound::Event(Event::Entries { entries }) => all.extend(entries),
+            match self.recv_idle(&mut req)? {
+                Inbound::Event(Event::Entries { entries }) => {
+                    if all.len() + entries.len() > MAX_LIST_ENTRIES {
+                        req.abandon();
+                        return Err(Error::TooLarge {
+                            what: format!("the listing of {path}"),
+                            limit: format!("{MAX_LIST_ENTRIES} entries"),
+                        });
+                    }
+                    all.extend(entries)
+                }
                 Inbound::Event(Event::Done { .. }) => return Ok(all),
                 Inbound::Event(Event::Error(info)) => return Err(info.into()),
                 other => return Err(unexpected("list_dir", &other)),

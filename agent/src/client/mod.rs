@@ -3,7 +3,9 @@
 //! any number of threads. [`Client`] is cheap to clone; every clone shares the connection.
 //!
 //! The agent runs inside an untrusted guest: nothing it sends can make this side panic or buffer
-//! without bound (see `conn.rs`).
+//! without bound (see `conn.rs`), and no call waits on it without a deadline, except those whose
+//! name says they wait for a process as long as it runs ([`Exec::next_output`], [`Exec::output`]
+//! on an exec without a timeout).
 
 mod conn;
 mod connect;
@@ -16,10 +18,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use conn::{MAX_QUEUED_EVENT_BYTES, MAX_QUEUED_EVENTS};
 pub use connect::{HANDSHAKE_TIMEOUT, connect_unix, connect_vsock, from_socket, wait_ready};
-pub use exec::{Exec, ExecControl, ExecOutput, ExecStdin, Output};
-pub use files::WriteOptions;
-pub use restore::{RESTORE_ENTROPY, Restored, RestoredExec, host_entropy, restore_and_exec};
+pub use exec::{
+    Exec, ExecControl, ExecOutput, ExecStdin, MAX_COLLECTED_STDERR, MAX_COLLECTED_STDOUT, Output,
+    REPORT_GRACE, collect_capped,
+};
+pub use files::{MAX_LIST_ENTRIES, WriteOptions};
+pub use restore::{
+    RESTORE_ENTROPY, Restored, RestoredExec, host_entropy, restore_and_exec, restore_connect,
+};
 
 use crate::protocol::{ErrorInfo, ErrorKind, Event, Request};
 use conn::{Conn, Inbound};
@@ -83,6 +91,14 @@ pub enum Error {
     /// No answer in time.
     #[error("no answer from the agent within {0:?}")]
     Timeout(Duration),
+    /// The agent sent more than this side collects.
+    #[error("{what} is larger than the {limit} this client collects")]
+    TooLarge {
+        /// What was being collected.
+        what: String,
+        /// The limit, with its unit.
+        limit: String,
+    },
     /// `wait_ready` gave up.
     #[error("no agent answered on {} within {waited:?}; last attempt: {last}", path.display())]
     NotReady {

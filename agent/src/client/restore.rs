@@ -70,37 +70,64 @@ pub fn restore_and_exec(
     env: BTreeMap<String, String>,
     spec: ExecSpec,
 ) -> Result<RestoredExec, Error> {
-    let entropy = host_entropy(RESTORE_ENTROPY).map_err(|source| Error::Local {
-        what: format!("reading {RESTORE_ENTROPY} bytes of host entropy"),
-        source,
-    })?;
     let wants_stdin = spec.stdin;
-    let requests = vec![
-        Request::Restored(RestoreSpec::new(&entropy, SystemTime::now(), env)),
-        Request::Exec(spec),
-    ];
+    let requests = vec![clone_step(env)?, Request::Exec(spec)];
     let (client, reqs) = connect_pipelined(uds.as_ref(), deadline, requests)?;
-    let [mut step, exec]: [Req; 2] = reqs
+    let [step, exec]: [Req; 2] = reqs
         .try_into()
         .map_err(|_| Error::Protocol("two pipelined requests expected".into()))?;
     let answer_by = Some(deadline.max(Instant::now() + HANDSHAKE_TIMEOUT));
-    let restored = match step.recv(answer_by)? {
-        Inbound::Event(Event::Restored {
-            clock_step_ns,
-            entropy_bytes,
-        }) => Restored {
-            clock_step_ns,
-            entropy_bytes,
-        },
-        Inbound::Event(Event::Error(info)) => return Err(info.into()),
-        other => return Err(unexpected("restored", &other)),
-    };
+    let restored = await_restored(step, answer_by)?;
     let exec = Exec::started(exec, wants_stdin, answer_by);
     Ok(RestoredExec {
         client,
         restored,
         exec,
     })
+}
+
+/// [`restore_and_exec`] without a command: the connection, the hello and the clone step in one
+/// round trip, for a clone that is handed out to run commands later.
+pub fn restore_connect(
+    uds: impl AsRef<Path>,
+    deadline: Instant,
+    env: BTreeMap<String, String>,
+) -> Result<(Client, Restored), Error> {
+    let (client, reqs) = connect_pipelined(uds.as_ref(), deadline, vec![clone_step(env)?])?;
+    let step = reqs
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Protocol("one pipelined request expected".into()))?;
+    let answer_by = Some(deadline.max(Instant::now() + HANDSHAKE_TIMEOUT));
+    Ok((client, await_restored(step, answer_by)?))
+}
+
+/// The clone step's request: fresh host entropy, the host's time now, and `env`.
+fn clone_step(env: BTreeMap<String, String>) -> Result<Request, Error> {
+    let entropy = host_entropy(RESTORE_ENTROPY).map_err(|source| Error::Local {
+        what: format!("reading {RESTORE_ENTROPY} bytes of host entropy"),
+        source,
+    })?;
+    Ok(Request::Restored(RestoreSpec::new(
+        &entropy,
+        SystemTime::now(),
+        env,
+    )))
+}
+
+/// The agent's answer to a clone step.
+fn await_restored(mut step: Req, deadline: Option<Instant>) -> Result<Restored, Error> {
+    match step.recv(deadline)? {
+        Inbound::Event(Event::Restored {
+            clock_step_ns,
+            entropy_bytes,
+        }) => Ok(Restored {
+            clock_step_ns,
+            entropy_bytes,
+        }),
+        Inbound::Event(Event::Error(info)) => Err(info.into()),
+        other => Err(unexpected("restored", &other)),
+    }
 }
 
 impl Client {

@@ -36,8 +36,21 @@ impl ListenAddr {
     }
 }
 
+/// The only vsock peer the agent serves: the host (`VMADDR_CID_HOST`). A guest kernel with vsock
+/// loopback would otherwise let any unprivileged guest user reach the root agent at CID 1 (or
+/// the guest's own CID).
+pub const HOST_CID: u32 = 2;
+
+/// Whether a vsock connection from `cid` may be served.
+pub fn vsock_peer_allowed(cid: u32) -> bool {
+    cid == HOST_CID
+}
+
 /// A bound, listening socket.
-pub struct Listener(OwnedFd);
+pub struct Listener {
+    fd: OwnedFd,
+    vsock: bool,
+}
 
 impl Listener {
     /// Binds `addr`. A vsock bind is retried for a few seconds: the device may still be probing.
@@ -45,7 +58,10 @@ impl Listener {
         match addr {
             ListenAddr::Unix(path) => {
                 let _ = std::fs::remove_file(path);
-                Ok(Listener(UnixListener::bind(path)?.into()))
+                Ok(Listener {
+                    fd: UnixListener::bind(path)?.into(),
+                    vsock: false,
+                })
             }
             ListenAddr::Vsock(port) => {
                 let end = Instant::now() + Duration::from_secs(5);
@@ -62,21 +78,35 @@ impl Listener {
         }
     }
 
-    /// Waits for the next connection.
+    /// Waits for the next connection. On vsock, connections from anyone but the host are
+    /// closed at once (and logged).
     pub fn accept(&self) -> io::Result<Socket> {
         loop {
-            // SAFETY: accept4 on our listening socket; no peer address is requested.
+            // SAFETY: sockaddr_vm is plain data; all-zero is a valid value to be overwritten.
+            let mut peer: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+            // SAFETY: accept4 on our listening socket; the kernel writes at most `len` bytes of
+            // the peer's address into `peer` (a Unix peer's address is cut to fit, unused).
             let fd = unsafe {
                 libc::accept4(
-                    self.0.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
+                    self.fd.as_raw_fd(),
+                    (&mut peer as *mut libc::sockaddr_vm).cast(),
+                    &mut len,
                     libc::SOCK_CLOEXEC,
                 )
             };
             if fd >= 0 {
                 // SAFETY: accept4 returned a new descriptor that is ours alone.
-                return Ok(Socket::from_fd(unsafe { OwnedFd::from_raw_fd(fd) }));
+                let socket = Socket::from_fd(unsafe { OwnedFd::from_raw_fd(fd) });
+                if self.vsock && !vsock_peer_allowed(peer.svm_cid) {
+                    crate::guest::log(format_args!(
+                        "refused a vsock connection from CID {} port {}: only the host (CID \
+                         {HOST_CID}) is served",
+                        peer.svm_cid, peer.svm_port
+                    ));
+                    continue;
+                }
+                return Ok(socket);
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted
@@ -120,7 +150,7 @@ fn bind_vsock(port: u32) -> io::Result<Listener> {
             return Err(io::Error::last_os_error());
         }
     }
-    Ok(Listener(fd))
+    Ok(Listener { fd, vsock: true })
 }
 
 #[cfg(test)]
@@ -138,5 +168,14 @@ mod tests {
         assert!(ListenAddr::parse("vsock:x").unwrap_err().contains("\"x\""));
         assert!(ListenAddr::parse("tcp:1").is_err());
         assert!(ListenAddr::parse("unix:").is_err());
+    }
+
+    #[test]
+    fn only_the_host_cid_is_served_on_vsock() {
+        assert!(vsock_peer_allowed(2));
+        // Loopback, the hypervisor's own CID, the guest itself, "any".
+        for cid in [0, 1, 3, 42, u32::MAX] {
+            assert!(!vsock_peer_allowed(cid), "{cid}");
+        }
     }
 }

@@ -52,8 +52,7 @@ impl Input {
     /// Returns `n` consumed bytes to the host as credit.
     pub fn consumed(&self, n: usize) {
         self.budget.release(n);
-        self.outbox
-            .send(&Message::Credit(self.id, self.stream, n as u32));
+        self.outbox.credit(self.id, self.stream, n);
     }
 }
 

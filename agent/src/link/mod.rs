@@ -9,4 +9,4 @@ mod window;
 
 pub use outbox::Outbox;
 pub use socket::Socket;
-pub use window::{Budget, Window};
+pub use window::{Budget, Credit, Window};

@@ -4,10 +4,24 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 struct State {
     available: u64,
+    /// The most `available` may be: the initial credit (what the peer can hold unacknowledged).
+    cap: u64,
     closed: bool,
+}
+
+/// What waiting for credit until a deadline came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credit {
+    /// This many bytes may be sent now.
+    Granted(usize),
+    /// The stream is over.
+    Closed,
+    /// The deadline passed first.
+    TimedOut,
 }
 
 /// Send credit for one stream.
@@ -22,6 +36,7 @@ impl Window {
         Window {
             state: Mutex::new(State {
                 available: u64::from(initial),
+                cap: u64::from(initial),
                 closed: false,
             }),
             changed: Condvar::new(),
@@ -53,11 +68,35 @@ impl Window {
         s.available = s.available.saturating_sub(n as u64);
     }
 
-    /// Adds credit the peer returned.
+    /// Adds credit the peer returned, up to the initial window (more would be credit for bytes
+    /// never sent).
     pub fn grant(&self, n: u32) {
         let mut s = self.lock();
-        s.available = s.available.saturating_add(u64::from(n));
+        s.available = s.available.saturating_add(u64::from(n)).min(s.cap);
         self.changed.notify_all();
+    }
+
+    /// Like [`Window::wait`], but gives up at `deadline`.
+    pub fn wait_until(&self, max: usize, deadline: Instant) -> Credit {
+        let mut s = self.lock();
+        loop {
+            if s.closed {
+                return Credit::Closed;
+            }
+            if s.available > 0 {
+                return Credit::Granted(
+                    usize::try_from(s.available).unwrap_or(usize::MAX).min(max),
+                );
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return Credit::TimedOut;
+            };
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Wakes every waiter for good: the stream is over.
@@ -113,6 +152,22 @@ mod tests {
         thread::sleep(Duration::from_millis(20));
         w.close();
         assert_eq!(t.join().unwrap(), None);
+    }
+
+    #[test]
+    fn grants_never_exceed_the_initial_window() {
+        let w = Window::new(10);
+        w.consume(4);
+        w.grant(u32::MAX);
+        w.grant(u32::MAX);
+        assert_eq!(w.wait(usize::MAX), Some(10));
+        w.consume(10);
+        let end = Instant::now() + Duration::from_millis(30);
+        assert_eq!(w.wait_until(5, end), Credit::TimedOut);
+        w.grant(3);
+        assert_eq!(w.wait_until(5, end), Credit::Granted(3));
+        w.close();
+        assert_eq!(w.wait_until(5, end), Credit::Closed);
     }
 
     #[test]

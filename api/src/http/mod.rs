@@ -11,18 +11,32 @@ mod response;
 use std::io;
 
 pub use request::{CONTINUE, HttpRequest, Parsed, RequestHead, RequestReader, parse_head};
-pub use response::{encode_response, write_response};
+pub use response::{AnswerHeaders, encode_response, write_response};
 
-/// Largest request (head and body together) the API reads, as Firecracker: 50 KiB.
+/// Largest request head the API reads: 50 KiB.
 pub const MAX_REQUEST_SIZE: usize = 50 * 1024;
+
+/// Largest request body by default, as Firecracker's: 51,200 bytes (its
+/// `--http-api-max-payload-size` changes it, and so does kiln-vmm's).
+pub const DEFAULT_MAX_PAYLOAD: usize = 51_200;
 
 /// Why a request could not be read; answered with 400 (unless the stream itself failed) and
 /// the connection closed, since the next request's start can no longer be found.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    /// Head and body together exceed [`MAX_REQUEST_SIZE`].
+    /// The head alone exceeds [`MAX_REQUEST_SIZE`].
     #[error("request larger than {MAX_REQUEST_SIZE} bytes")]
     TooLarge,
+    /// The body is larger than the server takes (Firecracker's message).
+    #[error(
+        "Request payload with size {size} is larger than the limit of {limit} allowed by server."
+    )]
+    PayloadTooLarge {
+        /// The announced body size.
+        size: usize,
+        /// The largest body the server takes.
+        limit: usize,
+    },
     /// The request line or a header does not parse.
     #[error("malformed request: {0}")]
     Malformed(String),

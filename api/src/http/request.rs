@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Write};
 
-use super::{HttpError, MAX_REQUEST_SIZE};
+use super::{DEFAULT_MAX_PAYLOAD, HttpError, MAX_REQUEST_SIZE};
 
 /// The request line and the headers the API cares about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,18 +48,21 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
 }
 
 /// Parses the head at the start of `buf`: `Ok(None)` while it is incomplete, an error as soon
-/// as it cannot become a valid request within [`MAX_REQUEST_SIZE`].
+/// as it cannot become a valid request within [`MAX_REQUEST_SIZE`] and a body of at most
+/// [`DEFAULT_MAX_PAYLOAD`].
 pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> {
     match find_head_end(buf, 0) {
-        Some(end) if end <= MAX_REQUEST_SIZE => parse_complete_head(&buf[..end]).map(Some),
+        Some(end) if end <= MAX_REQUEST_SIZE => {
+            parse_complete_head(&buf[..end], DEFAULT_MAX_PAYLOAD).map(Some)
+        }
         Some(_) => Err(HttpError::TooLarge),
         None if buf.len() >= MAX_REQUEST_SIZE => Err(HttpError::TooLarge),
         None => Ok(None),
     }
 }
 
-/// Parses a head known to end with its blank line.
-fn parse_complete_head(head: &[u8]) -> Result<RequestHead, HttpError> {
+/// Parses a head known to end with its blank line, refusing a body over `max_payload`.
+fn parse_complete_head(head: &[u8], max_payload: usize) -> Result<RequestHead, HttpError> {
     let text = std::str::from_utf8(&head[..head.len() - HEAD_END.len()])
         .map_err(|_| HttpError::Malformed("request head is not UTF-8".into()))?;
     let mut lines = text.split("\r\n");
@@ -119,8 +122,11 @@ fn parse_complete_head(head: &[u8]) -> Result<RequestHead, HttpError> {
         }
     }
     let content_length = content_length.unwrap_or(0);
-    if head.len().saturating_add(content_length) > MAX_REQUEST_SIZE {
-        return Err(HttpError::TooLarge);
+    if content_length > max_payload {
+        return Err(HttpError::PayloadTooLarge {
+            size: content_length,
+            limit: max_payload,
+        });
     }
     Ok(RequestHead {
         method: method.to_string(),
@@ -145,16 +151,18 @@ fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Reads requests one after another from a connection, never holding more than
-/// [`MAX_REQUEST_SIZE`] plus one read's worth of bytes.
+/// Reads requests one after another from a connection, never holding more than a head of
+/// [`MAX_REQUEST_SIZE`], a body of its payload limit and one read's worth of bytes.
 ///
 /// It works on blocking streams ([`RequestReader::read_request`]) and on non-blocking ones, where
 /// the caller alternates [`RequestReader::fill`] (one read, when the socket is readable) and
 /// [`RequestReader::parse`] (what the bytes so far make), so a request may arrive over any
 /// number of reads without being parsed again from the start.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RequestReader {
     buf: Vec<u8>,
+    /// Largest body taken ([`DEFAULT_MAX_PAYLOAD`] unless set).
+    max_payload: usize,
     /// How much of `buf` has been searched for the head's end.
     scanned: usize,
     /// The current request's head, once it is complete and valid (its body may not be).
@@ -182,10 +190,27 @@ const READ_CHUNK: usize = 4096;
 /// What a client that sent `Expect: 100-continue` is told before it sends the body.
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
+impl Default for RequestReader {
+    fn default() -> Self {
+        Self::with_max_payload(DEFAULT_MAX_PAYLOAD)
+    }
+}
+
 impl RequestReader {
     /// A reader with nothing buffered.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A reader that refuses bodies larger than `max_payload` bytes.
+    pub fn with_max_payload(max_payload: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            max_payload,
+            scanned: 0,
+            head: None,
+            continue_asked: false,
+        }
     }
 
     /// True when nothing of a next request has arrived.
@@ -242,7 +267,7 @@ impl RequestReader {
                 if end > MAX_REQUEST_SIZE {
                     return Err(HttpError::TooLarge);
                 }
-                parse_complete_head(&self.buf[..end])?
+                parse_complete_head(&self.buf[..end], self.max_payload)?
             }
         };
         let total = head.head_len + head.content_length;

@@ -135,13 +135,12 @@ fn chunked_is_refused() {
 fn oversized_requests_are_refused_early() {
     // A body announced too large is refused from the head alone.
     let req = format!("PUT /vm HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 60 * 1024);
-    assert_eq!(err(req.as_bytes()), "request larger than 51200 bytes");
-    // Exactly at the limit is fine.
-    let prefix_len = "PUT /vm HTTP/1.1\r\nContent-Length: 00000\r\n\r\n".len();
-    let req = format!(
-        "PUT /vm HTTP/1.1\r\nContent-Length: {:05}\r\n\r\n",
-        MAX_REQUEST_SIZE - prefix_len
+    assert_eq!(
+        err(req.as_bytes()),
+        "Request payload with size 61440 is larger than the limit of 51200 allowed by server."
     );
+    // Exactly at the limit is fine.
+    let req = format!("PUT /vm HTTP/1.1\r\nContent-Length: {DEFAULT_MAX_PAYLOAD}\r\n\r\n");
     assert!(head(req.as_bytes()).unwrap().is_some());
     // A head that never ends is refused once it reaches the limit.
     let mut endless = b"GET / HTTP/1.1\r\n".to_vec();
@@ -195,8 +194,21 @@ fn reader_refuses_oversize_without_reading_it_all() {
     input.resize(input.len() + 60 * 1024, b'x');
     let mut stream = Mock::new(&input, 1024);
     let e = RequestReader::new().read_request(&mut stream).unwrap_err();
-    assert!(matches!(e, HttpError::TooLarge));
+    assert!(matches!(e, HttpError::PayloadTooLarge { .. }), "{e}");
     assert!(stream.pos <= 1024, "read {} bytes", stream.pos);
+
+    // A smaller limit (kiln-vmm's --http-api-max-payload-size) is honoured.
+    let mut stream = Mock::new(
+        b"PUT /vm HTTP/1.1\r\nContent-Length: 11\r\n\r\n{\"a\": 100}",
+        64,
+    );
+    let e = RequestReader::with_max_payload(10)
+        .read_request(&mut stream)
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Request payload with size 11 is larger than the limit of 10 allowed by server."
+    );
 
     // Byte by byte, an endless head stops at the limit.
     let endless = vec![b'a'; 2 * MAX_REQUEST_SIZE];

@@ -1,4 +1,4 @@
-//! `PUT /actions`: start the instance or press Ctrl+Alt+Del.
+//! `PUT /actions`: start the instance, press Ctrl+Alt+Del, or write the metrics now.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,7 +12,7 @@ pub enum ActionType {
     InstanceStart,
     /// Press Ctrl+Alt+Del on the i8042 keyboard.
     SendCtrlAltDel,
-    /// Flush metrics; Kiln has no metrics sink, so it is refused.
+    /// Write the metrics now (they are also written every 60 seconds once configured).
     FlushMetrics,
 }
 
@@ -31,18 +31,17 @@ pub enum Action {
     InstanceStart,
     /// Press Ctrl+Alt+Del on the i8042 keyboard.
     SendCtrlAltDel,
+    /// Write the metrics now.
+    FlushMetrics,
 }
 
-/// The action a body asks for, refusing those Kiln does not have.
+/// The action a body asks for.
 pub(crate) fn parse(body: ActionBody) -> Result<Action, ApiError> {
-    match body.action_type {
-        ActionType::InstanceStart => Ok(Action::InstanceStart),
-        ActionType::SendCtrlAltDel => Ok(Action::SendCtrlAltDel),
-        ActionType::FlushMetrics => Err(ApiError::bad_body(
-            "actions",
-            "action_type FlushMetrics is not supported: Kiln has no metrics to flush",
-        )),
-    }
+    Ok(match body.action_type {
+        ActionType::InstanceStart => Action::InstanceStart,
+        ActionType::SendCtrlAltDel => Action::SendCtrlAltDel,
+        ActionType::FlushMetrics => Action::FlushMetrics,
+    })
 }
 
 #[cfg(test)]
@@ -64,10 +63,10 @@ mod tests {
     }
 
     #[test]
-    fn flush_metrics_is_refused_clearly() {
+    fn flush_metrics_is_an_action() {
         assert_eq!(
-            fault("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#),
-            "actions: action_type FlushMetrics is not supported: Kiln has no metrics to flush"
+            parse_request("PUT", "/actions", br#"{"action_type": "FlushMetrics"}"#).unwrap(),
+            ApiRequest::PutAction(Action::FlushMetrics)
         );
     }
 

@@ -11,10 +11,10 @@ pub struct BootSource {
     /// Uncompressed ELF vmlinux or bzImage, on the host.
     pub kernel_image_path: PathBuf,
     /// Kernel command line; the VMM's default when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub boot_args: Option<String>,
     /// Optional initramfs, on the host.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub initrd_path: Option<PathBuf>,
 }
 

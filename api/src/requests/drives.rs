@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::rate_limiter::RateLimiter;
 use crate::ApiError;
 
 /// Firecracker's `cache_type`: whether the guest sees a volatile write cache.
@@ -26,9 +27,10 @@ pub enum IoEngine {
     Async,
 }
 
-/// Firecracker's `Drive` body for `PUT /drives/{drive_id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Firecracker's `Drive` body for `PUT /drives/{drive_id}` (and a `drives` entry of a config
+/// file). A vhost-user drive (`socket`) is refused by name: Kiln's drives are files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "DriveBody")]
 pub struct Drive {
     /// The drive's id; must equal the id in the path.
     pub drive_id: String,
@@ -40,18 +42,83 @@ pub struct Drive {
     #[serde(default)]
     pub is_read_only: bool,
     /// Root partition by PARTUUID rather than the whole disk.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partuuid: Option<String>,
     /// Write-cache behaviour.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_type: Option<CacheType>,
     /// I/O engine.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<IoEngine>,
+    /// Token buckets on the drive's bytes and requests.
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// Written with every key Firecracker writes for a drive, `socket` (always `null`) included,
+/// and the defaults filled in (`Unsafe`, `Sync`) as Firecracker shows them.
+impl Serialize for Drive {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Drive", 9)?;
+        st.serialize_field("drive_id", &self.drive_id)?;
+        st.serialize_field("partuuid", &self.partuuid)?;
+        st.serialize_field("is_root_device", &self.is_root_device)?;
+        st.serialize_field("cache_type", &self.cache_type.unwrap_or_default())?;
+        st.serialize_field("is_read_only", &self.is_read_only)?;
+        st.serialize_field("path_on_host", &self.path_on_host)?;
+        st.serialize_field("rate_limiter", &self.rate_limiter)?;
+        st.serialize_field("io_engine", &self.io_engine.unwrap_or_default())?;
+        st.serialize_field("socket", &None::<PathBuf>)?;
+        st.end()
+    }
+}
+
+/// A `Drive` body as sent, before the vhost-user form is refused.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DriveBody {
+    drive_id: String,
+    #[serde(default)]
+    path_on_host: Option<PathBuf>,
+    is_root_device: bool,
+    #[serde(default)]
+    is_read_only: bool,
+    #[serde(default)]
+    partuuid: Option<String>,
+    #[serde(default)]
+    cache_type: Option<CacheType>,
+    #[serde(default)]
+    io_engine: Option<IoEngine>,
+    #[serde(default)]
+    rate_limiter: Option<RateLimiter>,
+    #[serde(default)]
+    socket: Option<PathBuf>,
+}
+
+impl TryFrom<DriveBody> for Drive {
+    type Error = String;
+
+    fn try_from(b: DriveBody) -> Result<Self, String> {
+        if let Some(socket) = b.socket {
+            return Err(format!(
+                "Kiln has no vhost-user drives (socket {}): its drives are virtio-block devices \
+                 backed by a file (path_on_host)",
+                socket.display()
+            ));
+        }
+        let path_on_host = b.path_on_host.ok_or("missing field `path_on_host`")?;
+        Ok(Drive {
+            drive_id: b.drive_id,
+            path_on_host,
+            is_root_device: b.is_root_device,
+            is_read_only: b.is_read_only,
+            partuuid: b.partuuid,
+            cache_type: b.cache_type,
+            io_engine: b.io_engine,
+            rate_limiter: b.rate_limiter,
+        })
+    }
 }
 
 /// Firecracker's `PartialDrive` body for `PATCH /drives/{drive_id}` (after boot: a new backing
-/// file for an existing drive).
+/// file, new rate limits, or both, for an existing drive).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveUpdate {
@@ -60,6 +127,25 @@ pub struct DriveUpdate {
     /// The new backing file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_on_host: Option<PathBuf>,
+    /// New token buckets (a bucket left out keeps its current setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// Firecracker's rule for the ids in API paths: not empty, letters, digits and `_` only.
+pub(crate) fn check_path_id(resource: &'static str, id: &str) -> Result<(), ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::bad_body(resource, "The ID cannot be empty."));
+    }
+    if !id.chars().all(|c| c == '_' || c.is_alphanumeric()) {
+        return Err(ApiError::bad_body(
+            resource,
+            format!(
+                "id {id:?}: API Resource IDs can only contain alphanumeric characters and underscores."
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The id in the body must be the id in the path, or the client is confused about which drive
@@ -93,6 +179,7 @@ mod tests {
             partuuid: Some("abc-1".into()),
             cache_type: Some(CacheType::Writeback),
             io_engine: Some(IoEngine::Sync),
+            rate_limiter: None,
         };
         assert_eq!(
             parse_request("PUT", "/drives/rootfs", body).unwrap(),
@@ -110,9 +197,9 @@ mod tests {
         let f = fault(
             "PUT",
             "/drives/d",
-            r#"{"drive_id": "d", "path_on_host": "/d", "is_root_device": false, "rate_limiter": {}}"#,
+            r#"{"drive_id": "d", "path_on_host": "/d", "is_root_device": false, "rate": {}}"#,
         );
-        assert!(f.starts_with("drives: unknown field `rate_limiter`"), "{f}");
+        assert!(f.starts_with("drives: unknown field `rate`"), "{f}");
         let f = fault(
             "PUT",
             "/drives/d",
@@ -150,6 +237,7 @@ mod tests {
         let want = DriveUpdate {
             drive_id: "scratch".into(),
             path_on_host: Some("/new.img".into()),
+            rate_limiter: None,
         };
         assert_eq!(
             parse_request("PATCH", "/drives/scratch", body).unwrap(),
@@ -161,6 +249,43 @@ mod tests {
             r#"{"drive_id": "s", "is_read_only": true}"#,
         );
         assert!(f.starts_with("drives: unknown field `is_read_only`"), "{f}");
+    }
+
+    #[test]
+    fn rate_limiters_vhost_user_and_ids() {
+        let body = br#"{"drive_id": "d", "path_on_host": "/d", "is_root_device": false,
+                        "rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#;
+        let ApiRequest::PutDrive(d) = parse_request("PUT", "/drives/d", body).unwrap() else {
+            panic!("wrong variant")
+        };
+        assert_eq!(d.rate_limiter.unwrap().bandwidth.unwrap().size, 1000);
+        let body =
+            br#"{"drive_id": "d", "rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}}"#;
+        let ApiRequest::PatchDrive(u) = parse_request("PATCH", "/drives/d", body).unwrap() else {
+            panic!("wrong variant")
+        };
+        assert_eq!(u.rate_limiter.unwrap().ops.unwrap().size, 10);
+
+        let f = fault(
+            "PUT",
+            "/drives/v",
+            r#"{"drive_id": "v", "is_root_device": false, "socket": "/run/vhost.sock"}"#,
+        );
+        assert!(
+            f.starts_with("drives: Kiln has no vhost-user drives (socket /run/vhost.sock)"),
+            "{f}"
+        );
+        let f = fault(
+            "PUT",
+            "/drives/d",
+            r#"{"drive_id": "d", "is_root_device": false}"#,
+        );
+        assert!(f.starts_with("drives: missing field `path_on_host`"), "{f}");
+        let body = r#"{"drive_id": "a-b", "path_on_host": "/d", "is_root_device": false}"#;
+        assert_eq!(
+            fault("PUT", "/drives/a-b", body),
+            "drives: id \"a-b\": API Resource IDs can only contain alphanumeric characters and underscores."
+        );
     }
 
     #[test]

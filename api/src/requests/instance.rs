@@ -1,12 +1,16 @@
-//! `GET /` and `GET /vm/config`: what the VMM answers about itself. These types are built by the
-//! VMM and read by clients; no request carries them.
+//! `GET /`, `GET /version` and `GET /vm/config`: what the VMM answers about itself. These types
+//! are built by the VMM and read by clients; no request carries them.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::balloon::Balloon;
 use super::boot_source::BootSource;
 use super::drives::Drive;
+use super::logger::Logger;
 use super::machine_config::MachineConfig;
+use super::metrics::Metrics;
+use super::mmds::MmdsConfig;
 use super::vsock::Vsock;
 
 /// The `app_name` every Kiln VMM reports.
@@ -50,34 +54,69 @@ impl InstanceInfo {
     }
 }
 
-/// Firecracker's `FullVmConfiguration`, the answer to `GET /vm/config`: the same shape as a
-/// `--config-file`, so its output can be fed back as one.
+/// Firecracker's `FirecrackerVersion`, the answer to `GET /version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionInfo {
+    /// The VMM's version (Kiln's own, under Firecracker's key).
+    pub firecracker_version: String,
+}
+
+impl VersionInfo {
+    /// This build's version.
+    pub fn current() -> Self {
+        Self {
+            firecracker_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// Firecracker's `FullVmConfiguration`, the answer to `GET /vm/config`, with every key
+/// Firecracker writes, `null` (or `[]`) where nothing is configured: the same shape as a
+/// `--config-file`, so its output can be fed back as one. Devices Kiln does not have by design
+/// (entropy, pmem, hotplugged memory, custom CPU templates) are always `null` or empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FullVmConfig {
-    /// `boot-source`, once set.
-    #[serde(
-        rename = "boot-source",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub boot_source: Option<BootSource>,
-    /// `machine-config`.
-    #[serde(
-        rename = "machine-config",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub machine_config: Option<MachineConfig>,
+    /// `balloon`, if any (its current target and statistics interval).
+    #[serde(default)]
+    pub balloon: Option<Balloon>,
     /// `drives`, in attachment order.
     #[serde(default)]
     pub drives: Vec<Drive>,
+    /// `boot-source`, once set (`null` after a snapshot load, as Firecracker).
+    #[serde(rename = "boot-source", default)]
+    pub boot_source: Option<BootSource>,
+    /// `cpu-config`: always `null`.
+    #[serde(rename = "cpu-config", default)]
+    pub cpu_config: Option<Value>,
+    /// `logger`, once configured.
+    #[serde(default)]
+    pub logger: Option<Logger>,
+    /// `machine-config`.
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: Option<MachineConfig>,
+    /// `metrics`, once configured.
+    #[serde(default)]
+    pub metrics: Option<Metrics>,
+    /// `mmds-config`, once configured.
+    #[serde(rename = "mmds-config", default)]
+    pub mmds_config: Option<MmdsConfig>,
+    /// `network-interfaces` (the network devices' configurations, once they exist).
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<Value>,
     /// `vsock`, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub vsock: Option<Vsock>,
-    /// `balloon`, if any (its current target and statistics interval).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub balloon: Option<Balloon>,
+    /// `entropy`: always `null`.
+    #[serde(default)]
+    pub entropy: Option<Value>,
+    /// `pmem`: always empty.
+    #[serde(default)]
+    pub pmem: Vec<Value>,
+    /// `memory-hotplug`: always `null`.
+    #[serde(rename = "memory-hotplug", default)]
+    pub memory_hotplug: Option<Value>,
 }
 
 #[cfg(test)]
@@ -106,9 +145,39 @@ mod tests {
                        "vsock": {"guest_cid": 3, "uds_path": "/v"}}"#;
         let cfg: FullVmConfig = serde_json::from_str(json).unwrap();
         assert_eq!(cfg.drives[0].drive_id, "rootfs");
-        let again: FullVmConfig =
-            serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
-        assert_eq!(again, cfg);
+        let text = serde_json::to_string(&cfg).unwrap();
+        let again: FullVmConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&again).unwrap(), text);
+        // Firecracker's full shape: every key, null where nothing is configured.
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for key in [
+            "balloon",
+            "drives",
+            "boot-source",
+            "cpu-config",
+            "logger",
+            "machine-config",
+            "metrics",
+            "mmds-config",
+            "network-interfaces",
+            "vsock",
+            "entropy",
+            "pmem",
+            "memory-hotplug",
+        ] {
+            assert!(v.get(key).is_some(), "{key} missing from {text}");
+        }
+        assert!(v["logger"].is_null() && v["entropy"].is_null());
+        assert_eq!(v["boot-source"]["initrd_path"], serde_json::Value::Null);
+        assert_eq!(v["drives"][0]["partuuid"], serde_json::Value::Null);
+        assert_eq!(v["drives"][0]["socket"], serde_json::Value::Null);
+        assert_eq!(v["machine-config"]["huge_pages"], "None");
+    }
+
+    #[test]
+    fn version_json() {
+        let v = serde_json::to_value(VersionInfo::current()).unwrap();
+        assert_eq!(v["firecracker_version"], env!("CARGO_PKG_VERSION"));
     }
 
     #[test]

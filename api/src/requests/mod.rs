@@ -4,13 +4,25 @@
 //! Parsing rejects unknown fields and checks the rules that need the path (a drive's id) or span
 //! fields of one body (the snapshot memory backend); whether the VM can do what is asked (its
 //! state, files on disk, value ranges) is the VMM's to check when it handles the request.
+//!
+//! Status codes follow Firecracker's: a path that does not take a method Firecracker's server
+//! speaks (GET, PUT, PATCH) is a 400 naming both; any other method (POST, DELETE, ...) is a 405
+//! with the path's methods in `Allow`. Resources of devices Kiln does not have by design
+//! ([`refused`]) are a 400 naming what Kiln offers instead.
 
 pub mod actions;
 pub mod balloon;
 pub mod boot_source;
+mod deprecated;
 pub mod drives;
 pub mod instance;
+pub mod logger;
 pub mod machine_config;
+pub mod metrics;
+pub mod mmds;
+pub mod rate_limiter;
+pub mod refused;
+pub mod serial;
 pub mod snapshot;
 pub mod vm;
 pub mod vsock;
@@ -21,8 +33,13 @@ use crate::ApiError;
 use actions::Action;
 use balloon::{Balloon, BalloonStatsUpdate, BalloonUpdate};
 use boot_source::BootSource;
+pub use deprecated::deprecated_fields;
 use drives::{Drive, DriveUpdate};
+use logger::Logger;
 use machine_config::{MachineConfig, MachineConfigUpdate};
+use metrics::Metrics;
+use mmds::MmdsConfig;
+use serial::Serial;
 use snapshot::{SnapshotCreate, SnapshotLoad};
 use vm::VmState;
 use vsock::Vsock;
@@ -32,6 +49,8 @@ use vsock::Vsock;
 pub enum ApiRequest {
     /// `GET /`: the instance's id, state and version ([`instance::InstanceInfo`]).
     GetInstanceInfo,
+    /// `GET /version` ([`instance::VersionInfo`]).
+    GetVersion,
     /// `GET /vm/config`: the whole configuration ([`instance::FullVmConfig`]).
     GetVmConfig,
     /// `PUT /boot-source`.
@@ -48,6 +67,20 @@ pub enum ApiRequest {
     PatchDrive(DriveUpdate),
     /// `PUT /vsock`.
     PutVsock(Vsock),
+    /// `PUT /logger`.
+    PutLogger(Logger),
+    /// `PUT /metrics`.
+    PutMetrics(Metrics),
+    /// `PUT /serial`.
+    PutSerial(Serial),
+    /// `GET /mmds`: the data store.
+    GetMmds,
+    /// `PUT /mmds`: replace the data store.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: merge into the data store (RFC 7396).
+    PatchMmds(serde_json::Value),
+    /// `PUT /mmds/config`.
+    PutMmdsConfig(MmdsConfig),
     /// `PUT /actions`.
     PutAction(Action),
     /// `PATCH /vm`: pause or resume.
@@ -84,6 +117,7 @@ const fn route(method: &'static str, path: &'static str) -> Route {
 /// Every route [`parse_request`] knows, in the order of [`ApiRequest`]'s variants.
 pub const ROUTES: &[Route] = &[
     route("GET", "/"),
+    route("GET", "/version"),
     route("GET", "/vm/config"),
     route("PUT", "/boot-source"),
     route("GET", "/machine-config"),
@@ -92,6 +126,13 @@ pub const ROUTES: &[Route] = &[
     route("PUT", "/drives/{drive_id}"),
     route("PATCH", "/drives/{drive_id}"),
     route("PUT", "/vsock"),
+    route("PUT", "/logger"),
+    route("PUT", "/metrics"),
+    route("PUT", "/serial"),
+    route("GET", "/mmds"),
+    route("PUT", "/mmds"),
+    route("PATCH", "/mmds"),
+    route("PUT", "/mmds/config"),
     route("PUT", "/actions"),
     route("PATCH", "/vm"),
     route("PUT", "/snapshot/create"),
@@ -103,6 +144,9 @@ pub const ROUTES: &[Route] = &[
     route("PATCH", "/balloon/statistics"),
 ];
 
+/// The methods Firecracker's API server speaks; any other is answered 405.
+const SPOKEN: [&str; 3] = ["GET", "PUT", "PATCH"];
+
 /// Turns one HTTP request into an [`ApiRequest`], or the error to answer it with.
 ///
 /// `path` may carry a query string, which is ignored. GET requests take no body; every other
@@ -110,8 +154,12 @@ pub const ROUTES: &[Route] = &[
 pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
     let path = path.split_once('?').map_or(path, |(p, _)| p);
     let req = Request { method, path, body };
+    if let Some(refusal) = refused::refusal(path) {
+        return Err(ApiError::NotInKiln(refusal));
+    }
     match (path, method) {
         ("/", "GET") => req.no_body(ApiRequest::GetInstanceInfo),
+        ("/version", "GET") => req.no_body(ApiRequest::GetVersion),
         ("/vm/config", "GET") => req.no_body(ApiRequest::GetVmConfig),
         ("/boot-source", "PUT") => req.json("boot-source").map(ApiRequest::PutBootSource),
         ("/machine-config", "GET") => req.no_body(ApiRequest::GetMachineConfig),
@@ -122,6 +170,17 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
             Ok(ApiRequest::PatchMachineConfig(update))
         }
         ("/vsock", "PUT") => req.json("vsock").map(ApiRequest::PutVsock),
+        ("/logger", "PUT") => req.json("logger").map(ApiRequest::PutLogger),
+        ("/metrics", "PUT") => req.json("metrics").map(ApiRequest::PutMetrics),
+        ("/serial", "PUT") => req.json("serial").map(ApiRequest::PutSerial),
+        ("/mmds", "GET") => req.no_body(ApiRequest::GetMmds),
+        ("/mmds", "PUT") => req.json("mmds").map(ApiRequest::PutMmds),
+        ("/mmds", "PATCH") => req.json("mmds").map(ApiRequest::PatchMmds),
+        ("/mmds/config", "PUT") => {
+            let config: MmdsConfig = req.json("mmds/config")?;
+            config.check()?;
+            Ok(ApiRequest::PutMmdsConfig(config))
+        }
         ("/actions", "PUT") => actions::parse(req.json("actions")?).map(ApiRequest::PutAction),
         ("/vm", "PATCH") => req
             .json::<vm::VmStateBody>("vm")
@@ -142,27 +201,34 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
         _ => match drive_id_in(path) {
             Some(id) => match method {
                 "PUT" => {
+                    drives::check_path_id("drives", id)?;
                     let drive: Drive = req.json("drives")?;
                     drives::check_id(id, &drive.drive_id)?;
+                    if let Some(r) = &drive.rate_limiter {
+                        r.check("drives")?;
+                    }
                     Ok(ApiRequest::PutDrive(drive))
                 }
                 "PATCH" => {
+                    drives::check_path_id("drives", id)?;
                     let update: DriveUpdate = req.json("drives")?;
                     drives::check_id(id, &update.drive_id)?;
+                    if let Some(r) = &update.rate_limiter {
+                        r.check("drives")?;
+                    }
                     Ok(ApiRequest::PatchDrive(update))
                 }
-                _ => Err(req.wrong_method()),
+                _ => Err(req.wrong_method("/drives/{drive_id}")),
             },
-            None if ROUTES.iter().any(|r| r.path == path) => Err(req.wrong_method()),
+            None if ROUTES.iter().any(|r| r.path == path) => Err(req.wrong_method(path)),
             None => Err(ApiError::UnknownPath(path.to_string())),
         },
     }
 }
 
-/// The id in `/drives/{drive_id}`, if `path` has that shape with a non-empty, slash-free id.
+/// The id in `/drives/{drive_id}`, if `path` has that shape with a slash-free id.
 fn drive_id_in(path: &str) -> Option<&str> {
-    path.strip_prefix("/drives/")
-        .filter(|id| !id.is_empty() && !id.contains('/'))
+    path.strip_prefix("/drives/").filter(|id| !id.contains('/'))
 }
 
 /// One request on its way to being typed.
@@ -197,10 +263,24 @@ impl Request<'_> {
         serde_json::from_slice(self.body).map_err(|e| ApiError::bad_body(resource, e))
     }
 
-    fn wrong_method(&self) -> ApiError {
-        ApiError::MethodNotAllowed {
+    /// The error for a method `template` (the path's route) does not take: 400 for the
+    /// methods Firecracker's server speaks, 405 with the path's methods for any other.
+    fn wrong_method(&self, template: &str) -> ApiError {
+        if SPOKEN.contains(&self.method) {
+            return ApiError::MethodNotAllowed {
+                method: self.method.to_string(),
+                path: self.path.to_string(),
+            };
+        }
+        let allow: Vec<&str> = ROUTES
+            .iter()
+            .filter(|r| r.path == template)
+            .map(|r| r.method)
+            .collect();
+        ApiError::UnsupportedMethod {
             method: self.method.to_string(),
             path: self.path.to_string(),
+            allow: allow.join(", "),
         }
     }
 }
@@ -220,7 +300,6 @@ mod tests {
     fn unknown_path_is_named() {
         assert_eq!(fault("GET", "/nope", ""), "unknown path /nope");
         assert_eq!(fault("PUT", "/drives", "{}"), "unknown path /drives");
-        assert_eq!(fault("PUT", "/drives/", "{}"), "unknown path /drives/");
         assert_eq!(
             fault("PUT", "/drives/a/b", "{}"),
             "unknown path /drives/a/b"
@@ -229,23 +308,39 @@ mod tests {
             fault("GET", "/machine-config/", ""),
             "unknown path /machine-config/"
         );
+        assert_eq!(
+            fault("PUT", "/drives/", "{}"),
+            "drives: The ID cannot be empty."
+        );
     }
 
     #[test]
     fn wrong_method_is_named_for_every_route() {
         for r in ROUTES {
             let path = r.path.replace("{drive_id}", "rootfs");
-            for method in ["GET", "PUT", "PATCH", "POST", "DELETE"] {
-                if ROUTES
-                    .iter()
-                    .any(|o| o.path == r.path && o.method == method)
-                {
+            let allow: Vec<&str> = ROUTES
+                .iter()
+                .filter(|o| o.path == r.path)
+                .map(|o| o.method)
+                .collect();
+            for method in ["GET", "PUT", "PATCH", "POST", "DELETE", "HEAD", "OPTIONS"] {
+                if allow.contains(&method) {
                     continue;
                 }
-                assert_eq!(
-                    fault(method, &path, "{}"),
-                    format!("{path} does not accept {method}")
-                );
+                let e = parse_request(method, &path, b"{}").unwrap_err();
+                if SPOKEN.contains(&method) {
+                    assert_eq!(e.to_string(), format!("{path} does not accept {method}"));
+                    assert_eq!(crate::ApiResponse::from(e).status(), 400);
+                } else {
+                    let want = format!(
+                        "{method} is not a method this API takes; {path} takes {}",
+                        allow.join(", ")
+                    );
+                    assert_eq!(e.to_string(), want);
+                    let r = crate::ApiResponse::from(e);
+                    assert_eq!(r.status(), 405, "{method} {path}");
+                    assert_eq!(r.allow(), Some(allow.join(", ").as_str()));
+                }
             }
         }
     }
@@ -277,6 +372,10 @@ mod tests {
         assert_eq!(
             parse_request("GET", "/machine-config", b"").unwrap(),
             ApiRequest::GetMachineConfig
+        );
+        assert_eq!(
+            parse_request("GET", "/version", b"").unwrap(),
+            ApiRequest::GetVersion
         );
     }
 

@@ -30,13 +30,13 @@ pub struct SnapshotCreate {
     pub mem_file_path: PathBuf,
 }
 
-/// Firecracker's memory backend kinds. Only files are supported; `Uffd` is named so that it
-/// gets a clear fault.
+/// Firecracker's memory backend kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemBackendType {
     /// Guest memory is read from (mapped from) a file.
     File,
-    /// Guest memory is served by a userfaultfd handler: not supported.
+    /// Guest memory pages are served by an external process over userfaultfd: `backend_path` is
+    /// its Unix socket, which receives the regions and the userfaultfd (Firecracker's protocol).
     Uffd,
 }
 
@@ -44,11 +44,25 @@ pub enum MemBackendType {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemBackend {
-    /// Always [`MemBackendType::File`] once parsed.
+    /// A file, or a page-fault handler's socket.
     pub backend_type: MemBackendType,
-    /// The memory file.
+    /// The memory file, or the handler's Unix socket.
     pub backend_path: PathBuf,
 }
+
+/// Firecracker's `NetworkOverride`: the restored interface `iface_id` uses the host TAP device
+/// `host_dev_name` instead of the one saved in the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface, by the id it was configured with.
+    pub iface_id: String,
+    /// The host TAP device to use.
+    pub host_dev_name: String,
+}
+
+/// Longest Linux network device name (IFNAMSIZ less its NUL).
+pub const MAX_IFNAME_LEN: usize = 15;
 
 /// Firecracker's `SnapshotLoadParams` body, with the memory file always in `mem_backend`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +79,11 @@ pub struct SnapshotLoad {
     pub resume_vm: bool,
     /// A new host socket for the vsock device, so clones of one snapshot can run side by side.
     pub vsock_override: Option<VsockOverride>,
+    /// New host TAP devices for network interfaces, one entry per interface at most.
+    pub network_overrides: Vec<NetworkOverride>,
+    /// Advance the guest's kvmclock by the wall-clock time since the snapshot was taken
+    /// (`KVM_CLOCK_REALTIME`), instead of resuming it where it stopped.
+    pub clock_realtime: bool,
 }
 
 /// Firecracker's `VsockOverride` object: the restored vsock device listens here instead of at
@@ -93,6 +112,10 @@ struct SnapshotLoadBody {
     resume_vm: bool,
     #[serde(default)]
     vsock_override: Option<VsockOverride>,
+    #[serde(default)]
+    network_overrides: Vec<NetworkOverride>,
+    #[serde(default)]
+    clock_realtime: bool,
 }
 
 impl TryFrom<SnapshotLoadBody> for SnapshotLoad {
@@ -110,8 +133,30 @@ impl TryFrom<SnapshotLoadBody> for SnapshotLoad {
             },
             (Some(backend), None) => backend,
         };
-        if mem_backend.backend_type != MemBackendType::File {
-            return Err("mem_backend.backend_type Uffd is not supported; use File".into());
+        for (i, o) in body.network_overrides.iter().enumerate() {
+            if o.iface_id.is_empty() {
+                return Err(format!("network_overrides[{i}].iface_id is empty"));
+            }
+            let name = &o.host_dev_name;
+            if name.is_empty()
+                || name.len() > MAX_IFNAME_LEN
+                || name.contains(['/', ' ', '\0'])
+                || name == "."
+                || name == ".."
+            {
+                return Err(format!(
+                    "network_overrides[{i}].host_dev_name {name:?} is not a Linux network device name (1 to {MAX_IFNAME_LEN} bytes, no '/' or space)"
+                ));
+            }
+            if body.network_overrides[..i]
+                .iter()
+                .any(|p| p.iface_id == o.iface_id)
+            {
+                return Err(format!(
+                    "network_overrides[{i}]: iface_id {:?} is overridden twice",
+                    o.iface_id
+                ));
+            }
         }
         let track_dirty_pages = match (body.track_dirty_pages, body.enable_diff_snapshots) {
             (Some(a), Some(b)) if a != b => {
@@ -127,6 +172,8 @@ impl TryFrom<SnapshotLoadBody> for SnapshotLoad {
             track_dirty_pages,
             resume_vm: body.resume_vm,
             vsock_override: body.vsock_override,
+            network_overrides: body.network_overrides,
+            clock_realtime: body.clock_realtime,
         })
     }
 }
@@ -186,6 +233,8 @@ mod tests {
             track_dirty_pages: true,
             resume_vm: true,
             vsock_override: None,
+            network_overrides: Vec::new(),
+            clock_realtime: false,
         };
         let body = br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File",
                         "backend_path": "/m"}, "enable_diff_snapshots": true, "resume_vm": true}"#;
@@ -228,21 +277,21 @@ mod tests {
         let f = fault(
             "PUT",
             "/snapshot/load",
-            r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}"#,
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": [
+                {"iface_id": "eth0", "host_dev_name": "tap-with-a-very-long-name"}]}"#,
         );
         assert!(
-            f.starts_with("snapshot/load: mem_backend.backend_type Uffd is not"),
+            f.starts_with("snapshot/load: network_overrides[0].host_dev_name \"tap-with-a-very-long-name\" is not"),
             "{f}"
         );
         let f = fault(
             "PUT",
             "/snapshot/load",
-            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": []}"#,
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": [
+                {"iface_id": "eth0", "host_dev_name": "tap0"},
+                {"iface_id": "eth0", "host_dev_name": "tap1"}]}"#,
         );
-        assert!(
-            f.starts_with("snapshot/load: unknown field `network_overrides`"),
-            "{f}"
-        );
+        assert!(f.contains("iface_id \"eth0\" is overridden twice"), "{f}");
         let f = fault(
             "PUT",
             "/snapshot/load",
@@ -259,6 +308,20 @@ mod tests {
             r#"{"snapshot_path": "/s", "mem_file_path": "/m", "vsock_override": {"path": "/v"}}"#,
         );
         assert!(f.starts_with("snapshot/load: unknown field `path`"), "{f}");
+    }
+
+    #[test]
+    fn uffd_network_overrides_and_clock_realtime_are_taken() {
+        let body = br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd",
+                        "backend_path": "/run/uffd.sock"}, "clock_realtime": true,
+                        "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap7"}]}"#;
+        let ApiRequest::LoadSnapshot(l) = parse_request("PUT", "/snapshot/load", body).unwrap()
+        else {
+            panic!("wrong variant")
+        };
+        assert_eq!(l.mem_backend.backend_type, MemBackendType::Uffd);
+        assert!(l.clock_realtime);
+        assert_eq!(l.network_overrides[0].host_dev_name, "tap7");
     }
 
     #[test]

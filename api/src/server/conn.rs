@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use super::Limits;
 use crate::echo::clip;
-use crate::http::{CONTINUE, HttpError, Parsed, RequestReader, encode_response};
+use crate::http::{AnswerHeaders, CONTINUE, HttpError, Parsed, RequestReader, encode_response};
+use crate::requests::deprecated_fields;
 use crate::{ApiRequest, ApiResponse, parse_request};
 
 /// Reads from one connection per readable event, at most: a client that sends fast does not
@@ -25,10 +26,10 @@ enum Handler {
     /// No request: the connection reads.
     Free,
     /// A parsed request waits for its turn (requests reach the handler one at a time, in the
-    /// order they were parsed).
-    Queued(ApiRequest, bool),
-    /// The handler has the request; the flag is the request's keep-alive.
-    Busy(bool),
+    /// order they were parsed), with the headers its answer will carry.
+    Queued(ApiRequest, AnswerHeaders),
+    /// The handler has the request; its answer will carry these headers.
+    Busy(AnswerHeaders),
 }
 
 /// Why a connection's time ran out.
@@ -89,11 +90,11 @@ pub(crate) enum Holding {
 }
 
 impl<S: Read + Write> Conn<S> {
-    /// A connection accepted at `now`.
-    pub(crate) fn new(stream: S, now: Instant) -> Self {
+    /// A connection accepted at `now`, taking request bodies of at most `max_payload` bytes.
+    pub(crate) fn new(stream: S, now: Instant, max_payload: usize) -> Self {
         Self {
             stream,
-            reader: RequestReader::new(),
+            reader: RequestReader::with_max_payload(max_payload),
             handler: Handler::Free,
             out: Vec::new(),
             out_pos: 0,
@@ -189,7 +190,20 @@ impl<S: Read + Write> Conn<S> {
     fn take(&mut self, request: crate::http::HttpRequest) -> bool {
         match parse_request(&request.method, &request.target, &request.body) {
             Ok(api_request) => {
-                self.handler = Handler::Queued(api_request, request.keep_alive);
+                let deprecated = deprecated_fields(&request.target, &request.body);
+                if !deprecated.is_empty() {
+                    log::warn!(
+                        "API request {} {} uses deprecated {}",
+                        request.method,
+                        clip(&request.target),
+                        deprecated.join(", ")
+                    );
+                }
+                let headers = AnswerHeaders {
+                    keep_alive: request.keep_alive,
+                    deprecated: !deprecated.is_empty(),
+                };
+                self.handler = Handler::Queued(api_request, headers);
                 true
             }
             Err(e) => {
@@ -199,7 +213,8 @@ impl<S: Read + Write> Conn<S> {
                     clip(&request.target),
                     clip(&e.to_string())
                 );
-                self.answer_bytes(&ApiResponse::from(e), request.keep_alive, false);
+                let headers = AnswerHeaders::keep_alive(request.keep_alive);
+                self.answer_bytes(&ApiResponse::from(e), headers, false);
                 false
             }
         }
@@ -209,12 +224,16 @@ impl<S: Read + Write> Conn<S> {
     /// request starts is no longer known.
     fn refuse(&mut self, e: HttpError) {
         log::debug!("API connection: {}", clip(&e.to_string()));
-        self.answer_bytes(&ApiResponse::fault(e), false, false);
+        self.answer_bytes(
+            &ApiResponse::fault(e),
+            AnswerHeaders::keep_alive(false),
+            false,
+        );
     }
 
-    fn answer_bytes(&mut self, response: &ApiResponse, keep_alive: bool, counted: bool) {
-        self.queue(&encode_response(response, keep_alive), counted);
-        if !keep_alive {
+    fn answer_bytes(&mut self, response: &ApiResponse, headers: AnswerHeaders, counted: bool) {
+        self.queue(&encode_response(response, headers), counted);
+        if !headers.keep_alive {
             self.close_after_write = true;
         }
     }
@@ -234,8 +253,8 @@ impl<S: Read + Write> Conn<S> {
     /// The request waiting for the handler, if any; the connection then waits for its answer.
     pub(crate) fn take_request(&mut self) -> Option<ApiRequest> {
         match std::mem::replace(&mut self.handler, Handler::Free) {
-            Handler::Queued(request, keep_alive) => {
-                self.handler = Handler::Busy(keep_alive);
+            Handler::Queued(request, headers) => {
+                self.handler = Handler::Busy(headers);
                 Some(request)
             }
             other => {
@@ -247,12 +266,12 @@ impl<S: Read + Write> Conn<S> {
 
     /// Queues the handler's answer (counted: see [`Conn::flush`]) and goes back to reading.
     pub(crate) fn answer(&mut self, response: &ApiResponse, now: Instant) {
-        let keep_alive = match self.handler {
-            Handler::Busy(keep_alive) => keep_alive,
-            _ => false,
+        let headers = match self.handler {
+            Handler::Busy(headers) => headers,
+            _ => AnswerHeaders::keep_alive(false),
         };
         self.handler = Handler::Free;
-        self.answer_bytes(response, keep_alive, true);
+        self.answer_bytes(response, headers, true);
         self.last_activity = now;
     }
 
@@ -357,7 +376,11 @@ impl<S: Read + Write> Conn<S> {
                 "request not complete within {}; closing the connection",
                 seconds(limits.read_timeout)
             );
-            self.answer_bytes(&ApiResponse::fault(message), false, false);
+            self.answer_bytes(
+                &ApiResponse::fault(message),
+                AnswerHeaders::keep_alive(false),
+                false,
+            );
             return self.flush(now);
         }
         0

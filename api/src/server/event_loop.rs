@@ -232,7 +232,7 @@ impl<D: FnMut(ApiRequest, Reply)> EventLoop<D> {
 
     fn add(&mut self, stream: UnixStream, now: Instant) {
         let limits = self.server.limits;
-        let conn = Conn::new(Socket(stream), now);
+        let conn = Conn::new(Socket(stream), now, self.server.limits.max_payload);
         let interest = conn.interest(&limits);
         let Some(token) = self.table.insert(conn, interest) else {
             return;

@@ -49,6 +49,9 @@ pub struct Limits {
     pub evict_after: Duration,
     /// New connections accepted per event, so a flood of them does not starve the rest.
     pub accepts_per_turn: usize,
+    /// Largest request body taken (Firecracker's `--http-api-max-payload-size`); a larger one is
+    /// refused from its head, before it is read.
+    pub max_payload: usize,
 }
 
 impl Default for Limits {
@@ -61,6 +64,7 @@ impl Default for Limits {
             max_unsent: 64 * 1024,
             evict_after: Duration::from_millis(50),
             accepts_per_turn: 32,
+            max_payload: crate::http::DEFAULT_MAX_PAYLOAD,
         }
     }
 }

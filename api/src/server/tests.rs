@@ -87,7 +87,7 @@ fn conn(t0: Instant, chunks: &[&[u8]]) -> Conn<Script> {
     for c in chunks {
         s.send(c);
     }
-    Conn::new(s, t0)
+    Conn::new(s, t0, crate::http::DEFAULT_MAX_PAYLOAD)
 }
 
 /// Pumps until a request is queued or `tries` pumps found none.
@@ -167,7 +167,7 @@ fn a_client_that_does_not_read_stops_being_read_and_gets_a_write_deadline() {
     // Ten pipelined requests, and no room at all for answers.
     script.send(&b"GET /nope HTTP/1.1\r\n\r\n".repeat(10));
     script.room = 0;
-    let mut c = Conn::new(script, t0);
+    let mut c = Conn::new(script, t0, crate::http::DEFAULT_MAX_PAYLOAD);
     assert!(!c.pump(t0, &small), "unknown paths never reach the handler");
     assert!(!c.interest(&small).read, "over max_unsent: reading paused");
     assert!(c.interest(&small).write);
@@ -205,7 +205,7 @@ fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
         .input
         .push_back(Some(b"GET / HTTP/1.1\r\n\r\n".to_vec()));
     script.eof = true;
-    let mut c = Conn::new(script, t0);
+    let mut c = Conn::new(script, t0, crate::http::DEFAULT_MAX_PAYLOAD);
     assert!(c.pump(t0, &limits()));
     assert!(c.take_request().is_some());
     assert!(!c.finished(), "the handler has its request");
@@ -225,7 +225,7 @@ fn a_request_cut_by_the_end_of_stream_is_refused() {
         .input
         .push_back(Some(b"PUT /vm HTTP/1.1\r\nContent-Le".to_vec()));
     script.eof = true;
-    let mut c = Conn::new(script, t0);
+    let mut c = Conn::new(script, t0, crate::http::DEFAULT_MAX_PAYLOAD);
     assert!(!c.pump(t0, &limits()));
     c.flush(t0);
     assert!(c.finished());

@@ -141,6 +141,8 @@ impl SnapshotFiles {
             track_dirty_pages,
             resume_vm,
             vsock_override: vsock_uds.map(|uds_path| VsockOverride { uds_path }),
+            network_overrides: Vec::new(),
+            clock_realtime: false,
         }
     }
 }

@@ -2,10 +2,12 @@
 //! turns the guest's reset request into a clean VMM exit and carries the VMM's Ctrl-Alt-Del.
 
 pub mod console;
+pub mod console_log;
 pub mod i8042;
 pub mod serial;
 
 pub use console::ConsoleInput;
+pub use console_log::{CONSOLE_LOG_CAP, ConsoleLog};
 pub use i8042::{I8042, I8042Error};
 pub use serial::{EventFdTrigger, SerialDevice, SerialDeviceState, SerialRestoreArgs};
 

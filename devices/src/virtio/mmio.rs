@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::QueueT;
 
 use super::device::VirtioDevice;
-use super::{GuestMemoryMmap, Queue, VIRTIO_F_VERSION_1, status};
+use super::{GuestMemoryMmap, LogOnce, Queue, VIRTIO_F_VERSION_1, status};
 use crate::bus::BusDevice;
 
 /// "virt" in little endian.
@@ -49,6 +49,17 @@ pub(crate) mod reg {
     pub const CONFIG: u64 = 0x100;
 }
 
+/// Kinds of driver mistakes, each logged at `warn` once per transport (see [`LogOnce`]).
+#[derive(Clone, Copy)]
+enum Mistake {
+    /// A status write that breaks the state machine, or a failed activation.
+    Status = 0,
+    /// A queue size that is not a power of two up to the maximum.
+    QueueSize,
+    /// Features the device does not offer, or no VERSION_1.
+    Features,
+}
+
 /// Offset of QueueNotify, where the VMM registers each queue's ioeventfd.
 pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 /// Size of one device's MMIO window.
@@ -67,6 +78,7 @@ pub struct MmioTransport {
     driver_features: u64,
     status: u32,
     config_generation: u32,
+    log: LogOnce,
 }
 
 impl MmioTransport {
@@ -88,7 +100,13 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
             config_generation: 0,
+            log: LogOnce::default(),
         }
+    }
+
+    /// How many lines this transport logged at `warn` (once per kind of driver mistake).
+    pub fn warnings(&self) -> u32 {
+        self.log.warnings()
     }
 
     /// The device behind this transport.
@@ -122,10 +140,12 @@ impl MmioTransport {
         self.queues.get_mut(self.queue_select as usize)
     }
 
-    fn fail(&mut self, why: &str) {
-        log::warn!(
-            "virtio-mmio device {}: {why}; device needs reset",
-            lock(&self.device).device_type()
+    fn fail(&mut self, mistake: Mistake, why: &str) {
+        let device = format!("virtio-mmio device {}", lock(&self.device).device_type());
+        self.log.warn(
+            mistake as u32,
+            &device,
+            format_args!("{why}; device needs reset"),
         );
         lock(&self.device).interrupt().set_needs_reset();
     }
@@ -156,10 +176,10 @@ impl MmioTransport {
         let added = value & !self.status;
         if value & self.status != self.status {
             // Bits can only be added; clearing any but through a reset is a driver bug.
-            self.fail(&format!(
-                "status {:#x} would clear bits of {:#x}",
-                value, self.status
-            ));
+            self.fail(
+                Mistake::Status,
+                &format!("status {:#x} would clear bits of {:#x}", value, self.status),
+            );
             return;
         }
         let expected_before = |bit: u32| match bit {
@@ -179,19 +199,24 @@ impl MmioTransport {
                 continue;
             }
             if !self.has(expected_before(bit)) {
-                self.fail(&format!(
-                    "status bit {bit:#x} set out of order (status {:#x})",
-                    self.status
-                ));
+                self.fail(
+                    Mistake::Status,
+                    &format!(
+                        "status bit {bit:#x} set out of order (status {:#x})",
+                        self.status
+                    ),
+                );
                 return;
             }
             match bit {
                 status::FEATURES_OK => {
                     if !self.features_acceptable() {
                         // Leave FEATURES_OK clear: the driver reads it back and gives up.
-                        log::warn!(
-                            "virtio-mmio: driver features {:#x} refused",
-                            self.driver_features
+                        let features = self.driver_features;
+                        self.log.warn(
+                            Mistake::Features as u32,
+                            "virtio-mmio",
+                            format_args!("driver features {features:#x} refused"),
                         );
                         return;
                     }
@@ -200,7 +225,7 @@ impl MmioTransport {
                 status::DRIVER_OK => {
                     if let Err(why) = self.activate() {
                         self.status |= bit;
-                        self.fail(&why);
+                        self.fail(Mistake::Status, &why);
                         return;
                     }
                 }
@@ -302,10 +327,13 @@ impl MmioTransport {
                     .map(|q| q.try_set_size(value as u16).is_ok() && value <= 0xffff);
                 if valid != Some(true) {
                     self.queue_error = true;
-                    self.fail(&format!(
-                        "queue {} size {value} is not a power of two up to the maximum",
-                        self.queue_select
-                    ));
+                    let queue = self.queue_select;
+                    self.fail(
+                        Mistake::QueueSize,
+                        &format!(
+                            "queue {queue} size {value} is not a power of two up to the maximum"
+                        ),
+                    );
                 }
             }
             reg::QUEUE_READY if queue_allowed => {

@@ -371,3 +371,27 @@ fn notifications_that_reach_the_vmm_are_forwarded_to_the_queue_event() {
     w(&mut t, reg::QUEUE_NOTIFY, 9);
     assert_eq!(dev.lock().unwrap().events[1].read().unwrap(), 1);
 }
+
+#[test]
+fn a_driver_looping_on_bad_writes_logs_one_warning_per_kind() {
+    let (mut t, _) = transport();
+    for _ in 0..1000 {
+        // A status that clears bits, a status bit out of order, a queue size lie, refused
+        // features, and a reset storm between them.
+        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+        w(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+        w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER_OK);
+        setup_queue(&mut t, 0, 3, 0x1_0000);
+        w(&mut t, reg::STATUS, 0);
+        negotiate(&mut t, 1 << 40 | 1 << VIRTIO_F_VERSION_1);
+        w(&mut t, reg::STATUS, 0);
+        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 0x1_0004, 0x1_0000);
+        w(&mut t, reg::STATUS, 0);
+    }
+    assert_eq!(
+        t.warnings(),
+        3,
+        "status, queue size and features, once each"
+    );
+}

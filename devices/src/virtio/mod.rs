@@ -9,12 +9,17 @@
 
 pub mod balloon;
 pub mod block;
+pub mod budget;
+pub mod chain;
 pub mod device;
+mod log_once;
 pub mod mmio;
 pub mod persist;
 pub mod vsock;
 
+pub use budget::Budget;
 pub use device::{ActivateError, Interrupt, VirtioDevice};
+pub use log_once::LogOnce;
 pub use mmio::MmioTransport;
 
 /// Device ID of a block device.

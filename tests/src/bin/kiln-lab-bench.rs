@@ -15,6 +15,9 @@
 //! restore to the agent's first reply (p50/p99 over N) against booting under kiln-vmm and QEMU,
 //! and the memory of 10 restored clones against 10 booted VMs.
 //!
+//! `kiln-lab-bench pool [--runs N]` measures kilnd: create -> first result from a warm and a cold
+//! pool, creates per second, the memory of 50 idle sandboxes, a fork into 4.
+//!
 //! `kiln-lab-bench memory [--runs N]` measures host memory of a 512 MiB VM before, during and
 //! after a 300 MiB workload, the snapshot taken after it and the restore from it, under kiln-vmm
 //! with its balloon and QEMU microvm with virtio-balloon-device and free page reporting.
@@ -36,6 +39,8 @@ mod exec;
 mod memory;
 #[path = "kiln-lab-bench/peer.rs"]
 mod peer;
+#[path = "kiln-lab-bench/pool.rs"]
+mod pool;
 #[path = "kiln-lab-bench/qmp.rs"]
 mod qmp;
 #[path = "kiln-lab-bench/restore.rs"]
@@ -56,9 +61,10 @@ fn main() -> ExitCode {
         Some("snapshot") => runs(rest, 50).and_then(snapshot::run),
         Some("cycles") => cycles::run(rest),
         Some("restore") => runs(rest, 20).and_then(restore::run),
+        Some("pool") => runs(rest, 20).and_then(pool::run),
         Some("memory") => runs(rest, 2).and_then(memory::run),
         _ => Err(
-            "usage: kiln-lab-bench boot|block|exec|vsock|snapshot|restore|memory [--runs N] | cycles [--restores N] [--boots M]"
+            "usage: kiln-lab-bench boot|block|exec|vsock|snapshot|restore|pool|memory [--runs N] | cycles [--restores N] [--boots M]"
                 .to_string(),
         ),
     };

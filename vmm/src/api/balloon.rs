@@ -139,6 +139,9 @@ mod tests {
         match r {
             ApiResponse::Json(b) => b,
             ApiResponse::Fault(f) => format!("fault: {f}"),
+            ApiResponse::FaultWith {
+                status, message, ..
+            } => format!("fault {status}: {message}"),
             ApiResponse::NoContent => "204".into(),
         }
     }

@@ -8,6 +8,9 @@
 //! it serves anything ([`crate::seccomp`]).
 
 pub mod balloon;
+mod common;
+
+pub use common::put_mmds_config;
 mod convert;
 pub mod preboot;
 pub mod running;
@@ -63,8 +66,16 @@ pub enum ApiStartError {
 /// Binds the API socket at `path` (listening when this returns) and starts the thread serving it,
 /// which installs the `api` filter of `seccomp` first (before it reads a request; it starts no
 /// thread of its own).
-pub fn start(path: &Path, seccomp: &SeccompFilters) -> Result<ApiLink, ApiStartError> {
-    let server = ApiServer::bind(path)?;
+pub fn start(
+    path: &Path,
+    seccomp: &SeccompFilters,
+    max_payload: usize,
+) -> Result<ApiLink, ApiStartError> {
+    let limits = kiln_api::Limits {
+        max_payload,
+        ..kiln_api::Limits::default()
+    };
+    let server = ApiServer::bind(path)?.with_limits(limits);
     let unwritten = server.unwritten();
     let wakeup = EventFd::new(libc::EFD_NONBLOCK).map_err(ApiStartError::Thread)?;
     let wake = wakeup.try_clone().map_err(ApiStartError::Thread)?;
@@ -109,6 +120,3 @@ pub fn start(path: &Path, seccomp: &SeccompFilters) -> Result<ApiLink, ApiStartE
         unwritten,
     })
 }
-
-/// The instance id the API reports (Firecracker's default when no --id is given).
-pub const INSTANCE_ID: &str = "anonymous-instance";

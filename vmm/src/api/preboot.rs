@@ -1,7 +1,10 @@
 //! Before `InstanceStart`: API requests build up the configuration. Values are checked as they
-//! arrive where they can be on their own (the kernel exists and is a kernel, vCPUs and memory are
-//! in range, a drive's file exists); the whole is validated and built at `InstanceStart`, and a
-//! failure there leaves the VMM waiting for a corrected configuration.
+//! arrive, as Firecracker checks them at PUT time (the kernel exists and is a kernel, vCPUs,
+//! memory, SMT and huge pages fit together, a drive's file exists and no second root drive, a
+//! vsock CID is not reserved and its socket path is free); the whole is validated and built at
+//! `InstanceStart`, and a failure there leaves the VMM waiting for a corrected configuration.
+
+use std::time::Instant;
 
 use kiln_api::ApiRequest;
 use kiln_api::ApiResponse;
@@ -9,14 +12,16 @@ use kiln_api::requests::actions::Action;
 use kiln_api::requests::instance::{InstanceInfo, InstanceState};
 use kiln_api::requests::snapshot::SnapshotLoad;
 
-use super::{ApiLink, INSTANCE_ID, convert};
+use super::{ApiLink, common, convert};
 use crate::Vmm;
 use crate::builder::{build_in, prepare_vm};
 use crate::config::{
     BalloonConfig, BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig,
-    VsockConfig, default_machine, validate_machine,
+    VsockConfig, default_machine, validate_drive, validate_machine, validate_vsock,
 };
+use crate::instance::Instance;
 use crate::loader::inspect_kernel;
+use crate::metrics::{self, LATENCIES};
 use crate::persist::restore::restore;
 use crate::vstate::vm::Vm;
 
@@ -35,10 +40,11 @@ struct PreBoot {
     drives: Vec<DriveConfig>,
     vsock: Option<VsockConfig>,
     balloon: Option<BalloonConfig>,
+    serial: SerialConfig,
 }
 
 impl PreBoot {
-    fn config(&self, serial: &SerialConfig) -> Result<VmConfig, String> {
+    fn config(&self) -> Result<VmConfig, String> {
         let boot = self
             .boot
             .clone()
@@ -46,15 +52,16 @@ impl PreBoot {
         Ok(VmConfig {
             boot_source: boot,
             machine: self.machine.clone(),
-            serial: serial.clone(),
+            serial: self.serial.clone(),
             drives: self.drives.clone(),
             vsock: self.vsock.clone(),
             balloon: self.balloon,
+            ..VmConfig::default()
         })
     }
 
     /// True once anything that only a boot uses was configured (a snapshot load is refused then,
-    /// as Firecracker does).
+    /// as Firecracker does; the logger, metrics and MMDS data are allowed).
     fn configured(&self) -> bool {
         self.boot.is_some()
             || !self.drives.is_empty()
@@ -64,67 +71,97 @@ impl PreBoot {
     }
 
     /// Answers a request, or says what [`configure`] must carry out.
-    fn handle(&mut self, request: ApiRequest) -> Result<ApiResponse, Next> {
+    fn handle(
+        &mut self,
+        instance: &mut Instance,
+        request: ApiRequest,
+    ) -> Result<ApiResponse, Next> {
         use ApiRequest::*;
         Ok(match request {
             GetInstanceInfo => {
-                ApiResponse::json(&InstanceInfo::new(INSTANCE_ID, InstanceState::NotStarted))
+                ApiResponse::json(&InstanceInfo::new(&instance.id, InstanceState::NotStarted))
             }
+            GetVersion => common::version(),
             GetVmConfig => ApiResponse::json(&convert::full(
+                instance,
                 self.boot.as_ref(),
                 &self.machine,
                 &self.drives,
                 self.vsock.as_ref(),
                 self.balloon.as_ref(),
             )),
-            PutBootSource(b) => match inspect_kernel(&b.kernel_image_path) {
-                Ok(_) => {
-                    self.boot = Some(b);
-                    ApiResponse::NoContent
+            PutBootSource(b) => {
+                if let Err(e) = inspect_kernel(&b.kernel_image_path) {
+                    return Ok(ApiResponse::fault(format!("boot-source: {e}")));
                 }
-                Err(e) => ApiResponse::fault(format!("boot-source: {e}")),
-            },
+                if let Some(initrd) = &b.initrd_path
+                    && let Err(e) = std::fs::metadata(initrd)
+                {
+                    return Ok(ApiResponse::fault(format!(
+                        "boot-source: initrd_path {}: {e}",
+                        initrd.display()
+                    )));
+                }
+                self.boot = Some(b);
+                ApiResponse::NoContent
+            }
             GetMachineConfig => ApiResponse::json(&self.machine),
             PutMachineConfig(m) => self.set_machine(m),
             PatchMachineConfig(update) => {
                 let patched = update.apply(&self.machine);
                 self.set_machine(patched)
             }
-            PutDrive(d) => {
-                if let Err(e) = std::fs::metadata(&d.path_on_host) {
-                    return Ok(ApiResponse::fault(format!(
-                        "drives/{}: path_on_host {}: {e}",
-                        d.drive_id,
-                        d.path_on_host.display()
-                    )));
-                }
-                match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
-                    Some(slot) => *slot = d,
-                    None => self.drives.push(d),
-                }
-                ApiResponse::NoContent
-            }
-            PatchDrive(u) => match (
-                self.drives.iter_mut().find(|o| o.drive_id == u.drive_id),
-                u.path_on_host,
-            ) {
-                (None, _) => ApiResponse::fault(format!(
-                    "drives/{}: no such drive; PUT it first",
-                    u.drive_id
-                )),
-                (Some(slot), Some(path)) => {
-                    slot.path_on_host = path;
+            PutDrive(d) => self.put_drive(d),
+            PatchDrive(u) => ApiResponse::fault(format!(
+                "drives/{}: PATCH changes a drive of a running VM; before InstanceStart, PUT the drive again",
+                u.drive_id
+            )),
+            PutVsock(v) => match validate_vsock(&v) {
+                Ok(()) => {
+                    self.vsock = Some(v);
                     ApiResponse::NoContent
                 }
-                (Some(_), None) => ApiResponse::NoContent,
+                Err(e) => ApiResponse::fault(e),
             },
-            PutVsock(v) => {
-                self.vsock = Some(v);
-                ApiResponse::NoContent
+            PutLogger(config) => match crate::logger::configure(&config) {
+                Ok(()) => {
+                    instance.logger = Some(config);
+                    ApiResponse::NoContent
+                }
+                Err(e) => ApiResponse::fault(e),
+            },
+            PutMetrics(config) => match instance.metrics.configure(&config.metrics_path) {
+                Ok(()) => {
+                    instance.metrics_config = Some(config);
+                    ApiResponse::NoContent
+                }
+                Err(e) => ApiResponse::fault(e),
+            },
+            PutSerial(s) => {
+                let serial = SerialConfig {
+                    serial_out_path: s.serial_out_path,
+                    rate_limiter: s.rate_limiter,
+                };
+                match crate::config::validate_serial(&serial) {
+                    Ok(()) => {
+                        self.serial = serial;
+                        ApiResponse::NoContent
+                    }
+                    Err(e) => ApiResponse::fault(e),
+                }
             }
+            GetMmds => common::get_mmds(instance),
+            PutMmds(data) => common::put_mmds(instance, data),
+            PatchMmds(patch) => common::patch_mmds(instance, &patch),
+            // The interfaces an MMDS configuration names must be configured network devices;
+            // this build has none yet, so every name is reported missing.
+            PutMmdsConfig(config) => common::put_mmds_config(instance, config, &[]),
             PutAction(Action::InstanceStart) => return Err(Next::Start),
             PutAction(Action::SendCtrlAltDel) => {
                 ApiResponse::fault("SendCtrlAltDel: the instance has not started")
+            }
+            PutAction(Action::FlushMetrics) => {
+                common::flush_metrics(instance, kiln_devices::metrics::Map::new())
             }
             PatchVm(_) => ApiResponse::fault("vm state: the instance has not started"),
             CreateSnapshot(_) => {
@@ -141,17 +178,34 @@ impl PreBoot {
         })
     }
 
+    fn put_drive(&mut self, d: DriveConfig) -> ApiResponse {
+        if let Err(e) = validate_drive(&d) {
+            return ApiResponse::fault(format!("drives/{}: {e}", d.drive_id));
+        }
+        if d.is_root_device
+            && let Some(root) = self
+                .drives
+                .iter()
+                .find(|o| o.is_root_device && o.drive_id != d.drive_id)
+        {
+            return ApiResponse::fault(format!(
+                "drives/{}: a root block device already exists ({}); only one drive may be the root",
+                d.drive_id, root.drive_id
+            ));
+        }
+        match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+            Some(slot) => *slot = d,
+            None => self.drives.push(d),
+        }
+        ApiResponse::NoContent
+    }
+
     /// Validates and builds the VM configured so far, in `prepared` if there is one (taken only
     /// once the configuration is valid).
-    fn start(
-        &self,
-        serial: &SerialConfig,
-        prepared: &mut Option<Vm>,
-    ) -> Result<(Vmm, VmConfig), String> {
-        let config = self.config(serial)?;
+    fn start(&self, instance: &Instance, prepared: &mut Option<Vm>) -> Result<Vmm, String> {
+        let config = self.config()?;
         config.validate().map_err(|e| e.to_string())?;
-        let vmm = build_in(&config, prepared.take()).map_err(|e| e.to_string())?;
-        Ok((vmm, config))
+        build_in(&config, prepared.take(), instance).map_err(|e| e.to_string())
     }
 
     fn set_machine(&mut self, m: MachineConfig) -> ApiResponse {
@@ -172,7 +226,7 @@ impl PreBoot {
 /// its first request: it does not depend on the configuration, and a restore into a VMM that was
 /// started ahead then only maps memory and puts state back. If making it fails here, the build
 /// tries again and reports the error on the request that needed it.
-pub fn configure(link: &ApiLink, serial: SerialConfig) -> Option<Vmm> {
+pub fn configure(link: &ApiLink, serial: SerialConfig, instance: &mut Instance) -> Option<Vmm> {
     let mut prepared = match prepare_vm() {
         Ok(vm) => Some(vm),
         Err(e) => {
@@ -186,6 +240,7 @@ pub fn configure(link: &ApiLink, serial: SerialConfig) -> Option<Vmm> {
         drives: Vec::new(),
         vsock: None,
         balloon: None,
+        serial,
     };
     log::debug!("ready for the configuration");
     loop {
@@ -193,25 +248,38 @@ pub fn configure(link: &ApiLink, serial: SerialConfig) -> Option<Vmm> {
         let _ = link.wakeup.read();
         log::debug!("API request: {:?}", pending.request);
         let mut started = None;
-        pending.respond(|request| match state.handle(request) {
-            Ok(answer) => answer,
-            Err(Next::Start) => match state.start(&serial, &mut prepared) {
-                Ok((vmm, _)) => {
-                    started = Some(vmm);
-                    ApiResponse::NoContent
-                }
-                Err(e) => ApiResponse::fault(format!("InstanceStart: {e}")),
-            },
-            Err(Next::Load(params)) => match restore(&params, &serial, &mut prepared) {
-                Ok(mut vmm) => {
-                    if params.resume_vm {
-                        vmm.resume_on_start();
+        pending.respond(|request| {
+            let counted = request.clone();
+            let answer = match state.handle(instance, request) {
+                Ok(answer) => answer,
+                Err(Next::Start) => {
+                    let t0 = Instant::now();
+                    match state.start(instance, &mut prepared) {
+                        Ok(vmm) => {
+                            LATENCIES.boot_vm.set(metrics::micros_since(t0));
+                            started = Some(vmm);
+                            ApiResponse::NoContent
+                        }
+                        Err(e) => ApiResponse::fault(format!("InstanceStart: {e}")),
                     }
-                    started = Some(vmm);
-                    ApiResponse::NoContent
                 }
-                Err(e) => ApiResponse::fault(format!("snapshot/load: {e}")),
-            },
+                Err(Next::Load(params)) => {
+                    let t0 = Instant::now();
+                    match restore(&params, &state.serial, &mut prepared) {
+                        Ok(mut vmm) => {
+                            LATENCIES.load_snapshot.set(metrics::micros_since(t0));
+                            if params.resume_vm {
+                                vmm.resume_on_start();
+                            }
+                            started = Some(vmm);
+                            ApiResponse::NoContent
+                        }
+                        Err(e) => ApiResponse::fault(format!("snapshot/load: {e}")),
+                    }
+                }
+            };
+            metrics::count_request(&counted, answer.status());
+            answer
         });
         if started.is_some() {
             return started;

@@ -1,17 +1,29 @@
 //! After `InstanceStart` (or a snapshot load): the event loop answers API requests on the VMM
-//! thread. Queries are answered, pause/resume, snapshots and Ctrl-Alt-Del are carried out, and
-//! changes to the booted configuration are refused by name.
+//! thread. Queries are answered, pause/resume, snapshots, Ctrl-Alt-Del, metrics flushes, MMDS
+//! changes and drive rate limits are carried out, and changes to the booted configuration are
+//! refused by name.
+
+use std::time::Instant;
 
 use kiln_api::requests::actions::Action;
 use kiln_api::requests::instance::{InstanceInfo, InstanceState};
+use kiln_api::requests::snapshot::SnapshotType;
 use kiln_api::requests::vm::VmState;
 use kiln_api::{ApiRequest, ApiResponse};
 
-use super::{INSTANCE_ID, convert};
+use super::{common, convert};
 use crate::Vmm;
+use crate::metrics::{self, LATENCIES};
 
 /// Answers one request for the running (or paused) VM.
 pub fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResponse {
+    let counted = request.clone();
+    let answer = answer(vmm, request);
+    metrics::count_request(&counted, answer.status());
+    answer
+}
+
+fn answer(vmm: &mut Vmm, request: ApiRequest) -> ApiResponse {
     use ApiRequest::*;
     let after_start = |what: &str| {
         ApiResponse::fault(format!(
@@ -25,18 +37,26 @@ pub fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResponse {
             } else {
                 InstanceState::Running
             };
-            ApiResponse::json(&InstanceInfo::new(INSTANCE_ID, state))
+            ApiResponse::json(&InstanceInfo::new(&vmm.instance().id, state))
         }
-        GetVmConfig => ApiResponse::json(&convert::full_of(vmm.config())),
+        GetVersion => common::version(),
+        GetVmConfig => ApiResponse::json(&convert::full_of(vmm.instance(), vmm.config())),
         GetMachineConfig => ApiResponse::json(&vmm.config().machine),
         PutBootSource(_) => after_start("boot-source"),
         PutMachineConfig(_) | PatchMachineConfig(_) => after_start("machine-config"),
         PutDrive(d) => after_start(&format!("drives/{}", d.drive_id)),
-        PatchDrive(d) => ApiResponse::fault(format!(
-            "drives/{}: changing a drive of a running VM is not supported yet",
-            d.drive_id
-        )),
+        PatchDrive(d) => match vmm.patch_drive(&d) {
+            Ok(()) => ApiResponse::NoContent,
+            Err(e) => ApiResponse::fault(format!("drives/{}: {e}", d.drive_id)),
+        },
         PutVsock(_) => after_start("vsock"),
+        PutLogger(_) => after_start("logger"),
+        PutMetrics(_) => after_start("metrics"),
+        PutSerial(_) => after_start("serial"),
+        PutMmdsConfig(_) => after_start("mmds/config"),
+        GetMmds => common::get_mmds(vmm.instance()),
+        PutMmds(data) => common::put_mmds(vmm.instance(), data),
+        PatchMmds(patch) => common::patch_mmds(vmm.instance(), &patch),
         PutAction(Action::InstanceStart) => {
             ApiResponse::fault("InstanceStart: the instance is already running")
         }
@@ -44,18 +64,44 @@ pub fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResponse {
             Ok(()) => ApiResponse::NoContent,
             Err(e) => ApiResponse::fault(format!("SendCtrlAltDel: {e}")),
         },
-        PatchVm(VmState::Paused) => match vmm.pause() {
+        PutAction(Action::FlushMetrics) => match vmm.flush_metrics() {
             Ok(()) => ApiResponse::NoContent,
-            Err(e) => ApiResponse::fault(format!("vm: cannot pause: {e}")),
+            Err(e) => ApiResponse::fault(format!("FlushMetrics: {e}")),
         },
-        PatchVm(VmState::Resumed) => match vmm.resume() {
-            Ok(()) => ApiResponse::NoContent,
-            Err(e) => ApiResponse::fault(format!("vm: cannot resume: {e}")),
-        },
-        CreateSnapshot(params) => match vmm.snapshot(&params) {
-            Ok(()) => ApiResponse::NoContent,
-            Err(e) => ApiResponse::fault(format!("snapshot/create: {e}")),
-        },
+        PatchVm(VmState::Paused) => {
+            let t0 = Instant::now();
+            match vmm.pause() {
+                Ok(()) => {
+                    LATENCIES.pause_vm.set(metrics::micros_since(t0));
+                    ApiResponse::NoContent
+                }
+                Err(e) => ApiResponse::fault(format!("vm: cannot pause: {e}")),
+            }
+        }
+        PatchVm(VmState::Resumed) => {
+            let t0 = Instant::now();
+            match vmm.resume() {
+                Ok(()) => {
+                    LATENCIES.resume_vm.set(metrics::micros_since(t0));
+                    ApiResponse::NoContent
+                }
+                Err(e) => ApiResponse::fault(format!("vm: cannot resume: {e}")),
+            }
+        }
+        CreateSnapshot(params) => {
+            let t0 = Instant::now();
+            match vmm.snapshot(&params) {
+                Ok(()) => {
+                    let latency = match params.snapshot_type {
+                        SnapshotType::Full => &LATENCIES.full_create_snapshot,
+                        SnapshotType::Diff => &LATENCIES.diff_create_snapshot,
+                    };
+                    latency.set(metrics::micros_since(t0));
+                    ApiResponse::NoContent
+                }
+                Err(e) => ApiResponse::fault(format!("snapshot/create: {e}")),
+            }
+        }
         LoadSnapshot(_) => ApiResponse::fault(
             "snapshot/load: the instance has already started; load into a new kiln-vmm",
         ),

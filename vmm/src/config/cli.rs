@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use kiln_api::requests::logger::{LogLevel, Logger as LoggerConfig};
+
 use super::device_args::{parse_balloon, parse_drive, parse_vsock};
 use super::{
     BalloonConfig, BootSourceConfig, DriveConfig, MachineConfig, SerialConfig, VmConfig,
@@ -15,7 +17,8 @@ pub const USAGE: &str =
                 [--balloon [amount_mib=N][,deflate_on_oom][,stats_polling_interval_s=N][,free_page_reporting]]
        kiln-vmm --config-file FILE [--serial-out PATH] [--api-sock PATH]
        kiln-vmm --api-sock PATH [--serial-out PATH]
-       (each form also takes --no-seccomp)
+       kiln-vmm --describe-snapshot STATE_FILE
+       (each running form also takes the process options below)
 
   --kernel PATH       uncompressed ELF vmlinux (PVH entry used when present) or bzImage
   --initrd PATH       initramfs to load
@@ -37,8 +40,78 @@ pub const USAGE: &str =
   --no-seccomp        install no seccomp filters (for debugging only: a guest that takes over
                       a thread could then make any system call)
 
+Firecracker's process options, taken as Firecracker takes them:
+  --id ID                     the instance id (1 to 64 letters, digits or '-'; default
+                              anonymous-instance): in GET / and in log lines
+  --log-path PATH             write the log to PATH (a file or named pipe; created if missing) in
+                              Firecracker's line format
+  --level LEVEL               Error, Warning, Info, Debug, Trace or Off (default Info with a log
+                              file, else warn or $KILN_LOG)
+  --show-level                put each line's level in it
+  --show-log-origin           put each line's source file and line in it
+  --metrics-path PATH         write metrics (one JSON object a line) to PATH every 60 s, on
+                              FlushMetrics and at exit
+  --boot-timer                log `Guest-boot-time = ...` when the guest writes 123 to 0xd0000000
+                              (virtio devices then start at 0xd0001000)
+  --start-time-us N           when the process was started (CLOCK_MONOTONIC, us), as the jailer
+                              passes it; start-up metrics count from it
+  --start-time-cpu-us N       the CPU time already spent by then (us)
+  --parent-cpu-time-us N      CPU time the parent (the jailer) spent, added to the start-up CPU time
+  --no-api                    serve no API socket (the default without --api-sock); refused with it
+  --http-api-max-payload-size N
+                              largest API request body in bytes (default 51200)
+  --mmds-size-limit N         largest MMDS data store in bytes (default: the payload size)
+  --seccomp-filter FILE       install these filters instead of the built-in ones: a map of thread
+                              kind (vmm, api, vcpu) to BPF program, in the bincode layout
+                              Firecracker's seccompiler-bin writes
+  --describe-snapshot FILE    print a snapshot state file's format version and contents, and exit
+  -V, --version               print the version and exit
+
 exit status: 0 when the guest reboots or powers off, 1 on a VMM or KVM error or a guest triple
-fault, 2 on a bad command line or configuration.";
+fault, 2 on a bad command line or configuration, 148 when a thread made a forbidden system call.";
+
+/// Options about the process rather than the VM (Firecracker's command line).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProcessOptions {
+    /// `--id`.
+    pub id: Option<String>,
+    /// `--log-path`, `--level`, `--show-level`, `--show-log-origin` (all `None` when absent).
+    pub logger: LoggerConfig,
+    /// `--metrics-path`.
+    pub metrics_path: Option<PathBuf>,
+    /// `--boot-timer`.
+    pub boot_timer: bool,
+    /// `--start-time-us`.
+    pub start_time_us: Option<u64>,
+    /// `--start-time-cpu-us`.
+    pub start_time_cpu_us: Option<u64>,
+    /// `--parent-cpu-time-us`.
+    pub parent_cpu_time_us: Option<u64>,
+    /// `--http-api-max-payload-size`.
+    pub max_payload: Option<usize>,
+    /// `--mmds-size-limit`.
+    pub mmds_size_limit: Option<usize>,
+    /// `--seccomp-filter`.
+    pub seccomp_filter: Option<PathBuf>,
+}
+
+impl ProcessOptions {
+    /// True when any logger flag was given.
+    pub fn has_logger(&self) -> bool {
+        self.logger != LoggerConfig::default()
+    }
+}
+
+/// Firecracker's rule for `--id`.
+fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(format!(
+            "--id {id:?} must be 1 to 64 letters, digits or '-'"
+        ));
+    }
+    Ok(())
+}
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -53,11 +126,15 @@ pub enum Command {
         serial: SerialConfig,
         /// `--no-seccomp`: install no seccomp filters.
         no_seccomp: bool,
+        /// Firecracker's process options.
+        process: Box<ProcessOptions>,
     },
     /// Print usage.
     Help,
     /// Print the version.
     Version,
+    /// `--describe-snapshot FILE`: describe a snapshot state file.
+    DescribeSnapshot(PathBuf),
 }
 
 /// Flags seen on the command line, before they are combined into a config.
@@ -75,6 +152,8 @@ struct Flags {
     balloon: Option<BalloonConfig>,
     api_sock: Option<PathBuf>,
     no_seccomp: bool,
+    no_api: bool,
+    process: ProcessOptions,
 }
 
 /// Parses `args` (without the program name).
@@ -95,9 +174,57 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
                     .ok_or_else(|| format!("{name} needs a value")),
             }
         };
+        let p = &mut flags.process;
+        let switch = |on: &mut bool| -> Result<(), String> {
+            match inline {
+                Some(_) => Err(format!("{name} takes no value")),
+                None => {
+                    *on = true;
+                    Ok(())
+                }
+            }
+        };
         match name {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
+            "--describe-snapshot" => return Ok(Command::DescribeSnapshot(value()?.into())),
+            "--id" => {
+                let id = value()?;
+                check_id(&id)?;
+                set(&mut p.id, name, id)?
+            }
+            "--log-path" => set(&mut p.logger.log_path, name, value()?.into())?,
+            "--level" => {
+                let level: LogLevel = value()?.parse().map_err(|e| format!("--{e}"))?;
+                set(&mut p.logger.level, name, level)?
+            }
+            "--show-level" => {
+                let mut on = false;
+                switch(&mut on)?;
+                p.logger.show_level = Some(on);
+            }
+            "--show-log-origin" => {
+                let mut on = false;
+                switch(&mut on)?;
+                p.logger.show_log_origin = Some(on);
+            }
+            "--metrics-path" => set(&mut p.metrics_path, name, value()?.into())?,
+            "--boot-timer" => switch(&mut p.boot_timer)?,
+            "--start-time-us" => set(&mut p.start_time_us, name, number(name, &value()?)?)?,
+            "--start-time-cpu-us" => set(&mut p.start_time_cpu_us, name, number(name, &value()?)?)?,
+            "--parent-cpu-time-us" => {
+                set(&mut p.parent_cpu_time_us, name, number(name, &value()?)?)?
+            }
+            "--http-api-max-payload-size" => {
+                let n: usize = number(name, &value()?)?;
+                if n == 0 {
+                    return Err(format!("{name} must be at least 1 byte"));
+                }
+                set(&mut p.max_payload, name, n)?
+            }
+            "--mmds-size-limit" => set(&mut p.mmds_size_limit, name, number(name, &value()?)?)?,
+            "--seccomp-filter" => set(&mut p.seccomp_filter, name, value()?.into())?,
+            "--no-api" => switch(&mut flags.no_api)?,
             "--kernel" => set(&mut flags.kernel, name, value()?.into())?,
             "--initrd" => set(&mut flags.initrd, name, value()?.into())?,
             "--cmdline" => set(&mut flags.cmdline, name, value()?)?,
@@ -117,6 +244,13 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
     }
     let api_sock = flags.api_sock.take();
     let no_seccomp = flags.no_seccomp;
+    if flags.no_api && api_sock.is_some() {
+        return Err("--no-api cannot be combined with --api-sock".into());
+    }
+    if no_seccomp && flags.process.seccomp_filter.is_some() {
+        return Err("--no-seccomp cannot be combined with --seccomp-filter".into());
+    }
+    let process = Box::new(std::mem::take(&mut flags.process));
     if api_sock.is_some() && flags.kernel.is_none() && flags.config_file.is_none() {
         let serial = flags.into_api_only()?;
         return Ok(Command::Run {
@@ -124,6 +258,7 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
             api_sock,
             serial,
             no_seccomp,
+            process,
         });
     }
     let config = flags.into_config()?;
@@ -132,6 +267,7 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
         config: Some(Box::new(config)),
         api_sock,
         no_seccomp,
+        process,
     })
 }
 
@@ -161,6 +297,7 @@ impl Flags {
         }
         Ok(SerialConfig {
             serial_out_path: self.serial_out,
+            rate_limiter: None,
         })
     }
 
@@ -197,6 +334,7 @@ impl Flags {
                     drives: self.drives,
                     vsock: self.vsock,
                     balloon: self.balloon,
+                    ..VmConfig::default()
                 }
             }
         };
@@ -301,6 +439,7 @@ mod tests {
                 api_sock,
                 serial,
                 no_seccomp: false,
+                ..
             } => {
                 assert_eq!(api_sock, Some(PathBuf::from("/run/k.sock")));
                 assert_eq!(serial.serial_out_path, Some(PathBuf::from("/o")));
@@ -336,6 +475,90 @@ mod tests {
             parse(&["--kernel", "/k", "--no-seccomp=yes"]).unwrap_err(),
             "--no-seccomp takes no value"
         );
+    }
+
+    #[test]
+    fn firecracker_process_options() {
+        let process = |args: &[&str]| match parse(args).unwrap() {
+            Command::Run { process, .. } => *process,
+            other => panic!("expected a run, got {other:?}"),
+        };
+        let p = process(&[
+            "--api-sock",
+            "/s",
+            "--id",
+            "vm-1",
+            "--log-path",
+            "/l",
+            "--level",
+            "debug",
+            "--show-level",
+            "--show-log-origin",
+            "--metrics-path",
+            "/m",
+            "--boot-timer",
+            "--start-time-us",
+            "100",
+            "--start-time-cpu-us",
+            "7",
+            "--parent-cpu-time-us",
+            "3",
+            "--http-api-max-payload-size",
+            "1000",
+            "--mmds-size-limit",
+            "2000",
+            "--seccomp-filter",
+            "/f.bpf",
+        ]);
+        assert_eq!(p.id.as_deref(), Some("vm-1"));
+        assert_eq!(p.logger.log_path, Some(PathBuf::from("/l")));
+        assert_eq!(p.logger.level, Some(LogLevel::Debug));
+        assert_eq!(
+            (p.logger.show_level, p.logger.show_log_origin),
+            (Some(true), Some(true))
+        );
+        assert_eq!(p.metrics_path, Some(PathBuf::from("/m")));
+        assert!(p.boot_timer);
+        assert_eq!(
+            (p.start_time_us, p.start_time_cpu_us, p.parent_cpu_time_us),
+            (Some(100), Some(7), Some(3))
+        );
+        assert_eq!((p.max_payload, p.mmds_size_limit), (Some(1000), Some(2000)));
+        assert_eq!(p.seccomp_filter, Some(PathBuf::from("/f.bpf")));
+        assert!(p.has_logger());
+        assert!(!process(&["--kernel", "/k", "--no-api"]).has_logger());
+        assert_eq!(
+            parse(&["--describe-snapshot", "/snap"]).unwrap(),
+            Command::DescribeSnapshot("/snap".into())
+        );
+        for (args, want) in [
+            (
+                &["--api-sock", "/s", "--id", "bad id"][..],
+                "--id \"bad id\" must be 1 to 64 letters, digits or '-'",
+            ),
+            (
+                &["--api-sock", "/s", "--level", "loud"][..],
+                "--level \"loud\" is not one of Error, Warning, Info, Debug, Trace, Off",
+            ),
+            (
+                &["--api-sock", "/s", "--no-api"][..],
+                "--no-api cannot be combined with --api-sock",
+            ),
+            (
+                &["--api-sock", "/s", "--boot-timer=1"][..],
+                "--boot-timer takes no value",
+            ),
+            (
+                &["--api-sock", "/s", "--http-api-max-payload-size", "0"][..],
+                "--http-api-max-payload-size must be at least 1 byte",
+            ),
+            (
+                &["--api-sock", "/s", "--no-seccomp", "--seccomp-filter", "/f"][..],
+                "--no-seccomp cannot be combined with --seccomp-filter",
+            ),
+        ] {
+            assert_eq!(parse(args).unwrap_err(), want, "{args:?}");
+        }
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub fn parse_drive(spec: &str) -> Result<DriveConfig, String> {
         partuuid: None,
         cache_type: None,
         io_engine: None,
+        rate_limiter: None,
     })
 }
 

@@ -73,10 +73,23 @@ mod tests {
     fn unknown_keys_are_named() {
         let err = parse_config_text(
             r#"{"boot-source": {"kernel_image_path": "/k"},
-                "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "cpu_template": "T2"}}"#,
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "cpu_templ": "T2"}}"#,
         )
         .unwrap_err();
-        assert!(err.contains("unknown field `cpu_template`"), "{err}");
+        assert!(err.contains("unknown field `cpu_templ`"), "{err}");
+        // Firecracker's static templates parse, and validation names what Kiln takes.
+        let cfg = parse_config_text(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "cpu_template": "T2"}}"#,
+        )
+        .unwrap();
+        let e = crate::config::validate_machine(&cfg.machine)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cpu_template T2: Kiln has no CPU templates"),
+            "{e}"
+        );
         let err = parse_config_text(
             r#"{"boot-source": {"kernel_image_path": "/k"},
                 "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "frobnicator": {}}"#,

@@ -14,9 +14,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use cli::{Command, USAGE, parse_args};
+pub use cli::{Command, ProcessOptions, USAGE, parse_args};
 pub use file::parse_config_file;
-pub use validate::{ValidationError, validate_balloon, validate_machine};
+pub use validate::{
+    MAX_VIRTIO_DEVICES, ValidationError, validate_balloon, validate_drive, validate_machine,
+    validate_serial, validate_vsock,
+};
 
 /// Most vCPUs a Kiln VM may have.
 pub const MAX_VCPUS: u8 = 32;
@@ -49,6 +52,54 @@ pub struct VmConfig {
     /// The memory balloon (`balloon`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
+    /// The log file (`logger`), as `PUT /logger`.
+    #[serde(default)]
+    pub logger: Option<kiln_api::requests::logger::Logger>,
+    /// The metrics file (`metrics`), as `PUT /metrics`.
+    #[serde(default)]
+    pub metrics: Option<kiln_api::requests::metrics::Metrics>,
+    /// The MMDS configuration (`mmds-config`), as `PUT /mmds/config`.
+    #[serde(rename = "mmds-config", default)]
+    pub mmds_config: Option<kiln_api::requests::mmds::MmdsConfig>,
+    /// Firecracker keys for devices Kiln does not have (`entropy`, `pmem`, `memory-hotplug`,
+    /// `cpu-config`): taken when `null` or empty, as `GET /vm/config` writes them, and refused
+    /// by name otherwise.
+    #[serde(default)]
+    pub entropy: Option<serde_json::Value>,
+    /// See `entropy`.
+    #[serde(default)]
+    pub pmem: Vec<serde_json::Value>,
+    /// See `entropy`.
+    #[serde(rename = "memory-hotplug", default)]
+    pub memory_hotplug: Option<serde_json::Value>,
+    /// See `entropy`.
+    #[serde(rename = "cpu-config", default)]
+    pub cpu_config: Option<serde_json::Value>,
+}
+
+impl Default for VmConfig {
+    /// No kernel yet, [`default_machine`], no devices: the start of a configuration.
+    fn default() -> Self {
+        Self {
+            boot_source: BootSourceConfig {
+                kernel_image_path: PathBuf::new(),
+                boot_args: None,
+                initrd_path: None,
+            },
+            machine: default_machine(),
+            serial: SerialConfig::default(),
+            drives: Vec::new(),
+            vsock: None,
+            balloon: None,
+            logger: None,
+            metrics: None,
+            mmds_config: None,
+            entropy: None,
+            pmem: Vec::new(),
+            memory_hotplug: None,
+            cpu_config: None,
+        }
+    }
 }
 
 /// Firecracker's `balloon` object.
@@ -74,6 +125,8 @@ pub fn default_machine() -> MachineConfig {
         mem_size_mib: DEFAULT_MEM_MIB,
         smt: false,
         track_dirty_pages: false,
+        huge_pages: kiln_api::requests::machine_config::HugePages::None,
+        cpu_template: None,
     }
 }
 
@@ -84,4 +137,7 @@ pub struct SerialConfig {
     /// A file to write the console to (created or truncated); stdout when absent.
     #[serde(default)]
     pub serial_out_path: Option<PathBuf>,
+    /// Bytes of console output per refill period; what is over budget is dropped and counted.
+    #[serde(default)]
+    pub rate_limiter: Option<kiln_api::requests::rate_limiter::TokenBucket>,
 }

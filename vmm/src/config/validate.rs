@@ -3,8 +3,11 @@
 use std::path::PathBuf;
 
 use kiln_api::requests::drives::IoEngine;
+use kiln_api::requests::machine_config::{CpuTemplate, HugePages};
 
-use super::{BalloonConfig, MAX_MEM_MIB, MAX_VCPUS, MachineConfig, VmConfig};
+use super::{
+    BalloonConfig, DriveConfig, MAX_MEM_MIB, MAX_VCPUS, MachineConfig, SerialConfig, VmConfig,
+};
 use crate::arch::layout::CMDLINE_MAX_SIZE;
 use crate::loader::{LoaderError, inspect_kernel};
 use crate::memory::low_ram_end;
@@ -21,6 +24,22 @@ pub enum ValidationError {
     /// SMT was asked for.
     #[error("machine-config.smt is true, but Kiln gives every vCPU its own core; set it to false")]
     Smt,
+    /// 2 MiB pages need memory in whole pages.
+    #[error("machine-config.mem_size_mib {0} is not a multiple of 2, as huge_pages \"2M\" needs")]
+    HugePageMultiple(usize),
+    /// A static CPU template other than None.
+    #[error(
+        "machine-config.cpu_template {0:?}: Kiln has no CPU templates; its vCPUs see the host's CPU as KVM supports it (use \"None\")"
+    )]
+    CpuTemplate(CpuTemplate),
+    /// A Firecracker device Kiln does not have, in a config file.
+    #[error("{key}: Kiln has no {what}: it offers only block, vsock, net and balloon devices")]
+    NotInKiln {
+        /// The config file key.
+        key: &'static str,
+        /// The device.
+        what: &'static str,
+    },
     /// The kernel is missing, unreadable or not a kernel.
     #[error("{0}")]
     Kernel(#[from] LoaderError),
@@ -134,22 +153,35 @@ impl VmConfig {
         if let Some(balloon) = &self.balloon {
             validate_balloon(balloon, m)?;
         }
+        for (given, key, what) in [
+            (
+                self.entropy.as_ref().is_some_and(|v| !v.is_null()),
+                "entropy",
+                "entropy device",
+            ),
+            (!self.pmem.is_empty(), "pmem", "pmem devices"),
+            (
+                self.memory_hotplug.as_ref().is_some_and(|v| !v.is_null()),
+                "memory-hotplug",
+                "memory hotplug (virtio-mem)",
+            ),
+            (
+                self.cpu_config.as_ref().is_some_and(|v| !v.is_null()),
+                "cpu-config",
+                "custom CPU templates",
+            ),
+        ] {
+            if given {
+                return Err(ValidationError::NotInKiln { key, what });
+            }
+        }
         let devices = self.drives.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.balloon.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ValidationError::TooManyDevices(devices));
         }
-        if let Some(path) = &self.serial.serial_out_path {
-            let dir = match path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => std::path::Path::new("."),
-            };
-            if !dir.is_dir() {
-                return Err(ValidationError::SerialOut(path.clone()));
-            }
-        }
-        Ok(())
+        validate_serial(&self.serial)
     }
 }
 
@@ -169,6 +201,20 @@ pub fn validate_balloon(b: &BalloonConfig, m: &MachineConfig) -> Result<(), Vali
     Ok(())
 }
 
+/// Checks the serial console's output file can be created where it is asked for.
+pub fn validate_serial(s: &SerialConfig) -> Result<(), ValidationError> {
+    if let Some(path) = &s.serial_out_path {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(ValidationError::SerialOut(path.clone()));
+        }
+    }
+    Ok(())
+}
+
 /// Checks vCPUs, memory and SMT on their own (the API checks them when they are set).
 pub fn validate_machine(m: &MachineConfig) -> Result<(), ValidationError> {
     if m.vcpu_count == 0 || m.vcpu_count > MAX_VCPUS {
@@ -179,6 +225,47 @@ pub fn validate_machine(m: &MachineConfig) -> Result<(), ValidationError> {
     }
     if m.smt {
         return Err(ValidationError::Smt);
+    }
+    if m.huge_pages == HugePages::Hugetlbfs2M && !m.mem_size_mib.is_multiple_of(2) {
+        return Err(ValidationError::HugePageMultiple(m.mem_size_mib));
+    }
+    if let Some(t) = m.cpu_template.filter(|t| *t != CpuTemplate::None) {
+        return Err(ValidationError::CpuTemplate(t));
+    }
+    Ok(())
+}
+
+/// Checks one drive on its own (`PUT /drives` checks it at once; [`VmConfig::validate`] checks
+/// each and the rules between them): its id, its file, its engine and partition UUID.
+pub fn validate_drive(d: &DriveConfig) -> Result<(), String> {
+    let id_ok = !d.drive_id.is_empty()
+        && d.drive_id.len() <= 64
+        && d.drive_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !id_ok {
+        return Err("drive_id must be 1 to 64 letters, digits, '_' or '-'".into());
+    }
+    let md = std::fs::metadata(&d.path_on_host)
+        .map_err(|e| format!("path_on_host {}: {e}", d.path_on_host.display()))?;
+    if md.is_dir() {
+        return Err(format!(
+            "path_on_host {} is a directory",
+            d.path_on_host.display()
+        ));
+    }
+    if let Some(engine) = d.io_engine.filter(|e| *e != IoEngine::Sync) {
+        return Err(format!(
+            "io_engine {engine:?} is not supported yet (Kiln's drives use \"Sync\")"
+        ));
+    }
+    if let Some(uuid) = &d.partuuid {
+        if !d.is_root_device {
+            return Err("partuuid is only meaningful on the root device".into());
+        }
+        if uuid.is_empty() || !uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(format!("partuuid {uuid:?} is not a partition UUID"));
+        }
     }
     Ok(())
 }
@@ -192,29 +279,12 @@ impl VmConfig {
                 id: d.drive_id.clone(),
                 what,
             };
-            let id_ok = !d.drive_id.is_empty()
-                && d.drive_id.len() <= 64
-                && d.drive_id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            if !id_ok {
-                return Err(err(
-                    "drive_id must be 1 to 64 letters, digits, '_' or '-'".into()
-                ));
-            }
+            validate_drive(d).map_err(err)?;
             if self.drives[..index]
                 .iter()
                 .any(|o| o.drive_id == d.drive_id)
             {
                 return Err(err("drive_id is used twice".into()));
-            }
-            let md = std::fs::metadata(&d.path_on_host)
-                .map_err(|e| err(format!("path_on_host {}: {e}", d.path_on_host.display())))?;
-            if md.is_dir() {
-                return Err(err(format!(
-                    "path_on_host {} is a directory",
-                    d.path_on_host.display()
-                )));
             }
             if d.is_root_device {
                 roots += 1;
@@ -224,25 +294,14 @@ impl VmConfig {
                     ));
                 }
             }
-            if let Some(engine) = d.io_engine.filter(|e| *e != IoEngine::Sync) {
-                return Err(err(format!(
-                    "io_engine {engine:?} is not supported (Kiln has \"Sync\")"
-                )));
-            }
-            if let Some(uuid) = &d.partuuid {
-                if !d.is_root_device {
-                    return Err(err("partuuid is only meaningful on the root device".into()));
-                }
-                if uuid.is_empty() || !uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-                    return Err(err(format!("partuuid {uuid:?} is not a partition UUID")));
-                }
-            }
         }
         Ok(())
     }
 }
 
-fn validate_vsock(v: &super::VsockConfig) -> Result<(), ValidationError> {
+/// Checks the vsock device: its CID is not reserved (0 to 2, and `u32::MAX`), its socket path
+/// is free and its folder exists.
+pub fn validate_vsock(v: &super::VsockConfig) -> Result<(), ValidationError> {
     if v.guest_cid < 3 || v.guest_cid == u32::MAX {
         return Err(ValidationError::Vsock(format!(
             "guest_cid {} is reserved; use 3 to {}",
@@ -313,7 +372,7 @@ mod tests {
             serial: SerialConfig::default(),
             drives: Vec::new(),
             vsock: None,
-            balloon: None,
+            ..VmConfig::default()
         }
     }
 
@@ -412,6 +471,7 @@ mod tests {
             partuuid: None,
             cache_type: None,
             io_engine: None,
+            rate_limiter: None,
         };
         let mut c = config();
         c.drives = vec![drive("rootfs", true), drive("data", false)];

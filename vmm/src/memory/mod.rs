@@ -11,7 +11,10 @@ pub mod discard;
 pub mod free_pages;
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use kiln_api::requests::machine_config::HugePages;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -29,6 +32,16 @@ pub enum MemoryError {
     /// memfd_create failed.
     #[error("cannot create the guest memory file (memfd_create): {0}")]
     Memfd(std::io::Error),
+    /// 2 MiB huge pages could not back guest memory.
+    #[error(
+        "cannot back {size} bytes of guest memory with 2 MiB huge pages: {err} (reserve them: echo N > /proc/sys/vm/nr_hugepages)"
+    )]
+    HugePages {
+        /// Guest memory size.
+        size: u64,
+        /// Why.
+        err: std::io::Error,
+    },
     /// Sizing the memfd failed.
     #[error("cannot size the guest memory file to {size} bytes: {err}")]
     Resize {
@@ -92,10 +105,28 @@ pub fn low_ram_end(size: u64) -> u64 {
 
 /// Creates `size` bytes of guest memory backed by a new memfd. Returns the memory and the memfd.
 pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
+    create_with(size, HugePages::None)
+}
+
+/// [`create`] with the pages `huge_pages` asks for: 2 MiB hugetlbfs pages (a hugetlb memfd; the
+/// host must have them reserved, and a shortfall is an error naming the size), or transparent
+/// huge pages asked for with `madvise(MADV_HUGEPAGE)` (a hint the kernel may ignore).
+pub fn create_with(
+    size: u64,
+    huge_pages: HugePages,
+) -> Result<(GuestMemoryMmap, File), MemoryError> {
+    let flags = match huge_pages {
+        HugePages::Hugetlbfs2M => libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+        HugePages::None | HugePages::Transparent => libc::MFD_CLOEXEC,
+    };
     // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c"kiln-guest-mem".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"kiln-guest-mem".as_ptr(), flags) };
     if fd < 0 {
-        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+        let err = std::io::Error::last_os_error();
+        return Err(match huge_pages {
+            HugePages::Hugetlbfs2M => MemoryError::HugePages { size, err },
+            _ => MemoryError::Memfd(err),
+        });
     }
     // SAFETY: fd was just returned by memfd_create and is owned by nothing else.
     let file = unsafe { File::from_raw_fd(fd) };
@@ -113,6 +144,40 @@ pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
     }
     let mem = GuestMemoryMmap::from_ranges_with_files(regions)
         .map_err(|err| MemoryError::Map { size, err })?;
+    match huge_pages {
+        HugePages::Transparent => {
+            for region in mem.iter() {
+                // SAFETY: the range is one mapping of guest memory this process owns; the
+                // advice changes only how the kernel backs it, not its contents.
+                let rc = unsafe {
+                    libc::madvise(
+                        region.as_ptr().cast(),
+                        region.len() as usize,
+                        libc::MADV_HUGEPAGE,
+                    )
+                };
+                if rc != 0 {
+                    log::warn!(
+                        "transparent huge pages: madvise failed ({}); guest memory uses 4 KiB pages",
+                        std::io::Error::last_os_error()
+                    );
+                }
+            }
+        }
+        HugePages::Hugetlbfs2M => {
+            // Touching the pool now turns a shortfall into an error here, not a SIGBUS when
+            // the guest first touches a page: fallocate reserves every huge page.
+            // SAFETY: fallocate on the memfd we own, over its own length.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+            if rc != 0 {
+                return Err(MemoryError::HugePages {
+                    size,
+                    err: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        HugePages::None => {}
+    }
     Ok((mem, file))
 }
 
@@ -138,7 +203,7 @@ pub fn map_snapshot(file: &File, size: u64) -> Result<GuestMemoryMmap, MemoryErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::Bytes;
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;

@@ -77,7 +77,7 @@ fn trailer(id: u64, mem_size: u64) -> Vec<u8> {
 /// Checks that `file` holds `mem_size` bytes of guest memory for snapshot `id`.
 pub fn check_file(file: &File, mem_size: u64, id: u64) -> Result<(), MemoryFileError> {
     let len = file.metadata().map_err(MemoryFileError::Io)?.len();
-    let want = mem_size + PAGE_SIZE;
+    let want = mem_size.saturating_add(PAGE_SIZE);
     if len < want {
         return Err(MemoryFileError::TooShort { len, want });
     }

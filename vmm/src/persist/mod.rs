@@ -6,6 +6,7 @@
 pub mod create;
 pub mod memory;
 pub mod restore;
+pub mod validate;
 
 use std::path::PathBuf;
 
@@ -63,6 +64,25 @@ pub enum PersistError {
     /// The VM could not be rebuilt.
     #[error(transparent)]
     Build(#[from] crate::builder::BuildError),
+}
+
+/// What `--describe-snapshot` prints for a state file: its format version and what it holds.
+pub fn describe(path: &std::path::Path) -> Result<String, PersistError> {
+    let state: MicrovmState =
+        kiln_snapshot::load_state(path).map_err(|err| PersistError::State {
+            path: path.to_path_buf(),
+            err,
+        })?;
+    Ok(format!(
+        "{}: Kiln snapshot format v{}; snapshot {:016x}, {} snapshot, {} vCPUs, {} MiB of memory, {} virtio devices",
+        path.display(),
+        kiln_snapshot::FORMAT_VERSION,
+        state.snapshot_id,
+        if state.diff { "diff" } else { "full" },
+        state.vcpus.len(),
+        state.mem_size >> 20,
+        state.devices.len()
+    ))
 }
 
 /// A virtio device's saved state, by kind.

@@ -19,6 +19,7 @@ use kiln_snapshot::Persist;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::check_file;
+use super::validate::validate;
 use super::{DeviceKindState, MicrovmState, PersistError};
 use crate::Vmm;
 use crate::builder::{BuildError, Platform, create_vm, free_pages, logs_dirty_pages};
@@ -47,15 +48,10 @@ fn open(params: &SnapshotLoad) -> Result<(MicrovmState, File), PersistError> {
         path: mem_path.clone(),
         err,
     };
+    // Before the memory size sizes anything (the file check, the mapping, the dirty bitmap).
+    validate(&state, state_path)?;
     let file = File::open(mem_path).map_err(|e| mem_err(super::memory::MemoryFileError::Io(e)))?;
     check_file(&file, state.mem_size, state.snapshot_id).map_err(mem_err)?;
-    if state.vcpus.is_empty() || state.vcpus.len() > usize::from(u8::MAX) {
-        return Err(refused(format!(
-            "{}: the snapshot has {} vCPUs",
-            state_path.display(),
-            state.vcpus.len()
-        )));
-    }
     Ok((state, file))
 }
 
@@ -94,8 +90,28 @@ pub fn restore(
     serial: &SerialConfig,
     prepared: &mut Option<Vm>,
 ) -> Result<Vmm, PersistError> {
+    if params.mem_backend.backend_type == kiln_api::requests::snapshot::MemBackendType::Uffd {
+        return Err(refused(format!(
+            "mem_backend Uffd ({}): Kiln cannot hand guest memory to a page-fault handler yet; use File",
+            params.mem_backend.backend_path.display()
+        )));
+    }
     let (state, file) = open(params)?;
     log::debug!("restore: state file read and checked");
+    // The snapshot's network interfaces would be named in its configuration; this build's
+    // snapshots have none, so any override names a missing one.
+    if let Some(o) = params.network_overrides.first() {
+        return Err(refused(format!(
+            "network_overrides: the snapshot has no network interface {:?}",
+            o.iface_id
+        )));
+    }
+    if params.clock_realtime && state.vm.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME == 0 {
+        return Err(refused(format!(
+            "clock_realtime: {} has no wall-clock stamp on its guest clock (the host that took it had no stable TSC)",
+            params.snapshot_path.display()
+        )));
+    }
     let config = config_of(&state, params, serial, &params.snapshot_path)?;
     let mem = map_snapshot(&file, state.mem_size).map_err(BuildError::from)?;
     let logged = logs_dirty_pages(&config, params.track_dirty_pages);
@@ -125,9 +141,15 @@ pub fn restore(
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd("a device IRQ", e))?;
         let (name, kind) = match &saved.device {
             DeviceKindState::Block(s) => {
+                let limits = config
+                    .drives
+                    .iter()
+                    .find(|d| d.drive_id == s.id)
+                    .and_then(|d| d.rate_limiter.as_ref());
                 let args = BlockRestoreArgs {
                     mem: mem.clone(),
                     irqfd,
+                    rate_limiter: crate::builder::limiter_config(limits),
                 };
                 let block = Block::restore(args, s).map_err(BuildError::Block)?;
                 (
@@ -194,5 +216,6 @@ pub fn restore(
         config,
         track_dirty: params.track_dirty_pages,
         paused_clock: Some(state.vm.clock),
+        clock_realtime: params.clock_realtime,
     }))
 }

@@ -116,6 +116,14 @@ pub enum SeccompError {
         /// Why.
         err: std::io::Error,
     },
+    /// A `--seccomp-filter` file could not be read or is not a filter map.
+    #[error("--seccomp-filter {path}: {why}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// The kernel refused the filter.
     #[error("thread {thread}: cannot install the {kind} seccomp filter: {err}")]
     Install {
@@ -184,6 +192,35 @@ impl SeccompFilters {
         ]))))
     }
 
+    /// The filters in `path` (`--seccomp-filter`): a map from thread kind to BPF program in the
+    /// bincode layout Firecracker's `seccompiler-bin` writes (little-endian, fixed-width: the
+    /// entry count as u64, then each name as u64 length and bytes, each program as u64
+    /// instruction count and 8-byte instructions). It must hold exactly `vmm`, `api` and `vcpu`.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, SeccompError> {
+        let fail = |why: String| SeccompError::File {
+            path: path.to_path_buf(),
+            why,
+        };
+        let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+        let map = parse_filter_map(&bytes).map_err(fail)?;
+        let mut programs: [Option<BpfProgram>; 3] = [None, None, None];
+        for (name, program) in map {
+            let Some(kind) = ThreadKind::ALL.iter().find(|k| k.name() == name) else {
+                return Err(fail(format!(
+                    "has a filter for {name:?}; kiln-vmm's thread kinds are vmm, api and vcpu"
+                )));
+            };
+            if program.is_empty() {
+                return Err(fail(format!("the {name} filter is empty")));
+            }
+            programs[kind.index()] = Some(program);
+        }
+        let [Some(vmm), Some(api), Some(vcpu)] = programs else {
+            return Err(fail("needs a filter for each of vmm, api and vcpu".into()));
+        };
+        Ok(Self(Some(Arc::new([vmm, api, vcpu]))))
+    }
+
     /// No filters: [`SeccompFilters::install`] does nothing.
     pub fn disabled() -> Self {
         Self(None)
@@ -201,6 +238,101 @@ impl SeccompFilters {
             None => Ok(()),
         }
     }
+}
+
+/// Most instructions a BPF program may have (the kernel's `BPF_MAXINSNS`).
+const MAX_INSNS: u64 = 4096;
+
+/// A reader over a filter file's bytes that never reads past their end.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| {
+                format!(
+                    "ends early, at byte {} (not a seccompiler-bin filter file)",
+                    self.at
+                )
+            })?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+}
+
+/// Parses the bincode filter map of [`SeccompFilters::from_file`].
+fn parse_filter_map(bytes: &[u8]) -> Result<Vec<(String, BpfProgram)>, String> {
+    let mut c = Cursor { bytes, at: 0 };
+    let entries = c.u64()?;
+    if entries > 16 {
+        return Err(format!("claims {entries} filters; it is not a filter map"));
+    }
+    let mut out = Vec::new();
+    for _ in 0..entries {
+        let len = c.u64()?;
+        if len > 64 {
+            return Err(format!("has a thread name of {len} bytes"));
+        }
+        let name = std::str::from_utf8(c.take(len as usize)?)
+            .map_err(|_| "has a thread name that is not UTF-8".to_string())?
+            .to_string();
+        let count = c.u64()?;
+        if count > MAX_INSNS {
+            return Err(format!(
+                "the {name} filter has {count} instructions; BPF allows {MAX_INSNS}"
+            ));
+        }
+        let program = c
+            .take(count as usize * 8)?
+            .chunks_exact(8)
+            .map(|i| sock_filter {
+                code: u16::from_le_bytes([i[0], i[1]]),
+                jt: i[2],
+                jf: i[3],
+                k: u32::from_le_bytes([i[4], i[5], i[6], i[7]]),
+            })
+            .collect();
+        out.push((name, program));
+    }
+    if c.at != bytes.len() {
+        return Err(format!(
+            "has {} bytes after the last filter",
+            bytes.len() - c.at
+        ));
+    }
+    Ok(out)
+}
+
+/// The bytes [`SeccompFilters::from_file`] reads for `filters` (for tests and tools).
+pub fn encode_filter_map(filters: &[(&str, &BpfProgram)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(filters.len() as u64).to_le_bytes());
+    for (name, program) in filters {
+        out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(program.len() as u64).to_le_bytes());
+        for i in program.iter() {
+            out.extend_from_slice(&i.code.to_le_bytes());
+            out.push(i.jt);
+            out.push(i.jf);
+            out.extend_from_slice(&i.k.to_le_bytes());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -221,3 +221,52 @@ fn every_filter_allows_what_the_sigsys_handler_calls() {
         }
     }
 }
+
+#[test]
+fn a_seccompiler_bin_filter_file_loads_and_bad_ones_are_named() {
+    let dir = std::env::temp_dir().join(format!("kiln-seccomp-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vmm = program(ThreadKind::Vmm).unwrap();
+    let api = program(ThreadKind::Api).unwrap();
+    let vcpu = program(ThreadKind::Vcpu).unwrap();
+    let good = dir.join("good.bpf");
+    std::fs::write(
+        &good,
+        encode_filter_map(&[("vcpu", &vcpu), ("vmm", &vmm), ("api", &api)]),
+    )
+    .unwrap();
+    assert!(SeccompFilters::from_file(&good).unwrap().is_enabled());
+
+    let err = |bytes: Vec<u8>| {
+        let path = dir.join("bad.bpf");
+        std::fs::write(&path, bytes).unwrap();
+        match SeccompFilters::from_file(&path) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("accepted"),
+        }
+    };
+    let missing = err(encode_filter_map(&[("vmm", &vmm), ("api", &api)]));
+    assert!(
+        missing.ends_with("needs a filter for each of vmm, api and vcpu"),
+        "{missing}"
+    );
+    let other = err(encode_filter_map(&[
+        ("vmm", &vmm),
+        ("api", &api),
+        ("fc_vcpu", &vcpu),
+    ]));
+    assert!(other.contains("has a filter for \"fc_vcpu\""), "{other}");
+    let mut cut = encode_filter_map(&[("vmm", &vmm), ("api", &api), ("vcpu", &vcpu)]);
+    cut.truncate(cut.len() - 3);
+    assert!(err(cut).contains("ends early"));
+    assert!(err(b"{\"vmm\": {}}".to_vec()).contains("not a filter map"));
+    let e = SeccompFilters::from_file(&dir.join("nope.bpf"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.starts_with("--seccomp-filter ") && e.contains("No such file"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

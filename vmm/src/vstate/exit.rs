@@ -6,6 +6,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use kiln_devices::Bus;
+
+use crate::metrics::VCPU;
 use kvm_ioctls::VcpuExit;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -153,35 +155,44 @@ pub enum VcpuAction {
 pub fn handle_exit(exit: VcpuExit<'_>, io: &IoBuses, vcpu: u8) -> VcpuAction {
     match exit {
         VcpuExit::IoIn(port, data) => {
+            VCPU.exit_io_in.inc();
             if !io.pio.read(u64::from(port), data) {
                 log::debug!("vCPU {vcpu}: read of unclaimed port {port:#x}");
                 data.fill(0xff);
             }
         }
         VcpuExit::IoOut(port, data) => {
+            VCPU.exit_io_out.inc();
             if !io.pio.write(u64::from(port), data) {
                 log::debug!("vCPU {vcpu}: write to unclaimed port {port:#x}");
             }
         }
         VcpuExit::MmioRead(addr, data) => {
+            VCPU.exit_mmio_read.inc();
             if !io.mmio.read(addr, data) {
                 log::debug!("vCPU {vcpu}: read of unclaimed MMIO address {addr:#x}");
                 data.fill(0xff);
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
+            VCPU.exit_mmio_write.inc();
             if !io.mmio.write(addr, data) {
                 log::debug!("vCPU {vcpu}: write to unclaimed MMIO address {addr:#x}");
             }
         }
-        VcpuExit::Shutdown => return VcpuAction::Stop(ExitReason::TripleFault { vcpu }),
+        VcpuExit::Shutdown => {
+            VCPU.failures.inc();
+            return VcpuAction::Stop(ExitReason::TripleFault { vcpu });
+        }
         VcpuExit::InternalError => {
+            VCPU.failures.inc();
             return VcpuAction::Stop(ExitReason::InternalError {
                 vcpu,
                 detail: String::new(),
             });
         }
         VcpuExit::FailEntry(reason, _) => {
+            VCPU.failures.inc();
             return VcpuAction::Stop(ExitReason::FailEntry { vcpu, reason });
         }
         VcpuExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN, _) => {

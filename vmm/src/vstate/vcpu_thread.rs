@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 use std::sync::Once;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const KICK_INTERVAL: Duration = Duration::from_millis(5);
 
 /// What the VMM thread asks of a vCPU thread.
+#[derive(Debug)]
 enum Request {
     Pause,
     Resume,
@@ -43,6 +45,58 @@ enum Response {
     Resumed,
     Saved(Box<Result<VcpuState, String>>),
     KvmclockNotified,
+}
+
+/// A request or response with its number: an answer that comes after its asker gave up (a vCPU
+/// held outside KVM_RUN past [`ANSWER_TIMEOUT`]) is recognised as stale and dropped, so the
+/// channel never stays off by one.
+struct Numbered<T> {
+    seq: u64,
+    item: T,
+}
+
+/// Sends `request` numbered `seq` and waits for the answer with the same number, discarding
+/// older ones; `kick` is called before each wait of `wait` (every [`KICK_INTERVAL`] when
+/// kicking). Gives up at [`ANSWER_TIMEOUT`].
+fn ask_numbered<Q, A>(
+    requests: &Sender<Numbered<Q>>,
+    responses: &Receiver<Numbered<A>>,
+    seq: u64,
+    request: Q,
+    mut kick: Option<&mut dyn FnMut()>,
+    timeout: Duration,
+) -> Result<A, AskError> {
+    requests
+        .send(Numbered { seq, item: request })
+        .map_err(|_| AskError::Stopped)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(kick) = kick.as_mut() {
+            kick();
+        }
+        let wait = if kick.is_some() {
+            KICK_INTERVAL
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        match responses.recv_timeout(wait) {
+            Ok(r) if r.seq == seq => return Ok(r.item),
+            // A late answer to an earlier request: dropped.
+            Ok(_) => {}
+            Err(RecvTimeoutError::Disconnected) => return Err(AskError::Stopped),
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                return Err(AskError::Timeout);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+/// Why [`ask_numbered`] got no answer.
+#[derive(Debug, PartialEq, Eq)]
+enum AskError {
+    Stopped,
+    Timeout,
 }
 
 /// A vCPU did not do what was asked.
@@ -80,8 +134,9 @@ fn install_kick_handler() -> std::io::Result<()> {
 /// The VMM thread's end of a running vCPU thread.
 pub struct VcpuHandle {
     id: u8,
-    requests: Sender<Request>,
-    responses: Receiver<Response>,
+    requests: Sender<Numbered<Request>>,
+    responses: Receiver<Numbered<Response>>,
+    next_seq: AtomicU64,
     thread: JoinHandle<()>,
 }
 
@@ -89,8 +144,8 @@ pub struct VcpuHandle {
 struct VcpuThread {
     id: u8,
     fd: VcpuFd,
-    requests: Receiver<Request>,
-    responses: Sender<Response>,
+    requests: Receiver<Numbered<Request>>,
+    responses: Sender<Numbered<Response>>,
     msr_indices: Arc<Vec<u32>>,
 }
 
@@ -130,6 +185,7 @@ impl Vcpu {
             id,
             requests: req_tx,
             responses: resp_rx,
+            next_seq: AtomicU64::new(1),
             thread: handle,
         })
     }
@@ -142,27 +198,24 @@ impl VcpuHandle {
     }
 
     fn ask(&self, request: Request, kick: bool) -> Result<Response, VcpuControlError> {
-        self.requests
-            .send(request)
-            .map_err(|_| VcpuControlError::Stopped(self.id))?;
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
-        loop {
-            if kick {
-                // A failed kick means the thread is gone; the receive below reports that.
-                let _ = self.thread.kill(kick_signal());
-            }
-            let wait = if kick { KICK_INTERVAL } else { ANSWER_TIMEOUT };
-            match self.responses.recv_timeout(wait) {
-                Ok(response) => return Ok(response),
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(VcpuControlError::Stopped(self.id));
-                }
-                Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
-                    return Err(VcpuControlError::Timeout(self.id));
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-        }
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        // A failed kick means the thread is gone; the receive reports that.
+        let mut kicker = || {
+            let _ = self.thread.kill(kick_signal());
+        };
+        let kick: Option<&mut dyn FnMut()> = if kick { Some(&mut kicker) } else { None };
+        ask_numbered(
+            &self.requests,
+            &self.responses,
+            seq,
+            request,
+            kick,
+            ANSWER_TIMEOUT,
+        )
+        .map_err(|e| match e {
+            AskError::Stopped => VcpuControlError::Stopped(self.id),
+            AskError::Timeout => VcpuControlError::Timeout(self.id),
+        })
     }
 
     /// Stops the vCPU outside KVM_RUN, with any pending I/O completed.
@@ -206,13 +259,30 @@ impl VcpuThread {
         }
         while !signal.is_stopping() {
             match self.requests.try_recv() {
-                Ok(Request::Pause) => {
-                    if !self.pause(io, signal) {
+                Ok(Numbered {
+                    seq,
+                    item: Request::Pause,
+                }) => {
+                    if !self.pause(io, signal, seq) {
                         return;
                     }
                     continue;
                 }
-                Ok(_) => log::warn!("vCPU {}: request while running ignored", self.id),
+                // Answered, so the asker is never left waiting: resuming a running vCPU is
+                // already done; saving or telling kvmclock only makes sense paused.
+                Ok(Numbered { seq, item }) => {
+                    let item = match item {
+                        Request::Resume => Response::Resumed,
+                        Request::Kvmclock => Response::KvmclockNotified,
+                        _ => Response::Saved(Box::new(Err(format!(
+                            "vCPU {} is running; it must be paused first",
+                            self.id
+                        )))),
+                    };
+                    if self.responses.send(Numbered { seq, item }).is_err() {
+                        return;
+                    }
+                }
                 Err(std::sync::mpsc::TryRecvError::Empty) => {}
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
             }
@@ -269,12 +339,16 @@ impl VcpuThread {
 
     /// Pauses on request: completes pending I/O, answers, then serves requests until resumed.
     /// Returns false when the thread must end.
-    fn pause(&mut self, io: &IoBuses, signal: &ExitSignal) -> bool {
+    fn pause(&mut self, io: &IoBuses, signal: &ExitSignal, seq: u64) -> bool {
         if let Some(reason) = self.complete_pending_io(io) {
             signal.request(reason);
             return false;
         }
-        if self.responses.send(Response::Paused).is_err() {
+        let answer = Numbered {
+            seq,
+            item: Response::Paused,
+        };
+        if self.responses.send(answer).is_err() {
             return false;
         }
         self.paused(signal)
@@ -283,12 +357,16 @@ impl VcpuThread {
     /// Serves requests while paused; true once resumed.
     fn paused(&mut self, signal: &ExitSignal) -> bool {
         loop {
-            let Ok(request) = self.requests.recv() else {
+            let Ok(Numbered { seq, item: request }) = self.requests.recv() else {
                 return false;
             };
             let response = match request {
                 Request::Resume => {
-                    let ok = self.responses.send(Response::Resumed).is_ok();
+                    let answer = Numbered {
+                        seq,
+                        item: Response::Resumed,
+                    };
+                    let ok = self.responses.send(answer).is_ok();
                     return ok && !signal.is_stopping();
                 }
                 Request::Pause => Response::Paused,
@@ -306,7 +384,14 @@ impl VcpuThread {
                     Response::KvmclockNotified
                 }
             };
-            if self.responses.send(response).is_err() {
+            if self
+                .responses
+                .send(Numbered {
+                    seq,
+                    item: response,
+                })
+                .is_err()
+            {
                 return false;
             }
         }
@@ -335,5 +420,83 @@ impl VcpuThread {
             vcpu,
             detail: format!("{what} (exit {suberror}, suberror {sub}) at guest RIP {rip}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+
+    #[test]
+    fn a_late_answer_is_dropped_and_the_next_request_gets_its_own() {
+        let (req_tx, req_rx) = channel::<Numbered<u32>>();
+        let (resp_tx, resp_rx) = channel::<Numbered<u32>>();
+        // A "vCPU" that answers its first request only after the asker gave up.
+        let vcpu = std::thread::spawn(move || {
+            let first = req_rx.recv().unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+            resp_tx
+                .send(Numbered {
+                    seq: first.seq,
+                    item: first.item * 10,
+                })
+                .unwrap();
+            let second = req_rx.recv().unwrap();
+            resp_tx
+                .send(Numbered {
+                    seq: second.seq,
+                    item: second.item * 10,
+                })
+                .unwrap();
+        });
+        let short = Duration::from_millis(50);
+        assert_eq!(
+            ask_numbered(&req_tx, &resp_rx, 1, 1, None, short),
+            Err(AskError::Timeout)
+        );
+        // The late answer to request 1 arrives first and is dropped.
+        assert_eq!(
+            ask_numbered(&req_tx, &resp_rx, 2, 2, None, Duration::from_secs(5)),
+            Ok(20)
+        );
+        vcpu.join().unwrap();
+        assert_eq!(
+            ask_numbered(&req_tx, &resp_rx, 3, 3, None, short),
+            Err(AskError::Stopped)
+        );
+    }
+
+    #[test]
+    fn kicks_repeat_until_the_answer() {
+        let (req_tx, req_rx) = channel::<Numbered<u32>>();
+        let (resp_tx, resp_rx) = channel::<Numbered<u32>>();
+        let kicks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = kicks.clone();
+        let vcpu = std::thread::spawn(move || {
+            let r = req_rx.recv().unwrap();
+            while seen.load(Ordering::SeqCst) < 3 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            resp_tx
+                .send(Numbered {
+                    seq: r.seq,
+                    item: 7,
+                })
+                .unwrap();
+        });
+        let mut kick = || {
+            kicks.fetch_add(1, Ordering::SeqCst);
+        };
+        let got = ask_numbered(
+            &req_tx,
+            &resp_rx,
+            9,
+            0,
+            Some(&mut kick),
+            Duration::from_secs(5),
+        );
+        assert_eq!(got, Ok(7));
+        vcpu.join().unwrap();
     }
 }

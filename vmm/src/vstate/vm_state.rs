@@ -56,6 +56,19 @@ impl Vm {
         self.fd().set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))
     }
 
+    /// Sets the kvmclock to `clock` advanced by the wall-clock time since it was read
+    /// (`KVM_CLOCK_REALTIME`, `clock_realtime` on snapshot load); `clock` must carry the
+    /// realtime stamp KVM adds when the host's TSC is stable.
+    pub fn set_clock_realtime(&self, clock: &kvm_clock_data) -> Result<(), VmError> {
+        let clock = kvm_clock_data {
+            clock: clock.clock,
+            realtime: clock.realtime,
+            flags: kvm_bindings::KVM_CLOCK_REALTIME,
+            ..Default::default()
+        };
+        self.fd().set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))
+    }
+
     /// Saves the in-kernel devices; the vCPUs must be paused.
     pub fn save_state(&self) -> Result<VmState, VmError> {
         Ok(VmState {

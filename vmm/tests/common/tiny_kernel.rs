@@ -23,7 +23,32 @@ pub enum Program {
     /// Polls the i8042 and copies the first 11 bytes it delivers (Ctrl-Alt-Del's scan codes) to
     /// COM1, then resets.
     Keys,
+    /// A hostile driver for the virtio-blk device at [`BLK_MMIO`]: sets it up with one 256-entry
+    /// queue of 64 requests, each reading [`FLOOD_READ`] bytes of the disk into one shared buffer,
+    /// then keeps 64 to 96 of them outstanding forever, re-posting 32 whenever fewer than 64
+    /// wait: the device never finds its queue empty.
+    BlkFlood,
 }
+
+/// Where the first virtio-mmio device (the only drive, with no vsock) sits.
+pub const BLK_MMIO: u32 = 0xd000_0000;
+/// Guest addresses of [`Program::BlkFlood`]'s queue (inside its loaded image).
+const FLOOD_DESC: u32 = LOAD_ADDR + 0x1000;
+const FLOOD_AVAIL: u32 = LOAD_ADDR + 0x2000;
+const FLOOD_USED: u32 = LOAD_ADDR + 0x3000;
+const FLOOD_HDR: u32 = LOAD_ADDR + 0x4000;
+const FLOOD_STATUS: u32 = LOAD_ADDR + 0x5000;
+/// Where [`Program::BlkFlood`]'s requests read into, and how much each reads.
+const FLOOD_BUF: u32 = 0x100_0000;
+/// Bytes each [`Program::BlkFlood`] request reads (the disk must hold at least this much).
+pub const FLOOD_READ: u32 = 4 << 20;
+/// Offsets, in guest memory (and so in a full snapshot's memory file), of [`Program::BlkFlood`]'s
+/// avail index, used index and 64 status bytes.
+pub const FLOOD_AVAIL_IDX: u32 = FLOOD_AVAIL + 2;
+/// See [`FLOOD_AVAIL_IDX`].
+pub const FLOOD_USED_IDX: u32 = FLOOD_USED + 2;
+/// See [`FLOOD_AVAIL_IDX`].
+pub const FLOOD_STATUSES: u32 = FLOOD_STATUS;
 
 /// Where [`Program::Counter`] keeps its count (guest-physical, so also the memory file offset).
 pub const COUNTER_ADDR: u32 = 0x20_0000;
@@ -126,6 +151,78 @@ fn counter_code() -> Vec<u8> {
     c
 }
 
+fn blk_flood_code() -> Vec<u8> {
+    let mut c = Vec::new();
+    let mmio = |c: &mut Vec<u8>, reg: u32, value: u32| {
+        c.push(0xb8); // mov eax, BLK_MMIO + reg
+        c.extend_from_slice(&(BLK_MMIO + reg).to_le_bytes());
+        c.extend_from_slice(&[0xc7, 0x00]); // mov dword [eax], value
+        c.extend_from_slice(&value.to_le_bytes());
+    };
+    mmio(&mut c, 0x70, 1); // ACKNOWLEDGE
+    mmio(&mut c, 0x70, 3); // DRIVER
+    mmio(&mut c, 0x24, 1); // features page 1
+    mmio(&mut c, 0x20, 1); // VIRTIO_F_VERSION_1
+    mmio(&mut c, 0x70, 0xb); // FEATURES_OK
+    mmio(&mut c, 0x30, 0); // queue 0
+    mmio(&mut c, 0x38, 256);
+    mmio(&mut c, 0x80, FLOOD_DESC);
+    mmio(&mut c, 0x90, FLOOD_AVAIL);
+    mmio(&mut c, 0xa0, FLOOD_USED);
+    mmio(&mut c, 0x44, 1); // ready
+    mmio(&mut c, 0x70, 0xf); // DRIVER_OK
+    c.push(0xbb); // mov ebx, avail idx
+    c.extend_from_slice(&(FLOOD_AVAIL + 2).to_le_bytes());
+    c.push(0xb9); // mov ecx, used idx
+    c.extend_from_slice(&(FLOOD_USED + 2).to_le_bytes());
+    c.push(0xba); // mov edx, QueueNotify
+    c.extend_from_slice(&(BLK_MMIO + 0x50).to_le_bytes());
+    c.extend_from_slice(&[
+        0x66, 0x8b, 0x03, // 1: mov ax, [ebx]
+        0x66, 0x2b, 0x01, // sub ax, [ecx]: requests outstanding
+        0x66, 0x3d, 0x40, 0x00, // cmp ax, 64
+        0x73, 0xf4, // jae 1b: enough outstanding, keep watching
+        0x66, 0x81, 0x03, 0x20, 0x00, // add word [ebx], 32: post 32 more
+        0xc7, 0x02, 0x00, 0x00, 0x00, 0x00, // mov dword [edx], 0: notify queue 0
+        0xeb, 0xe7, // jmp 1b
+    ]);
+    c
+}
+
+/// [`Program::BlkFlood`]'s queue, placed in the image at its guest addresses: 64 chains (a
+/// header reading sector 0, a [`FLOOD_READ`]-byte buffer, a status byte), every avail slot
+/// naming one of them.
+fn blk_flood_tables(image: &mut Vec<u8>) {
+    let at = |addr: u32| (addr - LOAD_ADDR) as usize;
+    image.resize(at(FLOOD_STATUS) + 0x1000, 0);
+    let desc = |addr: u32, len: u32, flags: u16, next: u16| {
+        [
+            u64::from(addr).to_le_bytes().as_slice(),
+            &len.to_le_bytes(),
+            &flags.to_le_bytes(),
+            &next.to_le_bytes(),
+        ]
+        .concat()
+    };
+    for i in 0..64u16 {
+        let d = at(FLOOD_DESC) + 48 * usize::from(i);
+        let (next, write) = (1u16, 2u16);
+        image[d..d + 16].copy_from_slice(&desc(FLOOD_HDR, 16, next, 3 * i + 1));
+        image[d + 16..d + 32].copy_from_slice(&desc(
+            FLOOD_BUF,
+            FLOOD_READ,
+            next | write,
+            3 * i + 2,
+        ));
+        image[d + 32..d + 48].copy_from_slice(&desc(FLOOD_STATUS + u32::from(i), 1, write, 0));
+    }
+    for slot in 0..256usize {
+        let a = at(FLOOD_AVAIL) + 4 + 2 * slot;
+        image[a..a + 2].copy_from_slice(&(3 * (slot % 64) as u16).to_le_bytes());
+    }
+    // The header (request type IN, sector 0) is all zeroes already.
+}
+
 const STRINGS: &[(&str, &str)] = &[
     ("greeting", GREETING),
     ("long", "mode: long64\n"),
@@ -159,12 +256,16 @@ pub fn tiny_kernel(program: Program, pvh: bool) -> Vec<u8> {
         Program::Echo3 => echo3_code(),
         Program::Counter => counter_code(),
         Program::Keys => keys_code(),
+        Program::BlkFlood => blk_flood_code(),
     };
     assert!(code.len() <= 0x100);
 
     let mut image = vec![0u8; strings_off as usize];
     image[CODE_OFFSET as usize..CODE_OFFSET as usize + code.len()].copy_from_slice(&code);
     image.extend_from_slice(&data);
+    if let Program::BlkFlood = program {
+        blk_flood_tables(&mut image);
+    }
     let note_off = image.len().next_multiple_of(4);
     image.resize(note_off, 0);
     // Xen PHYS32_ENTRY note: namesz 4, descsz 4, type 18, "Xen\0", 32-bit entry address.

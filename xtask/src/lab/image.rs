@@ -27,9 +27,10 @@ pub struct ImageSpec<'a> {
     pub with_strace: bool,
 }
 
-/// Room for what L1 writes (logs, L2 disk images) beyond what the image holds at the start. The file
-/// is sparse, so unused headroom costs nothing on the host.
-const HEADROOM: u64 = 512 << 20;
+/// Room for what L1 writes (logs, L2 disk images, kilnd's templates under /kiln/state) beyond
+/// what the image holds at the start. The file is sparse, so unused headroom costs nothing on
+/// the host.
+const HEADROOM: u64 = 4 << 30;
 
 /// Builds the image at `<run_dir>/work.img` and returns its path.
 pub fn build(spec: &ImageSpec, run_dir: &Path) -> Result<PathBuf> {

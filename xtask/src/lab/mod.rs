@@ -29,6 +29,9 @@ pub struct LabRun {
     pub with_qemu: bool,
     /// Also put strace and its libraries in the image (to derive kiln-vmm's seccomp filters).
     pub with_strace: bool,
+    /// Also put the Debian image of kilnd's bundled `python` template (numpy, pandas) in
+    /// /kiln/images, debootstrapping it on the host first if the cache lacks it.
+    pub with_python: bool,
     /// Build the workspace's release binaries and put them in /kiln/bin (on PATH in L1).
     pub build_bins: bool,
     /// CMD's argv; run by `/bin/sh` in L1 with no stdin.
@@ -50,6 +53,7 @@ impl Default for LabRun {
             files: Vec::new(),
             with_qemu: false,
             with_strace: false,
+            with_python: false,
             build_bins: true,
             cmd: Vec::new(),
             mem_mib: 4096,
@@ -270,6 +274,28 @@ pub fn run(lab: &LabRun) -> Result<LabOutcome> {
     // image holds a copy, so what guests write never reaches the cache.
     let mut files = lab.files.clone();
     files.push((crate::rootfs::build()?, "rootfs.ext4".into()));
+    // For kilnd: the static agent it writes into templates, its bundled example specs, and the
+    // Debian images made ahead (L1 has no network for debootstrap), named as kilnd looks them up.
+    files.push((crate::rootfs::static_agent()?, "kiln-agent.static".into()));
+    files.push((
+        util::workspace_root().join("pool/examples"),
+        "examples".into(),
+    ));
+    let links = lab_cache.join("links");
+    util::mkdir(&links)?;
+    let base_name = crate::rootfs::debian_image_name(&["python3"]);
+    let base_link = links.join(&base_name);
+    let _ = std::fs::remove_file(&base_link);
+    std::os::unix::fs::symlink("../rootfs.ext4", &base_link)
+        .map_err(|e| format!("cannot create {}: {e}", base_link.display()))?;
+    files.push((base_link, format!("images/{base_name}")));
+    if lab.with_python {
+        let packages = crate::rootfs::PYTHON_PACKAGES;
+        files.push((
+            crate::rootfs::build_with_packages(packages)?,
+            format!("images/{}", crate::rootfs::debian_image_name(packages)),
+        ));
+    }
 
     let run_dir = RunDir::create(&lab_cache.join("runs"))?;
     let image = image::build(

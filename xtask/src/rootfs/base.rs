@@ -65,13 +65,17 @@ const DIRS: &[(&str, u32)] = &[
     ("root", 0o700),
 ];
 
-/// Debootstraps into `tree` (which must not exist) from `mirror`, then sets it up and checks it.
-pub fn build_tree(tree: &Path, mirror: &str) -> util::Result<()> {
-    eprintln!("xtask: debootstrap {SUITE} from {mirror} (about a minute, most of it unpacking)");
+/// Debootstraps `include` (python3 among them) into `tree` (which must not exist) from `mirror`,
+/// then sets it up and checks it.
+pub fn build_tree(tree: &Path, mirror: &str, include: &[String]) -> util::Result<()> {
+    eprintln!(
+        "xtask: debootstrap {SUITE} with {} from {mirror} (a minute or more, most of it unpacking)",
+        include.join(", ")
+    );
     util::run(
         Command::new("debootstrap")
             .arg("--variant=minbase")
-            .arg(format!("--include={}", INCLUDE.join(",")))
+            .arg(format!("--include={}", include.join(",")))
             .arg(SUITE)
             .arg(tree)
             .arg(mirror)

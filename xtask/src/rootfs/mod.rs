@@ -28,9 +28,27 @@ const RECIPE_VERSION: &str = "1";
 /// The Debian mirror debootstrap fetches from, unless `KILN_DEBIAN_MIRROR` names another.
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
-/// Final images kept besides the one just returned; base images kept besides the current one.
-const KEEP_OLD_IMAGES: usize = 2;
-const KEEP_OLD_BASES: usize = 1;
+/// Final images kept besides the one just returned; base images kept besides the current one
+/// (two package sets, the default and kilnd's python template's, live side by side).
+const KEEP_OLD_IMAGES: usize = 3;
+const KEEP_OLD_BASES: usize = 2;
+
+/// The packages of kilnd's bundled `python` template (pool/examples/python.toml).
+pub const PYTHON_PACKAGES: &[&str] = &["python3", "python3-numpy", "python3-pandas"];
+
+/// The name kilnd looks for a Debian image made ahead under: `debian-<key>.ext4`, where the key
+/// is the one `kiln_pool::template::debian::key` computes (both tests check the same vector).
+pub fn debian_image_name(packages: &[&str]) -> String {
+    let mut sorted: Vec<&str> = packages.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let text = format!("kiln-debian-v1\n{}\n{}", base::SUITE, sorted.join(" "));
+    let key = format!(
+        "{:x}",
+        <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())
+    );
+    format!("debian-{}.ext4", &key[..16])
+}
 
 const USAGE: &str = "usage: cargo xtask rootfs [--agent PATH]
 
@@ -43,7 +61,7 @@ executable there instead of building kiln-agent. KILN_DEBIAN_MIRROR overrides th
 pub fn main(rest: &[String]) -> util::Result<u8> {
     let image = match rest {
         [] => build()?,
-        [flag, path] if flag == "--agent" => build_with_agent(Path::new(path))?,
+        [flag, path] if flag == "--agent" => build_with_agent(Path::new(path), base::INCLUDE)?,
         [help] if help == "-h" || help == "--help" => {
             print!("{USAGE}");
             return Ok(0);
@@ -58,7 +76,19 @@ pub fn main(rest: &[String]) -> util::Result<u8> {
 /// file is the cache entry itself: copy it (or attach it read-only) before a guest writes to it.
 pub fn build() -> util::Result<PathBuf> {
     let agent = agent::build()?;
-    build_with_agent(&agent)
+    build_with_agent(&agent, base::INCLUDE)
+}
+
+/// [`build`] with `packages` (python3 among them) instead of the default set.
+pub fn build_with_packages(packages: &[&str]) -> util::Result<PathBuf> {
+    let agent = agent::build()?;
+    build_with_agent(&agent, packages)
+}
+
+/// The static agent (built if needed), for images made elsewhere (kilnd writes it into its
+/// templates).
+pub fn static_agent() -> util::Result<PathBuf> {
+    agent::build()
 }
 
 /// What decides the base image's bytes (up to mirror drift: a hit is never re-fetched).
@@ -77,13 +107,13 @@ struct Recipe {
 }
 
 impl Recipe {
-    fn current() -> Recipe {
+    fn current(packages: &[&str]) -> Recipe {
         let mirror = std::env::var("KILN_DEBIAN_MIRROR").unwrap_or_else(|_| DEFAULT_MIRROR.into());
         Recipe {
             version: RECIPE_VERSION.into(),
             suite: base::SUITE.into(),
             mirror,
-            include: base::INCLUDE.iter().map(|p| p.to_string()).collect(),
+            include: packages.iter().map(|p| p.to_string()).collect(),
             settings: format!(
                 "{:?} {:?} {} {} {} {} {} {:?}",
                 base::FILES,
@@ -122,10 +152,15 @@ fn short(hash: &str) -> String {
     hash.chars().take(16).collect()
 }
 
-/// Builds (or finds) the final image with `agent` at `/usr/sbin/kiln-agent`.
-fn build_with_agent(agent: &Path) -> util::Result<PathBuf> {
+/// Builds (or finds) the final image of `packages` with `agent` at `/usr/sbin/kiln-agent`.
+fn build_with_agent(agent: &Path, packages: &[&str]) -> util::Result<PathBuf> {
+    if !packages.contains(&"python3") {
+        return Err(format!(
+            "the rootfs packages {packages:?} must include python3 (its check runs it)"
+        ));
+    }
     agent::check_static(agent)?;
-    let recipe = Recipe::current();
+    let recipe = Recipe::current(packages);
     let base_key = recipe.key();
     let key = final_key(&base_key, &util::hash_file(agent)?);
     let root = util::cache_dir().join("rootfs");
@@ -174,7 +209,7 @@ fn base_image(root: &Path, recipe: &Recipe, key: &str) -> util::Result<PathBuf> 
     let started = Instant::now();
     let work = WorkDir::create(root)?;
     let tree = work.0.join("tree");
-    base::build_tree(&tree, &recipe.mirror)?;
+    base::build_tree(&tree, &recipe.mirror, &recipe.include)?;
     let img = work.0.join(&name);
     image::make_base(&tree, &img)?;
     std::fs::rename(&img, &base)
@@ -337,8 +372,21 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn debian_image_names_match_kilnd() {
+        // The vector kiln_pool::template::debian's test checks.
+        assert_eq!(
+            debian_image_name(&["python3"]),
+            "debian-6f88b832bcb639ae.ext4"
+        );
+        assert_eq!(
+            debian_image_name(&["python3", "python3"]),
+            debian_image_name(&["python3"])
+        );
+    }
+
+    #[test]
     fn base_key_follows_every_part_of_the_recipe() {
-        let recipe = Recipe::current();
+        let recipe = Recipe::current(base::INCLUDE);
         let key = recipe.key();
         assert_eq!(key.len(), 16);
         assert_eq!(key, recipe.clone().key());

@@ -171,6 +171,7 @@ pub struct Balloon {
     pub(super) stats_desc: Option<u16>,
     pub(super) log: LogOnce,
     pub(super) counters: Counters,
+    pub(super) metrics: Arc<crate::metrics::BalloonMetrics>,
 }
 
 impl Balloon {
@@ -218,6 +219,7 @@ impl Balloon {
             stats_desc: None,
             log: LogOnce::default(),
             counters: Counters::default(),
+            metrics: Arc::new(crate::metrics::BalloonMetrics::default()),
         })
     }
 
@@ -249,6 +251,11 @@ impl Balloon {
     /// What the device did so far.
     pub fn counters(&self) -> Counters {
         self.counters
+    }
+
+    /// The counters for kiln-vmm's metrics file (Firecracker's `balloon` group).
+    pub fn metrics(&self) -> Arc<crate::metrics::BalloonMetrics> {
+        self.metrics.clone()
     }
 
     /// What the guest did wrong so far.
@@ -394,16 +401,21 @@ impl VirtioDevice for Balloon {
 
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
         if self.active.is_some() {
+            self.metrics.activate_fails.inc();
             return Err(ActivateError::AlreadyActive);
         }
         if queues.len() != self.index.count {
+            self.metrics.activate_fails.inc();
             return Err(ActivateError::QueueCount {
                 want: self.index.count,
                 got: queues.len(),
             });
         }
         self.active = Some(Active { mem, queues });
-        self.activate_evt.write(1).map_err(ActivateError::Signal)
+        self.activate_evt.write(1).map_err(|e| {
+            self.metrics.activate_fails.inc();
+            ActivateError::Signal(e)
+        })
     }
 
     fn reset(&mut self) {

@@ -133,6 +133,15 @@ fn free_page_reports_are_discarded_then_used() {
         0x20_0000 + HIGH_LEN,
         "reported bytes"
     );
+    let m = g.dev().metrics().report();
+    assert_eq!(
+        (
+            m["free_page_report_count"].as_u64(),
+            m["free_page_report_freed"].as_u64()
+        ),
+        (Some(1), Some(0x20_0000 + HIGH_LEN)),
+        "Firecracker's metrics"
+    );
     // A hostile report: outside memory, unaligned, read-only. Nothing discarded, chain used.
     let before = *g.pages.calls.lock().unwrap();
     let head = g.add_chain(
@@ -164,6 +173,7 @@ fn a_failed_discard_still_gives_the_pages_back_to_the_guest() {
     let head = g.report(&[(0x40_0000, 0x1000)]);
     assert_eq!(g.used(q), vec![(u32::from(head), 0)]);
     assert_eq!(g.dev().counters().given_back_bytes, 0);
+    assert_eq!(g.dev().metrics().free_page_report_fails.count(), 1);
     assert!(g.healthy());
 }
 
@@ -302,6 +312,7 @@ fn a_lying_avail_index_makes_the_device_need_a_reset() {
     g.mem.write_obj(1000u16, avail.unchecked_add(2)).unwrap();
     g.kick(0);
     assert!(!g.healthy());
+    assert_eq!(g.dev().metrics().event_fails.count(), 1);
     assert!(g.pages.taken().is_empty());
 }
 

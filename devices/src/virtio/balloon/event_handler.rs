@@ -124,6 +124,7 @@ impl Balloon {
                     log::warn!(
                         "virtio-balloon: the driver broke {kind:?} queue {q} ({e:?}); device needs reset"
                     );
+                    self.metrics.event_fails.inc();
                     self.interrupt().set_needs_reset();
                     return;
                 }
@@ -149,6 +150,15 @@ impl Balloon {
                 }
             }
         }
+        if used_any {
+            // Firecracker counts passes that found work; stats buffers are counted in drain.
+            match kind {
+                Kind::Inflate => self.metrics.inflate_count.inc(),
+                Kind::Deflate => self.metrics.deflate_count.inc(),
+                Kind::Reporting => self.metrics.free_page_report_count.inc(),
+                Kind::Stats => {}
+            }
+        }
         if used_any && let Some(active) = self.active.as_mut() {
             self.interrupt
                 .signal_used_if_needed(&mut active.queues[q], &active.mem);
@@ -171,6 +181,7 @@ impl Balloon {
             stats,
             stats_desc,
             pages: guest_pages,
+            metrics,
             ..
         } = self;
         let Some(active) = active.as_mut() else {
@@ -204,12 +215,16 @@ impl Balloon {
                 }
                 Kind::Reporting => {
                     let ranges = report_ranges(chain, &mem, log);
-                    counters.reported_bytes += page_count(&ranges) * PAGE_SIZE;
+                    let bytes = page_count(&ranges) * PAGE_SIZE;
+                    counters.reported_bytes += bytes;
+                    metrics.free_page_report_freed.add(bytes);
                     discard.extend(ranges);
                 }
                 Kind::Stats => {
+                    let mut unknown = false;
                     for (tag, value) in stats_entries(chain, &mem, log) {
                         if !stats.set(tag, value) {
+                            unknown = true;
                             log.warn(
                                 Misbehaviour::UnknownStat,
                                 format_args!(
@@ -219,6 +234,10 @@ impl Balloon {
                         }
                     }
                     counters.stats_updates += 1;
+                    metrics.stats_updates_count.inc();
+                    if unknown {
+                        metrics.stats_update_fails.inc();
+                    }
                     if let Some(older) = stats_desc.replace(head) {
                         log.warn(
                             Misbehaviour::ExtraStatsBuffer,
@@ -238,7 +257,12 @@ impl Balloon {
             match guest_pages.discard(&discard) {
                 Ok(bytes) => counters.given_back_bytes += bytes,
                 // The pages are still the guest's to give; only the host keeps their memory.
-                Err(e) => log::warn!("virtio-balloon: {e}"),
+                Err(e) => {
+                    if kind == Kind::Reporting {
+                        metrics.free_page_report_fails.inc();
+                    }
+                    log::warn!("virtio-balloon: {e}");
+                }
             }
         }
         for head in heads {

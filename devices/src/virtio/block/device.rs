@@ -8,9 +8,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::request::Disk;
 use super::{BlockError, ID_BYTES, QUEUE_SIZE, QUEUE_SIZES, SECTOR_SIZE, features};
+use crate::metrics::BlockMetrics;
+use crate::rate_limiter::{LimiterConfig, RateLimiter};
 use crate::virtio::device::read_config_space;
 use crate::virtio::{
-    ActivateError, GuestMemoryMmap, Interrupt, Queue, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    ActivateError, GuestMemoryMmap, Interrupt, LogOnce, Queue, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
 };
 
@@ -23,6 +25,8 @@ pub struct BlockConfig {
     pub path: PathBuf,
     /// Refuse writes and advertise VIRTIO_BLK_F_RO.
     pub read_only: bool,
+    /// Token buckets on the drive's bytes and requests.
+    pub rate_limiter: LimiterConfig,
 }
 
 /// A queue handed over by the driver, with the memory it lives in.
@@ -43,6 +47,12 @@ pub struct Block {
     pub(super) active: Option<Active>,
     /// The queue eventfd is registered with the event loop (done once, at first activation).
     pub(super) queue_registered: bool,
+    /// Spends the drive's budget before each request; its timer wakes the device when a
+    /// throttled request may go.
+    pub(super) limiter: RateLimiter,
+    pub(super) metrics: Arc<BlockMetrics>,
+    /// What the driver got wrong, logged once per kind.
+    pub(super) log: LogOnce,
 }
 
 impl Block {
@@ -88,7 +98,11 @@ impl Block {
             EventFd::new(libc::EFD_NONBLOCK)
                 .map_err(|e| BlockError::EventFd(format!("{} ({what})", config.id), e))
         };
+        let limiter = RateLimiter::new(config.rate_limiter.bandwidth, config.rate_limiter.ops)
+            .map_err(|e| BlockError::EventFd(format!("{} (rate limiter timer)", config.id), e))?;
         Ok(Self {
+            limiter,
+            metrics: Arc::new(BlockMetrics::default()),
             disk: Disk {
                 file,
                 size: len - len % SECTOR_SIZE,
@@ -102,6 +116,7 @@ impl Block {
             interrupt: Arc::new(Interrupt::new(irqfd)),
             active: None,
             queue_registered: false,
+            log: LogOnce::default(),
             config,
         })
     }
@@ -109,6 +124,26 @@ impl Block {
     /// The drive's configuration.
     pub fn config(&self) -> &BlockConfig {
         &self.config
+    }
+
+    /// The drive's counters.
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Changes the rate limits after boot (`PATCH /drives`): each bucket that is `Some` is
+    /// replaced (`Some(None)` lifts its limit), the others keep theirs; requests waiting for the
+    /// old limits are tried again at once.
+    pub fn update_rate_limiter(
+        &mut self,
+        bandwidth: Option<Option<crate::rate_limiter::BucketConfig>>,
+        ops: Option<Option<crate::rate_limiter::BucketConfig>>,
+    ) {
+        self.limiter.update(bandwidth, ops);
+        let (bandwidth, ops) = self.limiter.config();
+        self.config.rate_limiter = LimiterConfig { bandwidth, ops };
+        self.metrics.update_count.inc();
+        self.process_queue();
     }
 
     /// The configuration space (virtio_blk_config up to blk_size).

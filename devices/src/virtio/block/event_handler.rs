@@ -1,15 +1,35 @@
-//! The block device's event-manager subscriber: the activation event, then queue notifications.
+//! The block device's event-manager subscriber: the activation event, queue notifications and
+//! the rate limiter's timer. Each notification is served within a budget so a guest that keeps
+//! the queue full cannot keep the VMM thread, and each request spends the drive's rate-limit
+//! budget before it runs; a request over that goes back on the queue and waits for the timer.
+
+use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
 
+use vm_memory::{Bytes, GuestAddress};
+
 use super::device::Block;
-use super::request;
-use super::status;
+use super::request::{self, RequestType};
+use super::{BYTES_PER_PASS, CHAINS_PER_PASS, status};
+use crate::virtio::budget::Budget;
+use crate::virtio::chain::{self, QueueError};
 use crate::virtio::device::VirtioDevice;
 
 const ACTIVATE: u32 = 0;
 const QUEUE: u32 = 1;
+const RATE_LIMITER: u32 = 2;
+
+/// How one pass over the queue ended.
+enum Pass {
+    /// The driver made nothing more available.
+    Empty,
+    /// The pass budget ran out with work maybe left: come back after the rest of the loop.
+    BudgetSpent,
+    /// The rate limiter stopped it: its timer brings the device back.
+    Throttled,
+}
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
@@ -30,17 +50,27 @@ impl MutEventSubscriber for Block {
             ACTIVATE => {
                 let _ = self.activate_evt.read();
                 if !self.queue_registered {
-                    match ops.add(Events::with_data(
-                        &self.queue_events[0],
-                        QUEUE,
-                        EventSet::IN,
-                    )) {
+                    let watched = ops
+                        .add(Events::with_data(
+                            &self.queue_events[0],
+                            QUEUE,
+                            EventSet::IN,
+                        ))
+                        .and_then(|()| {
+                            ops.add(Events::with_data(
+                                self.limiter.timer(),
+                                RATE_LIMITER,
+                                EventSet::IN,
+                            ))
+                        });
+                    match watched {
                         Ok(()) => self.queue_registered = true,
                         Err(e) => {
                             log::error!(
                                 "virtio-blk {}: cannot watch the queue: {e:?}",
                                 self.config.id
                             );
+                            self.metrics.activate_fails.inc();
                             self.interrupt.set_needs_reset();
                             return;
                         }
@@ -51,6 +81,15 @@ impl MutEventSubscriber for Block {
             }
             QUEUE => {
                 let _ = self.queue_events[0].read();
+                self.metrics.queue_event_count.inc();
+                // While throttled, the timer (not the guest) says when to go on.
+                if !self.limiter.is_blocked() {
+                    self.process_queue();
+                }
+            }
+            RATE_LIMITER => {
+                self.limiter.on_timer();
+                self.metrics.rate_limiter_event_count.inc();
                 self.process_queue();
             }
             other => log::debug!("virtio-blk {}: unexpected event {other}", self.config.id),
@@ -59,23 +98,28 @@ impl MutEventSubscriber for Block {
 }
 
 impl Block {
-    /// Runs every request the driver has made available, then interrupts the guest if it asked.
+    /// Runs the requests the driver made available, at most one pass's budget of them
+    /// ([`CHAINS_PER_PASS`] chains or [`BYTES_PER_PASS`] bytes of I/O) and as the rate limiter
+    /// allows, then interrupts the guest if it asked. With work left over budget, the queue's
+    /// eventfd is signalled again and the handler returns, so the event loop serves the API and
+    /// other devices between passes however fast the guest posts requests.
     pub(super) fn process_queue(&mut self) {
         if !self.is_activated() || self.interrupt.needs_reset() {
             return;
         }
         let id = self.config.id.clone();
+        let mut budget = Budget::new(CHAINS_PER_PASS, BYTES_PER_PASS);
         let mut used_any = false;
-        loop {
-            match self.drain_once() {
-                Ok(n) => used_any |= n > 0,
-                Err(e) => {
-                    log::warn!(
-                        "virtio-blk {id}: the driver broke the queue ({e:?}); device needs reset"
-                    );
-                    self.interrupt.set_needs_reset();
-                    return;
+        let outcome = loop {
+            match self.drain_once(&mut budget) {
+                Ok((n, pass)) => {
+                    used_any |= n > 0;
+                    match pass {
+                        Pass::Empty => {}
+                        end => break Ok(end),
+                    }
                 }
+                Err(e) => break Err(e),
             }
             let Some(active) = self.active.as_mut() else {
                 return;
@@ -83,12 +127,25 @@ impl Block {
             // With EVENT_IDX this re-arms notifications and reports requests that raced in.
             match active.queue.enable_notification(&active.mem) {
                 Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    log::warn!("virtio-blk {id}: cannot re-enable notifications ({e:?})");
-                    self.interrupt.set_needs_reset();
-                    return;
+                Ok(false) => break Ok(Pass::Empty),
+                Err(e) => break Err(e.into()),
+            }
+        };
+        match outcome {
+            Ok(Pass::BudgetSpent) => {
+                if let Err(e) = self.queue_events[0].write(1) {
+                    log::error!("virtio-blk {id}: cannot re-signal the queue: {e}");
                 }
+            }
+            // Throttled: notifications stay off until the timer fires.
+            Ok(Pass::Empty | Pass::Throttled) => {}
+            Err(e) => {
+                self.log.warn(
+                    0,
+                    &format!("virtio-blk {id}"),
+                    format_args!("the driver broke the queue ({e}); device needs reset"),
+                );
+                self.interrupt.set_needs_reset();
             }
         }
         if used_any {
@@ -100,26 +157,67 @@ impl Block {
         }
     }
 
-    /// Takes the available chains, runs them and returns how many were used.
-    fn drain_once(&mut self) -> Result<usize, virtio_queue::Error> {
+    /// Takes available chains one by one while the pass budget lasts and the rate limiter
+    /// allows, runs them and returns how many were used and why it stopped. A throttled chain
+    /// goes back on the queue.
+    fn drain_once(&mut self, budget: &mut Budget) -> Result<(usize, Pass), QueueError> {
         let Some(active) = self.active.as_mut() else {
-            return Ok(0);
+            return Ok((0, Pass::Empty));
         };
         let mem = active.mem.clone();
         active.queue.disable_notification(&mem)?;
-        // Collect first: the iterator borrows the queue, add_used needs it back. A lying avail
-        // index shows up here as an error rather than being silently ignored.
-        let chains: Vec<_> = active.queue.iter(&mem)?.collect();
-        let count = chains.len();
-        for chain in chains {
-            let head = chain.head_index();
-            let (status_byte, used_len, status_addr) = match request::parse(chain, &mem) {
+        let table = GuestAddress(active.queue.desc_table());
+        let size = active.queue.size();
+        let mut count = 0;
+        loop {
+            if budget.spent() {
+                return Ok((count, Pass::BudgetSpent));
+            }
+            // A lying avail index shows up here as an error rather than being silently ignored.
+            let Some(head) = active.queue.iter(&mem)?.next().map(|c| c.head_index()) else {
+                return Ok((count, Pass::Empty));
+            };
+            let descs = match chain::walk(&mem, table, size, head) {
+                Ok(descs) => descs,
+                Err(e) => {
+                    // Nothing in a broken chain can be trusted, its status byte included.
+                    active.queue.add_used(&mem, head, 0)?;
+                    return Err(e.into());
+                }
+            };
+            let (status_byte, used_len, status_addr) = match request::parse(&descs, &mem) {
                 Ok(req) => {
+                    let bytes = match req.kind {
+                        RequestType::In | RequestType::Out => req.data_len().unwrap_or(0),
+                        _ => 0,
+                    };
+                    if !self.limiter.consume(bytes, Instant::now()) {
+                        active.queue.go_to_previous_position();
+                        self.metrics.rate_limiter_throttled_events.inc();
+                        return Ok((count, Pass::Throttled));
+                    }
+                    budget.charge(req.data_len().unwrap_or(u64::MAX));
                     let (s, n) = req.execute(&mut self.disk, &mem);
+                    let m = &self.metrics;
+                    match (req.kind, s == status::OK) {
+                        (RequestType::In, true) => {
+                            m.read_count.inc();
+                            m.read_bytes.add(bytes);
+                        }
+                        (RequestType::Out, true) => {
+                            m.write_count.inc();
+                            m.write_bytes.add(bytes);
+                        }
+                        (RequestType::Flush, true) => m.flush_count.inc(),
+                        (_, false) => m.execute_fails.inc(),
+                        _ => {}
+                    }
                     (s, n, Some(req.status))
                 }
                 Err((e, addr)) => {
+                    budget.charge(0);
                     log::debug!("virtio-blk {}: malformed request: {e}", self.config.id);
+                    self.metrics.invalid_reqs_count.inc();
                     (status::IOERR, u32::from(addr.is_some()), addr)
                 }
             };
@@ -127,13 +225,12 @@ impl Block {
                 write_status(&mem, addr, status_byte);
             }
             active.queue.add_used(&mem, head, used_len)?;
+            count += 1;
         }
-        Ok(count)
     }
 }
 
-fn write_status(mem: &crate::virtio::GuestMemoryMmap, addr: vm_memory::GuestAddress, status: u8) {
-    use vm_memory::Bytes;
+fn write_status(mem: &crate::virtio::GuestMemoryMmap, addr: GuestAddress, status: u8) {
     if mem.write_obj(status, addr).is_err() {
         log::debug!(
             "virtio-blk: status byte at {:#x} is outside guest memory",

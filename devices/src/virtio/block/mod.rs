@@ -1,6 +1,8 @@
 //! virtio-blk: a file-backed disk. Reads, writes, FLUSH (fdatasync) and GET_ID; read-only drives
 //! advertise VIRTIO_BLK_F_RO and refuse writes; anything past the end of the disk gets IOERR and
-//! unknown request types get UNSUPP. Requests run synchronously on the VMM's event loop.
+//! unknown request types get UNSUPP. Requests run synchronously on the VMM's event loop, a bounded
+//! batch per pass ([`CHAINS_PER_PASS`], [`BYTES_PER_PASS`]); a request moving more than
+//! [`MAX_REQUEST_BYTES`] gets IOERR, so no single request holds the loop for long either.
 
 mod device;
 mod event_handler;
@@ -19,6 +21,13 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE];
 /// Length of the GET_ID answer.
 pub const ID_BYTES: usize = 20;
+/// Requests one pass of the event handler runs at most before the loop serves others.
+pub const CHAINS_PER_PASS: usize = 64;
+/// Bytes of disk I/O one pass does at most (the request that crosses it still completes).
+pub const BYTES_PER_PASS: u64 = 8 << 20;
+/// The most data one request may move; larger ones get IOERR. Linux sends at most
+/// `max_sectors_kb` (1280 KiB by default) per request.
+pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
 
 /// Feature bits.
 pub mod features {

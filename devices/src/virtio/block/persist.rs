@@ -33,6 +33,8 @@ pub struct BlockRestoreArgs {
     pub mem: GuestMemoryMmap,
     /// The interrupt eventfd (registered as an irqfd by the VMM).
     pub irqfd: EventFd,
+    /// The drive's rate limits (from its configuration; buckets start full).
+    pub rate_limiter: crate::rate_limiter::LimiterConfig,
 }
 
 impl Persist for Block {
@@ -55,6 +57,7 @@ impl Persist for Block {
             id: state.id.clone(),
             path: state.path.clone(),
             read_only: state.read_only,
+            rate_limiter: args.rate_limiter,
         };
         let mut block = Block::new(config, args.irqfd)?;
         if block.disk.size != state.disk_size {
@@ -105,6 +108,7 @@ mod tests {
             id: "data".into(),
             path: path.clone(),
             read_only: true,
+            rate_limiter: Default::default(),
         };
         let mut block = Block::new(cfg, evt()).unwrap();
         block.set_acked_features(block.avail_features());
@@ -124,6 +128,7 @@ mod tests {
         let args = || BlockRestoreArgs {
             mem: mem(),
             irqfd: evt(),
+            rate_limiter: Default::default(),
         };
         let restored = Block::restore(args(), &state).unwrap();
         assert_eq!(restored.save(), state);

@@ -7,10 +7,10 @@
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::{ID_BYTES, SECTOR_SIZE, request_type, status};
+use super::{ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE, request_type, status};
 use crate::virtio::GuestMemoryMmap;
 
 /// What a request asks for.
@@ -73,12 +73,12 @@ pub enum RequestError {
     DataDirection(RequestType),
 }
 
-/// Parses the request in `chain`; on error also returns where to put the status, if known.
+/// Parses the request in a chain's descriptors (as [`crate::virtio::chain::walk`] returns
+/// them); on error also returns where to put the status, if known.
 pub fn parse(
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    descs: &[Descriptor],
     mem: &GuestMemoryMmap,
 ) -> Result<Request, (RequestError, Option<GuestAddress>)> {
-    let descs: Vec<_> = chain.collect();
     let (Some(head), Some(last)) = (descs.first(), descs.last()) else {
         return Err((RequestError::NoStatus, None));
     };
@@ -130,7 +130,8 @@ pub struct Disk {
 }
 
 impl Request {
-    fn data_len(&self) -> Option<u64> {
+    /// Bytes of data the request moves (`None` past `u64`).
+    pub fn data_len(&self) -> Option<u64> {
         self.data
             .iter()
             .try_fold(0u64, |acc, (_, len)| acc.checked_add(u64::from(*len)))
@@ -141,7 +142,7 @@ impl Request {
         let len = self.data_len()?;
         let offset = self.sector.checked_mul(SECTOR_SIZE)?;
         let end = offset.checked_add(len)?;
-        (len % SECTOR_SIZE == 0 && end <= disk.size).then_some(offset)
+        (len % SECTOR_SIZE == 0 && len <= MAX_REQUEST_BYTES && end <= disk.size).then_some(offset)
     }
 
     /// Runs the request; returns the status byte and how many bytes the device wrote to guest

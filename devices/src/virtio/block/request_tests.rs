@@ -4,7 +4,9 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::{Arc, Mutex};
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -12,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
-use crate::virtio::block::{Block, BlockConfig};
+use crate::virtio::block::{Block, BlockConfig, CHAINS_PER_PASS, MAX_REQUEST_BYTES};
 use crate::virtio::device::VirtioDevice;
 use crate::virtio::{GuestMemoryMmap, status as dev_status};
 
@@ -42,7 +44,9 @@ fn parse_descs(
 ) -> Result<Request, (RequestError, Option<GuestAddress>)> {
     let vq = MockSplitQueue::new(mem, 16);
     let chain = vq.build_desc_chain(descs).unwrap();
-    parse(chain, mem)
+    let descs = crate::virtio::chain::walk(mem, vq.desc_table_addr(), 16, chain.head_index())
+        .expect("a well-formed chain");
+    parse(&descs, mem)
 }
 
 /// A disk of `sectors` sectors whose sector i is filled with byte i.
@@ -259,6 +263,7 @@ fn rig(read_only: bool) -> (Rig, MockSplitQueue<'static, GuestMemoryMmap>) {
         id: "data".into(),
         path: path.clone(),
         read_only,
+        rate_limiter: Default::default(),
     };
     let block = Arc::new(Mutex::new(
         Block::new(cfg, EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap(),
@@ -375,4 +380,113 @@ fn a_descriptor_loop_ends_at_the_queue_size() {
     block.activate(mem.clone(), vec![queue]).unwrap();
     block.process_queue(); // must return, and answer the chain as malformed
     assert_eq!(vq.used().idx().load(), 1);
+}
+
+/// A block device over a fresh disk of `sectors` sectors, and a queue of `size` in `mem`.
+fn rig_sized(
+    mem: &'static GuestMemoryMmap,
+    sectors: u64,
+    size: u16,
+) -> (Arc<Mutex<Block>>, MockSplitQueue<'static, GuestMemoryMmap>) {
+    let (d, path) = disk(sectors, false);
+    drop(d);
+    let cfg = BlockConfig {
+        id: "data".into(),
+        path,
+        read_only: false,
+        rate_limiter: Default::default(),
+    };
+    let block = Block::new(cfg, EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
+    (Arc::new(Mutex::new(block)), MockSplitQueue::new(mem, size))
+}
+
+#[test]
+fn a_full_queue_is_served_a_budget_at_a_time_and_the_handler_comes_back() {
+    let mem: &'static GuestMemoryMmap = Box::leak(Box::new(mem()));
+    let (block, vq) = rig_sized(mem, 16, 256);
+    header(mem, request_type::FLUSH, 0);
+    // 128 FLUSH requests (header, status), filling the 256-entry table.
+    let mut descs = Vec::new();
+    for i in 0..128u16 {
+        descs.extend(chained(
+            &[(HDR, 16, R), (STATUS + u64::from(i), 1, W)],
+            2 * i,
+        ));
+    }
+    vq.add_desc_chains(&descs, 0).unwrap();
+    let queue: Queue = vq.create_queue().unwrap();
+    let mut block = block.lock().unwrap();
+    block.activate(mem.clone(), vec![queue]).unwrap();
+    let queue_evt = block.queue_events()[0].try_clone().unwrap();
+
+    block.process_queue();
+    assert_eq!(vq.used().idx().load() as usize, CHAINS_PER_PASS);
+    assert_eq!(
+        queue_evt.read().unwrap(),
+        1,
+        "the handler asked to come back"
+    );
+    block.process_queue();
+    assert_eq!(vq.used().idx().load(), 128);
+    assert_eq!(queue_evt.read().unwrap(), 1);
+    block.process_queue();
+    assert_eq!(vq.used().idx().load(), 128);
+    assert!(queue_evt.read().is_err(), "nothing left: no new signal");
+    for i in 0..128 {
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+            status::OK
+        );
+    }
+}
+
+#[test]
+fn an_indirect_descriptor_needs_reset_and_its_status_is_not_touched() {
+    let (rig, vq) = rig(false);
+    let mem = &rig.mem;
+    header(mem, request_type::IN, 0);
+    mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+    let table = [
+        RawDescriptor::from(SplitDescriptor::new(
+            HDR,
+            16,
+            (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT) as u16,
+            1,
+        )),
+        RawDescriptor::from(SplitDescriptor::new(STATUS, 1, W, 0)),
+    ];
+    vq.add_desc_chains(&table, 0).unwrap();
+    let queue: Queue = vq.create_queue().unwrap();
+    let mut block = rig.block.lock().unwrap();
+    block.activate(mem.clone(), vec![queue]).unwrap();
+    block.process_queue();
+    assert!(block.interrupt().needs_reset());
+    assert_eq!(vq.used().idx().load(), 1);
+    assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 0);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xee);
+}
+
+#[test]
+fn a_request_larger_than_the_cap_gets_ioerr_and_one_at_the_cap_runs() {
+    // Guest memory and a (sparse) disk big enough for the largest request.
+    let size = MAX_REQUEST_BYTES + 0x10_0000;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
+    let (mut disk, _path) = disk(1, false);
+    disk.file.set_len(2 * size).unwrap();
+    disk.size = 2 * size;
+    let ok = Request {
+        kind: RequestType::In,
+        sector: 0,
+        data: vec![(GuestAddress(0x10_0000), MAX_REQUEST_BYTES as u32)],
+        status: GuestAddress(STATUS),
+    };
+    assert_eq!(ok.execute(&mut disk, &mem).0, status::OK);
+    let too_big = Request {
+        data: vec![
+            (GuestAddress(0x10_0000), MAX_REQUEST_BYTES as u32),
+            (GuestAddress(0x10_0000), 512),
+        ],
+        ..ok
+    };
+    assert_eq!(too_big.execute(&mut disk, &mem), (status::IOERR, 1));
 }

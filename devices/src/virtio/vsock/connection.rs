@@ -25,7 +25,7 @@ use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile}
 
 use super::packet::{Header, Packet};
 use super::{
-    CONN_BUF_SIZE, CONNECT_TIMEOUT, CREDIT_UPDATE_THRESHOLD, Misbehaviour, SHUTDOWN_TIMEOUT, op,
+    CONN_BUF_SIZE, CONNECT_TIMEOUT, GUEST_CONN_BUF_SIZE, Misbehaviour, SHUTDOWN_TIMEOUT, op,
     shutdown,
 };
 
@@ -96,6 +96,10 @@ pub struct Connection {
     pub(super) registered: Option<EventSet>,
     /// The connection is in the muxer's rx queue.
     pub(super) queued: bool,
+    /// The buffer for guest bytes the host has not read, advertised as `buf_alloc`.
+    buf_size: u32,
+    /// The guest opened it (it counts against [`super::MAX_GUEST_CONNECTIONS`]).
+    guest_initiated: bool,
 }
 
 impl Connection {
@@ -123,6 +127,8 @@ impl Connection {
             expiry: None,
             registered: None,
             queued: false,
+            buf_size: CONN_BUF_SIZE,
+            guest_initiated: false,
         }
     }
 
@@ -145,7 +151,19 @@ impl Connection {
     ) -> Self {
         let mut c = Self::new(stream, local_port, peer_port, State::PeerInit);
         c.update_peer_credit(pkt);
+        c.buf_size = GUEST_CONN_BUF_SIZE;
+        c.guest_initiated = true;
         c
+    }
+
+    /// Whether the guest opened this connection.
+    pub fn guest_initiated(&self) -> bool {
+        self.guest_initiated
+    }
+
+    /// The buffer the device advertises to the guest (`buf_alloc`).
+    pub fn buf_size(&self) -> u32 {
+        self.buf_size
     }
 
     /// The connection's state.
@@ -243,7 +261,7 @@ impl Connection {
             Some(Ok(data)) => data,
             _ => return Verdict::Violation(Misbehaviour::BadTxChain),
         };
-        if self.to_host.len() as u64 + u64::from(len) > u64::from(CONN_BUF_SIZE) {
+        if self.to_host.len() as u64 + u64::from(len) > u64::from(self.buf_size) {
             return Verdict::Violation(Misbehaviour::CreditOverrun);
         }
         if self.host_write_shut || self.host_hup {
@@ -281,7 +299,8 @@ impl Connection {
     }
 
     fn note_forwarded(&mut self) {
-        if (self.fwd_cnt - self.fwd_cnt_told).0 >= CREDIT_UPDATE_THRESHOLD {
+        // A quarter of the buffer (CREDIT_UPDATE_THRESHOLD for a host-initiated connection).
+        if (self.fwd_cnt - self.fwd_cnt_told).0 >= self.buf_size / 4 {
             self.credit_update_pending = true;
         }
     }
@@ -429,7 +448,7 @@ impl Connection {
             op,
             flags,
             len,
-            buf_alloc: CONN_BUF_SIZE,
+            buf_alloc: self.buf_size,
             fwd_cnt: self.fwd_cnt.0,
         })
     }

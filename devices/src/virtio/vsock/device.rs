@@ -8,16 +8,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::Bytes;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::Muxer;
 use super::packet::{self, Chain};
 use super::{
-    EVENT_TRANSPORT_RESET, EVQ, LogOnce, MIN_GUEST_CID, Misbehaviour, RXQ, TXQ, VSOCK_QUEUE_SIZES,
-    VsockError,
+    BYTES_PER_PASS, CHAINS_PER_PASS, EVENT_TRANSPORT_RESET, EVQ, LogOnce, MIN_GUEST_CID,
+    Misbehaviour, RXQ, TXQ, VSOCK_QUEUE_SIZES, VsockError,
 };
+use crate::virtio::Budget;
+use crate::virtio::chain::{self, QueueError};
 use crate::virtio::device::read_config_space;
 use crate::virtio::{
     ActivateError, GuestMemoryMmap, Interrupt, Queue, TYPE_VSOCK, VIRTIO_F_VERSION_1,
@@ -50,6 +52,7 @@ pub struct Vsock {
     /// The queue eventfds are registered with the event loop (done once, at first activation).
     pub(super) queues_registered: bool,
     log: LogOnce,
+    pub(super) metrics: Arc<crate::metrics::VsockMetrics>,
 }
 
 impl Vsock {
@@ -97,12 +100,18 @@ impl Vsock {
             active: None,
             queues_registered: false,
             log: LogOnce::default(),
+            metrics: Arc::new(crate::metrics::VsockMetrics::default()),
         })
     }
 
     /// The guest's context id.
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<crate::metrics::VsockMetrics> {
+        self.metrics.clone()
     }
 
     /// Where the device listens for host connections.
@@ -144,7 +153,11 @@ impl Vsock {
             }
         };
         let head = chain.head_index();
-        let written = match chain.next() {
+        let table = GuestAddress(queue.desc_table());
+        let written = match chain::walk(mem, table, queue.size(), head)
+            .ok()
+            .and_then(|_| chain.next())
+        {
             Some(d) if d.is_write_only() && d.len() >= 4 => mem
                 .write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
                 .is_ok(),
@@ -165,7 +178,9 @@ impl Vsock {
         written
     }
 
-    /// Routes every packet the guest put on the tx queue.
+    /// Routes the packets the guest put on the tx queue, a budget's worth per pass
+    /// ([`CHAINS_PER_PASS`], [`BYTES_PER_PASS`]); with more waiting, the queue is signalled again
+    /// so the event loop comes back after serving the rest.
     pub(super) fn process_tx(&mut self, now: Instant) {
         if self.interrupt.needs_reset() {
             return;
@@ -175,32 +190,54 @@ impl Vsock {
         };
         let mem = &active.mem;
         let queue = &mut active.queues[TXQ];
+        let table = GuestAddress(queue.desc_table());
+        let size = queue.size();
+        let mut budget = Budget::new(CHAINS_PER_PASS, BYTES_PER_PASS);
         let mut used = false;
-        let result = (|| -> Result<(), virtio_queue::Error> {
+        let result = (|| -> Result<bool, QueueError> {
             loop {
                 queue.disable_notification(mem)?;
-                while let Some(mut chain) = pop(queue, mem)? {
+                while !budget.spent() {
+                    let Some(mut chain) = pop(queue, mem)? else {
+                        break;
+                    };
                     let head = chain.head_index();
+                    if let Err(e) = chain::walk(mem, table, size, head) {
+                        queue.add_used(mem, head, 0)?;
+                        return Err(e.into());
+                    }
                     match packet::parse_tx(mem, &mut chain) {
-                        Ok(pkt) => self.muxer.recv_tx(&pkt, now),
-                        Err(e) => self.log.warn(
-                            Misbehaviour::BadTxChain,
-                            format_args!("tx chain refused: {e}"),
-                        ),
+                        Ok(pkt) => {
+                            self.metrics.tx_packets_count.inc();
+                            self.metrics.tx_bytes_count.add(u64::from(pkt.len()));
+                            budget.charge(u64::from(pkt.len()));
+                            self.muxer.recv_tx(&pkt, now)
+                        }
+                        Err(e) => {
+                            budget.charge(0);
+                            self.log.warn(
+                                Misbehaviour::BadTxChain,
+                                format_args!("tx chain refused: {e}"),
+                            )
+                        }
                     }
                     queue.add_used(mem, head, 0)?;
                     used = true;
                 }
+                if budget.spent() {
+                    return Ok(true);
+                }
                 // With EVENT_IDX this re-arms notifications and reports chains that raced in.
                 if !queue.enable_notification(mem)? {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         })();
         self.finish(TXQ, used, result);
     }
 
-    /// Gives the guest what the muxer has for it, as long as there are rx buffers.
+    /// Gives the guest what the muxer has for it, as long as there are rx buffers and the pass's
+    /// budget lasts.
     pub(super) fn process_rx(&mut self, now: Instant) {
         if self.interrupt.needs_reset() || !self.muxer.has_rx() {
             return;
@@ -210,27 +247,40 @@ impl Vsock {
         };
         let mem = &active.mem;
         let queue = &mut active.queues[RXQ];
+        let table = GuestAddress(queue.desc_table());
+        let size = queue.size();
+        let mut budget = Budget::new(CHAINS_PER_PASS, BYTES_PER_PASS);
         let mut used = false;
-        let result = (|| -> Result<(), virtio_queue::Error> {
+        let result = (|| -> Result<bool, QueueError> {
             loop {
                 // Notifications stay off while the device needs no buffers; only running out
                 // turns them on.
                 queue.disable_notification(mem)?;
-                while self.muxer.has_rx() {
+                while self.muxer.has_rx() && !budget.spent() {
                     let Some(mut chain) = pop(queue, mem)? else {
                         break;
                     };
                     let head = chain.head_index();
+                    if let Err(e) = chain::walk(mem, table, size, head) {
+                        queue.add_used(mem, head, 0)?;
+                        return Err(e.into());
+                    }
                     let len = match packet::parse_rx(mem, &mut chain) {
                         Ok(mut pkt) => match self.muxer.fill_rx(&mut pkt, now) {
-                            Some(len) => packet::used_len(len),
+                            Some(len) => {
+                                self.metrics.rx_packets_count.inc();
+                                self.metrics.rx_bytes_count.add(u64::from(len));
+                                budget.charge(u64::from(len));
+                                packet::used_len(len)
+                            }
                             None => {
                                 // Nothing after all: the buffer stays available.
                                 queue.go_to_previous_position();
-                                return Ok(());
+                                return Ok(false);
                             }
                         },
                         Err(e) => {
+                            budget.charge(0);
                             self.log.warn(
                                 Misbehaviour::BadRxChain,
                                 format_args!("rx chain refused: {e}"),
@@ -241,18 +291,34 @@ impl Vsock {
                     queue.add_used(mem, head, len)?;
                     used = true;
                 }
+                if budget.spent() {
+                    return Ok(self.muxer.has_rx());
+                }
                 if !self.muxer.has_rx() || !queue.enable_notification(mem)? {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         })();
         self.finish(RXQ, used, result);
     }
 
-    fn finish(&mut self, index: usize, used: bool, result: Result<(), virtio_queue::Error>) {
-        if let Err(e) = result {
-            log::warn!("virtio-vsock: the driver broke queue {index} ({e}); device needs reset");
-            self.interrupt.set_needs_reset();
+    /// Ends a pass over queue `index`: a broken queue needs a reset; a pass that ran out of
+    /// budget with work left signals the queue again; used buffers interrupt the guest.
+    fn finish(&mut self, index: usize, used: bool, result: Result<bool, QueueError>) {
+        match result {
+            Err(e) => {
+                self.log.warn(
+                    Misbehaviour::BrokenQueue,
+                    format_args!("the driver broke queue {index} ({e}); device needs reset"),
+                );
+                self.interrupt.set_needs_reset();
+            }
+            Ok(true) => {
+                if let Err(e) = self.queue_events[index].write(1) {
+                    log::error!("virtio-vsock: cannot re-signal queue {index}: {e}");
+                }
+            }
+            Ok(false) => {}
         }
         if let (true, Some(active)) = (used, self.active.as_mut()) {
             self.interrupt

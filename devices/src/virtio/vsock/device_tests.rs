@@ -6,12 +6,13 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
+use virtio_queue::desc::RawDescriptor;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::virtio::device::VirtioDevice;
 use crate::virtio::vsock::muxer::ConnKey;
 use crate::virtio::vsock::test_utils::{GUEST_CID, Hdr, TempDir, TestGuest};
-use crate::virtio::vsock::{CONN_BUF_SIZE, Vsock, VsockError, op, shutdown};
+use crate::virtio::vsock::{CONN_BUF_SIZE, GUEST_CONN_BUF_SIZE, Vsock, VsockError, op, shutdown};
 use crate::virtio::{TYPE_VSOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, interrupt_status};
 
 fn irq() -> EventFd {
@@ -184,7 +185,7 @@ fn slow_host_reader_bounds_device_buffering() {
             assert_eq!(h.op, op::CREDIT_UPDATE);
             fwd_told = h.fwd_cnt;
         }
-        if sent - fwd_told + chunk > CONN_BUF_SIZE {
+        if sent - fwd_told + chunk > GUEST_CONN_BUF_SIZE {
             break;
         }
         let data: Vec<u8> = (sent..sent + chunk).map(byte).collect();
@@ -192,11 +193,11 @@ fn slow_host_reader_bounds_device_buffering() {
         sent += chunk;
         g.give_rx(1);
         let buffered = g.dev().muxer().connection(key).unwrap().buffered();
-        assert!(buffered <= CONN_BUF_SIZE as usize, "{buffered}");
+        assert!(buffered <= GUEST_CONN_BUF_SIZE as usize, "{buffered}");
     }
     let buffered = g.dev().muxer().connection(key).unwrap().buffered();
     assert!(
-        buffered > CONN_BUF_SIZE as usize / 2 && buffered <= CONN_BUF_SIZE as usize,
+        buffered > GUEST_CONN_BUF_SIZE as usize / 2 && buffered <= GUEST_CONN_BUF_SIZE as usize,
         "{buffered}"
     );
 
@@ -219,7 +220,7 @@ fn slow_host_reader_bounds_device_buffering() {
         "bytes arrive in order"
     );
     assert!(
-        sent - fwd_told < CONN_BUF_SIZE,
+        sent - fwd_told < GUEST_CONN_BUF_SIZE,
         "the guest was given credit back"
     );
     assert_eq!(g.dev().muxer().connection(key).unwrap().buffered(), 0);
@@ -385,4 +386,51 @@ fn timer_fires_without_spinning() {
     assert_eq!(g.em.run_with_timeout(0).unwrap(), 0);
     assert_eq!(g.dev().muxer().handshake_count(), 1);
     assert!(g.dev().timer.is_armed().unwrap());
+}
+
+#[test]
+fn a_full_tx_queue_is_served_a_budget_at_a_time() {
+    let mut g = TestGuest::new();
+    // 100 RSTs for connections that do not exist: each is used and dropped.
+    for i in 0..100 {
+        g.queue_tx(&Hdr::guest(op::RST, 1000 + i, 5).bytes(), &[]);
+    }
+    g.dev().process_tx(std::time::Instant::now());
+    assert_eq!(
+        usize::from(g.txq.used().idx().load()),
+        super::CHAINS_PER_PASS
+    );
+    assert_eq!(
+        g.dev().queue_events()[super::TXQ].read().unwrap(),
+        1,
+        "the handler asked to come back"
+    );
+    g.dev().queue_events()[super::TXQ].write(1).unwrap();
+    g.poll();
+    assert_eq!(g.txq.used().idx().load(), 100);
+    assert!(g.healthy());
+}
+
+#[test]
+fn an_indirect_tx_chain_needs_reset() {
+    let mut g = TestGuest::new();
+    let i = 0;
+    let table = g.txq.desc_table();
+    table
+        .store(
+            i,
+            RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+                0x1000,
+                32,
+                virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16,
+                0,
+            )),
+        )
+        .unwrap();
+    g.txq.avail().ring().ref_at(0).unwrap().store(i);
+    g.txq.avail().idx().store(1);
+    g.dev().queue_events()[super::TXQ].write(1).unwrap();
+    g.poll();
+    assert!(!g.healthy());
+    assert_eq!(g.txq.used().idx().load(), 1);
 }

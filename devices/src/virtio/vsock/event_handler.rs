@@ -79,10 +79,12 @@ impl MutEventSubscriber for Vsock {
             }
             RX_QUEUE => {
                 let _ = self.queue_events[RXQ].read();
+                self.metrics.rx_queue_event_count.inc();
                 self.process_rx(now);
             }
             TX_QUEUE => {
                 let _ = self.queue_events[TXQ].read();
+                self.metrics.tx_queue_event_count.inc();
                 self.process_tx(now);
                 self.process_rx(now);
             }
@@ -117,6 +119,7 @@ impl Vsock {
         {
             if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
                 log::error!("virtio-vsock: cannot watch queue {data}: {e:?}; device needs reset");
+                self.metrics.activate_fails.inc();
                 self.interrupt().set_needs_reset();
                 return;
             }

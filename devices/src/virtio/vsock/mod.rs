@@ -13,6 +13,7 @@
 pub mod connection;
 mod device;
 mod event_handler;
+mod host_socket;
 pub mod muxer;
 pub mod packet;
 mod persist;
@@ -51,10 +52,23 @@ pub const CONN_BUF_SIZE: u32 = 256 * 1024;
 /// The device tells the guest about consumed bytes (CREDIT_UPDATE) once this many were forwarded
 /// since it last told it.
 pub const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_SIZE / 4;
-/// Connections (including host sockets still sending their CONNECT line) the device keeps at once.
+/// Host-initiated connections (including host sockets still sending their CONNECT line) the
+/// device keeps at once.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Guest-initiated connections the device keeps at once, counted apart from the host's, so a
+/// guest opening connections to host listeners can neither pin much host memory nor crowd out
+/// the host's connections to its agent.
+pub const MAX_GUEST_CONNECTIONS: usize = 64;
+/// The buffer (`buf_alloc`) a guest-initiated connection gets for data its host reader has not
+/// taken yet. Guest-initiated connections together hold at most
+/// `MAX_GUEST_CONNECTIONS * GUEST_CONN_BUF_SIZE` (4 MiB).
+pub const GUEST_CONN_BUF_SIZE: u32 = 64 * 1024;
 /// RST packets waiting for an rx buffer; more are dropped (the guest times those connections out).
 pub const MAX_PENDING_RST: usize = 2 * MAX_CONNECTIONS;
+/// Chains one pass over a queue handles at most before the handler yields to the event loop.
+pub const CHAINS_PER_PASS: usize = 64;
+/// Payload bytes one pass over a queue moves at most.
+pub const BYTES_PER_PASS: u64 = 4 << 20;
 /// The longest `CONNECT <port>\n` line accepted, newline included.
 pub const CONNECT_LINE_MAX: usize = 32;
 /// How long a host socket may take to send its CONNECT line.
@@ -154,21 +168,17 @@ pub enum Misbehaviour {
     CreditOverrun,
     /// An event-queue buffer too small for an event.
     BadEventChain,
+    /// The rings or a chain broken (a lying avail index, INDIRECT, a loop): needs reset.
+    BrokenQueue,
 }
 
 /// Remembers which [`Misbehaviour`]s were already logged.
 #[derive(Debug, Default)]
-pub struct LogOnce(u32);
+pub struct LogOnce(crate::virtio::LogOnce);
 
 impl LogOnce {
     /// Logs `msg` at `warn` the first time `kind` happens, at `debug` after that.
     pub fn warn(&mut self, kind: Misbehaviour, msg: std::fmt::Arguments<'_>) {
-        let bit = 1u32 << (kind as u32);
-        if self.0 & bit == 0 {
-            self.0 |= bit;
-            log::warn!("virtio-vsock: {msg} (further ones are logged at debug level)");
-        } else {
-            log::debug!("virtio-vsock: {msg}");
-        }
+        self.0.warn(kind as u32, "virtio-vsock", msg);
     }
 }

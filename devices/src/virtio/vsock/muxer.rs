@@ -8,19 +8,20 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 use vm_memory::bitmap::BitmapSlice;
 
 use event_manager::EventSet;
 
 use super::connection::{Connection, Fill, Verdict};
+use super::host_socket::{connect_nonblocking, reconcile};
 use super::packet::{self, Header, Packet, Refusal};
 use super::{
     CONNECT_LINE_MAX, FIRST_HOST_PORT, HANDSHAKE_TIMEOUT, HOST_CID, LogOnce, MAX_CONNECTIONS,
-    MAX_PENDING_RST, Misbehaviour, op,
+    MAX_GUEST_CONNECTIONS, MAX_PENDING_RST, Misbehaviour, op,
 };
 
 /// A connection's address: the host side's port and the guest side's port.
@@ -76,8 +77,12 @@ pub struct Muxer {
     rst_queue: VecDeque<(u64, ConnKey)>,
     graveyard: Vec<(UnixStream, Option<EventSet>)>,
     next_port: u32,
-    /// Most connections and handshakes at once ([`MAX_CONNECTIONS`]; tests lower it).
+    /// Most host-initiated connections and handshakes at once ([`MAX_CONNECTIONS`]; tests lower
+    /// it).
     limit: usize,
+    /// Guest-initiated connections open now, and the most at once ([`MAX_GUEST_CONNECTIONS`]).
+    guest_conns: usize,
+    guest_limit: usize,
     log: LogOnce,
 }
 
@@ -97,6 +102,8 @@ impl Muxer {
             graveyard: Vec::new(),
             next_port: FIRST_HOST_PORT,
             limit: MAX_CONNECTIONS,
+            guest_conns: 0,
+            guest_limit: MAX_GUEST_CONNECTIONS,
             log: LogOnce::default(),
         }
     }
@@ -121,13 +128,23 @@ impl Muxer {
         self.handshakes.len()
     }
 
+    /// Guest-initiated connections open now.
+    pub fn guest_connection_count(&self) -> usize {
+        self.guest_conns
+    }
+
     fn full(&self) -> bool {
-        self.conns.len() + self.handshakes.len() >= self.limit
+        self.conns.len() - self.guest_conns + self.handshakes.len() >= self.limit
     }
 
     #[cfg(test)]
     pub(super) fn set_limit(&mut self, limit: usize) {
         self.limit = limit;
+    }
+
+    #[cfg(test)]
+    pub(super) fn set_guest_limit(&mut self, limit: usize) {
+        self.guest_limit = limit;
     }
 
     /// Accepts the host connections waiting on the listener (a bounded batch per call).
@@ -244,10 +261,10 @@ impl Muxer {
         self.insert(key, conn);
     }
 
-    /// A host port not used with `peer_port` yet. At most `MAX_CONNECTIONS` keys exist, so one of
-    /// that many + 1 consecutive ports is free.
+    /// A host port not used with `peer_port` yet. At most `MAX_CONNECTIONS +
+    /// MAX_GUEST_CONNECTIONS` keys exist, so one of that many + 1 consecutive ports is free.
     fn alloc_port(&mut self, peer_port: u32) -> Option<u32> {
-        for _ in 0..=MAX_CONNECTIONS {
+        for _ in 0..=MAX_CONNECTIONS + MAX_GUEST_CONNECTIONS {
             let port = self.next_port;
             self.next_port = port.checked_add(1).unwrap_or(FIRST_HOST_PORT);
             if !self.conns.contains_key(&ConnKey {
@@ -261,6 +278,9 @@ impl Muxer {
     }
 
     fn insert(&mut self, key: ConnKey, conn: Connection) {
+        if conn.guest_initiated() {
+            self.guest_conns += 1;
+        }
         self.by_fd.insert(conn.stream().as_raw_fd(), key);
         self.conns.insert(key, conn);
         self.schedule(key);
@@ -298,6 +318,9 @@ impl Muxer {
         let Some(conn) = self.conns.remove(&key) else {
             return;
         };
+        if conn.guest_initiated() {
+            self.guest_conns -= 1;
+        }
         self.by_fd.remove(&conn.stream().as_raw_fd());
         if conn.queued {
             self.rx_ready.retain(|k| *k != key);
@@ -380,10 +403,10 @@ impl Muxer {
     }
 
     fn connect_to_host<B: BitmapSlice>(&mut self, key: ConnKey, pkt: &Packet<'_, B>) {
-        if self.full() {
+        if self.guest_conns >= self.guest_limit {
             log::debug!(
-                "virtio-vsock: {} connections open; guest REQUEST {key:?} refused",
-                self.limit
+                "virtio-vsock: {} guest connections open; guest REQUEST {key:?} refused",
+                self.guest_limit
             );
             self.push_rst(HOST_CID, key);
             return;
@@ -531,63 +554,6 @@ impl Muxer {
             }
         }
     }
-}
-
-/// Brings `fd`'s registration from `registered` to `want`; false if the event loop refused.
-fn reconcile(
-    poller: &mut dyn Poller,
-    fd: RawFd,
-    registered: &mut Option<EventSet>,
-    want: Option<EventSet>,
-) -> bool {
-    let ok = match (*registered, want) {
-        (None, Some(w)) => poller.add(fd, w),
-        (Some(r), Some(w)) if r != w => poller.modify(fd, w),
-        (Some(r), None) => {
-            poller.remove(fd, r);
-            true
-        }
-        _ => return true,
-    };
-    if ok {
-        *registered = want;
-    }
-    ok
-}
-
-/// Connects to the Unix stream socket at `path` without blocking: a listener whose backlog is
-/// full (one that does not accept) fails with `WouldBlock` instead of stalling the event loop.
-fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain data, for which all zeroes is a valid (empty) value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "socket path too long",
-        ));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    let flags = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-    // SAFETY: socket(2) takes no pointers; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, flags, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a socket just created and owned by nothing else.
-    let stream = unsafe { UnixStream::from_raw_fd(fd) };
-    let sa = std::ptr::from_ref(&addr).cast::<libc::sockaddr>();
-    // SAFETY: `sa` points to a live sockaddr_un of at least `len` bytes (the path and its NUL).
-    let ret = unsafe { libc::connect(fd, sa, len as libc::socklen_t) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stream)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::virtio::vsock::test_utils::{GUEST_CID, Hdr, PktBuf, TempDir};
-use crate::virtio::vsock::{CONN_BUF_SIZE, CONNECT_TIMEOUT, shutdown};
+use crate::virtio::vsock::{CONN_BUF_SIZE, CONNECT_TIMEOUT, GUEST_CONN_BUF_SIZE, shutdown};
 
 /// The event loop's registrations, checked for consistency.
 #[derive(Default)]
@@ -377,7 +377,7 @@ fn guest_connect_reaches_the_port_socket() {
     let (resp, _) = h.rx().unwrap();
     assert_eq!(
         (resp.op, resp.src_port, resp.dst_port, resp.buf_alloc),
-        (op::RESPONSE, 8000, 3000, CONN_BUF_SIZE)
+        (op::RESPONSE, 8000, 3000, GUEST_CONN_BUF_SIZE)
     );
     let (mut s, _) = listener.accept().unwrap();
     s.set_nonblocking(true).unwrap();
@@ -429,12 +429,14 @@ fn listener_that_never_accepts_does_not_block() {
 #[test]
 fn connection_limit() {
     let mut h = Harness::new();
-    h.mux.set_limit(2);
+    h.mux.set_limit(1);
+    h.mux.set_guest_limit(1);
     let _l = UnixListener::bind(h.dir.0.join("v.sock_1")).unwrap();
     h.send(Hdr::guest(op::REQUEST, 100, 1), &[]);
     let (_a, _) = h.host(b"CONNECT 5\n");
     assert_eq!(h.mux.connection_count(), 2);
-    // Full: a guest REQUEST is refused, a host connection is closed at once.
+    assert_eq!(h.mux.guest_connection_count(), 1);
+    // Full both ways: a guest REQUEST is refused, a host connection is closed at once.
     h.send(Hdr::guest(op::REQUEST, 101, 1), &[]);
     let mut s = UnixStream::connect(h.dir.0.join("v.sock")).unwrap();
     h.mux.accept(h.now);
@@ -445,6 +447,36 @@ fn connection_limit() {
         .collect();
     assert!(ops.contains(&(op::RST, 101)), "{ops:?}");
     assert_eq!(h.mux.connection_count(), 2);
+}
+
+#[test]
+fn guest_connections_have_their_own_cap_and_a_smaller_buffer() {
+    let mut h = Harness::new();
+    h.mux.set_guest_limit(3);
+    let _l = UnixListener::bind(h.dir.0.join("v.sock_1")).unwrap();
+    for port in 100..110 {
+        h.send(Hdr::guest(op::REQUEST, port, 1), &[]);
+    }
+    let answers: Vec<(u16, u32, u32)> = std::iter::from_fn(|| h.rx())
+        .map(|(p, _)| (p.op, p.dst_port, p.buf_alloc))
+        .collect();
+    let accepted: Vec<_> = answers.iter().filter(|a| a.0 == op::RESPONSE).collect();
+    assert_eq!(accepted.len(), 3, "{answers:?}");
+    assert!(accepted.iter().all(|a| a.2 == GUEST_CONN_BUF_SIZE));
+    assert_eq!(answers.iter().filter(|a| a.0 == op::RST).count(), 7);
+    // The guest's connections leave the host's room alone.
+    let (_a, _) = h.host(b"CONNECT 5\n");
+    assert_eq!(h.mux.connection_count(), 4);
+    assert_eq!(h.mux.guest_connection_count(), 3);
+    // A guest connection may not hold more than its smaller buffer for a host that never reads.
+    let key = ConnKey {
+        local_port: 1,
+        peer_port: 100,
+    };
+    assert_eq!(
+        h.mux.connection(key).unwrap().buf_size(),
+        GUEST_CONN_BUF_SIZE
+    );
 }
 
 #[test]

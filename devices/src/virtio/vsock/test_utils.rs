@@ -263,8 +263,14 @@ impl TestGuest {
         self.send_raw(&h.bytes(), data);
     }
 
-    /// Puts raw header bytes and payload on the tx queue.
+    /// Puts raw header bytes and payload on the tx queue and notifies the device.
     pub fn send_raw(&mut self, hdr: &[u8], data: &[u8]) {
+        self.queue_tx(hdr, data);
+        self.kick(TXQ);
+    }
+
+    /// Puts raw header bytes and payload on the tx queue, without notifying the device.
+    pub fn queue_tx(&mut self, hdr: &[u8], data: &[u8]) {
         let i = self.tx_next;
         self.tx_next = (i + 2) % 256;
         let addr = TX_BASE + u64::from(i) * SLOT;
@@ -280,7 +286,6 @@ impl TestGuest {
             let data_desc = desc(addr + 0x100, data.len() as u32, 0, 0);
             self.txq.add_desc_chains(&[hdr_desc, data_desc], i).unwrap();
         }
-        self.kick(TXQ);
     }
 
     /// Gives the device `n` rx buffers (header descriptor + [`RX_ROOM`] bytes).

@@ -1,0 +1,22 @@
+//! `kiln-mmds`: the microVM metadata service (MMDS), Firecracker's per-VM metadata store that the
+//! guest reads over HTTP at a link-local address (169.254.169.254 unless configured otherwise).
+//!
+//! This room owns what does not depend on how bytes reach the guest:
+//! - [`Mmds`] ([`data_store`]): the JSON document the host sets with `PUT`/`PATCH /mmds`, its size
+//!   limit, and how a path in it is answered (JSON or EC2's IMDS text form);
+//! - [`TokenAuthority`] ([`token`]): MMDS V2's session tokens, stateless (an expiry time signed
+//!   with a per-VM key), so a guest asking for many costs nothing to remember;
+//! - [`respond`] ([`http`]): the guest's HTTP request bytes to the answer's bytes, with V1 and V2
+//!   rules (methods, token headers, `Accept`).
+//!
+//! The network device calls [`respond`] with each complete request it takes from a guest TCP
+//! connection to the MMDS address; `kiln-vmm` shares one [`Mmds`] between that device and the
+//! API. It calls `serde_json`, `httparse`, and `hmac`/`sha2` for the tokens.
+
+pub mod data_store;
+pub mod http;
+pub mod token;
+
+pub use data_store::{Mmds, MmdsError, MmdsVersion, OutputFormat};
+pub use http::{HttpResponse, request_len, respond};
+pub use token::{TokenAuthority, TokenError};

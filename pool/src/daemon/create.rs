@@ -1,0 +1,171 @@
+//! Creating a sandbox: a warm VM of its template when one is ready (its clone step is all that is
+//! left), else one restored on demand; either way the clone step (fresh entropy, the host's time,
+//! the sandbox's environment) runs before it is handed out.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::error::DaemonError;
+use super::sandbox::{Live, Sandbox};
+use super::{Daemon, Warm, new_id, now_s};
+use crate::template::TemplateFiles;
+use crate::template::spec::Spec;
+use crate::types::{CreateSandbox, SandboxInfo, SandboxState};
+use crate::vm::VmProcess;
+
+/// How long a restored VM's agent may take to answer.
+pub const AGENT_WAIT: Duration = Duration::from_secs(60);
+/// The longest lifetime a sandbox may ask for: a day.
+pub const MAX_TIMEOUT_S: u64 = 24 * 3600;
+
+/// Restores the snapshot in `from` into a new VM in `dir` and connects to its agent (no clone
+/// step yet). Cleans up after itself on failure.
+pub fn restore_vm(
+    vmm: &Path,
+    dir: &Path,
+    from: &TemplateFiles,
+) -> Result<(VmProcess, kiln_agent::client::Client), DaemonError> {
+    let result = (|| {
+        let mut vm = VmProcess::spawn(vmm, dir)?;
+        vm.restore(&from.state, &from.memory)?;
+        let client = kiln_agent::client::wait_ready(&vm.vsock, Instant::now() + AGENT_WAIT)?;
+        Ok((vm, client))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
+}
+
+/// Restores `from` into a new VM in `dir` with the clone step done in the same round trip as the
+/// connection (the on-demand path, resume and fork). A VM that fails is killed; the folder is the
+/// caller's to remove (a paused sandbox's holds its snapshot).
+pub fn restore_cloned(
+    vmm: &Path,
+    dir: &Path,
+    from: &TemplateFiles,
+    env: BTreeMap<String, String>,
+) -> Result<(VmProcess, kiln_agent::client::Client), DaemonError> {
+    let mut vm = VmProcess::spawn(vmm, dir)?;
+    vm.restore(&from.state, &from.memory)?;
+    let (client, _) =
+        kiln_agent::client::restore_connect(&vm.vsock, Instant::now() + AGENT_WAIT, env)?;
+    Ok((vm, client))
+}
+
+impl Daemon {
+    /// The template `name` (or id): its record, spec and files.
+    pub fn template_parts(
+        &self,
+        name: &str,
+    ) -> Result<(String, String, Arc<Spec>, TemplateFiles, u32), DaemonError> {
+        let (row, _, max) = self
+            .db()
+            .template(name)?
+            .ok_or_else(|| DaemonError::NotFound(format!("no template named {name}")))?;
+        let spec: Spec = serde_json::from_str(&row.spec_json)
+            .map_err(|e| DaemonError::Internal(format!("template {name}'s stored spec: {e}")))?;
+        let files = TemplateFiles::in_dir(&self.cfg.templates_dir().join(&row.id));
+        Ok((row.id, row.name, Arc::new(spec), files, max))
+    }
+
+    /// Takes a warm VM of template `id`, if one is ready.
+    pub fn take_warm(&self, template_id: &str) -> Option<Warm> {
+        self.warm().get_mut(template_id)?.pop_front()
+    }
+
+    /// Creates a sandbox.
+    pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> Result<SandboxInfo, DaemonError> {
+        let (template_id, template_name, spec, files, max_sandboxes) =
+            self.template_parts(&req.template)?;
+        let timeout_s = req.timeout_s.unwrap_or(self.cfg.default_timeout_s);
+        if timeout_s == 0 || timeout_s > MAX_TIMEOUT_S {
+            return Err(DaemonError::BadRequest(format!(
+                "timeout_s {timeout_s} is outside 1..={MAX_TIMEOUT_S}"
+            )));
+        }
+        for (k, v) in &req.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(DaemonError::BadRequest(format!(
+                    "env: {k:?} is not a variable name"
+                )));
+            }
+        }
+        if max_sandboxes > 0 {
+            let n = self
+                .all_sandboxes()
+                .iter()
+                .filter(|s| s.template_id == template_id)
+                .count();
+            if n as u32 >= max_sandboxes {
+                return Err(DaemonError::Limit(format!(
+                    "template {template_name} already has {n} of its {max_sandboxes} sandboxes"
+                )));
+            }
+        }
+        let env = crate::template::build::sandbox_env(&spec, &req.env);
+        let warm = self.take_warm(&template_id);
+        let starting = match warm {
+            Some(_) => None,
+            None => Some(self.start_vm(spec.mem_mib)?),
+        };
+        let vmm = self.cfg.inputs.vmm.clone();
+        let sandboxes_dir = self.cfg.sandboxes_dir();
+        let files2 = files.clone();
+        let (id, vm, client) = tokio::task::spawn_blocking(move || {
+            match warm {
+                Some(w) => {
+                    // The clone step on the connection the pool made.
+                    match w.client.restored_now(env) {
+                        Ok(_) => Ok((w.id, w.vm, w.client)),
+                        Err(e) => {
+                            let mut vm = w.vm;
+                            vm.kill();
+                            let _ = std::fs::remove_dir_all(&vm.dir);
+                            Err(DaemonError::from(e))
+                        }
+                    }
+                }
+                None => {
+                    let id = new_id();
+                    let dir = sandboxes_dir.join(&id);
+                    match restore_cloned(&vmm, &dir, &files2, env) {
+                        Ok((vm, client)) => Ok((id, vm, client)),
+                        Err(e) => {
+                            let _ = std::fs::remove_dir_all(&dir);
+                            Err(e)
+                        }
+                    }
+                }
+            }
+        })
+        .await??;
+        let now = now_s();
+        let dir: PathBuf = vm.dir.clone();
+        let sb = Arc::new(Sandbox::new(
+            id.clone(),
+            template_id,
+            template_name,
+            spec,
+            now,
+            req.env,
+            req.metadata,
+            dir,
+            Live {
+                state: SandboxState::Running,
+                vm: Some(vm),
+                client: Some(client),
+                expires_at: now + timeout_s,
+                exec_count: 0,
+                memory_from: files.dir.clone(),
+            },
+        ));
+        self.sandboxes().insert(id.clone(), sb.clone());
+        drop(starting);
+        self.save(&sb)?;
+        tracing::info!(sandbox = %id, template = %sb.template_name, "created");
+        Ok(sb.info())
+    }
+}

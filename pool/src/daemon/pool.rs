@@ -1,0 +1,151 @@
+//! Warm pools: for each template with `min_ready` > 0, VMs restored ahead, resumed, their agent
+//! connected, waiting for a create to hand them out (which only runs the clone step). A filler
+//! tops each pool up in the background, a bounded number of restores at a time, within the host
+//! limits (a full host leaves pools short rather than refusing sandboxes).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::create::restore_vm;
+use super::{Daemon, Warm, new_id};
+
+/// How often the filler looks at the pools.
+const FILL_EVERY: Duration = Duration::from_millis(250);
+
+impl Daemon {
+    /// Templates whose pool is short: (template id, memory, how many more to start).
+    fn short_pools(&self) -> Vec<(String, u32, usize)> {
+        let templates = match self.db().templates() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("pool filler: {e}");
+                return Vec::new();
+            }
+        };
+        let filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
+        templates
+            .into_iter()
+            .filter(|t| t.min_ready > 0)
+            .filter_map(|t| {
+                let have = self.warm_count(&t.id) + filling.get(&t.id).copied().unwrap_or(0);
+                let want = t.min_ready as usize;
+                (have < want).then(|| (t.id, t.mem_mib, want - have))
+            })
+            .collect()
+    }
+
+    fn filling_total(&self) -> usize {
+        self.filling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum()
+    }
+
+    /// Starts one warm VM of template `id` in the background, if the host has room.
+    fn start_warm(self: &Arc<Self>, template_id: String, mem_mib: u32) -> bool {
+        let Ok(starting) = self.start_vm(mem_mib) else {
+            return false;
+        };
+        *self
+            .filling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(template_id.clone())
+            .or_default() += 1;
+        let d = self.clone();
+        tokio::spawn(async move {
+            let files = match d.template_parts(&template_id) {
+                Ok((_, _, _, files, _)) => files,
+                Err(e) => {
+                    tracing::warn!(template = %template_id, "pool: {e}");
+                    d.done_filling(&template_id);
+                    return;
+                }
+            };
+            let id = new_id();
+            let (vmm, dir) = (d.cfg.inputs.vmm.clone(), d.cfg.sandboxes_dir().join(&id));
+            let made = tokio::task::spawn_blocking(move || restore_vm(&vmm, &dir, &files)).await;
+            match made {
+                Ok(Ok((vm, client))) => {
+                    let pid = vm.pid();
+                    d.record_warm(&id, &template_id, pid);
+                    d.warm()
+                        .entry(template_id.clone())
+                        .or_default()
+                        .push_back(Warm { id, vm, client });
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(template = %template_id, "pool: a warm VM failed: {e}")
+                }
+                Err(e) => tracing::warn!(template = %template_id, "pool: {e}"),
+            }
+            drop(starting);
+            d.done_filling(&template_id);
+        });
+        true
+    }
+
+    fn done_filling(&self, template_id: &str) {
+        let mut f = self.filling.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = f.get_mut(template_id) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Records a warm VM, so a daemon killed before handing it out cleans it up on restart.
+    fn record_warm(&self, id: &str, template_id: &str, pid: u32) {
+        let row = crate::db::SandboxRow {
+            id: id.into(),
+            template_id: template_id.into(),
+            template_name: String::new(),
+            state: "warm".into(),
+            created_at: super::now_s(),
+            expires_at: 0,
+            env_json: "{}".into(),
+            metadata_json: "{}".into(),
+            vcpus: 0,
+            mem_mib: 0,
+            exec_count: 0,
+            vmm_pid: Some(pid),
+            vmm_start: crate::vm::start_ticks(pid),
+            dir: self.cfg.sandboxes_dir().join(id).display().to_string(),
+            memory_from: String::new(),
+        };
+        if let Err(e) = self.db().put_sandbox(&row) {
+            tracing::warn!("pool: recording a warm VM: {e}");
+        }
+    }
+
+    /// Stops every warm VM (the daemon is stopping; sandboxes keep running).
+    pub async fn stop_warm(self: &Arc<Self>) {
+        let all: Vec<Warm> = self.warm().drain().flat_map(|(_, v)| v).collect();
+        let d = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for mut w in all {
+                w.vm.kill();
+                let _ = std::fs::remove_dir_all(&w.vm.dir);
+                let _ = d.db().remove_sandbox(&w.id);
+            }
+        })
+        .await;
+    }
+
+    /// Tops the pools up, forever; each pass starts at most the free share of
+    /// `refill_concurrency` restores.
+    pub async fn fill_pools(self: Arc<Self>) {
+        loop {
+            for (template_id, mem, missing) in self.short_pools() {
+                for _ in 0..missing {
+                    if self.filling_total() >= self.cfg.refill_concurrency.max(1) {
+                        break;
+                    }
+                    if !self.start_warm(template_id.clone(), mem) {
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(FILL_EVERY).await;
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Starting again after a restart or a crash (SIGKILL included): sandboxes whose VMM still runs
+//! (same pid, same start time) are adopted and their agent reconnected; paused ones are kept;
+//! everything else that a dead daemon left (VMs it never handed out, half-built templates,
+//! folders without a record, fork snapshots nobody maps) is removed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::error::DaemonError;
+use super::sandbox::{Live, Sandbox};
+use super::templates::READY_MARKER;
+use super::{Daemon, now_s};
+use crate::db::SandboxRow;
+use crate::types::SandboxState;
+use crate::vm::{VmProcess, process_alive, start_ticks};
+
+/// How long an adopted sandbox's agent may take to answer again.
+const REJOIN_WAIT: Duration = Duration::from_secs(10);
+
+/// What recovery did, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Running sandboxes adopted.
+    pub adopted: usize,
+    /// Paused sandboxes kept.
+    pub paused: usize,
+    /// Records of dead VMs (and warm VMs never handed out) cleaned up.
+    pub cleaned: usize,
+}
+
+/// True when the row's VMM is still the process it started as.
+fn still_running(row: &SandboxRow) -> bool {
+    match (row.vmm_pid, row.vmm_start) {
+        (Some(pid), Some(start)) => process_alive(pid) && start_ticks(pid) == Some(start),
+        _ => false,
+    }
+}
+
+impl Daemon {
+    /// Recovers from what a previous daemon left; call once before serving.
+    pub fn recover(self: &Arc<Self>) -> Result<Recovered, DaemonError> {
+        let mut done = Recovered::default();
+        for entry in std::fs::read_dir(self.cfg.templates_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !entry.path().join(READY_MARKER).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let rows = self.db().sandboxes()?;
+        for row in rows {
+            match self.recover_one(&row) {
+                Ok(Some(state)) => {
+                    match state {
+                        SandboxState::Running => done.adopted += 1,
+                        SandboxState::Paused => done.paused += 1,
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(sandbox = %row.id, "cannot adopt it: {e}"),
+            }
+            if still_running(&row)
+                && let Some(pid) = row.vmm_pid
+            {
+                VmProcess::adopt(pid, PathBuf::from(&row.dir).as_path()).kill();
+            }
+            let _ = std::fs::remove_dir_all(&row.dir);
+            self.db().remove_sandbox(&row.id)?;
+            done.cleaned += 1;
+        }
+        let known: HashSet<String> = self.all_sandboxes().iter().map(|s| s.id.clone()).collect();
+        for entry in std::fs::read_dir(self.cfg.sandboxes_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !known.contains(&entry.file_name().to_string_lossy().into_owned()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        for entry in std::fs::read_dir(self.cfg.forks_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            self.release_memory_source(&entry.path())?;
+        }
+        Ok(done)
+    }
+
+    /// Brings one record back as a sandbox; `None` when it cannot be (it is then cleaned up).
+    fn recover_one(
+        self: &Arc<Self>,
+        row: &SandboxRow,
+    ) -> Result<Option<SandboxState>, DaemonError> {
+        let state = match row.state.as_str() {
+            "running" if still_running(row) => SandboxState::Running,
+            "paused" if PathBuf::from(&row.memory_from).join("vmstate").exists() => {
+                SandboxState::Paused
+            }
+            _ => return Ok(None),
+        };
+        let (template_id, template_name, spec, _, _) = self.template_parts(&row.template_id)?;
+        let dir = PathBuf::from(&row.dir);
+        let (vm, client) = match state {
+            SandboxState::Running => {
+                let vm = VmProcess::adopt(row.vmm_pid.unwrap_or(0), &dir);
+                let client =
+                    kiln_agent::client::wait_ready(&vm.vsock, Instant::now() + REJOIN_WAIT)?;
+                (Some(vm), Some(client))
+            }
+            SandboxState::Paused => (None, None),
+        };
+        let env: BTreeMap<String, String> = serde_json::from_str(&row.env_json).unwrap_or_default();
+        let metadata: BTreeMap<String, String> =
+            serde_json::from_str(&row.metadata_json).unwrap_or_default();
+        let sb = Arc::new(Sandbox::new(
+            row.id.clone(),
+            template_id,
+            template_name,
+            spec,
+            row.created_at,
+            env,
+            metadata,
+            dir,
+            Live {
+                state,
+                vm,
+                client,
+                // A paused one's `expires_at` is the lifetime it has left (see `pause`).
+                expires_at: match state {
+                    SandboxState::Running => row.expires_at.max(now_s()),
+                    SandboxState::Paused => row.expires_at,
+                },
+                exec_count: row.exec_count,
+                memory_from: PathBuf::from(&row.memory_from),
+            },
+        ));
+        self.sandboxes().insert(row.id.clone(), sb);
+        Ok(Some(state))
+    }
+}

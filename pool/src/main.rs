@@ -1,0 +1,275 @@
+//! `kilnd`: parse the command line, open the state folder, recover what a previous run left,
+//! start the pool filler and the expiry sweeper, and serve the API until SIGTERM or SIGINT
+//! (sandboxes keep running and are adopted by the next start; warm VMs are stopped).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use kiln_pool::daemon::{Config, Daemon};
+use kiln_pool::template::Inputs;
+
+/// Kiln's pool manager: templates, warm pools and sandboxes over an HTTP API.
+#[derive(Debug, Parser)]
+#[command(name = "kilnd", version)]
+struct Args {
+    /// Where kilnd keeps its database, templates and sandboxes [default: /var/lib/kiln as root,
+    /// else $XDG_DATA_HOME/kiln or ~/.local/share/kiln].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The API's Unix socket [default: STATE_DIR/kilnd.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Also serve the API on this local TCP address (e.g. 127.0.0.1:7777), behind a bearer
+    /// token (--token-file or $KILND_TOKEN; there is no default token).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// A file holding the bearer token for --listen.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// kiln-vmm [default: next to kilnd, else on PATH].
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// The guest kernel [default: $KILN_KERNEL, else /kiln/vmlinux].
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// The static guest agent written into templates [default: $KILN_AGENT, else
+    /// /kiln/kiln-agent.static].
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// A folder of Debian images made ahead (debian-<key>.ext4); repeatable [always searched:
+    /// STATE_DIR/images and /kiln/images].
+    #[arg(long)]
+    image_dir: Vec<PathBuf>,
+    /// A sandbox's lifetime when its create request names none, seconds.
+    #[arg(long, default_value_t = 300)]
+    default_timeout: u64,
+    /// Most VMs at once, sandboxes and warm ones (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_vms: u32,
+    /// Most guest memory at once, MiB (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_memory_mib: u64,
+    /// Warm VMs restored at once.
+    #[arg(long, default_value_t = 2)]
+    refill_concurrency: usize,
+}
+
+fn default_state_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/kiln");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("kiln");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    PathBuf::from(home).join(".local/share/kiln")
+}
+
+/// The first of `candidates` that is a file, or an error naming them and the flag.
+fn pick(what: &str, flag: &str, candidates: Vec<PathBuf>) -> Result<PathBuf, String> {
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+            format!("no {what} found (tried {}); give {flag}", tried.join(", "))
+        })
+}
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+fn config(args: &Args) -> Result<Config, String> {
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf));
+    let on_path = |name: &str| {
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|d| d.join(name))
+            .collect::<Vec<_>>()
+    };
+    let vmm = match &args.vmm {
+        Some(p) => pick("kiln-vmm", "--vmm", vec![p.clone()])?,
+        None => {
+            let mut c: Vec<PathBuf> = beside.iter().map(|d| d.join("kiln-vmm")).collect();
+            c.extend(on_path("kiln-vmm"));
+            pick("kiln-vmm", "--vmm", c)?
+        }
+    };
+    let kernel = match &args.kernel {
+        Some(p) => pick("guest kernel", "--kernel", vec![p.clone()])?,
+        None => pick(
+            "guest kernel",
+            "--kernel",
+            env_path("KILN_KERNEL")
+                .into_iter()
+                .chain([PathBuf::from("/kiln/vmlinux")])
+                .collect(),
+        )?,
+    };
+    let agent = match &args.agent {
+        Some(p) => pick("static guest agent", "--agent", vec![p.clone()])?,
+        None => pick(
+            "static guest agent",
+            "--agent",
+            env_path("KILN_AGENT")
+                .into_iter()
+                .chain([PathBuf::from("/kiln/kiln-agent.static")])
+                .collect(),
+        )?,
+    };
+    let mut image_dirs = args.image_dir.clone();
+    image_dirs.push(state_dir.join("images"));
+    image_dirs.push(PathBuf::from("/kiln/images"));
+    if args.refill_concurrency == 0 || args.refill_concurrency > 16 {
+        return Err(format!(
+            "--refill-concurrency {} is outside 1..=16",
+            args.refill_concurrency
+        ));
+    }
+    Ok(Config {
+        state_dir,
+        inputs: Inputs {
+            vmm,
+            kernel,
+            agent,
+            image_dirs,
+        },
+        default_timeout_s: args.default_timeout,
+        max_vms: args.max_vms,
+        max_memory_mib: args.max_memory_mib,
+        refill_concurrency: args.refill_concurrency,
+    })
+}
+
+/// The token for --listen: from --token-file, else $KILND_TOKEN; never a default.
+fn token(args: &Args) -> Result<String, String> {
+    let token = match &args.token_file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| format!("--token-file {}: {e}", f.display()))?
+            .trim()
+            .to_string(),
+        None => std::env::var("KILND_TOKEN").unwrap_or_default(),
+    };
+    if token.len() < 16 {
+        return Err(
+            "--listen needs a bearer token of at least 16 characters in --token-file or $KILND_TOKEN"
+                .into(),
+        );
+    }
+    Ok(token)
+}
+
+/// Binds the Unix socket, replacing a stale one (nothing answers on it) but never a live one.
+fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, String> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "{} is in use: another kilnd serves this state folder",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("removing stale {}: {e}", path.display()))?;
+    }
+    tokio::net::UnixListener::bind(path).map_err(|e| format!("binding {}: {e}", path.display()))
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let cfg = config(&args)?;
+    let tcp_token = args.listen.map(|_| token(&args)).transpose()?;
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| cfg.state_dir.join("kilnd.sock"));
+    let daemon = Daemon::open(cfg).map_err(|e| e.to_string())?;
+    let d2 = daemon.clone();
+    let recovered = tokio::task::spawn_blocking(move || d2.recover())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    tracing::info!(?recovered, "recovered");
+    let listener = bind_socket(&socket)?;
+    tokio::spawn(daemon.clone().fill_pools());
+    let sweeper = daemon.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for id in sweeper.sweep_expired().await {
+                tracing::info!(sandbox = %id, "expired");
+            }
+        }
+    });
+    if let (Some(addr), Some(token)) = (args.listen, tcp_token) {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--listen {addr}: {e}"))?;
+        let app = kiln_pool::api::tcp_router(daemon.clone(), token);
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(tcp, app).await {
+                tracing::error!("the TCP listener stopped: {e}");
+            }
+        });
+        tracing::info!(%addr, "serving on TCP (bearer token)");
+    }
+    tracing::info!(socket = %socket.display(), "serving");
+    let app = kiln_pool::api::router(daemon.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    daemon.stop_warm().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping: sandboxes keep running for the next start");
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILND_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kilnd: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kilnd: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! Building a template: root filesystem image with the agent -> boot with the root writable and
+//! run the build steps -> boot again read-only (under the agent's tmpfs overlay) -> start ->
+//! ready -> Full snapshot. The result is stored under its content key ([`super::key`]), so an
+//! unchanged spec is a cache hit; it is built in its final folder (the snapshot names the root
+//! image's path) behind a `building` marker, and removed again if anything fails.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kiln_agent::client::{Client, ExecOutput, wait_ready};
+use kiln_agent::protocol::{ExecSpec, ExitStatus};
+
+use super::rootfs::{self, RootfsError};
+use super::spec::Spec;
+use super::{Inputs, TemplateFiles};
+use crate::types::BuildEvent;
+use crate::vm::{VmError, VmProcess};
+
+/// How long a booting template VM may take to answer.
+const BOOT_WAIT: Duration = Duration::from_secs(180);
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The root filesystem could not be made.
+    #[error("root filesystem: {0}")]
+    Rootfs(#[from] RootfsError),
+    /// The OCI image could not be unpacked.
+    #[error("OCI image: {0}")]
+    Oci(#[from] super::oci::OciError),
+    /// The Debian tree could not be made.
+    #[error("Debian packages: {0}")]
+    Debian(String),
+    /// A template VM failed.
+    #[error("{step}: {err}")]
+    Vm {
+        /// The build step.
+        step: String,
+        /// What the VMM said.
+        err: VmError,
+    },
+    /// The agent in a template VM failed.
+    #[error("{step}: {err}")]
+    Agent {
+        /// The build step.
+        step: String,
+        /// What went wrong.
+        err: kiln_agent::client::Error,
+    },
+    /// A build command failed.
+    #[error("build step {index} ({command:?}) exited with {status}")]
+    Step {
+        /// 1-based.
+        index: usize,
+        /// The command.
+        command: String,
+        /// How it ended.
+        status: String,
+    },
+    /// The ready check never passed.
+    #[error("the ready check {command:?} did not pass within {timeout_s} s (last: {last})")]
+    NotReady {
+        /// The check.
+        command: String,
+        /// Its limit.
+        timeout_s: u64,
+        /// How its last try ended.
+        last: String,
+    },
+    /// A file in the store could not be written.
+    #[error("{path}: {err}")]
+    Store {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        err: std::io::Error,
+    },
+}
+
+fn vm_err(step: &str) -> impl FnOnce(VmError) -> BuildError + '_ {
+    move |err| BuildError::Vm {
+        step: step.into(),
+        err,
+    }
+}
+
+fn agent_err(step: &str) -> impl FnOnce(kiln_agent::client::Error) -> BuildError + '_ {
+    move |err| BuildError::Agent {
+        step: step.into(),
+        err,
+    }
+}
+
+/// The template's command spec for `command`, with the template's env, workdir and user.
+pub fn shell(spec: &Spec, command: &str) -> ExecSpec {
+    let mut e = ExecSpec::new(["/bin/sh", "-c", command]);
+    e.env = spec.env.clone();
+    e.cwd = spec.workdir.clone();
+    e.user = spec.user.clone();
+    e
+}
+
+/// Runs `e` to its end, passing each output line to `say`; returns how it ended.
+fn run_streaming(
+    client: &Client,
+    e: ExecSpec,
+    say: &mut dyn FnMut(BuildEvent),
+) -> Result<ExitStatus, kiln_agent::client::Error> {
+    let mut exec = client.exec(e)?;
+    let mut pending = Vec::new();
+    loop {
+        match exec.next_output()? {
+            Some(ExecOutput::Stdout(b) | ExecOutput::Stderr(b)) => {
+                pending.extend_from_slice(&b);
+                while let Some(nl) = pending.iter().position(|&c| c == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=nl).collect();
+                    say(BuildEvent::Output {
+                        line: String::from_utf8_lossy(&line).trim_end().to_string(),
+                    });
+                }
+            }
+            Some(ExecOutput::Exit(status)) => {
+                if !pending.is_empty() {
+                    say(BuildEvent::Output {
+                        line: String::from_utf8_lossy(&pending).trim_end().to_string(),
+                    });
+                }
+                return Ok(status);
+            }
+            None => {
+                return Err(kiln_agent::client::Error::Protocol(
+                    "exec ended without a status".into(),
+                ));
+            }
+        }
+    }
+}
+
+/// Makes `files.rootfs` from the spec's source.
+fn make_rootfs(
+    spec: &Spec,
+    inputs: &Inputs,
+    files: &TemplateFiles,
+    say: &mut dyn FnMut(BuildEvent),
+) -> Result<(), BuildError> {
+    say(BuildEvent::Step {
+        name: "root filesystem".into(),
+    });
+    let made_ahead = spec
+        .from
+        .debian
+        .as_ref()
+        .and_then(|d| super::debian::cached_image(d, &inputs.image_dirs));
+    if let Some(image) = spec.from.image.as_ref().or(made_ahead.as_ref()) {
+        rootfs::image_from_image(image, &files.rootfs, spec.disk_mib, &inputs.agent)?;
+        return Ok(());
+    }
+    let tree = files.dir.join("tree");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(&tree).map_err(|err| BuildError::Store {
+        path: tree.clone(),
+        err,
+    })?;
+    let result = (|| {
+        if let Some(dir) = &spec.from.dir {
+            rootfs::run(
+                std::process::Command::new("cp")
+                    .arg("-a")
+                    .arg(format!("{}/.", dir.display()))
+                    .arg(&tree),
+                "cp",
+                "coreutils",
+            )?;
+        } else if let Some(oci) = &spec.from.oci {
+            super::oci::unpack(oci, &tree)?;
+        } else if let Some(debian) = &spec.from.debian {
+            super::debian::tree(debian, &tree, inputs).map_err(BuildError::Debian)?;
+        }
+        rootfs::prepare_tree(&tree, &inputs.agent)?;
+        rootfs::image_from_tree(&tree, &files.rootfs, spec.disk_mib)?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&tree);
+    result
+}
+
+/// Boots the root writable and runs the build steps, then shuts the VM down (the changes stay
+/// in the image).
+fn run_steps(
+    spec: &Spec,
+    inputs: &Inputs,
+    files: &TemplateFiles,
+    say: &mut dyn FnMut(BuildEvent),
+) -> Result<(), BuildError> {
+    say(BuildEvent::Step {
+        name: format!(
+            "boot with the root writable for {} build step(s)",
+            spec.run.len()
+        ),
+    });
+    let mut vm =
+        VmProcess::spawn(&inputs.vmm, &files.dir.join("vm-steps")).map_err(vm_err("boot"))?;
+    vm.boot(
+        &inputs.kernel,
+        &files.rootfs,
+        true,
+        spec.vcpus,
+        spec.mem_mib,
+    )
+    .map_err(vm_err("boot"))?;
+    let client = wait_ready(&vm.vsock, Instant::now() + BOOT_WAIT).map_err(agent_err("boot"))?;
+    for (i, command) in spec.run.iter().enumerate() {
+        say(BuildEvent::Step {
+            name: format!("build step {}/{}: {command}", i + 1, spec.run.len()),
+        });
+        let status =
+            run_streaming(&client, shell(spec, command), say).map_err(agent_err("build step"))?;
+        if status != ExitStatus::Exited(0) {
+            return Err(BuildError::Step {
+                index: i + 1,
+                command: command.clone(),
+                status: format!("{status:?}"),
+            });
+        }
+    }
+    // A clean shutdown syncs the file system; the VMM then exits on its own.
+    let _ = client.shutdown();
+    drop(client);
+    if vm.wait_exit(Duration::from_secs(60)).is_none() {
+        vm.kill();
+        return Err(BuildError::Vm {
+            step: "shutting down after the build steps".into(),
+            err: VmError::Exited {
+                status: "still running after 60 s; killed".into(),
+                said: String::new(),
+            },
+        });
+    }
+    let _ = std::fs::remove_dir_all(files.dir.join("vm-steps"));
+    Ok(())
+}
+
+/// Boots read-only, starts the start command, waits for ready, and snapshots.
+fn snapshot(
+    spec: &Spec,
+    inputs: &Inputs,
+    files: &TemplateFiles,
+    say: &mut dyn FnMut(BuildEvent),
+) -> Result<(), BuildError> {
+    say(BuildEvent::Step {
+        name: "boot for the snapshot".into(),
+    });
+    let mut vm =
+        VmProcess::spawn(&inputs.vmm, &files.dir.join("vm-snap")).map_err(vm_err("boot"))?;
+    vm.boot(
+        &inputs.kernel,
+        &files.rootfs,
+        false,
+        spec.vcpus,
+        spec.mem_mib,
+    )
+    .map_err(vm_err("boot"))?;
+    let client = wait_ready(&vm.vsock, Instant::now() + BOOT_WAIT).map_err(agent_err("boot"))?;
+    if let Some(start) = &spec.start {
+        say(BuildEvent::Step {
+            name: format!("start: {start}"),
+        });
+        // Detached from the agent's connection (which the snapshot resets), with its output kept.
+        let detached = format!(
+            "setsid /bin/sh -c {} </dev/null >/var/log/kiln-start.log 2>&1 &",
+            sh_quote(start)
+        );
+        let status =
+            run_streaming(&client, shell(spec, &detached), say).map_err(agent_err("start"))?;
+        if status != ExitStatus::Exited(0) {
+            return Err(BuildError::Step {
+                index: 0,
+                command: start.clone(),
+                status: format!("{status:?}"),
+            });
+        }
+    }
+    if let Some(ready) = &spec.ready {
+        say(BuildEvent::Step {
+            name: format!("ready: {ready}"),
+        });
+        let end = Instant::now() + Duration::from_secs(spec.ready_timeout_s);
+        loop {
+            let out = client.run(shell(spec, ready)).map_err(agent_err("ready"))?;
+            if out.status == ExitStatus::Exited(0) {
+                break;
+            }
+            if Instant::now() > end {
+                return Err(BuildError::NotReady {
+                    command: ready.clone(),
+                    timeout_s: spec.ready_timeout_s,
+                    last: format!(
+                        "{:?}: {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // Warm what every sandbox's first command touches, so it is in the snapshot's page cache.
+    let _ = client.run(shell(spec, "true"));
+    drop(client);
+    say(BuildEvent::Step {
+        name: "snapshot".into(),
+    });
+    vm.pause().map_err(vm_err("pause"))?;
+    vm.snapshot(&files.state, &files.memory)
+        .map_err(vm_err("snapshot"))?;
+    vm.kill();
+    drop(vm);
+    let _ = std::fs::remove_dir_all(files.dir.join("vm-snap"));
+    Ok(())
+}
+
+/// Quotes `s` for `sh` in single quotes.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Builds `spec` into `files` (whose folder exists and is empty but for the marker).
+pub fn build(
+    spec: &Spec,
+    inputs: &Inputs,
+    files: &TemplateFiles,
+    say: &mut dyn FnMut(BuildEvent),
+) -> Result<(), BuildError> {
+    make_rootfs(spec, inputs, files, say)?;
+    if !spec.run.is_empty() {
+        run_steps(spec, inputs, files, say)?;
+    }
+    snapshot(spec, inputs, files, say)?;
+    let spec_json = serde_json::to_vec_pretty(spec).unwrap_or_default();
+    std::fs::write(files.dir.join("spec.json"), spec_json).map_err(|err| BuildError::Store {
+        path: files.dir.join("spec.json"),
+        err,
+    })?;
+    Ok(())
+}
+
+/// The environment a sandbox of `spec` starts its commands with: the template's, then the
+/// sandbox's own over it.
+pub fn sandbox_env(spec: &Spec, own: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut env = spec.env.clone();
+    env.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_quotes() {
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn sandbox_env_sits_over_the_template_env() {
+        let spec =
+            Spec::parse("name = \"t\"\nenv = { A = \"1\", B = \"2\" }\n[from]\nimage = \"/x\"\n")
+                .unwrap();
+        let own = BTreeMap::from([("B".to_string(), "mine".to_string())]);
+        let env = sandbox_env(&spec, &own);
+        assert_eq!(env["A"], "1");
+        assert_eq!(env["B"], "mine");
+    }
+}

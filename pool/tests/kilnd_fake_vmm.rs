@@ -1,0 +1,403 @@
+//! kilnd end to end on the host, with the CLI tests' stand-in VMM (this test binary, run with
+//! `KILN_FAKE_VMM`, serving the real agent code in-process behind a vsock socket): everything
+//! kilnd does is real — template builds (root image with e2fsprogs, build steps, start, ready,
+//! snapshot files), the database, warm pools, sandboxes, exec, files, fork, pause and resume,
+//! expiry, limits, and a restart after SIGKILL — except that the "guest" is this host. The build
+//! steps and commands therefore only touch this test's own folder.
+
+#[path = "../../cli/tests/fake_vmm/vmm.rs"]
+mod fake_vmm;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use kiln_pool::client::{ClientError, Kilnd};
+use kiln_pool::template::spec::Spec;
+use kiln_pool::types::{
+    BuildEvent, CreateSandbox, ExecEvent, ExecRequest, PoolSettings, SandboxState,
+};
+
+fn main() {
+    fake_vmm::main(&[("kilnd_end_to_end_with_a_stand_in_vmm", end_to_end)]);
+}
+
+/// A kilnd process on a state folder.
+struct Daemon {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
+        let sock = dir.join("state/kilnd.sock");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("kilnd.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--vmm")
+            .arg(std::env::current_exe().unwrap())
+            .arg("--kernel")
+            .arg(dir.join("vmlinux"))
+            .arg("--agent")
+            .arg(dir.join("agent"))
+            .args(["--max-vms", "4", "--default-timeout", "120"])
+            .env("KILN_FAKE_VMM", "agent")
+            .env_remove("KILN_FAKE_VMM_LOG")
+            .env_remove("KILN_FAKE_VMM_API_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                Instant::now() < end,
+                "kilnd did not listen; see {}/kilnd.log",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon { child, sock }
+    }
+
+    fn client(&self) -> Kilnd {
+        Kilnd::new(&self.sock)
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    fn stop(mut self) {
+        // SAFETY: kill(2) with a pid and a signal touches no memory.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "kilnd exited with {status}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `argv` in sandbox `id`: (stdout, exit code).
+fn run(k: &Kilnd, id: &str, argv: &[&str]) -> (String, Option<i32>) {
+    let mut out = Vec::new();
+    let last = k
+        .exec(
+            id,
+            &ExecRequest {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+            |ev| {
+                if let ExecEvent::Stdout { data_b64 } = ev {
+                    out.extend(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(data_b64)
+                            .unwrap(),
+                    );
+                }
+            },
+        )
+        .unwrap();
+    match last {
+        ExecEvent::Exit { exit_code, .. } => (String::from_utf8(out).unwrap(), exit_code),
+        other => panic!("{argv:?}: {other:?}"),
+    }
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn status(e: ClientError) -> (u16, String) {
+    match e {
+        ClientError::Api { status, message } => (status, message),
+        other => panic!("{other}"),
+    }
+}
+
+fn end_to_end() {
+    let dir = std::env::temp_dir().join(format!("kilnd-fake-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("tree/etc")).unwrap();
+    std::fs::write(dir.join("tree/etc/hello"), "hi\n").unwrap();
+    std::fs::write(dir.join("vmlinux"), "kernel").unwrap();
+    std::fs::write(dir.join("agent"), vec![0x7f; 4096]).unwrap();
+    let out = dir.display().to_string();
+    let d = Daemon::start(&dir);
+    let k = d.client();
+
+    // A build: root image, a build step, the start command, the ready check, the snapshot.
+    let spec = Spec::parse(&format!(
+        r#"name = "t"
+run = ['echo built >> "$OUT/steps"']
+env = {{ OUT = "{out}", WHO = "template" }}
+start = 'echo started >> "$OUT/starts"'
+ready = 'test -f "$OUT/starts"'
+[from]
+dir = "{out}/tree"
+"#
+    ))
+    .unwrap();
+    let mut steps = Vec::new();
+    let last = k
+        .build(&spec, |ev| {
+            if let BuildEvent::Step { name } = ev {
+                steps.push(name.clone());
+            }
+        })
+        .unwrap();
+    let BuildEvent::Done {
+        template,
+        cached: false,
+    } = last
+    else {
+        panic!("{last:?}")
+    };
+    assert_eq!(template.name, "t");
+    assert!(
+        steps.iter().any(|s| s.contains("build step 1/1")),
+        "{steps:?}"
+    );
+    assert!(steps.iter().any(|s| s == "snapshot"), "{steps:?}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("steps")).unwrap(),
+        "built\n"
+    );
+    let stored = dir.join("state/templates").join(&template.id);
+    for f in ["rootfs.ext4", "vmstate", "memory", "spec.json", "ready"] {
+        assert!(stored.join(f).exists(), "{f} is missing from the template");
+    }
+    // The same spec again is found, not rebuilt.
+    let again = k.build(&spec, |_| {}).unwrap();
+    assert!(
+        matches!(again, BuildEvent::Done { cached: true, .. }),
+        "{again:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("steps")).unwrap(),
+        "built\n"
+    );
+    // A bad source is named.
+    let bad = Spec::parse(&format!("name = \"bad\"\n[from]\ndir = \"{out}/nope\"\n")).unwrap();
+    match k.build(&bad, |_| {}).unwrap() {
+        BuildEvent::Failed { message } => assert!(message.contains("nope"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+
+    // A sandbox: its environment over the template's; exit codes; a program that is missing.
+    let sb = k
+        .create(&CreateSandbox {
+            template: "t".into(),
+            env: [("WHO".to_string(), "a".to_string())].into(),
+            metadata: [("team".to_string(), "x".to_string())].into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        (sb.state, sb.template.as_str()),
+        (SandboxState::Running, "t")
+    );
+    assert_eq!(
+        run(&k, &sb.id, &["sh", "-c", "echo $WHO-$OUT"]),
+        (format!("a-{out}\n"), Some(0))
+    );
+    assert_eq!(run(&k, &sb.id, &["sh", "-c", "exit 3"]).1, Some(3));
+    let last = k
+        .exec(
+            &sb.id,
+            &ExecRequest {
+                argv: vec!["/nonexistent".into()],
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .unwrap();
+    assert!(
+        matches!(
+            last,
+            ExecEvent::Error {
+                could_not_start: true,
+                ..
+            }
+        ),
+        "{last:?}"
+    );
+    // stdin.
+    let mut echoed = Vec::new();
+    k.exec(
+        &sb.id,
+        &ExecRequest {
+            argv: vec!["cat".into()],
+            stdin_b64: Some(base64::engine::general_purpose::STANDARD.encode(b"through stdin")),
+            ..Default::default()
+        },
+        |ev| {
+            if let ExecEvent::Stdout { data_b64 } = ev {
+                echoed.extend(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(data_b64)
+                        .unwrap(),
+                );
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(echoed, b"through stdin");
+
+    // Files.
+    let f = format!("{out}/files/a.txt");
+    k.write_file(&sb.id, &f, b"some bytes").unwrap();
+    assert_eq!(k.read_file(&sb.id, &f).unwrap(), b"some bytes");
+    let names: Vec<String> = k
+        .list_dir(&sb.id, &format!("{out}/files"))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["a.txt"]);
+    let (code, msg) = status(
+        k.read_file(&sb.id, &format!("{out}/files/none"))
+            .unwrap_err(),
+    );
+    assert_eq!(code, 404, "{msg}");
+    let (code, msg) = status(k.read_file(&sb.id, "relative").unwrap_err());
+    assert!(code == 400 && msg.contains("not absolute"), "{msg}");
+
+    // Unknown things are named.
+    let (code, msg) = status(
+        k.create(&CreateSandbox {
+            template: "nope".into(),
+            ..Default::default()
+        })
+        .unwrap_err(),
+    );
+    assert!(code == 404 && msg.contains("nope"), "{msg}");
+    let (code, _) = status(k.sandbox("nope").unwrap_err());
+    assert_eq!(code, 404);
+
+    // A warm pool: two ready, a create takes one, the filler tops it up.
+    k.set_pool(
+        "t",
+        &PoolSettings {
+            min_ready: 2,
+            max_sandboxes: 0,
+        },
+    )
+    .unwrap();
+    let ready = || k.templates().unwrap()[0].ready;
+    wait_for("two warm VMs", || ready() == 2);
+    let warm = k
+        .create(&CreateSandbox {
+            template: "t".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        run(&k, &warm.id, &["sh", "-c", "echo $WHO"]).0,
+        "template\n"
+    );
+    wait_for("the pool refilled", || ready() == 2);
+    k.set_pool(
+        "t",
+        &PoolSettings {
+            min_ready: 0,
+            max_sandboxes: 0,
+        },
+    )
+    .unwrap();
+
+    // Fork; then the host limit (4 VMs, warm ones included until the pool is emptied).
+    k.kill(&warm.id).unwrap();
+    let forks = k.fork(&sb.id, 2).unwrap();
+    assert_eq!(forks.len(), 2);
+    for f in &forks {
+        assert_eq!(run(&k, &f.id, &["sh", "-c", "echo $WHO"]).0, "a\n");
+        assert_eq!(f.metadata.get("team").map(String::as_str), Some("x"));
+    }
+    // One more fits under the limit of 4 VMs; the next is refused.
+    let (code, msg) = loop {
+        match k.create(&CreateSandbox {
+            template: "t".into(),
+            ..Default::default()
+        }) {
+            Ok(_) => continue,
+            Err(e) => break status(e),
+        }
+    };
+    assert!(code == 429 && msg.contains("host limit"), "{msg}");
+
+    // Pause to disk and resume.
+    let paused = k.pause(&sb.id).unwrap();
+    assert_eq!(paused.state, SandboxState::Paused);
+    let (code, msg) = status(
+        k.exec(
+            &sb.id,
+            &ExecRequest {
+                argv: vec!["true".into()],
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .unwrap_err(),
+    );
+    assert!(code == 409 && msg.contains("paused"), "{msg}");
+    assert_eq!(k.resume(&sb.id).unwrap().state, SandboxState::Running);
+    assert_eq!(run(&k, &sb.id, &["sh", "-c", "echo back"]).0, "back\n");
+
+    // A restart after SIGKILL adopts what runs and keeps what is paused.
+    k.pause(&forks[1].id).unwrap();
+    let before = k.sandboxes().unwrap();
+    drop(d);
+    let d = Daemon::start(&dir);
+    let k = d.client();
+    let after = k.sandboxes().unwrap();
+    assert_eq!(
+        after.iter().map(|s| (&s.id, s.state)).collect::<Vec<_>>(),
+        before.iter().map(|s| (&s.id, s.state)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        run(&k, &forks[0].id, &["sh", "-c", "echo adopted"]).0,
+        "adopted\n"
+    );
+    assert_eq!(k.resume(&forks[1].id).unwrap().state, SandboxState::Running);
+
+    // Expiry kills; metrics count; kill removes everything.
+    k.set_timeout(&forks[0].id, 1).unwrap();
+    wait_for("the sandbox to expire", || k.sandbox(&forks[0].id).is_err());
+    let metrics = k.metrics().unwrap();
+    assert!(
+        metrics.contains("kiln_sandboxes{state=\"running\"}"),
+        "{metrics}"
+    );
+    for s in k.sandboxes().unwrap() {
+        k.kill(&s.id).unwrap();
+    }
+    assert!(k.sandboxes().unwrap().is_empty());
+    k.remove_template("t").unwrap();
+    assert!(k.templates().unwrap().is_empty());
+    assert!(!stored.exists(), "the template's files were removed");
+    d.stop();
+    assert!(!dir.join("state/kilnd.sock").exists());
+    // Nothing is left in the sandboxes folder.
+    let left: Vec<_> = std::fs::read_dir(dir.join("state/sandboxes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,277 @@
+//! `kiln-lab-bench pool [--runs N]`: kilnd in the lab. With the bundled `python` template
+//! (512 MiB) built:
+//!
+//! - create -> first exec result (`true`), p50/p99 over N, from a warm pool and from a cold one,
+//!   against the exec round trip of a sandbox already running and against `kiln run` (a boot);
+//! - sustained creates per second (create, exec, kill) at concurrency 1 and 4;
+//! - the memory (PSS) of 50 idle sandboxes of the template, per sandbox;
+//! - a fork of a sandbox into 4 clones: time until all four answer.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_pool::client::Kilnd;
+use kiln_pool::template::spec::Spec;
+use kiln_pool::types::{BuildEvent, CreateSandbox, ExecEvent, ExecRequest, PoolSettings};
+use kiln_tests::ScratchDir;
+
+use crate::exec::percentiles;
+
+/// kilnd on a state folder (killed when dropped).
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(state: &Path) -> Result<(Daemon, Kilnd), String> {
+    let sock = state.join("kilnd.sock");
+    let child = Command::new("kilnd")
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--max-vms", "60"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting kilnd: {e}"))?;
+    let d = Daemon(child);
+    let end = Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if Instant::now() > end {
+            return Err("kilnd did not listen".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((d, Kilnd::new(sock)))
+}
+
+fn exec_true(k: &Kilnd, id: &str) -> Result<(), String> {
+    let last = k
+        .exec(
+            id,
+            &ExecRequest {
+                argv: vec!["true".into()],
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .map_err(|e| e.to_string())?;
+    match last {
+        ExecEvent::Exit {
+            exit_code: Some(0), ..
+        } => Ok(()),
+        other => Err(format!("true: {other:?}")),
+    }
+}
+
+fn create(k: &Kilnd) -> Result<String, String> {
+    Ok(k.create(&CreateSandbox {
+        template: "python".into(),
+        timeout_s: Some(3600),
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())?
+    .id)
+}
+
+/// Create -> first result for one sandbox; it is killed afterwards (not timed).
+fn create_to_result(k: &Kilnd) -> Result<Duration, String> {
+    let t = Instant::now();
+    let id = create(k)?;
+    exec_true(k, &id)?;
+    let took = t.elapsed();
+    k.kill(&id).map_err(|e| e.to_string())?;
+    Ok(took)
+}
+
+fn wait_ready(k: &Kilnd, n: u32) -> Result<(), String> {
+    let end = Instant::now() + Duration::from_secs(300);
+    loop {
+        let t = k.templates().map_err(|e| e.to_string())?;
+        if t.iter()
+            .find(|t| t.name == "python")
+            .is_some_and(|t| t.ready >= n)
+        {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            return Err(format!("the pool never had {n} ready"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The pids of kiln-vmm processes running in `state`'s sandbox folders.
+fn vmm_pids(state: &Path) -> Vec<u32> {
+    let dir = state.join("sandboxes").display().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmd).contains(&dir).then_some(pid)
+        })
+        .collect()
+}
+
+/// Runs the benchmark.
+pub fn run(runs: usize) -> Result<(), String> {
+    let scratch = ScratchDir::new("bench-pool");
+    let state: PathBuf = kiln_tests::lab_dir().join("bench-pool-state");
+    let _ = std::fs::remove_dir_all(&state);
+    let (_d, k) = start(&state)?;
+    let spec = Spec::load(&kiln_tests::lab_dir().join("examples/python.toml"))
+        .map_err(|e| e.to_string())?;
+    match k.build(&spec, |_| {}).map_err(|e| e.to_string())? {
+        BuildEvent::Done { .. } => {}
+        other => return Err(format!("building the python template: {other:?}")),
+    }
+
+    // Cold: nothing warm.
+    let mut cold = Vec::new();
+    for _ in 0..runs {
+        cold.push(create_to_result(&k)?);
+    }
+    // Warm: a pool kept at 2, refilled between creates.
+    k.set_pool(
+        "python",
+        &PoolSettings {
+            min_ready: 2,
+            max_sandboxes: 0,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let mut warm = Vec::new();
+    for _ in 0..runs {
+        wait_ready(&k, 2)?;
+        warm.push(create_to_result(&k)?);
+    }
+    k.set_pool(
+        "python",
+        &PoolSettings {
+            min_ready: 0,
+            max_sandboxes: 0,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    // A running sandbox's round trip, and a boot with kiln run, for scale.
+    let id = create(&k)?;
+    let mut rt = Vec::new();
+    for _ in 0..runs.max(20) {
+        let t = Instant::now();
+        exec_true(&k, &id)?;
+        rt.push(t.elapsed());
+    }
+    k.kill(&id).map_err(|e| e.to_string())?;
+    let mut boots = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let st = Command::new("kiln")
+            .args(["run", "--", "true"])
+            .stdin(Stdio::null())
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !st.success() {
+            return Err(format!("kiln run -- true: {st}"));
+        }
+        boots.push(t.elapsed());
+    }
+    let (c50, c99) = percentiles(&mut cold);
+    let (w50, w99) = percentiles(&mut warm);
+    let (r50, r99) = percentiles(&mut rt);
+    let (b50, _) = percentiles(&mut boots);
+    println!("create -> first exec result (python template, 512 MiB, {runs} runs):");
+    println!("  | | p50 | p99 |");
+    println!("  |---|---|---|");
+    println!("  | warm pool | {w50:.0} ms | {w99:.0} ms |");
+    println!("  | cold (restore on demand) | {c50:.0} ms | {c99:.0} ms |");
+    println!("  | exec round trip in a running sandbox | {r50:.0} ms | {r99:.0} ms |");
+    println!("  | kiln run -- true (boot) | {b50:.0} ms | |");
+    println!(
+        "  warm create -> result is {:.1}x a running sandbox's round trip (goal <= 2x) and {:.1}x faster than a boot",
+        w50 / r50,
+        b50 / w50
+    );
+
+    // Sustained creates per second at concurrency 1 and 4 (create, exec, kill).
+    for conc in [1usize, 4] {
+        let total = 8 * conc;
+        let k = Arc::new(k.clone());
+        let start = Instant::now();
+        let handles: Vec<_> = (0..conc)
+            .map(|_| {
+                let k = k.clone();
+                std::thread::spawn(move || -> Result<(), String> {
+                    for _ in 0..8 {
+                        create_to_result(&k)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| "a worker panicked".to_string())??;
+        }
+        println!(
+            "sustained at concurrency {conc}: {:.2} creates/s ({total} in {:.1} s)",
+            total as f64 / start.elapsed().as_secs_f64(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+
+    // 50 idle sandboxes: PSS per sandbox.
+    let ids: Vec<String> = (0..50).map(|_| create(&k)).collect::<Result<_, _>>()?;
+    for id in &ids {
+        exec_true(&k, id)?;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let pids = vmm_pids(&state);
+    let total: u64 = pids.iter().map(|p| pss_kib(*p)).sum();
+    println!(
+        "50 idle sandboxes of the 512 MiB template: total PSS {:.0} MiB, {:.2} MiB each (goal <= 4 MiB) over {} VMMs",
+        total as f64 / 1024.0,
+        total as f64 / 1024.0 / pids.len().max(1) as f64,
+        pids.len()
+    );
+    for id in &ids {
+        k.kill(id).map_err(|e| e.to_string())?;
+    }
+
+    // Fork into 4: time until all four answer.
+    let id = create(&k)?;
+    exec_true(&k, &id)?;
+    let t = Instant::now();
+    let forks = k.fork(&id, 4).map_err(|e| e.to_string())?;
+    for f in &forks {
+        exec_true(&k, &f.id)?;
+    }
+    println!(
+        "fork of a 512 MiB sandbox into 4: {:.0} ms until all four answered",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    for s in k.sandboxes().map_err(|e| e.to_string())? {
+        let _ = k.kill(&s.id);
+    }
+    drop(scratch);
+    let _ = std::fs::remove_dir_all(&state);
+    Ok(())
+}

@@ -1,0 +1,395 @@
+//! kilnd with real Linux guests, inside the lab: both bundled templates build (and rebuild as a
+//! cache hit); a template from an OCI layout made here keeps its files, owners and modes; 20
+//! sandboxes of one template are each their own machine; forks of a sandbox running a Python
+//! process share its state up to the fork and nothing after; a paused sandbox survives kilnd being
+//! SIGKILLed; expiry ends a sandbox; the host limit refuses the 51st VM when it is 50.
+//!
+//! One kilnd serves all of it (its state on the lab's work disk), so templates are built once.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use kiln_pool::client::{ClientError, Kilnd};
+use kiln_pool::template::spec::Spec;
+use kiln_pool::types::{BuildEvent, CreateSandbox, ExecEvent, ExecRequest, SandboxState};
+use kiln_tests::file_sha256;
+
+/// kilnd started on a state folder, stopped with SIGKILL when dropped.
+struct Daemon {
+    child: Child,
+    sock: PathBuf,
+}
+
+fn start_kilnd(state: &Path) -> Daemon {
+    let sock = state.join("kilnd.sock");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.with_extension("log"))
+        .unwrap();
+    let child = Command::new("kilnd")
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--max-vms", "50", "--refill-concurrency", "2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start kilnd");
+    let end = Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            Instant::now() < end,
+            "kilnd did not listen; see {}",
+            state.with_extension("log").display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Daemon { child, sock }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `script` with `sh -c` in sandbox `id`: its stdout; panics unless it exits 0.
+fn sh(k: &Kilnd, id: &str, script: &str) -> String {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let last = k
+        .exec(
+            id,
+            &ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), script.into()],
+                timeout_ms: Some(120_000),
+                ..Default::default()
+            },
+            |ev| match ev {
+                ExecEvent::Stdout { data_b64 } => out.extend(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(data_b64)
+                        .unwrap(),
+                ),
+                ExecEvent::Stderr { data_b64 } => err.extend(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(data_b64)
+                        .unwrap(),
+                ),
+                _ => {}
+            },
+        )
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    assert!(
+        matches!(
+            last,
+            ExecEvent::Exit {
+                exit_code: Some(0),
+                ..
+            }
+        ),
+        "{script}: {last:?}; stderr: {}",
+        String::from_utf8_lossy(&err)
+    );
+    String::from_utf8(out).unwrap()
+}
+
+fn build(k: &Kilnd, spec: &Spec) -> (String, bool) {
+    match k.build(spec, |ev| {
+        if let BuildEvent::Step { name } = ev {
+            eprintln!("build {}: {name}", spec.name);
+        }
+    }) {
+        Ok(BuildEvent::Done { template, cached }) => (template.id, cached),
+        other => panic!("building {}: {other:?}", spec.name),
+    }
+}
+
+fn create(k: &Kilnd, template: &str) -> String {
+    k.create(&CreateSandbox {
+        template: template.into(),
+        timeout_s: Some(1800),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("create from {template}: {e}"))
+    .id
+}
+
+/// A Python process holding `x` in memory, served on a Unix socket: `get` and `set N`.
+const HOLDER: &str = r#"setsid python3 -c '
+import os, socket
+x = 41
+s = socket.socket(socket.AF_UNIX)
+s.bind("/tmp/holder.sock")
+s.listen()
+while True:
+    c, _ = s.accept()
+    cmd = c.recv(100).decode()
+    if cmd.startswith("set "):
+        x = int(cmd[4:])
+    c.send(str(x).encode())
+    c.close()
+' </dev/null >/dev/null 2>&1 &
+while [ ! -S /tmp/holder.sock ]; do sleep 0.05; done"#;
+
+fn holder(k: &Kilnd, id: &str, cmd: &str) -> String {
+    sh(
+        k,
+        id,
+        &format!(
+            "python3 -c 'import socket; s = socket.socket(socket.AF_UNIX); s.connect(\"/tmp/holder.sock\"); s.send(b\"{cmd}\"); print(s.recv(100).decode())'"
+        ),
+    )
+    .trim()
+    .to_string()
+}
+
+/// An OCI layout with two layers: busybox (so the guest has a shell) and a few files, then a
+/// layer whiting one out and adding a setuid file owned by 1000:1000.
+fn oci_layout(dir: &Path) {
+    use sha2::{Digest, Sha256};
+    let layer = |items: &[(&str, Vec<u8>, u32, u64)]| {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data, mode, owner) in items {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(*mode);
+            h.set_uid(*owner);
+            h.set_gid(*owner);
+            h.set_mtime(1_700_000_000);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, path, &data[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    let busybox = std::fs::read("/bin/busybox").expect("L1's busybox");
+    let lower = layer(&[
+        ("bin/sh", busybox, 0o755, 0),
+        ("etc/keep", b"kept\n".to_vec(), 0o644, 0),
+        ("etc/gone", b"x".to_vec(), 0o644, 0),
+    ]);
+    let upper = layer(&[
+        ("etc/.wh.gone", Vec::new(), 0o644, 0),
+        (
+            "home/user/tool",
+            b"#!/bin/sh\necho tool\n".to_vec(),
+            0o4755,
+            1000,
+        ),
+    ]);
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8], media: &str| {
+        let hex = format!("{:x}", Sha256::digest(data));
+        std::fs::write(blobs.join(&hex), data).unwrap();
+        serde_json::json!({"mediaType": media, "digest": format!("sha256:{hex}"), "size": data.len()})
+    };
+    let layers = vec![
+        put(&lower, "application/vnd.oci.image.layer.v1.tar"),
+        put(&upper, "application/vnd.oci.image.layer.v1.tar"),
+    ];
+    let config = put(b"{}", "application/vnd.oci.image.config.v1+json");
+    let manifest = serde_json::json!({"schemaVersion": 2, "config": config, "layers": layers});
+    let m = put(
+        manifest.to_string().as_bytes(),
+        "application/vnd.oci.image.manifest.v1+json",
+    );
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::json!({"schemaVersion": 2, "manifests": [m]}).to_string(),
+    )
+    .unwrap();
+}
+
+#[test]
+#[ignore = "runs inside the nested lab: cargo xtask test"]
+fn kilnd_serves_templates_and_sandboxes() {
+    // The lab's work disk, not /tmp (a tmpfs in L1's memory): templates are hundreds of MiB.
+    let root = kiln_tests::lab_dir().join("kilnd-test");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let state = root.join("state");
+    let d = start_kilnd(&state);
+    let k = Kilnd::new(&d.sock);
+
+    // Both bundled templates; the second build of each is a cache hit.
+    let examples = kiln_tests::lab_dir().join("examples");
+    let base = Spec::load(&examples.join("base.toml")).unwrap();
+    let python = Spec::load(&examples.join("python.toml")).unwrap();
+    let (base_id, cached) = build(&k, &base);
+    assert!(!cached);
+    build(&k, &python);
+    assert_eq!(build(&k, &base), (base_id.clone(), true));
+    assert!(build(&k, &python).1, "a second build is a cache hit");
+
+    // The python template has numpy and pandas.
+    let p = create(&k, "python");
+    assert_eq!(
+        sh(
+            &k,
+            &p,
+            "python3 -c 'import numpy, pandas; print(numpy.arange(4).sum(), pandas.Series([1, 2]).sum())'"
+        ),
+        "6 3\n"
+    );
+    k.kill(&p).unwrap();
+
+    // A template from an OCI layout keeps files, whiteouts, owners and modes.
+    let layout = root.join("oci");
+    oci_layout(&layout);
+    let oci = Spec::parse(&format!(
+        "name = \"oci\"\nmem_mib = 128\n[from]\noci = \"{}\"\n",
+        layout.display()
+    ))
+    .unwrap();
+    build(&k, &oci);
+    let o = create(&k, "oci");
+    assert_eq!(
+        String::from_utf8(k.read_file(&o, "/etc/keep").unwrap()).unwrap(),
+        "kept\n"
+    );
+    let etc: Vec<String> = k
+        .list_dir(&o, "/etc")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(
+        etc.contains(&"keep".to_string()) && !etc.contains(&"gone".to_string()),
+        "{etc:?}"
+    );
+    let tool = k
+        .list_dir(&o, "/home/user")
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == "tool")
+        .unwrap();
+    assert_eq!((tool.mode, tool.uid, tool.gid), (0o4755, 1000, 1000));
+    assert_eq!(sh(&k, &o, "/home/user/tool"), "tool\n");
+    k.kill(&o).unwrap();
+
+    // 20 sandboxes of one template: each its own machine; the template is never written.
+    let image = state.join("templates").join(&base_id).join("rootfs.ext4");
+    let image_sum = file_sha256(&image);
+    let ids: Vec<String> = (0..20).map(|_| create(&k, "base")).collect();
+    let mut uuids = std::collections::BTreeSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let out = sh(
+            &k,
+            id,
+            &format!(
+                "echo {i} > /root/mine; echo {i} > /tmp/mine; python3 -c 'print({i} * 2)'; cat /proc/sys/kernel/random/uuid"
+            ),
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], (i * 2).to_string());
+        uuids.insert(lines[1].to_string());
+    }
+    assert_eq!(uuids.len(), 20, "every sandbox has its own random state");
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            sh(&k, id, "cat /root/mine /tmp/mine"),
+            format!("{i}\n{i}\n"),
+            "only its own writes"
+        );
+    }
+    for id in &ids {
+        k.kill(id).unwrap();
+    }
+    assert_eq!(
+        file_sha256(&image),
+        image_sum,
+        "the template's image is unchanged"
+    );
+
+    // Forks of a sandbox holding a Python variable: they see it, and their changes stay theirs.
+    let orig = create(&k, "base");
+    sh(&k, &orig, HOLDER);
+    assert_eq!(holder(&k, &orig, "set 42"), "42");
+    let forks = k.fork(&orig, 2).unwrap();
+    assert_eq!(holder(&k, &forks[0].id, "get"), "42");
+    assert_eq!(holder(&k, &forks[0].id, "set 100"), "100");
+    assert_eq!(holder(&k, &forks[1].id, "get"), "42");
+    assert_eq!(holder(&k, &orig, "get"), "42");
+    assert_ne!(
+        sh(&k, &forks[0].id, "cat /proc/sys/kernel/random/uuid"),
+        sh(&k, &forks[1].id, "cat /proc/sys/kernel/random/uuid")
+    );
+
+    // Pause to disk, SIGKILL kilnd, start it again: the paused sandbox resumes with its state.
+    assert_eq!(k.pause(&orig).unwrap().state, SandboxState::Paused);
+    drop(d);
+    let d = start_kilnd(&state);
+    let k = Kilnd::new(&d.sock);
+    assert_eq!(k.sandbox(&orig).unwrap().state, SandboxState::Paused);
+    assert_eq!(k.resume(&orig).unwrap().state, SandboxState::Running);
+    assert_eq!(holder(&k, &orig, "get"), "42");
+    assert_eq!(
+        holder(&k, &forks[1].id, "get"),
+        "42",
+        "a running fork was adopted"
+    );
+
+    // Expiry ends a sandbox and its VM.
+    let pid_of = |id: &str| {
+        let dir = state.join("sandboxes").join(id);
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .find(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&dir.display().to_string()))
+                    .unwrap_or(false)
+            })
+            .map(|e| e.file_name())
+    };
+    assert!(pid_of(&forks[0].id).is_some());
+    k.set_timeout(&forks[0].id, 1).unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while k.sandbox(&forks[0].id).is_ok() {
+        assert!(Instant::now() < end, "the sandbox did not expire");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(pid_of(&forks[0].id).is_none(), "its VMM is gone");
+
+    // The host limit: 50 VMs; the 51st is refused by name.
+    let mut many = Vec::new();
+    let refused = loop {
+        match k.create(&CreateSandbox {
+            template: "base".into(),
+            timeout_s: Some(600),
+            ..Default::default()
+        }) {
+            Ok(s) => many.push(s.id),
+            Err(e) => break e,
+        }
+        assert!(many.len() <= 50, "more than 50 VMs were started");
+    };
+    let running = k
+        .sandboxes()
+        .unwrap()
+        .iter()
+        .filter(|s| s.state == SandboxState::Running)
+        .count();
+    assert_eq!(running, 50);
+    match refused {
+        ClientError::Api {
+            status: 429,
+            message,
+        } => assert!(message.contains("50 of 50 VMs"), "{message}"),
+        other => panic!("{other}"),
+    }
+    for s in k.sandboxes().unwrap() {
+        k.kill(&s.id).unwrap();
+    }
+    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "sandbox folders left: {left:?}");
+    drop(d);
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -1,0 +1,158 @@
+//! A hostile guest on the host's /dev/kvm: a tiny driver that keeps the virtio-blk queue full
+//! forever (it re-posts 4 MiB reads faster than the device can serve them). The device's handler works a
+//! budget per pass and yields, so the API keeps answering (GET /, pause, snapshot) while the VMM
+//! thread is kept busy, and what the guest posted was really served (read back from a snapshot's
+//! memory file). Without the budget the handler never returns and every API call here hangs.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    FLOOD_AVAIL_IDX, FLOOD_READ, FLOOD_STATUSES, FLOOD_USED_IDX, Program, scratch, tiny_kernel,
+    write,
+};
+use kiln_api::client::request;
+
+/// How long any one API call may take here; the point is that it is answered at all.
+const ANSWER_LIMIT: Duration = Duration::from_secs(2);
+
+struct Vmm {
+    child: Child,
+    sock: std::path::PathBuf,
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Vmm {
+    fn call(&self, method: &str, path: &str, body: &str) -> (u16, String, Duration) {
+        let start = Instant::now();
+        let body = (!body.is_empty()).then_some(body);
+        let (code, text) = request(&self.sock, method, path, body).expect("API call");
+        (code, text, start.elapsed())
+    }
+
+    fn ok(&self, method: &str, path: &str, body: &str) -> Duration {
+        let (code, text, took) = self.call(method, path, body);
+        assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
+        took
+    }
+}
+
+/// CPU time (user + system, in clock ticks) the VMM's main thread (its event loop) has used.
+fn loop_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).unwrap();
+    let after = stat.rsplit(')').next().unwrap();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_guest_keeping_the_block_queue_full_cannot_starve_the_api() {
+    let dir = scratch("blk-flood");
+    let kernel = write(&dir, "flood.elf", &tiny_kernel(Program::BlkFlood, false));
+    let disk = write(&dir, "disk.img", &vec![0x5au8; FLOOD_READ as usize]);
+    let sock = dir.join("api.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start kiln-vmm");
+    let vmm = Vmm { child, sock };
+    let start = Instant::now();
+    while !vmm.sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no API socket");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vmm.ok(
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display()),
+    );
+    vmm.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 32}"#,
+    );
+    vmm.ok(
+        "PUT",
+        "/drives/data",
+        &format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+            disk.display()
+        ),
+    );
+    vmm.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+
+    // Probe the API every 20 ms for 3 s while the guest floods the queue.
+    let pid = vmm.child.id();
+    let ticks_before = loop_ticks(pid);
+    let probe_start = Instant::now();
+    let mut latencies = Vec::new();
+    while probe_start.elapsed() < Duration::from_secs(3) {
+        let took = vmm.ok("GET", "/", "");
+        assert!(took < ANSWER_LIMIT, "GET / took {took:?}");
+        latencies.push(took);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let busy = loop_ticks(pid) - ticks_before;
+    latencies.sort();
+    println!(
+        "GET / under a block-queue flood: {} probes, p50 {:?}, p99 {:?}, max {:?}; event loop CPU {} ticks in 3 s",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() * 99 / 100],
+        latencies[latencies.len() - 1],
+        busy
+    );
+
+    // Pause and snapshot answer too; the memory file shows what the guest got served.
+    let took = vmm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert!(took < ANSWER_LIMIT, "pause took {took:?}");
+    let (state, mem) = (dir.join("flood.state"), dir.join("flood.mem"));
+    vmm.ok(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    let mem = std::fs::File::open(Path::new(&mem)).unwrap();
+    let read = |addr: u32, len: usize| {
+        let mut b = vec![0u8; len];
+        mem.read_exact_at(&mut b, u64::from(addr)).unwrap();
+        b
+    };
+    let used_idx = u16::from_le_bytes(read(FLOOD_USED_IDX, 2).try_into().unwrap());
+    let avail_idx = u16::from_le_bytes(read(FLOOD_AVAIL_IDX, 2).try_into().unwrap());
+    let statuses = read(FLOOD_STATUSES, 64);
+    let buffer = read(0x100_0000, 4096);
+    println!("avail index {avail_idx}, used index {used_idx}");
+    // Every read succeeded and brought the disk's bytes in.
+    assert!(statuses.iter().all(|&s| s == 0), "{statuses:?}");
+    assert!(buffer.iter().all(|&b| b == 0x5a));
+    assert!(used_idx >= 64, "the device served {used_idx} requests");
+    // The guest kept more posted than the device had served: the queue was never empty.
+    assert!(
+        avail_idx.wrapping_sub(used_idx) >= 32,
+        "{avail_idx} {used_idx}"
+    );
+    let took = vmm.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert!(took < ANSWER_LIMIT);
+    let (code, text, _) = vmm.call("GET", "/", "");
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("Running"), "{text}");
+}
