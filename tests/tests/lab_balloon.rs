@@ -2,7 +2,8 @@
 //! goes back to the host, from a booted VM (holes punched in its memfd) and from a restored one
 //! (its private copies dropped); the API's target inflates and deflates the balloon and the guest
 //! sees it; deflate_on_oom lets an allocation past what is left succeed; a snapshot taken after a
-//! workload leaves the freed memory out and restores with the guest's state intact.
+//! workload leaves the freed memory out and restores with the guest's state intact, from a booted
+//! VM and from a restored one.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -149,16 +150,19 @@ fn balloon_booted_vm_gives_freed_memory_back() {
     );
 }
 
+/// A restored VM gives back what it frees, as a booted one does; and its next snapshot leaves
+/// out what it freed even where the memory file underneath still holds old data (the template
+/// was taken holding the workload), which KVM's dirty log is not on to tell: the page map is.
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn balloon_restored_vm_gives_freed_memory_back() {
     let scratch = ScratchDir::new("balloon-restored");
     let dir = scratch.path();
-    let (state, mem) = (dir.join("idle.state"), dir.join("idle.mem"));
+    let (state, mem) = (dir.join("held.state"), dir.join("held.mem"));
     {
         let (vm, uds) = boot(dir, "template", "free_page_reporting", "");
         let client = agent(&uds);
-        sh(&client, "true");
+        hold(&client, WORKLOAD_MIB);
         vm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
         vm.ok(
             "PUT",
@@ -166,30 +170,74 @@ fn balloon_restored_vm_gives_freed_memory_back() {
             &snapshot_create_body(&state, &mem, "Full"),
         );
     }
-    let uds = dir.join("clone.vsock");
-    let vm = ApiVmm::start(kiln_vmm(), &dir.join("clone.api"));
+    let (state2, mem2) = (dir.join("again.state"), dir.join("again.mem"));
+    let sum;
+    {
+        let uds = dir.join("clone.vsock");
+        let vm = ApiVmm::start(kiln_vmm(), &dir.join("clone.api"));
+        vm.ok(
+            "PUT",
+            "/snapshot/load",
+            &snapshot_load_body(&state, &mem, false, &uds),
+        );
+        let client = agent(&uds);
+        // The template's workload ends: its pages are free in the guest, old data in the file.
+        release(&client);
+        let pid = vm.pid();
+        // A restored VM's guest memory is a private mapping of the memory file: what the guest
+        // writes is anonymous memory of the process.
+        let anon = |m: &HostMemory| m.anon;
+        let idle = settled_memory(pid, anon, Duration::from_secs(5), 2 * MIB, GIVE_BACK).unwrap();
+        assert_eq!(idle.memfd, None, "restored memory is the file, not a memfd");
+        hold(&client, WORKLOAD_MIB);
+        let peak = host_memory(pid).unwrap();
+        release(&client);
+        let close = near_idle(idle.anon);
+        let (after, took) = wait_for_memory(pid, GIVE_BACK, |m| close(m.anon)).unwrap();
+        assert_given_back("anonymous", idle.anon, peak.anon, after.anon, took);
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let mem_name = mem.to_string_lossy().into_owned();
+        let mappings = maps.lines().filter(|l| l.ends_with(&mem_name)).count();
+        assert_eq!(mappings, 1, "the memory file is still one mapping:\n{maps}");
+
+        // Pages written after they were given back must stay in the next snapshot.
+        sum = sh(
+            &client,
+            "head -c 16777216 /dev/urandom > /tmp/data && sha256sum /tmp/data",
+        );
+        vm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+        vm.ok(
+            "PUT",
+            "/snapshot/create",
+            &snapshot_create_body(&state2, &mem2, "Full"),
+        );
+    }
+    let (held, again) = (allocated(&mem), allocated(&mem2));
+    eprintln!(
+        "restored VM: the template holding {WORKLOAD_MIB} MiB {:.1} MiB, its snapshot after the workload ended {:.1} MiB",
+        mib(held),
+        mib(again)
+    );
+    assert!(
+        again + 200 * MIB <= held,
+        "the freed workload was left out: {:.1} MiB, the template {:.1} MiB",
+        mib(again),
+        mib(held)
+    );
+    let uds = dir.join("again.vsock");
+    let vm = ApiVmm::start(kiln_vmm(), &dir.join("again.api"));
     vm.ok(
         "PUT",
         "/snapshot/load",
-        &snapshot_load_body(&state, &mem, false, &uds),
+        &snapshot_load_body(&state2, &mem2, false, &uds),
     );
     let client = agent(&uds);
-    let pid = vm.pid();
-    // A restored VM's guest memory is a private mapping of the memory file: what the guest writes
-    // is anonymous memory of the process.
-    let anon = |m: &HostMemory| m.anon;
-    let idle = settled_memory(pid, anon, Duration::from_secs(5), 2 * MIB, GIVE_BACK).unwrap();
-    assert_eq!(idle.memfd, None, "restored memory is the file, not a memfd");
-    hold(&client, WORKLOAD_MIB);
-    let peak = host_memory(pid).unwrap();
-    release(&client);
-    let close = near_idle(idle.anon);
-    let (after, took) = wait_for_memory(pid, GIVE_BACK, |m| close(m.anon)).unwrap();
-    assert_given_back("anonymous", idle.anon, peak.anon, after.anon, took);
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mem_name = mem.to_string_lossy().into_owned();
-    let mappings = maps.lines().filter(|l| l.ends_with(&mem_name)).count();
-    assert_eq!(mappings, 1, "the memory file is still one mapping:\n{maps}");
+    assert_eq!(
+        sh(&client, "sha256sum /tmp/data"),
+        sum,
+        "the file written after the pages came back survived"
+    );
+    workload(&client, WORKLOAD_MIB);
 }
 
 /// The balloon's statistics, as JSON.

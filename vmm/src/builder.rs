@@ -263,13 +263,6 @@ fn attach_drives(
     Ok(())
 }
 
-/// Whether KVM logs the guest's writes: for diff snapshots, and for a balloon, whose free-page
-/// record needs to see a freed page written again. The cost is a write fault on the first write
-/// to each page after every look at the log (reports, snapshots), which are rare.
-pub(crate) fn logs_dirty_pages(config: &VmConfig, track_dirty: bool) -> bool {
-    track_dirty || config.balloon.is_some()
-}
-
 /// The free-page record of `mem`, reading KVM's dirty log when `logged`.
 pub(crate) fn free_pages(
     vm: &Vm,
@@ -491,7 +484,9 @@ pub fn build_in(
     let mem_size = (config.machine.mem_size_mib as u64) << 20;
     let vcpu_count = config.machine.vcpu_count;
     let (mem, memfd) = memory::create_with(mem_size, config.machine.huge_pages)?;
-    let logged = logs_dirty_pages(config, config.machine.track_dirty_pages);
+    // KVM logs the guest's writes only for diff snapshots; the balloon's free-page record does
+    // without (see memory::free_pages).
+    let logged = config.machine.track_dirty_pages;
     let vm = create_vm(prepared, &mem, logged)?;
     let pages = free_pages(&vm, &mem, logged)?;
     let mut platform = Platform::new(vm, config, None)?;

@@ -166,8 +166,7 @@ fn the_balloon_api_before_and_after_boot_and_through_a_snapshot() {
     assert_eq!(full["balloon"]["amount_mib"], 16);
     assert_eq!(full["balloon"]["stats_polling_interval_s"], 3);
 
-    // Full snapshot (KVM logs dirty pages for a VM with a balloon; the VMM thread reads the log
-    // under its filter) and a restore into a new process.
+    // Full snapshot under the VMM thread's filter and a restore into a new process.
     vmm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     let (state, mem) = (dir.join("b.state"), dir.join("b.mem"));
     vmm.ok(

@@ -2,17 +2,22 @@
 //! balloon hands such pages here ([`GuestPages::discard`]); their host memory is given back at once
 //! ([`super::discard`]) and they are remembered, so snapshots write them as holes.
 //!
-//! "Not written since" comes from the dirty log: KVM's (the guest's writes; Kiln turns it on for
-//! every VM with a balloon) and vm-memory's (the VMM's own writes into guest memory, say a disk
-//! read). Every look at the logs folds them into the pages written since the last snapshot (what
-//! a diff writes) and clears them from the free set. Order matters: the logs are read *before*
-//! pages are marked free, so a write from before the guest freed a page cannot unmark it, and the
-//! guest does not touch a page it gave up until the device used the chain naming it, so no write
-//! falls between.
+//! "Not written since" is learnt one of two ways:
+//! - With KVM's dirty log, when it is on for diff snapshots (`track_dirty_pages`): every look at
+//!   the logs (KVM's for the guest's writes, vm-memory's for the VMM's own, say a disk read) folds
+//!   them into the pages written since the last snapshot (what a diff writes) and clears them
+//!   from the free set. Order matters: the logs are read *before* pages are marked free, so a
+//!   write from before the guest freed a page cannot unmark it, and the guest does not touch a
+//!   page it gave up until the device used the chain naming it, so no write falls between.
+//! - Without it, from the memory itself when a snapshot is taken: a booted VM's punched pages are
+//!   holes in its memfd (a write fills them again), which the full snapshot skips on its own, so
+//!   the record is not needed there; a restored VM's private mapping shows a written page as a
+//!   private copy in `/proc/self/pagemap` ([`super::pagemap`]).
 //!
-//! Without the bitmap a booted VM would still snapshot small (punched pages are holes in its
-//! memfd and are skipped), but a restored VM's discarded pages read as the snapshot file's stale
-//! content, which would be written again; and a diff would carry every freed page it saw dirtied.
+//! KVM's log is not turned on for the balloon alone: it maps guest memory with 4 KiB pages only
+//! and write-protects every page again at each look, so each first write after a report would
+//! fault (measured in `cargo xtask bench memory`). Without the record a restored VM's discarded
+//! pages would read as the snapshot file's stale content and be written again.
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -23,7 +28,8 @@ use kiln_snapshot::{PAGE_SIZE, PageBitmap};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::GuestMemoryMmap;
-use super::discard::discard;
+use super::discard::{Method, discard, method};
+use super::pagemap::Pagemap;
 use crate::persist::memory::take_vmm_dirty;
 
 /// Reads (and clears) KVM's dirty log: one bitmap per memory slot, in region order.
@@ -35,6 +41,9 @@ pub enum FreePagesError {
     /// KVM's log could not be read.
     #[error("cannot read KVM's dirty page log: {0}")]
     KvmLog(String),
+    /// `/proc/self/pagemap` could not be read.
+    #[error("cannot read /proc/self/pagemap to tell which free pages were written: {0}")]
+    Pagemap(std::io::Error),
     /// A log does not cover its region.
     #[error("the dirty page log of memory region {region} does not fit it: {err}")]
     Bitmap {
@@ -68,8 +77,8 @@ pub struct FreePages {
 
 impl FreePages {
     /// A record for `mem` with no page free; `kvm_log` reads KVM's dirty log, when KVM logs.
-    /// Without it nothing can be known free (a guest write would go unseen): discarded pages are
-    /// still given back, but never left out of a snapshot.
+    /// Without it the memory itself tells, when a snapshot is taken, which free pages were
+    /// written since.
     pub fn new(mem: GuestMemoryMmap, kvm_log: Option<DirtyLog>) -> Self {
         let clean = || {
             mem.iter()
@@ -94,19 +103,13 @@ impl FreePages {
     /// Folds the writes since the last look into `dirty` and out of `free`.
     fn sync(&self, t: &mut Tracked) -> Result<(), FreePagesError> {
         let mut written = take_vmm_dirty(&self.mem);
-        match &self.kvm_log {
-            Some(read) => {
-                let kvm = read().map_err(FreePagesError::KvmLog)?;
-                for (region, (mine, guest)) in written.iter_mut().zip(kvm).enumerate() {
-                    mine.merge(&PageBitmap::new(guest))
-                        .map_err(|err| FreePagesError::Bitmap { region, err })?;
-                }
-            }
-            // Without KVM's log a free page may have been written unseen: nothing stays free.
-            None => {
-                for f in &mut t.free {
-                    *f = PageBitmap::clean(f.pages());
-                }
+        // Without KVM's log the guest's writes are found from the memory at snapshot time
+        // ([`Self::verify`]).
+        if let Some(read) = &self.kvm_log {
+            let kvm = read().map_err(FreePagesError::KvmLog)?;
+            for (region, (mine, guest)) in written.iter_mut().zip(kvm).enumerate() {
+                mine.merge(&PageBitmap::new(guest))
+                    .map_err(|err| FreePagesError::Bitmap { region, err })?;
             }
         }
         for (region, w) in written.iter().enumerate() {
@@ -123,6 +126,9 @@ impl FreePages {
     pub fn take_for_snapshot(&self) -> Result<SnapshotPages, FreePagesError> {
         let mut t = self.lock();
         self.sync(&mut t)?;
+        if self.kvm_log.is_none() {
+            self.verify(&mut t);
+        }
         let dirty = t
             .dirty
             .iter_mut()
@@ -134,7 +140,38 @@ impl FreePages {
         })
     }
 
-    /// Bytes of guest memory known free now (as of the last look at the logs).
+    /// Without KVM's log: takes the pages written since they were freed out of the free set.
+    /// A private mapping's written pages are private copies again; a shared mapping (the memfd)
+    /// needs no record, its freed pages are holes until written, so its set is emptied. If the
+    /// page map cannot be read (no `/proc` in a jail, say), nothing stays free: the snapshot is
+    /// bigger, never wrong.
+    fn verify(&self, t: &mut Tracked) {
+        let mut pagemap: Option<Pagemap> = None;
+        for (region, free) in self.mem.iter().zip(t.free.iter_mut()) {
+            if free.dirty_pages() == 0 {
+                continue;
+            }
+            let written = if method(region) == Method::DontNeed {
+                private_copies(&mut pagemap, region.as_ptr() as u64, free)
+            } else {
+                Err(None)
+            };
+            match written {
+                Ok(w) => free.subtract(&w),
+                Err(e) => {
+                    if let Some(e) = e
+                        && !self.log_failure_reported.swap(true, Ordering::Relaxed)
+                    {
+                        log::warn!("{e}; freed pages are kept in snapshots");
+                    }
+                    *free = PageBitmap::clean(free.pages());
+                }
+            }
+        }
+    }
+
+    /// Bytes of guest memory known free now (as of the last look at the logs; without KVM's,
+    /// pages written since are found at the next snapshot).
     pub fn free_bytes(&self) -> u64 {
         self.lock()
             .free
@@ -159,13 +196,37 @@ impl FreePages {
     }
 }
 
+/// The pages of `free` that are private copies in the mapping at host address `host`, opening
+/// the page map into `pagemap` the first time.
+fn private_copies(
+    pagemap: &mut Option<Pagemap>,
+    host: u64,
+    free: &PageBitmap,
+) -> Result<PageBitmap, Option<FreePagesError>> {
+    let map = match pagemap {
+        Some(m) => m,
+        None => pagemap.insert(Pagemap::open().map_err(|e| Some(FreePagesError::Pagemap(e)))?),
+    };
+    let mut written = PageBitmap::clean(free.pages());
+    for range in free.byte_ranges() {
+        let first = range.start / PAGE_SIZE;
+        map.private_copies(
+            host + range.start,
+            (range.end - range.start) / PAGE_SIZE,
+            |i| written.set_dirty(first + i),
+        )
+        .map_err(|e| Some(FreePagesError::Pagemap(e)))?;
+    }
+    Ok(written)
+}
+
 impl GuestPages for FreePages {
     fn discard(&self, ranges: &[Range<u64>]) -> Result<u64, DiscardError> {
         let mut t = self.lock();
         // Read the logs first: writes from before the guest gave these pages up must not count
         // against them.
         let known = match self.sync(&mut t) {
-            Ok(()) => self.kvm_log.is_some(),
+            Ok(()) => true,
             Err(e) => {
                 if !self.log_failure_reported.swap(true, Ordering::Relaxed) {
                     log::warn!("{e}; freed pages are given back but kept in snapshots");
@@ -283,14 +344,45 @@ mod tests {
     }
 
     #[test]
-    fn without_kvms_log_pages_are_given_back_but_never_known_free() {
+    fn without_kvms_log_a_booted_vm_leaves_free_pages_to_its_memfds_holes() {
         let (mem, memfd) = crate::memory::create(2 * MIB).unwrap();
         mem.write_slice(&vec![9u8; (2 * MIB) as usize], GuestAddress(0))
             .unwrap();
         let pages = FreePages::new(mem, None);
         pages.discard(std::slice::from_ref(&(0..MIB))).unwrap();
         assert_eq!(memfd.metadata().unwrap().blocks() * 512, MIB);
-        assert!(free_ranges(&pages).is_empty());
+        assert!(
+            free_ranges(&pages).is_empty(),
+            "the holes are the record; the set is not needed"
+        );
+    }
+
+    #[test]
+    fn without_kvms_log_a_restored_vm_finds_written_pages_in_the_page_map() {
+        // A snapshot's memory file full of old data, mapped privately as a restore does.
+        let path = std::env::temp_dir().join(format!("kiln-free-pages-{}", std::process::id()));
+        std::fs::write(&path, vec![7u8; (4 * MIB) as usize]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mem = crate::memory::map_snapshot(&file, 4 * MIB).unwrap();
+        mem.write_slice(&vec![9u8; (2 * MIB) as usize], GuestAddress(0))
+            .unwrap();
+        let pages = FreePages::new(mem.clone(), None);
+        pages.discard(std::slice::from_ref(&(0..2 * MIB))).unwrap();
+        // The private copies went: the pages read as the file's old data again.
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(P)).unwrap(), 7);
+        take_vmm_dirty(&mem);
+        // The guest writes two pages again (a raw write, as KVM's would be: no VMM log).
+        let region = mem.iter().next().unwrap();
+        // SAFETY: offsets inside the region's mapping, which `mem` keeps alive.
+        unsafe {
+            std::ptr::write_volatile(region.as_ptr().add(3 * P as usize), 1);
+            std::ptr::write_volatile(region.as_ptr().add((MIB + 8 * P) as usize), 1);
+        }
+        assert_eq!(
+            free_ranges(&pages),
+            vec![0..3 * P, 4 * P..MIB + 8 * P, MIB + 9 * P..2 * MIB]
+        );
     }
 
     #[test]

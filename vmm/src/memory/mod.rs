@@ -5,10 +5,11 @@
 //!
 //! [`discard`] gives the host memory behind guest pages back (for a memfd and for a restored VM's
 //! private mapping alike), and [`free_pages`] remembers which pages the guest gave up, for
-//! snapshots.
+//! snapshots ([`pagemap`] tells which of a restored VM's were written since).
 
 pub mod discard;
 pub mod free_pages;
+pub mod pagemap;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};

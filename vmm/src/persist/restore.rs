@@ -22,7 +22,7 @@ use super::memory::check_file;
 use super::validate::validate;
 use super::{DeviceKindState, MicrovmState, PersistError};
 use crate::Vmm;
-use crate::builder::{BuildError, Platform, create_vm, free_pages, logs_dirty_pages};
+use crate::builder::{BuildError, Platform, create_vm, free_pages};
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{MmioDeviceManager, Placement, VirtioKind};
 use crate::memory::map_snapshot;
@@ -114,7 +114,7 @@ pub fn restore(
     }
     let config = config_of(&state, params, serial, &params.snapshot_path)?;
     let mem = map_snapshot(&file, state.mem_size).map_err(BuildError::from)?;
-    let logged = logs_dirty_pages(&config, params.track_dirty_pages);
+    let logged = params.track_dirty_pages;
     let vm = create_vm(prepared.take(), &mem, logged)?;
     let pages = free_pages(&vm, &mem, logged)?;
     log::debug!("restore: memory mapped and registered");

@@ -10,7 +10,11 @@
 //!   `kiln snapshot create --reclaim`'s step (drop caches and compact, then wait for the reports),
 //!   with what that step cost;
 //! - restore from that snapshot to the agent's first reply (Kiln: a new kiln-vmm and
-//!   `snapshot/load`; QEMU: a new QEMU with `-incoming`).
+//!   `snapshot/load`; QEMU: a new QEMU with `-incoming`);
+//! - what KVM's dirty log costs a guest that frees and rewrites memory (Kiln only): the restored
+//!   VM writes 300 MiB, frees it and waits for the reports, three times, loaded once without
+//!   the log (the balloon alone does not turn it on) and once with `track_dirty_pages` (every
+//!   report then re-protects every page written since, and KVM maps 4 KiB pages only).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -53,6 +57,8 @@ struct Sample {
     reclaimed_mib: Option<f64>,
     reclaim_ms: Option<f64>,
     restore_ms: f64,
+    rewrite_ms: Option<f64>,
+    rewrite_logged_ms: Option<f64>,
 }
 
 fn mib(b: u64) -> f64 {
@@ -159,10 +165,39 @@ fn kiln(dir: &Path, run: usize) -> Result<Sample, String> {
     let client =
         wait_ready(&uds, Instant::now() + LIMIT).map_err(|e| format!("kiln restore: {e}"))?;
     s.restore_ms = start.elapsed().as_secs_f64() * 1e3;
+    s.rewrite_ms = Some(rewrite(&client)?);
     drop(client);
     drop(restored);
+
+    let uds = dir.join(format!("kiln{run}l.vsock"));
+    let logged = ApiVmm::start(kiln_vmm(), &dir.join(format!("kiln{run}l.api")));
+    logged.ok(
+        "PUT",
+        "/snapshot/load",
+        &snapshot_load_body(&state, &mem, true, &uds),
+    );
+    let client =
+        wait_ready(&uds, Instant::now() + LIMIT).map_err(|e| format!("kiln restore: {e}"))?;
+    s.rewrite_logged_ms = Some(rewrite(&client)?);
+    drop(client);
+    drop(logged);
     let _ = std::fs::remove_file(&mem);
     Ok(s)
+}
+
+/// Writes the workload, frees it and waits for the reports, three times; the time spent writing.
+fn rewrite(client: &Client) -> Result<f64, String> {
+    let mut ms = 0.0;
+    for _ in 0..3 {
+        let start = Instant::now();
+        run_ok(
+            client,
+            &format!("python3 -c 'b = bytes([1]) * ({WORKLOAD_MIB} << 20)'"),
+        )?;
+        ms += start.elapsed().as_secs_f64() * 1e3;
+        std::thread::sleep(REPORTING_WAIT);
+    }
+    Ok(ms)
 }
 
 /// A QEMU process killed when dropped.
@@ -310,6 +345,20 @@ pub fn run(runs: usize) -> Result<(), String> {
             "  | kiln-vmm after drop caches + compact | {size:.1} MiB | {:.1} % | +{cost:.0} ms in the guest, +{} ms waiting for reports | |",
             size * 100.0 / ram,
             REPORTING_WAIT.as_millis()
+        );
+    }
+    if let (Some(plain), Some(logged)) =
+        (med(&k, |s| s.rewrite_ms), med(&k, |s| s.rewrite_logged_ms))
+    {
+        println!(
+            "\nKVM's dirty log: a restored kiln-vmm VM writing {WORKLOAD_MIB} MiB, freeing it and waiting for the reports, 3 times (time writing):"
+        );
+        println!("  | | write time | ratio |");
+        println!("  |---|---|---|");
+        println!("  | balloon, no dirty log (the default) | {plain:.0} ms | 1.00x |");
+        println!(
+            "  | balloon + track_dirty_pages (KVM's dirty log) | {logged:.0} ms | {:.2}x |",
+            logged / plain
         );
     }
     let after_ratio = m(&k, |s| s.after) / m(&k, |s| s.idle);
