@@ -317,6 +317,31 @@ fn a_lying_avail_index_makes_the_device_need_a_reset() {
 }
 
 #[test]
+fn an_indirect_chain_needs_a_reset_after_the_chains_before_it_are_carried_out() {
+    let mut g = TestGuest::new(config(0, false, 0, true));
+    let q = g.dev().index.reporting.unwrap();
+    let first = g.add_chain(q, &[(0x40_0000, 0x1000, VRING_DESC_F_WRITE)]);
+    // INDIRECT was never offered: a table of descriptors the device does not follow.
+    let bad = g.add_chain(
+        q,
+        &[(
+            0x20_0000,
+            16,
+            VRING_DESC_F_WRITE | virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT,
+        )],
+    );
+    g.kick(q);
+    assert_eq!(g.pages.taken(), vec![0x40_0000..0x40_1000]);
+    assert_eq!(
+        g.used(q),
+        vec![(u32::from(first), 0), (u32::from(bad), 0)],
+        "both chains go back to the driver"
+    );
+    assert!(!g.healthy());
+    assert_eq!(g.dev().metrics().event_fails.count(), 1);
+}
+
+#[test]
 fn reset_forgets_the_queues_and_the_stats_buffer() {
     let mut g = TestGuest::new(config(0, false, 1, false));
     g.send_stats(&[(4, 1)]);

@@ -12,10 +12,12 @@ use std::ops::Range;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::GuestAddress;
 
 use super::device::{Balloon, DEFLATEQ, INFLATEQ};
 use super::request::{pfn_ranges, report_ranges, stats_entries};
 use super::{CHAINS_PER_CALL, Misbehaviour, PAGE_SIZE, RANGES_PER_CALL};
+use crate::virtio::chain::{self, QueueError};
 use crate::virtio::device::VirtioDevice;
 
 const ACTIVATE: u32 = 0;
@@ -122,7 +124,7 @@ impl Balloon {
                 }
                 Err(e) => {
                     log::warn!(
-                        "virtio-balloon: the driver broke {kind:?} queue {q} ({e:?}); device needs reset"
+                        "virtio-balloon: the driver broke {kind:?} queue {q} ({e}); device needs reset"
                     );
                     self.metrics.event_fails.inc();
                     self.interrupt().set_needs_reset();
@@ -167,13 +169,10 @@ impl Balloon {
 
     /// Takes chains from queue `q` until `budget` chains, or [`RANGES_PER_CALL`] ranges to give
     /// back, carries them out and uses them (except a stats buffer, which the device keeps);
-    /// returns how many chains it took and whether the ranges ran out first.
-    fn drain(
-        &mut self,
-        q: usize,
-        kind: Kind,
-        budget: usize,
-    ) -> Result<(usize, bool), virtio_queue::Error> {
+    /// returns how many chains it took and whether the ranges ran out first. A chain the walker
+    /// refuses (INDIRECT, a loop, an index out of range) is used untouched and ends the pass
+    /// with an error, after the chains before it were carried out.
+    fn drain(&mut self, q: usize, kind: Kind, budget: usize) -> Result<(usize, bool), QueueError> {
         let Balloon {
             active,
             log,
@@ -189,6 +188,9 @@ impl Balloon {
         };
         let mem = active.mem.clone();
         active.queues[q].disable_notification(&mem)?;
+        let table = GuestAddress(active.queues[q].desc_table());
+        let size = active.queues[q].size();
+        let mut broken = None;
         let mut taken = 0;
         let mut heads = Vec::new();
         let mut discard: Vec<Range<u64>> = Vec::new();
@@ -201,20 +203,28 @@ impl Balloon {
             };
             taken += 1;
             let head = chain.head_index();
+            let chain = match chain::walk(&mem, table, size, head) {
+                Ok(descs) => descs,
+                Err(e) => {
+                    heads.push(head);
+                    broken = Some(e);
+                    break;
+                }
+            };
             match kind {
                 Kind::Inflate => {
-                    let ranges = pfn_ranges(chain, &mem, log);
+                    let ranges = pfn_ranges(&chain, &mem, log);
                     counters.inflated_pages += page_count(&ranges);
                     discard.extend(ranges);
                 }
                 Kind::Deflate => {
                     // Without MUST_TELL_HOST the guest may already be using these pages; the
                     // dirty log tells snapshots when it writes them. Only checked and counted.
-                    let ranges = pfn_ranges(chain, &mem, log);
+                    let ranges = pfn_ranges(&chain, &mem, log);
                     counters.deflated_pages += page_count(&ranges);
                 }
                 Kind::Reporting => {
-                    let ranges = report_ranges(chain, &mem, log);
+                    let ranges = report_ranges(&chain, &mem, log);
                     let bytes = page_count(&ranges) * PAGE_SIZE;
                     counters.reported_bytes += bytes;
                     metrics.free_page_report_freed.add(bytes);
@@ -222,7 +232,7 @@ impl Balloon {
                 }
                 Kind::Stats => {
                     let mut unknown = false;
-                    for (tag, value) in stats_entries(chain, &mem, log) {
+                    for (tag, value) in stats_entries(&chain, &mem, log) {
                         if !stats.set(tag, value) {
                             unknown = true;
                             log.warn(
@@ -268,7 +278,10 @@ impl Balloon {
         for head in heads {
             active.queues[q].add_used(&mem, head, 0)?;
         }
-        Ok((taken, full))
+        match broken {
+            Some(e) => Err(e.into()),
+            None => Ok((taken, full)),
+        }
     }
 }
 

@@ -18,7 +18,9 @@
 //!
 //! A guest is hostile: page frame numbers outside guest memory, descriptors of the wrong direction,
 //! oversized chains and unknown statistics tags are ignored, each kind logged once at `warn`
-//! ([`LogOnce`]); none stops the device. Each event handles at most [`CHAINS_PER_CALL`] chains
+//! ([`LogOnce`]); none stops the device. Chains are walked by [`crate::virtio::chain::walk`] as
+//! the other devices' are: one that uses INDIRECT (never offered), loops or points outside its
+//! table is broken rings, and the device needs a reset. Each event handles at most [`CHAINS_PER_CALL`] chains
 //! per queue, and at most about [`RANGES_PER_CALL`] ranges to give back, before it lets the event
 //! loop serve others.
 

@@ -9,7 +9,7 @@
 
 use std::ops::Range;
 
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{
@@ -25,10 +25,11 @@ fn region_of(mem: &GuestMemoryMmap, start: u64, end: u64) -> Option<u64> {
     (end > start && end - base <= region.len()).then_some(base)
 }
 
-/// Reads the device-readable buffers of `chain`, at most `limit` bytes; buffers of the wrong
+/// Reads the device-readable buffers of a chain (walked by [`crate::virtio::chain::walk`]), at
+/// most `limit` bytes; buffers of the wrong
 /// direction or outside guest memory are skipped (and logged), and so is anything past `limit`.
 fn read_chain(
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: &[Descriptor],
     mem: &GuestMemoryMmap,
     limit: u32,
     what: &str,
@@ -72,7 +73,7 @@ fn read_chain(
 /// The pages an inflate or deflate chain names, as guest physical byte ranges in the order given,
 /// consecutive pages merged. Page frame numbers outside guest memory are dropped (and logged).
 pub fn pfn_ranges(
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: &[Descriptor],
     mem: &GuestMemoryMmap,
     log: &mut LogOnce,
 ) -> Vec<Range<u64>> {
@@ -100,12 +101,12 @@ pub fn pfn_ranges(
 /// The free blocks a free page report names, as guest physical byte ranges. Each buffer must be
 /// device-writable, whole pages, and inside one memory region; others are dropped (and logged).
 pub fn report_ranges(
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: &[Descriptor],
     mem: &GuestMemoryMmap,
     log: &mut LogOnce,
 ) -> Vec<Range<u64>> {
     let mut ranges = Vec::new();
-    for (i, desc) in chain.enumerate() {
+    for (i, desc) in chain.iter().enumerate() {
         if i == MAX_REPORT_RANGES {
             log.warn(
                 Misbehaviour::Oversized,
@@ -141,7 +142,7 @@ pub fn report_ranges(
 
 /// The `(tag, value)` entries of a stats buffer, in order; a short tail is ignored.
 pub fn stats_entries(
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: &[Descriptor],
     mem: &GuestMemoryMmap,
     log: &mut LogOnce,
 ) -> Vec<(u16, u64)> {

@@ -23,14 +23,18 @@ fn desc(addr: u64, len: u32, flags: u32) -> RawDescriptor {
     RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, 0))
 }
 
-/// Builds a chain of `descs` (the mock links them) and hands it to `f`.
+/// Builds a chain of `descs` (the mock links them), walks it as the device does and hands it
+/// to `f`.
 fn with_chain<T>(
     mem: &GuestMemoryMmap,
     descs: &[RawDescriptor],
-    f: impl FnOnce(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> T,
+    f: impl FnOnce(&[SplitDescriptor]) -> T,
 ) -> T {
     let vq = MockSplitQueue::new(mem, 64);
-    f(vq.build_desc_chain(descs).unwrap())
+    let chain = vq.build_desc_chain(descs).unwrap();
+    let walked =
+        crate::virtio::chain::walk(mem, vq.desc_table_addr(), 64, chain.head_index()).unwrap();
+    f(&walked)
 }
 
 fn pfns(mem: &GuestMemoryMmap, list: &[u32], log: &mut LogOnce) -> Vec<std::ops::Range<u64>> {
