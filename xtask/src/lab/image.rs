@@ -207,7 +207,15 @@ fn bin_targets(metadata: &str) -> Result<(PathBuf, Vec<String>)> {
                 .into_iter()
                 .flatten()
                 .any(|k| k == "bin");
-            if let (true, Some(name)) = (is_bin, target["name"].as_str()) {
+            // `cargo build --bins` skips a bin whose required features are off by default (the
+            // libFuzzer driver): there is nothing to copy for it.
+            let defaults = package["features"]["default"].as_array();
+            let built = target["required-features"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|f| defaults.is_some_and(|d| d.contains(f)));
+            if let (true, true, Some(name)) = (is_bin, built, target["name"].as_str()) {
                 names.push(name.to_string());
             }
         }
@@ -281,14 +289,20 @@ mod tests {
     }
 
     #[test]
-    fn metadata_bins_skip_xtask_and_libraries() {
+    fn metadata_bins_skip_xtask_libraries_and_bins_behind_features_that_are_off() {
         let json = r#"{"target_directory":"/w/target","packages":[
             {"name":"xtask","targets":[{"name":"xtask","kind":["bin"]}]},
             {"name":"kiln-vmm","targets":[{"name":"kiln_vmm","kind":["lib"]},{"name":"kiln-vmm","kind":["bin"]}]},
-            {"name":"kiln-devices","targets":[{"name":"kiln_devices","kind":["lib"]}]}]}"#;
+            {"name":"kiln-devices","targets":[{"name":"kiln_devices","kind":["lib"]}]},
+            {"name":"kiln-fuzz","features":{"default":[],"libfuzzer":[]},"targets":[{"name":"kiln-fuzz","kind":["bin"],"required-features":["libfuzzer"]}]},
+            {"name":"kiln-pool","features":{"default":["daemon"],"daemon":[]},"targets":[{"name":"kilnd","kind":["bin"],"required-features":["daemon"]}]}]}"#;
         let (dir, names) = bin_targets(json).unwrap();
         assert_eq!(dir, PathBuf::from("/w/target"));
-        assert_eq!(names, ["kiln-vmm"]);
+        assert_eq!(
+            names,
+            ["kiln-vmm", "kilnd"],
+            "kiln-fuzz needs a feature that is off"
+        );
         let (_, none) = bin_targets(r#"{"target_directory":"/t","packages":[]}"#).unwrap();
         assert!(none.is_empty());
     }
