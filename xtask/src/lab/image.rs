@@ -27,6 +27,9 @@ pub struct ImageSpec<'a> {
     pub with_strace: bool,
 }
 
+/// The e2fsprogs tools kilnd runs in L1 to make template images.
+const E2FSPROGS: &[&str] = &["mke2fs", "e2fsck", "resize2fs", "debugfs"];
+
 /// Room for what L1 writes (logs, L2 disk images, kilnd's templates under /kiln/state) beyond
 /// what the image holds at the start. The file is sparse, so unused headroom costs nothing on
 /// the host.
@@ -46,6 +49,16 @@ pub fn build(spec: &ImageSpec, run_dir: &Path) -> Result<PathBuf> {
                 .join(bin.file_name().unwrap_or_default());
             copy(&bin, &to)?;
             executables.push(bin);
+        }
+    }
+    if spec.build_bins {
+        // kilnd makes template images with e2fsprogs (busybox has none of it).
+        util::ensure_packages(&["e2fsprogs"])?;
+        util::mkdir(&staging.join("usr/bin"))?;
+        for tool in E2FSPROGS {
+            let path = PathBuf::from("/usr/sbin").join(tool);
+            copy(&path, &staging.join("usr/bin").join(tool))?;
+            executables.push(path);
         }
     }
     if spec.with_qemu {
@@ -189,7 +202,8 @@ fn workspace_bins() -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// The target folder and the names of all bin targets outside xtask, from `cargo metadata` JSON.
+/// The target folder and the names of the bin targets a plain build makes (outside xtask, none
+/// behind a required feature), from `cargo metadata` JSON.
 fn bin_targets(metadata: &str) -> Result<(PathBuf, Vec<String>)> {
     let json: serde_json::Value = serde_json::from_str(metadata)
         .map_err(|e| format!("cargo metadata printed invalid JSON: {e}"))?;
@@ -207,15 +221,15 @@ fn bin_targets(metadata: &str) -> Result<(PathBuf, Vec<String>)> {
                 .into_iter()
                 .flatten()
                 .any(|k| k == "bin");
-            // `cargo build --bins` skips a bin whose required features are off by default (the
-            // libFuzzer driver): there is nothing to copy for it.
+            // A bin behind a feature that is not a default one (the libFuzzer driver) is not
+            // built by a plain build.
             let defaults = package["features"]["default"].as_array();
-            let built = target["required-features"]
+            let gated = target["required-features"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .all(|f| defaults.is_some_and(|d| d.contains(f)));
-            if let (true, true, Some(name)) = (is_bin, built, target["name"].as_str()) {
+                .any(|f| !defaults.is_some_and(|d| d.contains(f)));
+            if let (true, false, Some(name)) = (is_bin, gated, target["name"].as_str()) {
                 names.push(name.to_string());
             }
         }
@@ -289,20 +303,16 @@ mod tests {
     }
 
     #[test]
-    fn metadata_bins_skip_xtask_libraries_and_bins_behind_features_that_are_off() {
+    fn metadata_bins_skip_xtask_and_libraries() {
         let json = r#"{"target_directory":"/w/target","packages":[
             {"name":"xtask","targets":[{"name":"xtask","kind":["bin"]}]},
             {"name":"kiln-vmm","targets":[{"name":"kiln_vmm","kind":["lib"]},{"name":"kiln-vmm","kind":["bin"]}]},
-            {"name":"kiln-devices","targets":[{"name":"kiln_devices","kind":["lib"]}]},
-            {"name":"kiln-fuzz","features":{"default":[],"libfuzzer":[]},"targets":[{"name":"kiln-fuzz","kind":["bin"],"required-features":["libfuzzer"]}]},
-            {"name":"kiln-pool","features":{"default":["daemon"],"daemon":[]},"targets":[{"name":"kilnd","kind":["bin"],"required-features":["daemon"]}]}]}"#;
+            {"name":"kiln-fuzz","targets":[{"name":"kiln-fuzz","kind":["bin"],"required-features":["libfuzzer"]}]},
+            {"name":"kiln-pool","features":{"default":["daemon"],"daemon":[]},"targets":[{"name":"kilnd","kind":["bin"],"required-features":["daemon"]}]},
+            {"name":"kiln-devices","targets":[{"name":"kiln_devices","kind":["lib"]}]}]}"#;
         let (dir, names) = bin_targets(json).unwrap();
         assert_eq!(dir, PathBuf::from("/w/target"));
-        assert_eq!(
-            names,
-            ["kiln-vmm", "kilnd"],
-            "kiln-fuzz needs a feature that is off"
-        );
+        assert_eq!(names, ["kiln-vmm", "kilnd"]);
         let (_, none) = bin_targets(r#"{"target_directory":"/t","packages":[]}"#).unwrap();
         assert!(none.is_empty());
     }
