@@ -117,10 +117,10 @@ fn handler_faults_and_bad_bodies_are_400_and_keep_the_connection() {
         fault_message(&body).starts_with("vsock: unknown field `cid`"),
         "{body}"
     );
-    let (status, body) = client.request("GET", "/balloon", None).unwrap();
+    let (status, body) = client.request("GET", "/no-such-resource", None).unwrap();
     assert_eq!(
         (status, fault_message(&body).as_str()),
-        (400, "unknown path /balloon")
+        (400, "unknown path /no-such-resource")
     );
 
     // Still the same connection, and nothing invalid reached the handler.

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_agent::guest::memory::ZramSize;
 use kiln_net::{DomainPattern, PublishSpec};
 
 /// The usage text.
@@ -28,6 +29,14 @@ with its status.
   --user USER          run as name, uid, name:group or uid:gid (default root)
   --mem-mib N          guest memory in MiB (default 256)
   --vcpus N            vCPUs (default 1)
+  --zram off|SIZE      zram swap in the guest, set up before CMD runs: SIZE in bytes with an
+                       optional K, M or G suffix, or N% of guest memory (default 50%); lz4,
+                       swappiness 100, page-cluster 0
+  --free-page-reporting on|off
+                       the guest reports the memory it frees and the host takes it back at once
+                       (default on; a virtio-balloon with free page reporting)
+  --balloon-mib N      start with N MiB of guest memory held in the balloon (default 0); the
+                       guest takes it back when it runs out of memory (deflate_on_oom)
   --tty                run CMD on a terminal when stdin is one
   --json               print one JSON object {stdout, stderr, exit_code, signal, timed_out,
                        timings: {boot_ms, exec_ms}} instead of streaming
@@ -81,6 +90,12 @@ pub struct RunArgs {
     pub mem_mib: u32,
     /// `--vcpus`.
     pub vcpus: u32,
+    /// `--zram`, as the guest's `kiln.zram=` takes it; `None` for the guest's default.
+    pub zram: Option<String>,
+    /// `--free-page-reporting`.
+    pub free_page_reporting: bool,
+    /// `--balloon-mib`.
+    pub balloon_mib: u32,
     /// `--tty`.
     pub tty: bool,
     /// `--json`.
@@ -146,6 +161,14 @@ fn count(flag: &str, value: &str) -> Result<u32, String> {
         .ok()
         .filter(|n| *n > 0)
         .ok_or_else(|| format!("{flag} {value:?} is not a positive whole number"))
+}
+
+fn on_off(flag: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{flag} {value:?} is not on or off")),
+    }
 }
 
 fn env_pair(value: &str) -> Result<(String, String), String> {
@@ -255,6 +278,9 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         user: None,
         mem_mib: DEFAULT_MEM_MIB,
         vcpus: 1,
+        zram: None,
+        free_page_reporting: true,
+        balloon_mib: 0,
         tty: false,
         json: false,
         boot_timeout: DEFAULT_BOOT_TIMEOUT,
@@ -282,6 +308,18 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
             "--user" | "-u" => a.user = Some(words.value(&opt)?),
             "--mem-mib" => a.mem_mib = count(name, &words.value(&opt)?)?,
             "--vcpus" => a.vcpus = count(name, &words.value(&opt)?)?,
+            "--zram" => {
+                let v = words.value(&opt)?;
+                ZramSize::parse(&v).map_err(|e| format!("--zram: {e}"))?;
+                a.zram = Some(v);
+            }
+            "--free-page-reporting" => a.free_page_reporting = on_off(name, &words.value(&opt)?)?,
+            "--balloon-mib" => {
+                let v = words.value(&opt)?;
+                a.balloon_mib = v
+                    .parse()
+                    .map_err(|_| format!("--balloon-mib {v:?} is not a whole number of MiB"))?;
+            }
             "--tty" | "-t" => a.tty = Words::flag(&opt)?,
             "--json" => a.json = Words::flag(&opt)?,
             "--net" => a.net.nic = Words::flag(&opt)?,
@@ -302,7 +340,16 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         }
         if matches!(
             name,
-            "--kernel" | "--rootfs" | "--mem-mib" | "--vcpus" | "--snapshot" | "--tty" | "-t"
+            "--kernel"
+                | "--rootfs"
+                | "--mem-mib"
+                | "--vcpus"
+                | "--snapshot"
+                | "--tty"
+                | "-t"
+                | "--zram"
+                | "--free-page-reporting"
+                | "--balloon-mib"
         ) {
             machine_flags.push(name);
         }
@@ -350,6 +397,12 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
     }
     if a.command.is_empty() && a.code.is_none() {
         return Err("no command to run: kiln run [OPTIONS] -- CMD [ARG...]".into());
+    }
+    if a.balloon_mib >= a.mem_mib {
+        return Err(format!(
+            "--balloon-mib {} leaves nothing of --mem-mib {}",
+            a.balloon_mib, a.mem_mib
+        ));
     }
     Ok(Command::Run(Box::new(a)))
 }

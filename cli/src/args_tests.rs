@@ -39,6 +39,12 @@ fn every_flag() {
         "--mem-mib",
         "512",
         "--vcpus=2",
+        "--zram",
+        "64M",
+        "--free-page-reporting",
+        "off",
+        "--balloon-mib",
+        "100",
         "--tty",
         "--json",
         "--boot-timeout",
@@ -62,6 +68,10 @@ fn every_flag() {
     assert_eq!(a.cwd.as_deref(), Some("/tmp"));
     assert_eq!(a.user.as_deref(), Some("1000:1000"));
     assert_eq!((a.mem_mib, a.vcpus, a.tty, a.json), (512, 2, true, true));
+    assert_eq!(
+        (a.zram.as_deref(), a.free_page_reporting, a.balloon_mib),
+        (Some("64M"), false, 100)
+    );
     assert_eq!(a.boot_timeout, Duration::from_secs(9));
     assert_eq!(a.command, args(&["sh", "-c", "echo --json"]));
 }
@@ -75,6 +85,10 @@ fn defaults_and_command_without_dashes() {
         (DEFAULT_MEM_MIB, 1, false, false)
     );
     assert_eq!((a.timeout, a.boot_timeout), (None, DEFAULT_BOOT_TIMEOUT));
+    assert_eq!(
+        (a.zram, a.free_page_reporting, a.balloon_mib),
+        (None, true, 0)
+    );
     assert_eq!(parse(&args(&["--help"])).unwrap(), Command::Help);
     assert_eq!(parse(&args(&["run", "--help"])).unwrap(), Command::Help);
     assert_eq!(parse(&args(&["-V"])).unwrap(), Command::Version);
@@ -156,9 +170,34 @@ fn bad_input_is_named() {
     );
     assert_eq!(err(&["run", "--json=yes", "true"]), "--json takes no value");
     assert_eq!(err(&["run", "--snapshot"]), "--snapshot needs a value");
-    for flag in ["--kernel", "--rootfs", "--mem-mib", "--vcpus"] {
+    assert_eq!(
+        err(&["run", "--zram", "huge", "true"]),
+        "--zram: zram size \"huge\" is not off, a size (N, NK, NM or NG) or N%"
+    );
+    assert_eq!(
+        err(&["run", "--free-page-reporting", "yes", "true"]),
+        "--free-page-reporting \"yes\" is not on or off"
+    );
+    assert_eq!(
+        err(&["run", "--balloon-mib", "256", "true"]),
+        "--balloon-mib 256 leaves nothing of --mem-mib 256"
+    );
+    for flag in [
+        "--kernel",
+        "--rootfs",
+        "--mem-mib",
+        "--vcpus",
+        "--zram",
+        "--free-page-reporting",
+        "--balloon-mib",
+    ] {
+        let value = match flag {
+            "--free-page-reporting" => "on",
+            "--zram" => "1M",
+            _ => "1",
+        };
         assert_eq!(
-            err(&["run", "--snapshot", "/s", flag, "1", "true"]),
+            err(&["run", "--snapshot", "/s", flag, value, "true"]),
             format!("{flag} cannot be used with --snapshot: the snapshot fixes the machine")
         );
     }

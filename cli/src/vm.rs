@@ -24,6 +24,29 @@ use crate::snapshot::SnapshotFiles;
 pub const CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent KILN_OVERLAY=tmpfs";
 
+/// The guest command line for `args`: [`CMDLINE`] and the agent's memory settings (`kiln.zram=`,
+/// which the agent reads before any command runs).
+pub fn cmdline(args: &RunArgs) -> String {
+    match &args.zram {
+        Some(zram) => format!("{CMDLINE} kiln.zram={zram}"),
+        None => CMDLINE.to_string(),
+    }
+}
+
+/// kiln-vmm's `--balloon` for `args`: free page reporting and the starting target, with
+/// deflate_on_oom so a guest short of memory takes the balloon back; `None` when neither is
+/// asked for.
+pub fn balloon_spec(args: &RunArgs) -> Option<String> {
+    if !args.free_page_reporting && args.balloon_mib == 0 {
+        return None;
+    }
+    let mut spec = format!("amount_mib={},deflate_on_oom", args.balloon_mib);
+    if args.free_page_reporting {
+        spec.push_str(",free_page_reporting");
+    }
+    Some(spec)
+}
+
 /// The guest's vsock context id.
 pub const GUEST_CID: u32 = 3;
 
@@ -83,13 +106,13 @@ fn temp_dir() -> Result<PathBuf, String> {
 }
 
 impl Vm {
-    /// Spawns `vmm` for `images` with `args`' machine size, inside `net`'s namespace with its
-    /// network interface when it has one.
+    /// Spawns `vmm` for `images` with `args`' machine size and memory settings, inside `net`'s
+    /// namespace with its network interface when it has one.
     pub fn boot(vmm: &Path, images: &Images, args: &RunArgs, net: &Network) -> Result<Vm, String> {
         let boot_net = net.boot_args();
         let cmdline = match &boot_net {
-            Some((_, word)) => format!("{CMDLINE} {word}"),
-            None => CMDLINE.to_string(),
+            Some((_, word)) => format!("{} {word}", cmdline(args)),
+            None => cmdline(args),
         };
         Vm::spawn(vmm, net.netns_fd(), |cmd, dir| {
             if let Some((iface, _)) = &boot_net {
@@ -99,8 +122,11 @@ impl Vm {
                 .arg(&images.kernel)
                 .args(["--mem-mib", &args.mem_mib.to_string()])
                 .args(["--vcpus", &args.vcpus.to_string()])
-                .args(["--cmdline", &cmdline])
-                .arg("--drive")
+                .args(["--cmdline", &cmdline]);
+            if let Some(spec) = balloon_spec(args) {
+                cmd.args(["--balloon", &spec]);
+            }
+            cmd.arg("--drive")
                 .arg(format!(
                     "id=rootfs,path={},root,ro",
                     images.rootfs.display()

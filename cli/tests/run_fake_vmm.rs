@@ -80,6 +80,8 @@ fn streams_output_and_exit_code() {
         "2",
         "--cmdline",
         "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent KILN_OVERLAY=tmpfs",
+        "--balloon",
+        "amount_mib=0,deflate_on_oom,free_page_reporting",
         "--drive",
         &format!("id=rootfs,path={},root,ro", s.rootfs.display()),
         "--vsock",
@@ -93,6 +95,39 @@ fn streams_output_and_exit_code() {
     assert_eq!(args, expected);
     assert!(gone(pid), "the VMM outlived kiln");
     assert!(!tmp.exists(), "temp dir {} left behind", tmp.display());
+
+    // The memory flags: zram reaches the agent on the command line; no reporting and no
+    // starting target means no balloon; a target alone means a balloon without reporting.
+    let out = s.run(
+        "agent",
+        &[
+            "--zram",
+            "64M",
+            "--free-page-reporting",
+            "off",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (_, _, args) = s.vmm();
+    let cmdline = &args[args.iter().position(|a| a == "--cmdline").unwrap() + 1];
+    assert!(cmdline.ends_with(" kiln.zram=64M"), "{cmdline}");
+    assert!(!args.iter().any(|a| a == "--balloon"), "{args:?}");
+    let out = s.run(
+        "agent",
+        &[
+            "--free-page-reporting=off",
+            "--balloon-mib",
+            "64",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (_, _, args) = s.vmm();
+    let balloon = &args[args.iter().position(|a| a == "--balloon").unwrap() + 1];
+    assert_eq!(balloon, "amount_mib=64,deflate_on_oom");
 }
 
 fn signals_timeouts_and_could_not_start() {

@@ -145,6 +145,31 @@ metrics_group!(
     }
 );
 
+metrics_group!(
+    /// The balloon's counters (Firecracker's `balloon` group; Kiln has no free page hinting, so
+    /// no `free_page_hint_*`).
+    BalloonMetrics {
+        /// Activations that failed.
+        activate_fails,
+        /// Inflate queue passes.
+        inflate_count,
+        /// Statistics buffers received.
+        stats_updates_count,
+        /// Statistics buffers with something the device could not take (an unknown tag).
+        stats_update_fails,
+        /// Deflate queue passes.
+        deflate_count,
+        /// Queue passes that ended with the device needing a reset.
+        event_fails,
+        /// Free page reporting queue passes.
+        free_page_report_count,
+        /// Bytes the guest reported free.
+        free_page_report_freed,
+        /// Reports whose memory could not be given back.
+        free_page_report_fails,
+    }
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,6 +67,31 @@ impl PageBitmap {
         }
     }
 
+    /// Marks the pages `pages` dirty; those past the end are ignored.
+    pub fn set_range(&mut self, pages: Range<u64>) {
+        let end = pages.end.min(self.pages());
+        let mut page = pages.start;
+        while page < end {
+            let (word, bit) = ((page / 64) as usize, page % 64);
+            let run = (64 - bit).min(end - page);
+            let mask = if run == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << run) - 1) << bit
+            };
+            self.words[word] |= mask;
+            page += run;
+        }
+    }
+
+    /// Clears every page `other` marks: afterwards a page is dirty if it was here and is not
+    /// there. Pages past the end of `other` stay as they are.
+    pub fn subtract(&mut self, other: &PageBitmap) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w &= !o;
+        }
+    }
+
     /// How many pages are dirty.
     pub fn dirty_pages(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -196,6 +221,25 @@ mod tests {
         kvm.merge(&devices).unwrap();
         assert_eq!(kvm.words(), &[0b0111, 1]);
         assert_eq!(kvm.byte_ranges(), vec![0..3 * P, 64 * P..65 * P]);
+    }
+
+    #[test]
+    fn ranges_are_set_across_words_and_subtracted() {
+        let mut bm = PageBitmap::clean(256);
+        bm.set_range(60..130);
+        bm.set_range(200..1000);
+        assert_eq!(bm.byte_ranges(), vec![60 * P..130 * P, 200 * P..256 * P]);
+        bm.set_range(0..64);
+        assert_eq!(bm.words()[0], u64::MAX);
+        let mut other = PageBitmap::clean(128);
+        other.set_range(100..128);
+        bm.subtract(&other);
+        assert_eq!(
+            bm.byte_ranges(),
+            vec![0..100 * P, 128 * P..130 * P, 200 * P..256 * P],
+            "pages past the shorter bitmap stay"
+        );
+        assert_eq!(bm.dirty_pages(), 158);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use kiln_agent::protocol::{ExecSpec, ExitStatus as AgentExit};
 
 pub mod cycles;
 pub mod fakenet;
+pub mod memory;
 
 /// The marker the test initramfs prints first thing in `/init`.
 pub const INIT_MARKER: &str = "KILN-INIT-START";
@@ -315,6 +316,11 @@ impl ApiVmm {
     /// The API socket.
     pub fn sock(&self) -> &Path {
         &self.sock
+    }
+
+    /// The kiln-vmm process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// One API request; its status code and body.

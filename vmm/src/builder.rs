@@ -13,6 +13,7 @@ use kiln_devices::legacy::{
     COM1_IRQ, COM1_LEN, COM1_PORT, ConsoleInput, I8042, I8042_KBD_IRQ, I8042_LEN, I8042_PORT,
     SerialDevice, SerialDeviceState, SerialRestoreArgs,
 };
+use kiln_devices::virtio::balloon::{Balloon, BalloonError};
 use kiln_devices::virtio::block::{Block, BlockConfig, BlockError};
 use kiln_devices::virtio::net::{Net, NetError};
 use kiln_devices::virtio::vsock::{Vsock, VsockError};
@@ -27,6 +28,7 @@ use crate::device_manager::{
     AttachContext, DeviceError, MmioDeviceManager, Placement, Subscriber, VirtioKind,
 };
 use crate::loader::{self, BootEntry, LoaderError};
+use crate::memory::free_pages::FreePages;
 use crate::memory::{self, GuestMemoryMmap, MemoryError, low_ram_end};
 use crate::vmm::{ExitWatcher, Vmm, VmmParts};
 use crate::vstate::exit::{ExitReason, ExitSignal, IoBuses};
@@ -83,6 +85,9 @@ pub enum BuildError {
     /// A network interface could not be created (its TAP, say).
     #[error(transparent)]
     Net(#[from] NetError),
+    /// The balloon could not be created.
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
     /// A virtio device could not be attached.
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -101,6 +106,7 @@ impl BuildError {
                 | BuildError::Block(_)
                 | BuildError::Vsock(_)
                 | BuildError::Net(_)
+                | BuildError::Balloon(BalloonError::TooLarge { .. })
         )
     }
 }
@@ -260,6 +266,61 @@ fn attach_drives(
         )?;
     }
     Ok(())
+}
+
+/// The free-page record of `mem`, reading KVM's dirty log when `logged`.
+pub(crate) fn free_pages(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    logged: bool,
+) -> Result<Arc<FreePages>, BuildError> {
+    let log = if logged {
+        Some(vm.dirty_log_reader(mem)?)
+    } else {
+        None
+    };
+    Ok(Arc::new(FreePages::new(mem.clone(), log)))
+}
+
+/// Creates the balloon `config` asks for, if any, and attaches it; the pages it frees go to
+/// `pages`.
+pub(crate) fn attach_balloon(
+    config: &VmConfig,
+    pages: &Arc<FreePages>,
+    devices: &mut MmioDeviceManager,
+    ctx: &mut AttachContext<'_>,
+) -> Result<(), BuildError> {
+    let Some(b) = &config.balloon else {
+        return Ok(());
+    };
+    let irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd("the balloon IRQ", e))?;
+    let balloon = Balloon::new(
+        device_config(b),
+        config.machine.mem_size_mib as u64,
+        pages.clone(),
+        irq,
+    )?;
+    devices.attach(
+        "balloon",
+        VirtioKind::Balloon(Arc::new(Mutex::new(balloon))),
+        Placement::Next,
+        None,
+        ctx,
+    )?;
+    Ok(())
+}
+
+/// The device's view of the API's `balloon` object.
+pub(crate) fn device_config(
+    b: &crate::config::BalloonConfig,
+) -> kiln_devices::virtio::balloon::BalloonConfig {
+    kiln_devices::virtio::balloon::BalloonConfig {
+        amount_mib: b.amount_mib,
+        deflate_on_oom: b.deflate_on_oom,
+        stats_polling_interval_s: b.stats_polling_interval_s,
+        free_page_reporting: b.free_page_reporting,
+    }
 }
 
 /// Attaches each network interface (the first is the guest's eth0), each on its TAP.
@@ -428,7 +489,11 @@ pub fn build_in(
     let mem_size = (config.machine.mem_size_mib as u64) << 20;
     let vcpu_count = config.machine.vcpu_count;
     let (mem, memfd) = memory::create_with(mem_size, config.machine.huge_pages)?;
-    let vm = create_vm(prepared, &mem, config.machine.track_dirty_pages)?;
+    // KVM logs the guest's writes only for diff snapshots; the balloon's free-page record does
+    // without (see memory::free_pages).
+    let logged = config.machine.track_dirty_pages;
+    let vm = create_vm(prepared, &mem, logged)?;
+    let pages = free_pages(&vm, &mem, logged)?;
     let mut platform = Platform::new(vm, config, None)?;
     log::info!(
         "VM created with {} MiB of memory",
@@ -458,6 +523,7 @@ pub fn build_in(
             &mut ctx,
         )?;
     }
+    attach_balloon(config, &pages, &mut devices, &mut ctx)?;
 
     let kernel = loader::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
     let initrd = match &config.boot_source.initrd_path {
@@ -505,6 +571,7 @@ pub fn build_in(
         platform,
         mem,
         memfd: Some(memfd),
+        pages,
         vcpus,
         devices,
         config: config.clone(),

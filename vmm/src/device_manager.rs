@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kiln_devices::virtio::balloon::Balloon;
 use kiln_devices::virtio::block::Block;
 use kiln_devices::virtio::mmio::{MMIO_LEN, QUEUE_NOTIFY_OFFSET};
 use kiln_devices::virtio::net::Net;
@@ -59,6 +60,8 @@ pub enum VirtioKind {
     Vsock(Arc<Mutex<Vsock>>),
     /// A network interface.
     Net(Arc<Mutex<Net>>),
+    /// The memory balloon.
+    Balloon(Arc<Mutex<Balloon>>),
 }
 
 impl VirtioKind {
@@ -68,6 +71,7 @@ impl VirtioKind {
             VirtioKind::Block(d) => d.clone(),
             VirtioKind::Vsock(d) => d.clone(),
             VirtioKind::Net(d) => d.clone(),
+            VirtioKind::Balloon(d) => d.clone(),
         }
     }
 }
@@ -144,6 +148,7 @@ impl MmioDeviceManager {
             VirtioKind::Block(d) => self.attach_device(name, d, kind, placement, transport, ctx),
             VirtioKind::Vsock(d) => self.attach_device(name, d, kind, placement, transport, ctx),
             VirtioKind::Net(d) => self.attach_device(name, d, kind, placement, transport, ctx),
+            VirtioKind::Balloon(d) => self.attach_device(name, d, kind, placement, transport, ctx),
         }
     }
 
@@ -210,6 +215,14 @@ impl MmioDeviceManager {
     pub fn net(&self, id: &str) -> Option<&Arc<Mutex<Net>>> {
         self.devices.iter().find_map(|d| match &d.kind {
             VirtioKind::Net(n) if n.lock().unwrap_or_else(|p| p.into_inner()).id() == id => Some(n),
+            _ => None,
+        })
+    }
+
+    /// The balloon, if there is one.
+    pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
+        self.devices.iter().find_map(|d| match &d.kind {
+            VirtioKind::Balloon(b) => Some(b),
             _ => None,
         })
     }

@@ -2,10 +2,10 @@
 //! `--metrics-path` or `PUT /metrics`, every [`FLUSH_PERIOD`], on `FlushMetrics` and when the VMM
 //! exits. Groups and names are Firecracker's where Kiln measures the same thing: `api_server`,
 //! `get_api_requests`, `put_api_requests`, `patch_api_requests`, `block` (all drives) and
-//! `block_<id>` (each), `vsock`, `vcpu`, `latencies_us`, `logger`, `seccomp`, `signals`. Counters are what
+//! `block_<id>` (each), `vsock`, `balloon`, `vcpu`, `latencies_us`, `logger`, `seccomp`, `signals`. Counters are what
 //! happened since the previous line, as in Firecracker; latencies and start-up times are the
-//! latest value. The network device keeps no counters yet; it and the balloon device add their
-//! groups (`net`, `balloon`) where [`Vmm::metrics_line`] walks the devices.
+//! latest value. The network device keeps no counters yet; it would add its group (`net`) where
+//! [`Vmm::metrics_line`] walks the devices.
 //!
 //! [`Vmm::metrics_line`]: crate::Vmm::metrics_line
 
@@ -77,6 +77,8 @@ pub static STARTUP_CPU_US: StoreMetric = StoreMetric::new();
 metrics_group!(
     /// GET requests (Firecracker's `get_api_requests`).
     GetRequests {
+        /// `GET /balloon` and `GET /balloon/statistics`.
+        balloon_count,
         /// `GET /`.
         instance_info_count,
         /// `GET /machine-config` and `GET /vm/config`.
@@ -95,6 +97,10 @@ metrics_group!(
         actions_count,
         /// Failed.
         actions_fails,
+        /// `PUT /balloon`.
+        balloon_count,
+        /// Failed.
+        balloon_fails,
         /// `PUT /boot-source`.
         boot_source_count,
         /// Failed.
@@ -141,6 +147,10 @@ metrics_group!(
 metrics_group!(
     /// PATCH requests and their failures (Firecracker's `patch_api_requests`).
     PatchRequests {
+        /// `PATCH /balloon` and `PATCH /balloon/statistics`.
+        balloon_count,
+        /// Failed.
+        balloon_fails,
         /// `PATCH /drives`.
         drive_count,
         /// Failed.
@@ -179,6 +189,11 @@ fn request_counters(request: &ApiRequest) -> (&'static IncMetric, Option<&'stati
         GetVmConfig | GetMachineConfig => (&GET.machine_cfg_count, None),
         GetMmds => (&GET.mmds_count, None),
         GetVersion => (&GET.vmm_version_count, None),
+        GetBalloon | GetBalloonStats => (&GET.balloon_count, None),
+        PutBalloon(_) => (&PUT.balloon_count, Some(&PUT.balloon_fails)),
+        PatchBalloon(_) | PatchBalloonStats(_) => {
+            (&PATCH.balloon_count, Some(&PATCH.balloon_fails))
+        }
         PutAction(_) => (&PUT.actions_count, Some(&PUT.actions_fails)),
         PutBootSource(_) => (&PUT.boot_source_count, Some(&PUT.boot_source_fails)),
         PutDrive(_) => (&PUT.drive_count, Some(&PUT.drive_fails)),

@@ -24,6 +24,7 @@ use crate::builder::{BuildError, Platform, build};
 use crate::config::VmConfig;
 use crate::device_manager::{MmioDeviceManager, Subscriber};
 use crate::memory::GuestMemoryMmap;
+use crate::memory::free_pages::FreePages;
 use crate::seccomp::{SeccompFilters, ThreadKind};
 use crate::vstate::exit::{ExitReason, ExitSignal, IoBuses};
 use crate::vstate::vcpu::Vcpu;
@@ -37,6 +38,8 @@ pub(crate) struct VmmParts {
     pub(crate) mem: GuestMemoryMmap,
     /// The memfd behind guest memory; `None` when memory is a private mapping of a snapshot.
     pub(crate) memfd: Option<File>,
+    /// Which guest pages are free, for snapshots (the balloon fills it).
+    pub(crate) pages: Arc<FreePages>,
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) devices: MmioDeviceManager,
     pub(crate) config: VmConfig,
@@ -52,6 +55,7 @@ pub struct Vmm {
     pub(crate) vm: Vm,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) memfd: Option<File>,
+    pub(crate) pages: Arc<FreePages>,
     vcpus: Vec<Vcpu>,
     pub(crate) handles: Vec<VcpuHandle>,
     io: Arc<IoBuses>,
@@ -154,6 +158,7 @@ impl Vmm {
             vm,
             mem: parts.mem,
             memfd: parts.memfd,
+            pages: parts.pages,
             vcpus: parts.vcpus,
             handles: Vec::new(),
             io: Arc::new(io),
@@ -203,8 +208,8 @@ impl Vmm {
     }
 
     /// The metrics groups of the devices: `block` (all drives together), `block_<id>` (each)
-    /// and `vsock`. The network device keeps no counters yet; it and the balloon device will add
-    /// `net`/`net_<id>` and `balloon` here.
+    /// `vsock` and `balloon`. The network device keeps no counters yet; it would add `net`/`net_<id>`
+    /// here.
     pub fn metrics_line(&self) -> kiln_devices::metrics::Map<String, kiln_devices::metrics::Value> {
         use kiln_devices::metrics::{Map, Value};
         let mut groups = Map::new();
@@ -227,6 +232,10 @@ impl Vmm {
                 }
                 // No counters in the network device yet: no `net` group rather than one of zeros.
                 crate::device_manager::VirtioKind::Net(_) => {}
+                crate::device_manager::VirtioKind::Balloon(b) => {
+                    let b = b.lock().unwrap_or_else(|p| p.into_inner());
+                    groups.insert("balloon".into(), b.metrics().report().into());
+                }
             }
         }
         groups.insert("block".into(), all_block.into());

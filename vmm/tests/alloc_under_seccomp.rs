@@ -2,7 +2,8 @@
 //! a forked child that must exit 0: many threads allocating and freeing at once, blocks from 1 B
 //! to 64 MiB, zeroed and over-aligned ones, reallocs growing across the mmap threshold and back,
 //! blocks freed on another thread than the one that allocated them, and threads ending under
-//! their filter.
+//! their filter. One more scenario reads the page map as a snapshot of a restored VM with a
+//! balloon does, under the VMM thread's filter.
 //!
 //! This test has its own `main` (`harness = false` in Cargo.toml): libtest would start threads,
 //! and so arenas, before any test ran, and glibc reads the arena limit only once. Here nothing
@@ -258,6 +259,22 @@ fn contended_channels(kind: ThreadKind) {
     }
 }
 
+/// What a snapshot of a restored VM with a balloon does on the VMM thread: open
+/// `/proc/self/pagemap` and read which pages of a private mapping were written.
+fn pagemap_under_the_vmm_filter() {
+    let vmm = decoded(ThreadKind::Vmm);
+    let mut page = vec![0u8; 3 * 4096];
+    let base = (page.as_mut_ptr() as u64).next_multiple_of(4096);
+    let at = (base - page.as_ptr() as u64) as usize;
+    page[at] = 1;
+    filtered(ThreadKind::Vmm, &vmm);
+    let mut map = kiln_vmm::memory::pagemap::Pagemap::open().expect("open /proc/self/pagemap");
+    let mut written = 0;
+    map.private_copies(base, 1, |_| written += 1)
+        .expect("read the page map");
+    assert_eq!(written, 1, "a written heap page is a private copy");
+}
+
 /// As `kiln-vmm` runs: vCPU threads and the API thread under their filters, then the main
 /// thread under the VMM filter, all allocating at once and freeing each other's blocks.
 fn like_kiln_vmm() {
@@ -351,7 +368,7 @@ fn fork_child(configure: bool, scenario: fn()) -> Outcome {
 type Scenario = (&'static str, bool, fn(), Expect);
 
 fn main() {
-    let scenarios: [Scenario; 8] = [
+    let scenarios: [Scenario; 9] = [
         (
             "contended channels, api",
             true,
@@ -389,6 +406,12 @@ fn main() {
             Expect::Clean,
         ),
         ("kiln-vmm's threads", true, like_kiln_vmm, Expect::Clean),
+        (
+            "the page map under the vmm filter",
+            true,
+            pagemap_under_the_vmm_filter,
+            Expect::Clean,
+        ),
         (
             "control: 16 api threads without malloc::configure",
             false,

@@ -7,12 +7,12 @@ use crate::lab::{self, LabRun};
 use crate::util::Result;
 
 const USAGE: &str =
-    "usage: cargo xtask bench boot|block|exec|vsock|snapshot|restore|pool [--runs N]
+    "usage: cargo xtask bench boot|block|exec|vsock|snapshot|restore|pool|memory [--runs N]
        cargo xtask bench cycles [--restores N] [--boots M]";
 
 /// Benchmarks `kiln-lab-bench` knows.
 const BENCHMARKS: &[&str] = &[
-    "boot", "block", "exec", "vsock", "snapshot", "restore", "cycles",
+    "boot", "block", "exec", "vsock", "snapshot", "restore", "cycles", "pool", "memory",
 ];
 
 /// `cargo xtask bench NAME [OPTIONS]` (see USAGE)

@@ -1,6 +1,7 @@
-//! The in-guest side: the `kiln-agent` program. It sets the guest up when it is PID 1 (and shuts
-//! it down on Ctrl-Alt-Del, [`cad`]), reaps every child through one [`reaper`], listens on vsock
-//! (or a Unix socket for host tests), and serves each connection ([`session`]) with a thread per
+//! The in-guest side: the `kiln-agent` program. It sets the guest up when it is PID 1 ([`init`],
+//! and its memory: zram swap and the rest, [`memory`]) and shuts it down on Ctrl-Alt-Del
+//! ([`cad`]), reaps every child through one [`reaper`], listens on vsock (or a Unix socket for
+//! host tests), and serves each connection ([`session`]) with a thread per
 //! request ([`exec`], [`files`]). After a snapshot restore the host sends one `restored` request
 //! ([`restore`]). It sets eth0 up from the host's settings ([`net`]) and forwards published ports
 //! of a VM without a network interface over vsock ([`forward`]).
@@ -14,6 +15,7 @@ pub mod files;
 pub mod forward;
 pub mod init;
 pub mod listen;
+pub mod memory;
 pub mod net;
 pub mod procs;
 pub mod reaper;
@@ -166,10 +168,11 @@ const USAGE: &str =
     "usage: kiln-agent [--listen vsock[:PORT]|unix:PATH]... [--forward vsock[:PORT]|unix:PATH]
 
 Kiln's guest agent. As PID 1 it mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp and /run,
-sets the hostname (kiln.hostname= on the kernel command line, default kiln) and resets the VM
-on a shutdown request or Ctrl-Alt-Del (SIGINT), and sets eth0 up from kiln.net= on the kernel
-command line. It listens on vsock port 1024 and forwards port connections on vsock port 1025
-unless --listen (and --forward) say otherwise.";
+sets the hostname (kiln.hostname= on the kernel command line, default kiln), sets up zram swap
+(kiln.zram=off|SIZE|N%, default 50%; kiln.swappiness=N, default 100) with page-cluster 0 and
+transparent huge pages off, sets eth0 up from kiln.net= on the kernel command line, and resets
+the VM on a shutdown request or Ctrl-Alt-Del (SIGINT). It listens on vsock port 1024 and
+forwards port connections on vsock port 1025 unless --listen (and --forward) say otherwise.";
 
 /// The `kiln-agent` program.
 pub fn main() -> ExitCode {
@@ -229,6 +232,18 @@ pub fn main() -> ExitCode {
     }
     let mode = if pid1 {
         init::setup();
+        // Before the listeners: no command runs before its memory is set up.
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        match memory::MemorySettings::from_cmdline(&cmdline) {
+            Ok(settings) => {
+                for problem in memory::setup(&settings) {
+                    log(format_args!("memory setup: {problem}"));
+                }
+            }
+            Err(e) => log(format_args!(
+                "{e}; no zram, memory left as the kernel set it"
+            )),
+        }
         // Before any thread starts: it blocks SIGINT in this thread for all threads to inherit.
         cad::shut_down_on_ctrl_alt_del();
         ShutdownMode::Reboot

@@ -18,8 +18,8 @@ pub use message::{
     DecodeError, DirEntry, ErrorInfo, ErrorKind, Event, ExecSpec, ExitStatus, FileKind, FileStat,
     Hello, Message, Request, Stream, TtySize,
 };
-pub use ops::{MkdirSpec, PROTOCOL_REVISION, ProcessInfo, Selector, UserInfo};
 pub use net::{Net, NetSpec, NetSpecError};
+pub use ops::{MkdirSpec, PROTOCOL_REVISION, ProcessInfo, Selector, UserInfo};
 pub use restore::{Restore, RestoreSpec, RestoreSpecError};
 
 /// The protocol version both ends announce in their hello; a mismatch ends the connection.

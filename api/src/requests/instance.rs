@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::balloon::Balloon;
 use super::boot_source::BootSource;
 use super::drives::Drive;
 use super::logger::Logger;
@@ -78,9 +79,9 @@ impl VersionInfo {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FullVmConfig {
-    /// `balloon` (the balloon device's configuration, once it exists).
+    /// `balloon`, if any (its current target and statistics interval).
     #[serde(default)]
-    pub balloon: Option<Value>,
+    pub balloon: Option<Balloon>,
     /// `drives`, in attachment order.
     #[serde(default)]
     pub drives: Vec<Drive>,

@@ -11,6 +11,7 @@
 //! ([`refused`]) are a 400 naming what Kiln offers instead.
 
 pub mod actions;
+pub mod balloon;
 pub mod boot_source;
 mod deprecated;
 pub mod drives;
@@ -31,6 +32,7 @@ use serde::de::DeserializeOwned;
 
 use crate::ApiError;
 use actions::Action;
+use balloon::{Balloon, BalloonStatsUpdate, BalloonUpdate};
 use boot_source::BootSource;
 pub use deprecated::deprecated_fields;
 use drives::{Drive, DriveUpdate};
@@ -93,6 +95,16 @@ pub enum ApiRequest {
     CreateSnapshot(SnapshotCreate),
     /// `PUT /snapshot/load`.
     LoadSnapshot(SnapshotLoad),
+    /// `GET /balloon`: the balloon's configuration ([`Balloon`]).
+    GetBalloon,
+    /// `PUT /balloon`.
+    PutBalloon(Balloon),
+    /// `PATCH /balloon`: a new target.
+    PatchBalloon(BalloonUpdate),
+    /// `GET /balloon/statistics` ([`balloon::BalloonStats`]).
+    GetBalloonStats,
+    /// `PATCH /balloon/statistics`: a new polling interval.
+    PatchBalloonStats(BalloonStatsUpdate),
 }
 
 /// A path and method the API serves; `path` is a template as in `openapi.json`.
@@ -133,6 +145,11 @@ pub const ROUTES: &[Route] = &[
     route("PATCH", "/vm"),
     route("PUT", "/snapshot/create"),
     route("PUT", "/snapshot/load"),
+    route("GET", "/balloon"),
+    route("PUT", "/balloon"),
+    route("PATCH", "/balloon"),
+    route("GET", "/balloon/statistics"),
+    route("PATCH", "/balloon/statistics"),
 ];
 
 /// The methods Firecracker's API server speaks; any other is answered 405.
@@ -178,6 +195,17 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
             .map(|b| ApiRequest::PatchVm(b.state)),
         ("/snapshot/create", "PUT") => req.json("snapshot/create").map(ApiRequest::CreateSnapshot),
         ("/snapshot/load", "PUT") => req.json("snapshot/load").map(ApiRequest::LoadSnapshot),
+        ("/balloon", "GET") => req.no_body(ApiRequest::GetBalloon),
+        ("/balloon", "PUT") => {
+            let balloon: Balloon = req.json("balloon")?;
+            balloon.check()?;
+            Ok(ApiRequest::PutBalloon(balloon))
+        }
+        ("/balloon", "PATCH") => req.json("balloon").map(ApiRequest::PatchBalloon),
+        ("/balloon/statistics", "GET") => req.no_body(ApiRequest::GetBalloonStats),
+        ("/balloon/statistics", "PATCH") => req
+            .json("balloon/statistics")
+            .map(ApiRequest::PatchBalloonStats),
         _ => {
             if let Some(id) = id_in(path, "/drives/") {
                 return match method {

@@ -4,6 +4,7 @@
 //! checks before it starts anything.
 
 pub mod args;
+pub mod reclaim;
 
 use std::path::{Path, PathBuf};
 
@@ -44,6 +45,9 @@ pub enum SnapshotError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The guest could not drop its caches before the snapshot.
+    #[error("{0}")]
+    Reclaim(String),
     /// The VMM refused or did not answer.
     #[error(transparent)]
     Api(#[from] ApiError),
@@ -168,7 +172,23 @@ fn run(command: SnapshotCommand) -> Result<(), SnapshotError> {
             dir,
             diff,
             resume,
-        } => create(&api_sock, &dir, diff, resume),
+            reclaim,
+        } => {
+            if let Some(uds) = reclaim {
+                let state = Api::connect(&api_sock)?.state()?;
+                if state != InstanceState::Running {
+                    return Err(SnapshotError::Reclaim(format!(
+                        "--reclaim needs a running VM to drop its caches; it is {state:?}"
+                    )));
+                }
+                let took = reclaim::reclaim(&uds).map_err(SnapshotError::Reclaim)?;
+                eprintln!(
+                    "kiln: the guest dropped its caches and compacted in {} ms",
+                    took.as_millis()
+                );
+            }
+            create(&api_sock, &dir, diff, resume)
+        }
         SnapshotCommand::Load {
             api_sock,
             dir,

@@ -7,6 +7,7 @@
 //! Each device is a folder with the same files: `mod.rs`, `device.rs`, `event_handler.rs`,
 //! `request.rs` (or `packet.rs`) and their tests.
 
+pub mod balloon;
 pub mod block;
 pub mod budget;
 pub mod chain;

@@ -18,6 +18,10 @@
 //! `kiln-lab-bench pool [--runs N]` measures kilnd: create -> first result from a warm and a cold
 //! pool, creates per second, the memory of 50 idle sandboxes, a fork into 4.
 //!
+//! `kiln-lab-bench memory [--runs N]` measures host memory of a 512 MiB VM before, during and
+//! after a 300 MiB workload, the snapshot taken after it and the restore from it, under kiln-vmm
+//! with its balloon and QEMU microvm with virtio-balloon-device and free page reporting.
+//!
 //! `kiln-lab-bench cycles [--restores N] [--boots M]` runs N restore cycles and M boot cycles of
 //! `kiln run` in one L1 (500 and 200 by default) and prints their p50/p99 and ratio.
 
@@ -31,10 +35,14 @@ mod boot;
 mod cycles;
 #[path = "kiln-lab-bench/exec.rs"]
 mod exec;
+#[path = "kiln-lab-bench/memory.rs"]
+mod memory;
 #[path = "kiln-lab-bench/peer.rs"]
 mod peer;
 #[path = "kiln-lab-bench/pool.rs"]
 mod pool;
+#[path = "kiln-lab-bench/qmp.rs"]
+mod qmp;
 #[path = "kiln-lab-bench/restore.rs"]
 mod restore;
 #[path = "kiln-lab-bench/snapshot.rs"]
@@ -54,8 +62,9 @@ fn main() -> ExitCode {
         Some("cycles") => cycles::run(rest),
         Some("restore") => runs(rest, 20).and_then(restore::run),
         Some("pool") => runs(rest, 20).and_then(pool::run),
+        Some("memory") => runs(rest, 2).and_then(memory::run),
         _ => Err(
-            "usage: kiln-lab-bench boot|block|exec|vsock|snapshot|restore|pool [--runs N] | cycles [--restores N] [--boots M]"
+            "usage: kiln-lab-bench boot|block|exec|vsock|snapshot|restore|pool|memory [--runs N] | cycles [--restores N] [--boots M]"
                 .to_string(),
         ),
     };

@@ -4,7 +4,8 @@
 use kiln_api::requests::instance::FullVmConfig;
 
 use crate::config::{
-    BootSourceConfig, DriveConfig, MachineConfig, NetworkInterfaceConfig, VmConfig, VsockConfig,
+    BalloonConfig, BootSourceConfig, DriveConfig, MachineConfig, NetworkInterfaceConfig, VmConfig,
+    VsockConfig,
 };
 use crate::instance::Instance;
 
@@ -16,6 +17,7 @@ pub fn full(
     drives: &[DriveConfig],
     vsock: Option<&VsockConfig>,
     nets: &[NetworkInterfaceConfig],
+    balloon: Option<&BalloonConfig>,
 ) -> FullVmConfig {
     FullVmConfig {
         boot_source: boot.cloned(),
@@ -23,6 +25,7 @@ pub fn full(
         drives: drives.to_vec(),
         vsock: vsock.cloned(),
         network_interfaces: nets.to_vec(),
+        balloon: balloon.cloned(),
         logger: instance.logger.clone(),
         metrics: instance.metrics_config.clone(),
         mmds_config: instance.mmds_config.clone(),
@@ -39,5 +42,6 @@ pub fn full_of(instance: &Instance, config: &VmConfig) -> FullVmConfig {
         &config.drives,
         config.vsock.as_ref(),
         &config.network_interfaces,
+        config.balloon.as_ref(),
     )
 }

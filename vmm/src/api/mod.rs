@@ -7,6 +7,7 @@
 //! queries and refuses changes ([`running`]). The API thread installs its seccomp filter before
 //! it serves anything ([`crate::seccomp`]).
 
+pub mod balloon;
 mod common;
 
 pub use common::put_mmds_config;

@@ -16,8 +16,9 @@ use super::{ApiLink, common, convert};
 use crate::Vmm;
 use crate::builder::{build_in, prepare_vm};
 use crate::config::{
-    BootSourceConfig, DriveConfig, MachineConfig, NetworkInterfaceConfig, SerialConfig, VmConfig,
-    VsockConfig, default_machine, validate_drive, validate_machine, validate_vsock,
+    BalloonConfig, BootSourceConfig, DriveConfig, MachineConfig, NetworkInterfaceConfig,
+    SerialConfig, VmConfig, VsockConfig, default_machine, validate_drive, validate_machine,
+    validate_vsock,
 };
 use crate::instance::Instance;
 use crate::loader::inspect_kernel;
@@ -40,6 +41,7 @@ struct PreBoot {
     drives: Vec<DriveConfig>,
     vsock: Option<VsockConfig>,
     nets: Vec<NetworkInterfaceConfig>,
+    balloon: Option<BalloonConfig>,
     serial: SerialConfig,
 }
 
@@ -56,6 +58,7 @@ impl PreBoot {
             drives: self.drives.clone(),
             vsock: self.vsock.clone(),
             network_interfaces: self.nets.clone(),
+            balloon: self.balloon,
             ..VmConfig::default()
         })
     }
@@ -67,6 +70,7 @@ impl PreBoot {
             || !self.drives.is_empty()
             || self.vsock.is_some()
             || !self.nets.is_empty()
+            || self.balloon.is_some()
             || self.machine != default_machine()
     }
 
@@ -89,6 +93,7 @@ impl PreBoot {
                 &self.drives,
                 self.vsock.as_ref(),
                 &self.nets,
+                self.balloon.as_ref(),
             )),
             PutBootSource(b) => {
                 if let Err(e) = inspect_kernel(&b.kernel_image_path) {
@@ -183,8 +188,12 @@ impl PreBoot {
                 ApiResponse::fault("snapshot/create: the instance has not started")
             }
             LoadSnapshot(_) if self.configured() => ApiResponse::fault(
-                "snapshot/load: not allowed after boot-source, machine-config, drives, vsock or network-interfaces were configured",
+                "snapshot/load: not allowed after boot-source, machine-config, drives, vsock, network-interfaces or balloon were configured",
             ),
+            request @ (GetBalloon | PutBalloon(_) | PatchBalloon(_) | GetBalloonStats
+            | PatchBalloonStats(_)) => {
+                super::balloon::preboot(&mut self.balloon, &self.machine, request)
+            }
             LoadSnapshot(params) => return Err(Next::Load(params)),
         })
     }
@@ -283,6 +292,7 @@ pub fn configure(link: &ApiLink, serial: SerialConfig, instance: &mut Instance) 
         drives: Vec::new(),
         vsock: None,
         nets: Vec::new(),
+        balloon: None,
         serial,
     };
     log::debug!("ready for the configuration");

@@ -110,5 +110,7 @@ fn answer(vmm: &mut Vmm, request: ApiRequest) -> ApiResponse {
         LoadSnapshot(_) => ApiResponse::fault(
             "snapshot/load: the instance has already started; load into a new kiln-vmm",
         ),
+        request @ (GetBalloon | PutBalloon(_) | PatchBalloon(_) | GetBalloonStats
+        | PatchBalloonStats(_)) => super::balloon::running(vmm, request),
     }
 }

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use kiln_api::requests::logger::{LogLevel, Logger as LoggerConfig};
 
-use super::device_args::{parse_drive, parse_net, parse_vsock};
+use super::device_args::{parse_balloon, parse_drive, parse_net, parse_vsock};
 use super::{
-    BootSourceConfig, DriveConfig, MachineConfig, NetworkInterfaceConfig, SerialConfig, VmConfig,
-    VsockConfig, parse_config_file,
+    BalloonConfig, BootSourceConfig, DriveConfig, MachineConfig, NetworkInterfaceConfig,
+    SerialConfig, VmConfig, VsockConfig, parse_config_file,
 };
 
 /// The usage text for `--help`.
@@ -15,6 +15,7 @@ pub const USAGE: &str =
     "usage: kiln-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
                 [--drive id=ID,path=PATH[,ro][,root]]... [--vsock cid=N,uds=PATH]
                 [--net id=ID,tap=NAME[,mac=MAC]]... [--serial-out PATH]
+                [--balloon [amount_mib=N][,deflate_on_oom][,stats_polling_interval_s=N][,free_page_reporting]]
        kiln-vmm --config-file FILE [--serial-out PATH] [--api-sock PATH]
        kiln-vmm --api-sock PATH [--serial-out PATH]
        kiln-vmm --describe-snapshot STATE_FILE
@@ -31,6 +32,10 @@ pub const USAGE: &str =
                       writing \"CONNECT P\\n\"; the guest reaches host port P at uds_P
   --net SPEC          a virtio-net device on the existing TAP `tap` (in kiln-vmm's network
                       namespace); `mac` is the guest's MAC address (repeatable; the first is eth0)
+  --balloon SPEC      a virtio-balloon device (Firecracker's `balloon` fields; `-` for the defaults):
+                      a target of amount_mib, deflate_on_oom, statistics every N seconds, and
+                      free_page_reporting, with which the memory the guest frees goes back to the
+                      host
   --serial-out PATH   write the serial console to PATH instead of stdout
   --api-sock PATH     serve Firecracker's HTTP API on a Unix socket at PATH; without a kernel or
                       config file, the VM is configured and started through it
@@ -148,6 +153,7 @@ struct Flags {
     drives: Vec<DriveConfig>,
     vsock: Option<VsockConfig>,
     nets: Vec<NetworkInterfaceConfig>,
+    balloon: Option<BalloonConfig>,
     api_sock: Option<PathBuf>,
     no_seccomp: bool,
     no_api: bool,
@@ -233,6 +239,7 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
             "--drive" => flags.drives.push(parse_drive(&value()?)?),
             "--vsock" => set(&mut flags.vsock, name, parse_vsock(&value()?)?)?,
             "--net" => flags.nets.push(parse_net(&value()?)?),
+            "--balloon" => set(&mut flags.balloon, name, parse_balloon(&value()?)?)?,
             "--api-sock" => set(&mut flags.api_sock, name, value()?.into())?,
             "--no-seccomp" if inline.is_some() => return Err(format!("{name} takes no value")),
             "--no-seccomp" => flags.no_seccomp = true,
@@ -281,6 +288,7 @@ impl Flags {
             (!self.drives.is_empty(), "--drive"),
             (self.vsock.is_some(), "--vsock"),
             (!self.nets.is_empty(), "--net"),
+            (self.balloon.is_some(), "--balloon"),
         ]
         .into_iter()
         .find_map(|(given, flag)| given.then_some(flag))
@@ -332,6 +340,7 @@ impl Flags {
                     drives: self.drives,
                     vsock: self.vsock,
                     network_interfaces: self.nets,
+                    balloon: self.balloon,
                     ..VmConfig::default()
                 }
             }
@@ -406,6 +415,27 @@ mod tests {
         );
         assert_eq!(c.machine.mem_size_mib, 512);
         assert_eq!(c.serial.serial_out_path, Some(PathBuf::from("/o")));
+    }
+
+    #[test]
+    fn the_balloon_flag_adds_a_balloon() {
+        let c = config(&[
+            "--kernel",
+            "/k",
+            "--balloon",
+            "free_page_reporting,deflate_on_oom",
+        ]);
+        let b = c.balloon.unwrap();
+        assert!(b.free_page_reporting && b.deflate_on_oom);
+        assert_eq!(config(&["--kernel", "/k"]).balloon, None);
+        assert_eq!(
+            parse(&["--kernel", "/k", "--balloon", "-", "--balloon", "-"]).unwrap_err(),
+            "--balloon given more than once"
+        );
+        assert_eq!(
+            parse(&["--config-file", "/c.json", "--balloon", "-"]).unwrap_err(),
+            "--balloon cannot be combined with --config-file"
+        );
     }
 
     #[test]

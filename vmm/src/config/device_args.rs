@@ -1,9 +1,10 @@
 //! The device flags' `key=value,...` syntax: `--drive id=ID,path=PATH[,ro][,root]`,
-//! `--vsock cid=N,uds=PATH` and `--net id=ID,tap=NAME[,mac=MAC]`.
+//! `--vsock cid=N,uds=PATH`, `--net id=ID,tap=NAME[,mac=MAC]` and `--balloon [amount_mib=N]
+//! [,deflate_on_oom][,stats_polling_interval_s=N][,free_page_reporting]`.
 
 use std::path::PathBuf;
 
-use super::{DriveConfig, NetworkInterfaceConfig, VsockConfig};
+use super::{BalloonConfig, DriveConfig, NetworkInterfaceConfig, VsockConfig};
 
 /// Splits `a=1,b,c=3` into pairs; a bare word has no value. Empty items are errors.
 fn items<'a>(flag: &str, spec: &'a str) -> Result<Vec<(&'a str, Option<&'a str>)>, String> {
@@ -94,6 +95,39 @@ pub fn parse_net(spec: &str) -> Result<NetworkInterfaceConfig, String> {
     })
 }
 
+/// Parses `--balloon [amount_mib=N][,deflate_on_oom][,stats_polling_interval_s=N]
+/// [,free_page_reporting]` (Firecracker's field names; `-` for none of them).
+pub fn parse_balloon(spec: &str) -> Result<BalloonConfig, String> {
+    let mut b = BalloonConfig {
+        amount_mib: 0,
+        deflate_on_oom: false,
+        stats_polling_interval_s: 0,
+        free_page_hinting: false,
+        free_page_reporting: false,
+    };
+    if spec == "-" {
+        return Ok(b);
+    }
+    let number =
+        |key: &str, v: &str| format!("--balloon {spec:?}: {key} {v:?} is not a valid number");
+    for (key, value) in items("--balloon", spec)? {
+        match (key, value) {
+            ("amount_mib", Some(v)) => b.amount_mib = v.parse().map_err(|_| number(key, v))?,
+            ("stats_polling_interval_s", Some(v)) => {
+                b.stats_polling_interval_s = v.parse().map_err(|_| number(key, v))?
+            }
+            ("deflate_on_oom", None) => b.deflate_on_oom = true,
+            ("free_page_reporting", None) => b.free_page_reporting = true,
+            (k, _) => {
+                return Err(format!(
+                    "--balloon {spec:?}: unknown or malformed item {k:?} (want amount_mib=, deflate_on_oom, stats_polling_interval_s=, free_page_reporting)"
+                ));
+            }
+        }
+    }
+    Ok(b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +212,37 @@ mod tests {
                 .unwrap_err()
                 .contains("item \"path\"")
         );
+    }
+
+    #[test]
+    fn balloon_parses_and_bad_values_are_named() {
+        let b = parse_balloon(
+            "amount_mib=64,deflate_on_oom,stats_polling_interval_s=1,free_page_reporting",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                b.amount_mib,
+                b.deflate_on_oom,
+                b.stats_polling_interval_s,
+                b.free_page_reporting
+            ),
+            (64, true, 1, true)
+        );
+        let b = parse_balloon("-").unwrap();
+        assert_eq!(
+            (b.amount_mib, b.deflate_on_oom, b.free_page_reporting),
+            (0, false, false)
+        );
+        assert_eq!(
+            parse_balloon("amount_mib=x").unwrap_err(),
+            "--balloon \"amount_mib=x\": amount_mib \"x\" is not a valid number"
+        );
+        assert!(
+            parse_balloon("free_page_hinting")
+                .unwrap_err()
+                .contains("unknown or malformed item \"free_page_hinting\"")
+        );
+        assert!(parse_balloon("deflate_on_oom=yes").is_err());
     }
 }

@@ -54,6 +54,28 @@ mod tests {
             ("eth0", "tap0")
         );
         assert_eq!(eth0.rx_rate_limiter.unwrap().bandwidth.unwrap().size, 1000);
+        assert_eq!(cfg.balloon, None);
+    }
+
+    #[test]
+    fn the_balloon_object_is_firecrackers() {
+        let cfg = parse_config_text(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 512},
+                "balloon": {"amount_mib": 64, "deflate_on_oom": true,
+                            "stats_polling_interval_s": 2, "free_page_reporting": true}}"#,
+        )
+        .unwrap();
+        let b = cfg.balloon.unwrap();
+        assert_eq!(
+            (
+                b.amount_mib,
+                b.deflate_on_oom,
+                b.stats_polling_interval_s,
+                b.free_page_reporting
+            ),
+            (64, true, 2, true)
+        );
     }
 
     #[test]
@@ -79,10 +101,17 @@ mod tests {
         );
         let err = parse_config_text(
             r#"{"boot-source": {"kernel_image_path": "/k"},
-                "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "balloon": {}}"#,
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "frobnicator": {}}"#,
         )
         .unwrap_err();
-        assert!(err.contains("unknown field `balloon`"), "{err}");
+        assert!(err.contains("unknown field `frobnicator`"), "{err}");
+        let err = parse_config_text(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+                "balloon": {"amount_mib": 0, "deflate_on_oom": true, "inflate": 1}}"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("unknown field `inflate`"), "{err}");
     }
 
     #[test]

@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 pub use cli::{Command, ProcessOptions, USAGE, parse_args};
 pub use file::parse_config_file;
 pub use validate::{
-    MAX_VIRTIO_DEVICES, ValidationError, validate_drive, validate_machine, validate_serial,
-    validate_vsock,
+    MAX_VIRTIO_DEVICES, ValidationError, validate_balloon, validate_drive, validate_machine,
+    validate_serial, validate_vsock,
 };
 
 /// Most vCPUs a Kiln VM may have.
@@ -54,6 +54,9 @@ pub struct VmConfig {
     /// Network interfaces (`network-interfaces`), in the order the guest sees them (eth0 first).
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetworkInterfaceConfig>,
+    /// The memory balloon (`balloon`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
     /// The log file (`logger`), as `PUT /logger`.
     #[serde(default)]
     pub logger: Option<kiln_api::requests::logger::Logger>,
@@ -93,6 +96,7 @@ impl Default for VmConfig {
             drives: Vec::new(),
             vsock: None,
             network_interfaces: Vec::new(),
+            balloon: None,
             logger: None,
             metrics: None,
             mmds_config: None,
@@ -104,6 +108,8 @@ impl Default for VmConfig {
     }
 }
 
+/// Firecracker's `balloon` object.
+pub use kiln_api::requests::balloon::Balloon as BalloonConfig;
 /// Firecracker's `boot-source` object.
 pub use kiln_api::requests::boot_source::BootSource as BootSourceConfig;
 /// Firecracker's `drives` entry: the API's type, so the config file and `PUT /drives` agree.

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use kiln_api::requests::drives::IoEngine;
 use kiln_api::requests::machine_config::{CpuTemplate, HugePages};
 
-use super::{DriveConfig, MAX_MEM_MIB, MAX_VCPUS, MachineConfig, SerialConfig, VmConfig};
+use super::{
+    BalloonConfig, DriveConfig, MAX_MEM_MIB, MAX_VCPUS, MachineConfig, SerialConfig, VmConfig,
+};
 use crate::arch::layout::CMDLINE_MAX_SIZE;
 use crate::loader::{LoaderError, inspect_kernel};
 use crate::memory::low_ram_end;
@@ -92,6 +94,9 @@ pub enum ValidationError {
         /// What is wrong.
         what: String,
     },
+    /// The balloon settings are wrong.
+    #[error("balloon: {0}")]
+    Balloon(String),
     /// More devices than interrupt lines.
     #[error("{0} virtio devices configured; Kiln has interrupt lines for {MAX_VIRTIO_DEVICES}")]
     TooManyDevices(usize),
@@ -158,6 +163,9 @@ impl VmConfig {
             validate_vsock(vsock)?;
         }
         self.validate_network_interfaces()?;
+        if let Some(balloon) = &self.balloon {
+            validate_balloon(balloon, m)?;
+        }
         for (given, key, what) in [
             (
                 self.entropy.as_ref().is_some_and(|v| !v.is_null()),
@@ -180,13 +188,31 @@ impl VmConfig {
                 return Err(ValidationError::NotInKiln { key, what });
             }
         }
-        let devices =
-            self.drives.len() + usize::from(self.vsock.is_some()) + self.network_interfaces.len();
+        let devices = self.drives.len()
+            + usize::from(self.vsock.is_some())
+            + self.network_interfaces.len()
+            + usize::from(self.balloon.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ValidationError::TooManyDevices(devices));
         }
         validate_serial(&self.serial)
     }
+}
+
+/// Checks the balloon against the machine (the API checks it when it is set).
+pub fn validate_balloon(b: &BalloonConfig, m: &MachineConfig) -> Result<(), ValidationError> {
+    if b.free_page_hinting {
+        return Err(ValidationError::Balloon(
+            "free_page_hinting is not supported; use free_page_reporting".into(),
+        ));
+    }
+    if b.amount_mib as usize > m.mem_size_mib {
+        return Err(ValidationError::Balloon(format!(
+            "amount_mib {} is larger than machine-config.mem_size_mib {}",
+            b.amount_mib, m.mem_size_mib
+        )));
+    }
+    Ok(())
 }
 
 /// Checks the serial console's output file can be created where it is asked for.
@@ -465,6 +491,30 @@ mod tests {
         assert_eq!(
             e,
             "serial output /nonexistent/dir/console.log: its directory does not exist"
+        );
+    }
+
+    #[test]
+    fn balloon_mistakes_are_named() {
+        let balloon = |amount_mib, free_page_hinting| crate::config::BalloonConfig {
+            amount_mib,
+            deflate_on_oom: true,
+            stats_polling_interval_s: 0,
+            free_page_hinting,
+            free_page_reporting: true,
+        };
+        let mut c = config();
+        c.balloon = Some(balloon(128, false));
+        c.validate().unwrap();
+        c.balloon = Some(balloon(129, false));
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "balloon: amount_mib 129 is larger than machine-config.mem_size_mib 128"
+        );
+        c.balloon = Some(balloon(0, true));
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "balloon: free_page_hinting is not supported; use free_page_reporting"
         );
     }
 

@@ -10,9 +10,9 @@ use std::io::Write;
 use std::path::Path;
 
 use kiln_api::requests::snapshot::{SnapshotCreate, SnapshotType};
-use kiln_snapshot::{AtomicFile, PageBitmap, Persist};
+use kiln_snapshot::{AtomicFile, PAGE_SIZE, Persist};
 
-use super::memory::{take_vmm_dirty, write_diff, write_full};
+use super::memory::{write_diff, write_full};
 use super::{DeviceKindState, MicrovmState, PersistError, VirtioDeviceState};
 use crate::Vmm;
 use crate::device_manager::VirtioKind;
@@ -51,21 +51,6 @@ fn commit(file: AtomicFile) -> Result<(), PersistError> {
 }
 
 impl Vmm {
-    /// The pages written since the last snapshot: KVM's log of guest writes ORed with the VMM's
-    /// own; both are cleared by reading them.
-    fn take_dirty(&self) -> Result<Vec<PageBitmap>, PersistError> {
-        let kvm = self
-            .vm
-            .dirty_log(&self.mem)
-            .map_err(|e| PersistError::Kvm(e.to_string()))?;
-        let mut dirty = take_vmm_dirty(&self.mem);
-        for (mine, guest) in dirty.iter_mut().zip(kvm) {
-            mine.merge(&PageBitmap::new(guest))
-                .map_err(|e| PersistError::Kvm(e.to_string()))?;
-        }
-        Ok(dirty)
-    }
-
     /// Saves every device; the vsock device tells the guest its connections were reset first.
     fn save_devices(&self) -> Vec<VirtioDeviceState> {
         self.devices
@@ -84,6 +69,7 @@ impl Vmm {
                         DeviceKindState::Vsock(v.save())
                     }
                     VirtioKind::Net(n) => DeviceKindState::Net(lock(n).save()),
+                    VirtioKind::Balloon(b) => DeviceKindState::Balloon(Box::new(lock(b).save())),
                 };
                 VirtioDeviceState {
                     addr: d.addr,
@@ -152,15 +138,25 @@ impl Vmm {
         };
         // From here a failure loses the dirty log already read; a later diff would miss pages.
         self.dirty_log_intact = false;
+        // The pages written since the last snapshot (the next diff is relative to this one) and
+        // the free ones, left out of both kinds.
+        let pages = self
+            .pages
+            .take_for_snapshot()
+            .map_err(|e| PersistError::Kvm(e.to_string()))?;
+        let free: u64 = pages.free.iter().map(|f| f.dirty_pages() * PAGE_SIZE).sum();
         let written = if diff {
-            let dirty = self.take_dirty()?;
-            write_diff(mem_file.file(), &self.mem, &dirty, id).map_err(mem_err)?
+            write_diff(mem_file.file(), &self.mem, &pages.dirty, &pages.free, id)
+                .map_err(mem_err)?
         } else {
-            if self.track_dirty {
-                // The next diff is relative to this snapshot.
-                self.take_dirty()?;
-            }
-            write_full(mem_file.file(), &self.mem, self.memfd.as_ref(), id).map_err(mem_err)?
+            write_full(
+                mem_file.file(),
+                &self.mem,
+                self.memfd.as_ref(),
+                &pages.free,
+                id,
+            )
+            .map_err(mem_err)?
         };
         let state_path = params.snapshot_path.as_path();
         let bytes = kiln_snapshot::to_bytes(&state).map_err(|err| PersistError::State {
@@ -179,7 +175,7 @@ impl Vmm {
         commit(state_file)?;
         self.dirty_log_intact = true;
         log::info!(
-            "{} snapshot {id:016x} written in {:?}: {} bytes of state, {written} bytes of memory",
+            "{} snapshot {id:016x} written in {:?}: {} bytes of state, {written} bytes of memory ({free} bytes free in the guest left out)",
             if diff { "diff" } else { "full" },
             started.elapsed(),
             bytes.len()

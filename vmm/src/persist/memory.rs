@@ -7,10 +7,16 @@
 //! pages included, and leaves everything else a hole. Neither looks at page residency (mincore):
 //! a page swapped out to zram, or never touched, is still known to be dirty or clean.
 //!
+//! Both leave out the pages the guest gave up (reported free or in the balloon, and not written
+//! since: [`crate::memory::free_pages`]): a full snapshot writes them as holes without reading
+//! them, a diff does not write them, so merging keeps whatever the base had there, which the guest
+//! does not care about either.
+//!
 //! After guest memory the file carries one trailer page naming the snapshot it belongs to, so a
 //! state file is never paired with another snapshot's memory.
 
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
 use kiln_snapshot::{PAGE_SIZE, PageBitmap};
@@ -131,12 +137,36 @@ fn write_nonzero_pages(out: &File, buf: &[u8], offset: u64) -> Result<u64, Memor
     Ok(written)
 }
 
+/// `want` (sorted, disjoint) without the parts `holes` (sorted, disjoint) covers.
+fn subtract_ranges(want: Vec<Range<u64>>, holes: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::with_capacity(want.len());
+    let mut h = 0;
+    for mut r in want {
+        while h < holes.len() && holes[h].end <= r.start {
+            h += 1;
+        }
+        let mut i = h;
+        while i < holes.len() && holes[i].start < r.end {
+            if holes[i].start > r.start {
+                out.push(r.start..holes[i].start);
+            }
+            r.start = r.start.max(holes[i].end);
+            i += 1;
+        }
+        if r.start < r.end {
+            out.push(r);
+        }
+    }
+    out
+}
+
 /// The parts of each region worth reading for a full snapshot, as `(guest address, file offset,
-/// length)`: with a memfd, only its data ranges (pages the guest never touched are holes there);
-/// otherwise all of it.
+/// length)`: with a memfd, only its data ranges (pages the guest never touched, or the balloon
+/// gave back, are holes there); otherwise all of it; in both cases without the free pages.
 fn full_ranges(
     mem: &GuestMemoryMmap,
     memfd: Option<&File>,
+    free: &[PageBitmap],
 ) -> Result<Vec<(u64, u64, u64)>, MemoryFileError> {
     let data = match memfd {
         Some(f) => Some(
@@ -147,36 +177,45 @@ fn full_ranges(
     };
     let mut out = Vec::new();
     let mut file_offset = 0;
-    for region in mem.iter() {
+    for (index, region) in mem.iter().enumerate() {
         let (base, len) = (region.start_addr().0, region.len());
-        match &data {
-            None => out.push((base, file_offset, len)),
-            Some(ranges) => {
-                for r in ranges {
+        // Region-relative ranges to read.
+        let want: Vec<Range<u64>> = match &data {
+            None => std::iter::once(0..len).collect(),
+            Some(ranges) => ranges
+                .iter()
+                .filter_map(|r| {
                     let start = r.start.max(file_offset);
                     let end = r.end.min(file_offset + len);
-                    if start < end {
-                        out.push((base + (start - file_offset), start, end - start));
-                    }
-                }
-            }
+                    (start < end).then(|| start - file_offset..end - file_offset)
+                })
+                .collect(),
+        };
+        let holes = free
+            .get(index)
+            .map(PageBitmap::byte_ranges)
+            .unwrap_or_default();
+        for r in subtract_ranges(want, &holes) {
+            out.push((base + r.start, file_offset + r.start, r.end - r.start));
         }
         file_offset += len;
     }
     Ok(out)
 }
 
-/// Writes all guest memory (its non-zero pages) and the trailer; returns the data bytes written.
+/// Writes all guest memory (its non-zero pages, free pages left out) and the trailer; returns
+/// the data bytes written.
 pub fn write_full(
     out: &File,
     mem: &GuestMemoryMmap,
     memfd: Option<&File>,
+    free: &[PageBitmap],
     id: u64,
 ) -> Result<u64, MemoryFileError> {
     let mem_size: u64 = mem.iter().map(|r| r.len()).sum();
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0;
-    for (addr, offset, len) in full_ranges(mem, memfd)? {
+    for (addr, offset, len) in full_ranges(mem, memfd, free)? {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK as u64) as usize;
@@ -189,20 +228,25 @@ pub fn write_full(
     Ok(written)
 }
 
-/// Writes the pages `dirty` marks (one bitmap per region, in order) and the trailer; returns the
-/// bytes written.
+/// Writes the pages `dirty` marks and `free` does not (one bitmap each per region, in order) and
+/// the trailer; returns the bytes written.
 pub fn write_diff(
     out: &File,
     mem: &GuestMemoryMmap,
     dirty: &[PageBitmap],
+    free: &[PageBitmap],
     id: u64,
 ) -> Result<u64, MemoryFileError> {
     let mem_size: u64 = mem.iter().map(|r| r.len()).sum();
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0;
     let mut file_offset = 0;
-    for (region, bitmap) in mem.iter().zip(dirty) {
+    for (index, (region, bitmap)) in mem.iter().zip(dirty).enumerate() {
         let (base, len) = (region.start_addr().0, region.len());
+        let mut bitmap = bitmap.clone();
+        if let Some(f) = free.get(index) {
+            bitmap.subtract(f);
+        }
         for range in bitmap.byte_ranges() {
             let end = range.end.min(len);
             let mut at = range.start;
@@ -263,7 +307,7 @@ mod tests {
         mem.write_slice(&[7u8; 10], GuestAddress(0x3000)).unwrap();
         mem.write_slice(&[9u8; 1], GuestAddress(0x8_0000)).unwrap();
         let full = tmp("full");
-        let written = write_full(&full, &mem, Some(&memfd), 42).unwrap();
+        let written = write_full(&full, &mem, Some(&memfd), &[], 42).unwrap();
         assert_eq!(written, 2 * PAGE_SIZE, "two pages hold data");
         check_file(&full, 1 << 20, 42).unwrap();
         let mut b = [0u8; 10];
@@ -282,16 +326,65 @@ mod tests {
         let dirty = take_vmm_dirty(&mem);
         assert_eq!(dirty[0].dirty_pages(), 2);
         let diff = tmp("diff");
-        assert_eq!(write_diff(&diff, &mem, &dirty, 43).unwrap(), 2 * PAGE_SIZE);
+        assert_eq!(
+            write_diff(&diff, &mem, &dirty, &[], 43).unwrap(),
+            2 * PAGE_SIZE
+        );
         check_file(&diff, 1 << 20, 43).unwrap();
         assert_eq!(take_vmm_dirty(&mem)[0].dirty_pages(), 0, "taking clears");
+    }
+
+    #[test]
+    fn ranges_are_subtracted() {
+        assert_eq!(
+            subtract_ranges(vec![0..10, 20..30, 40..50], &[5..8, 9..22, 25..26, 45..60]),
+            vec![0..5, 8..9, 22..25, 26..30, 40..45]
+        );
+        let one = |r: Range<u64>| std::iter::once(r).collect::<Vec<_>>();
+        assert_eq!(subtract_ranges(one(0..10), &[]), one(0..10));
+        assert!(subtract_ranges(one(3..4), &one(0..10)).is_empty());
+    }
+
+    #[test]
+    fn free_pages_are_holes_in_full_snapshots_and_left_out_of_diffs() {
+        // A restored VM: memory mapped privately from a file full of old data.
+        let path = std::env::temp_dir().join(format!("kiln-freesnap-{}", std::process::id()));
+        std::fs::write(&path, vec![3u8; 1 << 20]).unwrap();
+        let file = File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mem = crate::memory::map_snapshot(&file, 1 << 20).unwrap();
+        let mut free = PageBitmap::clean(256);
+        free.set_range(16..256);
+        let full = tmp("free-full");
+        let written = write_full(&full, &mem, None, std::slice::from_ref(&free), 9).unwrap();
+        assert_eq!(written, 16 * PAGE_SIZE, "only the pages in use");
+        let ranges = kiln_snapshot::data_ranges(&full, std::path::Path::new("full")).unwrap();
+        let data: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        assert!(data <= 17 * PAGE_SIZE, "free pages are holes: {ranges:?}");
+        let mut b = [0u8; 1];
+        full.read_exact_at(&mut b, 20 * PAGE_SIZE).unwrap();
+        assert_eq!(
+            b,
+            [0],
+            "a free page reads back as zeros, not the stale file"
+        );
+
+        let mut dirty = PageBitmap::clean(256);
+        dirty.set_range(10..20);
+        let diff = tmp("free-diff");
+        let written = write_diff(&diff, &mem, &[dirty], &[free], 10).unwrap();
+        assert_eq!(
+            written,
+            6 * PAGE_SIZE,
+            "dirty pages 10..16; 16..20 are free"
+        );
     }
 
     #[test]
     fn the_trailer_pairs_memory_with_its_state_file() {
         let (mem, memfd) = crate::memory::create(1 << 20).unwrap();
         let f = tmp("trailer");
-        write_full(&f, &mem, Some(&memfd), 7).unwrap();
+        write_full(&f, &mem, Some(&memfd), &[], 7).unwrap();
         let e = check_file(&f, 1 << 20, 8).unwrap_err().to_string();
         assert!(e.contains("merge its memory into the base first"), "{e}");
         let e = check_file(&f, 2 << 20, 7).unwrap_err().to_string();

@@ -11,6 +11,7 @@ pub mod validate;
 use std::path::PathBuf;
 
 use kiln_devices::legacy::SerialDeviceState;
+use kiln_devices::virtio::balloon::BalloonState;
 use kiln_devices::virtio::block::BlockState;
 use kiln_devices::virtio::net::NetState;
 use kiln_devices::virtio::persist::TransportState;
@@ -94,6 +95,8 @@ pub enum DeviceKindState {
     Vsock(VsockState),
     /// A network interface.
     Net(NetState),
+    /// The memory balloon (boxed: it carries the guest's statistics).
+    Balloon(Box<BalloonState>),
 }
 
 /// A virtio device on the bus, saved.

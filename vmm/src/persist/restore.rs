@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use kiln_api::requests::snapshot::SnapshotLoad;
 use kiln_devices::virtio::MmioTransport;
+use kiln_devices::virtio::balloon::{Balloon, BalloonRestoreArgs};
 use kiln_devices::virtio::block::{Block, BlockRestoreArgs};
 use kiln_devices::virtio::net::{Net, NetRestoreArgs};
 use kiln_devices::virtio::vsock::{Vsock, VsockRestoreArgs};
@@ -22,7 +23,7 @@ use super::memory::check_file;
 use super::validate::validate;
 use super::{DeviceKindState, MicrovmState, PersistError};
 use crate::Vmm;
-use crate::builder::{BuildError, Platform, create_vm};
+use crate::builder::{BuildError, Platform, create_vm, free_pages};
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{MmioDeviceManager, Placement, VirtioKind};
 use crate::memory::map_snapshot;
@@ -130,7 +131,9 @@ pub fn restore(
     }
     let config = config_of(&state, params, serial, &params.snapshot_path)?;
     let mem = map_snapshot(&file, state.mem_size).map_err(BuildError::from)?;
-    let vm = create_vm(prepared.take(), &mem, params.track_dirty_pages)?;
+    let logged = params.track_dirty_pages;
+    let vm = create_vm(prepared.take(), &mem, logged)?;
+    let pages = free_pages(&vm, &mem, logged)?;
     log::debug!("restore: memory mapped and registered");
 
     // KVM's own state first: the vCPUs, then the irqchip, PIT and clock. Devices come after, so
@@ -208,6 +211,18 @@ pub fn restore(
                     VirtioKind::Net(Arc::new(Mutex::new(net))),
                 )
             }
+            DeviceKindState::Balloon(s) => {
+                let args = BalloonRestoreArgs {
+                    mem: mem.clone(),
+                    irqfd,
+                    pages: pages.clone(),
+                };
+                let balloon = Balloon::restore(args, s).map_err(BuildError::Balloon)?;
+                (
+                    "balloon".to_string(),
+                    VirtioKind::Balloon(Arc::new(Mutex::new(balloon))),
+                )
+            }
         };
         let transport = MmioTransport::restore(kind.device(), mem.clone(), &saved.transport)
             .map_err(|e| refused(format!("{name}: cannot restore its transport: {e}")))?;
@@ -233,6 +248,7 @@ pub fn restore(
         platform,
         mem,
         memfd: None,
+        pages,
         vcpus,
         devices,
         config,

@@ -64,7 +64,7 @@ fn known() -> BTreeMap<&'static str, u64> {
     ]
     .into_iter()
     .collect();
-    let libc_values: [(&'static str, i64); 21] = [
+    let libc_values: [(&'static str, i64); 23] = [
         ("TCGETS", libc::TCGETS as i64),
         ("TUNSETOFFLOAD", libc::TUNSETOFFLOAD as i64),
         ("TCSETS", libc::TCSETS as i64),
@@ -86,6 +86,11 @@ fn known() -> BTreeMap<&'static str, u64> {
         ("F_GETFD", libc::F_GETFD.into()),
         ("PROT_EXEC", libc::PROT_EXEC.into()),
         ("MADV_DONTNEED", libc::MADV_DONTNEED.into()),
+        ("MADV_REMOVE", libc::MADV_REMOVE.into()),
+        (
+            "FALLOC_FL_KEEP_SIZE|FALLOC_FL_PUNCH_HOLE",
+            (libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE).into(),
+        ),
         ("MREMAP_MAYMOVE", libc::MREMAP_MAYMOVE.into()),
         (
             "O_RDONLY|O_CLOEXEC",

@@ -139,6 +139,38 @@ impl Vm {
             .collect()
     }
 
+    /// A reader of KVM's dirty log for `mem`'s slots (registered with `track_dirty`), for the
+    /// free-page record ([`crate::memory::free_pages`]), which lives beside this `Vm` and not in
+    /// it: it reads through its own duplicate of the VM descriptor.
+    pub fn dirty_log_reader(
+        &self,
+        mem: &GuestMemoryMmap,
+    ) -> Result<crate::memory::free_pages::DirtyLog, VmError> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor this VM owns; the result is checked.
+        let fd = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(VmError::Ioctl {
+                what: "duplicating the VM descriptor",
+                err: kvm_ioctls::Error::last(),
+            });
+        }
+        // SAFETY: `fd` is a fresh duplicate of a KVM VM descriptor, owned by nothing else.
+        let vm = unsafe { self.kvm.create_vmfd_from_rawfd(fd) }
+            .map_err(ioctl("KVM_GET_VCPU_MMAP_SIZE"))?;
+        let sizes: Vec<usize> = mem.iter().map(|r| r.len() as usize).collect();
+        Ok(Box::new(move || {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(slot, &len)| {
+                    vm.get_dirty_log(slot as u32, len)
+                        .map_err(|e| format!("KVM_GET_DIRTY_LOG of slot {slot}: {e}"))
+                })
+                .collect()
+        }))
+    }
+
     /// Makes writes to `evt` raise guest interrupt line `gsi`.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd.register_irqfd(evt, gsi).map_err(ioctl("KVM_IRQFD"))

@@ -16,7 +16,7 @@ const BOOT_LIMIT: Duration = Duration::from_secs(120);
 const MEM_MIB: u32 = 512;
 const AGENT_INIT: &str = "console=ttyS0 panic=-1 quiet init=/usr/sbin/kiln-agent";
 /// QEMU's guest CID (Kiln's guests use 3; distinct so a stale socket can never be confused).
-const QEMU_CID: u32 = 4;
+pub(crate) const QEMU_CID: u32 = 4;
 
 /// Which VMM runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +121,7 @@ impl Vm {
 }
 
 /// Connects an AF_VSOCK stream to the agent in QEMU's guest, retrying while it boots.
-fn qemu_agent(deadline: Instant) -> Result<Client, String> {
+pub(crate) fn qemu_agent(deadline: Instant) -> Result<Client, String> {
     loop {
         if let Ok(fd) = vsock_connect(QEMU_CID, AGENT_PORT)
             && let Ok(client) = from_socket(Socket::from_fd(fd), Duration::from_secs(10))

@@ -2,6 +2,14 @@
 //!
 //! A memfd (not anonymous memory) so that later snapshots can write it out and restores can map a
 //! file in its place, and so that copy-on-write sharing between VMs has a file to share.
+//!
+//! [`discard`] gives the host memory behind guest pages back (for a memfd and for a restored VM's
+//! private mapping alike), and [`free_pages`] remembers which pages the guest gave up, for
+//! snapshots ([`pagemap`] tells which of a restored VM's were written since).
+
+pub mod discard;
+pub mod free_pages;
+pub mod pagemap;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
