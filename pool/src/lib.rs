@@ -15,6 +15,8 @@ pub mod client;
 pub mod daemon;
 #[cfg(feature = "daemon")]
 pub mod db;
+#[cfg(feature = "daemon")]
+pub mod disk;
 pub mod template;
 pub mod types;
 #[cfg(feature = "daemon")]

@@ -16,11 +16,23 @@ pub const GUEST_CID: u32 = 3;
 /// The kernel command line: the agent is init, over a tmpfs overlay of the read-only root.
 pub const CMDLINE_OVERLAY: &str =
     "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent KILN_OVERLAY=tmpfs";
-/// The same with the root written in place (template build steps).
+/// The same with the root writable: written in place (template build steps) or through a
+/// copy-on-write overlay ([`Root::Cow`]).
 pub const CMDLINE_WRITABLE: &str =
     "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent";
 /// How long the VMM may take to listen on its API socket.
 const API_WAIT: Duration = Duration::from_secs(30);
+
+/// How a VM's root drive is attached.
+#[derive(Debug, Clone, Copy)]
+pub enum Root<'a> {
+    /// Read-only, under the agent's tmpfs overlay.
+    Tmpfs,
+    /// Written in place.
+    Writable,
+    /// Read-only base under this copy-on-write overlay file, which takes the writes.
+    Cow(&'a Path),
+}
 
 /// Why a VM operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -217,21 +229,25 @@ impl VmProcess {
         }
     }
 
-    /// Boots `kernel` from the root filesystem `rootfs` (read-only under a tmpfs overlay, or
-    /// written in place when `writable`).
+    /// Boots `kernel` from the root filesystem `rootfs`, attached as `root` says.
     pub fn boot(
         &mut self,
         kernel: &Path,
         rootfs: &Path,
-        writable: bool,
+        root: Root<'_>,
         vcpus: u32,
         mem_mib: u32,
     ) -> Result<(), VmError> {
-        let args = if writable {
-            CMDLINE_WRITABLE
-        } else {
-            CMDLINE_OVERLAY
+        let args = match root {
+            Root::Tmpfs => CMDLINE_OVERLAY,
+            Root::Writable | Root::Cow(_) => CMDLINE_WRITABLE,
         };
+        let mut drive = json!({"drive_id": "rootfs", "path_on_host": rootfs,
+                               "is_root_device": true,
+                               "is_read_only": matches!(root, Root::Tmpfs)});
+        if let Root::Cow(overlay) = root {
+            drive["cow_overlay_path"] = json!(overlay);
+        }
         self.api(
             "PUT",
             "/boot-source",
@@ -242,12 +258,7 @@ impl VmProcess {
             "/machine-config",
             json!({"vcpu_count": vcpus, "mem_size_mib": mem_mib}),
         )?;
-        self.api(
-            "PUT",
-            "/drives/rootfs",
-            json!({"drive_id": "rootfs", "path_on_host": rootfs, "is_root_device": true,
-                   "is_read_only": !writable}),
-        )?;
+        self.api("PUT", "/drives/rootfs", drive)?;
         let vsock = self.vsock.clone();
         self.api(
             "PUT",
@@ -257,16 +268,23 @@ impl VmProcess {
         self.api("PUT", "/actions", json!({"action_type": "InstanceStart"}))
     }
 
-    /// Restores the snapshot `state` + `memory` and resumes it, its vsock on this VM's socket.
-    pub fn restore(&mut self, state: &Path, memory: &Path) -> Result<(), VmError> {
+    /// Restores the snapshot `state` + `memory` and resumes it, its vsock on this VM's socket
+    /// and, with `overlay`, its root drive writing to that copy-on-write overlay (a VM restored
+    /// from a snapshot with an overlay must have its own, or it would write the snapshot's).
+    pub fn restore(
+        &mut self,
+        state: &Path,
+        memory: &Path,
+        overlay: Option<&Path>,
+    ) -> Result<(), VmError> {
         let vsock = self.vsock.clone();
-        self.api(
-            "PUT",
-            "/snapshot/load",
-            json!({"snapshot_path": state,
-                   "mem_backend": {"backend_type": "File", "backend_path": memory},
-                   "resume_vm": true, "vsock_override": {"uds_path": vsock}}),
-        )
+        let mut body = json!({"snapshot_path": state,
+                              "mem_backend": {"backend_type": "File", "backend_path": memory},
+                              "resume_vm": true, "vsock_override": {"uds_path": vsock}});
+        if let Some(overlay) = overlay {
+            body["drive_overrides"] = json!([{"drive_id": "rootfs", "cow_overlay_path": overlay}]);
+        }
+        self.api("PUT", "/snapshot/load", body)
     }
 
     /// Pauses the vCPUs.

@@ -178,7 +178,14 @@ dir = "{out}/tree"
         "built\n"
     );
     let stored = dir.join("state/templates").join(&template.id);
-    for f in ["rootfs.ext4", "vmstate", "memory", "spec.json", "ready"] {
+    for f in [
+        "rootfs.ext4",
+        "rootfs.overlay",
+        "vmstate",
+        "memory",
+        "spec.json",
+        "ready",
+    ] {
         assert!(stored.join(f).exists(), "{f} is missing from the template");
     }
     // The same spec again is found, not rebuilt.

@@ -145,7 +145,11 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
     std::thread::sleep(Duration::from_millis(300));
     let (state, mem, served) = first.pause_and_look(&dir, "first");
     assert!(served.used >= 64, "the device served {} reads", served.used);
-    assert!(served.statuses.iter().all(|&s| s == 0), "{:?}", served.statuses);
+    assert!(
+        served.statuses.iter().all(|&s| s == 0),
+        "{:?}",
+        served.statuses
+    );
     assert!(
         served.buffer.iter().all(|&b| b == 0x5a),
         "reads over an empty overlay return the base"
@@ -154,7 +158,11 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
         std::fs::metadata(&overlay).unwrap().len(),
         u64::from(FLOOD_READ)
     );
-    assert_eq!(data_bytes(&overlay), 0, "reads write nothing to the overlay");
+    assert_eq!(
+        data_bytes(&overlay),
+        0,
+        "reads write nothing to the overlay"
+    );
     drop(first);
 
     let described = common::kiln_vmm(
@@ -172,7 +180,11 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
     );
 
     // The clone's own overlay: as if the clone had written all of it.
-    let clone_overlay = write(&dir, "clone-overlay.img", &vec![0xc3u8; FLOOD_READ as usize]);
+    let clone_overlay = write(
+        &dir,
+        "clone-overlay.img",
+        &vec![0xc3u8; FLOOD_READ as usize],
+    );
     let load = |vmm: &Vmm, overrides: &str| {
         vmm.call(
             "PUT",
@@ -185,9 +197,15 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
         )
     };
     let bad = Vmm::start(&dir, "bad");
-    let (code, text) = load(&bad, r#"[{"drive_id": "rootfs", "cow_overlay_path": "/x"}]"#);
+    let (code, text) = load(
+        &bad,
+        r#"[{"drive_id": "rootfs", "cow_overlay_path": "/x"}]"#,
+    );
     assert_eq!(code, 400, "{text}");
-    assert!(text.contains("the snapshot has no drive \\\"rootfs\\\""), "{text}");
+    assert!(
+        text.contains("the snapshot has no drive \\\"rootfs\\\""),
+        "{text}"
+    );
     let short = write(&dir, "short.img", &[1u8; 4096]);
     let (code, text) = load(
         &bad,
@@ -237,10 +255,18 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
         clone.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
         round += 1;
     };
-    assert!(served.statuses.iter().all(|&s| s == 0), "{:?}", served.statuses);
+    assert!(
+        served.statuses.iter().all(|&s| s == 0),
+        "{:?}",
+        served.statuses
+    );
     assert!(
         std::fs::read(&base).unwrap().iter().all(|&b| b == 0x5a),
         "the base is never written"
     );
-    assert_eq!(data_bytes(&overlay), 0, "the first VM's overlay is untouched");
+    assert_eq!(
+        data_bytes(&overlay),
+        0,
+        "the first VM's overlay is untouched"
+    );
 }

@@ -29,7 +29,8 @@ pub fn restore_vm(
 ) -> Result<(VmProcess, kiln_agent::client::Client), DaemonError> {
     let result = (|| {
         let mut vm = VmProcess::spawn(vmm, dir)?;
-        vm.restore(&from.state, &from.memory)?;
+        let overlay = crate::disk::overlay_for_restore(&from.overlay, dir)?;
+        vm.restore(&from.state, &from.memory, overlay.as_deref())?;
         let client = kiln_agent::client::wait_ready(&vm.vsock, Instant::now() + AGENT_WAIT)?;
         Ok((vm, client))
     })();
@@ -49,7 +50,8 @@ pub fn restore_cloned(
     env: BTreeMap<String, String>,
 ) -> Result<(VmProcess, kiln_agent::client::Client), DaemonError> {
     let mut vm = VmProcess::spawn(vmm, dir)?;
-    vm.restore(&from.state, &from.memory)?;
+    let overlay = crate::disk::overlay_for_restore(&from.overlay, dir)?;
+    vm.restore(&from.state, &from.memory, overlay.as_deref())?;
     let (client, _) =
         kiln_agent::client::restore_connect(&vm.vsock, Instant::now() + AGENT_WAIT, env)?;
     Ok((vm, client))

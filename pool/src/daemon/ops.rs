@@ -313,6 +313,17 @@ impl Daemon {
             vm.pause()?;
             vm.snapshot(&snap.state, &snap.memory)?;
             vm.kill();
+            // The VM's overlay is the paused disk: it goes with the snapshot (a rename, no copy).
+            let live = crate::disk::live_overlay(&vm.dir);
+            if live.exists() {
+                std::fs::rename(&live, &snap.overlay).map_err(|e| {
+                    DaemonError::Internal(format!(
+                        "moving {} to {}: {e}",
+                        live.display(),
+                        snap.overlay.display()
+                    ))
+                })?;
+            }
             Ok::<_, DaemonError>(snap.dir)
         })
         .await?;
@@ -398,7 +409,17 @@ impl Daemon {
                 std::fs::create_dir_all(&snap2.dir)
                     .map_err(|e| DaemonError::Internal(e.to_string()))?;
                 vm.pause()?;
-                let r = vm.snapshot(&snap2.state, &snap2.memory);
+                // The disk as it is at the snapshot, copied before the original runs on.
+                let r = vm
+                    .snapshot(&snap2.state, &snap2.memory)
+                    .map_err(DaemonError::from)
+                    .and_then(|()| {
+                        let live = crate::disk::live_overlay(&vm.dir);
+                        if live.exists() {
+                            crate::disk::copy_sparse(&live, &snap2.overlay)?;
+                        }
+                        Ok(())
+                    });
                 vm.resume()?;
                 r?;
                 Ok::<_, DaemonError>(())

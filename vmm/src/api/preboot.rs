@@ -29,8 +29,8 @@ use crate::vstate::vm::Vm;
 enum Next {
     /// Boot the configured VM.
     Start,
-    /// Build the VM from a snapshot.
-    Load(SnapshotLoad),
+    /// Build the VM from a snapshot (boxed: the load body is large next to `Start`).
+    Load(Box<SnapshotLoad>),
 }
 
 /// The configuration so far.
@@ -166,7 +166,7 @@ impl PreBoot {
             LoadSnapshot(_) if self.configured() => ApiResponse::fault(
                 "snapshot/load: not allowed after boot-source, machine-config, drives or vsock were configured",
             ),
-            LoadSnapshot(params) => return Err(Next::Load(params)),
+            LoadSnapshot(params) => return Err(Next::Load(Box::new(params))),
         })
     }
 
