@@ -17,6 +17,8 @@ pub mod daemon;
 pub mod db;
 #[cfg(feature = "daemon")]
 pub mod disk;
+#[cfg(feature = "daemon")]
+pub mod jail;
 pub mod template;
 pub mod types;
 #[cfg(feature = "daemon")]

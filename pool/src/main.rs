@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use kiln_pool::daemon::{Config, Daemon};
+use kiln_pool::jail::{JailConfig, Launcher};
 use kiln_pool::template::Inputs;
 
 /// Kiln's pool manager: templates, warm pools and sandboxes over an HTTP API.
@@ -31,6 +32,13 @@ struct Args {
     /// kiln-vmm [default: next to kilnd, else on PATH].
     #[arg(long)]
     vmm: Option<PathBuf>,
+    /// kiln-jailer, which every VMM runs under [default: next to kilnd, else on PATH].
+    #[arg(long)]
+    jailer: Option<PathBuf>,
+    /// Run VMMs as kilnd's own user, without kiln-jailer (no chroot, uid or cgroup per VM):
+    /// for development and unprivileged runs only.
+    #[arg(long)]
+    no_jail: bool,
     /// The guest kernel [default: $KILN_KERNEL, else /kiln/vmlinux].
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -104,6 +112,30 @@ fn config(args: &Args) -> Result<Config, String> {
             pick("kiln-vmm", "--vmm", c)?
         }
     };
+    let jail = if args.no_jail {
+        None
+    } else {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(
+                "kilnd runs every VM under kiln-jailer, which needs root; run it as root, \
+                        or give --no-jail to run VMs unjailed as this user"
+                    .into(),
+            );
+        }
+        let jailer = match &args.jailer {
+            Some(p) => pick("kiln-jailer", "--jailer", vec![p.clone()])?,
+            None => {
+                let mut c: Vec<PathBuf> = beside.iter().map(|d| d.join("kiln-jailer")).collect();
+                c.extend(on_path("kiln-jailer"));
+                pick("kiln-jailer", "--jailer", c)?
+            }
+        };
+        Some(JailConfig {
+            jailer,
+            base: state_dir.join("jail"),
+        })
+    };
     let kernel = match &args.kernel {
         Some(p) => pick("guest kernel", "--kernel", vec![p.clone()])?,
         None => pick(
@@ -138,7 +170,7 @@ fn config(args: &Args) -> Result<Config, String> {
     Ok(Config {
         state_dir,
         inputs: Inputs {
-            vmm,
+            vmm: Launcher { vmm, jail },
             kernel,
             agent,
             image_dirs,

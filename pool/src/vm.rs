@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::jail::{Jail, JailConfig, JailError, Launcher, Limits};
+use crate::template::TemplateFiles;
+
 /// The guest's vsock context id (every sandbox has its own vsock socket, so they can share it).
 pub const GUEST_CID: u32 = 3;
 /// The kernel command line: the agent is init, over a tmpfs overlay of the read-only root.
@@ -20,6 +23,10 @@ pub const CMDLINE_OVERLAY: &str =
 /// copy-on-write overlay ([`Root::Cow`]).
 pub const CMDLINE_WRITABLE: &str =
     "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent";
+/// What a VM's root filesystem is called in its jail.
+const ROOTFS_NAME: &str = "rootfs.ext4";
+/// What a VM's copy-on-write overlay is called in its jail.
+const OVERLAY_NAME: &str = crate::disk::OVERLAY;
 /// How long the VMM may take to listen on its API socket.
 const API_WAIT: Duration = Duration::from_secs(30);
 
@@ -61,6 +68,12 @@ pub enum VmError {
         /// The VMM's answer.
         message: String,
     },
+    /// The VM's copy-on-write overlay could not be made or saved.
+    #[error("{0}")]
+    Disk(#[from] crate::disk::DiskError),
+    /// The VM's jail could not be set up.
+    #[error("jail: {0}")]
+    Jail(#[from] JailError),
     /// The VMM exited.
     #[error("kiln-vmm exited ({status}){said}")]
     Exited {
@@ -81,6 +94,14 @@ enum Proc {
 pub struct VmProcess {
     proc: Proc,
     exited: Option<String>,
+    /// Its jail and the jailer's settings, unless kilnd runs VMMs unjailed.
+    jail: Option<(Jail, JailConfig)>,
+    /// The root filesystem it was given (a jailed VM's snapshot names it by its path in the jail,
+    /// so the snapshot's folder gets a link to it).
+    rootfs: Option<PathBuf>,
+    /// The copy-on-write overlay its root drive writes to (on the host), if it has one: a
+    /// snapshot of the VM saves a copy of it with the memory.
+    overlay: Option<PathBuf>,
     /// Its folder.
     pub dir: PathBuf,
     /// Its API socket.
@@ -90,48 +111,72 @@ pub struct VmProcess {
 }
 
 impl VmProcess {
-    /// Starts `vmm --api-sock` in `dir` (created if needed) and waits until the socket answers.
-    pub fn spawn(vmm: &Path, dir: &Path) -> Result<VmProcess, VmError> {
+    /// Starts `kiln-vmm --api-sock` for a VM whose folder is `dir` (created if needed), under the
+    /// jailer with `limits` unless the launcher runs VMMs unjailed, and waits until the socket
+    /// answers.
+    pub fn spawn(launcher: &Launcher, dir: &Path, limits: Limits) -> Result<VmProcess, VmError> {
         std::fs::create_dir_all(dir).map_err(|err| VmError::File {
             path: dir.into(),
             err,
         })?;
-        let api_sock = dir.join("api.sock");
-        // A folder used before (a paused sandbox resuming) still has the last VM's sockets, and
-        // the VMM refuses to bind over an existing path.
-        let _ = std::fs::remove_file(&api_sock);
-        let _ = std::fs::remove_file(dir.join("vsock.sock"));
         let stderr_path = dir.join("vmm.stderr");
         let stderr = File::create(&stderr_path).map_err(|err| VmError::File {
             path: stderr_path.clone(),
             err,
         })?;
-        let mut cmd = Command::new(vmm);
+        let (mut cmd, jail, home) = match &launcher.jail {
+            Some(cfg) => {
+                let jail = cfg.jail_for(dir, None)?;
+                // A jail left by a VM that ended without its cleanup (a killed kilnd): the jailer
+                // refuses to build over it.
+                cfg.cleanup(&jail.id);
+                let cmd = cfg.command(&launcher.vmm, &jail, limits);
+                let home = jail.root.clone();
+                (cmd, Some((jail, cfg.clone())), home)
+            }
+            None => (Command::new(&launcher.vmm), None, dir.to_path_buf()),
+        };
+        let api_sock = home.join("api.sock");
+        // A folder used before (a paused sandbox resuming) still has the last VM's sockets, and
+        // the VMM refuses to bind over an existing path.
+        let _ = std::fs::remove_file(&api_sock);
+        let _ = std::fs::remove_file(home.join("vsock.sock"));
+        let mut vm = VmProcess {
+            proc: Proc::Adopted(0),
+            exited: None,
+            jail,
+            rootfs: None,
+            overlay: None,
+            dir: dir.into(),
+            api_sock: api_sock.clone(),
+            vsock: home.join("vsock.sock"),
+        };
         cmd.arg("--api-sock")
-            .arg(&api_sock)
+            .arg(vm.in_vm(&api_sock))
             .arg("--serial-out")
-            .arg(dir.join("console.log"))
+            .arg(vm.in_vm(&home.join("console.log")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             // Its own process group: signals to the daemon's group do not reach it, and a
             // restarted daemon finds it still running.
             .process_group(0);
-        let child = cmd.spawn().map_err(|err| VmError::Spawn {
-            vmm: vmm.into(),
-            err,
-        })?;
-        let mut vm = VmProcess {
-            proc: Proc::Child(child),
-            exited: None,
-            dir: dir.into(),
-            api_sock,
-            vsock: dir.join("vsock.sock"),
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(err) => {
+                vm.exited = Some("never started".into());
+                vm.end_jail();
+                let program = PathBuf::from(cmd.get_program());
+                return Err(VmError::Spawn { vmm: program, err });
+            }
         };
+        vm.proc = Proc::Child(child);
         let deadline = Instant::now() + API_WAIT;
         while std::os::unix::net::UnixStream::connect(&vm.api_sock).is_err() {
             if let Some(status) = vm.try_exit() {
-                return Err(vm.exited_error(status));
+                let err = vm.exited_error(status);
+                vm.end_jail();
+                return Err(err);
             }
             if Instant::now() > deadline {
                 vm.kill();
@@ -148,15 +193,57 @@ impl VmProcess {
         Ok(vm)
     }
 
+    /// The path the VMM sees for the host path `host` (its own in a jail).
+    fn in_vm(&self, host: &Path) -> PathBuf {
+        match &self.jail {
+            Some((jail, _)) => jail.inside(host).unwrap_or_else(|| host.to_path_buf()),
+            None => host.to_path_buf(),
+        }
+    }
+
+    /// Gives the VMM the host file `host`: its own path unjailed, else a link in the jail named
+    /// `name` (the VM's to write with `writable`).
+    fn give(&mut self, host: &Path, name: &str, writable: bool) -> Result<PathBuf, VmError> {
+        match &mut self.jail {
+            Some((jail, _)) => Ok(jail.expose(host, name, writable)?),
+            None => Ok(host.to_path_buf()),
+        }
+    }
+
+    /// Removes the jail (once the VMM is gone) and frees its uid.
+    fn end_jail(&mut self) {
+        if let Some((mut jail, cfg)) = self.jail.take() {
+            cfg.cleanup(&jail.id);
+            jail.release();
+        }
+    }
+
     /// A `kiln-vmm` a previous daemon started in `dir`, still running as `pid`.
-    pub fn adopt(pid: u32, dir: &Path) -> VmProcess {
-        VmProcess {
+    pub fn adopt(launcher: &Launcher, pid: u32, dir: &Path) -> Result<VmProcess, VmError> {
+        let (jail, home) = match &launcher.jail {
+            Some(cfg) => {
+                let jail = cfg.jail_for(dir, crate::jail::uid_of(pid))?;
+                let home = jail.root.clone();
+                (Some((jail, cfg.clone())), home)
+            }
+            None => (None, dir.to_path_buf()),
+        };
+        Ok(VmProcess {
             proc: Proc::Adopted(pid),
             exited: None,
+            jail,
+            rootfs: None,
+            // A sandbox restored from a snapshot with an overlay writes its own copy, in its folder.
+            overlay: Some(crate::disk::live_overlay(dir)).filter(|o| o.exists()),
             dir: dir.into(),
-            api_sock: dir.join("api.sock"),
-            vsock: dir.join("vsock.sock"),
-        }
+            api_sock: home.join("api.sock"),
+            vsock: home.join("vsock.sock"),
+        })
+    }
+
+    /// The id of its jail, if it has one.
+    pub fn jail_id(&self) -> Option<&str> {
+        self.jail.as_ref().map(|(j, _)| j.id.as_str())
     }
 
     /// The process id.
@@ -242,11 +329,15 @@ impl VmProcess {
             Root::Tmpfs => CMDLINE_OVERLAY,
             Root::Writable | Root::Cow(_) => CMDLINE_WRITABLE,
         };
+        let kernel = self.give(kernel, "vmlinux", false)?;
+        self.rootfs = Some(rootfs.to_path_buf());
+        let rootfs = self.give(rootfs, ROOTFS_NAME, matches!(root, Root::Writable))?;
         let mut drive = json!({"drive_id": "rootfs", "path_on_host": rootfs,
                                "is_root_device": true,
                                "is_read_only": matches!(root, Root::Tmpfs)});
         if let Root::Cow(overlay) = root {
-            drive["cow_overlay_path"] = json!(overlay);
+            self.overlay = Some(overlay.to_path_buf());
+            drive["cow_overlay_path"] = json!(self.give(overlay, OVERLAY_NAME, true)?);
         }
         self.api(
             "PUT",
@@ -259,7 +350,7 @@ impl VmProcess {
             json!({"vcpu_count": vcpus, "mem_size_mib": mem_mib}),
         )?;
         self.api("PUT", "/drives/rootfs", drive)?;
-        let vsock = self.vsock.clone();
+        let vsock = self.in_vm(&self.vsock);
         self.api(
             "PUT",
             "/vsock",
@@ -268,20 +359,24 @@ impl VmProcess {
         self.api("PUT", "/actions", json!({"action_type": "InstanceStart"}))
     }
 
-    /// Restores the snapshot `state` + `memory` and resumes it, its vsock on this VM's socket
-    /// and, with `overlay`, its root drive writing to that copy-on-write overlay (a VM restored
-    /// from a snapshot with an overlay must have its own, or it would write the snapshot's).
-    pub fn restore(
-        &mut self,
-        state: &Path,
-        memory: &Path,
-        overlay: Option<&Path>,
-    ) -> Result<(), VmError> {
-        let vsock = self.vsock.clone();
+    /// Restores the snapshot in `from` and resumes it, its vsock on this VM's socket. In a jail
+    /// the snapshot's root filesystem is linked where the VM that took it had it. A snapshot with
+    /// a copy-on-write overlay gives this VM a sparse copy of it in its folder, and the root
+    /// drive writes there (never to the snapshot's).
+    pub fn restore(&mut self, from: &TemplateFiles) -> Result<(), VmError> {
+        if self.jail.is_some() {
+            self.give(&from.rootfs, ROOTFS_NAME, false)?;
+            self.rootfs = Some(from.rootfs.clone());
+        }
+        let state = self.give(&from.state, "vmstate", false)?;
+        let memory = self.give(&from.memory, "memory", false)?;
+        let vsock = self.in_vm(&self.vsock);
         let mut body = json!({"snapshot_path": state,
                               "mem_backend": {"backend_type": "File", "backend_path": memory},
                               "resume_vm": true, "vsock_override": {"uds_path": vsock}});
-        if let Some(overlay) = overlay {
+        if let Some(live) = crate::disk::overlay_for_restore(&from.overlay, &self.dir)? {
+            self.overlay = Some(live.clone());
+            let overlay = self.give(&live, OVERLAY_NAME, true)?;
             body["drive_overrides"] = json!([{"drive_id": "rootfs", "cow_overlay_path": overlay}]);
         }
         self.api("PUT", "/snapshot/load", body)
@@ -297,13 +392,47 @@ impl VmProcess {
         self.api("PATCH", "/vm", json!({"state": "Resumed"}))
     }
 
-    /// Writes a Full snapshot of the paused VM to `state` and `memory`.
-    pub fn snapshot(&mut self, state: &Path, memory: &Path) -> Result<(), VmError> {
-        self.api(
-            "PUT",
-            "/snapshot/create",
-            json!({"snapshot_type": "Full", "snapshot_path": state, "mem_file_path": memory}),
-        )
+    /// Writes a Full snapshot of the paused VM into `into` (its state and memory files; in a jail
+    /// they are written in the jail, moved out, and the root filesystem linked beside them), and
+    /// a sparse copy of its copy-on-write overlay as it is now (the disk that goes with that
+    /// memory) unless the overlay already is `into`'s (a template's).
+    pub fn snapshot(&mut self, into: &TemplateFiles) -> Result<(), VmError> {
+        self.snapshot_state(into)?;
+        if let Some(live) = &self.overlay
+            && *live != into.overlay
+        {
+            crate::disk::copy_sparse(live, &into.overlay)?;
+        }
+        Ok(())
+    }
+
+    fn snapshot_state(&mut self, into: &TemplateFiles) -> Result<(), VmError> {
+        let Some((jail, _)) = &self.jail else {
+            return self.api(
+                "PUT",
+                "/snapshot/create",
+                json!({"snapshot_type": "Full", "snapshot_path": into.state,
+                       "mem_file_path": into.memory}),
+            );
+        };
+        let (state, memory) = (jail.root.join("snap.state"), jail.root.join("snap.memory"));
+        let body = json!({"snapshot_type": "Full", "snapshot_path": self.in_vm(&state),
+                          "mem_file_path": self.in_vm(&memory)});
+        self.api("PUT", "/snapshot/create", body)?;
+        if let Some((jail, _)) = &self.jail {
+            jail.take_out("snap.state", &into.state)?;
+            jail.take_out("snap.memory", &into.memory)?;
+        }
+        if let Some(rootfs) = &self.rootfs
+            && *rootfs != into.rootfs
+        {
+            let _ = std::fs::remove_file(&into.rootfs);
+            std::fs::hard_link(rootfs, &into.rootfs).map_err(|err| VmError::File {
+                path: into.rootfs.clone(),
+                err,
+            })?;
+        }
+        Ok(())
     }
 
     /// Waits up to `limit` for the VMM to exit on its own (after the guest shut down).
@@ -320,6 +449,11 @@ impl VmProcess {
 
     /// Kills the VMM and reaps it (an adopted one is waited for until its /proc entry goes).
     pub fn kill(&mut self) {
+        self.kill_process();
+        self.end_jail();
+    }
+
+    fn kill_process(&mut self) {
         if self.try_exit().is_some() {
             return;
         }

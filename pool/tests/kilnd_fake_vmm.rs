@@ -47,6 +47,8 @@ impl Daemon {
             .arg("--agent")
             .arg(dir.join("agent"))
             .args(["--max-vms", "4", "--default-timeout", "120"])
+            // The stand-in VMM is this test binary, which logs outside any jail.
+            .arg("--no-jail")
             .env("KILN_FAKE_VMM", "agent")
             .env_remove("KILN_FAKE_VMM_LOG")
             .env_remove("KILN_FAKE_VMM_API_LOG")

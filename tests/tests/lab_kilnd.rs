@@ -83,6 +83,36 @@ impl Drop for Daemon {
     }
 }
 
+/// The jail kilnd runs the VM of the sandbox folder `dir` in: `vm-` and the first 10 bytes of
+/// the folder path's SHA-256, in hex (kiln_pool::jail::jail_id).
+fn jail_id(dir: &Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    let hex: String = digest[..10].iter().map(|b| format!("{b:02x}")).collect();
+    format!("vm-{hex}")
+}
+
+/// The VMM of sandbox `id` (found by its cgroup, `kiln/<jail id>`) and its uid.
+fn vmm_of(state: &Path, id: &str) -> Option<(u32, u32)> {
+    let cgroup = format!("/kiln/{}\n", jail_id(&state.join("sandboxes").join(id)));
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let groups = std::fs::read_to_string(e.path().join("cgroup")).ok()?;
+        if !groups.contains(&cgroup) {
+            return None;
+        }
+        let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some((pid, uid))
+    })
+}
+
 /// Runs `script` with `sh -c` in sandbox `id`: its stdout; panics unless it exits 0.
 fn sh(k: &Kilnd, id: &str, script: &str) -> String {
     let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -345,6 +375,24 @@ fn kilnd_serves_templates_and_sandboxes() {
         uuids.insert(lines[1].to_string());
     }
     assert_eq!(uuids.len(), 20, "every sandbox has its own random state");
+    // Each VMM runs jailed: its own uid, chrooted into its jail, in a cgroup with its limits.
+    let mut uids = std::collections::BTreeSet::new();
+    for id in &ids {
+        let (pid, uid) = vmm_of(&state, id).expect("a sandbox's VMM in its cgroup");
+        assert!(uid >= 100_000, "sandbox {id}'s VMM runs as uid {uid}");
+        uids.insert(uid);
+        let jail = jail_id(&state.join("sandboxes").join(id));
+        let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+        assert_eq!(
+            root,
+            state.join("jail/kiln-vmm").join(&jail).join("root"),
+            "sandbox {id}'s VMM is chrooted in its jail"
+        );
+        let max =
+            std::fs::read_to_string(format!("/sys/fs/cgroup/kiln/{jail}/memory.max")).unwrap();
+        assert_eq!(max.trim(), ((256u64 + 128) << 20).to_string(), "memory.max");
+    }
+    assert_eq!(uids.len(), 20, "every VMM has a uid of its own");
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(
             sh(&k, id, "cat /root/mine /tmp/mine"),
@@ -462,18 +510,7 @@ fn kilnd_serves_templates_and_sandboxes() {
     );
 
     // Expiry ends a sandbox and its VM.
-    let pid_of = |id: &str| {
-        let dir = state.join("sandboxes").join(id);
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .find(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains(&dir.display().to_string()))
-                    .unwrap_or(false)
-            })
-            .map(|e| e.file_name())
-    };
+    let pid_of = |id: &str| vmm_of(&state, id).map(|(pid, _)| pid);
     assert!(pid_of(&forks[0].id).is_some());
     k.set_timeout(&forks[0].id, 1).unwrap();
     let end = Instant::now() + Duration::from_secs(30);
@@ -518,6 +555,19 @@ fn kilnd_serves_templates_and_sandboxes() {
         .flatten()
         .collect();
     assert!(left.is_empty(), "sandbox folders left: {left:?}");
+    let jails: Vec<_> = std::fs::read_dir(state.join("jail/kiln-vmm"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    assert!(jails.is_empty(), "jails left: {jails:?}");
+    let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup/kiln")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .collect();
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
     drop(d);
     let _ = std::fs::remove_dir_all(&root);
 }

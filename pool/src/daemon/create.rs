@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use super::error::DaemonError;
 use super::sandbox::{Live, Sandbox};
 use super::{Daemon, Warm, new_id, now_s};
+use crate::jail::{Launcher, Limits};
 use crate::template::TemplateFiles;
+use crate::template::build::limits;
 use crate::template::spec::Spec;
 use crate::types::{CreateSandbox, SandboxInfo, SandboxState};
 use crate::vm::VmProcess;
@@ -23,14 +25,14 @@ pub const MAX_TIMEOUT_S: u64 = 24 * 3600;
 /// Restores the snapshot in `from` into a new VM in `dir` and connects to its agent (no clone
 /// step yet). Cleans up after itself on failure.
 pub fn restore_vm(
-    vmm: &Path,
+    vmm: &Launcher,
     dir: &Path,
     from: &TemplateFiles,
+    limits: Limits,
 ) -> Result<(VmProcess, kiln_agent::client::Client), DaemonError> {
     let result = (|| {
-        let mut vm = VmProcess::spawn(vmm, dir)?;
-        let overlay = crate::disk::overlay_for_restore(&from.overlay, dir)?;
-        vm.restore(&from.state, &from.memory, overlay.as_deref())?;
+        let mut vm = VmProcess::spawn(vmm, dir, limits)?;
+        vm.restore(from)?;
         let client = kiln_agent::client::wait_ready(&vm.vsock, Instant::now() + AGENT_WAIT)?;
         Ok((vm, client))
     })();
@@ -44,14 +46,14 @@ pub fn restore_vm(
 /// connection (the on-demand path, resume and fork). A VM that fails is killed; the folder is the
 /// caller's to remove (a paused sandbox's holds its snapshot).
 pub fn restore_cloned(
-    vmm: &Path,
+    vmm: &Launcher,
     dir: &Path,
     from: &TemplateFiles,
+    limits: Limits,
     env: BTreeMap<String, String>,
 ) -> Result<(VmProcess, kiln_agent::client::Client), DaemonError> {
-    let mut vm = VmProcess::spawn(vmm, dir)?;
-    let overlay = crate::disk::overlay_for_restore(&from.overlay, dir)?;
-    vm.restore(&from.state, &from.memory, overlay.as_deref())?;
+    let mut vm = VmProcess::spawn(vmm, dir, limits)?;
+    vm.restore(from)?;
     let (client, _) =
         kiln_agent::client::restore_connect(&vm.vsock, Instant::now() + AGENT_WAIT, env)?;
     Ok((vm, client))
@@ -116,6 +118,7 @@ impl Daemon {
         let vmm = self.cfg.inputs.vmm.clone();
         let sandboxes_dir = self.cfg.sandboxes_dir();
         let files2 = files.clone();
+        let spec2 = spec.clone();
         let (id, vm, client) = tokio::task::spawn_blocking(move || {
             match warm {
                 Some(w) => {
@@ -133,7 +136,7 @@ impl Daemon {
                 None => {
                     let id = new_id();
                     let dir = sandboxes_dir.join(&id);
-                    match restore_cloned(&vmm, &dir, &files2, env) {
+                    match restore_cloned(&vmm, &dir, &files2, limits(&spec2), env) {
                         Ok((vm, client)) => Ok((id, vm, client)),
                         Err(e) => {
                             let _ = std::fs::remove_dir_all(&dir);

@@ -311,19 +311,8 @@ impl Daemon {
         let result = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&snap.dir).map_err(|e| DaemonError::Internal(e.to_string()))?;
             vm.pause()?;
-            vm.snapshot(&snap.state, &snap.memory)?;
+            vm.snapshot(&snap)?;
             vm.kill();
-            // The VM's overlay is the paused disk: it goes with the snapshot (a rename, no copy).
-            let live = crate::disk::live_overlay(&vm.dir);
-            if live.exists() {
-                std::fs::rename(&live, &snap.overlay).map_err(|e| {
-                    DaemonError::Internal(format!(
-                        "moving {} to {}: {e}",
-                        live.display(),
-                        snap.overlay.display()
-                    ))
-                })?;
-            }
             Ok::<_, DaemonError>(snap.dir)
         })
         .await?;
@@ -362,9 +351,10 @@ impl Daemon {
         let starting = self.start_vm(sb.spec.mem_mib)?;
         let from = TemplateFiles::in_dir(&sb.live().memory_from.clone());
         let (vmm, dir, env) = (self.cfg.inputs.vmm.clone(), sb.dir.clone(), sb.full_env());
+        let limits = crate::template::build::limits(&sb.spec);
         // The folder holds the paused snapshot: it stays whatever happens.
         let (vm, client) = tokio::task::spawn_blocking(move || {
-            super::create::restore_cloned(&vmm, &dir, &from, env)
+            super::create::restore_cloned(&vmm, &dir, &from, limits, env)
         })
         .await??;
         {
@@ -409,17 +399,7 @@ impl Daemon {
                 std::fs::create_dir_all(&snap2.dir)
                     .map_err(|e| DaemonError::Internal(e.to_string()))?;
                 vm.pause()?;
-                // The disk as it is at the snapshot, copied before the original runs on.
-                let r = vm
-                    .snapshot(&snap2.state, &snap2.memory)
-                    .map_err(DaemonError::from)
-                    .and_then(|()| {
-                        let live = crate::disk::live_overlay(&vm.dir);
-                        if live.exists() {
-                            crate::disk::copy_sparse(&live, &snap2.overlay)?;
-                        }
-                        Ok(())
-                    });
+                let r = vm.snapshot(&snap2);
                 vm.resume()?;
                 r?;
                 Ok::<_, DaemonError>(())
@@ -441,8 +421,9 @@ impl Daemon {
                 sb.full_env(),
                 snap.clone(),
             );
+            let limits = crate::template::build::limits(&sb.spec);
             let made = tokio::task::spawn_blocking(move || {
-                let made = super::create::restore_cloned(&vmm, &dir, &from, env);
+                let made = super::create::restore_cloned(&vmm, &dir, &from, limits, env);
                 if made.is_err() {
                     let _ = std::fs::remove_dir_all(&dir);
                 }

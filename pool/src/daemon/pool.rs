@@ -55,8 +55,8 @@ impl Daemon {
             .or_default() += 1;
         let d = self.clone();
         tokio::spawn(async move {
-            let files = match d.template_parts(&template_id) {
-                Ok((_, _, _, files, _)) => files,
+            let (files, limits) = match d.template_parts(&template_id) {
+                Ok((_, _, spec, files, _)) => (files, crate::template::build::limits(&spec)),
                 Err(e) => {
                     tracing::warn!(template = %template_id, "pool: {e}");
                     d.done_filling(&template_id);
@@ -65,7 +65,8 @@ impl Daemon {
             };
             let id = new_id();
             let (vmm, dir) = (d.cfg.inputs.vmm.clone(), d.cfg.sandboxes_dir().join(&id));
-            let made = tokio::task::spawn_blocking(move || restore_vm(&vmm, &dir, &files)).await;
+            let made =
+                tokio::task::spawn_blocking(move || restore_vm(&vmm, &dir, &files, limits)).await;
             match made {
                 Ok(Ok((vm, client))) => {
                     let pid = vm.pid();

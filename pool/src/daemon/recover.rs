@@ -3,7 +3,7 @@
 //! everything else that a dead daemon left (VMs it never handed out, half-built templates,
 //! folders without a record, fork snapshots nobody maps) is removed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,7 +67,14 @@ impl Daemon {
             if still_running(&row)
                 && let Some(pid) = row.vmm_pid
             {
-                VmProcess::adopt(pid, PathBuf::from(&row.dir).as_path()).kill();
+                let launcher = &self.cfg.inputs.vmm;
+                match VmProcess::adopt(launcher, pid, PathBuf::from(&row.dir).as_path()) {
+                    Ok(mut vm) => vm.kill(),
+                    // SAFETY: kill(2) with a pid and a signal number touches no memory.
+                    Err(_) => unsafe {
+                        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                    },
+                }
             }
             let _ = std::fs::remove_dir_all(&row.dir);
             self.db().remove_sandbox(&row.id)?;
@@ -90,6 +97,23 @@ impl Daemon {
         {
             self.release_memory_source(&entry.path())?;
         }
+        // Jails of VMs that are gone (a kilnd killed mid-build, a VM that died with it).
+        if let Some(jail) = &self.cfg.inputs.vmm.jail {
+            let keep: BTreeSet<String> = self
+                .all_sandboxes()
+                .iter()
+                .filter_map(|s| {
+                    s.live()
+                        .vm
+                        .as_ref()
+                        .and_then(|v| v.jail_id().map(String::from))
+                })
+                .collect();
+            let swept = jail.sweep(&keep);
+            if swept > 0 {
+                tracing::info!(jails = swept, "removed jails left by a previous run");
+            }
+        }
         Ok(done)
     }
 
@@ -109,7 +133,7 @@ impl Daemon {
         let dir = PathBuf::from(&row.dir);
         let (vm, client) = match state {
             SandboxState::Running => {
-                let vm = VmProcess::adopt(row.vmm_pid.unwrap_or(0), &dir);
+                let vm = VmProcess::adopt(&self.cfg.inputs.vmm, row.vmm_pid.unwrap_or(0), &dir)?;
                 let client =
                     kiln_agent::client::wait_ready(&vm.vsock, Instant::now() + REJOIN_WAIT)?;
                 (Some(vm), Some(client))

@@ -203,8 +203,8 @@ fn run_steps(
             spec.run.len()
         ),
     });
-    let mut vm =
-        VmProcess::spawn(&inputs.vmm, &files.dir.join("vm-steps")).map_err(vm_err("boot"))?;
+    let mut vm = VmProcess::spawn(&inputs.vmm, &files.dir.join("vm-steps"), limits(spec))
+        .map_err(vm_err("boot"))?;
     vm.boot(
         &inputs.kernel,
         &files.rootfs,
@@ -256,8 +256,8 @@ fn snapshot(
     say(BuildEvent::Step {
         name: "boot for the snapshot".into(),
     });
-    let mut vm =
-        VmProcess::spawn(&inputs.vmm, &files.dir.join("vm-snap")).map_err(vm_err("boot"))?;
+    let mut vm = VmProcess::spawn(&inputs.vmm, &files.dir.join("vm-snap"), limits(spec))
+        .map_err(vm_err("boot"))?;
     let root = match spec.disk {
         DiskMode::Cow => {
             crate::disk::create_empty(&files.overlay)?;
@@ -324,12 +324,19 @@ fn snapshot(
         name: "snapshot".into(),
     });
     vm.pause().map_err(vm_err("pause"))?;
-    vm.snapshot(&files.state, &files.memory)
-        .map_err(vm_err("snapshot"))?;
+    vm.snapshot(files).map_err(vm_err("snapshot"))?;
     vm.kill();
     drop(vm);
     let _ = std::fs::remove_dir_all(files.dir.join("vm-snap"));
     Ok(())
+}
+
+/// The cgroup limits of a VM of `spec`.
+pub fn limits(spec: &Spec) -> crate::jail::Limits {
+    crate::jail::Limits {
+        vcpus: spec.vcpus,
+        mem_mib: spec.mem_mib,
+    }
 }
 
 /// Quotes `s` for `sh` in single quotes.

@@ -37,6 +37,16 @@ pub enum RootfsError {
         /// The last of what it printed.
         stderr: String,
     },
+    /// Copying an image failed.
+    #[error("copying the image {from} to {image}: {err}")]
+    Copy {
+        /// The image copied.
+        from: String,
+        /// The copy being made.
+        image: String,
+        /// Why.
+        err: kiln_snapshot::MemFileError,
+    },
     /// A tool is missing.
     #[error(
         "{tool} is not installed (Debian package {package}); kilnd needs it to build templates"
@@ -52,6 +62,24 @@ pub enum RootfsError {
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError {
     let path = path.display().to_string();
     move |err| RootfsError::Io { what, path, err }
+}
+
+/// Copies `source` to a new `image` of the same length, data ranges only (its holes stay holes,
+/// and file systems that share extents share them), without relying on GNU cp's `--sparse`.
+fn sparse_copy(source: &Path, image: &Path) -> Result<(), RootfsError> {
+    let copy_err = |err| RootfsError::Copy {
+        from: source.display().to_string(),
+        image: image.display().to_string(),
+        err,
+    };
+    let from = std::fs::File::open(source).map_err(io("opening", source))?;
+    let len = from.metadata().map_err(io("reading", source))?.len();
+    let to = std::fs::File::create(image).map_err(io("creating", image))?;
+    to.set_len(len).map_err(io("sizing", image))?;
+    let ranges = kiln_snapshot::data_ranges(&from, source).map_err(copy_err)?;
+    kiln_snapshot::memfile::copy_ranges((&from, source), (&to, image), &ranges)
+        .map_err(copy_err)?;
+    to.sync_all().map_err(io("syncing", image))
 }
 
 /// Runs `cmd`, failing with its stderr's tail unless it exits 0.
@@ -83,20 +111,21 @@ pub fn run(
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Bytes a tree uses (`du`), to size its image.
+/// Bytes a tree's files hold (their apparent sizes, links not followed), to size its image.
 fn tree_bytes(tree: &Path) -> Result<u64, RootfsError> {
-    let out = run(
-        Command::new("du")
-            .args(["-s", "-B1", "--apparent-size"])
-            .arg(tree),
-        "du",
-        "coreutils",
-    )?;
-    Ok(out
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0))
+    let mut total = 0;
+    let mut dirs = vec![tree.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io("reading", &dir))? {
+            let entry = entry.map_err(io("reading", &dir))?;
+            let meta = entry.metadata().map_err(io("reading", &entry.path()))?;
+            total += meta.len();
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// The size of an image for a tree of `used` bytes: an eighth more for metadata, 64 MiB of ext4
@@ -161,14 +190,7 @@ pub fn image_from_image(
     want_mib: Option<u64>,
     agent: &Path,
 ) -> Result<u64, RootfsError> {
-    run(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(source)
-            .arg(image),
-        "cp",
-        "coreutils",
-    )?;
+    sparse_copy(source, image)?;
     let len = std::fs::metadata(image)
         .map_err(io("reading", image))?
         .len();

@@ -14,8 +14,8 @@ const BUILD_VERSION: &str = "kiln-template-v2";
 /// What every build uses from the host.
 #[derive(Debug, Clone)]
 pub struct Inputs {
-    /// `kiln-vmm`.
-    pub vmm: PathBuf,
+    /// How VMMs are started (`kiln-vmm`, under `kiln-jailer` unless unjailed).
+    pub vmm: crate::jail::Launcher,
     /// The guest kernel.
     pub kernel: PathBuf,
     /// The static guest agent.
@@ -134,7 +134,10 @@ mod tests {
             std::fs::write(dir.join(name), text).unwrap();
         }
         let inputs = Inputs {
-            vmm: "/bin/true".into(),
+            vmm: crate::jail::Launcher {
+                vmm: "/bin/true".into(),
+                jail: None,
+            },
             kernel: dir.join("kernel"),
             agent: dir.join("agent"),
             image_dirs: vec![],

@@ -27,6 +27,9 @@ pub struct ImageSpec<'a> {
     pub with_strace: bool,
 }
 
+/// The e2fsprogs tools kilnd runs in L1 to make template images.
+const E2FSPROGS: &[&str] = &["mke2fs", "e2fsck", "resize2fs", "debugfs"];
+
 /// Room for what L1 writes (logs, L2 disk images, kilnd's templates under /kiln/state) beyond
 /// what the image holds at the start. The file is sparse, so unused headroom costs nothing on
 /// the host.
@@ -46,6 +49,16 @@ pub fn build(spec: &ImageSpec, run_dir: &Path) -> Result<PathBuf> {
                 .join(bin.file_name().unwrap_or_default());
             copy(&bin, &to)?;
             executables.push(bin);
+        }
+    }
+    if spec.build_bins {
+        // kilnd makes template images with e2fsprogs (busybox has none of it).
+        util::ensure_packages(&["e2fsprogs"])?;
+        util::mkdir(&staging.join("usr/bin"))?;
+        for tool in E2FSPROGS {
+            let path = PathBuf::from("/usr/sbin").join(tool);
+            copy(&path, &staging.join("usr/bin").join(tool))?;
+            executables.push(path);
         }
     }
     if spec.with_qemu {
@@ -189,7 +202,8 @@ fn workspace_bins() -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// The target folder and the names of all bin targets outside xtask, from `cargo metadata` JSON.
+/// The target folder and the names of the bin targets a plain build makes (outside xtask, none
+/// behind a required feature), from `cargo metadata` JSON.
 fn bin_targets(metadata: &str) -> Result<(PathBuf, Vec<String>)> {
     let json: serde_json::Value = serde_json::from_str(metadata)
         .map_err(|e| format!("cargo metadata printed invalid JSON: {e}"))?;
@@ -207,7 +221,11 @@ fn bin_targets(metadata: &str) -> Result<(PathBuf, Vec<String>)> {
                 .into_iter()
                 .flatten()
                 .any(|k| k == "bin");
-            if let (true, Some(name)) = (is_bin, target["name"].as_str()) {
+            // A bin behind a feature (the libFuzzer driver) is not built by a plain build.
+            let gated = target["required-features"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty());
+            if let (true, false, Some(name)) = (is_bin, gated, target["name"].as_str()) {
                 names.push(name.to_string());
             }
         }
@@ -285,6 +303,7 @@ mod tests {
         let json = r#"{"target_directory":"/w/target","packages":[
             {"name":"xtask","targets":[{"name":"xtask","kind":["bin"]}]},
             {"name":"kiln-vmm","targets":[{"name":"kiln_vmm","kind":["lib"]},{"name":"kiln-vmm","kind":["bin"]}]},
+            {"name":"kiln-fuzz","targets":[{"name":"kiln-fuzz","kind":["bin"],"required-features":["libfuzzer"]}]},
             {"name":"kiln-devices","targets":[{"name":"kiln_devices","kind":["lib"]}]}]}"#;
         let (dir, names) = bin_targets(json).unwrap();
         assert_eq!(dir, PathBuf::from("/w/target"));
