@@ -73,12 +73,6 @@ impl From<VmError> for DaemonError {
     }
 }
 
-impl From<crate::disk::DiskError> for DaemonError {
-    fn from(e: crate::disk::DiskError) -> Self {
-        DaemonError::Internal(e.to_string())
-    }
-}
-
 impl From<BuildError> for DaemonError {
     fn from(e: BuildError) -> Self {
         DaemonError::BadRequest(e.to_string())
