@@ -68,9 +68,9 @@ pub enum VmError {
         /// The VMM's answer.
         message: String,
     },
-    /// The VM's copy-on-write overlay could not be made or saved.
+    /// The VM's copy-on-write overlay could not be made or saved (boxed: it names two files).
     #[error("{0}")]
-    Disk(#[from] crate::disk::DiskError),
+    Disk(Box<crate::disk::DiskError>),
     /// The VM's jail could not be set up.
     #[error("jail: {0}")]
     Jail(#[from] JailError),
@@ -82,6 +82,12 @@ pub enum VmError {
         /// The last lines of its stderr, if any.
         said: String,
     },
+}
+
+impl From<crate::disk::DiskError> for VmError {
+    fn from(e: crate::disk::DiskError) -> Self {
+        VmError::Disk(Box::new(e))
+    }
 }
 
 /// The process: one this daemon started, or one a previous daemon started and this one adopted.

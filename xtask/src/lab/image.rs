@@ -314,7 +314,11 @@ mod tests {
             {"name":"kiln-devices","targets":[{"name":"kiln_devices","kind":["lib"]}]}]}"#;
         let (dir, names) = bin_targets(json).unwrap();
         assert_eq!(dir, PathBuf::from("/w/target"));
-        assert_eq!(names, ["kiln-vmm", "kilnd"], "kilnd's feature is on by default");
+        assert_eq!(
+            names,
+            ["kiln-vmm", "kilnd"],
+            "kilnd's feature is on by default"
+        );
         let (_, none) = bin_targets(r#"{"target_directory":"/t","packages":[]}"#).unwrap();
         assert!(none.is_empty());
     }
