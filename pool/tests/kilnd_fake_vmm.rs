@@ -220,6 +220,14 @@ dir = "{out}/tree"
         (sb.state, sb.template.as_str()),
         (SandboxState::Running, "t")
     );
+    // Its root disk: a copy of the template's overlay, in its own folder (a cow template).
+    assert!(
+        dir.join("state/sandboxes")
+            .join(&sb.id)
+            .join("rootfs.overlay")
+            .exists(),
+        "the sandbox has no overlay of its own"
+    );
     assert_eq!(
         run(&k, &sb.id, &["sh", "-c", "echo $WHO-$OUT"]),
         (format!("a-{out}\n"), Some(0))
