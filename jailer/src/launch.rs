@@ -8,8 +8,9 @@
 //! and ends the way the VMM ended. The waiting jailer stays root inside the jail, so it can
 //! still take the jail back if the child fails before the exec.
 //!
-//! The VMM gets exactly the arguments given after `--`: unlike Firecracker's jailer, no `--id`
-//! is added (kiln-vmm has no such flag). With `--daemonize` and no new PID namespace, a failure
+//! The VMM gets Firecracker's jailer's arguments first, `--id`, `--start-time-us`,
+//! `--start-time-cpu-us` and `--parent-cpu-time-us` (so its start-up metrics begin when the
+//! jailer did), then the arguments given after `--`. With `--daemonize` and no new PID namespace, a failure
 //! after the standard streams went to /dev/null shows only in the exit status, as in Firecracker;
 //! the steps left by then (prctl, the id change, an exec whose files were checked) do not fail
 //! on a sane host.
@@ -25,11 +26,82 @@ use crate::env::{self, EnvError};
 use crate::privs::{self, PrivError};
 use crate::sys::{check, getpid};
 
+/// The flags the jailer passes to the VMM itself (so they may not follow `--`).
+pub const PASSED_FLAGS: [&str; 4] = [
+    "--id",
+    "--start-time-us",
+    "--start-time-cpu-us",
+    "--parent-cpu-time-us",
+];
+
+/// A moment as the VMM's start-up metrics measure it: microseconds of `CLOCK_MONOTONIC` and of
+/// this process's CPU time (`CLOCK_PROCESS_CPUTIME_ID`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartTime {
+    /// Monotonic clock.
+    pub wall_us: u64,
+    /// CPU time of this process so far.
+    pub cpu_us: u64,
+}
+
+impl StartTime {
+    /// Now.
+    pub fn now() -> Self {
+        Self {
+            wall_us: clock_us(libc::CLOCK_MONOTONIC),
+            cpu_us: clock_us(libc::CLOCK_PROCESS_CPUTIME_ID),
+        }
+    }
+}
+
+fn clock_us(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which outlives the call; both clocks exist on
+    // every Linux kiln-jailer runs on.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
+}
+
+/// The VMM's arguments: Firecracker's jailer's four, then `extra` (those after `--`). `started`
+/// is when the jailer started. A VMM exec'd in this process keeps its CPU clock, so it counts
+/// from the jailer's start itself; a forked one starts its clock at zero, and is told the CPU
+/// time the jailer had used by then as its parent's (`cpu_now`).
+pub fn vmm_args(
+    id: &str,
+    started: StartTime,
+    forked_at_cpu: Option<u64>,
+    extra: &[String],
+) -> Vec<String> {
+    let (start_cpu, parent_cpu) = match forked_at_cpu {
+        None => (started.cpu_us, 0),
+        Some(cpu_now) => (0, cpu_now.saturating_sub(started.cpu_us)),
+    };
+    let mut args = vec![
+        "--id".to_string(),
+        id.to_string(),
+        "--start-time-us".to_string(),
+        started.wall_us.to_string(),
+        "--start-time-cpu-us".to_string(),
+        start_cpu.to_string(),
+        "--parent-cpu-time-us".to_string(),
+        parent_cpu.to_string(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// How the jailed process is started.
 pub struct Spec {
     /// The exec file inside the jail, `/<exec-name>`.
     pub exec: PathBuf,
-    /// Its arguments.
+    /// The jail's id, passed on as `--id`.
+    pub id: String,
+    /// When the jailer started.
+    pub started: StartTime,
+    /// The arguments given after `--`.
     pub args: Vec<String>,
     /// Who it runs as.
     pub uid: u32,
@@ -103,7 +175,8 @@ pub fn exec_here(spec: &Spec) -> (LaunchError, bool) {
     {
         return (e.into(), true);
     }
-    become_vmm(spec, false)
+    let args = vmm_args(&spec.id, spec.started, None, &spec.args);
+    become_vmm(spec, &args, false)
 }
 
 /// Forks the VMM as init of a new PID namespace. Returns in the jailer once the child has exec'd,
@@ -124,11 +197,18 @@ pub fn fork_into_pid_ns(spec: &Spec) -> Result<Started, LaunchError> {
             File::from(OwnedFd::from_raw_fd(fds[1])),
         )
     };
+    // The child's CPU clock starts at zero: it is told what the jailer used up to here.
+    let args = vmm_args(
+        &spec.id,
+        spec.started,
+        Some(StartTime::now().cpu_us),
+        &spec.args,
+    );
     // SAFETY: the jailer is single-threaded, so the child may go on running Rust code.
     let pid = check(unsafe { libc::fork() }).map_err(pidns("fork into the PID namespace"))?;
     if pid == 0 {
         drop(report_rx);
-        child(spec, report_tx);
+        child(spec, &args, report_tx);
     }
     drop(report_tx);
     // A tiny `--resource-limit fsize` must fail this write, not kill the jailer with SIGXFSZ
@@ -157,13 +237,14 @@ pub fn fork_into_pid_ns(spec: &Spec) -> Result<Started, LaunchError> {
 }
 
 /// The child: everything up to the exec, reporting through `report` (closed by a good exec).
-fn child(spec: &Spec, mut report: File) -> ! {
+/// `args` are the VMM's, made before the fork.
+fn child(spec: &Spec, args: &[String], mut report: File) -> ! {
     let daemonized = match &spec.dev_null {
         Some(dev_null) => env::daemonize(dev_null).map(|()| true),
         None => Ok(false),
     };
     let err = match daemonized {
-        Ok(daemonized) => become_vmm(spec, !daemonized).0,
+        Ok(daemonized) => become_vmm(spec, args, !daemonized).0,
         Err(e) => e.into(),
     };
     let _ = report.write_all(format!("{}: {err}", err.step()).as_bytes());
@@ -171,8 +252,9 @@ fn child(spec: &Spec, mut report: File) -> ! {
     unsafe { libc::_exit(1) }
 }
 
-/// Drops privileges and execs; returns only on failure, with whether ids are still root's.
-fn become_vmm(spec: &Spec, die_with_parent: bool) -> (LaunchError, bool) {
+/// Drops privileges and execs with `args`; returns only on failure, with whether ids are still
+/// root's.
+fn become_vmm(spec: &Spec, args: &[String], die_with_parent: bool) -> (LaunchError, bool) {
     if let Err(e) = privs::prepare() {
         return (e.into(), true);
     }
@@ -185,7 +267,7 @@ fn become_vmm(spec: &Spec, die_with_parent: bool) -> (LaunchError, bool) {
         // SAFETY: prctl with integer arguments.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
     }
-    let err = exec(spec);
+    let err = exec(spec, args);
     (
         LaunchError::Exec {
             path: spec.exec.clone(),
@@ -196,12 +278,12 @@ fn become_vmm(spec: &Spec, die_with_parent: bool) -> (LaunchError, bool) {
 }
 
 /// execve with an empty environment; returns why it failed.
-fn exec(spec: &Spec) -> io::Error {
+fn exec(spec: &Spec, args: &[String]) -> io::Error {
     let Ok(path) = crate::sys::cstring(&spec.exec) else {
         return io::Error::from(io::ErrorKind::InvalidInput);
     };
     let mut argv = vec![path.clone()];
-    for a in &spec.args {
+    for a in args {
         match CString::new(a.as_bytes()) {
             Ok(c) => argv.push(c),
             Err(_) => return io::Error::new(io::ErrorKind::InvalidInput, "an argument holds NUL"),
@@ -266,4 +348,58 @@ pub fn wait_and_mirror(Started(pid): Started) -> ! {
         std::process::exit(128 + signal);
     }
     std::process::exit(libc::WEXITSTATUS(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_vmm_gets_firecrackers_jailer_arguments_before_the_callers() {
+        let started = StartTime {
+            wall_us: 5_000_000,
+            cpu_us: 700,
+        };
+        let extra = strings(&["--api-sock", "/api.sock"]);
+        // Exec'd here: the CPU clock goes on, so it counts from the jailer's start itself.
+        assert_eq!(
+            vmm_args("vm-1", started, None, &extra),
+            strings(&[
+                "--id",
+                "vm-1",
+                "--start-time-us",
+                "5000000",
+                "--start-time-cpu-us",
+                "700",
+                "--parent-cpu-time-us",
+                "0",
+                "--api-sock",
+                "/api.sock",
+            ])
+        );
+        // Forked: its clock starts at zero, and the jailer's CPU time so far is its parent's.
+        assert_eq!(
+            vmm_args("vm-1", started, Some(1_900), &[])[4..],
+            strings(&["--start-time-cpu-us", "0", "--parent-cpu-time-us", "1200"])
+        );
+    }
+
+    #[test]
+    fn start_times_come_from_clocks_that_move() {
+        let a = StartTime::now();
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_add(i * i);
+        }
+        std::hint::black_box(x);
+        let b = StartTime::now();
+        assert!(
+            b.wall_us > a.wall_us && b.cpu_us > a.cpu_us,
+            "{a:?} then {b:?}"
+        );
+    }
 }

@@ -12,7 +12,7 @@ use kiln_jailer::cgroup::{self, KERNEL};
 use kiln_jailer::chroot;
 use kiln_jailer::env;
 use kiln_jailer::jail::Jail;
-use kiln_jailer::launch::{self, Spec};
+use kiln_jailer::launch::{self, Spec, StartTime};
 use kiln_jailer::libs::{self, Deps};
 use kiln_jailer::undo::Undo;
 use kiln_jailer::{cleanup, netns, rlimit};
@@ -37,6 +37,8 @@ fn at<E: Display>(step: &'static str) -> impl FnOnce(E) -> Failure {
 }
 
 fn main() -> ExitCode {
+    // The VMM's start-up metrics count from here, as under Firecracker's jailer.
+    let started = StartTime::now();
     let command = args::from_os(std::env::args_os().skip(1)).and_then(|a| args::parse(&a));
     match command {
         Ok(Command::Help) => {
@@ -47,7 +49,7 @@ fn main() -> ExitCode {
             println!("kiln-jailer {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Ok(Command::Jail(args)) => jail(args),
+        Ok(Command::Jail(args)) => jail(args, started),
         Ok(Command::Cleanup(args)) => clean(&args),
         Err(e) => report(&Failure {
             step: "command line",
@@ -71,7 +73,7 @@ fn undo_and_fail(undo: Undo, f: &Failure) -> ExitCode {
     code
 }
 
-fn jail(args: JailArgs) -> ExitCode {
+fn jail(args: JailArgs, started: StartTime) -> ExitCode {
     let bad = |e: &dyn Display| Failure {
         step: "validate",
         message: e.to_string(),
@@ -96,7 +98,7 @@ fn jail(args: JailArgs) -> ExitCode {
     }
     env::clear_env();
     let mut undo = Undo::new();
-    let spec = match build(&args, &deps, &mut undo) {
+    let spec = match build(&args, &deps, started, &mut undo) {
         Ok(spec) => spec,
         Err(f) => return undo_and_fail(undo, &f),
     };
@@ -129,7 +131,12 @@ fn jail(args: JailArgs) -> ExitCode {
 
 /// Steps 4 to 10: the jail directory and its contents, the network namespace, limits, cgroups,
 /// the mount namespace and devices. Everything built is recorded in `undo`.
-fn build(args: &JailArgs, deps: &Deps, undo: &mut Undo) -> Result<Spec, Failure> {
+fn build(
+    args: &JailArgs,
+    deps: &Deps,
+    started: StartTime,
+    undo: &mut Undo,
+) -> Result<Spec, Failure> {
     let exec_name = args.exec_name();
     let owner = (args.uid, args.gid);
     let jail = Jail::create(&args.chroot_base, &exec_name, &args.id, owner, undo)
@@ -169,6 +176,8 @@ fn build(args: &JailArgs, deps: &Deps, undo: &mut Undo) -> Result<Spec, Failure>
     chroot::check_present(&needed).map_err(at("exec file"))?;
     Ok(Spec {
         exec,
+        id: args.id.clone(),
+        started,
         args: args.vmm_args.clone(),
         uid: args.uid,
         gid: args.gid,

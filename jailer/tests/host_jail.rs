@@ -198,6 +198,20 @@ fn a_jailed_vmm_is_unprivileged_rooted_namespaced_limited_and_cleaned_up() {
     assert_eq!(code, 400);
     assert!(fault.contains("boot-source is not set"), "{fault}");
 
+    // As under Firecracker's jailer, the VMM got the jail's id and the jailer's start times
+    // ahead of the caller's arguments (exec'd in place: its CPU clock goes on, no parent time).
+    let (code, info) = call("GET", "/", None);
+    assert_eq!(code, 200);
+    assert!(info.contains(&format!(r#""id":"{id}""#)), "{info}");
+    let argv = cmdline(pid);
+    assert_eq!(argv[1..3], ["--id", id.as_str()], "{argv:?}");
+    assert_eq!(argv[3], "--start-time-us", "{argv:?}");
+    assert!(argv[4].parse::<u64>().unwrap() > 0, "{argv:?}");
+    assert_eq!(argv[5], "--start-time-cpu-us", "{argv:?}");
+    assert!(argv[6].parse::<u64>().is_ok(), "{argv:?}");
+    assert_eq!(argv[7..9], ["--parent-cpu-time-us", "0"], "{argv:?}");
+    assert_eq!(argv[9..], ["--api-sock", "/api.sock"], "{argv:?}");
+
     // --cleanup refuses while the VMM runs.
     let refused = cleanup(&id, &base);
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stderr));
@@ -282,6 +296,11 @@ fn with_a_new_pid_namespace_the_jailer_waits_and_ends_as_the_vmm_did() {
     assert_ne!(namespace(&vmm.to_string(), "mnt"), namespace(&me, "mnt"));
     assert_eq!(status_field(vmm, "Uid"), "123 123 123 123");
     assert_eq!(status_field(vmm, "CapEff"), "0000000000000000");
+    // Forked, the VMM's CPU clock started at zero: the jailer's CPU time is its parent's.
+    let argv = cmdline(vmm);
+    assert_eq!(argv[5..7], ["--start-time-cpu-us", "0"], "{argv:?}");
+    assert_eq!(argv[7], "--parent-cpu-time-us", "{argv:?}");
+    assert!(argv[8].parse::<u64>().unwrap() > 0, "{argv:?}");
     // The waiting jailer is still root, in the VMM's cgroup; the VMM dies, so does it, the same way.
     // SAFETY: kill on a process this test started (through the jailer).
     unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
@@ -405,4 +424,14 @@ fn failures_name_the_step_and_leave_no_jail_or_cgroup() {
     );
     assert!(!base.exists());
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// A process's command line.
+fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .expect("read the VMM's command line")
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
 }

@@ -382,10 +382,14 @@ fn kilnd_serves_templates_and_sandboxes() {
         assert!(uid >= 100_000, "sandbox {id}'s VMM runs as uid {uid}");
         uids.insert(uid);
         let jail = jail_id(&state.join("sandboxes").join(id));
-        let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+        // Pivoted into the jail in its own mount namespace (so /proc/PID/root reads "/"): its
+        // root is the jail's root folder.
+        use std::os::unix::fs::MetadataExt;
+        let seen = std::fs::metadata(format!("/proc/{pid}/root/")).unwrap();
+        let root = std::fs::metadata(state.join("jail/kiln-vmm").join(&jail).join("root")).unwrap();
         assert_eq!(
-            root,
-            state.join("jail/kiln-vmm").join(&jail).join("root"),
+            (seen.dev(), seen.ino()),
+            (root.dev(), root.ino()),
             "sandbox {id}'s VMM is chrooted in its jail"
         );
         let max =

@@ -485,7 +485,14 @@ pub fn build_in(
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
     for id in 0..vcpu_count {
         let vcpu = Vcpu::new(vm, id)?;
-        vcpu.configure(&supported, host, vcpu_count, &mem, &kernel.entry)?;
+        vcpu.configure(
+            &supported,
+            host,
+            vcpu_count,
+            config.machine.smt,
+            &mem,
+            &kernel.entry,
+        )?;
         vcpus.push(vcpu);
     }
     log::info!("{vcpu_count} vCPUs configured");

@@ -19,6 +19,7 @@ pub mod memory;
 pub mod metrics;
 pub mod persist;
 pub mod seccomp;
+pub mod signals;
 pub mod vmm;
 pub mod vstate;
 

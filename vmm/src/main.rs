@@ -1,6 +1,7 @@
 //! The `kiln-vmm` binary: parse, validate, build, run, and turn the outcome into an exit status
 //! (0 guest reset or power-off, 1 VMM/KVM failure or triple fault, 2 bad input, 148 a system call
-//! a seccomp filter forbids, from its SIGSYS handler). Each thread installs its seccomp filter
+//! a seccomp filter forbids, from its SIGSYS handler, and Firecracker's statuses for fatal signals
+//! from `kiln_vmm::signals`). Each thread installs its seccomp filter
 //! where `kiln_vmm::seccomp` says, unless `--no-seccomp` was given. Firecracker's process options
 //! (`--id`, `--log-path`, `--metrics-path`, `--boot-timer`, ...) set up the [`Instance`].
 
@@ -24,6 +25,10 @@ fn main() -> ExitCode {
         return fail(&e.to_string(), EXIT_VMM_ERROR);
     }
     let process_start = Timestamp::now();
+    // Firecracker's signals: SIGPIPE counted, SIGBUS, SIGSEGV, ... reported with their statuses.
+    if let Err(e) = kiln_vmm::signals::install_handlers() {
+        return fail(&e.to_string(), EXIT_VMM_ERROR);
+    }
     kiln_vmm::logger::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (config, api_sock, serial, no_seccomp, process) = match parse_args(&args) {

@@ -2,7 +2,7 @@
 //! `--metrics-path` or `PUT /metrics`, every [`FLUSH_PERIOD`], on `FlushMetrics` and when the VMM
 //! exits. Groups and names are Firecracker's where Kiln measures the same thing: `api_server`,
 //! `get_api_requests`, `put_api_requests`, `patch_api_requests`, `block` (all drives) and
-//! `block_<id>` (each), `vsock`, `vcpu`, `latencies_us`, `logger`, `seccomp`. Counters are what
+//! `block_<id>` (each), `vsock`, `vcpu`, `latencies_us`, `logger`, `seccomp`, `signals`. Counters are what
 //! happened since the previous line, as in Firecracker; latencies and start-up times are the
 //! latest value. The network and balloon devices add their groups where [`Vmm::metrics_line`]
 //! walks the devices (`net`, `balloon`).
@@ -252,6 +252,8 @@ impl MetricsSink {
             path: path.to_path_buf(),
             err,
         })?;
+        // Configured once and never closed: the fatal signals' handler may write its line here.
+        crate::signals::set_metrics_fd(std::os::fd::AsRawFd::as_raw_fd(&file));
         self.file = Some((file, path.to_path_buf()));
         Ok(())
     }
@@ -333,10 +335,12 @@ fn add_vmm_groups(groups: &mut Map<String, Value>) {
     );
     logger.insert("metrics_fails".into(), METRICS_FAILS.take_delta().into());
     groups.insert("logger".into(), logger.into());
-    // A process whose filter trapped a call has ended; its SIGSYS handler writes its own line.
+    // A process whose filter trapped a call has ended; its SIGSYS handler writes its own last
+    // line, counting the fault (crate::signals::write_last_metrics_line).
     let mut seccomp = Map::new();
     seccomp.insert("num_faults".into(), 0.into());
     groups.insert("seccomp".into(), seccomp.into());
+    groups.insert("signals".into(), crate::signals::SIGNALS.report().into());
 }
 
 /// Microseconds since `start`, for the latency metrics.

@@ -122,6 +122,45 @@ fn config_file_boots_the_same_guest() {
 }
 
 #[test]
+fn with_smt_the_guest_sees_two_threads_a_core() {
+    let dir = scratch("smt");
+    let kernel = write(&dir, "threads.elf", &tiny_kernel(Program::Threads, false));
+    for (vcpus, smt, threads) in [
+        (2, true, "2"),
+        (4, true, "2"),
+        (2, false, "1"),
+        (1, true, "1"),
+    ] {
+        let config = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}},
+                "machine-config": {{"vcpu_count": {vcpus}, "mem_size_mib": 32, "smt": {smt}}}}}"#,
+            kernel.display()
+        );
+        let file = write(&dir, "vm.json", config.as_bytes());
+        let out = kiln_vmm(&["--config-file", file.to_str().unwrap()], LIMIT);
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+        assert_eq!(
+            stdout(&out),
+            format!("{threads}\n"),
+            "{vcpus} vCPUs, smt {smt}"
+        );
+    }
+    let config = format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}"}},
+            "machine-config": {{"vcpu_count": 3, "mem_size_mib": 32, "smt": true}}}}"#,
+        kernel.display()
+    );
+    let file = write(&dir, "vm.json", config.as_bytes());
+    let out = kiln_vmm(&["--config-file", file.to_str().unwrap()], LIMIT);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("machine-config.smt is true with vcpu_count 3"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn triple_fault_exits_non_zero_with_a_message() {
     let dir = scratch("triple");
     let kernel = write(&dir, "fault.elf", &tiny_kernel(Program::TripleFault, false));

@@ -3,6 +3,7 @@
 //! the shipped VMM; it calls cargo, apt-get, make and QEMU, and is called by people and by `.ci/run`.
 
 mod bench;
+mod clients;
 mod fuzz;
 mod guest_images;
 mod guest_kernel;
@@ -10,6 +11,7 @@ mod initramfs;
 mod lab;
 mod rootfs;
 mod run;
+mod sdk;
 mod test;
 mod util;
 
@@ -21,7 +23,12 @@ commands:
   run [KILN-RUN-OPTIONS] -- CMD...
                                set up the lab and run `kiln run -- CMD` in it (a Kiln VM from
                                the Debian rootfs; CMD runs through the guest agent)
-  test [--host | --lab]        lints, unit and host-KVM tests, then end-to-end tests in the lab
+  test [--host | --lab]        lints, unit and host-KVM tests, the Python SDK's suite,
+                               Firecracker's clients, then end-to-end tests in the lab
+  test --sdk [FILTER]          only the Python SDK's suite (mypy, pytest against kilnd on the host)
+  clients [PYTEST-ARGS]        Firecracker's clients against kiln-vmm on the host's /dev/kvm: the
+                               pinned firecracker-python package, and schemathesis over
+                               Firecracker's swagger (tests/firecracker-clients)
   bench boot [--runs N]        boot time under kiln-vmm vs QEMU microvm, inside the lab
   fuzz [TARGET] [--seconds N]  run the fuzz targets (fuzz/) under libFuzzer, N s each (60)
   guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
@@ -45,6 +52,7 @@ fn main() -> ExitCode {
         "test" => test::main(rest),
         "bench" => bench::main(rest),
         "fuzz" => fuzz::main(rest),
+        "clients" => clients::main(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(0)

@@ -1,7 +1,9 @@
 //! `cargo xtask test`: everything that checks Kiln, in order of cost. Lints (fmt, clippy with
 //! warnings denied), the host's unit and integration tests (tiny guests on the host's /dev/kvm,
-//! the fuzz targets as property tests), a short libFuzzer run of each fuzz target, then the
-//! end-to-end tests, built on the host and run inside one lab boot.
+//! the fuzz targets as property tests), the Python SDK's suite against kilnd with the stand-in VMM,
+//! Firecracker's own clients against kiln-vmm on the host (`cargo xtask clients`), a short
+//! libFuzzer run of each fuzz target, then the end-to-end tests, built on the host and run inside
+//! one lab boot.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -76,14 +78,25 @@ fn stage_lab_tests(bins: &[PathBuf], dir: &Path) -> Result<()> {
     util::write_atomic(&dir.join("run-lab-tests.sh"), RUNNER.as_bytes())
 }
 
-/// `cargo xtask test [--host | --lab [FILTER]]`: FILTER picks lab tests by name.
+/// `cargo xtask test [--host | --lab [FILTER] | --sdk [FILTER]]`: FILTER picks lab tests by
+/// name, or SDK tests by pytest's `-k`.
 pub fn main(args: &[String]) -> Result<u8> {
     let (host, lab, filter) = match args {
         [] => (true, true, None),
         [a] if a == "--host" => (true, false, None),
         [a] if a == "--lab" => (false, true, None),
         [a, f] if a == "--lab" => (false, true, Some(f.clone())),
-        _ => return Err("usage: cargo xtask test [--host | --lab [FILTER]]".into()),
+        [a, rest @ ..] if a == "--sdk" && rest.len() <= 1 => {
+            step("the Python SDK's suite (mypy, pytest against kilnd with the stand-in VMM)");
+            crate::sdk::run_suite(rest.first().map(String::as_str))?;
+            eprintln!("\nxtask test: all passed");
+            return Ok(0);
+        }
+        _ => {
+            return Err(
+                "usage: cargo xtask test [--host | --lab [FILTER] | --sdk [FILTER]]".into(),
+            );
+        }
     };
     if host {
         step("cargo fmt --check");
@@ -99,6 +112,10 @@ pub fn main(args: &[String]) -> Result<u8> {
         ]))?;
         step("unit and host-KVM integration tests");
         util::run(cargo().args(["test", "--workspace"]))?;
+        step("the Python SDK's suite (mypy, pytest against kilnd with the stand-in VMM)");
+        crate::sdk::run_suite(None)?;
+        step("Firecracker's clients against kiln-vmm (firecracker-python, schemathesis)");
+        crate::clients::main(&[])?;
         // The fuzz targets already ran as property tests above; a short libFuzzer run of each
         // checks the driver builds and finds nothing quick.
         step("fuzz targets under libFuzzer, 10 s each");

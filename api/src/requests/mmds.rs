@@ -7,6 +7,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::ApiError;
 
+/// A `PUT` or `PATCH /mmds` body: a JSON object, as Firecracker's swagger has it
+/// (`MmdsContentsObject`). The guest reads the store by path from its top, so a top that is an
+/// array, a string or `null` would leave it nothing to read (and a `null` patch would empty it).
+pub(crate) fn document(body: serde_json::Value) -> Result<serde_json::Value, ApiError> {
+    let kind = match &body {
+        serde_json::Value::Object(_) => return Ok(body),
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+    };
+    Err(ApiError::bad_body(
+        "mmds",
+        format!("the body is {kind}; the MMDS data store takes a JSON object"),
+    ))
+}
+
 /// MMDS V1 answers any GET; V2 wants a session token from `PUT /latest/api/token` first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MmdsVersion {
@@ -72,7 +90,7 @@ mod tests {
     use crate::requests::{parse_request, tests::fault};
 
     #[test]
-    fn data_store_bodies_are_any_json() {
+    fn data_store_bodies_are_json_objects() {
         let body = br#"{"latest": {"meta-data": {"ami-id": "ami-1"}}}"#;
         let ApiRequest::PutMmds(v) = parse_request("PUT", "/mmds", body).unwrap() else {
             panic!("wrong variant")
@@ -88,6 +106,21 @@ mod tests {
         );
         let f = fault("PUT", "/mmds", "{not json");
         assert!(f.starts_with("mmds: "), "{f}");
+        for (method, body, kind) in [
+            ("PUT", "[null, null]", "an array"),
+            ("PATCH", "[1]", "an array"),
+            ("PUT", "null", "null"),
+            ("PATCH", "null", "null"),
+            ("PUT", r#""text""#, "a string"),
+            ("PATCH", "7", "a number"),
+            ("PUT", "true", "a boolean"),
+        ] {
+            assert_eq!(
+                fault(method, "/mmds", body),
+                format!("mmds: the body is {kind}; the MMDS data store takes a JSON object"),
+                "{method} {body}"
+            );
+        }
         assert_eq!(
             fault("PUT", "/mmds/other", "{}"),
             "unknown path /mmds/other"

@@ -157,8 +157,8 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
         ("/metrics", "PUT") => req.json("metrics").map(ApiRequest::PutMetrics),
         ("/serial", "PUT") => req.json("serial").map(ApiRequest::PutSerial),
         ("/mmds", "GET") => req.no_body(ApiRequest::GetMmds),
-        ("/mmds", "PUT") => req.json("mmds").map(ApiRequest::PutMmds),
-        ("/mmds", "PATCH") => req.json("mmds").map(ApiRequest::PatchMmds),
+        ("/mmds", "PUT") => mmds::document(req.json("mmds")?).map(ApiRequest::PutMmds),
+        ("/mmds", "PATCH") => mmds::document(req.json("mmds")?).map(ApiRequest::PatchMmds),
         ("/mmds/config", "PUT") => {
             let config: MmdsConfig = req.json("mmds/config")?;
             config.check()?;

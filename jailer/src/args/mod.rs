@@ -29,7 +29,10 @@ namespace, sets resource limits (no-file defaults to 2048), creates the cgroup
 <parent-cgroup or exec-name>/<id> under each controller a --cgroup names and joins it, enters a
 new mount namespace rooted at the jail with /dev/kvm, /dev/net/tun and /dev/urandom owned by
 uid:gid, optionally a new PID namespace, drops to uid:gid with no capabilities and execs
-/<exec-name> with the arguments after --. --cleanup removes a finished jail and its cgroups.
+/<exec-name> as Firecracker's jailer does: with --id ID, --start-time-us, --start-time-cpu-us and
+--parent-cpu-time-us (when the jailer started, so the VMM's start-up metrics count the jail),
+then the arguments after --, which must not repeat those four. --cleanup removes a finished jail
+and its cgroups.
 
   --id ID               letters, digits and '-', at most 64
   --exec-file PATH      absolute path of the binary to jail (kiln-vmm)
@@ -155,6 +158,11 @@ pub enum ArgsError {
     /// A flag that may appear once appeared twice.
     #[error("{0} is given twice")]
     Repeated(String),
+    /// A VMM argument the jailer passes itself.
+    #[error(
+        "{0} after --: kiln-jailer passes --id and the start times to the VMM itself, as Firecracker's jailer does"
+    )]
+    JailerPasses(String),
     /// A value that should be a number is not.
     #[error("{flag} {value:?} is not a number")]
     NotANumber {

@@ -354,3 +354,28 @@ fn help_and_version_win() {
     assert_eq!(parse(&args(&["--help", "--bogus"])), Ok(Command::Help));
     assert_eq!(parse(&args(&["-V"])), Ok(Command::Version));
 }
+
+#[test]
+fn the_flags_the_jailer_passes_itself_are_refused_after_the_separator() {
+    for extra in [
+        &["--", "--id", "other"][..],
+        &["--", "--api-sock", "/a", "--start-time-us", "1"],
+        &["--", "--start-time-cpu-us=0"],
+        &["--", "--parent-cpu-time-us", "5"],
+    ] {
+        let flag = extra[1..]
+            .iter()
+            .find(|a| a.starts_with("--") && *a != &"--api-sock")
+            .unwrap();
+        assert_eq!(
+            message(with(extra)),
+            format!(
+                "{flag} after --: kiln-jailer passes --id and the start times to the VMM itself, as Firecracker's jailer does"
+            )
+        );
+    }
+    // The jailer does not know kiln-vmm's flags, so a word that is exactly one of them is
+    // refused even as another flag's value; one that only contains it is not.
+    assert!(jail(with(&["--", "--serial-out", "--id"])).is_err());
+    assert!(jail(with(&["--", "--api-sock", "/run/--id.sock"])).is_ok());
+}

@@ -42,6 +42,12 @@ impl JailArgs {
         if let Some(parent) = &self.parent_cgroup {
             check_parent_cgroup(parent)?;
         }
+        if let Some(flag) = self.vmm_args.iter().find(|a| {
+            let name = a.split('=').next().unwrap_or(a);
+            crate::launch::PASSED_FLAGS.contains(&name)
+        }) {
+            return Err(ArgsError::JailerPasses(flag.clone()));
+        }
         Ok(())
     }
 }

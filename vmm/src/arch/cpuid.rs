@@ -1,5 +1,7 @@
 //! CPUID for a guest vCPU: KVM's supported set, filtered so the guest sees a plausible machine: one
-//! socket of `vcpu_count` single-thread cores, this vCPU's APIC id, the hypervisor bit, no PMU.
+//! socket of `vcpu_count` vCPUs (single-thread cores, or with `smt` two threads a core, as
+//! Firecracker's `machine-config.smt` asks), this vCPU's APIC id, the hypervisor bit, no PMU.
+//! vCPU `n` has APIC id `n`, so with SMT vCPUs 2k and 2k+1 are the two threads of core k.
 
 use kvm_bindings::kvm_cpuid_entry2;
 
@@ -53,16 +55,22 @@ pub struct HostCaps {
     pub tsc_deadline_timer: bool,
 }
 
-/// Filters KVM's supported CPUID `entries` for vCPU `vcpu_id` of `vcpu_count`.
+/// Filters KVM's supported CPUID `entries` for vCPU `vcpu_id` of `vcpu_count`, with two threads
+/// a core when `smt` is set and there is more than one vCPU (validation has made the count even).
 pub fn filter(
     entries: &[kvm_cpuid_entry2],
     host: HostCaps,
     vcpu_id: u8,
     vcpu_count: u8,
+    smt: bool,
 ) -> Vec<kvm_cpuid_entry2> {
     let apic_id = u32::from(vcpu_id);
-    let count = u32::from(vcpu_count);
-    let core_bits = id_bits(vcpu_count);
+    let count = u32::from(vcpu_count.max(1));
+    let threads: u32 = if smt && count > 1 { 2 } else { 1 };
+    let cores = (count / threads).max(1);
+    let thread_bits = id_bits(threads as u8);
+    // Bits of the APIC id that number the logical processors of the package.
+    let package_bits = thread_bits + id_bits(cores as u8);
     let mut out: Vec<kvm_cpuid_entry2> = Vec::with_capacity(entries.len() + 4);
     for e in entries {
         let mut e = *e;
@@ -80,34 +88,45 @@ pub fn filter(
                 }
             }
             LEAF_CACHE_PARAMS => {
-                // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing this cache - 1.
+                // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing this cache - 1
+                // (L1 and L2 are a core's, shared by its threads; L3 is the package's).
                 let level = (e.eax >> 5) & 0x7;
-                let sharing = if level >= 3 { count - 1 } else { 0 };
-                e.eax = (e.eax & 0x3fff) | (sharing << 14) | ((count - 1) << 26);
+                let sharing = if level >= 3 { count - 1 } else { threads - 1 };
+                e.eax = (e.eax & 0x3fff) | (sharing << 14) | ((cores - 1) << 26);
             }
             // No PMU: guest perf counters would only add exits and host-dependence.
             LEAF_PMU => e.eax = 0,
             // Rebuilt below from scratch; 0x1F is dropped so Linux reads the 0xB we build.
             LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => continue,
             LEAF_AMD_SIZES => {
-                // ECX[15:12]: APIC id bits for cores; ECX[7:0]: cores - 1.
-                e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (count - 1);
+                // ECX[15:12]: APIC id bits for the package's logical processors; ECX[7:0]: their
+                // number - 1.
+                e.ecx = (e.ecx & !0xf0ff) | (package_bits << 12) | (count - 1);
             }
             LEAF_AMD_EXT_APIC => {
                 e.eax = apic_id;
-                e.ebx = apic_id & 0xff; // one thread per core: core id = APIC id
+                // EBX[15:8]: threads per core - 1; EBX[7:0]: this thread's core.
+                e.ebx = ((threads - 1) << 8) | ((apic_id >> thread_bits) & 0xff);
                 e.ecx &= !0x700; // one node per processor
             }
             _ => {}
         }
         out.push(e);
     }
-    // Leaf 0xB: SMT level (1 thread), core level (all vCPUs), then the terminating invalid level.
-    out.push(entry(LEAF_EXT_TOPOLOGY, 0, 0, 1, LEVEL_SMT << 8, apic_id));
+    // Leaf 0xB: the SMT level (a core's threads), the core level (all vCPUs), then the
+    // terminating invalid level. EAX: how far to shift the APIC id to number the next level up.
+    out.push(entry(
+        LEAF_EXT_TOPOLOGY,
+        0,
+        thread_bits,
+        threads,
+        LEVEL_SMT << 8,
+        apic_id,
+    ));
     out.push(entry(
         LEAF_EXT_TOPOLOGY,
         1,
-        core_bits,
+        package_bits,
         count,
         (LEVEL_CORE << 8) | 1,
         apic_id,
@@ -189,21 +208,21 @@ mod tests {
 
     #[test]
     fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
-        let out = filter(&host(), HostCaps::default(), 3, 4);
+        let out = filter(&host(), HostCaps::default(), 3, 4, false);
         let l1 = leaf(&out, 1, 0);
         assert_eq!(l1.ebx >> 24, 3, "APIC id");
         assert_eq!((l1.ebx >> 16) & 0xff, 4, "logical processors");
         assert_eq!((l1.ebx >> 8) & 0xff, 8, "CLFLUSH line");
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & EDX_HTT, 0);
-        let single = leaf(&filter(&host(), HostCaps::default(), 0, 1), 1, 0);
+        let single = leaf(&filter(&host(), HostCaps::default(), 0, 1, false), 1, 0);
         assert_eq!(single.edx & EDX_HTT, 0);
         assert_eq!(single.eax, 0x800f12, "family/model untouched");
     }
 
     #[test]
     fn topology_leaf_0xb_describes_one_socket_of_single_thread_cores() {
-        let out = filter(&host(), HostCaps::default(), 5, 6);
+        let out = filter(&host(), HostCaps::default(), 5, 6, false);
         let smt = leaf(&out, 0xb, 0);
         let core = leaf(&out, 0xb, 1);
         let end = leaf(&out, 0xb, 2);
@@ -220,7 +239,7 @@ mod tests {
 
     #[test]
     fn cache_amd_size_and_pmu_leaves_follow_the_vcpu_count() {
-        let out = filter(&host(), HostCaps::default(), 0, 2);
+        let out = filter(&host(), HostCaps::default(), 0, 2, false);
         let l3 = leaf(&out, 4, 3);
         assert_eq!(l3.eax >> 26, 1, "cores per package - 1");
         assert_eq!((l3.eax >> 14) & 0xfff, 1, "L3 shared by both");
@@ -238,7 +257,7 @@ mod tests {
 
     #[test]
     fn tsc_deadline_is_offered_only_when_kvm_emulates_it() {
-        let off = leaf(&filter(&host(), HostCaps::default(), 0, 1), 1, 0);
+        let off = leaf(&filter(&host(), HostCaps::default(), 0, 1, false), 1, 0);
         assert_eq!(off.ecx & ECX_TSC_DEADLINE, 0);
         let on = leaf(
             &filter(
@@ -248,11 +267,54 @@ mod tests {
                 },
                 0,
                 1,
+                false,
             ),
             1,
             0,
         );
         assert_ne!(on.ecx & ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
+    fn with_smt_vcpus_pair_up_as_the_two_threads_of_a_core() {
+        // vCPU 5 of 6: thread 1 of core 2 (APIC id 5 = core 2 << 1 | 1).
+        let out = filter(&host(), HostCaps::default(), 5, 6, true);
+        let smt = leaf(&out, 0xb, 0);
+        let core = leaf(&out, 0xb, 1);
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (1, 2, 0x100, 5));
+        // 1 thread bit + 2 bits for 3 cores.
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (3, 6, 0x201, 5));
+        let l1 = leaf(&out, 1, 0);
+        assert_eq!((l1.ebx >> 16) & 0xff, 6, "logical processors");
+        assert_ne!(l1.edx & EDX_HTT, 0);
+        let l3 = leaf(&out, 4, 3);
+        assert_eq!(l3.eax >> 26, 2, "3 cores");
+        assert_eq!((l3.eax >> 14) & 0xfff, 5, "L3 shared by all 6");
+        let amd = leaf(&out, 0x8000_0008, 0);
+        assert_eq!((amd.ecx & 0xff, (amd.ecx >> 12) & 0xf), (5, 3));
+        // A host L1 cache leaf is shared by the core's two threads.
+        let mut with_l1 = host();
+        with_l1.push(kvm_cpuid_entry2 {
+            function: 4,
+            index: 0,
+            flags: 1,
+            eax: 0x0000_0121,
+            ..Default::default()
+        });
+        with_l1.push(kvm_cpuid_entry2 {
+            function: 0x8000_001e,
+            ..Default::default()
+        });
+        let out = filter(&with_l1, HostCaps::default(), 5, 6, true);
+        assert_eq!((leaf(&out, 4, 0).eax >> 14) & 0xfff, 1);
+        let ext = leaf(&out, 0x8000_001e, 0);
+        assert_eq!((ext.eax, ext.ebx), (5, 0x102), "thread pair, core 2");
+        let out = filter(&with_l1, HostCaps::default(), 5, 6, false);
+        assert_eq!((leaf(&out, 4, 0).eax >> 14) & 0xfff, 0);
+        assert_eq!(leaf(&out, 0x8000_001e, 0).ebx, 5, "one thread a core");
+        // One vCPU has no sibling, SMT or not.
+        let one = filter(&host(), HostCaps::default(), 0, 1, true);
+        assert_eq!((leaf(&one, 0xb, 0).eax, leaf(&one, 0xb, 0).ebx), (0, 1));
     }
 
     #[test]

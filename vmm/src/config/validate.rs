@@ -19,9 +19,11 @@ pub enum ValidationError {
     /// mem_size_mib is out of range.
     #[error("machine-config.mem_size_mib is {0}; it must be between 1 and {MAX_MEM_MIB}")]
     MemSize(usize),
-    /// SMT was asked for.
-    #[error("machine-config.smt is true, but Kiln gives every vCPU its own core; set it to false")]
-    Smt,
+    /// SMT with an odd number of vCPUs, which cannot pair up as the threads of cores.
+    #[error(
+        "machine-config.smt is true with vcpu_count {0}: with two threads a core, vcpu_count must be 1 or even"
+    )]
+    SmtOddCount(u8),
     /// 2 MiB pages need memory in whole pages.
     #[error("machine-config.mem_size_mib {0} is not a multiple of 2, as huge_pages \"2M\" needs")]
     HugePageMultiple(usize),
@@ -197,8 +199,8 @@ pub fn validate_machine(m: &MachineConfig) -> Result<(), ValidationError> {
     if m.mem_size_mib == 0 || m.mem_size_mib > MAX_MEM_MIB {
         return Err(ValidationError::MemSize(m.mem_size_mib));
     }
-    if m.smt {
-        return Err(ValidationError::Smt);
+    if m.smt && m.vcpu_count > 1 && !m.vcpu_count.is_multiple_of(2) {
+        return Err(ValidationError::SmtOddCount(m.vcpu_count));
     }
     if m.huge_pages == HugePages::Hugetlbfs2M && !m.mem_size_mib.is_multiple_of(2) {
         return Err(ValidationError::HugePageMultiple(m.mem_size_mib));
@@ -439,7 +441,19 @@ mod tests {
         assert!(
             err(|c| c.machine.mem_size_mib = 0).starts_with("machine-config.mem_size_mib is 0;")
         );
-        assert!(err(|c| c.machine.smt = true).starts_with("machine-config.smt is true"));
+        assert_eq!(
+            err(|c| {
+                c.machine.smt = true;
+                c.machine.vcpu_count = 3;
+            }),
+            "machine-config.smt is true with vcpu_count 3: with two threads a core, vcpu_count must be 1 or even"
+        );
+        for n in [1, 2, 4] {
+            let mut c = config();
+            c.machine.smt = true;
+            c.machine.vcpu_count = n;
+            assert!(c.validate().is_ok(), "smt with {n} vCPUs");
+        }
         let e = err(|c| c.machine.mem_size_mib = 16);
         assert!(
             e.starts_with("machine-config.mem_size_mib 16 is too small for kernel "),

@@ -5,9 +5,10 @@
 //! kiln-vmm: seccomp: thread kiln_api made a forbidden system call 257 (openat)
 //! ```
 //!
-//! to stderr and ends the process with [`EXIT_BAD_SYSCALL`] (148, Firecracker's status for a bad
-//! system call). The handler runs on the thread that made the call, under that thread's
-//! filter, so it makes only `write` and `exit_group`, which every filter allows, and being a
+//! to stderr, writes a last metrics line with `seccomp.num_faults` at 1 when metrics are
+//! configured ([`crate::signals`]), and ends the process with [`EXIT_BAD_SYSCALL`] (148,
+//! Firecracker's status for a bad system call). The handler runs on the thread that made the call, under that thread's
+//! filter, so it makes only `write`, `clock_gettime` and `exit_group`, which every filter allows, and being a
 //! signal handler it only calls what is async-signal-safe: it allocates nothing, takes no lock,
 //! and formats into a buffer on its stack. The thread's name is copied into a thread-local
 //! buffer when the thread installs its filter, because asking for it later would take a system
@@ -28,8 +29,9 @@ const SYS_SECCOMP: libc::c_int = 1;
 /// The longest thread name kept (Linux keeps 15 bytes; Rust names may be longer).
 const NAME_MAX: usize = 32;
 
-/// The longest report: the text, a 32-byte name, a number and a syscall name fit easily.
-const REPORT_MAX: usize = 192;
+/// The longest report: the text, a 32-byte name, a number and a syscall name fit easily, and so
+/// does the `signals` metrics line of [`crate::signals`].
+const REPORT_MAX: usize = 256;
 
 thread_local! {
     /// This thread's name, as the handler will print it (a const initializer and no destructor:
@@ -88,45 +90,58 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     // with the fields of `SigsysInfo`, laid out as the kernel lays out SIGSYS's.
     let info = unsafe { &*info.cast::<SigsysInfo>() };
     let number = (info.code == SYS_SECCOMP).then_some(i64::from(info.syscall));
-    let (name, len) = THREAD_NAME
-        .try_with(Cell::get)
-        .unwrap_or(([0; NAME_MAX], 0));
+    let (name, len) = thread_name();
     let mut report = Report::new();
     write_report(&mut report, &name[..len], number);
-    let mut left = report.as_bytes();
-    while !left.is_empty() {
-        // SAFETY: writes bytes of a live stack buffer to descriptor 2.
-        let n = unsafe { libc::write(2, left.as_ptr().cast(), left.len()) };
-        if n <= 0 {
-            break;
-        }
-        left = &left[n as usize..];
-    }
+    write_all(2, report.as_bytes());
+    // Firecracker's seccomp.num_faults, in a last metrics line (when metrics are configured).
+    crate::signals::write_last_metrics_line(1);
     // SAFETY: _exit ends the process at once (exit_group), running nothing else.
     unsafe { libc::_exit(EXIT_BAD_SYSCALL) };
 }
 
+/// The calling thread's name as remembered by [`remember_thread_name`] (empty if it never
+/// was); safe in a signal handler.
+pub(crate) fn thread_name() -> ([u8; NAME_MAX], usize) {
+    THREAD_NAME
+        .try_with(Cell::get)
+        .unwrap_or(([0; NAME_MAX], 0))
+}
+
+/// Writes `bytes` to descriptor `fd` with `write` alone, as much as it takes; safe in a signal
+/// handler. Gives up on an error: there is nobody left to tell.
+pub(crate) fn write_all(fd: libc::c_int, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        // SAFETY: writes bytes of a live buffer to a descriptor; a bad descriptor only fails.
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        if n <= 0 {
+            break;
+        }
+        bytes = &bytes[n as usize..];
+    }
+}
+
 /// A report built on the stack; bytes past its capacity are dropped.
-struct Report {
+pub(crate) struct Report {
     buf: [u8; REPORT_MAX],
     len: usize,
 }
 
 impl Report {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             buf: [0; REPORT_MAX],
             len: 0,
         }
     }
 
-    fn push(&mut self, bytes: &[u8]) {
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
         let n = bytes.len().min(REPORT_MAX - self.len);
         self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
         self.len += n;
     }
 
-    fn push_number(&mut self, mut n: u64) {
+    pub(crate) fn push_number(&mut self, mut n: u64) {
         let mut digits = [0u8; 20];
         let mut i = digits.len();
         loop {
@@ -140,7 +155,7 @@ impl Report {
         self.push(&digits[i..]);
     }
 
-    fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 }

@@ -84,11 +84,12 @@ impl Vcpu {
         supported: &CpuId,
         host: cpuid::HostCaps,
         vcpu_count: u8,
+        smt: bool,
         mem: &GuestMemoryMmap,
         entry: &BootEntry,
     ) -> Result<(), VcpuError> {
         let vcpu = self.id;
-        let filtered = cpuid::filter(supported.as_slice(), host, vcpu, vcpu_count);
+        let filtered = cpuid::filter(supported.as_slice(), host, vcpu, vcpu_count, smt);
         let cpuid = CpuId::from_entries(&filtered).map_err(|err| VcpuError::Fam {
             vcpu,
             what: "CPUID",

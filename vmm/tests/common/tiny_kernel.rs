@@ -28,6 +28,9 @@ pub enum Program {
     /// then keeps 64 to 96 of them outstanding forever, re-posting 32 whenever fewer than 64
     /// wait: the device never finds its queue empty.
     BlkFlood,
+    /// Prints, as one digit and a newline, how many logical processors CPUID leaf 0xB puts at
+    /// its first (SMT) level, i.e. threads a core, then resets.
+    Threads,
 }
 
 /// Where the first virtio-mmio device (the only drive, with no vsock) sits.
@@ -131,6 +134,21 @@ fn keys_code() -> Vec<u8> {
         0xba, 0xf8, 0x03, 0x00, 0x00, // mov edx, 0x3f8
         0xee, // out dx, al
         0xe2, 0xf0, // loop 1b
+        0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al: reset
+        0xf4, 0xeb, 0xfd, // 1: hlt; jmp 1b
+    ]
+}
+
+fn threads_code() -> Vec<u8> {
+    vec![
+        0xb8, 0x0b, 0x00, 0x00, 0x00, // mov eax, 0xb
+        0x31, 0xc9, // xor ecx, ecx: sub-leaf 0, the SMT level
+        0x0f, 0xa2, // cpuid
+        0x88, 0xd8, // mov al, bl: logical processors at this level
+        0x04, b'0', // add al, '0'
+        0xba, 0xf8, 0x03, 0x00, 0x00, // mov edx, 0x3f8 (cpuid wrote edx)
+        0xee, // out dx, al
+        0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
         0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al: reset
         0xf4, 0xeb, 0xfd, // 1: hlt; jmp 1b
     ]
@@ -257,6 +275,7 @@ pub fn tiny_kernel(program: Program, pvh: bool) -> Vec<u8> {
         Program::Counter => counter_code(),
         Program::Keys => keys_code(),
         Program::BlkFlood => blk_flood_code(),
+        Program::Threads => threads_code(),
     };
     assert!(code.len() <= 0x100);
 
