@@ -113,6 +113,38 @@ fn vmm_of(state: &Path, id: &str) -> Option<(u32, u32)> {
     })
 }
 
+/// The state folder of the kilnd under test, for diagnostics.
+static STATE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The last `n` lines of `path`, or why there are none.
+fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}
+
+/// What kilnd says of sandbox `id`, its VMM's stderr and kilnd's log, for a failure message.
+fn what_went_on(k: &Kilnd, id: &str) -> String {
+    let Some(state) = STATE.get() else {
+        return String::new();
+    };
+    let jail = state
+        .join("jail/kiln-vmm")
+        .join(jail_id(&state.join("sandboxes").join(id)))
+        .join("root");
+    format!(
+        "sandbox {id}: {:?}\n-- its VMM's stderr:\n{}\n-- its console:\n{}\n-- kilnd's log:\n{}",
+        k.sandbox(id).map(|s| s.state),
+        tail(&state.join("sandboxes").join(id).join("vmm.stderr"), 20),
+        tail(&jail.join("console.log"), 20),
+        tail(&state.with_extension("log"), 30),
+    )
+}
+
 /// Runs `script` with `sh -c` in sandbox `id`: its stdout; panics unless it exits 0.
 fn sh(k: &Kilnd, id: &str, script: &str) -> String {
     let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -138,7 +170,7 @@ fn sh(k: &Kilnd, id: &str, script: &str) -> String {
                 _ => {}
             },
         )
-        .unwrap_or_else(|e| panic!("{script}: {e}"));
+        .unwrap_or_else(|e| panic!("{script}: {e}\n{}", what_went_on(k, id)));
     assert!(
         matches!(
             last,
@@ -268,6 +300,7 @@ fn kilnd_serves_templates_and_sandboxes() {
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();
     let state = root.join("state");
+    let _ = STATE.set(state.clone());
     let d = start_kilnd(&state);
     let k = Kilnd::new(&d.sock);
 
