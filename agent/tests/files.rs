@@ -74,7 +74,7 @@ fn modes_append_and_errors() {
         ..WriteOptions::default()
     };
     assert_eq!(
-        kind_of(c.write_file(&format!("{dir}/nope/x"), &b"x"[..], no_parents)),
+        kind_of(c.write_file(&format!("{dir}/nope/x"), &b"x"[..], no_parents.clone())),
         ErrorKind::NotFound
     );
     assert_eq!(

@@ -31,6 +31,7 @@ fn a_flood_of_tiny_frames_keeps_the_client_bounded() {
         let hello = Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             software: "flood".into(),
+            revision: 0,
         });
         s.write_all(&hello.encode()).unwrap();
         let req = read_frame(&mut s).unwrap().unwrap();

@@ -22,6 +22,7 @@ fn hello(version: u32) -> Vec<u8> {
     Message::Hello(Hello {
         version,
         software: "hostile test".into(),
+        revision: 0,
     })
     .encode()
 }

@@ -29,6 +29,7 @@ fn fake_agent(name: &str, behave: impl FnOnce(UnixStream) + Send + 'static) -> P
         let hello = Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             software: "hostile agent".into(),
+            revision: 0,
         });
         s.write_all(&hello.encode()).unwrap();
         behave(s);
@@ -136,6 +137,9 @@ fn entry(name: String) -> DirEntry {
             uid: 0,
             gid: 0,
             mtime: 0,
+            owner: None,
+            group: None,
+            symlink_target: None,
         },
     }
 }

@@ -137,6 +137,7 @@ fn raw(agent: &Arc<Agent>) -> UnixStream {
     let hello = Message::Hello(Hello {
         version: PROTOCOL_VERSION,
         software: "restored test".into(),
+        revision: 0,
     });
     s.write_all(&hello.encode()).unwrap();
     let first = Message::decode(read_frame(&mut s).unwrap().unwrap()).unwrap();

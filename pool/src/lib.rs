@@ -18,6 +18,8 @@ pub mod db;
 #[cfg(feature = "daemon")]
 pub mod disk;
 #[cfg(feature = "daemon")]
+pub mod e2b;
+#[cfg(feature = "daemon")]
 pub mod jail;
 pub mod template;
 pub mod types;

@@ -29,6 +29,14 @@ struct Args {
     /// A file holding the bearer token for --listen.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Also serve E2B's REST API and envd (the in-sandbox API, on the host) on this local TCP
+    /// address (e.g. 127.0.0.1:3000), for E2B's SDKs: set E2B_API_URL and E2B_SANDBOX_URL to
+    /// http://ADDR. Needs an API key (--e2b-api-key-file or $KILND_E2B_API_KEY; no default).
+    #[arg(long)]
+    e2b_listen: Option<std::net::SocketAddr>,
+    /// A file holding the API key E2B clients send (their E2B_API_KEY), for --e2b-listen.
+    #[arg(long)]
+    e2b_api_key_file: Option<PathBuf>,
     /// kiln-vmm [default: next to kilnd, else on PATH].
     #[arg(long)]
     vmm: Option<PathBuf>,
@@ -200,6 +208,26 @@ fn token(args: &Args) -> Result<String, String> {
     Ok(token)
 }
 
+/// The API key for --e2b-listen: from --e2b-api-key-file, else $KILND_E2B_API_KEY; never a
+/// default.
+fn e2b_key(args: &Args) -> Result<String, String> {
+    let key = match &args.e2b_api_key_file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| format!("--e2b-api-key-file {}: {e}", f.display()))?
+            .trim()
+            .to_string(),
+        None => std::env::var("KILND_E2B_API_KEY").unwrap_or_default(),
+    };
+    if key.len() < 16 {
+        return Err(
+            "--e2b-listen needs an API key of at least 16 characters in --e2b-api-key-file or \
+             $KILND_E2B_API_KEY"
+                .into(),
+        );
+    }
+    Ok(key)
+}
+
 /// Binds the Unix socket, replacing a stale one (nothing answers on it) but never a live one.
 fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, String> {
     if path.exists() {
@@ -218,6 +246,7 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, String> {
 async fn run(args: Args) -> Result<(), String> {
     let cfg = config(&args)?;
     let tcp_token = args.listen.map(|_| token(&args)).transpose()?;
+    let e2b_key = args.e2b_listen.map(|_| e2b_key(&args)).transpose()?;
     let socket = args
         .socket
         .clone()
@@ -251,6 +280,26 @@ async fn run(args: Args) -> Result<(), String> {
             }
         });
         tracing::info!(%addr, "serving on TCP (bearer token)");
+    }
+    if let (Some(addr), Some(key)) = (args.e2b_listen, e2b_key) {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--e2b-listen {addr}: {e}"))?;
+        let e2b = kiln_pool::e2b::E2b::new(daemon.clone(), key);
+        let app = kiln_pool::e2b::router(e2b.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(tcp, app).await {
+                tracing::error!("the E2B listener stopped: {e}");
+            }
+        });
+        // What is kept per sandbox goes with the sandboxes (expiry kills without asking us).
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                e2b.forget_gone();
+            }
+        });
+        tracing::info!(%addr, envd = kiln_pool::e2b::state::ENVD_VERSION, "serving the E2B API");
     }
     tracing::info!(socket = %socket.display(), "serving");
     let app = kiln_pool::api::router(daemon.clone());

@@ -4,6 +4,7 @@
 
 mod bench;
 mod clients;
+mod e2b;
 mod fuzz;
 mod guest_images;
 mod guest_kernel;
@@ -23,8 +24,13 @@ commands:
   run [KILN-RUN-OPTIONS] -- CMD...
                                set up the lab and run `kiln run -- CMD` in it (a Kiln VM from
                                the Debian rootfs; CMD runs through the guest agent)
-  test [--host | --lab]        lints, unit and host-KVM tests, the Python SDK's suite,
-                               Firecracker's clients, then end-to-end tests in the lab
+  test [--host | --lab [FILTER]]
+                               lints, unit and host-KVM tests, the Python SDK's suite,
+                               Firecracker's clients, the E2B suite against kilnd with the stand-in
+                               VMM, then end-to-end tests in the lab and E2B's Python SDK (pinned,
+                               in a venv) against kilnd in the same lab boot
+  test --e2b [FILTER]          only the E2B SDK suite against kilnd in the lab
+  test --e2b-host [FILTER]     only the E2B SDK suite against kilnd on the host (stand-in VMM)
   test --sdk [FILTER]          only the Python SDK's suite (mypy, pytest against kilnd on the host)
   clients [PYTEST-ARGS]        Firecracker's clients against kiln-vmm on the host's /dev/kvm: the
                                pinned firecracker-python package, and schemathesis over

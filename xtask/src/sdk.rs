@@ -61,7 +61,7 @@ pub fn venv() -> Result<PathBuf> {
 }
 
 /// The executables cargo reports for `names` in its JSON messages (bins and examples).
-fn executables(json_lines: &str, names: &[&str]) -> Result<Vec<PathBuf>> {
+pub(crate) fn executables(json_lines: &str, names: &[&str]) -> Result<Vec<PathBuf>> {
     let found: Vec<(String, PathBuf)> = json_lines
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -78,14 +78,22 @@ fn stage_lab_tests(bins: &[PathBuf], dir: &Path) -> Result<()> {
     util::write_atomic(&dir.join("run-lab-tests.sh"), RUNNER.as_bytes())
 }
 
-/// `cargo xtask test [--host | --lab [FILTER] | --sdk [FILTER]]`: FILTER picks lab tests by
-/// name, or SDK tests by pytest's `-k`.
+/// `cargo xtask test [--host | --lab [FILTER] | --e2b [FILTER] | --e2b-host [FILTER] | --sdk
+/// [FILTER]]`: FILTER picks lab tests by name, or the E2B or SDK suite's tests by pytest's `-k`.
 pub fn main(args: &[String]) -> Result<u8> {
-    let (host, lab, filter) = match args {
-        [] => (true, true, None),
-        [a] if a == "--host" => (true, false, None),
-        [a] if a == "--lab" => (false, true, None),
-        [a, f] if a == "--lab" => (false, true, Some(f.clone())),
+    let (host, lab, e2b, filter) = match args {
+        [] => (true, true, true, None),
+        [a] if a == "--host" => (true, false, false, None),
+        [a] if a == "--lab" => (false, true, false, None),
+        [a, f] if a == "--lab" => (false, true, false, Some(f.clone())),
+        [a] if a == "--e2b" => (false, false, true, None),
+        [a, f] if a == "--e2b" => (false, false, true, Some(f.clone())),
+        [a, rest @ ..] if a == "--e2b-host" && rest.len() <= 1 => {
+            step("E2B's Python SDK against kilnd on the host (the stand-in VMM)");
+            crate::e2b::run_host_suite(rest.first().map(String::as_str))?;
+            eprintln!("\nxtask test: all passed");
+            return Ok(0);
+        }
         [a, rest @ ..] if a == "--sdk" && rest.len() <= 1 => {
             step("the Python SDK's suite (mypy, pytest against kilnd with the stand-in VMM)");
             crate::sdk::run_suite(rest.first().map(String::as_str))?;
@@ -94,7 +102,9 @@ pub fn main(args: &[String]) -> Result<u8> {
         }
         _ => {
             return Err(
-                "usage: cargo xtask test [--host | --lab [FILTER] | --sdk [FILTER]]".into(),
+                "usage: cargo xtask test [--host | --lab [FILTER] | --e2b [FILTER] | --e2b-host [FILTER] \
+                 | --sdk [FILTER]]"
+                    .into(),
             );
         }
     };
@@ -116,13 +126,15 @@ pub fn main(args: &[String]) -> Result<u8> {
         crate::sdk::run_suite(None)?;
         step("Firecracker's clients against kiln-vmm (firecracker-python, schemathesis)");
         crate::clients::main(&[])?;
+        step("E2B's Python SDK against kilnd on the host (the stand-in VMM)");
+        crate::e2b::run_host_suite(None)?;
         // The fuzz targets already ran as property tests above; a short libFuzzer run of each
         // checks the driver builds and finds nothing quick.
         step("fuzz targets under libFuzzer, 10 s each");
         crate::fuzz::main(&["--seconds".to_string(), "10".to_string()])?;
     }
-    if lab {
-        step("end-to-end tests in the nested lab");
+    // The lab tests and the E2B suite share one L1 boot when both run.
+    let lab_run = if lab {
         let bins = build_lab_tests()?;
         if bins.is_empty() {
             return Err(format!(
@@ -132,7 +144,7 @@ pub fn main(args: &[String]) -> Result<u8> {
         let share = util::cache_dir().join("lab-tests-share");
         let _ = std::fs::remove_dir_all(&share);
         stage_lab_tests(&bins, &share)?;
-        let outcome = lab::run(&LabRun {
+        Some(LabRun {
             share: Some(share),
             files: vec![
                 (
@@ -144,11 +156,35 @@ pub fn main(args: &[String]) -> Result<u8> {
             cmd: ["sh", "/share/run-lab-tests.sh"]
                 .into_iter()
                 .map(String::from)
-                .chain(filter)
+                .chain(if e2b { None } else { filter.clone() })
                 .collect(),
             with_python: true,
             ..LabRun::default()
-        })?;
+        })
+    } else {
+        None
+    };
+    if e2b {
+        if lab {
+            step("end-to-end tests in the nested lab, then E2B's Python SDK against kilnd there");
+        } else {
+            step("E2B's Python SDK against kilnd in the nested lab");
+        }
+        let filter = if lab { None } else { filter };
+        let before = lab_run.map(|run| crate::e2b::Before { run });
+        let verdict = crate::e2b::run_suite(filter, before)?;
+        if !verdict.before_passed {
+            return Err("lab tests failed (their output is above)".into());
+        }
+        if verdict.suite != 0 {
+            return Err(format!(
+                "the E2B SDK suite failed (pytest status {})",
+                verdict.suite
+            ));
+        }
+    } else if let Some(run) = lab_run {
+        step("end-to-end tests in the nested lab");
+        let outcome = lab::run(&run)?;
         match &outcome.status {
             LabStatus::Exited(0) => {}
             LabStatus::Exited(code) => {

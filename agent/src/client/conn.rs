@@ -59,6 +59,8 @@ struct Slots {
 
 /// The connection. Dropping the last handle shuts the socket, which ends both threads.
 pub(crate) struct Conn {
+    /// The agent's protocol revision, from its hello.
+    pub revision: std::sync::atomic::AtomicU32,
     outbox: Outbox,
     slots: Mutex<Slots>,
     next_id: AtomicU64,
@@ -88,6 +90,7 @@ impl Conn {
         let outbox = Outbox::start(socket.try_clone().map_err(io)?, "kiln-client").map_err(io)?;
         let reader = socket.try_clone().map_err(io)?;
         let conn = Arc::new(Conn {
+            revision: std::sync::atomic::AtomicU32::new(0),
             outbox,
             slots: Mutex::new(Slots::default()),
             next_id: AtomicU64::new(sent + 1),
@@ -106,6 +109,11 @@ impl Conn {
 
     fn slots(&self) -> MutexGuard<'_, Slots> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the connection ended (the agent closed it, or it was judged misbehaving).
+    pub fn is_closed(&self) -> bool {
+        self.slots().closed.is_some()
     }
 
     /// Sends `request` under a fresh id and returns its handle.

@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,7 @@ fn our_hello() -> Message {
     Message::Hello(Hello {
         version: PROTOCOL_VERSION,
         software: format!("kiln-agent client {}", env!("CARGO_PKG_VERSION")),
+        revision: crate::protocol::PROTOCOL_REVISION,
     })
 }
 
@@ -99,12 +101,15 @@ pub fn from_socket(socket: Socket, timeout: Duration) -> Result<Client, Error> {
     let closed = |e: std::io::Error| Error::Closed(format!("during the hello: {e}"));
     socket.set_read_timeout(Some(timeout)).map_err(closed)?;
     (&socket).write_all(&our_hello().encode()).map_err(closed)?;
-    read_hello(&socket, timeout)?;
-    Ok(Client::new(Conn::start(socket)?))
+    let revision = read_hello(&socket, timeout)?;
+    let conn = Conn::start(socket)?;
+    conn.revision.store(revision, Ordering::Relaxed);
+    Ok(Client::new(conn))
 }
 
-/// Reads the agent's hello (within the socket's read timeout) and clears the timeout.
-fn read_hello(socket: &Socket, timeout: Duration) -> Result<(), Error> {
+/// Reads the agent's hello (within the socket's read timeout) and clears the timeout; returns the
+/// agent's protocol revision.
+fn read_hello(socket: &Socket, timeout: Duration) -> Result<u32, Error> {
     let closed = |e: std::io::Error| Error::Closed(format!("during the hello: {e}"));
     let raw = match read_frame(&mut &*socket) {
         Ok(Some(raw)) => raw,
@@ -123,8 +128,8 @@ fn read_hello(socket: &Socket, timeout: Duration) -> Result<(), Error> {
         }
         Err(e) => return Err(Error::Protocol(format!("reading the agent's hello: {e}"))),
     };
-    match Message::decode(raw) {
-        Ok(Message::Hello(h)) if h.version == PROTOCOL_VERSION => {}
+    let revision = match Message::decode(raw) {
+        Ok(Message::Hello(h)) if h.version == PROTOCOL_VERSION => h.revision,
         Ok(Message::Hello(h)) => {
             return Err(Error::VersionMismatch {
                 host: PROTOCOL_VERSION,
@@ -138,8 +143,9 @@ fn read_hello(socket: &Socket, timeout: Duration) -> Result<(), Error> {
             )));
         }
         Err(e) => return Err(Error::Protocol(format!("the agent's hello: {e}"))),
-    }
-    socket.set_read_timeout(None).map_err(closed)
+    };
+    socket.set_read_timeout(None).map_err(closed)?;
+    Ok(revision)
 }
 
 /// Connects to the agent through vsock socket `uds` and sends `requests` (ids 1, 2, ...) in the
@@ -161,10 +167,11 @@ pub(crate) fn connect_pipelined(
         let left = deadline.saturating_duration_since(Instant::now());
         let timeout = left.clamp(Duration::from_secs(1), HANDSHAKE_TIMEOUT);
         let attempt = open_vsock(uds, AGENT_PORT, timeout, &frames)
-            .and_then(|socket| read_hello(&socket, timeout).map(|()| socket));
+            .and_then(|socket| read_hello(&socket, timeout).map(|r| (socket, r)));
         let last = match attempt {
-            Ok(socket) => {
+            Ok((socket, revision)) => {
                 let (conn, reqs) = Conn::start_with_sent(socket, requests.len() as u64)?;
+                conn.revision.store(revision, Ordering::Relaxed);
                 return Ok((Client::new(conn), reqs));
             }
             Err(e @ Error::VersionMismatch { .. }) => return Err(e),

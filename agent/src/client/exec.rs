@@ -186,6 +186,12 @@ impl Exec {
         }
     }
 
+    /// Stops this request: a plain exec's process group is killed; a `keep` process (or an
+    /// attached one) runs on, its output kept for the next [`Client::attach`].
+    pub fn detach(mut self) {
+        self.req.abandon();
+    }
+
     /// Streams output to the callbacks as it arrives and returns how the process ended.
     pub fn wait_with(
         mut self,

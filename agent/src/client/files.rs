@@ -9,13 +9,13 @@ use std::time::Instant;
 use super::conn::{Inbound, Req};
 use super::{Client, Error, unexpected};
 use crate::link::Credit;
+use crate::protocol::{DirEntry, Event, FileStat, MAX_CHUNK, MkdirSpec, Request, Stream};
 
 /// The most entries [`Client::list_dir`] collects.
 pub const MAX_LIST_ENTRIES: usize = 100_000;
-use crate::protocol::{DirEntry, Event, FileStat, MAX_CHUNK, Request, Stream};
 
 /// How [`Client::write_file`] creates the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteOptions {
     /// Permission bits (default: 0o644 for a new file, unchanged for an existing one).
     pub mode: Option<u32>,
@@ -23,6 +23,9 @@ pub struct WriteOptions {
     pub parents: bool,
     /// Append instead of truncating.
     pub append: bool,
+    /// Who owns the file and the directories made for it (`name`, `uid`, `name:group`,
+    /// `uid:gid`); the agent's user when `None`. Needs an agent of revision 2.
+    pub owner: Option<String>,
 }
 
 impl Default for WriteOptions {
@@ -31,6 +34,7 @@ impl Default for WriteOptions {
             mode: None,
             parents: true,
             append: false,
+            owner: None,
         }
     }
 }
@@ -48,6 +52,7 @@ impl Client {
             mode: options.mode,
             parents: options.parents,
             append: options.append,
+            owner: options.owner.clone(),
         })?;
         let sender = req.sender();
         let mut buf = vec![0u8; MAX_CHUNK];
@@ -119,7 +124,7 @@ impl Client {
     }
 
     /// The next thing the agent sends for `req`, waiting at most the reply timeout.
-    fn recv_idle(&self, req: &mut Req) -> Result<Inbound, Error> {
+    pub(super) fn recv_idle(&self, req: &mut Req) -> Result<Inbound, Error> {
         match req.recv(Some(Instant::now() + self.reply_timeout)) {
             Err(Error::Timeout(_)) => {
                 req.abandon();
@@ -170,6 +175,23 @@ impl Client {
         self.call(Request::Remove {
             path: path.to_string(),
             recursive,
+        })
+        .map(drop)
+    }
+}
+
+impl Client {
+    /// Makes directory `path` (and, per `spec`, its parents). An existing path is
+    /// [`ErrorKind::AlreadyExists`](crate::protocol::ErrorKind::AlreadyExists). Revision 2.
+    pub fn mkdir(&self, spec: MkdirSpec) -> Result<(), Error> {
+        self.call(Request::Mkdir(spec)).map(drop)
+    }
+
+    /// Renames `from` to `to`, making `to`'s missing parents. Revision 2.
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), Error> {
+        self.call(Request::Rename {
+            from: from.to_string(),
+            to: to.to_string(),
         })
         .map(drop)
     }

@@ -11,6 +11,7 @@ mod conn;
 mod connect;
 mod exec;
 mod files;
+mod procs;
 mod restore;
 
 use std::io;
@@ -181,6 +182,12 @@ impl Client {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether the connection ended: every request on it fails, and a new connection is needed
+    /// (a snapshot's vsock transport reset ends every connection into the guest, for one).
+    pub fn is_closed(&self) -> bool {
+        self.conn.is_closed()
     }
 
     /// Round trip; returns the agent's software version.

@@ -1,22 +1,27 @@
-//! Serving an exec request: spawn, stream stdout/stderr as they come (only as fast as the host
-//! returns credit, so a slow host blocks the child's writes instead of growing our memory), feed
-//! stdin, enforce the timeout on the whole process group, report how it ended.
+//! Serving exec and attach requests: spawn the process into the agent's table ([`procs`]), stream
+//! its stdout/stderr as they come (only as fast as the host returns credit, so a slow host blocks
+//! the child's writes instead of growing our memory), feed stdin, enforce the timeout on the whole
+//! process group, report how it ended. An `attach` follows a process another request started.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::procs::{Follower, Next, Proc, Spawned, Started, procs};
 use super::reaper::reaper;
 use super::session::{Ctx, ExecHandle, Input, InputMsg};
 use super::spawn::{ChildStdio, Plan, spawn};
-use super::sys::{self, Flag};
-use crate::protocol::{ErrorInfo, ErrorKind, Event, ExecSpec, ExitStatus, MAX_CHUNK, Stream};
+use super::sys;
+use crate::protocol::{ErrorInfo, ErrorKind, Event, ExecSpec, ExitStatus, MAX_CHUNK, Selector};
 
 /// After the process exits, how long its output pipes may stay open with nothing to read before
 /// the agent stops waiting: a background process that kept them open does not hold the result.
 pub const OUTPUT_GRACE: Duration = Duration::from_millis(500);
+
+/// How often a follower with nothing to send checks whether the host stopped following.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
 /// Runs one exec request to its final event.
 pub fn run(ctx: Ctx, input: Input, spec: ExecSpec) {
@@ -88,9 +93,16 @@ fn stdio(spec: &ExecSpec) -> io::Result<Ends> {
 }
 
 fn execute(ctx: &Ctx, input: Input, spec: &ExecSpec) -> Result<ExitStatus, ErrorInfo> {
+    if let Some(tag) = &spec.tag
+        && procs().tag_in_use(tag)
+    {
+        return Err(ErrorInfo::new(
+            ErrorKind::AlreadyExists,
+            format!("a running process is already tagged {tag:?}"),
+        ));
+    }
     let plan = Plan::new(spec, &ctx.agent().default_env())?;
     let ends = stdio(spec).map_err(io_error("setting up the process's stdio"))?;
-    let exited = Arc::new(Flag::new().map_err(io_error("creating an eventfd"))?);
     let start = Instant::now();
     let pid = spawn(&plan, &ends.child)?;
     let Ends {
@@ -102,123 +114,135 @@ fn execute(ctx: &Ctx, input: Input, spec: &ExecSpec) -> Result<ExitStatus, Error
     } = ends;
     // Our copies of the child's ends must go, or the pipes never reach end of file.
     drop(child);
-    ctx.set_exec(Some(ExecHandle { pid, pty }));
+    let (proc, follower) = procs()
+        .add(Spawned {
+            pid,
+            started: Started {
+                tag: spec.tag.clone(),
+                argv: spec.argv.clone(),
+                env: spec.env.clone(),
+                cwd: spec.cwd.clone(),
+                tty: spec.tty.is_some(),
+                keep: spec.keep,
+            },
+            stdin,
+            stdout,
+            stderr,
+            pty: pty.clone(),
+            deadline: spec.timeout_ms.map(|ms| start + Duration::from_millis(ms)),
+        })
+        .map_err(|e| {
+            // Without its pumps and waiter nobody would collect it.
+            let _ = reaper().signal(pid, libc::SIGKILL);
+            io_error("starting the process's threads")(e)
+        })?;
+    ctx.set_exec(Some(ExecHandle {
+        pid,
+        pty,
+        kill_on_cancel: !spec.keep,
+    }));
     ctx.event(Event::Started { pid: pid as u32 });
-
-    let tty = spec.tty.is_some();
-    let feeder_flag = exited.clone();
     // The feeder is not joined: it ends when the request's input ends, which is when the request
-    // is finished (after this function) or cancelled.
+    // is finished (after this function) or cancelled. Neither closes the process's stdin: only
+    // the host's eof does, so a `keep` process keeps its stdin for later `write_stdin`s.
+    let feeder = proc.clone();
     let _ = thread::Builder::new()
         .name("exec-stdin".into())
-        .spawn(move || feed(input, stdin, tty, &feeder_flag));
-
-    let deadline = spec.timeout_ms.map(|ms| start + Duration::from_millis(ms));
-    thread::scope(|s| {
-        s.spawn(|| pump(ctx, &stdout, Stream::Stdout, &exited));
-        if let Some(err) = &stderr {
-            s.spawn(|| pump(ctx, err, Stream::Stderr, &exited));
-        }
-        let status = match reaper().wait(pid, deadline) {
-            Some(status) => Ok(status),
-            None => {
-                let _ = reaper().signal(pid, libc::SIGKILL);
-                reaper()
-                    .wait(pid, None)
-                    .map(|_| ExitStatus::TimedOut)
-                    .ok_or(())
-            }
-        };
-        exited.raise();
-        status
-    })
-    .map_err(|()| ErrorInfo::new(ErrorKind::Io, format!("lost track of process {pid}")))
+        .spawn(move || feed(input, &feeder));
+    let result = follow(ctx, &follower, !spec.keep);
+    if !spec.keep || result.is_ok() {
+        procs().remove(pid);
+    }
+    result
 }
 
-/// Copies one output stream to the host, reading only as much as the host has credited.
-fn pump(ctx: &Ctx, fd: &OwnedFd, stream: Stream, exited: &Flag) {
-    let window = ctx.window(stream);
-    let mut buf = vec![0u8; MAX_CHUNK];
-    let mut after_exit = false;
-    while let Some(credit) = window.wait(MAX_CHUNK) {
-        loop {
-            let ready = if after_exit {
-                sys::poll(&[(fd.as_raw_fd(), libc::POLLIN)], Some(OUTPUT_GRACE))
-            } else {
-                sys::poll(
-                    &[(fd.as_raw_fd(), libc::POLLIN), (exited.fd(), libc::POLLIN)],
-                    None,
-                )
-            };
-            match ready {
-                Err(_) => return,
-                Ok(r) if r[0] != 0 => break,
-                // The process is gone and the pipe stayed quiet: someone else holds it open.
-                Ok(_) if after_exit => return,
-                Ok(_) => after_exit = true,
+/// Serves an `attach` request: follows the process `sel` names until it ends (or the host stops
+/// following).
+pub fn attach(ctx: Ctx, sel: &Selector) {
+    let event = match procs().find(sel) {
+        None => Event::Error(ErrorInfo::new(
+            ErrorKind::NotFound,
+            format!("no {sel} is running"),
+        )),
+        Some(proc) => {
+            let follower = proc.attach();
+            ctx.set_exec(Some(ExecHandle {
+                pid: proc.pid,
+                pty: proc.pty.clone(),
+                kill_on_cancel: false,
+            }));
+            ctx.event(Event::Started {
+                pid: proc.pid as u32,
+            });
+            match follow(&ctx, &follower, false) {
+                Ok(status) => {
+                    procs().remove(proc.pid);
+                    Event::Exit { status }
+                }
+                Err(info) => Event::Error(info),
             }
         }
-        match sys::read(fd, &mut buf[..credit]) {
-            Ok(0) => return,
-            Ok(n) => {
-                window.consume(n);
-                ctx.data(stream, &buf[..n]);
+    };
+    ctx.set_exec(None);
+    ctx.finish(event);
+}
+
+/// Sends a process's output to the host, only as fast as the host credits it, then its exit.
+/// Once the request is cancelled a process that dies with it (`killed`) is still waited for, its
+/// output dropped, so its exit is reported; any other just stops being followed.
+fn follow(ctx: &Ctx, follower: &Follower, killed: bool) -> Result<ExitStatus, ErrorInfo> {
+    let pid = follower.proc().pid;
+    let stopped = || {
+        ErrorInfo::new(
+            ErrorKind::Cancelled,
+            format!("stopped following process {pid}"),
+        )
+    };
+    loop {
+        if ctx.cancelled() {
+            if !killed {
+                return Err(stopped());
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
-            // EIO is how a terminal master says the last slave closed.
-            Err(_) => return,
+            match follower.next(MAX_CHUNK, FOLLOW_POLL) {
+                Next::Data(_, data) => follower.advance(data.len()),
+                Next::Exit(status) => return Ok(status),
+                Next::Nothing => {}
+            }
+            continue;
+        }
+        match follower.next(MAX_CHUNK, FOLLOW_POLL) {
+            Next::Data(stream, data) => {
+                let window = ctx.window(stream);
+                let mut rest = &data[..];
+                while !rest.is_empty() {
+                    let Some(n) = window.wait(rest.len()) else {
+                        // Closed: the request was cancelled; the loop's top decides.
+                        break;
+                    };
+                    window.consume(n);
+                    follower.advance(n);
+                    ctx.data(stream, &rest[..n]);
+                    rest = &rest[n..];
+                }
+            }
+            Next::Exit(status) => return Ok(status),
+            Next::Nothing => {}
         }
     }
 }
 
-/// Writes the host's stdin data to the process. Without a stdin pipe (stdin not requested, or the
-/// process stopped reading) data is still consumed, so the host is never left waiting for credit.
-fn feed(input: Input, stdin: Option<OwnedFd>, tty: bool, exited: &Flag) {
-    let mut stdin = stdin;
+/// Writes the host's stdin data to the process. Data is consumed even when the process has no
+/// stdin (not requested, or it stopped reading), so the host is never left waiting for credit.
+fn feed(input: Input, proc: &Proc) {
     while let Some(msg) = input.recv() {
         match msg {
             InputMsg::Data(bytes) => {
-                if let Some(fd) = &stdin
-                    && !write_all(fd, &bytes, exited)
-                {
-                    stdin = None;
-                }
+                let _ = proc.write_stdin(&bytes);
                 input.consumed(bytes.len());
             }
             InputMsg::Eof => {
-                // Closing a terminal's master would hang it up; end of input there is ^D.
-                if let (true, Some(fd)) = (tty, &stdin) {
-                    write_all(fd, b"\x04", exited);
-                }
-                stdin = None;
+                let _ = proc.close_stdin();
             }
         }
     }
-}
-
-/// Writes all of `bytes` to non-blocking `fd`; false if the reader went away or the process
-/// exited while the pipe was full.
-fn write_all(fd: &OwnedFd, mut bytes: &[u8], exited: &Flag) -> bool {
-    while !bytes.is_empty() {
-        match sys::write(fd, bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let ready = sys::poll(
-                    &[(fd.as_raw_fd(), libc::POLLOUT), (exited.fd(), libc::POLLIN)],
-                    None,
-                );
-                match ready {
-                    Ok(r) if r[0] != 0 => {}
-                    _ => return false,
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
-        }
-    }
-    true
 }

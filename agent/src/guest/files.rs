@@ -3,12 +3,14 @@
 
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use super::session::{Ctx, Input, InputMsg};
+use super::user::{self, Identity, Names};
 use crate::protocol::{
-    DirEntry, ErrorInfo, ErrorKind, Event, FileKind, FileStat, MAX_CHUNK, Request, Stream,
+    DirEntry, ErrorInfo, ErrorKind, Event, FileKind, FileStat, MAX_CHUNK, MkdirSpec, Request,
+    Stream,
 };
 
 /// Entries per [`Event::Entries`] batch, keeping each event far below the frame limit.
@@ -22,14 +24,25 @@ pub fn run(ctx: Ctx, input: Input, request: Request) {
             mode,
             parents,
             append,
-        } => absolute(&path).and_then(|p| write_file(&input, p, mode, parents, append)),
+            owner,
+        } => absolute(&path).and_then(|p| {
+            let owner = owner.as_deref().map(identity).transpose()?;
+            write_file(&input, p, mode, parents, append, owner.as_ref())
+        }),
         Request::ReadFile { path } => absolute(&path).and_then(|p| read_file(&ctx, p)),
         Request::ListDir { path } => absolute(&path).and_then(|p| list_dir(&ctx, p)),
         Request::Stat { path } => absolute(&path).and_then(|p| {
             let meta = fs::metadata(p).map_err(fs_error("stat", p))?;
-            Ok(Event::Stat { stat: stat(&meta) })
+            let names = Names::load(Path::new("/"));
+            Ok(Event::Stat {
+                stat: describe(p, &meta, &names),
+            })
         }),
         Request::Remove { path, recursive } => absolute(&path).and_then(|p| remove(p, recursive)),
+        Request::Mkdir(spec) => absolute(&spec.path).and_then(|p| mkdir(p, &spec)),
+        Request::Rename { from, to } => {
+            absolute(&from).and_then(|f| absolute(&to).and_then(|t| rename(f, t)))
+        }
         other => Err(ErrorInfo::new(
             ErrorKind::BadRequest,
             format!("{other:?} is not a file request"),
@@ -77,21 +90,95 @@ fn cancelled(path: &Path) -> ErrorInfo {
     )
 }
 
+/// The ids `owner` (a user string) names, or `not_found` naming it.
+fn identity(owner: &str) -> Result<Identity, ErrorInfo> {
+    user::resolve(owner, Path::new("/"))
+        .map_err(|e| ErrorInfo::new(ErrorKind::NotFound, format!("owner: {e}")))
+}
+
+fn chown(path: &Path, owner: Option<&Identity>) -> Result<(), ErrorInfo> {
+    if let Some(id) = owner {
+        std::os::unix::fs::chown(path, Some(id.uid), Some(id.gid))
+            .map_err(fs_error("changing the owner of", path))?;
+    }
+    Ok(())
+}
+
+/// Makes `dir` and its missing parents (each given to `owner`); returns whether `dir` itself was
+/// made.
+fn make_dirs(dir: &Path, mode: u32, owner: Option<&Identity>) -> Result<bool, ErrorInfo> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(p) = at {
+        match p.symlink_metadata() {
+            Ok(m) if m.is_dir() => break,
+            // A symlink to a directory is a directory to walk through.
+            Ok(_) if p.is_dir() => break,
+            // mkdir's EEXIST here means some component is a file: say that.
+            Ok(_) => {
+                return Err(fs_error("creating directory", p)(
+                    io::Error::from_raw_os_error(libc::ENOTDIR),
+                ));
+            }
+            Err(_) => missing.push(p),
+        }
+        at = p.parent();
+    }
+    for p in missing.iter().rev() {
+        match fs::DirBuilder::new().mode(mode).create(p) {
+            Ok(()) => chown(p, owner)?,
+            // Made by someone else meanwhile: fine, it is there.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => {}
+            Err(e) => return Err(fs_error("creating directory", p)(e)),
+        }
+    }
+    Ok(!missing.is_empty())
+}
+
+fn mkdir(path: &Path, spec: &MkdirSpec) -> Result<Event, ErrorInfo> {
+    let owner = spec.owner.as_deref().map(identity).transpose()?;
+    let mode = spec.mode.unwrap_or(0o755);
+    if path.symlink_metadata().is_ok() {
+        return Err(fs_error("creating directory", path)(
+            io::Error::from_raw_os_error(libc::EEXIST),
+        ));
+    }
+    if spec.parents {
+        make_dirs(path, mode, owner.as_ref())?;
+    } else {
+        fs::DirBuilder::new()
+            .mode(mode)
+            .create(path)
+            .map_err(fs_error("creating directory", path))?;
+        chown(path, owner.as_ref())?;
+    }
+    Ok(Event::Done { bytes: None })
+}
+
+fn rename(from: &Path, to: &Path) -> Result<Event, ErrorInfo> {
+    from.symlink_metadata()
+        .map_err(fs_error("renaming", from))?;
+    if let Some(parent) = to.parent() {
+        make_dirs(parent, 0o755, None)?;
+    }
+    fs::rename(from, to).map_err(|e| ErrorInfo {
+        kind: kind_of(&e),
+        message: format!("renaming {} to {}: {e}", from.display(), to.display()),
+        errno: e.raw_os_error(),
+    })?;
+    Ok(Event::Done { bytes: None })
+}
+
 fn write_file(
     input: &Input,
     path: &Path,
     mode: Option<u32>,
     parents: bool,
     append: bool,
+    owner: Option<&Identity>,
 ) -> Result<Event, ErrorInfo> {
     if parents && let Some(parent) = path.parent() {
-        fs::create_dir_all(parent)
-            // mkdir's EEXIST here means some component is a file: say that.
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::AlreadyExists => io::Error::from_raw_os_error(libc::ENOTDIR),
-                _ => e,
-            })
-            .map_err(fs_error("creating directory", parent))?;
+        make_dirs(parent, 0o755, owner)?;
     }
     let mut file = OpenOptions::new()
         .write(true)
@@ -101,6 +188,7 @@ fn write_file(
         .mode(mode.unwrap_or(0o644))
         .open(path)
         .map_err(fs_error("opening", path))?;
+    chown(path, owner)?;
     if let Some(mode) = mode {
         // The umask applied at creation; the caller asked for exactly these bits.
         file.set_permissions(fs::Permissions::from_mode(mode))
@@ -153,6 +241,23 @@ fn read_file(ctx: &Ctx, path: &Path) -> Result<Event, ErrorInfo> {
     Ok(Event::Done { bytes: Some(bytes) })
 }
 
+/// `meta` (of `path`, followed or not) with the owner's names and, when `path` itself is a
+/// symbolic link, where it points.
+fn describe(path: &Path, meta: &Metadata, names: &Names) -> FileStat {
+    let mut st = stat(meta);
+    st.owner = names.user(st.uid);
+    st.group = names.group(st.gid);
+    if path
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink())
+    {
+        st.symlink_target = fs::read_link(path)
+            .ok()
+            .map(|t| t.to_string_lossy().into_owned());
+    }
+    st
+}
+
 fn stat(meta: &Metadata) -> FileStat {
     let ft = meta.file_type();
     FileStat {
@@ -170,11 +275,15 @@ fn stat(meta: &Metadata) -> FileStat {
         uid: meta.uid(),
         gid: meta.gid(),
         mtime: meta.mtime(),
+        owner: None,
+        group: None,
+        symlink_target: None,
     }
 }
 
 fn list_dir(ctx: &Ctx, path: &Path) -> Result<Event, ErrorInfo> {
     let mut batch = Vec::new();
+    let names = Names::load(Path::new("/"));
     for entry in fs::read_dir(path).map_err(fs_error("listing", path))? {
         let entry = entry.map_err(fs_error("listing", path))?;
         // An entry removed while we list is simply skipped.
@@ -183,7 +292,7 @@ fn list_dir(ctx: &Ctx, path: &Path) -> Result<Event, ErrorInfo> {
         };
         batch.push(DirEntry {
             name: entry.file_name().to_string_lossy().into_owned(),
-            stat: stat(&meta),
+            stat: describe(&entry.path(), &meta, &names),
         });
         if batch.len() == ENTRIES_PER_EVENT {
             ctx.event(Event::Entries {

@@ -12,6 +12,7 @@ pub mod exec;
 pub mod files;
 pub mod init;
 pub mod listen;
+pub mod procs;
 pub mod reaper;
 pub mod restore;
 pub mod session;

@@ -12,12 +12,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
+use super::procs::procs;
 use super::reaper::reaper;
-use super::{Agent, exec, files, log, restore, sys};
+use super::{Agent, exec, files, log, restore, sys, user};
 use crate::link::{Budget, Outbox, Socket, Window};
 use crate::protocol::{
-    ErrorInfo, ErrorKind, Event, FrameError, Hello, INITIAL_WINDOW, Message, PROTOCOL_VERSION,
-    RawFrame, Request, Stream, read_frame,
+    ErrorInfo, ErrorKind, Event, FrameError, Hello, INITIAL_WINDOW, Message, PROTOCOL_REVISION,
+    PROTOCOL_VERSION, RawFrame, Request, Selector, Stream, read_frame,
 };
 
 /// Requests one connection may have running at once.
@@ -62,6 +63,9 @@ pub struct ExecHandle {
     pub pid: libc::pid_t,
     /// Its terminal's master, for a tty exec.
     pub pty: Option<Arc<OwnedFd>>,
+    /// Cancelling the request (or losing its connection) kills the process group; false for
+    /// `keep` processes and attaches, which only stop following.
+    pub kill_on_cancel: bool,
 }
 
 /// What the session and a request's thread share.
@@ -79,7 +83,9 @@ impl Control {
     /// Stops the request: kills its process group, wakes its senders.
     fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
-        if let Some(h) = self.exec().as_ref() {
+        if let Some(h) = self.exec().as_ref()
+            && h.kill_on_cancel
+        {
             let _ = reaper().signal(h.pid, libc::SIGKILL);
         }
         for w in &self.windows {
@@ -220,6 +226,7 @@ fn handshake(session: &Session, socket: &Socket) -> Result<(), Stop> {
     session.outbox.send(&Message::Hello(Hello {
         version: PROTOCOL_VERSION,
         software: format!("kiln-agent {}", env!("CARGO_PKG_VERSION")),
+        revision: PROTOCOL_REVISION,
     }));
     if hello.version != PROTOCOL_VERSION {
         return Err(Stop::Violation(ErrorInfo::new(
@@ -354,6 +361,53 @@ fn start(session: &Arc<Session>, id: u64, request: Request) -> Result<(), Stop> 
             session.agent.set_restore_outcome(failure);
             session.reply(id, event);
         }
+        Request::Processes => session.reply(
+            id,
+            Event::Processes {
+                processes: procs().list(),
+            },
+        ),
+        Request::SignalProcess { process, signal } => {
+            let event = match running(&process) {
+                Ok(p) => match reaper().signal(p.pid, signal) {
+                    Ok(()) => Event::Done { bytes: None },
+                    Err(e) => Event::Error(ErrorInfo {
+                        kind: ErrorKind::Io,
+                        message: format!("signalling {process}: {e}"),
+                        errno: e.raw_os_error(),
+                    }),
+                },
+                Err(info) => Event::Error(info),
+            };
+            session.reply(id, event);
+        }
+        Request::CloseStdin { process } => {
+            let event = match running(&process) {
+                Ok(p) => match p.close_stdin() {
+                    Ok(()) => Event::Done { bytes: None },
+                    Err(e) => Event::Error(ErrorInfo::new(ErrorKind::BadRequest, e.to_string())),
+                },
+                Err(info) => Event::Error(info),
+            };
+            session.reply(id, event);
+        }
+        Request::ResolveUser { user: spec } => {
+            let event = match user::resolve(&spec, std::path::Path::new("/")) {
+                Ok(id) => Event::User {
+                    user: crate::protocol::UserInfo {
+                        home: id
+                            .home
+                            .clone()
+                            .unwrap_or_else(|| if id.uid == 0 { "/root" } else { "/" }.to_string()),
+                        name: id.name,
+                        uid: id.uid,
+                        gid: id.gid,
+                    },
+                },
+                Err(e) => Event::Error(ErrorInfo::new(ErrorKind::NotFound, e.to_string())),
+            };
+            session.reply(id, event);
+        }
         Request::Exec(_) if session.agent.exec_refusal().is_some() => {
             let why = session.agent.exec_refusal().unwrap_or_default();
             session.error(id, ErrorKind::CouldNotStart, why);
@@ -361,6 +415,14 @@ fn start(session: &Arc<Session>, id: u64, request: Request) -> Result<(), Stop> 
         other => spawn_request(session, id, other),
     }
     Ok(())
+}
+
+/// The running process `sel` names, or a `not_found` error naming it.
+fn running(sel: &Selector) -> Result<std::sync::Arc<super::procs::Proc>, ErrorInfo> {
+    procs()
+        .find(sel)
+        .filter(|p| p.running())
+        .ok_or_else(|| ErrorInfo::new(ErrorKind::NotFound, format!("no {sel} is running")))
 }
 
 fn no_such(session: &Session, id: u64, target: u64) {
@@ -398,7 +460,7 @@ fn answer(session: &Session, id: u64, target: u64, result: Option<io::Result<()>
 
 fn spawn_request(session: &Arc<Session>, id: u64, request: Request) {
     let input_stream = match &request {
-        Request::Exec(_) => Some(Stream::Stdin),
+        Request::Exec(_) | Request::WriteStdin { .. } => Some(Stream::Stdin),
         Request::WriteFile { .. } => Some(Stream::File),
         _ => None,
     };
@@ -445,10 +507,39 @@ fn spawn_request(session: &Arc<Session>, id: u64, request: Request) {
             .name(format!("request-{id}"))
             .spawn(move || match request {
                 Request::Exec(spec) => exec::run(ctx, input, spec),
+                Request::Attach { process } => exec::attach(ctx, &process),
+                Request::WriteStdin { process } => write_stdin(ctx, &input, &process),
                 other => files::run(ctx, input, other),
             });
     if let Err(e) = spawned {
         session.entries().remove(&id);
         session.error(id, ErrorKind::Busy, format!("cannot start a thread: {e}"));
     }
+}
+
+/// Serves a `write_stdin` request: the host's data on stream 0 goes to the process's stdin until
+/// the host's eof.
+fn write_stdin(ctx: Ctx, input: &Input, sel: &Selector) {
+    let event = (|| {
+        let proc = running(sel)?;
+        let mut bytes = 0u64;
+        loop {
+            match input.recv() {
+                Some(InputMsg::Data(chunk)) => {
+                    let written = proc.write_stdin(&chunk);
+                    input.consumed(chunk.len());
+                    written.map_err(|e| ErrorInfo::new(ErrorKind::BadRequest, e.to_string()))?;
+                    bytes += chunk.len() as u64;
+                }
+                Some(InputMsg::Eof) => return Ok(Event::Done { bytes: Some(bytes) }),
+                None => {
+                    return Err(ErrorInfo::new(
+                        ErrorKind::Cancelled,
+                        format!("writing to the stdin of {sel} was cancelled"),
+                    ));
+                }
+            }
+        }
+    })();
+    ctx.finish(event.unwrap_or_else(Event::Error));
 }

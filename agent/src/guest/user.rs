@@ -119,6 +119,37 @@ pub fn resolve(spec: &str, root: &Path) -> Result<Identity, UserError> {
     })
 }
 
+/// The guest's user and group names by id, read once (for describing many files).
+#[derive(Debug, Default)]
+pub struct Names {
+    users: std::collections::HashMap<u32, String>,
+    groups: std::collections::HashMap<u32, String>,
+}
+
+impl Names {
+    /// Reads `/etc/passwd` and `/etc/group` under `root`; missing files give no names.
+    pub fn load(root: &Path) -> Names {
+        let mut names = Names::default();
+        for e in passwd(&read("/etc/passwd", root)) {
+            names.users.entry(e.uid).or_insert(e.name);
+        }
+        for (name, gid, _) in groups(&read("/etc/group", root)) {
+            names.groups.entry(gid).or_insert_with(|| name.to_string());
+        }
+        names
+    }
+
+    /// The name of user `uid`.
+    pub fn user(&self, uid: u32) -> Option<String> {
+        self.users.get(&uid).cloned()
+    }
+
+    /// The name of group `gid`.
+    pub fn group(&self, gid: u32) -> Option<String> {
+        self.groups.get(&gid).cloned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +195,10 @@ mod tests {
         );
         assert_eq!(resolve(":1", &r), Err(UserError::Malformed(":1".into())));
         assert_eq!(resolve("1:", &r), Err(UserError::Malformed("1:".into())));
+        let names = Names::load(&r);
+        assert_eq!(names.user(1000).as_deref(), Some("alice"));
+        assert_eq!(names.group(10).as_deref(), Some("wheel"));
+        assert_eq!(names.user(4242), None);
         let _ = std::fs::remove_dir_all(r);
     }
 }

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::frame::{RawFrame, encode_frame};
+use super::ops::{MkdirSpec, ProcessInfo, Selector, UserInfo};
 use super::restore::RestoreSpec;
+pub use super::shapes::{DirEntry, ExitStatus, FileKind, FileStat};
 
 /// Frame kind: the first frame each side sends, with a JSON [`Hello`].
 pub const KIND_HELLO: u8 = 1;
@@ -54,6 +56,9 @@ pub struct Hello {
     /// Free text naming the sender's software and version, for logs.
     #[serde(default)]
     pub software: String,
+    /// The sender's [`super::PROTOCOL_REVISION`]; absent (0) from senders older than revision 2.
+    #[serde(default)]
+    pub revision: u32,
 }
 
 /// A terminal size.
@@ -91,6 +96,15 @@ pub struct ExecSpec {
     /// Whether the host will send stdin; without it the process reads `/dev/null`.
     #[serde(default)]
     pub stdin: bool,
+    /// A name to find the process by (`attach`, `signal_process`, ...); unique among running
+    /// processes. Revision 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// The process outlives this request: cancelling it or closing the connection detaches
+    /// instead of killing, and its output is kept (within bounds) for a later `attach`.
+    /// Revision 2.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
 }
 
 impl ExecSpec {
@@ -148,6 +162,10 @@ pub enum Request {
         /// Append instead of truncating.
         #[serde(default)]
         append: bool,
+        /// Who owns the file and the directories made for it (`name`, `uid`, `name:group`,
+        /// `uid:gid`); the agent's user when absent. Revision 2.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
     },
     /// Read a file: [`Event::Opened`], data on [`Stream::File`], then [`Event::Done`].
     ReadFile {
@@ -177,6 +195,47 @@ pub enum Request {
     /// After a snapshot restore: mix in host entropy and reseed the kernel RNG, step the clock,
     /// set the default environment. [`Event::Restored`], or an error naming the failed step.
     Restored(RestoreSpec),
+    /// Follow a running process from any connection: [`Event::Started`], its output (first what
+    /// was kept while nobody followed it), then [`Event::Exit`]. Cancelling only stops following.
+    /// Revision 2.
+    Attach {
+        /// Which process.
+        process: Selector,
+    },
+    /// List the running processes: [`Event::Processes`]. Revision 2.
+    Processes,
+    /// Send `signal` to a running process's group. Revision 2.
+    SignalProcess {
+        /// Which process.
+        process: Selector,
+        /// Signal number.
+        signal: i32,
+    },
+    /// Write the data that follows on [`Stream::Stdin`] (ended by an EOF frame) to a running
+    /// process's stdin: [`Event::Done`] with the bytes written. Revision 2.
+    WriteStdin {
+        /// Which process.
+        process: Selector,
+    },
+    /// Close a running process's stdin (on a terminal: send ^D). Revision 2.
+    CloseStdin {
+        /// Which process.
+        process: Selector,
+    },
+    /// Make a directory. Revision 2.
+    Mkdir(MkdirSpec),
+    /// Rename a path, making the destination's missing parents. Revision 2.
+    Rename {
+        /// Absolute source path.
+        from: String,
+        /// Absolute destination path.
+        to: String,
+    },
+    /// Resolve a user of the guest: [`Event::User`]. Revision 2.
+    ResolveUser {
+        /// `name`, `uid`, `name:group` or `uid:gid`.
+        user: String,
+    },
 }
 
 /// The `"op"` names this version understands; any other is [`ErrorKind::UnknownRequest`].
@@ -193,70 +252,15 @@ pub const KNOWN_OPS: &[&str] = &[
     "remove",
     "shutdown",
     "restored",
+    "attach",
+    "processes",
+    "signal_process",
+    "write_stdin",
+    "close_stdin",
+    "mkdir",
+    "rename",
+    "resolve_user",
 ];
-
-/// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ExitStatus {
-    /// It exited with this code.
-    Exited(i32),
-    /// A signal with this number ended it.
-    Signaled(i32),
-    /// The timeout expired and its process group was killed.
-    TimedOut,
-}
-
-impl ExitStatus {
-    /// The status a shell would report: the code, 128 + signal, or 124 for a timeout.
-    pub fn shell_code(self) -> i32 {
-        match self {
-            ExitStatus::Exited(c) => c,
-            ExitStatus::Signaled(s) => 128 + s,
-            ExitStatus::TimedOut => 124,
-        }
-    }
-}
-
-/// What kind of file a path names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FileKind {
-    /// A regular file.
-    File,
-    /// A directory.
-    Dir,
-    /// A symbolic link (only in listings, which do not follow links).
-    Symlink,
-    /// Anything else: device, socket, fifo.
-    Other,
-}
-
-/// Metadata of a path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileStat {
-    /// File type.
-    pub kind: FileKind,
-    /// Size in bytes.
-    pub size: u64,
-    /// Permission bits (`st_mode & 0o7777`).
-    pub mode: u32,
-    /// Owner.
-    pub uid: u32,
-    /// Group.
-    pub gid: u32,
-    /// Modification time, seconds since the epoch.
-    pub mtime: i64,
-}
-
-/// One directory entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DirEntry {
-    /// File name (lossily converted if it is not UTF-8).
-    pub name: String,
-    /// Its metadata, not following symlinks.
-    pub stat: FileStat,
-}
 
 /// The class of a failure, for programs; the message is for people.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,6 +364,16 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         bytes: Option<u64>,
     },
+    /// Answer to [`Request::Processes`]. Final.
+    Processes {
+        /// The running processes.
+        processes: Vec<ProcessInfo>,
+    },
+    /// Answer to [`Request::ResolveUser`]. Final.
+    User {
+        /// The user.
+        user: UserInfo,
+    },
     /// Answer to [`Request::Restored`]: every step was done. Final.
     Restored {
         /// How far `CLOCK_REALTIME` was stepped, in nanoseconds (negative: backwards).
@@ -382,6 +396,8 @@ impl Event {
                 | Event::Stat { .. }
                 | Event::Done { .. }
                 | Event::Restored { .. }
+                | Event::Processes { .. }
+                | Event::User { .. }
                 | Event::Error(_)
         )
     }

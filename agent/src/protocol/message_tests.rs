@@ -27,6 +27,7 @@ fn messages_round_trip() {
     round_trip(Message::Hello(Hello {
         version: 1,
         software: "t".into(),
+        revision: 2,
     }));
     round_trip(Message::Request(1, Request::Exec(spec)));
     round_trip(Message::Request(2, Request::Ping));
@@ -37,6 +38,13 @@ fn messages_round_trip() {
             mode: Some(0o755),
             parents: true,
             append: false,
+            owner: Some("1000:1000".into()),
+        },
+    ));
+    round_trip(Message::Request(
+        4,
+        Request::Attach {
+            process: crate::protocol::Selector::Tag("web".into()),
         },
     ));
     round_trip(Message::Event(

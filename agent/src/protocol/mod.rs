@@ -8,13 +8,16 @@
 
 pub mod frame;
 pub mod message;
+pub mod ops;
 pub mod restore;
+pub mod shapes;
 
 pub use frame::{FrameError, RawFrame, read_frame};
 pub use message::{
     DecodeError, DirEntry, ErrorInfo, ErrorKind, Event, ExecSpec, ExitStatus, FileKind, FileStat,
     Hello, Message, Request, Stream, TtySize,
 };
+pub use ops::{MkdirSpec, PROTOCOL_REVISION, ProcessInfo, Selector, UserInfo};
 pub use restore::{Restore, RestoreSpec, RestoreSpecError};
 
 /// The protocol version both ends announce in their hello; a mismatch ends the connection.

@@ -8,6 +8,7 @@
 //!
 //! The in-process agent's kernel is a stand-in too: `restored` must not step this host's clock.
 //! A spy between the vsock socket and the agent logs the `restored` and `exec` requests it sees.
+//! A snapshot ends every host connection to the agent, as kiln-vmm's vsock transport reset does.
 //!
 //! Modes (`KILN_FAKE_VMM`): `agent` serves; `fail` exits 1 at once; `hang` never answers;
 //! `load-fault` and `create-fault` refuse those API requests with a fault message;
@@ -17,7 +18,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -154,6 +155,7 @@ fn serve_api(mode: &str, sock: &Path) {
                 }
                 std::fs::write(&body.snapshot_path, b"fake vmstate").unwrap();
                 std::fs::write(&body.mem_file_path, b"fake memory").unwrap();
+                reset_connections();
                 ApiResponse::NoContent
             }
             ApiRequest::LoadSnapshot(body) => {
@@ -194,6 +196,17 @@ impl Kernel for HostSafeKernel {
     }
 }
 
+/// The host's connections to the agent, ended by a snapshot (as a transport reset ends them).
+static CONNECTIONS: Mutex<Vec<UnixStream>> = Mutex::new(Vec::new());
+
+/// Ends every host connection to the agent, as kiln-vmm's transport reset does at a snapshot.
+fn reset_connections() {
+    let conns = std::mem::take(&mut *CONNECTIONS.lock().unwrap_or_else(|p| p.into_inner()));
+    for c in conns {
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 /// Accepts `CONNECT 1024` connections and serves the agent on each, behind the spy.
 fn accept_loop(listener: UnixListener) {
     let agent = Arc::new(Agent::new(ShutdownMode::Exit).with_kernel(HostSafeKernel));
@@ -214,6 +227,12 @@ fn accept_loop(listener: UnixListener) {
                 silent_agent(conn);
                 return;
             }
+            if let Ok(c) = conn.try_clone() {
+                CONNECTIONS
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(c);
+            }
             let (to_agent, agent_end) = UnixStream::pair().unwrap();
             thread::spawn(move || serve_connection(agent, Socket::from_fd(agent_end.into())));
             spy(conn, to_agent);
@@ -229,6 +248,7 @@ fn silent_agent(mut conn: UnixStream) {
     let hello = Message::Hello(kiln_agent::protocol::Hello {
         version: kiln_agent::protocol::PROTOCOL_VERSION,
         software: "silent".into(),
+        revision: 0,
     });
     let _ = conn.write_all(&hello.encode());
     let mut buf = [0u8; 4096];

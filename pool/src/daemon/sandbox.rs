@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use kiln_agent::client::Client;
 
@@ -13,6 +14,10 @@ use crate::db::SandboxRow;
 use crate::template::spec::Spec;
 use crate::types::{SandboxInfo, SandboxState};
 use crate::vm::{VmProcess, start_ticks};
+
+/// How long a running sandbox's agent may take to accept a new connection when its old one
+/// ended.
+const RECONNECT_WAIT: Duration = Duration::from_secs(10);
 
 /// What changes over a sandbox's life.
 pub struct Live {
@@ -83,10 +88,21 @@ impl Sandbox {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The agent connection of a running sandbox.
+    /// The agent connection of a running sandbox. One that ended is made again: a snapshot
+    /// (a fork's) sends the guest a vsock transport reset, which ends every connection into it
+    /// while the VM runs on.
     pub fn client(&self) -> Result<Client, DaemonError> {
-        let live = self.live();
+        let mut live = self.live();
         match (&live.client, live.state) {
+            (Some(c), SandboxState::Running) if c.is_closed() => {
+                let vsock = live.vm.as_ref().map(|vm| vm.vsock.clone()).ok_or_else(|| {
+                    DaemonError::Conflict(format!("sandbox {} has no VM", self.id))
+                })?;
+                let client =
+                    kiln_agent::client::wait_ready(&vsock, Instant::now() + RECONNECT_WAIT)?;
+                live.client = Some(client.clone());
+                Ok(client)
+            }
             (Some(c), SandboxState::Running) => Ok(c.clone()),
             (_, SandboxState::Paused) => Err(DaemonError::Conflict(format!(
                 "sandbox {} is paused; resume it first",

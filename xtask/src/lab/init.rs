@@ -102,10 +102,12 @@ mount -t debugfs debugfs /sys/kernel/debug || echo "lab: cannot mount debugfs"
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "lab: cannot mount cgroup2 at /sys/fs/cgroup"
 fault=
 kallsyms=
+net=
 for w in $(cat /proc/cmdline); do
   case "$w" in
     kiln.fault=*) fault=${w#kiln.fault=} ;;
     kiln.kallsyms=1) kallsyms=1 ;;
+    kiln.net=1) net=1 ;;
   esac
 done
 if [ "$fault" = module ]; then
@@ -115,6 +117,19 @@ for m in @MODULES@; do
   insmod "/@MODULE_DIR@/$m" || fail "insmod $m failed"
 done
 [ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm-amd (does the L1 CPU have SVM?)"
+if [ "$net" = 1 ]; then
+  # QEMU's user network, restricted to the ports the host forwards here: L1 is 10.0.2.15 (where
+  # QEMU's forwards arrive), the host's loopback is reachable only through them.
+  n=0
+  while [ ! -e /sys/class/net/eth0 ]; do
+    n=$((n + 1))
+    [ $n -gt 200 ] && fail "no eth0 10 s after loading virtio_net (kiln.net=1)"
+    sleep 0.05
+  done
+  ip link set lo up
+  ip link set eth0 up || fail "cannot bring eth0 up"
+  ip addr add 10.0.2.15/24 dev eth0 || fail "cannot give eth0 10.0.2.15/24"
+fi
 # Where the modules sit, so the host can name an address in a hung L1; then a heartbeat, so the
 # host knows L1's userspace still runs.
 cat /proc/modules >/dev/ttyS1

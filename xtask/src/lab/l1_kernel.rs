@@ -12,8 +12,9 @@ use std::process::Command;
 /// The metapackage that always depends on the current cloud kernel.
 const METAPACKAGE: &str = "linux-image-cloud-amd64";
 
-/// Modules L1 needs, by module name: KVM, the virtio-mmio disk, TAP devices, and vhost-vsock for QEMU
-/// peers. Their dependencies are added from modules.dep.
+/// Modules L1 needs, by module name: KVM, the virtio-mmio disk, TAP devices, vhost-vsock for QEMU
+/// peers, and virtio-net for the one forwarded port some runs give L1 (the E2B SDK suite). Their
+/// dependencies are added from modules.dep.
 pub const WANTED: &[&str] = &[
     "irqbypass",
     "kvm",
@@ -27,10 +28,14 @@ pub const WANTED: &[&str] = &[
     "vhost_iotlb",
     "vsock",
     "vhost_vsock",
+    "virtio_net",
 ];
 
 /// The manifest in a cache entry: module file names in load order, one a line.
 const MANIFEST: &str = "modules.load";
+/// The module names an entry was made for ([`WANTED`] then), one a line: an entry made for fewer
+/// is fetched again.
+const WANTED_FILE: &str = "modules.wanted";
 /// L1's code symbols, saved from its own `/proc/kallsyms` on the first lab run with this kernel
 /// (Debian ships only a stub System.map), to name where a hung L1 is.
 const KALLSYMS: &str = "kallsyms";
@@ -45,9 +50,10 @@ pub struct L1Kernel {
     pub kallsyms: PathBuf,
 }
 
-/// True when `entry` holds everything [`load`] reads.
+/// True when `entry` holds everything [`load`] reads, for every module in [`WANTED`].
 fn complete(entry: &Path) -> bool {
-    entry.join(MANIFEST).exists()
+    let made_for = std::fs::read_to_string(entry.join(WANTED_FILE)).unwrap_or_default();
+    entry.join(MANIFEST).exists() && WANTED.iter().all(|w| made_for.lines().any(|l| l == *w))
 }
 
 /// Returns the cached L1 kernel for the current Debian cloud kernel, fetching it first if needed.
@@ -71,6 +77,8 @@ pub fn ensure() -> Result<L1Kernel> {
         return load(&entry);
     }
     eprintln!("xtask lab: fetching the L1 kernel {deb_name}");
+    // An entry made for fewer modules goes (its saved symbols are saved again on the next run).
+    let _ = std::fs::remove_dir_all(&entry);
     fetch(&deb_name, &entry)?;
     load(&entry)
 }
@@ -226,6 +234,10 @@ fn fetch_into(deb_name: &str, work: &Path, entry: &Path) -> Result<()> {
     util::write_atomic(
         &staging.join(MANIFEST),
         (names.join("\n") + "\n").as_bytes(),
+    )?;
+    util::write_atomic(
+        &staging.join(WANTED_FILE),
+        (WANTED.join("\n") + "\n").as_bytes(),
     )?;
     util::mkdir(entry.parent().unwrap_or(Path::new(".")))?;
     if let Err(e) = std::fs::rename(&staging, entry) {

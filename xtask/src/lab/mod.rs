@@ -44,6 +44,9 @@ pub struct LabRun {
     pub timeout: Duration,
     /// Copy L1's console to stdout live (markers removed).
     pub echo: bool,
+    /// `(host port, L1 port)` forwards: L1 gets a virtio-net device on QEMU's user network,
+    /// restricted to these, at 10.0.2.15; each host port on 127.0.0.1 reaches L1's port.
+    pub forwards: Vec<(u16, u16)>,
 }
 
 impl Default for LabRun {
@@ -60,6 +63,7 @@ impl Default for LabRun {
             cpus: 2,
             timeout: Duration::from_secs(1800),
             echo: true,
+            forwards: Vec::new(),
         }
     }
 }
@@ -336,6 +340,7 @@ pub fn run(lab: &LabRun) -> Result<LabOutcome> {
         run_dir: &run_dir.0,
         kallsyms: &l1.kallsyms,
         stall_after: knobs.stall_after,
+        forwards: &lab.forwards,
     });
     if save_kallsyms && !console.kernel_log.is_empty() {
         keep_kallsyms(&image, &console.kernel_log, &l1.kallsyms);

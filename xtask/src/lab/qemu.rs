@@ -45,6 +45,9 @@ pub struct Boot<'a> {
     pub kallsyms: &'a Path,
     /// How long L1's heartbeat may be silent before L1 counts as hung.
     pub stall_after: Duration,
+    /// `(host port, L1 port)`: each host port on 127.0.0.1 forwards to L1's port (QEMU user
+    /// networking, restricted to these forwards). Empty: L1 has no network device.
+    pub forwards: &'a [(u16, u16)],
 }
 
 impl Boot<'_> {
@@ -94,6 +97,9 @@ fn command(b: &Boot) -> Command {
         append.push(' ');
         append.push_str(b.cmdline_extra);
     }
+    if !b.forwards.is_empty() {
+        append.push_str(" kiln.net=1");
+    }
     // QEMU option values escape a comma by doubling it.
     let image = b.image.to_string_lossy().replace(',', ",,");
     let drive = format!("id=d0,format=raw,if=none,file={image}");
@@ -124,8 +130,19 @@ fn command(b: &Boot) -> Command {
         .args(["-append", &append])
         .arg("-drive")
         .arg(drive)
-        .args(["-device", "virtio-blk-device,drive=d0"])
-        .stdin(Stdio::null())
+        .args(["-device", "virtio-blk-device,drive=d0"]);
+    if !b.forwards.is_empty() {
+        // restrict=on: L1 reaches nothing outside; only the forwards come in.
+        let fwds: Vec<String> = b
+            .forwards
+            .iter()
+            .map(|(host, guest)| format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"))
+            .collect();
+        cmd.arg("-netdev")
+            .arg(format!("user,id=n0,restrict=on{}", fwds.concat()))
+            .args(["-device", "virtio-net-device,netdev=n0"]);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd
