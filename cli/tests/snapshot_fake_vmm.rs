@@ -75,6 +75,7 @@ fn load_request(snap: &Path, uds: PathBuf, track_dirty_pages: bool) -> ApiReques
         resume_vm: true,
         vsock_override: Some(VsockOverride { uds_path: uds }),
         network_overrides: Vec::new(),
+        drive_overrides: Vec::new(),
         clock_realtime: false,
     })
 }

@@ -36,8 +36,9 @@ fn irq() -> EventFd {
 }
 
 /// A block device on the scratch disk; `throttled` puts a small rate limiter in front of it so
-/// the throttle-and-requeue path is fuzzed too.
-fn block(read_only: bool, throttled: bool) -> Block {
+/// the throttle-and-requeue path is fuzzed too; `cow` (for a writable drive) puts a fresh
+/// copy-on-write overlay over the disk.
+fn block(read_only: bool, throttled: bool, cow: bool) -> Block {
     let bucket = |size| BucketConfig {
         size,
         one_time_burst: 0,
@@ -51,23 +52,30 @@ fn block(read_only: bool, throttled: bool) -> Block {
     } else {
         RateLimiterConfig::default()
     };
+    let cow_overlay = (cow && !read_only).then(|| {
+        let overlay = scratch("overlay.img");
+        std::fs::File::create(&overlay).expect("the fuzz overlay");
+        overlay
+    });
     let cfg = BlockConfig {
         id: "fuzz".into(),
         path: disk().clone(),
+        cow_overlay,
         read_only,
         rate_limiter,
     };
     Block::new(cfg, irq()).expect("the fuzz block device")
 }
 
-/// virtio-blk's queue: byte 0 picks the queue size, read-only and a rate limiter, the rest fills guest memory
+/// virtio-blk's queue: byte 0 picks the queue size, read-only, a rate limiter and a
+/// copy-on-write overlay, the rest fills guest memory
 /// (descriptor table, rings, request headers and buffers alike).
 pub fn blk_queue(data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
     let mem = Memory::new(rest);
-    let mut dev = block(first & 0x80 != 0, first & 0x40 != 0);
+    let mut dev = block(first & 0x80 != 0, first & 0x40 != 0, first & 0x20 != 0);
     dev.set_acked_features(dev.avail_features());
     if dev
         .activate(mem.0.clone(), mem.queues(1, queue_size(first)))
@@ -109,7 +117,7 @@ pub fn vsock_queue(data: &[u8]) {
 /// memory filled from the input too, so a driver that activates gets rings made of its bytes.
 pub fn mmio(data: &[u8]) {
     let mem = Memory::new(data);
-    let dev = Arc::new(Mutex::new(block(false, false)));
+    let dev = Arc::new(Mutex::new(block(false, false, false)));
     let mut t = MmioTransport::new(dev.clone(), mem.0.clone());
     for rec in data.chunks_exact(7) {
         let offset = u64::from(u16::from_le_bytes([rec[0], rec[1]])) % 0x1100;

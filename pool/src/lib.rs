@@ -16,6 +16,8 @@ pub mod daemon;
 #[cfg(feature = "daemon")]
 pub mod db;
 #[cfg(feature = "daemon")]
+pub mod disk;
+#[cfg(feature = "daemon")]
 pub mod e2b;
 #[cfg(feature = "daemon")]
 pub mod jail;

@@ -19,13 +19,27 @@ pub const GUEST_CID: u32 = 3;
 /// The kernel command line: the agent is init, over a tmpfs overlay of the read-only root.
 pub const CMDLINE_OVERLAY: &str =
     "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent KILN_OVERLAY=tmpfs";
-/// The same with the root written in place (template build steps).
+/// The same with the root writable: written in place (template build steps) or through a
+/// copy-on-write overlay ([`Root::Cow`]).
 pub const CMDLINE_WRITABLE: &str =
     "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent";
 /// What a VM's root filesystem is called in its jail.
 const ROOTFS_NAME: &str = "rootfs.ext4";
+/// What a VM's copy-on-write overlay is called in its jail.
+const OVERLAY_NAME: &str = crate::disk::OVERLAY;
 /// How long the VMM may take to listen on its API socket.
 const API_WAIT: Duration = Duration::from_secs(30);
+
+/// How a VM's root drive is attached.
+#[derive(Debug, Clone, Copy)]
+pub enum Root<'a> {
+    /// Read-only, under the agent's tmpfs overlay.
+    Tmpfs,
+    /// Written in place.
+    Writable,
+    /// Read-only base under this copy-on-write overlay file, which takes the writes.
+    Cow(&'a Path),
+}
 
 /// Why a VM operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +68,9 @@ pub enum VmError {
         /// The VMM's answer.
         message: String,
     },
+    /// The VM's copy-on-write overlay could not be made or saved (boxed: it names two files).
+    #[error("{0}")]
+    Disk(Box<crate::disk::DiskError>),
     /// The VM's jail could not be set up.
     #[error("jail: {0}")]
     Jail(#[from] JailError),
@@ -65,6 +82,12 @@ pub enum VmError {
         /// The last lines of its stderr, if any.
         said: String,
     },
+}
+
+impl From<crate::disk::DiskError> for VmError {
+    fn from(e: crate::disk::DiskError) -> Self {
+        VmError::Disk(Box::new(e))
+    }
 }
 
 /// The process: one this daemon started, or one a previous daemon started and this one adopted.
@@ -82,6 +105,9 @@ pub struct VmProcess {
     /// The root filesystem it was given (a jailed VM's snapshot names it by its path in the jail,
     /// so the snapshot's folder gets a link to it).
     rootfs: Option<PathBuf>,
+    /// The copy-on-write overlay its root drive writes to (on the host), if it has one: a
+    /// snapshot of the VM saves a copy of it with the memory.
+    overlay: Option<PathBuf>,
     /// Its folder.
     pub dir: PathBuf,
     /// Its API socket.
@@ -126,6 +152,7 @@ impl VmProcess {
             exited: None,
             jail,
             rootfs: None,
+            overlay: None,
             dir: dir.into(),
             api_sock: api_sock.clone(),
             vsock: home.join("vsock.sock"),
@@ -212,6 +239,8 @@ impl VmProcess {
             exited: None,
             jail,
             rootfs: None,
+            // A sandbox restored from a snapshot with an overlay writes its own copy, in its folder.
+            overlay: Some(crate::disk::live_overlay(dir)).filter(|o| o.exists()),
             dir: dir.into(),
             api_sock: home.join("api.sock"),
             vsock: home.join("vsock.sock"),
@@ -293,24 +322,29 @@ impl VmProcess {
         }
     }
 
-    /// Boots `kernel` from the root filesystem `rootfs` (read-only under a tmpfs overlay, or
-    /// written in place when `writable`).
+    /// Boots `kernel` from the root filesystem `rootfs`, attached as `root` says.
     pub fn boot(
         &mut self,
         kernel: &Path,
         rootfs: &Path,
-        writable: bool,
+        root: Root<'_>,
         vcpus: u32,
         mem_mib: u32,
     ) -> Result<(), VmError> {
-        let args = if writable {
-            CMDLINE_WRITABLE
-        } else {
-            CMDLINE_OVERLAY
+        let args = match root {
+            Root::Tmpfs => CMDLINE_OVERLAY,
+            Root::Writable | Root::Cow(_) => CMDLINE_WRITABLE,
         };
         let kernel = self.give(kernel, "vmlinux", false)?;
         self.rootfs = Some(rootfs.to_path_buf());
-        let rootfs = self.give(rootfs, ROOTFS_NAME, writable)?;
+        let rootfs = self.give(rootfs, ROOTFS_NAME, matches!(root, Root::Writable))?;
+        let mut drive = json!({"drive_id": "rootfs", "path_on_host": rootfs,
+                               "is_root_device": true,
+                               "is_read_only": matches!(root, Root::Tmpfs)});
+        if let Root::Cow(overlay) = root {
+            self.overlay = Some(overlay.to_path_buf());
+            drive["cow_overlay_path"] = json!(self.give(overlay, OVERLAY_NAME, true)?);
+        }
         self.api(
             "PUT",
             "/boot-source",
@@ -321,12 +355,7 @@ impl VmProcess {
             "/machine-config",
             json!({"vcpu_count": vcpus, "mem_size_mib": mem_mib}),
         )?;
-        self.api(
-            "PUT",
-            "/drives/rootfs",
-            json!({"drive_id": "rootfs", "path_on_host": rootfs, "is_root_device": true,
-                   "is_read_only": !writable}),
-        )?;
+        self.api("PUT", "/drives/rootfs", drive)?;
         let vsock = self.in_vm(&self.vsock);
         self.api(
             "PUT",
@@ -337,7 +366,9 @@ impl VmProcess {
     }
 
     /// Restores the snapshot in `from` and resumes it, its vsock on this VM's socket. In a jail
-    /// the snapshot's root filesystem is linked where the VM that took it had it.
+    /// the snapshot's root filesystem is linked where the VM that took it had it. A snapshot with
+    /// a copy-on-write overlay gives this VM a sparse copy of it in its folder, and the root
+    /// drive writes there (never to the snapshot's).
     pub fn restore(&mut self, from: &TemplateFiles) -> Result<(), VmError> {
         if self.jail.is_some() {
             self.give(&from.rootfs, ROOTFS_NAME, false)?;
@@ -346,13 +377,15 @@ impl VmProcess {
         let state = self.give(&from.state, "vmstate", false)?;
         let memory = self.give(&from.memory, "memory", false)?;
         let vsock = self.in_vm(&self.vsock);
-        self.api(
-            "PUT",
-            "/snapshot/load",
-            json!({"snapshot_path": state,
-                   "mem_backend": {"backend_type": "File", "backend_path": memory},
-                   "resume_vm": true, "vsock_override": {"uds_path": vsock}}),
-        )
+        let mut body = json!({"snapshot_path": state,
+                              "mem_backend": {"backend_type": "File", "backend_path": memory},
+                              "resume_vm": true, "vsock_override": {"uds_path": vsock}});
+        if let Some(live) = crate::disk::overlay_for_restore(&from.overlay, &self.dir)? {
+            self.overlay = Some(live.clone());
+            let overlay = self.give(&live, OVERLAY_NAME, true)?;
+            body["drive_overrides"] = json!([{"drive_id": "rootfs", "cow_overlay_path": overlay}]);
+        }
+        self.api("PUT", "/snapshot/load", body)
     }
 
     /// Pauses the vCPUs.
@@ -366,8 +399,20 @@ impl VmProcess {
     }
 
     /// Writes a Full snapshot of the paused VM into `into` (its state and memory files; in a jail
-    /// they are written in the jail, moved out, and the root filesystem linked beside them).
+    /// they are written in the jail, moved out, and the root filesystem linked beside them), and
+    /// a sparse copy of its copy-on-write overlay as it is now (the disk that goes with that
+    /// memory) unless the overlay already is `into`'s (a template's).
     pub fn snapshot(&mut self, into: &TemplateFiles) -> Result<(), VmError> {
+        self.snapshot_state(into)?;
+        if let Some(live) = &self.overlay
+            && *live != into.overlay
+        {
+            crate::disk::copy_sparse(live, &into.overlay)?;
+        }
+        Ok(())
+    }
+
+    fn snapshot_state(&mut self, into: &TemplateFiles) -> Result<(), VmError> {
         let Some((jail, _)) = &self.jail else {
             return self.api(
                 "PUT",

@@ -180,7 +180,14 @@ dir = "{out}/tree"
         "built\n"
     );
     let stored = dir.join("state/templates").join(&template.id);
-    for f in ["rootfs.ext4", "vmstate", "memory", "spec.json", "ready"] {
+    for f in [
+        "rootfs.ext4",
+        "rootfs.overlay",
+        "vmstate",
+        "memory",
+        "spec.json",
+        "ready",
+    ] {
         assert!(stored.join(f).exists(), "{f} is missing from the template");
     }
     // The same spec again is found, not rebuilt.
@@ -212,6 +219,14 @@ dir = "{out}/tree"
     assert_eq!(
         (sb.state, sb.template.as_str()),
         (SandboxState::Running, "t")
+    );
+    // Its root disk: a copy of the template's overlay, in its own folder (a cow template).
+    assert!(
+        dir.join("state/sandboxes")
+            .join(&sb.id)
+            .join("rootfs.overlay")
+            .exists(),
+        "the sandbox has no overlay of its own"
     );
     assert_eq!(
         run(&k, &sb.id, &["sh", "-c", "echo $WHO-$OUT"]),

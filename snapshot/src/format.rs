@@ -32,8 +32,9 @@ use crate::atomic::{AtomicFile, AtomicFileError};
 /// The first 8 bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"KILNSNAP";
 
-/// The only format version this Kiln writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The only format version this Kiln writes and reads. Version 2 added a drive's
+/// copy-on-write overlay to its saved state.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The largest state file Kiln reads or writes: device and VM state is KiB to a few MiB, so
 /// anything bigger is not a state file, and is refused before it is read into memory.

@@ -119,7 +119,7 @@ fn saved_file_has_the_documented_layout() {
     let bytes = small_file();
     let payload_len = bytes.len() - HEADER_LEN - CRC_LEN;
     assert_eq!(&bytes[..8], b"KILNSNAP");
-    assert_eq!(&bytes[8..12], &1u32.to_le_bytes());
+    assert_eq!(&bytes[8..12], &2u32.to_le_bytes());
     assert_eq!(&bytes[12..20], &(payload_len as u64).to_le_bytes());
     let n = bytes.len() - 8;
     assert_eq!(&bytes[n..], &CRC64.checksum(&bytes[..n]).to_le_bytes());
@@ -211,7 +211,7 @@ fn wrong_magic_is_not_a_state_file() {
 
 #[test]
 fn future_and_zero_versions_are_refused() {
-    for version in [0u32, 2, u32::MAX] {
+    for version in [0u32, 1, FORMAT_VERSION + 1, u32::MAX] {
         let mut bytes = small_file();
         bytes[8..12].copy_from_slice(&version.to_le_bytes());
         fix_crc(&mut bytes);
@@ -223,7 +223,7 @@ fn future_and_zero_versions_are_refused() {
         let msg = err.to_string();
         assert!(
             msg.contains(&format!(
-                "format version {version}; this Kiln reads version 1"
+                "format version {version}; this Kiln reads version {FORMAT_VERSION}"
             )),
             "{msg}"
         );

@@ -1,6 +1,8 @@
 //! kilnd with real Linux guests, inside the lab: both bundled templates build (and rebuild as a
 //! cache hit); a template from an OCI layout made here keeps its files, owners and modes; 20
-//! sandboxes of one template are each their own machine; forks of a sandbox running a Python
+//! sandboxes of one template are each their own machine, with a copy-on-write root disk each
+//! (their writes land in their own overlay files, never in the template's image or overlay), and
+//! a `disk = "tmpfs"` template keeps writes in guest memory; forks of a sandbox running a Python
 //! process share its state up to the fork and nothing after; a paused sandbox survives kilnd being
 //! SIGKILLed; expiry ends a sandbox; the host limit refuses the 51st VM when it is 50.
 //!
@@ -15,6 +17,30 @@ use kiln_pool::client::{ClientError, Kilnd};
 use kiln_pool::template::spec::Spec;
 use kiln_pool::types::{BuildEvent, CreateSandbox, ExecEvent, ExecRequest, SandboxState};
 use kiln_tests::file_sha256;
+
+/// Bytes of data (not holes) in a sparse file.
+fn data_bytes(path: &Path) -> u64 {
+    let f = std::fs::File::open(path).unwrap();
+    kiln_snapshot::data_ranges(&f, path)
+        .unwrap()
+        .iter()
+        .map(|r| r.end - r.start)
+        .sum()
+}
+
+/// Whether the data of the sparse file at `path` holds `needle`.
+fn data_holds(path: &Path, needle: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    kiln_snapshot::data_ranges(&f, path)
+        .unwrap()
+        .iter()
+        .any(|r| {
+            let mut buf = vec![0u8; (r.end - r.start) as usize];
+            f.read_exact_at(&mut buf, r.start).unwrap();
+            buf.windows(needle.len()).any(|w| w == needle)
+        })
+}
 
 /// kilnd started on a state folder, stopped with SIGKILL when dropped.
 struct Daemon {
@@ -336,7 +362,37 @@ fn kilnd_serves_templates_and_sandboxes() {
 
     // 20 sandboxes of one template: each its own machine; the template is never written.
     let image = state.join("templates").join(&base_id).join("rootfs.ext4");
+    let template_overlay = image.with_file_name("rootfs.overlay");
     let image_sum = file_sha256(&image);
+    let overlay_sum = file_sha256(&template_overlay);
+
+    // What a sandbox's disk costs at creation: a sparse copy of the template's overlay, against
+    // a sparse copy of the whole image (what a writable disk per sandbox costs without CoW).
+    let scratch = root.join("copy-cost");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let timed = |from: &Path, name: &str| {
+        let start = Instant::now();
+        // As kilnd copies an overlay (kiln_pool::disk::copy_sparse): data ranges only.
+        let to = scratch.join(name);
+        let src = std::fs::File::open(from).unwrap();
+        let dst = std::fs::File::create(&to).unwrap();
+        dst.set_len(src.metadata().unwrap().len()).unwrap();
+        let ranges = kiln_snapshot::data_ranges(&src, from).unwrap();
+        let n = kiln_snapshot::memfile::copy_ranges((&src, from), (&dst, &to), &ranges).unwrap();
+        (n, start.elapsed())
+    };
+    let (image_bytes, image_took) = timed(&image, "image");
+    let (overlay_bytes, overlay_took) = timed(&template_overlay, "overlay");
+    println!(
+        "a sandbox's root disk: CoW overlay copy {} KiB in {:?}; full image copy {} MiB in {:?} ({:.0}x the time)",
+        overlay_bytes >> 10,
+        overlay_took,
+        image_bytes >> 20,
+        image_took,
+        image_took.as_secs_f64() / overlay_took.as_secs_f64().max(1e-6)
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+
     let ids: Vec<String> = (0..20).map(|_| create(&k, "base")).collect();
     let mut uuids = std::collections::BTreeSet::new();
     for (i, id) in ids.iter().enumerate() {
@@ -381,6 +437,35 @@ fn kilnd_serves_templates_and_sandboxes() {
             "only its own writes"
         );
     }
+    // The root is the ext4 disk itself, written through the sandbox's own overlay on the host: a
+    // file under / in one sandbox is in its overlay file and in no other sandbox.
+    let marker = |i: usize| format!("kiln-cow-marker-{i}-{}", "x".repeat(40));
+    for (i, id) in ids.iter().take(2).enumerate() {
+        assert_eq!(
+            sh(&k, id, "stat -f -c %T /"),
+            "ext2/ext3\n",
+            "the root is the disk"
+        );
+        sh(&k, id, &format!("echo {} > /only-{i}; sync", marker(i)));
+    }
+    assert_eq!(
+        sh(&k, &ids[1], "cat /only-1; test -e /only-0 || echo absent"),
+        format!("{}\nabsent\n", marker(1))
+    );
+    assert_eq!(
+        sh(&k, &ids[0], "test -e /only-1 || echo absent"),
+        "absent\n"
+    );
+    let sandbox_overlay = |id: &str| state.join("sandboxes").join(id).join("rootfs.overlay");
+    assert!(data_holds(&sandbox_overlay(&ids[0]), marker(0).as_bytes()));
+    assert!(!data_holds(&sandbox_overlay(&ids[0]), marker(1).as_bytes()));
+    assert!(data_holds(&sandbox_overlay(&ids[1]), marker(1).as_bytes()));
+    println!(
+        "template overlay {} KiB of data; a sandbox's after its writes {} KiB; image {} MiB",
+        data_bytes(&template_overlay) >> 10,
+        data_bytes(&sandbox_overlay(&ids[0])) >> 10,
+        std::fs::metadata(&image).unwrap().len() >> 20
+    );
     for id in &ids {
         k.kill(id).unwrap();
     }
@@ -389,12 +474,49 @@ fn kilnd_serves_templates_and_sandboxes() {
         image_sum,
         "the template's image is unchanged"
     );
+    assert_eq!(
+        file_sha256(&template_overlay),
+        overlay_sum,
+        "the template's overlay is unchanged"
+    );
+    assert!(!data_holds(&template_overlay, marker(0).as_bytes()));
+
+    // A `disk = "tmpfs"` template: the root is the image read-only under a tmpfs overlay, writes
+    // stay in guest memory and no overlay file is made on the host.
+    let mut tmpfs = base.clone();
+    tmpfs.name = "base-tmpfs".into();
+    tmpfs.disk = kiln_pool::template::spec::DiskMode::Tmpfs;
+    let (tmpfs_id, _) = build(&k, &tmpfs);
+    assert!(
+        !state
+            .join("templates")
+            .join(&tmpfs_id)
+            .join("rootfs.overlay")
+            .exists()
+    );
+    let t = create(&k, "base-tmpfs");
+    assert_eq!(sh(&k, &t, "stat -f -c %T /"), "overlayfs\n");
+    assert_eq!(sh(&k, &t, "echo t > /root/mine; cat /root/mine"), "t\n");
+    assert!(
+        !state
+            .join("sandboxes")
+            .join(&t)
+            .join("rootfs.overlay")
+            .exists()
+    );
+    k.kill(&t).unwrap();
 
     // Forks of a sandbox holding a Python variable: they see it, and their changes stay theirs.
     let orig = create(&k, "base");
     sh(&k, &orig, HOLDER);
     assert_eq!(holder(&k, &orig, "set 42"), "42");
+    sh(&k, &orig, "echo before > /root/fork-disk");
     let forks = k.fork(&orig, 2).unwrap();
+    // The disk forks too: each fork has the original's file, and what one writes is its own.
+    sh(&k, &forks[0].id, "echo fork0 > /root/fork-disk");
+    assert_eq!(sh(&k, &forks[1].id, "cat /root/fork-disk"), "before\n");
+    assert_eq!(sh(&k, &forks[0].id, "cat /root/fork-disk"), "fork0\n");
+    assert_eq!(sh(&k, &orig, "cat /root/fork-disk"), "before\n");
     assert_eq!(holder(&k, &forks[0].id, "get"), "42");
     assert_eq!(holder(&k, &forks[0].id, "set 100"), "100");
     assert_eq!(holder(&k, &forks[1].id, "get"), "42");
@@ -405,6 +527,7 @@ fn kilnd_serves_templates_and_sandboxes() {
     );
 
     // Pause to disk, SIGKILL kilnd, start it again: the paused sandbox resumes with its state.
+    sh(&k, &orig, "echo paused > /root/pause-disk");
     assert_eq!(k.pause(&orig).unwrap().state, SandboxState::Paused);
     drop(d);
     let d = start_kilnd(&state);
@@ -412,6 +535,11 @@ fn kilnd_serves_templates_and_sandboxes() {
     assert_eq!(k.sandbox(&orig).unwrap().state, SandboxState::Paused);
     assert_eq!(k.resume(&orig).unwrap().state, SandboxState::Running);
     assert_eq!(holder(&k, &orig, "get"), "42");
+    assert_eq!(
+        sh(&k, &orig, "cat /root/pause-disk /root/fork-disk"),
+        "paused\nbefore\n",
+        "the disk survives pause and resume"
+    );
     assert_eq!(
         holder(&k, &forks[1].id, "get"),
         "42",

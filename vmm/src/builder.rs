@@ -253,6 +253,7 @@ fn attach_drives(
         let cfg = BlockConfig {
             id: d.drive_id.clone(),
             path: d.path_on_host.clone(),
+            cow_overlay: d.cow_overlay_path.clone(),
             read_only: d.is_read_only,
             rate_limiter: crate::config::rate_limiter::rate_limiter(d.rate_limiter.as_ref()),
         };
@@ -601,6 +602,7 @@ mod tests {
                     path_on_host: "/r".into(),
                     is_root_device: true,
                     is_read_only: ro,
+                    cow_overlay_path: None,
                     partuuid: None,
                     cache_type: None,
                     io_engine: None,

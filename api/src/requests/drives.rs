@@ -28,7 +28,9 @@ pub enum IoEngine {
 }
 
 /// Firecracker's `Drive` body for `PUT /drives/{drive_id}` (and a `drives` entry of a config
-/// file). A vhost-user drive (`socket`) is refused by name: Kiln's drives are files.
+/// file). A vhost-user drive (`socket`) is refused by name: Kiln's drives are files. Kiln adds
+/// `cow_overlay_path`: `path_on_host` is then a base image opened read-only and every guest
+/// write goes to that sparse overlay file instead, so many VMs can share one image.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "DriveBody")]
 pub struct Drive {
@@ -41,6 +43,9 @@ pub struct Drive {
     /// Refuse guest writes.
     #[serde(default)]
     pub is_read_only: bool,
+    /// Kiln's extension: a sparse copy-on-write overlay over `path_on_host` (empty, or the
+    /// same length) that takes the guest's writes; the base is never written.
+    pub cow_overlay_path: Option<PathBuf>,
     /// Root partition by PARTUUID rather than the whole disk.
     pub partuuid: Option<String>,
     /// Write-cache behaviour.
@@ -52,17 +57,22 @@ pub struct Drive {
 }
 
 /// Written with every key Firecracker writes for a drive, `socket` (always `null`) included,
-/// and the defaults filled in (`Unsafe`, `Sync`) as Firecracker shows them.
+/// and the defaults filled in (`Unsafe`, `Sync`) as Firecracker shows them; Kiln's
+/// `cow_overlay_path` only when the drive has one.
 impl Serialize for Drive {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("Drive", 9)?;
+        let fields = 9 + usize::from(self.cow_overlay_path.is_some());
+        let mut st = s.serialize_struct("Drive", fields)?;
         st.serialize_field("drive_id", &self.drive_id)?;
         st.serialize_field("partuuid", &self.partuuid)?;
         st.serialize_field("is_root_device", &self.is_root_device)?;
         st.serialize_field("cache_type", &self.cache_type.unwrap_or_default())?;
         st.serialize_field("is_read_only", &self.is_read_only)?;
         st.serialize_field("path_on_host", &self.path_on_host)?;
+        if let Some(overlay) = &self.cow_overlay_path {
+            st.serialize_field("cow_overlay_path", overlay)?;
+        }
         st.serialize_field("rate_limiter", &self.rate_limiter)?;
         st.serialize_field("io_engine", &self.io_engine.unwrap_or_default())?;
         st.serialize_field("socket", &None::<PathBuf>)?;
@@ -80,6 +90,8 @@ struct DriveBody {
     is_root_device: bool,
     #[serde(default)]
     is_read_only: bool,
+    #[serde(default)]
+    cow_overlay_path: Option<PathBuf>,
     #[serde(default)]
     partuuid: Option<String>,
     #[serde(default)]
@@ -104,11 +116,19 @@ impl TryFrom<DriveBody> for Drive {
             ));
         }
         let path_on_host = b.path_on_host.ok_or("missing field `path_on_host`")?;
+        if let (true, Some(overlay)) = (b.is_read_only, &b.cow_overlay_path) {
+            return Err(format!(
+                "is_read_only with cow_overlay_path {}: a drive with an overlay is writable (its \
+                 base path_on_host is never written); drop one of them",
+                overlay.display()
+            ));
+        }
         Ok(Drive {
             drive_id: b.drive_id,
             path_on_host,
             is_root_device: b.is_root_device,
             is_read_only: b.is_read_only,
+            cow_overlay_path: b.cow_overlay_path,
             partuuid: b.partuuid,
             cache_type: b.cache_type,
             io_engine: b.io_engine,
@@ -176,6 +196,7 @@ mod tests {
             path_on_host: "/r.ext4".into(),
             is_root_device: true,
             is_read_only: true,
+            cow_overlay_path: None,
             partuuid: Some("abc-1".into()),
             cache_type: Some(CacheType::Writeback),
             io_engine: Some(IoEngine::Sync),
@@ -215,6 +236,42 @@ mod tests {
             r#"{"drive_id": "d", "path_on_host": "/d", "is_root_device": false, "cache_type": "None"}"#,
         );
         assert!(f.starts_with("drives: unknown variant `None`"), "{f}");
+    }
+
+    #[test]
+    fn a_cow_overlay_is_taken_round_trips_and_cannot_be_read_only() {
+        let body = br#"{"drive_id": "rootfs", "path_on_host": "/base.ext4", "is_root_device": true,
+                        "cow_overlay_path": "/sb/1/overlay.img"}"#;
+        let ApiRequest::PutDrive(d) = parse_request("PUT", "/drives/rootfs", body).unwrap() else {
+            panic!("wrong variant")
+        };
+        assert_eq!(
+            d.cow_overlay_path.as_deref(),
+            Some(std::path::Path::new("/sb/1/overlay.img"))
+        );
+        let json = serde_json::to_value(&d).unwrap();
+        assert_eq!(json["cow_overlay_path"], "/sb/1/overlay.img");
+        let back: Drive = serde_json::from_value(json).unwrap();
+        assert_eq!(back.cow_overlay_path, d.cow_overlay_path);
+        let plain = serde_json::to_value(Drive {
+            cow_overlay_path: None,
+            ..d
+        })
+        .unwrap();
+        assert!(plain.get("cow_overlay_path").is_none(), "{plain}");
+
+        let f = fault(
+            "PUT",
+            "/drives/rootfs",
+            r#"{"drive_id": "rootfs", "path_on_host": "/b", "is_root_device": true,
+                "is_read_only": true, "cow_overlay_path": "/o"}"#,
+        );
+        assert!(
+            f.starts_with(
+                "drives: is_read_only with cow_overlay_path /o: a drive with an overlay is writable"
+            ),
+            "{f}"
+        );
     }
 
     #[test]

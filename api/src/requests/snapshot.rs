@@ -61,6 +61,22 @@ pub struct NetworkOverride {
     pub host_dev_name: String,
 }
 
+/// Kiln's `DriveOverride`: the restored drive `drive_id` uses other files than the ones saved
+/// in the snapshot; each clone of a snapshot taken with a copy-on-write drive needs its own
+/// overlay (a copy of the one saved, or an empty file for the base's original content).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    /// The drive, by the id it was configured with.
+    pub drive_id: String,
+    /// A new backing file (with an overlay, the base), the same size as the saved one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<PathBuf>,
+    /// A new copy-on-write overlay, for a drive saved with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cow_overlay_path: Option<PathBuf>,
+}
+
 /// Longest Linux network device name (IFNAMSIZ less its NUL).
 pub const MAX_IFNAME_LEN: usize = 15;
 
@@ -82,6 +98,8 @@ pub struct SnapshotLoad {
     pub vsock_override: Option<VsockOverride>,
     /// New host TAP devices for network interfaces, one entry per interface at most.
     pub network_overrides: Vec<NetworkOverride>,
+    /// Kiln's extension: other files for drives, one entry per drive at most.
+    pub drive_overrides: Vec<DriveOverride>,
     /// Advance the guest's kvmclock by the wall-clock time since the snapshot was taken
     /// (`KVM_CLOCK_REALTIME`), instead of resuming it where it stopped.
     pub clock_realtime: bool,
@@ -115,6 +133,8 @@ struct SnapshotLoadBody {
     vsock_override: Option<VsockOverride>,
     #[serde(default)]
     network_overrides: Vec<NetworkOverride>,
+    #[serde(default)]
+    drive_overrides: Vec<DriveOverride>,
     #[serde(default)]
     clock_realtime: bool,
 }
@@ -159,6 +179,27 @@ impl TryFrom<SnapshotLoadBody> for SnapshotLoad {
                 ));
             }
         }
+        for (i, o) in body.drive_overrides.iter().enumerate() {
+            if o.drive_id.is_empty() {
+                return Err(format!("drive_overrides[{i}].drive_id is empty"));
+            }
+            if o.path_on_host.is_none() && o.cow_overlay_path.is_none() {
+                return Err(format!(
+                    "drive_overrides[{i}] ({:?}) changes nothing: give path_on_host, \
+                     cow_overlay_path or both",
+                    o.drive_id
+                ));
+            }
+            if body.drive_overrides[..i]
+                .iter()
+                .any(|p| p.drive_id == o.drive_id)
+            {
+                return Err(format!(
+                    "drive_overrides[{i}]: drive_id {:?} is overridden twice",
+                    o.drive_id
+                ));
+            }
+        }
         let track_dirty_pages = match (body.track_dirty_pages, body.enable_diff_snapshots) {
             (Some(a), Some(b)) if a != b => {
                 return Err(
@@ -174,6 +215,7 @@ impl TryFrom<SnapshotLoadBody> for SnapshotLoad {
             resume_vm: body.resume_vm,
             vsock_override: body.vsock_override,
             network_overrides: body.network_overrides,
+            drive_overrides: body.drive_overrides,
             clock_realtime: body.clock_realtime,
         })
     }
@@ -235,6 +277,7 @@ mod tests {
             resume_vm: true,
             vsock_override: None,
             network_overrides: Vec::new(),
+            drive_overrides: Vec::new(),
             clock_realtime: false,
         };
         let body = br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File",
@@ -365,5 +408,56 @@ mod tests {
             fault("GET", "/snapshot/create", ""),
             "/snapshot/create does not accept GET"
         );
+    }
+
+    #[test]
+    fn drive_overrides_are_taken_and_checked() {
+        let body = br#"{"snapshot_path": "/s", "mem_file_path": "/m", "drive_overrides": [
+                        {"drive_id": "rootfs", "cow_overlay_path": "/sb/2/overlay.img"},
+                        {"drive_id": "data", "path_on_host": "/d2.img"}]}"#;
+        let ApiRequest::LoadSnapshot(l) = parse_request("PUT", "/snapshot/load", body).unwrap()
+        else {
+            panic!("wrong variant")
+        };
+        assert_eq!(
+            l.drive_overrides,
+            vec![
+                DriveOverride {
+                    drive_id: "rootfs".into(),
+                    path_on_host: None,
+                    cow_overlay_path: Some("/sb/2/overlay.img".into()),
+                },
+                DriveOverride {
+                    drive_id: "data".into(),
+                    path_on_host: Some("/d2.img".into()),
+                    cow_overlay_path: None,
+                },
+            ]
+        );
+        let bad = |overrides: &str| {
+            fault(
+                "PUT",
+                "/snapshot/load",
+                &format!(
+                    r#"{{"snapshot_path": "/s", "mem_file_path": "/m", "drive_overrides": {overrides}}}"#
+                ),
+            )
+        };
+        let f = bad(r#"[{"drive_id": "rootfs"}]"#);
+        assert!(
+            f.starts_with("snapshot/load: drive_overrides[0] (\"rootfs\") changes nothing"),
+            "{f}"
+        );
+        let f = bad(
+            r#"[{"drive_id": "a", "path_on_host": "/x"}, {"drive_id": "a", "path_on_host": "/y"}]"#,
+        );
+        assert!(
+            f.contains("drive_overrides[1]: drive_id \"a\" is overridden twice"),
+            "{f}"
+        );
+        let f = bad(r#"[{"drive_id": "", "path_on_host": "/x"}]"#);
+        assert!(f.contains("drive_overrides[0].drive_id is empty"), "{f}");
+        let f = bad(r#"[{"drive_id": "a", "overlay": "/x"}]"#);
+        assert!(f.contains("unknown field `overlay`"), "{f}");
     }
 }

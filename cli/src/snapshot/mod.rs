@@ -142,6 +142,7 @@ impl SnapshotFiles {
             resume_vm,
             vsock_override: vsock_uds.map(|uds_path| VsockOverride { uds_path }),
             network_overrides: Vec::new(),
+            drive_overrides: Vec::new(),
             clock_realtime: false,
         }
     }

@@ -402,15 +402,24 @@ impl Daemon {
                 let r = vm.snapshot(&snap2);
                 vm.resume()?;
                 r?;
-                Ok::<_, DaemonError>(())
+                // The snapshot reset the guest's vsock connections (as Firecracker's does), the
+                // daemon's to the agent included: the original needs a new one to run on.
+                let client = kiln_agent::client::wait_ready(
+                    &vm.vsock,
+                    std::time::Instant::now() + super::create::AGENT_WAIT,
+                )?;
+                Ok::<_, DaemonError>(client)
             })();
             (vm, result)
         })
         .await?;
         sb.live().vm = Some(vm);
-        if let Err(e) = taken {
-            let _ = std::fs::remove_dir_all(&snap.dir);
-            return Err(e);
+        match taken {
+            Ok(client) => sb.live().client = Some(client),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&snap.dir);
+                return Err(e);
+            }
         }
         let mut forks = Vec::new();
         for _ in 0..count {

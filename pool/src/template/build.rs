@@ -1,6 +1,7 @@
 //! Building a template: root filesystem image with the agent -> boot with the root writable and
-//! run the build steps -> boot again read-only (under the agent's tmpfs overlay) -> start ->
-//! ready -> Full snapshot. The result is stored under its content key ([`super::key`]), so an
+//! run the build steps -> boot again over a fresh copy-on-write overlay of the image (`disk =
+//! "cow"`, the overlay is kept with the snapshot) or read-only under the agent's tmpfs overlay
+//! (`disk = "tmpfs"`) -> start -> ready -> Full snapshot. The result is stored under its content key ([`super::key`]), so an
 //! unchanged spec is a cache hit; it is built in its final folder (the snapshot names the root
 //! image's path) behind a `building` marker, and removed again if anything fails.
 
@@ -12,10 +13,10 @@ use kiln_agent::client::{Client, ExecOutput, wait_ready};
 use kiln_agent::protocol::{ExecSpec, ExitStatus};
 
 use super::rootfs::{self, RootfsError};
-use super::spec::Spec;
+use super::spec::{DiskMode, Spec};
 use super::{Inputs, TemplateFiles};
 use crate::types::BuildEvent;
-use crate::vm::{VmError, VmProcess};
+use crate::vm::{Root, VmError, VmProcess};
 
 /// How long a booting template VM may take to answer.
 const BOOT_WAIT: Duration = Duration::from_secs(180);
@@ -68,6 +69,9 @@ pub enum BuildError {
         /// How its last try ended.
         last: String,
     },
+    /// The root drive's overlay could not be made.
+    #[error("{0}")]
+    Disk(#[from] crate::disk::DiskError),
     /// A file in the store could not be written.
     #[error("{path}: {err}")]
     Store {
@@ -204,7 +208,7 @@ fn run_steps(
     vm.boot(
         &inputs.kernel,
         &files.rootfs,
-        true,
+        Root::Writable,
         spec.vcpus,
         spec.mem_mib,
     )
@@ -241,7 +245,8 @@ fn run_steps(
     Ok(())
 }
 
-/// Boots read-only, starts the start command, waits for ready, and snapshots.
+/// Boots over a fresh overlay (or read-only under tmpfs), starts the start command, waits for
+/// ready, and snapshots; the image itself is never written from here on.
 fn snapshot(
     spec: &Spec,
     inputs: &Inputs,
@@ -253,10 +258,17 @@ fn snapshot(
     });
     let mut vm = VmProcess::spawn(&inputs.vmm, &files.dir.join("vm-snap"), limits(spec))
         .map_err(vm_err("boot"))?;
+    let root = match spec.disk {
+        DiskMode::Cow => {
+            crate::disk::create_empty(&files.overlay)?;
+            Root::Cow(&files.overlay)
+        }
+        DiskMode::Tmpfs => Root::Tmpfs,
+    };
     vm.boot(
         &inputs.kernel,
         &files.rootfs,
-        false,
+        root,
         spec.vcpus,
         spec.mem_mib,
     )

@@ -7,6 +7,7 @@
 //! vcpus = 1
 //! mem_mib = 512
 //! disk_mib = 1024            # the root filesystem image (grown to fit when smaller)
+//! disk = "cow"               # each sandbox's writable root: "cow" (default) or "tmpfs"
 //! run = ["echo hi > /etc/motd"]   # build steps, `sh -c` each, in a booted VM, in order
 //! env = { LANG = "C.UTF-8" } # every command's environment
 //! workdir = "/root"          # every command's working directory
@@ -114,6 +115,9 @@ pub struct Spec {
     /// Size of the root filesystem image, MiB (grown to fit the tree when smaller).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_mib: Option<u64>,
+    /// How each sandbox's root is writable.
+    #[serde(default)]
+    pub disk: DiskMode,
     /// Build steps: shell commands run in a booted VM with a writable root, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub run: Vec<String>,
@@ -135,6 +139,20 @@ pub struct Spec {
     /// How long `ready` may take to pass, seconds.
     #[serde(default = "default_ready_timeout")]
     pub ready_timeout_s: u64,
+}
+
+/// How a template's sandboxes write to their root filesystem.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskMode {
+    /// The root drive is a copy-on-write overlay over the template's image (kiln-vmm's
+    /// `cow_overlay_path`): writes go to a sparse file per sandbox on the host, so they cost
+    /// host disk rather than guest memory, survive pause and resume, and a fork gets a copy.
+    #[default]
+    Cow,
+    /// The root drive is read-only under the agent's tmpfs overlay (`KILN_OVERLAY=tmpfs`):
+    /// writes stay in guest memory and count against `mem_mib`.
+    Tmpfs,
 }
 
 fn default_vcpus() -> u32 {
@@ -314,6 +332,9 @@ image = "/kiln/rootfs.ext4"
             Some(Path::new("/kiln/rootfs.ext4"))
         );
         assert_eq!(s.run, ["echo hi"]);
+        assert_eq!(s.disk, DiskMode::Cow);
+        let t = Spec::parse(&GOOD.replace("[from]", "disk = \"tmpfs\"\n[from]")).unwrap();
+        assert_eq!(t.disk, DiskMode::Tmpfs);
     }
 
     #[test]
@@ -331,6 +352,10 @@ image = "/kiln/rootfs.ext4"
             (GOOD.replace("\"/root\"", "\"root\""), "workdir"),
             (GOOD.replace("A = ", "\"A=B\" = "), "env"),
             (GOOD.replace("[from]", "[from]\nzip = 1"), "zip"),
+            (
+                GOOD.replace("[from]", "disk = \"qcow2\"\n[from]"),
+                "unknown variant `qcow2`, expected `cow` or `tmpfs`",
+            ),
         ];
         for (text, named) in cases {
             let e = Spec::parse(&text).unwrap_err().to_string();

@@ -9,7 +9,7 @@ use super::debian;
 use super::spec::Spec;
 
 /// Bump when the way a template is made changes in a way the key does not see.
-const BUILD_VERSION: &str = "kiln-template-v1";
+const BUILD_VERSION: &str = "kiln-template-v2";
 
 /// What every build uses from the host.
 #[derive(Debug, Clone)]
@@ -35,6 +35,9 @@ pub struct TemplateFiles {
     pub state: PathBuf,
     /// The snapshot's memory file.
     pub memory: PathBuf,
+    /// The root drive's copy-on-write overlay as it was at the snapshot (only with
+    /// `disk = "cow"`; never written after the snapshot: each VM restored from it gets a copy).
+    pub overlay: PathBuf,
 }
 
 impl TemplateFiles {
@@ -45,6 +48,7 @@ impl TemplateFiles {
             rootfs: dir.join("rootfs.ext4"),
             state: dir.join("vmstate"),
             memory: dir.join("memory"),
+            overlay: dir.join(crate::disk::OVERLAY),
         }
     }
 }

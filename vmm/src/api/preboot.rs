@@ -30,8 +30,8 @@ use crate::vstate::vm::Vm;
 enum Next {
     /// Boot the configured VM.
     Start,
-    /// Build the VM from a snapshot.
-    Load(SnapshotLoad),
+    /// Build the VM from a snapshot (boxed: the load body is large next to `Start`).
+    Load(Box<SnapshotLoad>),
 }
 
 /// The configuration so far.
@@ -194,7 +194,7 @@ impl PreBoot {
             | PatchBalloonStats(_)) => {
                 super::balloon::preboot(&mut self.balloon, &self.machine, request)
             }
-            LoadSnapshot(params) => return Err(Next::Load(params)),
+            LoadSnapshot(params) => return Err(Next::Load(Box::new(params))),
         })
     }
 

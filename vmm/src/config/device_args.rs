@@ -1,4 +1,4 @@
-//! The device flags' `key=value,...` syntax: `--drive id=ID,path=PATH[,ro][,root]`,
+//! The device flags' `key=value,...` syntax: `--drive id=ID,path=PATH[,cow=OVERLAY][,ro][,root]`,
 //! `--vsock cid=N,uds=PATH`, `--net id=ID,tap=NAME[,mac=MAC]` and `--balloon [amount_mib=N]
 //! [,deflate_on_oom][,stats_polling_interval_s=N][,free_page_reporting]`.
 
@@ -17,18 +17,19 @@ fn items<'a>(flag: &str, spec: &'a str) -> Result<Vec<(&'a str, Option<&'a str>)
         .collect()
 }
 
-/// Parses `--drive id=ID,path=PATH[,ro][,root]`.
+/// Parses `--drive id=ID,path=PATH[,cow=OVERLAY][,ro][,root]`.
 pub fn parse_drive(spec: &str) -> Result<DriveConfig, String> {
-    let (mut id, mut path, mut ro, mut root) = (None, None, false, false);
+    let (mut id, mut path, mut cow, mut ro, mut root) = (None, None, None, false, false);
     for (key, value) in items("--drive", spec)? {
         match (key, value) {
             ("id", Some(v)) => id = Some(v.to_string()),
             ("path", Some(v)) => path = Some(PathBuf::from(v)),
+            ("cow", Some(v)) => cow = Some(PathBuf::from(v)),
             ("ro", None) => ro = true,
             ("root", None) => root = true,
             (k, _) => {
                 return Err(format!(
-                    "--drive {spec:?}: unknown or malformed item {k:?} (want id=, path=, ro, root)"
+                    "--drive {spec:?}: unknown or malformed item {k:?} (want id=, path=, cow=, ro, root)"
                 ));
             }
         }
@@ -38,6 +39,7 @@ pub fn parse_drive(spec: &str) -> Result<DriveConfig, String> {
         path_on_host: path.ok_or_else(|| format!("--drive {spec:?} needs path=PATH"))?,
         is_root_device: root,
         is_read_only: ro,
+        cow_overlay_path: cow,
         partuuid: None,
         cache_type: None,
         io_engine: None,

@@ -250,7 +250,8 @@ pub fn validate_machine(m: &MachineConfig) -> Result<(), ValidationError> {
 }
 
 /// Checks one drive on its own (`PUT /drives` checks it at once; [`VmConfig::validate`] checks
-/// each and the rules between them): its id, its file, its engine and partition UUID.
+/// each and the rules between them): its id, its file and overlay, its engine and partition
+/// UUID.
 pub fn validate_drive(d: &DriveConfig) -> Result<(), String> {
     let id_ok = !d.drive_id.is_empty()
         && d.drive_id.len() <= 64
@@ -268,6 +269,9 @@ pub fn validate_drive(d: &DriveConfig) -> Result<(), String> {
             d.path_on_host.display()
         ));
     }
+    if let Some(overlay) = &d.cow_overlay_path {
+        validate_overlay(d, overlay, md.len())?;
+    }
     if let Some(engine) = d.io_engine.filter(|e| *e != IoEngine::Sync) {
         return Err(format!(
             "io_engine {engine:?} is not supported yet (Kiln's drives use \"Sync\")"
@@ -280,6 +284,51 @@ pub fn validate_drive(d: &DriveConfig) -> Result<(), String> {
         if uuid.is_empty() || !uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
             return Err(format!("partuuid {uuid:?} is not a partition UUID"));
         }
+    }
+    Ok(())
+}
+
+/// A drive's copy-on-write overlay: writable, an existing regular file other than the base,
+/// empty or the base's length (the device extends an empty one).
+fn validate_overlay(
+    d: &DriveConfig,
+    overlay: &std::path::Path,
+    base_len: u64,
+) -> Result<(), String> {
+    if d.is_read_only {
+        return Err(format!(
+            "is_read_only with cow_overlay_path {}: a drive with an overlay is writable (its base \
+             is never written); drop one of them",
+            overlay.display()
+        ));
+    }
+    let md = std::fs::metadata(overlay)
+        .map_err(|e| format!("cow_overlay_path {}: {e}", overlay.display()))?;
+    if !md.is_file() {
+        return Err(format!(
+            "cow_overlay_path {} is not a regular file",
+            overlay.display()
+        ));
+    }
+    let base = std::fs::metadata(&d.path_on_host)
+        .map_err(|e| format!("path_on_host {}: {e}", d.path_on_host.display()))?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        if (md.dev(), md.ino()) == (base.dev(), base.ino()) {
+            return Err(format!(
+                "cow_overlay_path {} is the base path_on_host itself",
+                overlay.display()
+            ));
+        }
+    }
+    if md.len() != 0 && md.len() != base_len {
+        return Err(format!(
+            "cow_overlay_path {} is {} bytes but path_on_host {} is {base_len}; an overlay must \
+             be empty or the base's length",
+            overlay.display(),
+            md.len(),
+            d.path_on_host.display()
+        ));
     }
     Ok(())
 }
@@ -299,6 +348,16 @@ impl VmConfig {
                 .any(|o| o.drive_id == d.drive_id)
             {
                 return Err(err("drive_id is used twice".into()));
+            }
+            if let Some(overlay) = &d.cow_overlay_path
+                && self.drives[..index].iter().any(|o| {
+                    o.cow_overlay_path.as_ref() == Some(overlay) || &o.path_on_host == overlay
+                })
+            {
+                return Err(err(format!(
+                    "cow_overlay_path {} is another drive's file",
+                    overlay.display()
+                )));
             }
             if d.is_root_device {
                 roots += 1;
@@ -526,6 +585,7 @@ mod tests {
             path_on_host: disk.clone(),
             is_root_device: root,
             is_read_only: false,
+            cow_overlay_path: None,
             partuuid: None,
             cache_type: None,
             io_engine: None,
@@ -560,6 +620,47 @@ mod tests {
             c.validate().unwrap_err().to_string(),
             "drives[0] (\"x\"): path_on_host /nonexistent/disk.img: No such file or directory (os error 2)"
         );
+        let overlay = std::env::temp_dir().join(format!("kiln-ovl-{}", std::process::id()));
+        std::fs::write(&overlay, [0u8; 3]).unwrap();
+        let mut cow = drive("x", true);
+        cow.cow_overlay_path = Some(overlay.clone());
+        c.drives = vec![cow.clone()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("drives[0] (\"x\"): cow_overlay_path ")
+                && e.contains(" is 3 bytes but path_on_host "),
+            "{e}"
+        );
+        std::fs::write(&overlay, []).unwrap();
+        c.validate().unwrap();
+        cow.is_read_only = true;
+        c.drives = vec![cow.clone()];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("is_read_only with cow_overlay_path"),
+        );
+        cow.is_read_only = false;
+        let mut other = cow.clone();
+        other.drive_id = "y".into();
+        other.is_root_device = false;
+        c.drives = vec![cow.clone(), other];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("is another drive's file"),
+        );
+        cow.cow_overlay_path = Some(cow.path_on_host.clone());
+        c.drives = vec![cow];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("is the base path_on_host itself"),
+        );
+        std::fs::remove_file(&overlay).unwrap();
         let mut engine = drive("x", false);
         engine.io_engine = Some(IoEngine::Async);
         c.drives = vec![engine];

@@ -74,8 +74,27 @@ pub fn describe(path: &std::path::Path) -> Result<String, PersistError> {
             path: path.to_path_buf(),
             err,
         })?;
+    // Each drive's files, so a reader knows what a restore needs next to the state file.
+    let drives: String = state
+        .devices
+        .iter()
+        .filter_map(|d| match &d.device {
+            DeviceKindState::Block(b) => Some(match &b.cow_overlay_path {
+                Some(o) => format!(
+                    "; drive {}: {} under overlay {}",
+                    b.id,
+                    b.path.display(),
+                    o.display()
+                ),
+                None => format!("; drive {}: {}", b.id, b.path.display()),
+            }),
+            DeviceKindState::Vsock(_) | DeviceKindState::Net(_) | DeviceKindState::Balloon(_) => {
+                None
+            }
+        })
+        .collect();
     Ok(format!(
-        "{}: Kiln snapshot format v{}; snapshot {:016x}, {} snapshot, {} vCPUs, {} MiB of memory, {} virtio devices",
+        "{}: Kiln snapshot format v{}; snapshot {:016x}, {} snapshot, {} vCPUs, {} MiB of memory, {} virtio devices{drives}",
         path.display(),
         kiln_snapshot::FORMAT_VERSION,
         state.snapshot_id,

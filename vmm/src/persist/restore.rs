@@ -57,7 +57,7 @@ fn open(params: &SnapshotLoad) -> Result<(MicrovmState, File), PersistError> {
 }
 
 /// The restored VM's configuration: the saved one, with this process's console and the vsock
-/// override applied.
+/// and drive overrides applied.
 fn config_of(
     state: &MicrovmState,
     params: &SnapshotLoad,
@@ -103,6 +103,28 @@ fn config_of(
             )));
         }
         n.host_dev_name = o.host_dev_name.clone();
+    }
+    for o in &params.drive_overrides {
+        let Some(drive) = config.drives.iter_mut().find(|d| d.drive_id == o.drive_id) else {
+            return Err(refused(format!(
+                "drive_overrides: the snapshot has no drive {:?}",
+                o.drive_id
+            )));
+        };
+        if let Some(overlay) = &o.cow_overlay_path {
+            if drive.cow_overlay_path.is_none() {
+                return Err(refused(format!(
+                    "drive_overrides: drive {:?} has no copy-on-write overlay in the snapshot, so \
+                     cow_overlay_path {} has nothing to replace",
+                    o.drive_id,
+                    overlay.display()
+                )));
+            }
+            drive.cow_overlay_path = Some(overlay.clone());
+        }
+        if let Some(path) = &o.path_on_host {
+            drive.path_on_host = path.clone();
+        }
     }
     Ok(config)
 }
@@ -163,10 +185,13 @@ pub fn restore(
                     .iter()
                     .find(|d| d.drive_id == s.id)
                     .and_then(|d| d.rate_limiter.as_ref());
+                let o = params.drive_overrides.iter().find(|o| o.drive_id == s.id);
                 let args = BlockRestoreArgs {
                     mem: mem.clone(),
                     irqfd,
                     rate_limiter: crate::config::rate_limiter::rate_limiter(limits),
+                    path_override: o.and_then(|o| o.path_on_host.clone()),
+                    cow_overlay_override: o.and_then(|o| o.cow_overlay_path.clone()),
                 };
                 let block = Block::restore(args, s).map_err(BuildError::Block)?;
                 (

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::Disk;
+use super::cow::CowOverlay;
+use super::disk::{Backend, Disk};
 use super::{BlockError, ID_BYTES, QUEUE_SIZE, QUEUE_SIZES, SECTOR_SIZE, features};
 use crate::metrics::BlockMetrics;
 use crate::rate_limiter::{BucketUpdate, MonotonicClock, RateLimiterConfig, TimedRateLimiter};
@@ -21,8 +22,11 @@ use crate::virtio::{
 pub struct BlockConfig {
     /// The drive id (also the GET_ID answer, truncated to 20 bytes).
     pub id: String,
-    /// The backing file.
+    /// The backing file; with an overlay, the read-only base image.
     pub path: PathBuf,
+    /// A sparse copy-on-write overlay over `path` that takes every write (the drive cannot
+    /// then be read-only).
+    pub cow_overlay: Option<PathBuf>,
     /// Refuse writes and advertise VIRTIO_BLK_F_RO.
     pub read_only: bool,
     /// Token buckets on the drive's bytes and requests.
@@ -58,24 +62,40 @@ pub struct Block {
 impl Block {
     /// Opens the drive's backing file; `irqfd` is the interrupt's eventfd (an irqfd in KVM).
     pub fn new(config: BlockConfig, irqfd: EventFd) -> Result<Self, BlockError> {
-        let open_err = |err| BlockError::Open {
-            id: config.id.clone(),
-            path: config.path.clone(),
-            err,
+        let (backend, len) = match &config.cow_overlay {
+            Some(_) if config.read_only => {
+                return Err(BlockError::ReadOnlyOverlay(config.id.clone()));
+            }
+            Some(overlay) => {
+                let cow =
+                    CowOverlay::open(&config.path, overlay).map_err(|err| BlockError::Cow {
+                        id: config.id.clone(),
+                        err,
+                    })?;
+                let len = cow.len();
+                (Backend::Cow(cow), len)
+            }
+            None => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(!config.read_only)
+                    .open(&config.path)
+                    .map_err(|err| BlockError::Open {
+                        id: config.id.clone(),
+                        path: config.path.clone(),
+                        err,
+                    })?;
+                let len = file
+                    .metadata()
+                    .map_err(|err| BlockError::Size {
+                        id: config.id.clone(),
+                        path: config.path.clone(),
+                        err,
+                    })?
+                    .len();
+                (Backend::File(file), len)
+            }
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&config.path)
-            .map_err(open_err)?;
-        let len = file
-            .metadata()
-            .map_err(|err| BlockError::Size {
-                id: config.id.clone(),
-                path: config.path.clone(),
-                err,
-            })?
-            .len();
         if len % SECTOR_SIZE != 0 {
             log::warn!(
                 "drive {}: {} is {len} bytes, not a whole number of 512-byte sectors; the tail is not visible",
@@ -107,7 +127,7 @@ impl Block {
             limiter,
             metrics: Arc::new(BlockMetrics::default()),
             disk: Disk {
-                file,
+                backend,
                 size: len - len % SECTOR_SIZE,
                 read_only: config.read_only,
                 id,
@@ -127,6 +147,11 @@ impl Block {
     /// The drive's configuration.
     pub fn config(&self) -> &BlockConfig {
         &self.config
+    }
+
+    /// The disk the requests run against.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
     }
 
     /// The drive's counters.

@@ -3,13 +3,21 @@
 //! unknown request types get UNSUPP. Requests run synchronously on the VMM's event loop, a bounded
 //! batch per pass ([`CHAINS_PER_PASS`], [`BYTES_PER_PASS`]); a request moving more than
 //! [`MAX_REQUEST_BYTES`] gets IOERR, so no single request holds the loop for long either.
+//!
+//! A drive is either one file or, with [`BlockConfig::cow_overlay`], a read-only base image
+//! under a sparse copy-on-write overlay ([`CowOverlay`]), so that many VMs share one image and
+//! each writes only its own file.
 
+mod cow;
 mod device;
+mod disk;
 mod event_handler;
 mod persist;
 mod request;
 
+pub use cow::{CowError, CowOverlay, MAX_CLUSTER, MIN_CLUSTER};
 pub use device::{Block, BlockConfig};
+pub use disk::{Backend, Disk};
 pub use persist::{BlockRestoreArgs, BlockState};
 pub use request::{Request, RequestError, RequestType};
 
@@ -86,6 +94,20 @@ pub enum BlockError {
         /// Why.
         err: std::io::Error,
     },
+    /// The copy-on-write overlay cannot be used.
+    #[error("drive {id}: {err}")]
+    Cow {
+        /// Drive id.
+        id: String,
+        /// Why.
+        err: CowError,
+    },
+    /// A read-only drive was given an overlay.
+    #[error(
+        "drive {0}: is_read_only with a cow_overlay_path: a drive with an overlay is writable \
+         (its base is never written); drop one of them"
+    )]
+    ReadOnlyOverlay(String),
     /// An eventfd could not be created.
     #[error("drive {0}: cannot create an eventfd: {1}")]
     EventFd(String, std::io::Error),

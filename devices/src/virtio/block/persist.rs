@@ -1,5 +1,8 @@
-//! The block device's snapshot state: which file backs it (checked to be the same size on
-//! restore, so a swapped disk is noticed) and the common virtio state.
+//! The block device's snapshot state: which file backs it, and its copy-on-write overlay if it
+//! has one (the base is checked to be the same size on restore, so a swapped disk is noticed),
+//! and the common virtio state. A restore may point the drive at other files (each clone of a
+//! snapshot needs its own overlay); the overlay's own data is its state, so nothing else is
+//! saved for it.
 
 use std::path::PathBuf;
 
@@ -17,8 +20,10 @@ use crate::virtio::persist::{VirtioState, restore_virtio, save_virtio};
 pub struct BlockState {
     /// The drive id.
     pub id: String,
-    /// The backing file.
+    /// The backing file (with an overlay, the read-only base).
     pub path: PathBuf,
+    /// The copy-on-write overlay over `path`, if the drive has one.
+    pub cow_overlay_path: Option<PathBuf>,
     /// The drive refused writes.
     pub read_only: bool,
     /// The usable size of the backing file, in bytes.
@@ -35,6 +40,10 @@ pub struct BlockRestoreArgs {
     pub irqfd: EventFd,
     /// The drive's rate limits (from its configuration; buckets start full).
     pub rate_limiter: crate::rate_limiter::RateLimiterConfig,
+    /// Use this backing file (or base) instead of the saved one.
+    pub path_override: Option<PathBuf>,
+    /// Use this overlay instead of the saved one (only for a drive saved with an overlay).
+    pub cow_overlay_override: Option<PathBuf>,
 }
 
 impl Persist for Block {
@@ -46,6 +55,7 @@ impl Persist for Block {
         BlockState {
             id: self.config.id.clone(),
             path: self.config.path.clone(),
+            cow_overlay_path: self.config.cow_overlay.clone(),
             read_only: self.config.read_only,
             disk_size: self.disk.size,
             virtio: save_virtio(self),
@@ -53,9 +63,22 @@ impl Persist for Block {
     }
 
     fn restore(args: BlockRestoreArgs, state: &BlockState) -> Result<Self, BlockError> {
+        if let (Some(o), None) = (&args.cow_overlay_override, &state.cow_overlay_path) {
+            return Err(BlockError::Restore {
+                id: state.id.clone(),
+                why: format!(
+                    "cow_overlay_path {}: the drive was saved without a copy-on-write overlay",
+                    o.display()
+                ),
+            });
+        }
+        let path = args.path_override.unwrap_or_else(|| state.path.clone());
         let config = BlockConfig {
             id: state.id.clone(),
-            path: state.path.clone(),
+            path: path.clone(),
+            cow_overlay: args
+                .cow_overlay_override
+                .or_else(|| state.cow_overlay_path.clone()),
             read_only: state.read_only,
             rate_limiter: args.rate_limiter,
         };
@@ -65,7 +88,7 @@ impl Persist for Block {
                 id: state.id.clone(),
                 why: format!(
                     "{} is {} bytes; the snapshot was taken with {} bytes",
-                    state.path.display(),
+                    path.display(),
                     block.disk.size,
                     state.disk_size
                 ),
@@ -107,6 +130,7 @@ mod tests {
         let cfg = BlockConfig {
             id: "data".into(),
             path: path.clone(),
+            cow_overlay: None,
             read_only: true,
             rate_limiter: Default::default(),
         };
@@ -129,6 +153,8 @@ mod tests {
             mem: mem(),
             irqfd: evt(),
             rate_limiter: Default::default(),
+            path_override: None,
+            cow_overlay_override: None,
         };
         let restored = Block::restore(args(), &state).unwrap();
         assert_eq!(restored.save(), state);

@@ -4,12 +4,10 @@
 //! zero or more data descriptors (device-writable for reads and GET_ID, device-readable for writes),
 //! and a device-writable status byte last.
 
-use std::fs::File;
-use std::io::{Seek, SeekFrom};
-
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress};
 
+use super::disk::Disk;
 use super::{ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE, request_type, status};
 use crate::virtio::GuestMemoryMmap;
 
@@ -117,18 +115,6 @@ pub fn parse(
     })
 }
 
-/// The disk a request runs against.
-pub struct Disk {
-    /// The backing file.
-    pub file: File,
-    /// Usable size in bytes (a whole number of sectors).
-    pub size: u64,
-    /// Writes are refused.
-    pub read_only: bool,
-    /// GET_ID answer, NUL-padded.
-    pub id: [u8; ID_BYTES],
-}
-
 impl Request {
     /// Bytes of data the request moves (`None` past `u64`).
     pub fn data_len(&self) -> Option<u64> {
@@ -150,7 +136,7 @@ impl Request {
     pub fn execute(&self, disk: &mut Disk, mem: &GuestMemoryMmap) -> (u8, u32) {
         let (status, written) = match self.kind {
             RequestType::In => match self.disk_range(disk) {
-                Some(offset) => match read_into(disk, mem, offset, &self.data) {
+                Some(offset) => match disk.read_into(mem, offset, &self.data) {
                     Ok(n) => (status::OK, n),
                     Err(e) => {
                         log::debug!("virtio-blk: read at sector {} failed: {e}", self.sector);
@@ -161,7 +147,7 @@ impl Request {
             },
             RequestType::Out if disk.read_only => (status::IOERR, 0),
             RequestType::Out => match self.disk_range(disk) {
-                Some(offset) => match write_from(disk, mem, offset, &self.data) {
+                Some(offset) => match disk.write_from(mem, offset, &self.data) {
                     Ok(()) => (status::OK, 0),
                     Err(e) => {
                         log::debug!("virtio-blk: write at sector {} failed: {e}", self.sector);
@@ -170,7 +156,7 @@ impl Request {
                 },
                 None => (status::IOERR, 0),
             },
-            RequestType::Flush => match disk.file.sync_data() {
+            RequestType::Flush => match disk.flush() {
                 Ok(()) => (status::OK, 0),
                 Err(e) => {
                     log::warn!("virtio-blk: flush failed: {e}");
@@ -191,36 +177,6 @@ impl Request {
         };
         (status, written.saturating_add(1))
     }
-}
-
-fn read_into(
-    disk: &mut Disk,
-    mem: &GuestMemoryMmap,
-    offset: u64,
-    data: &[(GuestAddress, u32)],
-) -> std::io::Result<u32> {
-    disk.file.seek(SeekFrom::Start(offset))?;
-    let mut total = 0u32;
-    for &(addr, len) in data {
-        mem.read_exact_volatile_from(addr, &mut disk.file, len as usize)
-            .map_err(std::io::Error::other)?;
-        total = total.saturating_add(len);
-    }
-    Ok(total)
-}
-
-fn write_from(
-    disk: &mut Disk,
-    mem: &GuestMemoryMmap,
-    offset: u64,
-    data: &[(GuestAddress, u32)],
-) -> std::io::Result<()> {
-    disk.file.seek(SeekFrom::Start(offset))?;
-    for &(addr, len) in data {
-        mem.write_all_volatile_to(addr, &mut disk.file, len as usize)
-            .map_err(std::io::Error::other)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::virtio::block::{Backend, Disk};
 use crate::virtio::block::{Block, BlockConfig, CHAINS_PER_PASS, MAX_REQUEST_BYTES};
 use crate::virtio::device::VirtioDevice;
 use crate::virtio::{GuestMemoryMmap, status as dev_status};
@@ -67,7 +68,7 @@ fn disk(sectors: u64, read_only: bool) -> (Disk, std::path::PathBuf) {
     id[..6].copy_from_slice(b"rootfs");
     (
         Disk {
-            file,
+            backend: Backend::File(file),
             size: sectors * SECTOR_SIZE,
             read_only,
             id,
@@ -262,6 +263,7 @@ fn rig(read_only: bool) -> (Rig, MockSplitQueue<'static, GuestMemoryMmap>) {
     let cfg = BlockConfig {
         id: "data".into(),
         path: path.clone(),
+        cow_overlay: None,
         read_only,
         rate_limiter: Default::default(),
     };
@@ -393,6 +395,7 @@ fn rig_sized(
     let cfg = BlockConfig {
         id: "data".into(),
         path,
+        cow_overlay: None,
         read_only: false,
         rate_limiter: Default::default(),
     };
@@ -472,7 +475,10 @@ fn a_request_larger_than_the_cap_gets_ioerr_and_one_at_the_cap_runs() {
     let size = MAX_REQUEST_BYTES + 0x10_0000;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
     let (mut disk, _path) = disk(1, false);
-    disk.file.set_len(2 * size).unwrap();
+    let Backend::File(file) = &disk.backend else {
+        unreachable!("disk() makes plain files")
+    };
+    file.set_len(2 * size).unwrap();
     disk.size = 2 * size;
     let ok = Request {
         kind: RequestType::In,
