@@ -27,6 +27,12 @@ const EXEC_NAME: &str = "kiln-vmm";
 /// Memory a VMM needs beyond its guest's (its own heap, page tables, device buffers).
 const VMM_OVERHEAD_MIB: u64 = 128;
 
+/// How many times a refused jail cleanup is tried (250 ms apart).
+const CLEANUP_TRIES: u32 = 20;
+/// Where a cgroup v2 hierarchy is mounted on the hosts kilnd knows (the unified one alone, or
+/// beside v1 controllers).
+const CGROUP2_MOUNTS: &[&str] = &["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
+
 /// The uids in use by live VMs.
 static IN_USE: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
 
@@ -153,22 +159,47 @@ impl JailConfig {
     }
 
     /// Removes a finished jail and its cgroup (`kiln-jailer --cleanup`); what is already gone
-    /// is fine.
+    /// is fine. A VMM just killed may still be leaving its cgroup (its threads tear down the VM
+    /// after the process is reaped), so a refusal is tried again for a few seconds.
     pub fn cleanup(&self, id: &str) {
-        let out = Command::new(&self.jailer)
-            .args(["--cleanup", "--id", id, "--exec-name", EXEC_NAME])
-            .arg("--chroot-base-dir")
-            .arg(&self.base)
-            .args(["--parent-cgroup", PARENT_CGROUP])
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => tracing::warn!(
-                jail = id,
-                "kiln-jailer --cleanup: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => tracing::warn!(jail = id, "kiln-jailer --cleanup: {e}"),
+        let mut last = String::new();
+        for _ in 0..CLEANUP_TRIES {
+            let out = Command::new(&self.jailer)
+                .args(["--cleanup", "--id", id, "--exec-name", EXEC_NAME])
+                .arg("--chroot-base-dir")
+                .arg(&self.base)
+                .args(["--parent-cgroup", PARENT_CGROUP])
+                .output();
+            match out {
+                Ok(o) if o.status.success() => return,
+                Ok(o) => last = String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                Err(e) => {
+                    last = e.to_string();
+                    break;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        tracing::warn!(jail = id, "kiln-jailer --cleanup: {last}");
+    }
+
+    /// Kills what still runs in the cgroup of jail `id` (a VM a killed kilnd started and never
+    /// recorded: nobody can reach it).
+    fn kill_orphans(&self, id: &str) {
+        for mount in CGROUP2_MOUNTS {
+            let procs = Path::new(mount)
+                .join(PARENT_CGROUP)
+                .join(id)
+                .join("cgroup.procs");
+            let text = std::fs::read_to_string(&procs).unwrap_or_default();
+            for pid in text
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                tracing::warn!(jail = id, pid, "killing a VM nobody owns");
+                // SAFETY: kill(2) with a pid and a signal number touches no memory.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
     }
 
@@ -182,6 +213,7 @@ impl JailConfig {
         {
             let id = entry.file_name().to_string_lossy().into_owned();
             if !keep.contains(&id) {
+                self.kill_orphans(&id);
                 self.cleanup(&id);
                 removed += 1;
             }

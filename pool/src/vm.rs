@@ -472,7 +472,8 @@ impl VmProcess {
                 let pid = *pid;
                 // SAFETY: kill(2) with a pid and a signal number touches no memory.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                let end = Instant::now() + Duration::from_secs(10);
+                // Not our child: wait until it is gone (a large guest takes a while to tear down).
+                let end = Instant::now() + Duration::from_secs(30);
                 while process_alive(pid) && Instant::now() < end {
                     std::thread::sleep(Duration::from_millis(5));
                 }
