@@ -1,6 +1,6 @@
 //! Stdin of many sizes, written in many ways, into a pipeline that reads it all before it
 //! prints (`sha256sum | cut`): the output is the right checksum every time, and the exec does
-//! not end late (the agent's 500 ms output grace must not fire for a process that closed its
+//! not end late (the agent's output grace, a minute in these tests, must not fire for a process that closed its
 //! pipes on exit). Issue 11 item 12: once, 5 MB through `sha256sum | cut` printed nothing.
 
 mod common;
@@ -8,7 +8,7 @@ mod common;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::Agent;
+use common::{Agent, GRACE_MS};
 use kiln_agent::protocol::{ExecSpec, ExitStatus};
 use sha2::{Digest, Sha256};
 
@@ -68,11 +68,11 @@ fn checksums_of_stdin_are_always_printed_and_never_late() {
             String::from_utf8_lossy(&out.stderr)
         );
         worst = worst.max(took);
-        // A process that ends with its pipes closed is reported at once; the grace is 500 ms.
-        let expected = Duration::from_millis(20 * (size as u64 >> 20) + 400);
+        // A process that ends with its pipes closed is reported at once, never after the
+        // output grace (a minute here, so no slow machine can be mistaken for it).
         assert!(
-            took < expected,
-            "size {size} round {round}: the exec took {took:?}"
+            took < Duration::from_millis(GRACE_MS),
+            "size {size} round {round}: the exec waited out the output grace ({took:?})"
         );
     }
     println!("worst exec: {worst:?}");
@@ -93,7 +93,7 @@ fn true_with_stdin_open_ends_without_the_output_grace() {
         let took = start.elapsed();
         drop(stdin);
         assert_eq!(out.status, ExitStatus::Exited(0));
-        if took >= Duration::from_millis(400) {
+        if took >= Duration::from_millis(GRACE_MS) {
             slow.push(took);
         }
     }

@@ -20,6 +20,18 @@ use crate::protocol::{ErrorInfo, ErrorKind, Event, ExecSpec, ExitStatus, MAX_CHU
 /// the agent stops waiting: a background process that kept them open does not hold the result.
 pub const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 
+/// [`OUTPUT_GRACE`], or `$KILN_OUTPUT_GRACE_MS` when set to a number (tests make it long, so
+/// that an exec that waited it out cannot be mistaken for a slow one).
+pub fn output_grace() -> Duration {
+    static GRACE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *GRACE.get_or_init(|| {
+        std::env::var("KILN_OUTPUT_GRACE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(OUTPUT_GRACE, Duration::from_millis)
+    })
+}
+
 /// How often a follower with nothing to send checks whether the host stopped following.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 

@@ -170,7 +170,7 @@ const USAGE: &str =
 Kiln's guest agent. As PID 1 it mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp and /run,
 sets the hostname (kiln.hostname= on the kernel command line, default kiln), sets up zram swap
 (kiln.zram=off|SIZE|N%, default 50%; kiln.swappiness=N, default 100) with page-cluster 0 and
-transparent huge pages off, sets eth0 up from kiln.net= on the kernel command line, and resets
+transparent huge pages off (none of it with $KILN_AGENT_NO_MEMORY_SETUP set), sets eth0 up from kiln.net= on the kernel command line, and resets
 the VM on a shutdown request or Ctrl-Alt-Del (SIGINT). It listens on vsock port 1024 and
 forwards port connections on vsock port 1025 unless --listen (and --forward) say otherwise.";
 
@@ -234,7 +234,11 @@ pub fn main() -> ExitCode {
         init::setup();
         // Before the listeners: no command runs before its memory is set up.
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        // PID 1 of a namespace on a host (the agent's own tests) must leave the host's zram,
+        // swappiness and huge pages alone.
+        let host_test = std::env::var_os("KILN_AGENT_NO_MEMORY_SETUP").is_some();
         match memory::MemorySettings::from_cmdline(&cmdline) {
+            Ok(_) if host_test => {}
             Ok(settings) => {
                 for problem in memory::setup(&settings) {
                     log(format_args!("memory setup: {problem}"));

@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::exec::OUTPUT_GRACE;
+use super::exec::output_grace;
 use super::reaper::reaper;
 use super::sys::{self, Flag};
 use crate::protocol::{ExitStatus, MAX_CHUNK, ProcessInfo, Selector, Stream};
@@ -448,14 +448,14 @@ impl Procs {
 }
 
 /// Reads one of the process's outputs into its buffer until end of file, or until the pipe stays
-/// quiet for [`OUTPUT_GRACE`] after the process exited (a background child holding it open does
+/// quiet for [`output_grace`] after the process exited (a background child holding it open does
 /// not hold the result).
 fn pump(proc: &Proc, fd: &OwnedFd, stream: Stream) {
     let mut buf = vec![0u8; MAX_CHUNK];
     let mut after_exit = false;
     loop {
         let ready = if after_exit {
-            sys::poll(&[(fd.as_raw_fd(), libc::POLLIN)], Some(OUTPUT_GRACE))
+            sys::poll(&[(fd.as_raw_fd(), libc::POLLIN)], Some(output_grace()))
         } else {
             sys::poll(
                 &[

@@ -29,6 +29,9 @@ pub fn agent_bin() -> String {
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_kiln-agent").to_string())
 }
 
+/// The agents' output grace in these tests, in ms (`KILN_OUTPUT_GRACE_MS`).
+pub const GRACE_MS: u64 = 60_000;
+
 /// A running agent binary.
 pub struct Agent {
     pub child: Child,
@@ -44,6 +47,8 @@ impl Agent {
         let child = Command::new(agent_bin())
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
+            // A grace no exec can be mistaken for: one that waited it out took a minute.
+            .env("KILN_OUTPUT_GRACE_MS", GRACE_MS.to_string())
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn kiln-agent");
