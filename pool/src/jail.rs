@@ -183,14 +183,20 @@ impl JailConfig {
         tracing::warn!(jail = id, "kiln-jailer --cleanup: {last}");
     }
 
+    /// True when something of `jail` is already on the host: its folder, or its cgroup.
+    pub fn left_over(&self, jail: &Jail) -> bool {
+        let folder = jail.root.parent().is_some_and(Path::exists);
+        folder
+            || CGROUP2_MOUNTS
+                .iter()
+                .any(|m| cgroup_dir(m, &jail.id).exists())
+    }
+
     /// Kills what still runs in the cgroup of jail `id` (a VM a killed kilnd started and never
     /// recorded: nobody can reach it).
     fn kill_orphans(&self, id: &str) {
         for mount in CGROUP2_MOUNTS {
-            let procs = Path::new(mount)
-                .join(PARENT_CGROUP)
-                .join(id)
-                .join("cgroup.procs");
+            let procs = cgroup_dir(mount, id).join("cgroup.procs");
             let text = std::fs::read_to_string(&procs).unwrap_or_default();
             for pid in text
                 .split_whitespace()
@@ -276,6 +282,11 @@ impl Jail {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.uid);
     }
+}
+
+/// The cgroup of jail `id` in the cgroup v2 hierarchy mounted at `mount`.
+fn cgroup_dir(mount: &str, id: &str) -> PathBuf {
+    Path::new(mount).join(PARENT_CGROUP).join(id)
 }
 
 /// Makes `path` root's, mode 0644.

@@ -134,8 +134,11 @@ impl VmProcess {
             Some(cfg) => {
                 let jail = cfg.jail_for(dir, None)?;
                 // A jail left by a VM that ended without its cleanup (a killed kilnd): the jailer
-                // refuses to build over it.
-                cfg.cleanup(&jail.id);
+                // refuses to build over it. Only then is the jailer run for it (the common case,
+                // nothing there, costs no process on the way to a sandbox).
+                if cfg.left_over(&jail) {
+                    cfg.cleanup(&jail.id);
+                }
                 let cmd = cfg.command(&launcher.vmm, &jail, limits);
                 let home = jail.root.clone();
                 (cmd, Some((jail, cfg.clone())), home)
