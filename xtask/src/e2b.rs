@@ -10,7 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -75,32 +75,14 @@ pub fn venv() -> Result<PathBuf> {
     let dir = util::cache_dir()
         .join("e2b-venv")
         .join(format!("e2b-{E2B_VERSION}-pytest-{PYTEST_VERSION}"));
-    let versions = dir.join("versions.txt");
-    if versions.exists() {
-        return Ok(dir);
-    }
-    util::ensure_packages(&["python3", "python3-venv"])?;
-    let _ = std::fs::remove_dir_all(&dir);
-    util::mkdir(dir.parent().unwrap_or(Path::new("/")))?;
-    eprintln!(
-        "xtask e2b: making {} (e2b {E2B_VERSION}, pytest {PYTEST_VERSION} from PyPI)",
-        dir.display()
-    );
-    util::run(
-        Command::new("/usr/bin/python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&dir),
+    util::python_venv(
+        &dir,
+        "e2b",
+        &[
+            format!("e2b=={E2B_VERSION}"),
+            format!("pytest=={PYTEST_VERSION}"),
+        ],
     )?;
-    let pip = dir.join("bin/pip");
-    util::run(
-        Command::new(&pip)
-            .args(["install", "-q", "--disable-pip-version-check"])
-            .arg(format!("e2b=={E2B_VERSION}"))
-            .arg(format!("pytest=={PYTEST_VERSION}")),
-    )?;
-    let frozen = util::output(Command::new(&pip).args(["freeze", "--all"]))?;
-    util::write_atomic(&versions, frozen.as_bytes())?;
     Ok(dir)
 }
 

@@ -4,7 +4,7 @@
 //! releases from PyPI in a venv this module makes under the cache, keyed by the pins and the
 //! SDK's pyproject.toml; the SDK itself is tested from the source tree, not installed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use crate::util::{self, Result};
@@ -31,32 +31,14 @@ pub fn venv() -> Result<PathBuf> {
         project.as_slice(),
     ]);
     let dir = util::cache_dir().join("sdk-venv").join(&key[..16]);
-    let versions = dir.join("versions.txt");
-    if versions.exists() {
-        return Ok(dir);
-    }
-    util::ensure_packages(&["python3", "python3-venv"])?;
-    let _ = std::fs::remove_dir_all(&dir);
-    util::mkdir(dir.parent().unwrap_or(Path::new("/")))?;
-    eprintln!(
-        "xtask sdk: making {} (pytest {PYTEST_VERSION}, mypy {MYPY_VERSION} from PyPI)",
-        dir.display()
-    );
-    util::run(
-        Command::new("/usr/bin/python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&dir),
+    util::python_venv(
+        &dir,
+        "sdk",
+        &[
+            format!("pytest=={PYTEST_VERSION}"),
+            format!("mypy=={MYPY_VERSION}"),
+        ],
     )?;
-    let pip = dir.join("bin/pip");
-    util::run(
-        Command::new(&pip)
-            .args(["install", "-q", "--disable-pip-version-check"])
-            .arg(format!("pytest=={PYTEST_VERSION}"))
-            .arg(format!("mypy=={MYPY_VERSION}")),
-    )?;
-    let frozen = util::output(Command::new(&pip).args(["freeze", "--all"]))?;
-    util::write_atomic(&versions, frozen.as_bytes())?;
     Ok(dir)
 }
 

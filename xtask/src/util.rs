@@ -134,3 +134,31 @@ pub fn below_root(path: &str, what: &str) -> Result<String> {
     }
     Ok(parts.join("/"))
 }
+
+/// A Python venv at `dir` with `requirements` (pip's `name==version` pins) installed from PyPI,
+/// made on first use and reused: its `versions.txt`, written last, records what pip installed, so
+/// a run killed half way makes it again. `who` names the caller in the progress line.
+pub fn python_venv(dir: &Path, who: &str, requirements: &[String]) -> Result<()> {
+    let versions = dir.join("versions.txt");
+    if versions.exists() {
+        return Ok(());
+    }
+    ensure_packages(&["python3", "python3-venv"])?;
+    let _ = std::fs::remove_dir_all(dir);
+    mkdir(dir.parent().unwrap_or(Path::new("/")))?;
+    eprintln!(
+        "xtask {who}: making {} ({} from PyPI)",
+        dir.display(),
+        requirements.join(", ")
+    );
+    run(Command::new("/usr/bin/python3")
+        .arg("-m")
+        .arg("venv")
+        .arg(dir))?;
+    let pip = dir.join("bin/pip");
+    run(Command::new(&pip)
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .args(requirements))?;
+    let frozen = output(Command::new(&pip).args(["freeze", "--all"]))?;
+    write_atomic(&versions, frozen.as_bytes())
+}
