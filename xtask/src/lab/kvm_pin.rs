@@ -22,6 +22,7 @@ const SOURCE: &str = r#"
 //! Holds a KVM VM with one vCPU (in-kernel irqchip) until killed; see xtask/src/lab/kvm_pin.rs.
 use std::os::fd::AsRawFd;
 
+// SAFETY: the C library's own declarations of ioctl(2) and pause(2).
 unsafe extern "C" {
     fn ioctl(fd: i32, request: u64, ...) -> i32;
     fn pause() -> i32;
