@@ -17,6 +17,9 @@ use crate::protocol::{AGENT_PORT, Event, Hello, Message, PROTOCOL_VERSION, Reque
 /// How long connecting and the hello exchange may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often a forward retries a vsock socket or forwarding service that is not there yet.
+const FORWARD_RETRY: Duration = Duration::from_millis(50);
+
 /// The longest `OK <port>` line accepted.
 const MAX_CONNECT_REPLY: usize = 64;
 
@@ -91,19 +94,35 @@ fn open_vsock(uds: &Path, port: u32, timeout: Duration, then: &[u8]) -> Result<S
 /// Connects to the TCP port `guest_port` inside the guest through the agent's forwarding service
 /// (vsock port [`crate::protocol::FORWARD_PORT`]) behind the VMM's vsock socket `uds`: the stream
 /// returned carries the guest connection's bytes. For published ports of a VM without a network
-/// interface.
+/// interface. Within `timeout` it waits for a VM that has just started to have its vsock socket
+/// and the agent's forwarding service; a guest port nobody listens on is refused at once.
 pub fn forward(
     uds: impl AsRef<Path>,
     guest_port: u16,
     timeout: Duration,
 ) -> Result<UnixStream, Error> {
     let uds = uds.as_ref();
-    let socket = open_vsock(
-        uds,
-        crate::protocol::FORWARD_PORT,
-        timeout,
-        format!("FORWARD {guest_port}\n").as_bytes(),
-    )?;
+    let deadline = Instant::now() + timeout;
+    // A VM that has just started may not have its vsock socket or the agent's forwarding service
+    // yet: those are retried until the deadline (the guest port refusing is not).
+    let socket = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let tried = open_vsock(
+            uds,
+            crate::protocol::FORWARD_PORT,
+            left.max(Duration::from_millis(1)),
+            format!("FORWARD {guest_port}\n").as_bytes(),
+        );
+        match tried {
+            Ok(s) => break s,
+            Err(Error::Connect { .. } | Error::ConnectRefused { .. })
+                if Instant::now() + FORWARD_RETRY < deadline =>
+            {
+                thread::sleep(FORWARD_RETRY);
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let mut reply = Vec::new();
     let mut byte = [0u8; 1];
     while reply.len() < 256 {
@@ -265,5 +284,68 @@ pub fn wait_ready(uds: impl AsRef<Path>, deadline: Instant) -> Result<Client, Er
             });
         }
         thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixListener;
+
+    /// Reads one `\n`-ended line from `s`.
+    fn line(s: &mut UnixStream) -> String {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        l
+    }
+
+    #[test]
+    fn a_forward_waits_for_a_vm_that_is_still_starting() {
+        let dir = std::env::temp_dir().join(format!("kiln-forward-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("v.sock");
+        let path = uds.clone();
+        let vmm = thread::spawn(move || {
+            // No socket at first, then a VMM whose guest has no agent listening yet (the
+            // connection is closed), then the agent, which refuses port 1 and forwards port 2.
+            thread::sleep(Duration::from_millis(200));
+            let l = UnixListener::bind(&path).unwrap();
+            let (mut c, _) = l.accept().unwrap();
+            assert_eq!(
+                line(&mut c),
+                format!("CONNECT {}\n", crate::protocol::FORWARD_PORT)
+            );
+            drop(c);
+            let mut seen = Vec::new();
+            for answer in [
+                "OK 7\nno one listens on port 1\n",
+                "OK 8\nOK\nfrom the guest",
+            ] {
+                let (mut c, _) = l.accept().unwrap();
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let (mut a, mut b) = (String::new(), String::new());
+                r.read_line(&mut a).unwrap();
+                r.read_line(&mut b).unwrap();
+                seen.push(b);
+                c.write_all(answer.as_bytes()).unwrap();
+            }
+            seen
+        });
+        // Port 1's refusal comes from the guest, not from a VM still starting: not retried.
+        let e = forward(&uds, 1, Duration::from_secs(30)).unwrap_err();
+        assert!(
+            matches!(&e, Error::ConnectRefused { reply, .. } if reply == "no one listens on port 1"),
+            "{e}"
+        );
+        let mut got = String::new();
+        forward(&uds, 2, Duration::from_secs(30))
+            .unwrap()
+            .read_to_string(&mut got)
+            .unwrap();
+        assert_eq!(got, "from the guest");
+        assert_eq!(vmm.join().unwrap(), ["FORWARD 1\n", "FORWARD 2\n"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
