@@ -29,6 +29,10 @@ fn main() {
         ("ctrl_c_cleans_up", ctrl_c_cleans_up),
         ("bad_input_exits_125", bad_input_exits_125),
         (
+            "kilnd_is_reached_over_tcp_with_its_token",
+            kilnd_is_reached_over_tcp_with_its_token,
+        ),
+        (
             "a_port_is_published_over_vsock_without_a_nic",
             a_port_is_published_over_vsock_without_a_nic,
         ),
@@ -292,7 +296,9 @@ fn bad_input_exits_125() {
         let mut cmd = Command::new(kiln);
         cmd.args(args)
             .env_remove("KILN_KERNEL")
-            .env_remove("KILN_ROOTFS");
+            .env_remove("KILN_ROOTFS")
+            .env_remove("KILND_URL")
+            .env_remove("KILND_TOKEN");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -331,6 +337,54 @@ fn bad_input_exits_125() {
     assert_eq!(
         run(&["frobnicate"], &[]),
         "kiln: unknown command \"frobnicate\" (run, snapshot, template, sandbox)\n"
+    );
+}
+
+fn kilnd_is_reached_over_tcp_with_its_token() {
+    // A stand-in for `kilnd --listen`: answers `[]` to a request carrying the token.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", server.local_addr().unwrap());
+    let seen = thread::spawn(move || {
+        let (mut c, _) = server.accept().unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap() == 1 {
+            head.push(b[0]);
+        }
+        c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
+            .unwrap();
+        String::from_utf8(head).unwrap()
+    });
+    let kiln = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args(["sandbox", "ls", "--json"])
+            .env_remove("KILND_SOCKET")
+            .env_remove("KILND_TOKEN");
+        cmd.envs(env.iter().copied()).output().unwrap()
+    };
+    let out = kiln(&[("KILND_URL", &url), ("KILND_TOKEN", "tok-0123456789abcdef")]);
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "[]\n".into())
+    );
+    let head = seen.join().unwrap();
+    assert!(head.starts_with("GET /sandboxes HTTP/1.1\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nAuthorization: Bearer tok-0123456789abcdef\r\n"),
+        "{head}"
+    );
+    let out = kiln(&[("KILND_URL", &url)]);
+    assert_eq!(out.status.code(), Some(125));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "kiln: $KILND_URL is {url}: kilnd's TCP listener needs its bearer token in $KILND_TOKEN\n"
+        )
+    );
+    let out = kiln(&[("KILND_URL", "unix:/x"), ("KILND_TOKEN", "t")]);
+    assert_eq!(
+        text(&out.stderr),
+        "kiln: $KILND_URL: kilnd URL \"unix:/x\" is not http://HOST:PORT (kilnd --listen serves plain HTTP)\n"
     );
 }
 

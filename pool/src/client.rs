@@ -1,8 +1,9 @@
-//! A blocking client for kilnd's API on its Unix socket, for the `kiln` CLI and tests: one
-//! request per connection, JSON in, JSON (or a stream of JSON lines, or bytes) out. Answers with
+//! A blocking client for kilnd's API, on its Unix socket or on its TCP listener (`kilnd --listen`,
+//! with the bearer token), for the `kiln` CLI and tests: one request per connection, JSON in, JSON (or a stream of JSON lines, or bytes) out. Answers with
 //! an error status become [`ClientError::Api`] carrying the daemon's message.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -18,13 +19,16 @@ use crate::types::{
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// kilnd's socket could not be reached.
-    #[error("cannot reach kilnd at {path}: {err} (is kilnd running? start it with `kilnd`)")]
+    #[error("cannot reach kilnd at {at}: {err} (is kilnd running? start it with `kilnd`)")]
     Connect {
-        /// The socket.
-        path: PathBuf,
+        /// The socket's path or the listener's URL.
+        at: String,
         /// Why.
         err: std::io::Error,
     },
+    /// A kilnd URL that is not `http://HOST:PORT`.
+    #[error("kilnd URL {0:?} is not http://HOST:PORT (kilnd --listen serves plain HTTP)")]
+    Url(String),
     /// The connection failed mid-way.
     #[error("talking to kilnd: {0}")]
     Io(#[from] std::io::Error),
@@ -88,18 +92,70 @@ impl<R: BufRead> Read for Chunked<R> {
     }
 }
 
+/// Where kilnd listens.
+#[derive(Debug, Clone)]
+enum Endpoint {
+    /// Its Unix socket.
+    Unix(PathBuf),
+    /// Its TCP listener: `HOST:PORT` and the bearer token.
+    Tcp { addr: String, token: String },
+}
+
+/// A connection to kilnd, either kind.
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
 /// kilnd's API.
 #[derive(Debug, Clone)]
 pub struct Kilnd {
-    socket: PathBuf,
+    endpoint: Endpoint,
 }
 
 impl Kilnd {
     /// A client for the daemon listening on `socket`.
     pub fn new(socket: impl AsRef<Path>) -> Kilnd {
         Kilnd {
-            socket: socket.as_ref().into(),
+            endpoint: Endpoint::Unix(socket.as_ref().into()),
         }
+    }
+
+    /// A client for the daemon's TCP listener at `url` (`http://HOST:PORT`, as `kilnd --listen`
+    /// serves), sending `token` as the bearer token.
+    pub fn tcp(url: &str, token: impl Into<String>) -> Result<Kilnd, ClientError> {
+        let addr = url
+            .strip_prefix("http://")
+            .map(|r| r.trim_end_matches('/'))
+            .filter(|a| {
+                a.rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            })
+            .ok_or_else(|| ClientError::Url(url.into()))?;
+        Ok(Kilnd {
+            endpoint: Endpoint::Tcp {
+                addr: addr.into(),
+                token: token.into(),
+            },
+        })
+    }
+
+    fn connect(&self) -> Result<(Box<dyn Stream>, String), ClientError> {
+        Ok(match &self.endpoint {
+            Endpoint::Unix(path) => {
+                let s = UnixStream::connect(path).map_err(|err| ClientError::Connect {
+                    at: path.display().to_string(),
+                    err,
+                })?;
+                (Box::new(s), String::new())
+            }
+            Endpoint::Tcp { addr, token } => {
+                let s = TcpStream::connect(addr.as_str()).map_err(|err| ClientError::Connect {
+                    at: format!("http://{addr}"),
+                    err,
+                })?;
+                let _ = s.set_nodelay(true);
+                (Box::new(s), format!("Authorization: Bearer {token}\r\n"))
+            }
+        })
     }
 
     fn send(
@@ -109,12 +165,9 @@ impl Kilnd {
         content_type: &str,
         body: &[u8],
     ) -> Result<Response, ClientError> {
-        let mut stream = UnixStream::connect(&self.socket).map_err(|err| ClientError::Connect {
-            path: self.socket.clone(),
-            err,
-        })?;
+        let (mut stream, auth) = self.connect()?;
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: kilnd\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: kilnd\r\nConnection: close\r\n{auth}Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         stream.write_all(head.as_bytes())?;

@@ -23,15 +23,23 @@ fn main() {
     fake_vmm::main(&[("kilnd_end_to_end_with_a_stand_in_vmm", end_to_end)]);
 }
 
-/// A kilnd process on a state folder.
+/// The bearer token of the daemon's TCP listener.
+const TOKEN: &str = "kilnd-test-token-0123456789";
+
+/// A kilnd process on a state folder, also on a TCP port behind [`TOKEN`].
 struct Daemon {
     child: Child,
     sock: PathBuf,
+    url: String,
 }
 
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
         let sock = dir.join("state/kilnd.sock");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -47,6 +55,8 @@ impl Daemon {
             .arg("--agent")
             .arg(dir.join("agent"))
             .args(["--max-vms", "4", "--default-timeout", "120"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("KILND_TOKEN", TOKEN)
             // The stand-in VMM is this test binary, which logs outside any jail.
             .arg("--no-jail")
             .env("KILN_FAKE_VMM", "agent")
@@ -66,7 +76,11 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Daemon { child, sock }
+        Daemon {
+            child,
+            sock,
+            url: format!("http://127.0.0.1:{port}"),
+        }
     }
 
     fn client(&self) -> Kilnd {
@@ -391,6 +405,39 @@ dir = "{out}/tree"
         "adopted\n"
     );
     assert_eq!(k.resume(&forks[1].id).unwrap().state, SandboxState::Running);
+
+    // The TCP listener serves the same API, streams included, behind its bearer token.
+    let t = Kilnd::tcp(&d.url, TOKEN).unwrap();
+    assert_eq!(
+        t.sandboxes()
+            .unwrap()
+            .iter()
+            .map(|s| &s.id)
+            .collect::<Vec<_>>(),
+        k.sandboxes()
+            .unwrap()
+            .iter()
+            .map(|s| &s.id)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        run(&t, &forks[0].id, &["sh", "-c", "echo over tcp"]),
+        ("over tcp\n".to_string(), Some(0))
+    );
+    let wrong = Kilnd::tcp(&format!("{}/", d.url), "not-the-token-at-all").unwrap();
+    let (code, msg) = status(wrong.sandboxes().unwrap_err());
+    assert_eq!((code, msg.as_str()), (401, "missing or wrong bearer token"));
+    for bad in [
+        "unix:/x",
+        "http://",
+        "http://127.0.0.1",
+        "https://127.0.0.1:1",
+    ] {
+        assert!(
+            matches!(Kilnd::tcp(bad, TOKEN), Err(ClientError::Url(u)) if u == bad),
+            "{bad}"
+        );
+    }
 
     // Expiry kills; metrics count; kill removes everything.
     k.set_timeout(&forks[0].id, 1).unwrap();

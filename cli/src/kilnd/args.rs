@@ -18,7 +18,8 @@ pub const USAGE: &str = "usage: kiln template build FILE [--json]
        kiln run --template NAME [--env K=V]... [--timeout SECS] [--json] [--lang python|sh|node]
                 [-c CODE | FILE.py | -- CMD...]
 
-Talks to kilnd, Kiln's pool manager, on its socket: --kilnd PATH, else $KILND_SOCKET, else
+Talks to kilnd, Kiln's pool manager, on its socket: --kilnd PATH, else $KILND_URL (kilnd --listen's
+http://HOST:PORT, with its bearer token in $KILND_TOKEN), else $KILND_SOCKET, else
 /var/lib/kiln/kilnd.sock (root) or ~/.local/share/kiln/kilnd.sock. Start it with `kilnd`.
 
 template build  builds a template from a spec file (TOML; see the README) and shows its progress;

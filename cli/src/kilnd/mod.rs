@@ -37,6 +37,24 @@ pub fn socket(flag: Option<PathBuf>) -> PathBuf {
     dir.join("kilnd.sock")
 }
 
+/// The client kiln uses: `--kilnd PATH`; else `$KILND_URL` (kilnd's TCP listener) with the bearer
+/// token in `$KILND_TOKEN`, as the Python SDK does; else [`socket`]'s.
+pub fn client(flag: Option<PathBuf>) -> Result<Kilnd, String> {
+    let url = std::env::var("KILND_URL").ok().filter(|v| !v.is_empty());
+    match (flag, url) {
+        (None, Some(url)) => {
+            let token = std::env::var("KILND_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    format!("$KILND_URL is {url}: kilnd's TCP listener needs its bearer token in $KILND_TOKEN")
+                })?;
+            Kilnd::tcp(&url, token).map_err(|e| format!("$KILND_URL: {e}"))
+        }
+        (flag, _) => Ok(Kilnd::new(socket(flag))),
+    }
+}
+
 fn fail(msg: impl std::fmt::Display) -> i32 {
     eprintln!("kiln: {msg}");
     EXIT_KILN
@@ -52,7 +70,10 @@ pub fn template(words: &[String]) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let k = Kilnd::new(socket(sock));
+    let k = match client(sock) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
     let result = match cmd {
         TemplateCmd::Build { file, json } => {
             let spec = match Spec::load(&file) {
@@ -222,7 +243,10 @@ pub fn sandbox(words: &[String]) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let k = Kilnd::new(socket(sock));
+    let k = match client(sock) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
     let result: Result<(), String> = match cmd {
         SandboxCmd::Create {
             template,
@@ -367,7 +391,10 @@ pub fn run_template(
     opts: &args::ExecOpts,
     json: bool,
 ) -> i32 {
-    let k = Kilnd::new(socket(sock));
+    let k = match client(sock) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
     let (argv, upload) = match what {
         RunWhat::Code(code) => match interpreter(lang.unwrap_or("python"), false) {
             Ok(mut v) => {
