@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use clap::Parser;
 use kiln_pool::daemon::{Config, Daemon};
 use kiln_pool::jail::{JailConfig, Launcher};
@@ -190,6 +191,15 @@ fn config(args: &Args) -> Result<Config, String> {
     })
 }
 
+/// Sets TCP_NODELAY on an accepted connection: streamed answers (exec output, envd's Connect
+/// streams over HTTP/2) are many small writes, which Nagle's algorithm would hold back until the
+/// peer's delayed ACK (~40 ms each on Linux).
+fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::warn!("cannot set TCP_NODELAY on a connection: {e}");
+    }
+}
+
 /// The token for --listen: from --token-file, else $KILND_TOKEN; never a default.
 fn token(args: &Args) -> Result<String, String> {
     let token = match &args.token_file {
@@ -272,7 +282,8 @@ async fn run(args: Args) -> Result<(), String> {
     if let (Some(addr), Some(token)) = (args.listen, tcp_token) {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("--listen {addr}: {e}"))?;
+            .map_err(|e| format!("--listen {addr}: {e}"))?
+            .tap_io(no_delay);
         let app = kiln_pool::api::tcp_router(daemon.clone(), token);
         tokio::spawn(async move {
             if let Err(e) = axum::serve(tcp, app).await {
@@ -284,7 +295,8 @@ async fn run(args: Args) -> Result<(), String> {
     if let (Some(addr), Some(key)) = (args.e2b_listen, e2b_key) {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("--e2b-listen {addr}: {e}"))?;
+            .map_err(|e| format!("--e2b-listen {addr}: {e}"))?
+            .tap_io(no_delay);
         let e2b = kiln_pool::e2b::E2b::new(daemon.clone(), key);
         let app = kiln_pool::e2b::router(e2b.clone());
         tokio::spawn(async move {

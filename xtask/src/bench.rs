@@ -7,7 +7,7 @@ use crate::lab::{self, LabRun};
 use crate::util::Result;
 
 const USAGE: &str =
-    "usage: cargo xtask bench boot|block|exec|vsock|snapshot|restore|pool|memory [--runs N]
+    "usage: cargo xtask bench boot|block|exec|vsock|snapshot|restore|pool|memory|e2b [--runs N]
        cargo xtask bench cycles [--restores N] [--boots M]";
 
 /// Benchmarks `kiln-lab-bench` knows.
@@ -20,6 +20,10 @@ pub fn main(args: &[String]) -> Result<u8> {
     let Some((name, rest)) = args.split_first() else {
         return Err(USAGE.into());
     };
+    if name == "e2b" {
+        // Driven from the host, with E2B's SDK, against kilnd in the lab.
+        return crate::e2b::run_bench(rest);
+    }
     if !BENCHMARKS.contains(&name.as_str()) {
         return Err(format!("unknown benchmark {name:?}\n{USAGE}"));
     }

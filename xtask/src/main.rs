@@ -36,6 +36,8 @@ commands:
                                pinned firecracker-python package, and schemathesis over
                                Firecracker's swagger (tests/firecracker-clients)
   bench boot [--runs N]        boot time under kiln-vmm vs QEMU microvm, inside the lab
+                               (also block, exec, vsock, snapshot, restore, cycles, pool, memory,
+                               e2b: see the README)
   fuzz [TARGET] [--seconds N]  run the fuzz targets (fuzz/) under libFuzzer, N s each (60)
   guest-kernel                 build (or find in the cache) Kiln's guest vmlinux and print its path
   rootfs [--agent PATH]        build (or find in the cache) the guest root filesystem (Debian bookworm,
