@@ -6,7 +6,7 @@
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -199,6 +199,25 @@ impl ApiVmm {
                 "{phase}: kiln-vmm ended ({status}); stderr:\n{}",
                 self.stderr()
             );
+        }
+    }
+
+    /// Waits up to `limit` for the process to end by itself; its exit status. From then on the
+    /// collected output is complete.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for kiln-vmm") {
+                self.stdout.finish();
+                self.stderr.finish();
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "kiln-vmm did not end within {limit:?}; stderr:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(10));
         }
     }
 
