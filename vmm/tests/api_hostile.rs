@@ -6,15 +6,17 @@
 //! 50 ms and the worst latency of each load is printed), the process must stay alive, each large
 //! input must get a 400 whose body does not grow with it, and nothing may mention seccomp.
 
+mod common;
+
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use common::{ApiVmm, scratch};
 use kiln_api::client::{self, Client};
 
 /// A probe not answered within this fails the test.
@@ -23,78 +25,6 @@ const PROBE_LIMIT: Duration = Duration::from_secs(2);
 const GENEROUS: Duration = Duration::from_secs(60);
 /// Largest 400 body a large input may get back.
 const BOUNDED: usize = 1024;
-
-/// A fresh directory for this test's socket.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-it-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
-}
-
-/// `kiln-vmm --api-sock`, its stderr collected as it comes (so it never blocks on a full pipe).
-struct Vmm {
-    child: Child,
-    sock: PathBuf,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Vmm {
-    fn start(dir: &Path) -> Self {
-        let sock = dir.join("api.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
-            .arg("--api-sock")
-            .arg(&sock)
-            .env("KILN_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start kiln-vmm");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().expect("piped stderr");
-        let collected = stderr.clone();
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let text = String::from_utf8_lossy(&buf[..n]);
-                collected.lock().unwrap().push_str(&text);
-            }
-        });
-        let start = Instant::now();
-        while !sock.exists() {
-            assert!(start.elapsed() < GENEROUS, "the API socket never appeared");
-            thread::sleep(Duration::from_millis(5));
-        }
-        Self {
-            child,
-            sock,
-            stderr,
-        }
-    }
-
-    fn assert_alive(&mut self, phase: &str) {
-        let status = self.child.try_wait().expect("wait for kiln-vmm");
-        assert!(
-            status.is_none(),
-            "{phase}: kiln-vmm ended ({status:?}); stderr:\n{}",
-            self.stderr.lock().unwrap()
-        );
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(dir) = self.sock.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
 
 /// One request on a fresh connection that asks to be closed; the status and body.
 fn ask(sock: &Path, head: &str, body: &[u8], timeout: Duration) -> Result<(u16, String), String> {
@@ -195,11 +125,11 @@ impl Probe {
 }
 
 /// Runs `load` while probing; the worst probe latency.
-fn under_probe(vmm: &mut Vmm, phase: &str, load: impl FnOnce(&Path)) -> Duration {
-    let probe = Probe::start(&vmm.sock);
+fn under_probe(vmm: &mut ApiVmm, phase: &str, load: impl FnOnce(&Path)) -> Duration {
+    let probe = Probe::start(vmm.sock());
     // Let a few probes run before the load, too.
     thread::sleep(Duration::from_millis(100));
-    load(&vmm.sock);
+    load(vmm.sock());
     let max = probe.finish(phase);
     vmm.assert_alive(phase);
     max
@@ -381,7 +311,7 @@ fn lone_trickle(sock: &Path) -> JoinHandle<(String, Duration)> {
 #[test]
 fn the_api_survives_hostile_clients_and_keeps_answering() {
     let dir = scratch("api-hostile");
-    let mut vmm = Vmm::start(&dir);
+    let mut vmm = ApiVmm::options().env("KILN_LOG", "warn").start(&dir, "api");
 
     let mut worst = Vec::new();
     worst.push((
@@ -410,7 +340,7 @@ fn the_api_survives_hostile_clients_and_keeps_answering() {
     ));
     // From here on the server is never full, so this trickle is not dropped for another client
     // and meets the read deadline of the real process (10 s) while the other loads run.
-    let lone_trickle = lone_trickle(&vmm.sock);
+    let lone_trickle = lone_trickle(vmm.sock());
     worst.push((
         "10 MB heads",
         under_probe(&mut vmm, "10 MB header streams", |sock| {
@@ -475,10 +405,12 @@ fn the_api_survives_hostile_clients_and_keeps_answering() {
     println!("a request trickled over 10 s was refused after {took:?}");
 
     vmm.assert_alive("the end");
-    let (status, _) = client::request(&vmm.sock, "GET", "/", None).unwrap();
+    let (status, _) = client::request(vmm.sock(), "GET", "/", None).unwrap();
     assert_eq!(status, 200);
-    let stderr = vmm.stderr.lock().unwrap().clone();
+    let stderr = vmm.stderr();
     assert!(!stderr.contains("seccomp"), "{stderr}");
     println!("worst GET / latency under each load: {worst:?}");
     println!("kiln-vmm's stderr:\n{stderr}");
+    drop(vmm);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,91 +6,15 @@
 
 mod common;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Program, scratch, tiny_kernel, write};
-use kiln_api::client::request;
-use serde_json::Value;
-
-const LIMIT: Duration = Duration::from_secs(60);
-
-struct Vmm {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Vmm {
-    fn start(dir: &Path, name: &str) -> Self {
-        let sock = dir.join(format!("{name}.sock"));
-        let child = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
-            .arg("--api-sock")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start kiln-vmm");
-        let start = Instant::now();
-        while !sock.exists() {
-            assert!(start.elapsed() < LIMIT, "the API socket never appeared");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Self { child, sock }
-    }
-
-    fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let body = (!body.is_empty()).then_some(body);
-        request(&self.sock, method, path, body).expect("API call")
-    }
-
-    fn ok(&self, method: &str, path: &str, body: &str) {
-        let (code, text) = self.call(method, path, body);
-        assert_eq!(code, 204, "{method} {path} {body}: {text}");
-    }
-
-    fn json(&self, path: &str) -> Value {
-        let (code, text) = self.call("GET", path, "");
-        assert_eq!(code, 200, "GET {path}: {text}");
-        serde_json::from_str(&text).unwrap()
-    }
-
-    fn fault(&self, method: &str, path: &str, body: &str) -> String {
-        let (code, text) = self.call(method, path, body);
-        assert_eq!(code, 400, "{method} {path} {body}: {text}");
-        let v: Value = serde_json::from_str(&text).unwrap();
-        v["fault_message"].as_str().unwrap().to_string()
-    }
-
-    /// Still running, or the stderr of its end (a seccomp stop says which call).
-    fn assert_alive(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            let mut err = String::new();
-            self.child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("kiln-vmm ended ({status}): {err}");
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{ApiVmm, Program, scratch, tiny_kernel, write};
 
 #[test]
 fn the_balloon_api_before_and_after_boot_and_through_a_snapshot() {
     let dir = scratch("balloon");
     let kernel = write(&dir, "counter.elf", &tiny_kernel(Program::Counter, true));
-    let mut vmm = Vmm::start(&dir, "boot");
+    let mut vmm = ApiVmm::start(&dir, "boot");
     assert!(
         vmm.fault("GET", "/balloon", "")
             .contains("no balloon device")
@@ -121,7 +45,7 @@ fn the_balloon_api_before_and_after_boot_and_through_a_snapshot() {
     vmm.ok("PATCH", "/balloon", r#"{"amount_mib": 8}"#);
     assert_eq!(vmm.json("/balloon")["amount_mib"], 8);
     vmm.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
-    vmm.assert_alive();
+    vmm.assert_alive("started");
 
     let config = vmm.json("/balloon");
     assert_eq!(
@@ -168,20 +92,11 @@ fn the_balloon_api_before_and_after_boot_and_through_a_snapshot() {
 
     // Full snapshot under the VMM thread's filter and a restore into a new process.
     vmm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
-    let (state, mem) = (dir.join("b.state"), dir.join("b.mem"));
-    vmm.ok(
-        "PUT",
-        "/snapshot/create",
-        &format!(
-            r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-            state.display(),
-            mem.display()
-        ),
-    );
-    vmm.assert_alive();
+    let (state, mem) = vmm.snapshot(&dir, "b", "Full");
+    vmm.assert_alive("snapshot taken");
     drop(vmm);
 
-    let mut restored = Vmm::start(&dir, "restored");
+    let mut restored = ApiVmm::start(&dir, "restored");
     restored.ok(
         "PUT",
         "/snapshot/load",
@@ -197,5 +112,5 @@ fn the_balloon_api_before_and_after_boot_and_through_a_snapshot() {
     restored.ok("PATCH", "/balloon", r#"{"amount_mib": 2}"#);
     assert_eq!(restored.json("/balloon/statistics")["target_mib"], 2);
     std::thread::sleep(Duration::from_millis(300));
-    restored.assert_alive();
+    restored.assert_alive("restored");
 }

@@ -8,78 +8,28 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{FLOOD_READ, FLOOD_STATUSES, FLOOD_USED_IDX, Program, scratch, tiny_kernel, write};
-use kiln_api::client::request;
+use common::{
+    ApiVmm, FLOOD_READ, FLOOD_STATUSES, FLOOD_USED_IDX, Program, Stream, scratch, tiny_kernel,
+    write,
+};
 
 /// Where the flood guest's reads land.
 const FLOOD_BUF: u64 = 0x100_0000;
 const LIMIT: Duration = Duration::from_secs(30);
 
-struct Vmm {
-    child: Child,
-    sock: PathBuf,
+/// Pauses, snapshots to `dir/name.*` and reads back what the guest's reads brought in.
+fn pause_and_look(vmm: &ApiVmm, dir: &Path, name: &str) -> (PathBuf, PathBuf, Served) {
+    vmm.success("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let (state, mem) = vmm.snapshot(dir, name, "Full");
+    let served = Served::from(&mem);
+    (state, mem, served)
 }
 
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Vmm {
-    fn start(dir: &Path, name: &str) -> Self {
-        let sock = dir.join(format!("{name}.sock"));
-        let child = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
-            .arg("--api-sock")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start kiln-vmm");
-        let vmm = Vmm { child, sock };
-        let start = Instant::now();
-        while !vmm.sock.exists() {
-            assert!(start.elapsed() < LIMIT, "no API socket");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        vmm
-    }
-
-    fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let body = (!body.is_empty()).then_some(body);
-        request(&self.sock, method, path, body).expect("API call")
-    }
-
-    fn ok(&self, method: &str, path: &str, body: &str) -> String {
-        let (code, text) = self.call(method, path, body);
-        assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
-        text
-    }
-
-    /// Pauses, snapshots to `dir/name.*` and reads back what the guest's reads brought in.
-    fn pause_and_look(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf, Served) {
-        self.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
-        let (state, mem) = (
-            dir.join(format!("{name}.state")),
-            dir.join(format!("{name}.mem")),
-        );
-        self.ok(
-            "PUT",
-            "/snapshot/create",
-            &format!(
-                r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-                state.display(),
-                mem.display()
-            ),
-        );
-        let served = Served::from(&mem);
-        (state, mem, served)
-    }
+/// kiln-vmm serving `dir/NAME.sock`, its log shown as it comes.
+fn start_vmm(dir: &Path, name: &str) -> ApiVmm {
+    ApiVmm::options().stderr(Stream::Inherit).start(dir, name)
 }
 
 /// What a snapshot's memory shows of the guest's reads.
@@ -121,18 +71,18 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
     let base = write(&dir, "base.img", &vec![0x5au8; FLOOD_READ as usize]);
     let overlay = write(&dir, "overlay.img", &[]);
 
-    let first = Vmm::start(&dir, "first");
-    first.ok(
+    let first = start_vmm(&dir, "first");
+    first.success(
         "PUT",
         "/boot-source",
         &format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display()),
     );
-    first.ok(
+    first.success(
         "PUT",
         "/machine-config",
         r#"{"vcpu_count": 1, "mem_size_mib": 32}"#,
     );
-    first.ok(
+    first.success(
         "PUT",
         "/drives/data",
         &format!(
@@ -141,9 +91,9 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
             overlay.display()
         ),
     );
-    first.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    first.success("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
     std::thread::sleep(Duration::from_millis(300));
-    let (state, mem, served) = first.pause_and_look(&dir, "first");
+    let (state, mem, served) = pause_and_look(&first, &dir, "first");
     assert!(served.used >= 64, "the device served {} reads", served.used);
     assert!(
         served.statuses.iter().all(|&s| s == 0),
@@ -185,7 +135,7 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
         "clone-overlay.img",
         &vec![0xc3u8; FLOOD_READ as usize],
     );
-    let load = |vmm: &Vmm, overrides: &str| {
+    let load = |vmm: &ApiVmm, overrides: &str| {
         vmm.call(
             "PUT",
             "/snapshot/load",
@@ -196,7 +146,7 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
             ),
         )
     };
-    let bad = Vmm::start(&dir, "bad");
+    let bad = start_vmm(&dir, "bad");
     let (code, text) = load(
         &bad,
         r#"[{"drive_id": "rootfs", "cow_overlay_path": "/x"}]"#,
@@ -221,7 +171,7 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
     );
     drop(bad);
 
-    let clone = Vmm::start(&dir, "clone");
+    let clone = start_vmm(&dir, "clone");
     let (code, text) = load(
         &clone,
         &format!(
@@ -230,7 +180,7 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
         ),
     );
     assert_eq!(code, 204, "{text}");
-    let config = clone.ok("GET", "/vm/config", "");
+    let config = clone.success("GET", "/vm/config", "");
     assert!(
         config.contains(&format!(
             r#""cow_overlay_path":"{}""#,
@@ -244,7 +194,7 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
     let mut round = 0;
     let served = loop {
         std::thread::sleep(Duration::from_millis(300));
-        let (_, _, served) = clone.pause_and_look(&dir, &format!("clone{round}"));
+        let (_, _, served) = pause_and_look(&clone, &dir, &format!("clone{round}"));
         if served.buffer.iter().all(|&b| b == 0xc3) {
             break served;
         }
@@ -252,7 +202,7 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
             start.elapsed() < LIMIT,
             "the restored guest never read the override's bytes"
         );
-        clone.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+        clone.success("PATCH", "/vm", r#"{"state": "Resumed"}"#);
         round += 1;
     };
     assert!(

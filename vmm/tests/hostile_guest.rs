@@ -8,43 +8,21 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    FLOOD_AVAIL_IDX, FLOOD_READ, FLOOD_STATUSES, FLOOD_USED_IDX, Program, scratch, tiny_kernel,
-    write,
+    ApiVmm, FLOOD_AVAIL_IDX, FLOOD_READ, FLOOD_STATUSES, FLOOD_USED_IDX, Program, Stream, scratch,
+    tiny_kernel, write,
 };
-use kiln_api::client::request;
 
 /// How long any one API call may take here; the point is that it is answered at all.
 const ANSWER_LIMIT: Duration = Duration::from_secs(2);
 
-struct Vmm {
-    child: Child,
-    sock: std::path::PathBuf,
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Vmm {
-    fn call(&self, method: &str, path: &str, body: &str) -> (u16, String, Duration) {
-        let start = Instant::now();
-        let body = (!body.is_empty()).then_some(body);
-        let (code, text) = request(&self.sock, method, path, body).expect("API call");
-        (code, text, start.elapsed())
-    }
-
-    fn ok(&self, method: &str, path: &str, body: &str) -> Duration {
-        let (code, text, took) = self.call(method, path, body);
-        assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
-        took
-    }
+/// A request that must succeed, and how long it took to be answered.
+fn timed(vmm: &ApiVmm, method: &str, path: &str, body: &str) -> Duration {
+    let start = Instant::now();
+    vmm.success(method, path, body);
+    start.elapsed()
 }
 
 /// CPU time (user + system, in clock ticks) the VMM's main thread (its event loop) has used.
@@ -60,32 +38,18 @@ fn a_guest_keeping_the_block_queue_full_cannot_starve_the_api() {
     let dir = scratch("blk-flood");
     let kernel = write(&dir, "flood.elf", &tiny_kernel(Program::BlkFlood, false));
     let disk = write(&dir, "disk.img", &vec![0x5au8; FLOOD_READ as usize]);
-    let sock = dir.join("api.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start kiln-vmm");
-    let vmm = Vmm { child, sock };
-    let start = Instant::now();
-    while !vmm.sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(30), "no API socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    vmm.ok(
+    let vmm = ApiVmm::options().stderr(Stream::Inherit).start(&dir, "api");
+    vmm.success(
         "PUT",
         "/boot-source",
         &format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display()),
     );
-    vmm.ok(
+    vmm.success(
         "PUT",
         "/machine-config",
         r#"{"vcpu_count": 1, "mem_size_mib": 32}"#,
     );
-    vmm.ok(
+    vmm.success(
         "PUT",
         "/drives/data",
         &format!(
@@ -93,15 +57,15 @@ fn a_guest_keeping_the_block_queue_full_cannot_starve_the_api() {
             disk.display()
         ),
     );
-    vmm.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    vmm.success("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
 
     // Probe the API every 20 ms for 3 s while the guest floods the queue.
-    let pid = vmm.child.id();
+    let pid = vmm.pid();
     let ticks_before = loop_ticks(pid);
     let probe_start = Instant::now();
     let mut latencies = Vec::new();
     while probe_start.elapsed() < Duration::from_secs(3) {
-        let took = vmm.ok("GET", "/", "");
+        let took = timed(&vmm, "GET", "/", "");
         assert!(took < ANSWER_LIMIT, "GET / took {took:?}");
         latencies.push(took);
         std::thread::sleep(Duration::from_millis(20));
@@ -118,18 +82,9 @@ fn a_guest_keeping_the_block_queue_full_cannot_starve_the_api() {
     );
 
     // Pause and snapshot answer too; the memory file shows what the guest got served.
-    let took = vmm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let took = timed(&vmm, "PATCH", "/vm", r#"{"state": "Paused"}"#);
     assert!(took < ANSWER_LIMIT, "pause took {took:?}");
-    let (state, mem) = (dir.join("flood.state"), dir.join("flood.mem"));
-    vmm.ok(
-        "PUT",
-        "/snapshot/create",
-        &format!(
-            r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-            state.display(),
-            mem.display()
-        ),
-    );
+    let (_, mem) = vmm.snapshot(&dir, "flood", "Full");
     let mem = std::fs::File::open(Path::new(&mem)).unwrap();
     let read = |addr: u32, len: usize| {
         let mut b = vec![0u8; len];
@@ -150,9 +105,9 @@ fn a_guest_keeping_the_block_queue_full_cannot_starve_the_api() {
         avail_idx.wrapping_sub(used_idx) >= 32,
         "{avail_idx} {used_idx}"
     );
-    let took = vmm.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let took = timed(&vmm, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
     assert!(took < ANSWER_LIMIT);
-    let (code, text, _) = vmm.call("GET", "/", "");
+    let (code, text) = vmm.call("GET", "/", "");
     assert_eq!(code, 200, "{text}");
     assert!(text.contains("Running"), "{text}");
 }

@@ -6,14 +6,10 @@
 
 mod common;
 
-use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Program, kiln_vmm, scratch, tiny_kernel, write};
-use kiln_api::client::request;
+use common::{ApiVmm, Program, kiln_vmm, scratch, tiny_kernel, write};
 
 #[test]
 fn a_missing_tap_is_refused_by_name() {
@@ -98,78 +94,12 @@ fn netns_with_taps(names: &[&str]) {
     }
 }
 
-/// A kiln-vmm serving its API socket.
-struct Vmm {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Vmm {
-    fn start(dir: &Path, name: &str) -> Self {
-        let sock = dir.join(format!("{name}.sock"));
-        let child = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
-            .arg("--api-sock")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start kiln-vmm");
-        let start = Instant::now();
-        while !sock.exists() {
-            assert!(start.elapsed() < Duration::from_secs(60), "no API socket");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Self { child, sock }
-    }
-
-    fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let body = (!body.is_empty()).then_some(body);
-        request(&self.sock, method, path, body).expect("API call")
-    }
-
-    fn ok(&self, method: &str, path: &str, body: &str) {
-        let (code, text) = self.call(method, path, body);
-        assert_eq!(code, 204, "{method} {path} {body}: {text}");
-    }
-
-    fn fault(&self, method: &str, path: &str, body: &str) -> String {
-        let (code, text) = self.call(method, path, body);
-        assert_eq!(code, 400, "{method} {path} {body}: {text}");
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        v["fault_message"].as_str().unwrap().to_string()
-    }
-
-    fn config(&self) -> serde_json::Value {
-        let (code, text) = self.call("GET", "/vm/config", "");
-        assert_eq!(code, 200, "{text}");
-        serde_json::from_str(&text).unwrap()
-    }
-
-    fn stderr(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut s = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn interfaces_are_configured_patched_snapshotted_and_moved_to_another_tap() {
     netns_with_taps(&["kt0", "kt1"]);
     let dir = scratch("net-api");
     let kernel = write(&dir, "counter.elf", &tiny_kernel(Program::Counter, true));
-    let vmm = Vmm::start(&dir, "boot");
+    let vmm = ApiVmm::start(&dir, "boot");
     vmm.ok(
         "PUT",
         "/boot-source",
@@ -212,7 +142,7 @@ fn interfaces_are_configured_patched_snapshotted_and_moved_to_another_tap() {
     );
     vmm.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
 
-    let cfg = vmm.config();
+    let cfg = vmm.json("/vm/config");
     let eth0 = &cfg["network-interfaces"][0];
     assert_eq!(eth0["host_dev_name"], "kt0");
     assert_eq!(eth0["tx_rate_limiter"]["bandwidth"]["size"], 1_000_000);
@@ -222,7 +152,7 @@ fn interfaces_are_configured_patched_snapshotted_and_moved_to_another_tap() {
         r#"{"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": 100, "refill_time": 1000}},
             "tx_rate_limiter": {"bandwidth": {"size": 0, "refill_time": 0}}}"#,
     );
-    let cfg = vmm.config();
+    let cfg = vmm.json("/vm/config");
     let eth0 = &cfg["network-interfaces"][0];
     assert_eq!(eth0["rx_rate_limiter"]["ops"]["size"], 100);
     assert!(
@@ -267,14 +197,14 @@ fn interfaces_are_configured_patched_snapshotted_and_moved_to_another_tap() {
     };
 
     // The original still holds kt0: a clone must be moved to its own TAP.
-    let clone = Vmm::start(&dir, "clone-a");
+    let clone = ApiVmm::start(&dir, "clone-a");
     let f = clone.fault("PUT", "/snapshot/load", &load(""));
     assert!(
         f.contains("cannot attach TAP kt0") && f.contains("pass network_overrides"),
         "{f}"
     );
     drop(clone);
-    let clone = Vmm::start(&dir, "clone-b");
+    let clone = ApiVmm::start(&dir, "clone-b");
     let f = clone.fault(
         "PUT",
         "/snapshot/load",
@@ -285,13 +215,13 @@ fn interfaces_are_configured_patched_snapshotted_and_moved_to_another_tap() {
         "{f}"
     );
     drop(clone);
-    let clone = Vmm::start(&dir, "clone-c");
+    let mut clone = ApiVmm::start(&dir, "clone-c");
     clone.ok(
         "PUT",
         "/snapshot/load",
         &load(r#"{"iface_id": "eth0", "host_dev_name": "kt1"}"#),
     );
-    let cfg = clone.config();
+    let cfg = clone.json("/vm/config");
     let eth0 = &cfg["network-interfaces"][0];
     assert_eq!(eth0["host_dev_name"], "kt1");
     assert_eq!(eth0["guest_mac"], "06:00:ac:10:00:02");
@@ -302,6 +232,7 @@ fn interfaces_are_configured_patched_snapshotted_and_moved_to_another_tap() {
     let (code, info) = clone.call("GET", "/", "");
     assert_eq!(code, 200);
     assert!(info.contains("\"Running\""), "{info}");
+    clone.kill();
     let err = clone.stderr();
     assert!(!err.contains("panicked"), "{err}");
     drop(vmm);

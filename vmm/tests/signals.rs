@@ -3,46 +3,28 @@
 //! Firecracker's exit status, a line on stderr naming the signal and a last metrics line that
 //! counts it.
 
-use std::io::Read;
+mod common;
+
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kiln_api::client::request;
+use common::{ApiVmm, scratch};
 
-/// A fresh directory for one test's files.
-fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-sig-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
-}
-
-fn start(dir: &Path) -> (Child, std::path::PathBuf, std::path::PathBuf) {
-    let sock = dir.join("api.sock");
+/// kiln-vmm serving `dir/api.sock` and writing metrics to `dir/metrics.json`; and that path.
+fn start(dir: &Path) -> (ApiVmm, PathBuf) {
     let metrics = dir.join("metrics.json");
-    let child = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
-        .arg("--api-sock")
-        .arg(&sock)
+    let vmm = ApiVmm::options()
         .arg("--metrics-path")
         .arg(&metrics)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start kiln-vmm");
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(30), "no API socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    (child, sock, metrics)
+        .start(dir, "api");
+    (vmm, metrics)
 }
 
-fn signal(child: &Child, sig: libc::c_int) {
+/// Sends `sig` to the VMM.
+fn signal(vmm: &ApiVmm, sig: libc::c_int) {
     // SAFETY: kill on a process this test started.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+    assert_eq!(unsafe { libc::kill(vmm.pid() as i32, sig) }, 0);
 }
 
 fn metrics_lines(path: &Path) -> Vec<serde_json::Value> {
@@ -53,43 +35,16 @@ fn metrics_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn wait(child: &mut Child) -> (std::process::ExitStatus, String) {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return (status, err);
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "kiln-vmm did not end"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn sigpipe_is_counted_and_the_vmm_goes_on() {
     let dir = scratch("sigpipe");
-    let (mut child, sock, metrics) = start(&dir);
+    let (mut vmm, metrics) = start(&dir);
     // Signals of one kind do not queue, so each is sent once the previous one was counted.
     for expected in 1..=2 {
-        signal(&child, libc::SIGPIPE);
+        signal(&vmm, libc::SIGPIPE);
         let start = Instant::now();
         loop {
-            let (code, body) = request(
-                &sock,
-                "PUT",
-                "/actions",
-                Some(r#"{"action_type": "FlushMetrics"}"#),
-            )
-            .unwrap();
+            let (code, body) = vmm.call("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
             assert_eq!(code, 204, "{body}");
             // Counters are per line: the total is their sum.
             let lines = metrics_lines(&metrics);
@@ -112,11 +67,10 @@ fn sigpipe_is_counted_and_the_vmm_goes_on() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let (code, _) = request(&sock, "GET", "/", None).unwrap();
+    let (code, _) = vmm.call("GET", "/", "");
     assert_eq!(code, 200);
-    assert!(child.try_wait().unwrap().is_none(), "kiln-vmm ended");
-    let _ = child.kill();
-    let _ = child.wait();
+    vmm.assert_alive("after the SIGPIPEs");
+    drop(vmm);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -131,9 +85,10 @@ fn fatal_signals_end_it_with_firecrackers_status_a_message_and_a_last_line() {
         (libc::SIGILL, "sigill", 157),
     ] {
         let dir = scratch(name);
-        let (mut child, _sock, metrics) = start(&dir);
-        signal(&child, sig);
-        let (exit, stderr) = wait(&mut child);
+        let (mut vmm, metrics) = start(&dir);
+        signal(&vmm, sig);
+        let exit = vmm.wait_exit(Duration::from_secs(30));
+        let stderr = vmm.stderr();
         assert_eq!(exit.code(), Some(status), "{name}: {exit} {stderr}");
         assert_eq!(exit.signal(), None);
         let upper = name.to_uppercase();

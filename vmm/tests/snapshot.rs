@@ -5,76 +5,37 @@
 
 mod common;
 
-use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{COUNTER_ADDR, Program, scratch, tiny_kernel, write};
-use kiln_api::client::request;
+use common::{ApiVmm, COUNTER_ADDR, Program, Stream, scratch, tiny_kernel, write};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// A kiln-vmm process serving its API socket, with its console output collected.
-struct Vmm {
-    child: Child,
-    sock: PathBuf,
-    out: Arc<Mutex<Vec<u8>>>,
+/// kiln-vmm serving `dir/NAME.sock`, the guest's console collected and the VMM's log shown.
+fn start_vmm(dir: &Path, name: &str) -> ApiVmm {
+    ApiVmm::options()
+        .stdout(Stream::Collect)
+        .stderr(Stream::Inherit)
+        .start(dir, name)
 }
 
-impl Vmm {
-    fn start(dir: &Path, name: &str) -> Self {
-        let sock = dir.join(format!("{name}.sock"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
-            .arg("--api-sock")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start kiln-vmm");
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let mut stdout = child.stdout.take().unwrap();
-        let sink = out.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        let start = Instant::now();
-        while !sock.exists() {
-            assert!(start.elapsed() < LIMIT, "the API socket never appeared");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Self { child, sock, out }
-    }
-
-    fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let body = (!body.is_empty()).then_some(body);
-        request(&self.sock, method, path, body).expect("API call")
-    }
-
-    fn ok(&self, method: &str, path: &str, body: &str) {
-        let (code, text) = self.call(method, path, body);
-        assert_eq!(code, 204, "{method} {path} {body}: {text}");
-    }
-
-    fn dots(&self) -> usize {
-        self.out
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|&&b| b == b'.')
-            .count()
-    }
-
+/// What these tests ask of a VMM running the counting guest.
+trait CounterVmm {
+    /// The dots the guest has printed so far.
+    fn dots(&self) -> usize;
     /// Waits until the guest has printed `n` more dots than now.
+    fn wait_dots(&self, n: usize);
+    /// Asks to load `state` and `mem`; the status and body.
+    fn load(&self, state: &Path, mem: &Path, resume: bool) -> (u16, String);
+}
+
+impl CounterVmm for ApiVmm {
+    fn dots(&self) -> usize {
+        self.stdout().bytes().filter(|&b| b == b'.').count()
+    }
+
     fn wait_dots(&self, n: usize) {
         let want = self.dots() + n;
         let start = Instant::now();
@@ -84,20 +45,6 @@ impl Vmm {
         }
     }
 
-    fn snapshot(&self, dir: &Path, name: &str, kind: &str) -> (PathBuf, PathBuf) {
-        let (state, mem) = (
-            dir.join(format!("{name}.state")),
-            dir.join(format!("{name}.mem")),
-        );
-        let body = format!(
-            r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-            state.display(),
-            mem.display()
-        );
-        self.ok("PUT", "/snapshot/create", &body);
-        (state, mem)
-    }
-
     fn load(&self, state: &Path, mem: &Path, resume: bool) -> (u16, String) {
         let body = format!(
             r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": {resume}, "track_dirty_pages": true}}"#,
@@ -105,13 +52,6 @@ impl Vmm {
             mem.display()
         );
         self.call("PUT", "/snapshot/load", &body)
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -135,14 +75,14 @@ fn data_bytes(path: &Path) -> u64 {
         .sum()
 }
 
-fn boot_counter(dir: &Path, vcpus: u8) -> Vmm {
+fn boot_counter(dir: &Path, vcpus: u8) -> ApiVmm {
     boot_counter_with(dir, vcpus, |_| {})
 }
 
 /// [`boot_counter`], with `configure` adding to the VM before it starts.
-fn boot_counter_with(dir: &Path, vcpus: u8, configure: impl FnOnce(&Vmm)) -> Vmm {
+fn boot_counter_with(dir: &Path, vcpus: u8, configure: impl FnOnce(&ApiVmm)) -> ApiVmm {
     let kernel = write(dir, "counter.elf", &tiny_kernel(Program::Counter, true));
-    let vmm = Vmm::start(dir, "boot");
+    let vmm = start_vmm(dir, "boot");
     configure(&vmm);
     vmm.ok(
         "PUT",
@@ -205,7 +145,7 @@ fn pause_snapshot_restore_diff_and_merge() {
     drop(vmm);
 
     // A new process continues from the full snapshot.
-    let restored = Vmm::start(&dir, "restored");
+    let restored = start_vmm(&dir, "restored");
     let (code, text) = restored.load(&a_state, &a_mem, true);
     assert_eq!(code, 204, "{text}");
     assert!(
@@ -236,7 +176,7 @@ fn pause_snapshot_restore_diff_and_merge() {
     // The diff's state needs its memory merged into the base first.
     let merged = dir.join("merged.mem");
     std::fs::copy(&a_mem, &merged).unwrap();
-    let third = Vmm::start(&dir, "third");
+    let third = start_vmm(&dir, "third");
     let (code, fault) = third.load(&d_state, &a_mem, false);
     assert_eq!(code, 400);
     assert!(
@@ -269,7 +209,7 @@ fn bad_snapshot_files_are_refused_by_name_and_the_vmm_waits() {
     let (state, mem) = vmm.snapshot(&dir, "good", "Full");
     drop(vmm);
 
-    let target = Vmm::start(&dir, "target");
+    let target = start_vmm(&dir, "target");
     let mut bytes = std::fs::read(&state).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x10;
@@ -347,7 +287,7 @@ fn crafted_state_files_with_a_right_crc_are_validated_by_name() {
     let (state_path, mem) = vmm.snapshot(&dir, "good", "Full");
     drop(vmm);
 
-    let target = Vmm::start(&dir, "target");
+    let target = start_vmm(&dir, "target");
     type Craft = Box<dyn Fn(&mut MicrovmState)>;
     let cases: Vec<(&str, Craft, &str)> = vec![
         (

@@ -1,14 +1,19 @@
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 //! Shared pieces of kiln-vmm's integration tests: a tiny hand-built guest kernel (an ELF file with a
-//! few dozen instructions, optionally with a PVH note; in `tiny_kernel.rs`) and a runner for the
-//! kiln-vmm binary.
+//! few dozen instructions, optionally with a PVH note; in `tiny_kernel.rs`), a runner for the
+//! kiln-vmm binary and, in `api_vmm.rs`, a kiln-vmm driven over its API socket.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod api_vmm;
 mod tiny_kernel;
+// Not every test binary uses both rooms (api_hostile needs no guest, tiny_guest no API).
+#[allow(unused_imports)]
+pub use api_vmm::*;
+#[allow(unused_imports)]
 pub use tiny_kernel::*;
 
 /// A fresh directory for one test's files.
