@@ -210,7 +210,13 @@ impl Drop for Qemu {
     }
 }
 
-fn qemu_cmd(qmp: &Path, incoming: Option<&Path>) -> Command {
+/// QEMU for run files named `name` in `dir`: its QMP socket `NAME.qmp`, its console (serial on
+/// stdout) in `NAME.console`.
+fn qemu_cmd(dir: &Path, name: &str, incoming: Option<&Path>) -> Result<Command, String> {
+    let qmp = dir.join(format!("{name}.qmp"));
+    let console_path = dir.join(format!("{name}.console"));
+    let console = std::fs::File::create(&console_path)
+        .map_err(|e| format!("{}: {e}", console_path.display()))?;
     let mut c = qemu_microvm(1, MEM_MIB);
     c.arg("-kernel").arg(guest_kernel());
     // microvm has no i8042: reboot=t (a triple fault ends QEMU under -no-reboot).
@@ -233,19 +239,31 @@ fn qemu_cmd(qmp: &Path, incoming: Option<&Path>) -> Command {
     if let Some(file) = incoming {
         c.args(["-incoming", &format!("exec:cat {}", file.display())]);
     }
-    c.stdin(Stdio::null()).stdout(Stdio::null());
-    c
+    c.stdin(Stdio::null()).stdout(console);
+    Ok(c)
+}
+
+/// The agent of the QEMU whose run files are `name`, or an error ending with its console's tail.
+fn qemu_agent_of(dir: &Path, name: &str) -> Result<Client, String> {
+    qemu_agent(Instant::now() + LIMIT).map_err(|e| {
+        let console =
+            std::fs::read_to_string(dir.join(format!("{name}.console"))).unwrap_or_default();
+        let lines: Vec<&str> = console.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        format!("{e}; the end of its console:\n{tail}")
+    })
 }
 
 fn qemu(dir: &Path, run: usize) -> Result<Sample, String> {
     let mut s = Sample::default();
-    let qmp_path = dir.join(format!("qemu{run}.qmp"));
+    let name = format!("qemu{run}");
+    let qmp_path = dir.join(format!("{name}.qmp"));
     let vm = Qemu(
-        qemu_cmd(&qmp_path, None)
+        qemu_cmd(dir, &name, None)?
             .spawn()
             .map_err(|e| format!("starting QEMU: {e}"))?,
     );
-    let client = qemu_agent(Instant::now() + LIMIT)?;
+    let client = qemu_agent_of(dir, &name)?;
     workload(vm.0.id(), &client, &mut s)?;
     drop(client);
 
@@ -260,12 +278,13 @@ fn qemu(dir: &Path, run: usize) -> Result<Sample, String> {
     drop(vm);
 
     let start = Instant::now();
+    let name = format!("qemu{run}r");
     let restored = Qemu(
-        qemu_cmd(&dir.join(format!("qemu{run}r.qmp")), Some(&stream))
+        qemu_cmd(dir, &name, Some(&stream))?
             .spawn()
             .map_err(|e| format!("starting QEMU -incoming: {e}"))?,
     );
-    let client = qemu_agent(Instant::now() + LIMIT)?;
+    let client = qemu_agent_of(dir, &name)?;
     s.restore_ms = start.elapsed().as_secs_f64() * 1e3;
     drop(client);
     drop(restored);
