@@ -341,6 +341,20 @@ dir = "{out}/tree"
         run(&k, &warm.id, &["sh", "-c", "echo $WHO"]).0,
         "template\n"
     );
+    // One with variables of its own gets them over the template's (its clone step is redone).
+    wait_for("the pool refilled", || ready() == 2);
+    let own = k
+        .create(&CreateSandbox {
+            template: "t".into(),
+            env: [("WHO".to_string(), "own".to_string())].into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        run(&k, &own.id, &["sh", "-c", "echo $WHO-${OUT:+out}"]).0,
+        "own-out\n"
+    );
+    k.kill(&own.id).unwrap();
     wait_for("the pool refilled", || ready() == 2);
     k.set_pool(
         "t",

@@ -1,6 +1,8 @@
-//! Creating a sandbox: a warm VM of its template when one is ready (its clone step is all that is
-//! left), else one restored on demand; either way the clone step (fresh entropy, the host's time,
-//! the sandbox's environment) runs before it is handed out.
+//! Creating a sandbox: a warm VM of its template when one is ready (its clone step, with the
+//! template's environment, was done when the pool made it: handing it out needs no round trip to
+//! the guest unless the sandbox has an environment of its own), else one restored on demand with
+//! the clone step (fresh entropy, the host's time, the sandbox's environment) in the same round
+//! trip as the connection.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,29 +24,9 @@ pub const AGENT_WAIT: Duration = Duration::from_secs(60);
 /// The longest lifetime a sandbox may ask for: a day.
 pub const MAX_TIMEOUT_S: u64 = 24 * 3600;
 
-/// Restores the snapshot in `from` into a new VM in `dir` and connects to its agent (no clone
-/// step yet). Cleans up after itself on failure.
-pub fn restore_vm(
-    vmm: &Launcher,
-    dir: &Path,
-    from: &TemplateFiles,
-    limits: Limits,
-) -> Result<(VmProcess, kiln_agent::client::Client), DaemonError> {
-    let result = (|| {
-        let mut vm = VmProcess::spawn(vmm, dir, limits)?;
-        vm.restore(from)?;
-        let client = kiln_agent::client::wait_ready(&vm.vsock, Instant::now() + AGENT_WAIT)?;
-        Ok((vm, client))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(dir);
-    }
-    result
-}
-
 /// Restores `from` into a new VM in `dir` with the clone step done in the same round trip as the
-/// connection (the on-demand path, resume and fork). A VM that fails is killed; the folder is the
-/// caller's to remove (a paused sandbox's holds its snapshot).
+/// connection (warm VMs, the on-demand path, resume and fork). A VM that fails is killed; the
+/// folder is the caller's to remove (a paused sandbox's holds its snapshot).
 pub fn restore_cloned(
     vmm: &Launcher,
     dir: &Path,
@@ -110,6 +92,7 @@ impl Daemon {
             }
         }
         let env = crate::template::build::sandbox_env(&spec, &req.env);
+        let own_env = req.env.clone();
         let warm = self.take_warm(&template_id);
         let starting = match warm {
             Some(_) => None,
@@ -121,18 +104,19 @@ impl Daemon {
         let spec2 = spec.clone();
         let (id, vm, client) = tokio::task::spawn_blocking(move || {
             match warm {
-                Some(w) => {
-                    // The clone step on the connection the pool made.
-                    match w.client.restored_now(env) {
-                        Ok(_) => Ok((w.id, w.vm, w.client)),
-                        Err(e) => {
-                            let mut vm = w.vm;
-                            vm.kill();
-                            let _ = std::fs::remove_dir_all(&vm.dir);
-                            Err(DaemonError::from(e))
-                        }
+                // The pool did the clone step with the template's environment; a sandbox with
+                // variables of its own has it done again with them (its commands' default
+                // environment lives in the guest's agent).
+                Some(w) if own_env.is_empty() => Ok((w.id, w.vm, w.client)),
+                Some(w) => match w.client.restored_now(env) {
+                    Ok(_) => Ok((w.id, w.vm, w.client)),
+                    Err(e) => {
+                        let mut vm = w.vm;
+                        vm.kill();
+                        let _ = std::fs::remove_dir_all(&vm.dir);
+                        Err(DaemonError::from(e))
                     }
-                }
+                },
                 None => {
                     let id = new_id();
                     let dir = sandboxes_dir.join(&id);

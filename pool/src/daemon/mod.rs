@@ -63,8 +63,8 @@ impl Config {
     }
 }
 
-/// A warm VM: restored from a template, resumed, its agent connected; the clone step is done
-/// when it is handed out.
+/// A warm VM: restored from a template, resumed, its agent connected, its clone step done with
+/// the template's environment.
 pub struct Warm {
     /// The id it will have as a sandbox (its folder is named by it).
     pub id: String,

@@ -1,12 +1,14 @@
 //! Warm pools: for each template with `min_ready` > 0, VMs restored ahead, resumed, their agent
-//! connected, waiting for a create to hand them out (which only runs the clone step). A filler
+//! connected and their clone step done (fresh entropy, the host's clock, the template's
+//! environment: each is unique from then on, and a VM's clock keeps time while it waits),
+//! waiting for a create to hand them out without another round trip to the guest. A filler
 //! tops each pool up in the background, a bounded number of restores at a time, within the host
 //! limits (a full host leaves pools short rather than refusing sandboxes).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::create::restore_vm;
+use super::create::restore_cloned;
 use super::{Daemon, Warm, new_id};
 
 /// How often the filler looks at the pools.
@@ -55,8 +57,12 @@ impl Daemon {
             .or_default() += 1;
         let d = self.clone();
         tokio::spawn(async move {
-            let (files, limits) = match d.template_parts(&template_id) {
-                Ok((_, _, spec, files, _)) => (files, crate::template::build::limits(&spec)),
+            let (files, limits, env) = match d.template_parts(&template_id) {
+                Ok((_, _, spec, files, _)) => (
+                    files,
+                    crate::template::build::limits(&spec),
+                    crate::template::build::sandbox_env(&spec, &Default::default()),
+                ),
                 Err(e) => {
                     tracing::warn!(template = %template_id, "pool: {e}");
                     d.done_filling(&template_id);
@@ -65,8 +71,14 @@ impl Daemon {
             };
             let id = new_id();
             let (vmm, dir) = (d.cfg.inputs.vmm.clone(), d.cfg.sandboxes_dir().join(&id));
-            let made =
-                tokio::task::spawn_blocking(move || restore_vm(&vmm, &dir, &files, limits)).await;
+            let made = tokio::task::spawn_blocking(move || {
+                let made = restore_cloned(&vmm, &dir, &files, limits, env);
+                if made.is_err() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                made
+            })
+            .await;
             match made {
                 Ok(Ok((vm, client))) => {
                     let pid = vm.pid();
