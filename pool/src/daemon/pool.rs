@@ -14,6 +14,15 @@ use super::{Daemon, Warm, new_id};
 /// How often the filler looks at the pools.
 const FILL_EVERY: Duration = Duration::from_millis(250);
 
+/// What a warm VM runs once before it waits. The first command in a restored guest pays for
+/// faulting in the process-spawning paths (the agent's, the kernel's fork and exec, the shell's
+/// pages: each first touch of a snapshot page is a fault the host serves); run here, that is off
+/// the sandbox's first command. It runs nothing of the template's own (`exit` is the shell's
+/// builtin); a template without `/bin/sh` just skips it.
+const WARM_UP: [&str; 3] = ["/bin/sh", "-c", "exit 0"];
+/// How long the warm-up may take.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(30);
+
 impl Daemon {
     /// Templates whose pool is short: (template id, memory, how many more to start).
     fn short_pools(&self) -> Vec<(String, u32, usize)> {
@@ -73,8 +82,11 @@ impl Daemon {
             let (vmm, dir) = (d.cfg.inputs.vmm.clone(), d.cfg.sandboxes_dir().join(&id));
             let made = tokio::task::spawn_blocking(move || {
                 let made = restore_cloned(&vmm, &dir, &files, limits, env);
-                if made.is_err() {
-                    let _ = std::fs::remove_dir_all(&dir);
+                match &made {
+                    Ok((_, client)) => warm_up(client),
+                    Err(_) => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
                 }
                 made
             })
@@ -160,5 +172,16 @@ impl Daemon {
             }
             tokio::time::sleep(FILL_EVERY).await;
         }
+    }
+}
+
+/// Runs [`WARM_UP`] in a warm VM; a failure only means the first command will not have it.
+fn warm_up(client: &kiln_agent::client::Client) {
+    let mut spec = kiln_agent::protocol::ExecSpec::new(WARM_UP);
+    spec.timeout_ms = Some(WARM_UP_LIMIT.as_millis() as u64);
+    match client.run(spec) {
+        Ok(out) if out.status == kiln_agent::protocol::ExitStatus::Exited(0) => {}
+        Ok(out) => tracing::debug!("pool: the warm-up ended with {:?}", out.status),
+        Err(e) => tracing::debug!("pool: the warm-up failed: {e}"),
     }
 }
