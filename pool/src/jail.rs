@@ -84,7 +84,16 @@ pub struct Limits {
     pub vcpus: u32,
     /// Guest memory in MiB (the cgroup's memory limit adds the VMM's overhead).
     pub mem_mib: u32,
+    /// A warm VM made in the background: its cgroup's `cpu.weight` is [`BACKGROUND_CPU_WEIGHT`]
+    /// until it is handed out ([`JailConfig::set_cpu_weight`]), so that filling pools never
+    /// slows the sandboxes running commands.
+    pub background: bool,
 }
+
+/// The `cpu.weight` of a warm VM's cgroup while it waits (cgroup v2's default is 100).
+pub const BACKGROUND_CPU_WEIGHT: u32 = 10;
+/// The `cpu.weight` of a sandbox's cgroup: cgroup v2's default.
+pub const SANDBOX_CPU_WEIGHT: u32 = 100;
 
 /// A jail one VM runs in.
 #[derive(Debug)]
@@ -153,9 +162,27 @@ impl JailConfig {
             .arg(format!(
                 "cpu.max={} 100000",
                 u64::from(limits.vcpus) * 100_000
-            ))
-            .arg("--");
+            ));
+        if limits.background {
+            cmd.arg("--cgroup")
+                .arg(format!("cpu.weight={BACKGROUND_CPU_WEIGHT}"));
+        }
+        cmd.arg("--");
         cmd
+    }
+
+    /// Sets the `cpu.weight` of jail `id`'s cgroup (a warm VM handed out as a sandbox).
+    pub fn set_cpu_weight(&self, id: &str, weight: u32) -> Result<(), JailError> {
+        let file = CGROUP2_MOUNTS
+            .iter()
+            .map(|m| cgroup_dir(m, id).join("cpu.weight"))
+            .find(|f| f.exists())
+            .ok_or_else(|| JailError::File {
+                what: "finding the cgroup of jail",
+                path: id.into(),
+                err: std::io::ErrorKind::NotFound.into(),
+            })?;
+        std::fs::write(&file, weight.to_string()).map_err(file_err("writing", &file))
     }
 
     /// Removes a finished jail and its cgroup (`kiln-jailer --cleanup`); what is already gone
@@ -355,6 +382,7 @@ mod tests {
             Limits {
                 vcpus: 2,
                 mem_mib: 256,
+                background: false,
             },
         );
         let args: Vec<String> = cmd
@@ -365,6 +393,26 @@ mod tests {
         assert!(joined.contains("--uid 123456 --gid 123456"), "{joined}");
         assert!(joined.contains(&format!("memory.max={}", (256 + 128) << 20)));
         assert!(joined.contains("cpu.max=200000 100000"));
+        assert!(!joined.contains("cpu.weight"), "{joined}");
         assert_eq!(args.last().map(String::as_str), Some("--"));
+        // A warm VM waits at a low CPU weight.
+        let warm = cfg.command(
+            Path::new("/usr/bin/kiln-vmm"),
+            &jail,
+            Limits {
+                vcpus: 1,
+                mem_mib: 256,
+                background: true,
+            },
+        );
+        let joined = warm
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            joined.contains(&format!("--cgroup cpu.weight={BACKGROUND_CPU_WEIGHT} --")),
+            "{joined}"
+        );
     }
 }

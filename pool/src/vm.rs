@@ -456,6 +456,16 @@ impl VmProcess {
         None
     }
 
+    /// A warm VM becomes a sandbox: its cgroup gets the default CPU weight back (it waited at
+    /// [`crate::jail::BACKGROUND_CPU_WEIGHT`]). Unjailed VMs have no cgroup of their own.
+    pub fn foreground(&self) {
+        if let Some((jail, cfg)) = &self.jail
+            && let Err(e) = cfg.set_cpu_weight(&jail.id, crate::jail::SANDBOX_CPU_WEIGHT)
+        {
+            tracing::warn!(vm = %self.dir.display(), "cannot raise a warm VM's CPU weight: {e}");
+        }
+    }
+
     /// Kills the VMM and reaps it (an adopted one is waited for until its /proc entry goes).
     pub fn kill(&mut self) {
         self.kill_process();

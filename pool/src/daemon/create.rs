@@ -103,6 +103,9 @@ impl Daemon {
         let files2 = files.clone();
         let spec2 = spec.clone();
         let (id, vm, client) = tokio::task::spawn_blocking(move || {
+            if let Some(w) = &warm {
+                w.vm.foreground();
+            }
             match warm {
                 // The pool did the clone step with the template's environment; a sandbox with
                 // variables of its own has it done again with them (its commands' default

@@ -69,7 +69,10 @@ impl Daemon {
             let (files, limits, env) = match d.template_parts(&template_id) {
                 Ok((_, _, spec, files, _)) => (
                     files,
-                    crate::template::build::limits(&spec),
+                    crate::jail::Limits {
+                        background: true,
+                        ..crate::template::build::limits(&spec)
+                    },
                     crate::template::build::sandbox_env(&spec, &Default::default()),
                 ),
                 Err(e) => {

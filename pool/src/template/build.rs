@@ -336,6 +336,7 @@ pub fn limits(spec: &Spec) -> crate::jail::Limits {
     crate::jail::Limits {
         vcpus: spec.vcpus,
         mem_mib: spec.mem_mib,
+        background: false,
     }
 }
 
