@@ -142,6 +142,15 @@ while [ ! -e /tmp/kvm-pin.ready ]; do
   [ $n -gt 200 ] && fail "kvm-pin did not hold a KVM VM within 10 s"
   sleep 0.05
 done
+# The same for the cgroup controllers' static keys: the first memory cgroup turns on kmem and
+# socket accounting, the first CPU quota turns on CFS bandwidth, and the last of them going turns
+# those off again; each flip live-patches kernel text (two L1 hangs seen at the patched sites,
+# with both CPUs looping in the int3 handler, as kilnd made its first jailed VMs). One cgroup with
+# both, held for L1's life and never limiting, flips them once, here, before anything runs.
+pin=/sys/fs/cgroup/kiln-lab-pin
+echo "+cpu +memory" >/sys/fs/cgroup/cgroup.subtree_control &&
+  mkdir -p $pin && echo "6400000 100000" >$pin/cpu.max ||
+  fail "cannot hold the cgroup controllers' static keys on ($pin)"
 ( while :; do echo "@@$M:BEAT@@"; sleep @BEAT@; done ) >/dev/ttyS1 2>&1 &
 n=0
 while [ ! -b /dev/vda ]; do
