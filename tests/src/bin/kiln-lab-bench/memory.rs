@@ -220,7 +220,9 @@ fn qemu_cmd(dir: &Path, name: &str, incoming: Option<&Path>) -> Result<Command, 
     let mut c = qemu_microvm(1, MEM_MIB);
     c.arg("-kernel").arg(guest_kernel());
     // microvm has no i8042: reboot=t (a triple fault ends QEMU under -no-reboot).
-    c.args(["-append", &format!("{CMDLINE} reboot=t root=/dev/vda ro")]);
+    // Without `quiet`: the console (kept in NAME.console) then shows how far the guest got.
+    let cmdline = CMDLINE.replace(" quiet", "");
+    c.args(["-append", &format!("{cmdline} reboot=t root=/dev/vda ro")]);
     c.arg("-drive").arg(format!(
         "id=d0,file={},format=raw,if=none,readonly=on",
         rootfs().display()
