@@ -47,7 +47,8 @@ while [ ! -S "$state/kilnd.sock" ]; do
   if [ $n -gt 600 ]; then echo "e2b-l1: kilnd did not start"; cat "$state.log"; exit 3; fi
   sleep 0.1
 done
-KILND_SOCKET="$state/kilnd.sock" kiln template build /kiln/examples/base.toml || {
+# --json: the result alone (L1's console is a terminal, where kiln would draw its progress).
+KILND_SOCKET="$state/kilnd.sock" kiln template build --json /kiln/examples/base.toml || {
   echo "e2b-l1: building the base template failed"; tail -50 "$state.log"; exit 3; }
 echo "e2b-l1: kilnd serves E2B on port @E2B_PORT@"
 verdict=$(nc -l -p @CONTROL_PORT@ </dev/null | tr -dc 0-9)
