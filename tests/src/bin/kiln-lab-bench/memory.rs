@@ -325,8 +325,20 @@ pub fn run(runs: usize) -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let (mut k, mut q) = (Vec::new(), Vec::new());
     for run in 0..runs {
-        k.push(kiln(&dir, run)?);
-        eprintln!("kiln run {}/{runs} done", run + 1);
+        let s = kiln(&dir, run)?;
+        // Printed as they come: a failing peer must not take Kiln's own figures with it.
+        eprintln!(
+            "kiln run {}/{runs}: idle {:.0} MiB, holding {:.0}, after {:.0}; snapshot {:.1} MiB, \
+             {:.1} MiB after --reclaim's step; restore {:.0} ms",
+            run + 1,
+            s.idle,
+            s.peak,
+            s.after,
+            s.snapshot_mib,
+            s.reclaimed_mib.unwrap_or(f64::NAN),
+            s.restore_ms
+        );
+        k.push(s);
         q.push(qemu(&dir, run)?);
         eprintln!("qemu run {}/{runs} done", run + 1);
     }
