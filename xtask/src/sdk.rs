@@ -66,23 +66,33 @@ pub(crate) fn executables(json_lines: &str, names: &[&str]) -> Result<Vec<PathBu
         .collect()
 }
 
-/// Builds kilnd and the stand-in VMM (debug, as `cargo test` does): their paths.
-fn build_programs() -> Result<(PathBuf, PathBuf)> {
+/// Runs `cargo build` with `args` in the workspace and returns the executables it reports for
+/// `names`, in that order.
+pub(crate) fn build_executables(args: &[&str], names: &[&str]) -> Result<Vec<PathBuf>> {
     let out = util::output(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(util::workspace_root())
-            .args([
-                "build",
-                "--package",
-                "kiln-pool",
-                "--bin",
-                "kilnd",
-                "--example",
-                "fake_vmm",
-                "--message-format=json-render-diagnostics",
-            ]),
+            .arg("build")
+            .args(args)
+            .arg("--message-format=json-render-diagnostics"),
     )?;
-    let mut exes = executables(&out, &["kilnd", "fake_vmm"])?.into_iter();
+    executables(&out, names)
+}
+
+/// Builds kilnd and the stand-in VMM (debug, as `cargo test` does): their paths.
+fn build_programs() -> Result<(PathBuf, PathBuf)> {
+    let built = build_executables(
+        &[
+            "--package",
+            "kiln-pool",
+            "--bin",
+            "kilnd",
+            "--example",
+            "fake_vmm",
+        ],
+        &["kilnd", "fake_vmm"],
+    )?;
+    let mut exes = built.into_iter();
     match (exes.next(), exes.next()) {
         (Some(kilnd), Some(vmm)) => Ok((kilnd, vmm)),
         _ => Err("cargo reported fewer programs than asked for".into()),

@@ -25,20 +25,10 @@ pub fn run_bench(args: &[String]) -> Result<u8> {
     let venv = venv()?;
     let root = util::workspace_root();
     // The CLI as a user installs it: a release build.
-    let out = util::output(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .args([
-                "build",
-                "--release",
-                "--package",
-                "kiln-cli",
-                "--bin",
-                "kiln",
-                "--message-format=json-render-diagnostics",
-            ]),
-    )?;
-    let [kiln] = &crate::sdk::executables(&out, &["kiln"])?[..] else {
+    let [kiln] = &crate::sdk::build_executables(
+        &["--release", "--package", "kiln-cli", "--bin", "kiln"],
+        &["kiln"],
+    )?[..] else {
         return Err("cargo reported no kiln binary".into());
     };
     let verdict = serve_in_lab("bench e2b", None, |served| {

@@ -14,25 +14,21 @@ const HOST_MARKS: &str = "not vm";
 
 /// Builds kilnd, `kiln` and the stand-in VMM (debug, as `cargo test` does): their paths.
 fn host_programs() -> Result<Vec<PathBuf>> {
-    let out = util::output(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(util::workspace_root())
-            .args([
-                "build",
-                "--package",
-                "kiln-pool",
-                "--bin",
-                "kilnd",
-                "--example",
-                "fake_vmm",
-                "--package",
-                "kiln-cli",
-                "--bin",
-                "kiln",
-                "--message-format=json-render-diagnostics",
-            ]),
-    )?;
-    crate::sdk::executables(&out, &["kilnd", "kiln", "fake_vmm"])
+    crate::sdk::build_executables(
+        &[
+            "--package",
+            "kiln-pool",
+            "--bin",
+            "kilnd",
+            "--example",
+            "fake_vmm",
+            "--package",
+            "kiln-cli",
+            "--bin",
+            "kiln",
+        ],
+        &["kilnd", "kiln", "fake_vmm"],
+    )
 }
 
 /// kilnd on the host, stopped (SIGTERM, so it ends its stand-in VMs) when dropped.
