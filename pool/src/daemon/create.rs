@@ -92,7 +92,7 @@ impl Daemon {
             }
         }
         let env = crate::template::build::sandbox_env(&spec, &req.env);
-        let own_env = req.env.clone();
+        let has_own_env = !req.env.is_empty();
         let warm = self.take_warm(&template_id);
         let starting = match warm {
             Some(_) => None,
@@ -110,7 +110,7 @@ impl Daemon {
                 // The pool did the clone step with the template's environment; a sandbox with
                 // variables of its own has it done again with them (its commands' default
                 // environment lives in the guest's agent).
-                Some(w) if own_env.is_empty() => Ok((w.id, w.vm, w.client)),
+                Some(w) if !has_own_env => Ok((w.id, w.vm, w.client)),
                 Some(w) => match w.client.restored_now(env) {
                     Ok(_) => Ok((w.id, w.vm, w.client)),
                     Err(e) => {
