@@ -76,6 +76,50 @@ fn ctl_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Creates the TAP `name` and makes it persistent, from a thread with a file table of its own.
+///
+/// A TAP without IFF_MULTI_QUEUE takes one attachment: while the descriptor that created it is
+/// open anywhere, the VMM's TUNSETIFF fails with EBUSY. Opened in the shared table, a child that
+/// another thread forks at that moment keeps a copy until it execs, so the VMM may find the TAP
+/// busy; a descriptor in a private table is copied by no fork and is gone when the thread ends.
+fn persist_tap(name: &str) -> Result<(), LinkError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare with a constant flag gives this thread (and nothing else) a copy
+            // of the file table; the thread ends right after.
+            check(unsafe { libc::unshare(libc::CLONE_FILES) })
+                .map_err(step("taking a private file table to create", name))?;
+            let tun = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .map_err(step("opening /dev/net/tun for", name))?;
+            let mut req = ifreq(name);
+            req.ifr_ifru.ifru_flags =
+                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+            // SAFETY: TUNSETIFF reads the valid ifreq; TUNSETPERSIST takes an int by value.
+            unsafe {
+                check(libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &req))
+                    .map_err(step("creating TAP", name))?;
+                check(libc::ioctl(
+                    tun.as_raw_fd(),
+                    libc::TUNSETPERSIST,
+                    1 as libc::c_ulong,
+                ))
+                .map_err(step("making persistent TAP", name))
+            }
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(LinkError::Step {
+                what: "creating TAP (the thread panicked)",
+                name: name.into(),
+                err: io::ErrorKind::Other.into(),
+            })
+        })
+    })
+}
+
 /// Sets IFF_UP on `name`.
 pub fn up(name: &str) -> Result<(), LinkError> {
     let s = ctl_socket().map_err(step("opening a socket for", name))?;
@@ -108,25 +152,7 @@ pub fn set_address(name: &str, ip: Ipv4Addr, prefix: u8) -> Result<(), LinkError
 /// Makes the persistent TAP `name` with MAC `mac` (the VMM attaches it later; it goes away with
 /// the namespace).
 pub fn create_tap(name: &str, mac: [u8; 6]) -> Result<(), LinkError> {
-    let tun = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .map_err(step("opening /dev/net/tun for", name))?;
-    let mut req = ifreq(name);
-    req.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-    // SAFETY: TUNSETIFF reads the valid ifreq; TUNSETPERSIST takes an int by value.
-    unsafe {
-        check(libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &req))
-            .map_err(step("creating TAP", name))?;
-        check(libc::ioctl(
-            tun.as_raw_fd(),
-            libc::TUNSETPERSIST,
-            1 as libc::c_ulong,
-        ))
-        .map_err(step("making persistent TAP", name))?;
-    }
+    persist_tap(name)?;
     let s = ctl_socket().map_err(step("opening a socket for", name))?;
     let mut req = ifreq(name);
     // SAFETY: sockaddr is plain data; the MAC goes into its data bytes.
@@ -235,5 +261,44 @@ mod tests {
             );
         })
         .unwrap();
+    }
+
+    /// A TAP attaches right after it is made even while other threads start processes (whose
+    /// children, between fork and exec, copy the file table of the process).
+    #[test]
+    fn a_new_tap_is_free_to_attach_while_other_threads_fork() {
+        let ns = NetNs::new().expect("needs root");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = Command::new("true").status();
+                }
+            });
+            let busy = ns
+                .run(|| {
+                    (0..300)
+                        .filter(|i| {
+                            let name = format!("kr{i}");
+                            create_tap(&name, [6, 0, 0xac, 0x10, 0, 2]).unwrap();
+                            let tun = std::fs::OpenOptions::new()
+                                .read(true)
+                                .write(true)
+                                .open("/dev/net/tun")
+                                .unwrap();
+                            let mut req = ifreq(&name);
+                            req.ifr_ifru.ifru_flags =
+                                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)
+                                    as libc::c_short;
+                            // SAFETY: TUNSETIFF reads the valid ifreq.
+                            let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &req) };
+                            rc < 0
+                        })
+                        .count()
+                })
+                .unwrap();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(busy, 0, "TAPs found busy right after they were made");
+        });
     }
 }

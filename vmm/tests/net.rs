@@ -58,12 +58,15 @@ fn netns_with_taps(names: &[&str]) {
         uid, 0,
         "this test makes TAPs in a network namespace of its own: run it as root (CAP_NET_ADMIN)"
     );
-    // SAFETY: unshare with a constant flag; it affects only this thread's network namespace.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    // A file table of its own too: a TAP's creating descriptor that a child forked by another
+    // test copied would still hold the TAP when the VMM attaches it (EBUSY).
+    // SAFETY: unshare with constant flags; it affects only this thread's network namespace and
+    // file table.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_FILES) };
     assert_eq!(
         rc,
         0,
-        "unshare(CLONE_NEWNET): {}",
+        "unshare(CLONE_NEWNET | CLONE_FILES): {}",
         std::io::Error::last_os_error()
     );
     for name in names {
