@@ -421,31 +421,47 @@ impl Daemon {
                 return Err(e);
             }
         }
-        let mut forks = Vec::new();
-        for _ in 0..count {
-            let fork_id = super::new_id();
-            let (vmm, dir, env, from) = (
-                self.cfg.inputs.vmm.clone(),
-                self.cfg.sandboxes_dir().join(&fork_id),
-                sb.full_env(),
-                snap.clone(),
-            );
-            let limits = crate::template::build::limits(&sb.spec);
-            let made = tokio::task::spawn_blocking(move || {
-                let made = super::create::restore_cloned(&vmm, &dir, &from, limits, env);
-                if made.is_err() {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
-                made
+        // The forks restore side by side: each is a process of its own waiting on its guest, and
+        // one after another they took count times as long.
+        let restores: Vec<_> = (0..count)
+            .map(|_| {
+                let fork_id = super::new_id();
+                let (vmm, dir, env, from) = (
+                    self.cfg.inputs.vmm.clone(),
+                    self.cfg.sandboxes_dir().join(&fork_id),
+                    sb.full_env(),
+                    snap.clone(),
+                );
+                let limits = crate::template::build::limits(&sb.spec);
+                tokio::task::spawn_blocking(move || {
+                    let made = super::create::restore_cloned(&vmm, &dir, &from, limits, env);
+                    if made.is_err() {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                    (fork_id, dir, made)
+                })
             })
-            .await?;
-            let (vm, client) = match made {
-                Ok(v) => v,
-                Err(e) => {
-                    self.release_memory_source(&snap.dir)?;
-                    return Err(e);
-                }
-            };
+            .collect();
+        let mut made = Vec::new();
+        let mut failed = None;
+        for r in restores {
+            match r.await {
+                Ok((fork_id, dir, Ok(v))) => made.push((fork_id, dir, v)),
+                Ok((_, _, Err(e))) => failed = failed.or(Some(e)),
+                Err(e) => failed = failed.or(Some(e.into())),
+            }
+        }
+        if let Some(e) = failed {
+            // All or none: the forks that did come up are killed with their folders.
+            for (_, dir, vm) in made {
+                drop(vm);
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            self.release_memory_source(&snap.dir)?;
+            return Err(e);
+        }
+        let mut forks = Vec::new();
+        for (fork_id, _, (vm, client)) in made {
             let now = now_s();
             let expires = sb.live().expires_at;
             let f = Arc::new(Sandbox::new(
