@@ -245,27 +245,56 @@ fn qemu_cmd(dir: &Path, name: &str, incoming: Option<&Path>) -> Result<Command, 
     Ok(c)
 }
 
-/// The agent of the QEMU whose run files are `name`, or an error ending with its console's tail.
-fn qemu_agent_of(dir: &Path, name: &str) -> Result<Client, String> {
+/// The agent of the QEMU `vm` whose run files are `name`, or an error ending with what QEMU says
+/// of its guest (QMP's run state and the vCPU's registers) and its console's tail.
+fn qemu_agent_of(vm: &mut Qemu, dir: &Path, name: &str) -> Result<Client, String> {
     qemu_agent(Instant::now() + LIMIT).map_err(|e| {
         let console =
             std::fs::read_to_string(dir.join(format!("{name}.console"))).unwrap_or_default();
         let lines: Vec<&str> = console.lines().collect();
         let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-        format!("{e}; the end of its console:\n{tail}")
+        format!(
+            "{e}; {}; the end of its console:\n{tail}",
+            qemu_state(vm, &dir.join(format!("{name}.qmp")))
+        )
     })
+}
+
+/// Whether QEMU runs, and if so its guest's run state and where its vCPU is.
+fn qemu_state(vm: &mut Qemu, qmp: &Path) -> String {
+    if let Ok(Some(status)) = vm.0.try_wait() {
+        return format!("QEMU exited: {status}");
+    }
+    let mut qmp = match Qmp::connect(qmp, Instant::now() + Duration::from_secs(5)) {
+        Ok(q) => q,
+        Err(e) => return format!("QEMU runs but its QMP does not answer: {e}"),
+    };
+    let status = qmp
+        .execute("query-status", json!({}))
+        .map_or_else(|e| e, |v| v.to_string());
+    let regs = qmp
+        .execute(
+            "human-monitor-command",
+            json!({"command-line": "info registers"}),
+        )
+        .map_or_else(|e| e, |v| v.as_str().unwrap_or_default().to_string());
+    let regs: Vec<&str> = regs
+        .lines()
+        .filter(|l| l.starts_with("RAX") || l.starts_with("RSI") || l.starts_with("RIP"))
+        .collect();
+    format!("QEMU's guest: {status}, {}", regs.join(" / "))
 }
 
 fn qemu(dir: &Path, run: usize) -> Result<Sample, String> {
     let mut s = Sample::default();
     let name = format!("qemu{run}");
     let qmp_path = dir.join(format!("{name}.qmp"));
-    let vm = Qemu(
+    let mut vm = Qemu(
         qemu_cmd(dir, &name, None)?
             .spawn()
             .map_err(|e| format!("starting QEMU: {e}"))?,
     );
-    let client = qemu_agent_of(dir, &name)?;
+    let client = qemu_agent_of(&mut vm, dir, &name)?;
     workload(vm.0.id(), &client, &mut s)?;
     drop(client);
 
@@ -281,12 +310,12 @@ fn qemu(dir: &Path, run: usize) -> Result<Sample, String> {
 
     let start = Instant::now();
     let name = format!("qemu{run}r");
-    let restored = Qemu(
+    let mut restored = Qemu(
         qemu_cmd(dir, &name, Some(&stream))?
             .spawn()
             .map_err(|e| format!("starting QEMU -incoming: {e}"))?,
     );
-    let client = qemu_agent_of(dir, &name)?;
+    let client = qemu_agent_of(&mut restored, dir, &name)?;
     s.restore_ms = start.elapsed().as_secs_f64() * 1e3;
     drop(client);
     drop(restored);
@@ -323,8 +352,20 @@ pub fn run(runs: usize) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("kiln-bench-mem-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let (mut k, mut q) = (Vec::new(), Vec::new());
+    let (mut k, mut q, mut q_failed) = (Vec::new(), Vec::new(), None);
     for run in 0..runs {
+        // The peer first, in an L1 nothing else has used yet; a failing peer does not stop the
+        // Kiln runs, and fails the benchmark at the end.
+        match qemu(&dir, run) {
+            Ok(s) => {
+                q.push(s);
+                eprintln!("qemu run {}/{runs} done", run + 1);
+            }
+            Err(e) => {
+                eprintln!("qemu run {}/{runs} failed: {e}", run + 1);
+                q_failed = Some(e);
+            }
+        }
         let s = kiln(&dir, run)?;
         // Printed as they come: a failing peer must not take Kiln's own figures with it.
         eprintln!(
@@ -339,8 +380,6 @@ pub fn run(runs: usize) -> Result<(), String> {
             s.restore_ms
         );
         k.push(s);
-        q.push(qemu(&dir, run)?);
-        eprintln!("qemu run {}/{runs} done", run + 1);
     }
     let ram = f64::from(MEM_MIB);
     println!(
@@ -408,5 +447,11 @@ pub fn run(runs: usize) -> Result<(), String> {
         m(&q, |s| s.restore_ms) / m(&k, |s| s.restore_ms)
     );
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    match q_failed {
+        Some(e) => Err(format!(
+            "{} of {runs} QEMU runs failed, the last with: {e}",
+            runs - q.len()
+        )),
+        None => Ok(()),
+    }
 }
