@@ -20,9 +20,45 @@ pub const CYCLE_LIMIT: Duration = Duration::from_secs(90);
 /// Boots the rootfs with the agent in `dir`, waits for the agent, and snapshots it into
 /// `dir/snap` with `kiln snapshot create` (the files `kiln run --snapshot` restores).
 pub fn make_snapshot(dir: &Path) -> Result<PathBuf, String> {
+    snapshot_of(dir, None)
+}
+
+/// As [`make_snapshot`], for a VM with a network interface on a sandbox network of its own
+/// (allowing `domain`), made as `kiln run --net` makes one: its clones need `--net` or an
+/// `--allow-` flag, which gives each its own TAP through `network_overrides`.
+pub fn make_snapshot_with_nic(dir: &Path, domain: &str) -> Result<PathBuf, String> {
+    let sandbox = kiln_net::Sandbox::create(kiln_net::SandboxConfig {
+        vm_id: "kiln-snapshot-source".into(),
+        policy: kiln_net::Policy {
+            domains: vec![domain.parse().map_err(|e| format!("{domain}: {e}"))?],
+            allow_net: false,
+        },
+        upstream: kiln_net::dns::Upstream::System,
+        uplink: None,
+        on_refusal: None,
+    })
+    .map_err(|e| format!("a sandbox network for the snapshot's VM: {e}"))?;
+    snapshot_of(dir, Some(&sandbox))
+}
+
+fn snapshot_of(dir: &Path, net: Option<&kiln_net::Sandbox>) -> Result<PathBuf, String> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+
     let uds = dir.join("template.vsock");
-    let mut cmd = kiln_vmm_rootfs(&rootfs(), true, &uds, 256, AGENT_CMDLINE);
+    let cmdline = match net {
+        Some(s) => format!("{AGENT_CMDLINE} {}", s.guest_net_spec().to_cmdline()),
+        None => AGENT_CMDLINE.to_string(),
+    };
+    let mut cmd = kiln_vmm_rootfs(&rootfs(), true, &uds, 256, &cmdline);
     cmd.arg("--serial-out").arg(dir.join("template.console"));
+    if let Some(s) = net {
+        cmd.args(["--net", &kiln_net::addr::vmm_net_arg()]);
+        let ns = s.netns().as_raw_fd();
+        // SAFETY: setns is one system call on a descriptor the sandbox keeps open past the
+        // spawn, safe between fork and exec.
+        unsafe { cmd.pre_exec(move || kiln_net::netns::enter_raw(ns)) };
+    }
     let vm = ApiVmm::start(cmd, &dir.join("template.api"));
     kiln_agent::client::wait_ready(&uds, Instant::now() + CYCLE_LIMIT)
         .map_err(|e| format!("the template VM's agent: {e}"))?;
@@ -50,6 +86,10 @@ pub enum Cycle {
     Restore,
     /// `kiln run -- CMD`: boot, exec, shut down.
     Boot,
+    /// `kiln run --snapshot DIR --allow-domain D -- CMD` of a snapshot taken with a NIC
+    /// ([`make_snapshot_with_nic`]): a sandbox network (namespace, TAP, rules, resolver) made
+    /// and removed with each VM.
+    NetRestore(&'static str),
 }
 
 /// Runs cycle number `n` of `kind` (`snap` is the snapshot for restores): the guest echoes a
@@ -60,8 +100,16 @@ pub fn run_cycle(kind: Cycle, n: usize, snap: &Path) -> Result<Duration, String>
     let script = format!("echo cycle {n} $(({n} * 7))");
     let mut cmd = Command::new("kiln");
     cmd.arg("run");
-    if kind == Cycle::Restore {
-        cmd.arg("--snapshot").arg(snap);
+    match kind {
+        Cycle::Restore => {
+            cmd.arg("--snapshot").arg(snap);
+        }
+        Cycle::NetRestore(domain) => {
+            cmd.arg("--snapshot")
+                .arg(snap)
+                .args(["--allow-domain", domain]);
+        }
+        Cycle::Boot => {}
     }
     cmd.args(["--", "sh", "-c", &script])
         .stdin(Stdio::null())

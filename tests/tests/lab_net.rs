@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use kiln_tests::cycles::{Cycle, make_snapshot_with_nic, run_cycle};
 use kiln_tests::fakenet::{
     ALLOWED, ALLOWED_IP, BLOCKED_IP, Census, DNS_IP, EDGE_IP, FakeInternet, census,
 };
@@ -354,69 +355,13 @@ fn net_published_port_serves_the_guests_server_with_and_without_a_nic() {
     assert!(page.ends_with("kiln\n"), "over the NIC: {page}");
 }
 
-/// Boots a VM with a NIC on a sandbox network of its own (as `kiln run --net` does), waits for
-/// its agent and snapshots it into `dir` (`dir/vmstate`, `dir/memory`) with `kiln snapshot`.
-fn snapshot_with_a_nic(dir: &std::path::Path) {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-
-    let sandbox = kiln_net::Sandbox::create(kiln_net::SandboxConfig {
-        vm_id: "kiln-netsource".into(),
-        policy: kiln_net::Policy {
-            domains: vec![ALLOWED.parse().expect("a domain pattern")],
-            allow_net: false,
-        },
-        upstream: kiln_net::dns::Upstream::System,
-        uplink: None,
-        on_refusal: None,
-    })
-    .expect("a sandbox network for the source VM");
-    let uds = dir.join("source.vsock");
-    let api = dir.join("source.api");
-    let mut cmd = kiln_tests::kiln_vmm_rootfs(
-        &kiln_tests::rootfs(),
-        true,
-        &uds,
-        256,
-        &format!(
-            "console=ttyS0 reboot=k panic=-1 quiet init=/usr/sbin/kiln-agent KILN_OVERLAY=tmpfs {}",
-            sandbox.guest_net_spec().to_cmdline()
-        ),
-    );
-    cmd.args(["--net", &kiln_net::addr::vmm_net_arg()])
-        .arg("--api-sock")
-        .arg(&api)
-        .arg("--serial-out")
-        .arg(dir.join("source.console"));
-    let ns = sandbox.netns().as_raw_fd();
-    // SAFETY: setns is one system call on a descriptor this process keeps open, safe between
-    // fork and exec.
-    unsafe { cmd.pre_exec(move || kiln_net::netns::enter_raw(ns)) };
-    let vm = kiln_tests::ApiVmm::start(cmd, &api);
-    kiln_agent::client::wait_ready(&uds, Instant::now() + Duration::from_secs(120))
-        .expect("the source VM's agent answers");
-    let out = Command::new("kiln")
-        .args(["snapshot", "create", "--api-sock"])
-        .arg(&api)
-        .arg("--dir")
-        .arg(dir.join("snap"))
-        .output()
-        .expect("start kiln snapshot");
-    assert!(
-        out.status.success(),
-        "kiln snapshot create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    drop(vm);
-}
-
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn net_clones_of_one_snapshot_run_side_by_side_each_on_its_own_network() {
     loopback_up();
     let _net = FakeInternet::start();
     let dir = kiln_tests::ScratchDir::new("net-clones");
-    snapshot_with_a_nic(dir.path());
+    let snap = make_snapshot_with_nic(dir.path(), ALLOWED).expect("a snapshot with a NIC");
     let before = census();
     let script = format!(
         r#"{PROBES}
@@ -425,7 +370,7 @@ r["resolve_blocked"] = resolve("blocked.test")
 print(json.dumps(r))
 "#
     );
-    let snap = dir.path().join("snap").display().to_string();
+    let snap = snap.display().to_string();
     // Both clones at once: the same guest address and MAC (a snapshot fixes them), so only
     // separate networks let both through.
     let clones: Vec<_> = (0..2)
@@ -463,4 +408,12 @@ print(json.dumps(r))
         vms.push(ids[0].to_string());
     }
     assert_ne!(vms[0], vms[1], "each clone has a network of its own");
+
+    // Networks made and removed one after another leave nothing behind (`cargo xtask bench
+    // cycles --net 200` runs 200).
+    for i in 0..10 {
+        run_cycle(Cycle::NetRestore(ALLOWED), i, std::path::Path::new(&snap))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    nothing_left_behind(&before);
 }

@@ -8,7 +8,7 @@ use crate::util::Result;
 
 const USAGE: &str =
     "usage: cargo xtask bench boot|block|exec|vsock|snapshot|restore|pool|memory|e2b [--runs N]
-       cargo xtask bench cycles [--restores N] [--boots M]";
+       cargo xtask bench cycles [--restores N] [--boots M] [--net K]";
 
 /// Benchmarks `kiln-lab-bench` knows.
 const BENCHMARKS: &[&str] = &[

@@ -1,14 +1,19 @@
-//! `kiln-lab-bench cycles [--restores N] [--boots M]`: N restores of one snapshot (restore, exec,
-//! kill) and M boots (boot, exec, shutdown) in one L1, one after another, as `kiln run` makes
-//! them; p50/p99 of each and how many times faster a restore cycle is than a boot cycle. A cycle
-//! that hangs or fails ends the run with what the stuck processes were doing.
+//! `kiln-lab-bench cycles [--restores N] [--boots M] [--net K]`: N restores of one snapshot
+//! (restore, exec, kill), M boots (boot, exec, shutdown) and K restores of a snapshot with a NIC,
+//! each on a sandbox network made and removed with it (`--allow-domain`), in one L1, one after
+//! another, as `kiln run` makes them; p50/p99 of each and how many times faster a restore cycle
+//! is than a boot cycle. A cycle that hangs or fails ends the run with what the stuck processes
+//! were doing; anything left behind (processes, namespaces, links, rules, listeners) fails it.
 
 use kiln_tests::ScratchDir;
-use kiln_tests::cycles::{Census, Cycle, make_snapshot, p50_p99, run_cycle};
+use kiln_tests::cycles::{
+    Census, Cycle, make_snapshot, make_snapshot_with_nic, p50_p99, run_cycle,
+};
+use kiln_tests::fakenet::census;
 
-/// Parses `--restores N --boots M` (defaults 500 and 200).
-fn counts(args: &[String]) -> Result<(usize, usize), String> {
-    let (mut restores, mut boots) = (500, 200);
+/// Parses `--restores N --boots M --net K` (defaults 500, 200 and 200).
+fn counts(args: &[String]) -> Result<(usize, usize, usize), String> {
+    let (mut restores, mut boots, mut net) = (500, 200, 200);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let value = it
@@ -18,23 +23,39 @@ fn counts(args: &[String]) -> Result<(usize, usize), String> {
         match flag.as_str() {
             "--restores" => restores = value,
             "--boots" => boots = value,
+            "--net" => net = value,
             other => return Err(format!("unknown option {other}")),
         }
     }
-    Ok((restores, boots))
+    Ok((restores, boots, net))
 }
 
 /// Runs the benchmark.
 pub fn run(args: &[String]) -> Result<(), String> {
-    let (restores, boots) = counts(args)?;
+    let (restores, boots, net) = counts(args)?;
     let scratch = ScratchDir::new("bench-cycles");
     let snap = make_snapshot(scratch.path())?;
+    let net_dir = scratch.path().join("net");
+    std::fs::create_dir_all(&net_dir).map_err(|e| format!("{}: {e}", net_dir.display()))?;
+    let net_snap = match net {
+        0 => None,
+        _ => Some(make_snapshot_with_nic(&net_dir, "allowed.test")?),
+    };
     let before = Census::take();
+    let net_before = census();
     let mut medians = Vec::new();
-    for (kind, n) in [(Cycle::Restore, restores), (Cycle::Boot, boots)] {
+    for (kind, n) in [
+        (Cycle::Restore, restores),
+        (Cycle::Boot, boots),
+        (Cycle::NetRestore("allowed.test"), net),
+    ] {
         let mut times = Vec::with_capacity(n);
+        let snap = match kind {
+            Cycle::NetRestore(_) => net_snap.as_deref().unwrap_or(&snap),
+            _ => &snap,
+        };
         for i in 0..n {
-            times.push(run_cycle(kind, i, &snap)?);
+            times.push(run_cycle(kind, i, snap)?);
             if (i + 1) % 50 == 0 {
                 println!("  {kind:?}: {} cycles done", i + 1);
             }
@@ -43,7 +64,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
         println!(
             "{n} {kind:?} cycles (kiln run ... -- sh -c 'echo ...'): p50 {p50} ms, p99 {p99} ms"
         );
-        medians.push(p50);
+        if kind != Cycle::NetRestore("allowed.test") {
+            medians.push(p50);
+        }
     }
     if let [restore, boot] = medians[..]
         && restore > 0
@@ -60,7 +83,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "the cycles left something behind: before {before:?}, after {after:?}"
         ));
     }
-    println!("nothing left behind: {after:?}");
+    let net_after = census();
+    if net_before != net_after {
+        return Err(format!(
+            "the network cycles left something behind: before {net_before:?}, after {net_after:?}"
+        ));
+    }
+    println!("nothing left behind: {after:?}; namespaces, links, rules and listeners as before");
     Ok(())
 }
 
@@ -71,10 +100,10 @@ mod tests {
     #[test]
     fn counts_default_and_parse() {
         let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(counts(&[]).unwrap(), (500, 200));
+        assert_eq!(counts(&[]).unwrap(), (500, 200, 200));
         assert_eq!(
-            counts(&s(&["--boots", "3", "--restores", "9"])).unwrap(),
-            (9, 3)
+            counts(&s(&["--boots", "3", "--restores", "9", "--net", "4"])).unwrap(),
+            (9, 3, 4)
         );
         assert!(counts(&s(&["--boots"])).is_err());
         assert!(counts(&s(&["--x", "1"])).is_err());
