@@ -7,12 +7,12 @@ use crate::lab::{self, LabRun};
 use crate::util::Result;
 
 const USAGE: &str =
-    "usage: cargo xtask bench boot|block|exec|vsock|snapshot|restore|pool|memory|e2b [--runs N]
+    "usage: cargo xtask bench boot|block|exec|vsock|snapshot|restore|pool|memory|net|e2b [--runs N]
        cargo xtask bench cycles [--restores N] [--boots M] [--net K]";
 
 /// Benchmarks `kiln-lab-bench` knows.
 const BENCHMARKS: &[&str] = &[
-    "boot", "block", "exec", "vsock", "snapshot", "restore", "cycles", "pool", "memory",
+    "boot", "block", "exec", "vsock", "snapshot", "restore", "cycles", "pool", "memory", "net",
 ];
 
 /// `cargo xtask bench NAME [OPTIONS]` (see USAGE)

@@ -22,8 +22,12 @@
 //! after a 300 MiB workload, the snapshot taken after it and the restore from it, under kiln-vmm
 //! with its balloon and QEMU microvm with virtio-balloon-device and free page reporting.
 //!
-//! `kiln-lab-bench cycles [--restores N] [--boots M]` runs N restore cycles and M boot cycles of
-//! `kiln run` in one L1 (500 and 200 by default) and prints their p50/p99 and ratio.
+//! `kiln-lab-bench net [--runs N]` measures TCP throughput both ways and 1-byte round trips
+//! through the guest's NIC on a TAP, kiln-vmm's virtio-net against QEMU's virtio-net-device.
+//!
+//! `kiln-lab-bench cycles [--restores N] [--boots M] [--net K]` runs N restore cycles, M boot
+//! cycles and K restore cycles with a sandbox network of `kiln run` in one L1 (500, 200 and 200
+//! by default) and prints their p50/p99 and ratio.
 
 use std::process::ExitCode;
 
@@ -37,6 +41,8 @@ mod cycles;
 mod exec;
 #[path = "kiln-lab-bench/memory.rs"]
 mod memory;
+#[path = "kiln-lab-bench/net.rs"]
+mod net;
 #[path = "kiln-lab-bench/peer.rs"]
 mod peer;
 #[path = "kiln-lab-bench/pool.rs"]
@@ -63,8 +69,9 @@ fn main() -> ExitCode {
         Some("restore") => runs(rest, 20).and_then(restore::run),
         Some("pool") => runs(rest, 20).and_then(pool::run),
         Some("memory") => runs(rest, 2).and_then(memory::run),
+        Some("net") => runs(rest, 3).and_then(net::run),
         _ => Err(
-            "usage: kiln-lab-bench boot|block|exec|vsock|snapshot|restore|pool|memory [--runs N] | cycles [--restores N] [--boots M]"
+            "usage: kiln-lab-bench boot|block|exec|vsock|snapshot|restore|pool|memory|net [--runs N] | cycles [--restores N] [--boots M] [--net K]"
                 .to_string(),
         ),
     };

@@ -48,23 +48,66 @@ pub struct Vm {
     dir: PathBuf,
 }
 
+/// A network interface for a benchmark VM, as a sandbox network has it but without rules: a TAP
+/// in a namespace of its own, its host end at the gateway address, the guest at its fixed one.
+pub struct Nic {
+    /// The namespace holding the TAP (and the host end of every connection).
+    pub ns: std::sync::Arc<kiln_net::netns::NetNs>,
+}
+
+impl Nic {
+    /// Makes the namespace and its TAP.
+    pub fn new() -> Result<Nic, String> {
+        use kiln_net::addr::{GATEWAY_IP, PREFIX, TAP_MAC, TAP_NAME};
+        use kiln_net::link;
+        let ns = kiln_net::netns::NetNs::new().map_err(|e| format!("a namespace: {e}"))?;
+        ns.run(|| -> Result<(), link::LinkError> {
+            link::up("lo")?;
+            link::create_tap(TAP_NAME, TAP_MAC)?;
+            link::set_address(TAP_NAME, GATEWAY_IP, PREFIX)?;
+            link::up(TAP_NAME)
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("the TAP: {e}"))?;
+        Ok(Nic {
+            ns: std::sync::Arc::new(ns),
+        })
+    }
+}
+
 impl Vm {
     /// Boots `peer` from a private copy of the rootfs and connects to its agent.
     pub fn start(peer: Peer) -> Result<Vm, String> {
+        Self::start_with(peer, None)
+    }
+
+    /// As [`Vm::start`], with `nic` as the guest's eth0 when given (Kiln's virtio-net or QEMU's
+    /// `virtio-net-device` on the TAP, the VMM in the TAP's namespace).
+    pub fn start_with(peer: Peer, nic: Option<&Nic>) -> Result<Vm, String> {
         let dir = std::env::temp_dir().join(format!("kiln-bench-{}-{peer:?}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let disk = dir.join("rootfs.ext4");
         std::fs::copy(rootfs(), &disk).map_err(|e| format!("copying the rootfs: {e}"))?;
         let uds = dir.join("v.sock");
+        let net_word = match nic {
+            Some(_) => format!(" {}", kiln_net::addr::guest_net_spec().to_cmdline()),
+            None => String::new(),
+        };
         let mut cmd = match peer {
-            Peer::Kiln => kiln_vmm_rootfs(
-                &disk,
-                false,
-                &uds,
-                MEM_MIB,
-                &format!("{AGENT_INIT} reboot=k"),
-            ),
+            Peer::Kiln => {
+                let mut c = kiln_vmm_rootfs(
+                    &disk,
+                    false,
+                    &uds,
+                    MEM_MIB,
+                    &format!("{AGENT_INIT} reboot=k{net_word}"),
+                );
+                if nic.is_some() {
+                    c.args(["--net", &kiln_net::addr::vmm_net_arg()]);
+                }
+                c
+            }
             Peer::Qemu => {
                 let mut c = qemu_microvm(1, MEM_MIB);
                 c.arg("-kernel").arg(guest_kernel());
@@ -72,8 +115,24 @@ impl Vm {
                 // no i8042 (a triple fault ends QEMU under -no-reboot).
                 c.args([
                     "-append",
-                    &format!("{AGENT_INIT} reboot=t root=/dev/vda rw"),
+                    &format!("{AGENT_INIT} reboot=t root=/dev/vda rw{net_word}"),
                 ]);
+                if nic.is_some() {
+                    // QEMU's own virtio-net in userspace (no vhost-net): the device model runs
+                    // in the VMM process, as Kiln's does.
+                    c.args([
+                        "-netdev",
+                        &format!(
+                            "tap,id=n0,ifname={},script=no,downscript=no,vhost=off",
+                            kiln_net::addr::TAP_NAME
+                        ),
+                        "-device",
+                        &format!(
+                            "virtio-net-device,netdev=n0,mac={}",
+                            kiln_net::addr::mac_string(&kiln_net::addr::GUEST_MAC)
+                        ),
+                    ]);
+                }
                 c.arg("-drive")
                     .arg(format!("id=d0,file={},format=raw,if=none", disk.display()));
                 c.args(["-device", "virtio-blk-device,drive=d0"]);
@@ -84,6 +143,14 @@ impl Vm {
                 c
             }
         };
+        if let Some(nic) = nic {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let ns = nic.ns.as_raw_fd();
+            // SAFETY: setns is one system call on a descriptor `nic` keeps open past the spawn,
+            // safe between fork and exec.
+            unsafe { cmd.pre_exec(move || kiln_net::netns::enter_raw(ns)) };
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
