@@ -1,7 +1,8 @@
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 //! Shared pieces of kiln-vmm's integration tests: a tiny hand-built guest kernel (an ELF file with a
 //! few dozen instructions, optionally with a PVH note; in `tiny_kernel.rs`), a runner for the
-//! kiln-vmm binary and, in `api_vmm.rs`, a kiln-vmm driven over its API socket.
+//! kiln-vmm binary and, in `api_vmm.rs`, a kiln-vmm driven over its API socket; `counter.rs`
+//! drives the counting guest through snapshots.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -9,10 +10,13 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod api_vmm;
+mod counter;
 mod tiny_kernel;
 // Not every test binary uses both rooms (api_hostile needs no guest, tiny_guest no API).
 #[allow(unused_imports)]
 pub use api_vmm::*;
+#[allow(unused_imports)]
+pub use counter::*;
 #[allow(unused_imports)]
 pub use tiny_kernel::*;
 
