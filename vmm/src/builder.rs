@@ -572,6 +572,7 @@ pub fn build_in(
         platform,
         mem,
         memfd: Some(memfd),
+        page_fault_handler: None,
         pages,
         vcpus,
         devices,

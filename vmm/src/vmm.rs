@@ -25,6 +25,7 @@ use crate::config::VmConfig;
 use crate::device_manager::{MmioDeviceManager, Subscriber};
 use crate::memory::GuestMemoryMmap;
 use crate::memory::free_pages::FreePages;
+use crate::persist::uffd::PageFaultHandler;
 use crate::seccomp::{SeccompFilters, ThreadKind};
 use crate::vstate::exit::{ExitReason, ExitSignal, IoBuses};
 use crate::vstate::vcpu::Vcpu;
@@ -38,6 +39,8 @@ pub(crate) struct VmmParts {
     pub(crate) mem: GuestMemoryMmap,
     /// The memfd behind guest memory; `None` when memory is a private mapping of a snapshot.
     pub(crate) memfd: Option<File>,
+    /// The page-fault handler serving guest memory, when a `Uffd` backend restored it.
+    pub(crate) page_fault_handler: Option<PageFaultHandler>,
     /// Which guest pages are free, for snapshots (the balloon fills it).
     pub(crate) pages: Arc<FreePages>,
     pub(crate) vcpus: Vec<Vcpu>,
@@ -55,6 +58,8 @@ pub struct Vmm {
     pub(crate) vm: Vm,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) memfd: Option<File>,
+    /// Held, never used: its connection and userfaultfd must live as long as guest memory.
+    _page_fault_handler: Option<PageFaultHandler>,
     pub(crate) pages: Arc<FreePages>,
     vcpus: Vec<Vcpu>,
     pub(crate) handles: Vec<VcpuHandle>,
@@ -158,6 +163,7 @@ impl Vmm {
             vm,
             mem: parts.mem,
             memfd: parts.memfd,
+            _page_fault_handler: parts.page_fault_handler,
             pages: parts.pages,
             vcpus: parts.vcpus,
             handles: Vec::new(),

@@ -5,99 +5,11 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{ApiVmm, COUNTER_ADDR, Program, Stream, scratch, tiny_kernel, write};
-
-const LIMIT: Duration = Duration::from_secs(60);
-
-/// kiln-vmm serving `dir/NAME.sock`, the guest's console collected and the VMM's log shown.
-fn start_vmm(dir: &Path, name: &str) -> ApiVmm {
-    ApiVmm::options()
-        .stdout(Stream::Collect)
-        .stderr(Stream::Inherit)
-        .start(dir, name)
-}
-
-/// What these tests ask of a VMM running the counting guest.
-trait CounterVmm {
-    /// The dots the guest has printed so far.
-    fn dots(&self) -> usize;
-    /// Waits until the guest has printed `n` more dots than now.
-    fn wait_dots(&self, n: usize);
-    /// Asks to load `state` and `mem`; the status and body.
-    fn load(&self, state: &Path, mem: &Path, resume: bool) -> (u16, String);
-}
-
-impl CounterVmm for ApiVmm {
-    fn dots(&self) -> usize {
-        self.stdout().bytes().filter(|&b| b == b'.').count()
-    }
-
-    fn wait_dots(&self, n: usize) {
-        let want = self.dots() + n;
-        let start = Instant::now();
-        while self.dots() < want {
-            assert!(start.elapsed() < LIMIT, "the guest stopped counting");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn load(&self, state: &Path, mem: &Path, resume: bool) -> (u16, String) {
-        let body = format!(
-            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": {resume}, "track_dirty_pages": true}}"#,
-            state.display(),
-            mem.display()
-        );
-        self.call("PUT", "/snapshot/load", &body)
-    }
-}
-
-/// The guest's count as saved in a memory file.
-fn counter(mem: &Path) -> u32 {
-    let mut b = [0u8; 4];
-    std::fs::File::open(mem)
-        .unwrap()
-        .read_exact_at(&mut b, u64::from(COUNTER_ADDR))
-        .unwrap();
-    u32::from_le_bytes(b)
-}
-
-/// Bytes of a file that are data, not holes.
-fn data_bytes(path: &Path) -> u64 {
-    let f = std::fs::File::open(path).unwrap();
-    kiln_snapshot::data_ranges(&f, path)
-        .unwrap()
-        .iter()
-        .map(|r| r.end - r.start)
-        .sum()
-}
-
-fn boot_counter(dir: &Path, vcpus: u8) -> ApiVmm {
-    boot_counter_with(dir, vcpus, |_| {})
-}
-
-/// [`boot_counter`], with `configure` adding to the VM before it starts.
-fn boot_counter_with(dir: &Path, vcpus: u8, configure: impl FnOnce(&ApiVmm)) -> ApiVmm {
-    let kernel = write(dir, "counter.elf", &tiny_kernel(Program::Counter, true));
-    let vmm = start_vmm(dir, "boot");
-    configure(&vmm);
-    vmm.ok(
-        "PUT",
-        "/boot-source",
-        &format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display()),
-    );
-    vmm.ok(
-        "PUT",
-        "/machine-config",
-        &format!(r#"{{"vcpu_count": {vcpus}, "mem_size_mib": 32, "track_dirty_pages": true}}"#),
-    );
-    vmm.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
-    vmm.wait_dots(2);
-    vmm
-}
+use common::{
+    CounterVmm, boot_counter, boot_counter_with, counter, data_bytes, scratch, start_vmm, write,
+};
 
 #[test]
 fn pause_snapshot_restore_diff_and_merge() {

@@ -3,6 +3,10 @@
 //! A memfd (not anonymous memory) so that later snapshots can write it out and restores can map a
 //! file in its place, and so that copy-on-write sharing between VMs has a file to share.
 //!
+//! A restored VM maps its snapshot's memory file privately instead ([`map_snapshot`]), or, when a
+//! page-fault handler serves its memory (the `Uffd` backend), anonymous memory that the handler
+//! fills through a userfaultfd ([`map_anonymous`], [`uffd`]).
+//!
 //! [`discard`] gives the host memory behind guest pages back (for a memfd and for a restored VM's
 //! private mapping alike), and [`free_pages`] remembers which pages the guest gave up, for
 //! snapshots ([`pagemap`] tells which of a restored VM's were written since).
@@ -10,6 +14,7 @@
 pub mod discard;
 pub mod free_pages;
 pub mod pagemap;
+pub mod uffd;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -54,6 +59,14 @@ pub enum MemoryError {
     /// Mapping a snapshot's memory file failed.
     #[error("cannot map {size} bytes of the snapshot's memory file: {err}")]
     MapFile {
+        /// Guest memory size.
+        size: u64,
+        /// Why it failed.
+        err: vm_memory::mmap::MmapRegionError,
+    },
+    /// Mapping anonymous memory for a page-fault handler failed.
+    #[error("cannot map {size} bytes of anonymous guest memory: {err}")]
+    MapAnonymous {
         /// Guest memory size.
         size: u64,
         /// Why it failed.
@@ -201,6 +214,24 @@ pub fn map_snapshot(file: &File, size: u64) -> Result<GuestMemoryMmap, MemoryErr
     GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Overlap)
 }
 
+/// Maps `size` bytes of guest memory anonymous and private, region by region as
+/// [`file_layout`] lays them out, for a page-fault handler to fill (the `Uffd` backend): every
+/// page is missing until the handler copies it in, and a dropped page (`MADV_DONTNEED`) is
+/// missing again.
+pub fn map_anonymous(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut regions = Vec::new();
+    for (addr, len, _) in file_layout(size) {
+        let region =
+            MmapRegionBuilder::new_with_bitmap(len as usize, AtomicBitmap::with_len(len as usize))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+                .build()
+                .map_err(|err| MemoryError::MapAnonymous { size, err })?;
+        regions.push(GuestRegionMmap::new(region, addr).ok_or(MemoryError::Overlap)?);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Overlap)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +277,21 @@ mod tests {
             mem.write_obj(1u8, GuestAddress(3 * GIB + 1)).is_err(),
             "the gap is not RAM"
         );
+    }
+
+    #[test]
+    fn anonymous_memory_has_the_file_layout_and_no_file() {
+        let mem = map_anonymous(3 * GIB + 512 * MIB).unwrap();
+        let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        assert_eq!(regions, vec![(0, 3 * GIB), (4 * GIB, 512 * MIB)]);
+        for r in mem.iter() {
+            assert!(r.file_offset().is_none());
+            assert_eq!(
+                discard::method(r),
+                discard::Method::DontNeed,
+                "dropped with MADV_DONTNEED"
+            );
+        }
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(4 * GIB)).unwrap(), 0);
     }
 }

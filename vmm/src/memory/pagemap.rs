@@ -8,6 +8,11 @@
 //! or swapped out (only anonymous pages swap). This is what lets snapshots leave free pages out
 //! without KVM logging every guest write (see [`super::free_pages`]). No privilege is needed:
 //! only the page frame numbers are hidden from unprivileged readers, not these flags.
+//!
+//! A VM restored with the `Uffd` backend has anonymous memory from the start: a dropped page that
+//! the guest touches again is served by the handler as a new anonymous page (the zero page
+//! included), read or written. So there a freed page the guest only read counts as written too,
+//! and the snapshot keeps it: bigger, never wrong.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};

@@ -1,11 +1,13 @@
 //! Snapshots: what a paused VM's state file holds ([`MicrovmState`]), how it is taken
 //! ([`create`]) and how a new process is built from it ([`restore`]). Guest memory goes to a
-//! separate memory file ([`memory`]). The file format itself (magic, version, CRC) and atomic
-//! replacement are `kiln-snapshot`'s.
+//! separate memory file ([`memory`]), which a restore maps, or which a page-fault handler serves
+//! ([`uffd`]). The file format itself (magic, version, CRC) and atomic replacement are
+//! `kiln-snapshot`'s.
 
 pub mod create;
 pub mod memory;
 pub mod restore;
+pub mod uffd;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -59,6 +61,9 @@ pub enum PersistError {
         /// Why.
         err: memory::MemoryFileError,
     },
+    /// The page-fault handler of a `Uffd` backend could not be given guest memory.
+    #[error(transparent)]
+    Uffd(#[from] uffd::UffdBackendError),
     /// KVM refused to save or restore something.
     #[error("{0}")]
     Kvm(String),

@@ -1,16 +1,18 @@
 //! Building a VM from a snapshot (`PUT /snapshot/load`), in a new `kiln-vmm` process.
 //!
 //! The state file is checked (magic, version, CRC) and the memory file paired with it (trailer),
-//! guest memory is mapped privately from the memory file, the vCPUs and the in-kernel irqchip, PIT
-//! and clock get their saved state, and only then do the platform and virtio devices come back at
-//! their saved windows and interrupt lines (so interrupts they raise again are not lost). The VM
-//! starts paused unless `resume_vm` was asked for.
+//! guest memory is mapped privately from the memory file (or, with the `Uffd` backend, mapped
+//! anonymous and handed to a page-fault handler, [`super::uffd`], whose memory file Kiln never
+//! sees), the vCPUs and the in-kernel irqchip, PIT and clock get their saved state, and only then
+//! do the platform and virtio devices come back at their saved windows and interrupt lines (so
+//! interrupts they raise again are not lost). The VM starts paused unless `resume_vm` was asked
+//! for.
 
 use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use kiln_api::requests::snapshot::SnapshotLoad;
+use kiln_api::requests::snapshot::{MemBackendType, SnapshotLoad};
 use kiln_devices::virtio::MmioTransport;
 use kiln_devices::virtio::balloon::{Balloon, BalloonRestoreArgs};
 use kiln_devices::virtio::block::{Block, BlockRestoreArgs};
@@ -20,6 +22,7 @@ use kiln_snapshot::Persist;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::check_file;
+use super::uffd;
 use super::validate::validate;
 use super::{DeviceKindState, MicrovmState, PersistError};
 use crate::Vmm;
@@ -36,24 +39,28 @@ fn refused(msg: String) -> PersistError {
     PersistError::Refused(msg)
 }
 
-/// Reads and checks the state file and the memory file that goes with it.
-fn open(params: &SnapshotLoad) -> Result<(MicrovmState, File), PersistError> {
+/// Reads and checks the state file and, for the `File` backend, the memory file that goes with
+/// it (a page-fault handler keeps its memory file to itself).
+fn open(params: &SnapshotLoad) -> Result<(MicrovmState, Option<File>), PersistError> {
     let state_path = &params.snapshot_path;
     let state: MicrovmState =
         kiln_snapshot::load_state(state_path).map_err(|err| PersistError::State {
             path: state_path.clone(),
             err,
         })?;
+    // Before the memory size sizes anything (the file check, the mapping, the dirty bitmap).
+    validate(&state, state_path)?;
+    if params.mem_backend.backend_type == MemBackendType::Uffd {
+        return Ok((state, None));
+    }
     let mem_path = &params.mem_backend.backend_path;
     let mem_err = |err| PersistError::Memory {
         path: mem_path.clone(),
         err,
     };
-    // Before the memory size sizes anything (the file check, the mapping, the dirty bitmap).
-    validate(&state, state_path)?;
     let file = File::open(mem_path).map_err(|e| mem_err(super::memory::MemoryFileError::Io(e)))?;
     check_file(&file, state.mem_size, state.snapshot_id).map_err(mem_err)?;
-    Ok((state, file))
+    Ok((state, Some(file)))
 }
 
 /// The restored VM's configuration: the saved one, with this process's console and the vsock
@@ -131,18 +138,13 @@ fn config_of(
 
 /// Builds a VM from the snapshot `params` names; console output per `serial`. Uses the KVM VM
 /// in `prepared` (made ahead by [`crate::builder::prepare_vm`]) if there is one, and takes it only
-/// once the snapshot's files were read and checked, so a bad file leaves it for the next try.
+/// once the snapshot's files were read and checked (and a `Uffd` handler has guest memory), so a
+/// bad file or an absent handler leaves it for the next try.
 pub fn restore(
     params: &SnapshotLoad,
     serial: &SerialConfig,
     prepared: &mut Option<Vm>,
 ) -> Result<Vmm, PersistError> {
-    if params.mem_backend.backend_type == kiln_api::requests::snapshot::MemBackendType::Uffd {
-        return Err(refused(format!(
-            "mem_backend Uffd ({}): Kiln cannot hand guest memory to a page-fault handler yet; use File",
-            params.mem_backend.backend_path.display()
-        )));
-    }
     let (state, file) = open(params)?;
     log::debug!("restore: state file read and checked");
     if params.clock_realtime && state.vm.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME == 0 {
@@ -152,7 +154,19 @@ pub fn restore(
         )));
     }
     let config = config_of(&state, params, serial, &params.snapshot_path)?;
-    let mem = map_snapshot(&file, state.mem_size).map_err(BuildError::from)?;
+    // The handler has guest memory before anything below can touch it, and `prepared` is taken
+    // only after that: a handler that is not there leaves the VMM as it was, ready for another
+    // load.
+    let (mem, page_fault_handler) = match &file {
+        Some(file) => (
+            map_snapshot(file, state.mem_size).map_err(BuildError::from)?,
+            None,
+        ),
+        None => {
+            let (mem, handler) = uffd::connect(&params.mem_backend.backend_path, state.mem_size)?;
+            (mem, Some(handler))
+        }
+    };
     let logged = params.track_dirty_pages;
     let vm = create_vm(prepared.take(), &mem, logged)?;
     let pages = free_pages(&vm, &mem, logged)?;
@@ -273,6 +287,7 @@ pub fn restore(
         platform,
         mem,
         memfd: None,
+        page_fault_handler,
         pages,
         vcpus,
         devices,

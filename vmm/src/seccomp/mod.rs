@@ -23,6 +23,15 @@
 //!   memfd_create, no opening of kernels), and since the vCPU threads were created before it,
 //!   their filters are not stacked on it.
 //!
+//! A restore with the `Uffd` memory backend ([`crate::persist::uffd`]) makes its extra calls on
+//! the VMM thread while it builds the VM, so before that thread's filter: `userfaultfd(2)`, the
+//! `UFFDIO_API` and `UFFDIO_REGISTER` ioctls, and the `socket`/`connect`/`sendmsg` that hand the
+//! userfaultfd to the page-fault handler. No filter lists them (`tests.rs` checks that). After
+//! that such a VM needs nothing new: a thread touching a page the handler has not served yet
+//! waits inside the fault (in KVM_RUN for a vCPU, in a plain memory copy for the VMM thread),
+//! with no system call of its own, and a balloon discard is the `madvise(MADV_DONTNEED)` the VMM
+//! filter already allows (the kernel holds it until the handler has read of the removal).
+//!
 //! A filter that cannot be installed is an error naming the thread, and the VMM stops.
 //!
 //! Threads allocate under their filters, so the allocator must use only calls every filter

@@ -271,3 +271,32 @@ fn a_seccompiler_bin_filter_file_loads_and_bad_ones_are_named() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn no_filter_allows_what_only_a_uffd_restore_calls_before_the_filters() {
+    // The requests as linux/userfaultfd.h defines them: _IOWR(0xAA, nr, struct).
+    #[repr(C)]
+    struct UffdioApi([u64; 3]);
+    #[repr(C)]
+    struct UffdioRegister([u64; 4]);
+    ioctl_iowr_nr!(UFFDIO_API, 0xAA, 0x3F, UffdioApi);
+    ioctl_iowr_nr!(UFFDIO_REGISTER, 0xAA, 0x00, UffdioRegister);
+    let uffd_ioctls = [UFFDIO_API(), UFFDIO_REGISTER()];
+    for (kind, filter) in filters() {
+        for name in ["userfaultfd", "sendmsg"] {
+            assert!(rules(&filter, name).is_empty(), "{kind}: {name}");
+        }
+        for rule in rules(&filter, "ioctl") {
+            let request = rule["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["index"] == 1)
+                .and_then(|c| c["val"].as_u64());
+            assert!(
+                request.is_some_and(|r| !uffd_ioctls.contains(&r)),
+                "{kind}: ioctl rule {rule} lets a userfaultfd ioctl through"
+            );
+        }
+    }
+}

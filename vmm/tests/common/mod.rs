@@ -1,7 +1,9 @@
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 //! Shared pieces of kiln-vmm's integration tests: a tiny hand-built guest kernel (an ELF file with a
 //! few dozen instructions, optionally with a PVH note; in `tiny_kernel.rs`), a runner for the
-//! kiln-vmm binary and, in `api_vmm.rs`, a kiln-vmm driven over its API socket.
+//! kiln-vmm binary and, in `api_vmm.rs`, a kiln-vmm driven over its API socket; `counter.rs`
+//! drives the counting guest through snapshots, and `uffd_handler.rs` is a page-fault handler for
+//! loads with the `Uffd` memory backend.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -9,12 +11,18 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod api_vmm;
+mod counter;
 mod tiny_kernel;
+mod uffd_handler;
 // Not every test binary uses both rooms (api_hostile needs no guest, tiny_guest no API).
 #[allow(unused_imports)]
 pub use api_vmm::*;
 #[allow(unused_imports)]
+pub use counter::*;
+#[allow(unused_imports)]
 pub use tiny_kernel::*;
+#[allow(unused_imports)]
+pub use uffd_handler::*;
 
 /// A fresh directory for one test's files.
 pub fn scratch(name: &str) -> PathBuf {
