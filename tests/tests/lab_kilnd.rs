@@ -136,8 +136,17 @@ fn what_went_on(k: &Kilnd, id: &str) -> String {
         .join("jail/kiln-vmm")
         .join(jail_id(&state.join("sandboxes").join(id)))
         .join("root");
+    // L1's kernel log (an OOM kill, a KVM complaint) from its ring buffer.
+    let kernel = std::process::Command::new("dmesg")
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        })
+        .unwrap_or_else(|e| format!("(dmesg: {e})"));
     format!(
-        "sandbox {id}: {:?}\n-- its VMM's stderr:\n{}\n-- its console:\n{}\n-- kilnd's log:\n{}",
+        "sandbox {id}: {:?}\n-- its VMM's stderr:\n{}\n-- its console:\n{}\n-- kilnd's log:\n{}\n-- L1's kernel log:\n{kernel}",
         k.sandbox(id).map(|s| s.state),
         tail(&state.join("sandboxes").join(id).join("vmm.stderr"), 20),
         tail(&jail.join("console.log"), 20),
@@ -179,8 +188,9 @@ fn sh(k: &Kilnd, id: &str, script: &str) -> String {
                 ..
             }
         ),
-        "{script}: {last:?}; stderr: {}",
-        String::from_utf8_lossy(&err)
+        "{script}: {last:?}; stderr: {}\n{}",
+        String::from_utf8_lossy(&err),
+        what_went_on(k, id)
     );
     String::from_utf8(out).unwrap()
 }
