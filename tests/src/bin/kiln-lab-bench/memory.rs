@@ -315,12 +315,37 @@ fn qemu(dir: &Path, run: usize) -> Result<Sample, String> {
             .spawn()
             .map_err(|e| format!("starting QEMU -incoming: {e}"))?,
     );
+    // The stream carries the source's run state, and the source was stopped for it: the
+    // destination stays paused after the stream is in until told to continue.
+    resume_after_incoming(&dir.join(format!("{name}.qmp")))?;
     let client = qemu_agent_of(&mut restored, dir, &name)?;
     s.restore_ms = start.elapsed().as_secs_f64() * 1e3;
     drop(client);
     drop(restored);
     let _ = std::fs::remove_file(&stream);
     Ok(s)
+}
+
+/// Waits for an incoming QEMU to have its whole migration stream, then runs its guest.
+fn resume_after_incoming(qmp_path: &Path) -> Result<(), String> {
+    let end = Instant::now() + LIMIT;
+    let mut qmp = Qmp::connect(qmp_path, end)?;
+    loop {
+        let status = qmp.execute("query-status", json!({}))?;
+        match status["status"].as_str() {
+            Some("running") => return Ok(()),
+            Some("paused" | "postmigrate") => {
+                qmp.execute("cont", json!({}))?;
+                return Ok(());
+            }
+            _ if Instant::now() > end => {
+                return Err(format!(
+                    "QEMU's incoming migration did not finish: {status}"
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
 }
 
 fn allocated(path: &Path) -> Result<u64, String> {
