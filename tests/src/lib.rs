@@ -20,6 +20,7 @@ use kiln_agent::protocol::{ExecSpec, ExitStatus as AgentExit};
 pub mod cycles;
 pub mod fakenet;
 pub mod memory;
+pub mod nic;
 
 /// The marker the test initramfs prints first thing in `/init`.
 pub const INIT_MARKER: &str = "KILN-INIT-START";

@@ -13,7 +13,9 @@ use kiln_agent::protocol::{ExecSpec, ExitStatus};
 use kiln_net::addr::GATEWAY_IP;
 
 use super::median;
-use super::peer::{Nic, Peer, Vm};
+use kiln_tests::nic::Nic;
+
+use super::peer::{Peer, Vm};
 
 const BYTES: u64 = 256 << 20;
 const ROUND_TRIPS: u32 = 2000;

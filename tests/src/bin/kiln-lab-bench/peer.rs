@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use kiln_agent::AGENT_PORT;
 use kiln_agent::client::{Client, from_socket, wait_ready};
 use kiln_agent::link::Socket;
+use kiln_tests::nic::Nic;
 use kiln_tests::{guest_kernel, kiln_vmm_rootfs, qemu_microvm, rootfs, wait_with_deadline};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
@@ -46,33 +47,6 @@ pub struct Vm {
     pub client: Client,
     child: Child,
     dir: PathBuf,
-}
-
-/// A network interface for a benchmark VM, as a sandbox network has it but without rules: a TAP
-/// in a namespace of its own, its host end at the gateway address, the guest at its fixed one.
-pub struct Nic {
-    /// The namespace holding the TAP (and the host end of every connection).
-    pub ns: std::sync::Arc<kiln_net::netns::NetNs>,
-}
-
-impl Nic {
-    /// Makes the namespace and its TAP.
-    pub fn new() -> Result<Nic, String> {
-        use kiln_net::addr::{GATEWAY_IP, PREFIX, TAP_MAC, TAP_NAME};
-        use kiln_net::link;
-        let ns = kiln_net::netns::NetNs::new().map_err(|e| format!("a namespace: {e}"))?;
-        ns.run(|| -> Result<(), link::LinkError> {
-            link::up("lo")?;
-            link::create_tap(TAP_NAME, TAP_MAC)?;
-            link::set_address(TAP_NAME, GATEWAY_IP, PREFIX)?;
-            link::up(TAP_NAME)
-        })
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("the TAP: {e}"))?;
-        Ok(Nic {
-            ns: std::sync::Arc::new(ns),
-        })
-    }
 }
 
 impl Vm {
@@ -144,12 +118,7 @@ impl Vm {
             }
         };
         if let Some(nic) = nic {
-            use std::os::fd::AsRawFd;
-            use std::os::unix::process::CommandExt;
-            let ns = nic.ns.as_raw_fd();
-            // SAFETY: setns is one system call on a descriptor `nic` keeps open past the spawn,
-            // safe between fork and exec.
-            unsafe { cmd.pre_exec(move || kiln_net::netns::enter_raw(ns)) };
+            nic.enter_on_spawn(&mut cmd);
         }
         let child = cmd
             .stdin(Stdio::null())
