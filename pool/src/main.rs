@@ -38,6 +38,11 @@ struct Args {
     /// A file holding the API key E2B clients send (their E2B_API_KEY), for --e2b-listen.
     #[arg(long)]
     e2b_api_key_file: Option<PathBuf>,
+    /// Give template VMs and sandboxes no network interface at all (no namespace, TAP, rules or
+    /// resolver): for a kilnd without root (networks need CAP_NET_ADMIN and CAP_SYS_ADMIN) or
+    /// without nftables. Sandboxes can then have no egress; published ports still work.
+    #[arg(long)]
+    no_net: bool,
     /// kiln-vmm [default: next to kilnd, else on PATH].
     #[arg(long)]
     vmm: Option<PathBuf>,
@@ -71,6 +76,24 @@ struct Args {
     /// Warm VMs restored at once.
     #[arg(long, default_value_t = 2)]
     refill_concurrency: usize,
+}
+
+/// Whether this host can make sandbox networks: a network namespace (root or CAP_SYS_ADMIN and
+/// CAP_NET_ADMIN) and `nft`. Checked at start, so a kilnd that could not network its VMs says so
+/// at once, not at its first build.
+fn check_net() -> Result<(), String> {
+    let hint = "; or give --no-net for VMs without a network";
+    kiln_net::netns::NetNs::new().map_err(|e| format!("sandbox networks: {e}{hint}"))?;
+    match std::process::Command::new("nft").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "sandbox networks: nft --version failed ({}){hint}",
+            o.status
+        )),
+        Err(_) => Err(format!(
+            "sandbox networks need nft (apt-get install nftables){hint}"
+        )),
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -183,6 +206,7 @@ fn config(args: &Args) -> Result<Config, String> {
             kernel,
             agent,
             image_dirs,
+            net: !args.no_net,
         },
         default_timeout_s: args.default_timeout,
         max_vms: args.max_vms,
@@ -255,6 +279,9 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, String> {
 
 async fn run(args: Args) -> Result<(), String> {
     let cfg = config(&args)?;
+    if cfg.inputs.net {
+        check_net()?;
+    }
     let tcp_token = args.listen.map(|_| token(&args)).transpose()?;
     let e2b_key = args.e2b_listen.map(|_| e2b_key(&args)).transpose()?;
     let socket = args

@@ -208,6 +208,7 @@ async fn create(
             timeout_s: req.timeout,
             env: req.env_vars.unwrap_or_default(),
             metadata: req.metadata.unwrap_or_default(),
+            network: None,
         })
         .await?;
     let sb = e2b.daemon.sandbox(&info.id)?;
