@@ -38,6 +38,11 @@ struct Args {
     /// A file holding the API key E2B clients send (their E2B_API_KEY), for --e2b-listen.
     #[arg(long)]
     e2b_api_key_file: Option<PathBuf>,
+    /// What an E2B create that says nothing of the network (no allow_internet_access, no
+    /// network) gets: `deny`, its template's default policy (no egress unless the template
+    /// allows some: Kiln's promise), or `allow`, the internet as on E2B.
+    #[arg(long, value_enum, default_value_t = InternetDefault::Deny)]
+    e2b_internet_default: InternetDefault,
     /// Give template VMs and sandboxes no network interface at all (no namespace, TAP, rules or
     /// resolver): for a kilnd without root (networks need CAP_NET_ADMIN and CAP_SYS_ADMIN) or
     /// without nftables. Sandboxes can then have no egress; published ports still work.
@@ -76,6 +81,15 @@ struct Args {
     /// Warm VMs restored at once.
     #[arg(long, default_value_t = 2)]
     refill_concurrency: usize,
+}
+
+/// `--e2b-internet-default`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum InternetDefault {
+    /// The template's default policy.
+    Deny,
+    /// The internet.
+    Allow,
 }
 
 /// Whether this host can make sandbox networks: a network namespace (root or CAP_SYS_ADMIN and
@@ -324,7 +338,11 @@ async fn run(args: Args) -> Result<(), String> {
             .await
             .map_err(|e| format!("--e2b-listen {addr}: {e}"))?
             .tap_io(no_delay);
-        let e2b = kiln_pool::e2b::E2b::new(daemon.clone(), key);
+        let e2b = kiln_pool::e2b::E2b::new(
+            daemon.clone(),
+            key,
+            args.e2b_internet_default == InternetDefault::Allow,
+        );
         let app = kiln_pool::e2b::router(e2b.clone());
         tokio::spawn(async move {
             if let Err(e) = axum::serve(tcp, app).await {
