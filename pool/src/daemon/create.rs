@@ -149,6 +149,7 @@ impl Daemon {
             true => self.take_warm(&template_id),
             false => None,
         };
+        let from_warm = warm.is_some();
         let starting = match warm {
             Some(_) => None,
             None => Some(self.start_vm(spec.mem_mib)?),
@@ -222,7 +223,7 @@ impl Daemon {
         self.sandboxes().insert(id.clone(), sb.clone());
         drop(starting);
         self.save(&sb)?;
-        tracing::info!(sandbox = %id, template = %sb.template_name, "created");
+        tracing::info!(sandbox = %id, template = %sb.template_name, warm = from_warm, "created");
         Ok(sb.info())
     }
 }
