@@ -44,7 +44,9 @@ with its status.
   --template NAME      run in a sandbox of kilnd's template NAME instead of booting (from its
                        warm pool when ready); then -c CODE runs code in --lang (python, sh,
                        node; default python) and a lone FILE.py/.sh/.js is copied in and run;
-                       --kilnd PATH names kilnd's socket (see `kiln template --help`)
+                       --kilnd PATH names kilnd's socket (see `kiln template --help`); the
+                       network flags below then set the sandbox's policy (the template's
+                       default without them) and --publish its ports
 
 Network (none by default: no network interface at all):
   --net                a network interface in a namespace of its own, egress denied
@@ -374,12 +376,6 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         return Err(format!(
             "{flag} cannot be used with --template: the template fixes the machine"
         ));
-    }
-    if a.template.is_some() && (a.net.nic || !a.net.publish.is_empty()) {
-        return Err(
-            "--net, --allow-domain, --allow-net and --publish cannot be used with --template: kilnd's sandboxes have no network yet"
-                .into(),
-        );
     }
     if a.template.is_none()
         && let Some(flag) = [

@@ -118,6 +118,21 @@ fn template_runs_take_code_or_a_command() {
         err(&["run", "--template", "p", "-c", "x", "--", "true"]),
         "give either -c CODE or a command, not both"
     );
+    // The network flags set the sandbox's policy and ports.
+    let a = run(&[
+        "run",
+        "--template",
+        "p",
+        "--allow-domain",
+        "pypi.org",
+        "--publish",
+        "8080",
+        "--",
+        "true",
+    ]);
+    assert!(a.net.nic && !a.net.allow_net);
+    assert_eq!(a.net.domains[0].to_string(), "pypi.org");
+    assert_eq!(a.net.publish[0].guest_port, 8080);
 }
 
 #[test]

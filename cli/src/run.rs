@@ -51,12 +51,20 @@ pub fn run(args: &RunArgs) -> i32 {
             timeout_s: args.timeout.map(|t| t.as_secs().max(1)),
             stdin: !term::is_tty(0),
         };
+        // `--net` and its kin are the sandbox's policy; without them, its template's default.
+        let network = crate::kilnd::args::network_request(
+            args.net.nic,
+            &args.net.domains,
+            args.net.allow_net,
+            &args.net.publish,
+        );
         return crate::kilnd::run_template(
             args.kilnd.clone(),
             template,
             args.lang.as_deref(),
             what,
             &opts,
+            network,
             args.json,
         );
     }

@@ -13,7 +13,8 @@
 //! `--allow-net`, `ip`; DNS through hickory, HTTP through hyper, on a tokio runtime of its own.
 //! It talks to a VM only through its network and, for published ports without a network
 //! interface, through the guest agent's forwarding port (`kiln_agent::client::forward`); it
-//! knows nothing of kiln-vmm. The `kiln` CLI calls it; the pool manager will too.
+//! knows nothing of kiln-vmm. The `kiln` CLI and the pool manager (`kilnd`, which also takes
+//! over the namespaces of VMs a killed kilnd left running: [`Sandbox::adopt`]) call it.
 
 pub mod addr;
 pub mod dns;

@@ -120,6 +120,76 @@ fn persist_tap(name: &str) -> Result<(), LinkError> {
     })
 }
 
+/// Gives the persistent TAP `name` to `uid`:`gid`: from then on only a process running as them
+/// (a jailed VMM, without CAP_NET_ADMIN) or with CAP_NET_ADMIN may attach it; a TAP without an
+/// owner is anyone's to attach who can open `/dev/net/tun`. Done from a thread with a file table
+/// of its own, as [`create_tap`] is, so the descriptor used is gone before the VMM attaches.
+pub fn set_tap_owner(name: &str, uid: u32, gid: u32) -> Result<(), LinkError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare with a constant flag gives this thread (and nothing else) a copy
+            // of the file table; the thread ends right after.
+            check(unsafe { libc::unshare(libc::CLONE_FILES) })
+                .map_err(step("taking a private file table to give away", name))?;
+            let tun = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .map_err(step("opening /dev/net/tun for", name))?;
+            let mut req = ifreq(name);
+            req.ifr_ifru.ifru_flags =
+                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+            // SAFETY: TUNSETIFF reads the valid ifreq; TUNSETOWNER and TUNSETGROUP take an id
+            // by value.
+            unsafe {
+                check(libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &req))
+                    .map_err(step("attaching TAP", name))?;
+                check(libc::ioctl(
+                    tun.as_raw_fd(),
+                    libc::TUNSETOWNER,
+                    uid as libc::c_ulong,
+                ))
+                .map_err(step("setting the owner of TAP", name))?;
+                check(libc::ioctl(
+                    tun.as_raw_fd(),
+                    libc::TUNSETGROUP,
+                    gid as libc::c_ulong,
+                ))
+                .map_err(step("setting the group of TAP", name))
+            }
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(LinkError::Step {
+                what: "giving away TAP (the thread panicked)",
+                name: name.into(),
+                err: io::ErrorKind::Other.into(),
+            })
+        })
+    })
+}
+
+/// Whether interface `name` exists (in the calling thread's namespace).
+pub fn exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads the valid NUL-terminated name.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+/// The IPv4 address of `name`.
+pub fn address(name: &str) -> Result<Ipv4Addr, LinkError> {
+    let s = ctl_socket().map_err(step("opening a socket for", name))?;
+    let mut req = ifreq(name);
+    // SAFETY: the ioctl fills the valid ifreq.
+    check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFADDR, &mut req) })
+        .map_err(step("reading the address of", name))?;
+    // SAFETY: SIOCGIFADDR filled the addr member with a sockaddr_in, of the same size.
+    let sin: libc::sockaddr_in = unsafe { std::mem::transmute(req.ifr_ifru.ifru_addr) };
+    Ok(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+}
+
 /// Sets IFF_UP on `name`.
 pub fn up(name: &str) -> Result<(), LinkError> {
     let s = ctl_socket().map_err(step("opening a socket for", name))?;
@@ -224,6 +294,43 @@ mod tests {
     use super::*;
     use crate::netns::NetNs;
 
+    /// Attaches TAP `name` from a child running as `uid` with no capabilities, in the calling
+    /// thread's namespace: the errno it failed with, if it did.
+    fn attach_as(name: &str, uid: u32) -> Option<i32> {
+        let path = c"/dev/net/tun";
+        let mut req = ifreq(name);
+        req.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        // SAFETY: the child makes only async-signal-safe calls (setgid, setuid, open, ioctl,
+        // _exit) on memory prepared before the fork, and exits without returning.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: as above.
+            unsafe {
+                // Opened first, as the jailer hands a VMM its /dev/net/tun: the attach is what
+                // is checked against the TAP's owner.
+                let fd = libc::open(path.as_ptr(), libc::O_RDWR);
+                if fd < 0 {
+                    libc::_exit(201);
+                }
+                if libc::setgid(uid) < 0 || libc::setuid(uid) < 0 {
+                    libc::_exit(200);
+                }
+                if libc::ioctl(fd, libc::TUNSETIFF, &req) < 0 {
+                    libc::_exit(*libc::__errno_location());
+                }
+                libc::_exit(0);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        match libc::WEXITSTATUS(status) {
+            0 => None,
+            e => Some(e),
+        }
+    }
+
     #[test]
     fn a_tap_gets_its_mac_address_and_comes_up() {
         let ns = NetNs::new().expect("needs root");
@@ -254,6 +361,12 @@ mod tests {
                 Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
                 Ipv4Addr::new(172, 16, 0, 1)
             );
+            assert_eq!(address("kiln0").unwrap(), Ipv4Addr::new(172, 16, 0, 1));
+            assert!(exists("kiln0") && !exists("kiln9"));
+            // Given to an unprivileged uid, the TAP is that uid's to attach and no other's.
+            set_tap_owner("kiln0", 100_123, 100_123).unwrap();
+            assert_eq!(attach_as("kiln0", 100_124), Some(libc::EPERM));
+            assert_eq!(attach_as("kiln0", 100_123), None);
             let e = up("kiln9").unwrap_err();
             assert!(
                 e.to_string().starts_with("reading the flags of kiln9: "),

@@ -84,6 +84,14 @@ impl NetNs {
         })
     }
 
+    /// The namespace of process `pid` (`/proc/<pid>/ns/net`): how a restarted owner finds the
+    /// namespace of a VMM it adopts, which the VMM alone has kept alive.
+    pub fn of_process(pid: u32) -> Result<NetNs, NetNsError> {
+        Ok(NetNs {
+            fd: open(&format!("/proc/{pid}/ns/net"))?,
+        })
+    }
+
     /// Another handle to the same namespace.
     pub fn try_clone(&self) -> Result<NetNs, NetNsError> {
         self.fd
@@ -167,6 +175,18 @@ mod tests {
         assert_eq!(
             NetNs::current().unwrap().inode().unwrap(),
             here.inode().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_process_namespace_is_found_by_its_pid() {
+        let here = NetNs::current().unwrap();
+        let mine = NetNs::of_process(std::process::id()).unwrap();
+        assert_eq!(mine.inode().unwrap(), here.inode().unwrap());
+        let e = NetNs::of_process(u32::MAX).unwrap_err().to_string();
+        assert!(
+            e.starts_with("cannot open /proc/4294967295/ns/net: "),
+            "{e}"
         );
     }
 }

@@ -22,6 +22,17 @@ pub enum PolicyError {
     TooBroad(String),
 }
 
+impl PolicyError {
+    /// What is wrong with the value, without naming the command-line flag (for callers that
+    /// name their own field: a spec key, a JSON field).
+    pub fn reason(&self) -> String {
+        let full = self.to_string();
+        full.strip_prefix("--allow-domain ")
+            .unwrap_or(&full)
+            .to_string()
+    }
+}
+
 /// One `--allow-domain` value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainPattern {
@@ -204,6 +215,12 @@ mod tests {
             "--allow-domain \"*.com\" would allow a whole top-level domain; name the domain under it"
         );
         assert!(e(&"a".repeat(64)).contains("is not a domain name"));
+        let err = "a b".parse::<DomainPattern>().unwrap_err();
+        assert!(
+            err.reason().starts_with("\"a b\" is not a domain name"),
+            "{}",
+            err.reason()
+        );
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //! of their own (the resolver, the proxy for a domain allowlist), and the NFLOG reader. kiln-vmm
 //! is then started inside the namespace ([`Sandbox::netns`]) with `--net` for the TAP.
 //!
+//! A sandbox whose services died with their process (its VM running on in the namespace) is
+//! taken over with [`Sandbox::adopt`], which starts the services again in that namespace.
+//!
 //! Nothing created here outlives the sandbox and its VM: the namespace is held only by this value,
 //! the VMM and the sockets made in it, and its TAP, veth and rules go with it. Dropping the
 //! sandbox stops the services; if the process is killed instead, the kernel closes the sockets
@@ -60,6 +63,14 @@ pub enum SandboxError {
     /// The services' runtime could not start.
     #[error("cannot start the network services: {0}")]
     Runtime(std::io::Error),
+    /// A namespace to adopt does not hold what the sandbox had.
+    #[error("cannot adopt the network of vm {vm}: {what}")]
+    Adopt {
+        /// The VM.
+        vm: String,
+        /// What is missing or different.
+        what: String,
+    },
 }
 
 /// What a sandbox is for.
@@ -86,6 +97,25 @@ pub struct Sandbox {
     nflog: Option<NflogReader>,
     refusals: Refusals,
     veth: Option<Veth>,
+}
+
+/// What egress `policy` needs from the packet filter.
+fn egress_of(policy: &Policy) -> Egress {
+    if policy.allow_net {
+        Egress::Routed
+    } else {
+        Egress::Proxied
+    }
+}
+
+/// The addresses of the uplink's interfaces (the host's own: no sandbox may reach them).
+fn host_addresses(uplink: &NetNs) -> Result<HashSet<IpAddr>, SandboxError> {
+    uplink.run(local_addresses)?.map_err(|e| {
+        SandboxError::Runtime(std::io::Error::new(
+            e.kind(),
+            format!("listing the host's addresses: {e}"),
+        ))
+    })
 }
 
 /// The addresses of the calling thread's namespace's interfaces.
@@ -125,18 +155,12 @@ pub fn local_addresses() -> std::io::Result<HashSet<IpAddr>> {
 impl Sandbox {
     /// Builds the sandbox `cfg` describes.
     pub fn create(cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
-        let refusals = Refusals::new(&cfg.vm_id, cfg.on_refusal);
         let ns = Arc::new(NetNs::new()?);
-        let uplink = match cfg.uplink {
-            Some(u) => u,
+        let uplink = match cfg.uplink.as_ref() {
+            Some(u) => u.try_clone()?,
             None => NetNs::current()?,
         };
-        let host_addrs = uplink.run(local_addresses)?.map_err(|e| {
-            SandboxError::Runtime(std::io::Error::new(
-                e.kind(),
-                format!("listing the host's addresses: {e}"),
-            ))
-        })?;
+        let host_addrs = host_addresses(&uplink)?;
 
         ns.run(|| -> Result<(), LinkError> {
             link::up("lo")?;
@@ -150,11 +174,7 @@ impl Sandbox {
             link::sysctl("net/ipv4/ip_forward", "1")
         })??;
 
-        let egress = if cfg.policy.allow_net {
-            Egress::Routed
-        } else {
-            Egress::Proxied
-        };
+        let egress = egress_of(&cfg.policy);
         let veth = match egress {
             Egress::Routed => Some(uplink::attach(&ns, &uplink)?),
             Egress::Proxied => {
@@ -171,7 +191,64 @@ impl Sandbox {
             })
             .collect();
         ns.run(|| nft::apply("sandbox", &nft::vm_ruleset(egress, &host_v4)))??;
+        Sandbox::start(ns, cfg, uplink, host_addrs, veth)
+    }
 
+    /// Takes over the namespace `ns` of a sandbox whose services died with the process that
+    /// made them (a daemon killed while its VM ran on): its TAP, rules and uplink are still
+    /// there, held by the VMM inside, so only the services are started again, for the same
+    /// `cfg.policy`. A namespace that does not hold what a sandbox with that policy has (the TAP,
+    /// the table, the uplink veth exactly when the policy allows the net) is refused by name.
+    /// The resolver's pins start empty: the guest resolves again before it connects.
+    pub fn adopt(ns: NetNs, cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
+        let ns = Arc::new(ns);
+        let uplink = match cfg.uplink.as_ref() {
+            Some(u) => u.try_clone()?,
+            None => NetNs::current()?,
+        };
+        let host_addrs = host_addresses(&uplink)?;
+        let missing = |what: String| SandboxError::Adopt {
+            vm: cfg.vm_id.clone(),
+            what,
+        };
+        if !ns.run(|| link::exists(TAP_NAME))? {
+            return Err(missing(format!("its namespace has no TAP {TAP_NAME}")));
+        }
+        if !ns.run(|| nft::table_exists("inet", nft::VM_TABLE))?? {
+            return Err(missing(format!(
+                "its namespace has no nftables table {}",
+                nft::VM_TABLE
+            )));
+        }
+        let veth = uplink::existing(&ns)?;
+        match (egress_of(&cfg.policy), &veth) {
+            (Egress::Routed, None) => {
+                return Err(missing(
+                    "its policy allows the net but its namespace has no uplink".into(),
+                ));
+            }
+            (Egress::Proxied, Some(v)) => {
+                return Err(missing(format!(
+                    "its policy allows no routed egress but its namespace has uplink {}",
+                    v.outside
+                )));
+            }
+            _ => {}
+        }
+        Sandbox::start(ns, cfg, uplink, host_addrs, veth)
+    }
+
+    /// Starts the services of the sandbox in `ns`: the resolver, the proxy (for a domain
+    /// allowlist) and the NFLOG reader.
+    fn start(
+        ns: Arc<NetNs>,
+        cfg: SandboxConfig,
+        uplink: NetNs,
+        host_addrs: HashSet<IpAddr>,
+        veth: Option<Veth>,
+    ) -> Result<Sandbox, SandboxError> {
+        let refusals = Refusals::new(&cfg.vm_id, cfg.on_refusal);
+        let egress = egress_of(&cfg.policy);
         // The services' sockets are made inside the namespace; their connections out are made
         // by the runtime's threads, which live in the uplink namespace.
         let dns_addr = SocketAddr::from((GATEWAY_IP, DNS_PORT));
@@ -243,6 +320,12 @@ impl Sandbox {
             refusals,
             veth,
         })
+    }
+
+    /// Gives the sandbox's TAP to `uid`:`gid`, the VMM's under a jailer (without CAP_NET_ADMIN):
+    /// then no other unprivileged uid may attach it. Call it before that VMM attaches.
+    pub fn set_tap_owner(&self, uid: u32, gid: u32) -> Result<(), SandboxError> {
+        Ok(self.ns.run(|| link::set_tap_owner(TAP_NAME, uid, gid))??)
     }
 
     /// The VM's namespace: start kiln-vmm in it (`setns` between fork and exec).

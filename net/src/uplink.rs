@@ -50,14 +50,6 @@ pub struct Veth {
     pub inside_ip: Ipv4Addr,
 }
 
-fn exists(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else {
-        return false;
-    };
-    // SAFETY: if_nametoindex reads the valid NUL-terminated name.
-    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
-}
-
 /// Holds [`LOCK_FILE`] locked while alive.
 struct Lock(File);
 
@@ -98,7 +90,7 @@ pub fn attach(vm: &NetNs, uplink: &NetNs) -> Result<Veth, UplinkError> {
         }
         link::sysctl("net/ipv4/ip_forward", "1")?;
         (0..MAX_VETHS)
-            .find(|i| !exists(&format!("{VETH_OUTSIDE_PREFIX}{i}")))
+            .find(|i| !link::exists(&format!("{VETH_OUTSIDE_PREFIX}{i}")))
             .ok_or(UplinkError::Full)
     })??;
     let base = u32::from(VETH_RANGE.0) + 4 * index;
@@ -142,4 +134,48 @@ pub fn attach(vm: &NetNs, uplink: &NetNs) -> Result<Veth, UplinkError> {
         link::sysctl("net/ipv4/ip_forward", "1")
     })??;
     Ok(veth)
+}
+
+/// The uplink `vm` already has (a namespace made by a process that is gone, being adopted), read
+/// back from the address of its end of the veth; `None` when it has none.
+pub fn existing(vm: &NetNs) -> Result<Option<Veth>, UplinkError> {
+    let inside = vm.run(|| {
+        if link::exists(VETH_INSIDE) {
+            link::address(VETH_INSIDE).map(Some)
+        } else {
+            Ok(None)
+        }
+    })??;
+    Ok(inside.map(veth_at))
+}
+
+/// The veth whose inside end has address `inside`.
+fn veth_at(inside: Ipv4Addr) -> Veth {
+    let index = (u32::from(inside) - u32::from(VETH_RANGE.0)) / 4;
+    let base = u32::from(VETH_RANGE.0) + 4 * index;
+    Veth {
+        index,
+        outside: format!("{VETH_OUTSIDE_PREFIX}{index}"),
+        outside_ip: Ipv4Addr::from(base + 1),
+        inside_ip: Ipv4Addr::from(base + 2),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_veth_is_found_again_from_its_inside_address() {
+        let v = veth_at(Ipv4Addr::new(10, 201, 0, 10));
+        assert_eq!(
+            v,
+            Veth {
+                index: 2,
+                outside: "kn-2".into(),
+                outside_ip: Ipv4Addr::new(10, 201, 0, 9),
+                inside_ip: Ipv4Addr::new(10, 201, 0, 10),
+            }
+        );
+    }
 }

@@ -284,3 +284,63 @@ fn published_ports_reach_the_guest_over_its_link_and_go_with_the_sandbox() {
         .count();
     assert_eq!(refs, 0);
 }
+
+/// A sandbox whose services died (its owner killed, the VM running on in its namespace) is taken
+/// over in that namespace: the resolver and the proxy answer again with the same policy. A
+/// namespace without a sandbox's TAP and rules, or whose uplink does not match the policy, is
+/// refused by name.
+#[test]
+fn a_namespace_whose_services_died_is_adopted() {
+    let w = world();
+    let sb = sandbox(&w, &["allowed.test"], false);
+    let g = Guest::new(sb.netns());
+    // What the VMM would do: keep the namespace alive while its owner's services go.
+    let kept = sb.netns().try_clone().unwrap();
+    drop(sb);
+    assert!(
+        g.run(|| resolve(GATEWAY_IP, "allowed.test.")).is_none(),
+        "the resolver went with its owner"
+    );
+    let cfg = |allow_net: bool| SandboxConfig {
+        vm_id: "vm-adopted".into(),
+        policy: Policy {
+            domains: vec!["allowed.test".parse().unwrap()],
+            allow_net,
+        },
+        upstream: Upstream::Servers(vec![SocketAddr::from((DNS_IP, 53))]),
+        uplink: Some(w.edge.try_clone().unwrap()),
+        on_refusal: None,
+    };
+    let e = Sandbox::adopt(kept.try_clone().unwrap(), cfg(true))
+        .err()
+        .expect("a policy the namespace was not made for");
+    assert_eq!(
+        e.to_string(),
+        "cannot adopt the network of vm vm-adopted: its policy allows the net but its namespace has no uplink"
+    );
+    let sb = Sandbox::adopt(kept, cfg(false)).expect("adopt the namespace");
+    let (code, ips) = g
+        .run(|| resolve(GATEWAY_IP, "allowed.test."))
+        .expect("an answer from the new resolver");
+    assert_eq!((code, ips), (ResponseCode::NoError, vec![ALLOWED_IP]));
+    let out = text(g.run(|| exchange(at(ALLOWED_IP, 80), &http_get("allowed.test"))));
+    assert!(
+        out.ends_with("hello from 203.0.113.10 host=allowed.test"),
+        "{out}"
+    );
+    let (code, _) = g.run(|| resolve(GATEWAY_IP, "blocked.test.")).unwrap();
+    assert_eq!(code, ResponseCode::NXDomain);
+    assert!(reported(&sb, |r| r.vm == "vm-adopted"
+        && r.name.as_deref() == Some("blocked.test")));
+    drop(g);
+    drop(sb);
+
+    let bare = kiln_net::netns::NetNs::new().unwrap();
+    let e = Sandbox::adopt(bare, cfg(false))
+        .err()
+        .expect("a bare namespace");
+    assert_eq!(
+        e.to_string(),
+        "cannot adopt the network of vm vm-adopted: its namespace has no TAP kiln0"
+    );
+}

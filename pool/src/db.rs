@@ -42,9 +42,16 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     vmm_pid INTEGER,
     vmm_start INTEGER,
     dir TEXT NOT NULL,
-    memory_from TEXT NOT NULL
+    memory_from TEXT NOT NULL,
+    network_json TEXT NOT NULL DEFAULT ''
 );
 ";
+
+/// Columns added since the first schema, each with what adds it to an older database.
+const ADDED_COLUMNS: &[(&str, &str)] = &[(
+    "network_json",
+    "ALTER TABLE sandboxes ADD COLUMN network_json TEXT NOT NULL DEFAULT ''",
+)];
 
 /// A template's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +101,9 @@ pub struct SandboxRow {
     pub dir: String,
     /// The folder whose snapshot its memory maps (a template's, a fork's, or its own pause).
     pub memory_from: String,
+    /// Its network (`crate::net::NetRecord`), JSON; empty for a warm VM and for records older
+    /// than networks (no interface, no policy).
+    pub network_json: String,
 }
 
 /// The connection.
@@ -107,6 +117,12 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        for (column, add) in ADDED_COLUMNS {
+            let probe = format!("SELECT {column} FROM sandboxes LIMIT 0");
+            if conn.prepare(&probe).is_err() {
+                conn.execute_batch(add)?;
+            }
+        }
         Ok(Db(conn))
     }
 
@@ -227,8 +243,8 @@ impl Db {
         self.0.execute(
             "INSERT OR REPLACE INTO sandboxes (id, template_id, template_name, state, created_at,
                 expires_at, env_json, metadata_json, vcpus, mem_mib, exec_count, vmm_pid,
-                vmm_start, dir, memory_from)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                vmm_start, dir, memory_from, network_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             params![
                 s.id,
                 s.template_id,
@@ -244,7 +260,8 @@ impl Db {
                 s.vmm_pid,
                 s.vmm_start.map(|v| v as i64),
                 s.dir,
-                s.memory_from
+                s.memory_from,
+                s.network_json
             ],
         )?;
         Ok(())
@@ -254,7 +271,8 @@ impl Db {
     pub fn sandboxes(&self) -> Result<Vec<SandboxRow>, DbError> {
         let mut st = self.0.prepare(
             "SELECT id, template_id, template_name, state, created_at, expires_at, env_json,
-                    metadata_json, vcpus, mem_mib, exec_count, vmm_pid, vmm_start, dir, memory_from
+                    metadata_json, vcpus, mem_mib, exec_count, vmm_pid, vmm_start, dir, memory_from,
+                    network_json
              FROM sandboxes ORDER BY created_at, id",
         )?;
         let rows = st.query_map([], |r| {
@@ -274,6 +292,7 @@ impl Db {
                 vmm_start: r.get::<_, Option<i64>>(12)?.map(|v| v as u64),
                 dir: r.get(13)?,
                 memory_from: r.get(14)?,
+                network_json: r.get(15)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -322,6 +341,7 @@ mod tests {
             vmm_start: Some(7),
             dir: format!("/s/{id}"),
             memory_from: "/t/t1".into(),
+            network_json: format!(r#"{{"nic":true,"publish":[{{"guest_port":80}}],"id":"{id}"}}"#),
         }
     }
 
@@ -356,6 +376,11 @@ mod tests {
             (2, 512, 64)
         );
         assert_eq!(db.sandboxes().unwrap().len(), 2);
+        assert_eq!(
+            db.sandboxes().unwrap()[0],
+            row("a"),
+            "every field comes back"
+        );
         assert_eq!(db.memory_users("/t/t1").unwrap(), 2);
         db.remove_sandbox("a").unwrap();
         assert_eq!(db.sandboxes().unwrap()[0].id, "b");
@@ -364,6 +389,33 @@ mod tests {
             Some("t1")
         );
         assert!(db.template("py").unwrap().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_database_from_before_networks_gets_the_column() {
+        let dir = std::env::temp_dir().join(format!("kiln-db-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kilnd.db");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(&SCHEMA.replace(",\n    network_json TEXT NOT NULL DEFAULT ''", ""))
+                .unwrap();
+            old.execute(
+                "INSERT INTO sandboxes (id, template_id, template_name, state, created_at,
+                    expires_at, env_json, metadata_json, vcpus, mem_mib, dir, memory_from)
+                 VALUES ('old', 't', 'py', 'paused', 1, 2, '{}', '{}', 1, 256, '/s', '/m')",
+                [],
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let rows = db.sandboxes().unwrap();
+        assert_eq!(
+            (rows[0].id.as_str(), rows[0].network_json.as_str()),
+            ("old", "")
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -143,8 +143,9 @@ impl JailConfig {
         })
     }
 
-    /// The jailer's command line for `jail` with `limits`; the VMM's arguments follow.
-    pub fn command(&self, vmm: &Path, jail: &Jail, limits: Limits) -> Command {
+    /// The jailer's command line for `jail` with `limits`, in the network namespace at `netns`
+    /// (a path the jailer can open while kilnd holds the namespace); the VMM's arguments follow.
+    pub fn command(&self, vmm: &Path, jail: &Jail, limits: Limits, netns: Option<&str>) -> Command {
         let mut cmd = Command::new(&self.jailer);
         let uid = jail.uid.to_string();
         let memory = (u64::from(limits.mem_mib) + VMM_OVERHEAD_MIB) << 20;
@@ -166,6 +167,9 @@ impl JailConfig {
         if limits.background {
             cmd.arg("--cgroup")
                 .arg(format!("cpu.weight={BACKGROUND_CPU_WEIGHT}"));
+        }
+        if let Some(ns) = netns {
+            cmd.args(["--netns", ns]);
         }
         cmd.arg("--");
         cmd
@@ -384,6 +388,7 @@ mod tests {
                 mem_mib: 256,
                 background: false,
             },
+            None,
         );
         let args: Vec<String> = cmd
             .get_args()
@@ -394,6 +399,7 @@ mod tests {
         assert!(joined.contains(&format!("memory.max={}", (256 + 128) << 20)));
         assert!(joined.contains("cpu.max=200000 100000"));
         assert!(!joined.contains("cpu.weight"), "{joined}");
+        assert!(!joined.contains("--netns"), "{joined}");
         assert_eq!(args.last().map(String::as_str), Some("--"));
         // A warm VM waits at a low CPU weight.
         let warm = cfg.command(
@@ -404,6 +410,7 @@ mod tests {
                 mem_mib: 256,
                 background: true,
             },
+            Some("/proc/1/fd/7"),
         );
         let joined = warm
             .get_args()
@@ -411,7 +418,9 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         assert!(
-            joined.contains(&format!("--cgroup cpu.weight={BACKGROUND_CPU_WEIGHT} --")),
+            joined.contains(&format!(
+                "--cgroup cpu.weight={BACKGROUND_CPU_WEIGHT} --netns /proc/1/fd/7 --"
+            )),
             "{joined}"
         );
     }

@@ -5,6 +5,8 @@
 //!
 //! It reaches VMs only as a user would: `kiln-vmm` processes driven through their API socket
 //! ([`vm`]) and the guest agent's protocol (`kiln_agent::client`); the VMM never depends on it.
+//! Each VM's network (namespace, TAP, rules, resolver, proxy, published ports) is `kiln-net`'s,
+//! made and held per VM by [`net`].
 //! [`types`], [`client`] and [`template::spec`] are what clients (the `kiln` CLI) use; they are
 //! all the crate holds without its `daemon` feature.
 
@@ -21,6 +23,8 @@ pub mod disk;
 pub mod e2b;
 #[cfg(feature = "daemon")]
 pub mod jail;
+#[cfg(feature = "daemon")]
+pub mod net;
 pub mod template;
 pub mod types;
 #[cfg(feature = "daemon")]

@@ -38,6 +38,16 @@ struct Args {
     /// A file holding the API key E2B clients send (their E2B_API_KEY), for --e2b-listen.
     #[arg(long)]
     e2b_api_key_file: Option<PathBuf>,
+    /// What an E2B create that says nothing of the network (no allow_internet_access, no
+    /// network) gets: `deny`, its template's default policy (no egress unless the template
+    /// allows some: Kiln's promise), or `allow`, the internet as on E2B.
+    #[arg(long, value_enum, default_value_t = InternetDefault::Deny)]
+    e2b_internet_default: InternetDefault,
+    /// Give template VMs and sandboxes no network interface at all (no namespace, TAP, rules or
+    /// resolver): for a kilnd without root (networks need CAP_NET_ADMIN and CAP_SYS_ADMIN) or
+    /// without nftables. Sandboxes can then have no egress; published ports still work.
+    #[arg(long)]
+    no_net: bool,
     /// kiln-vmm [default: next to kilnd, else on PATH].
     #[arg(long)]
     vmm: Option<PathBuf>,
@@ -71,6 +81,33 @@ struct Args {
     /// Warm VMs restored at once.
     #[arg(long, default_value_t = 2)]
     refill_concurrency: usize,
+}
+
+/// `--e2b-internet-default`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum InternetDefault {
+    /// The template's default policy.
+    Deny,
+    /// The internet.
+    Allow,
+}
+
+/// Whether this host can make sandbox networks: a network namespace (root or CAP_SYS_ADMIN and
+/// CAP_NET_ADMIN) and `nft`. Checked at start, so a kilnd that could not network its VMs says so
+/// at once, not at its first build.
+fn check_net() -> Result<(), String> {
+    let hint = "; or give --no-net for VMs without a network";
+    kiln_net::netns::NetNs::new().map_err(|e| format!("sandbox networks: {e}{hint}"))?;
+    match std::process::Command::new("nft").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "sandbox networks: nft --version failed ({}){hint}",
+            o.status
+        )),
+        Err(_) => Err(format!(
+            "sandbox networks need nft (apt-get install nftables){hint}"
+        )),
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -183,6 +220,7 @@ fn config(args: &Args) -> Result<Config, String> {
             kernel,
             agent,
             image_dirs,
+            net: !args.no_net,
         },
         default_timeout_s: args.default_timeout,
         max_vms: args.max_vms,
@@ -255,6 +293,9 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, String> {
 
 async fn run(args: Args) -> Result<(), String> {
     let cfg = config(&args)?;
+    if cfg.inputs.net {
+        check_net()?;
+    }
     let tcp_token = args.listen.map(|_| token(&args)).transpose()?;
     let e2b_key = args.e2b_listen.map(|_| e2b_key(&args)).transpose()?;
     let socket = args
@@ -297,7 +338,11 @@ async fn run(args: Args) -> Result<(), String> {
             .await
             .map_err(|e| format!("--e2b-listen {addr}: {e}"))?
             .tap_io(no_delay);
-        let e2b = kiln_pool::e2b::E2b::new(daemon.clone(), key);
+        let e2b = kiln_pool::e2b::E2b::new(
+            daemon.clone(),
+            key,
+            args.e2b_internet_default == InternetDefault::Allow,
+        );
         let app = kiln_pool::e2b::router(e2b.clone());
         tokio::spawn(async move {
             if let Err(e) = axum::serve(tcp, app).await {
@@ -347,6 +392,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file is read with grep.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -21,6 +21,151 @@ pub struct CreateSandbox {
     /// Labels kept with the sandbox, for listing and filtering.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// Its network: what it may reach (the template's default policy unless given) and the
+    /// guest ports published on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkRequest>,
+}
+
+/// What a sandbox, or a template's build, may reach. Nothing by default: no egress at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetPolicy {
+    /// Names it may resolve (through a resolver that answers only these) and reach on TCP 80
+    /// and 443, checked by TLS SNI or HTTP Host; `*.example.com` allows the names under it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_domains: Vec<String>,
+    /// Any egress, NATed to the host's uplink, but never to private, loopback, link-local or
+    /// metadata addresses or the host's own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_net: bool,
+}
+
+impl NetPolicy {
+    /// True when it allows no egress at all.
+    pub fn is_none(&self) -> bool {
+        self.allow_domains.is_empty() && !self.allow_net
+    }
+
+    /// The policy for kiln-net, or what is wrong with it, naming the field under `at` (such as
+    /// `network` or `build`).
+    pub fn check(&self, at: &str) -> Result<kiln_net::Policy, String> {
+        if self.allow_net && !self.allow_domains.is_empty() {
+            return Err(format!(
+                "{at}.allow_net: it allows every domain already; give allow_domains or \
+                 allow_net, not both"
+            ));
+        }
+        let domains = self
+            .allow_domains
+            .iter()
+            .map(|d| {
+                d.parse::<kiln_net::DomainPattern>()
+                    .map_err(|e| format!("{at}.allow_domains: {}", e.reason()))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(kiln_net::Policy {
+            domains,
+            allow_net: self.allow_net,
+        })
+    }
+}
+
+/// `network` of `POST /sandboxes`. Without `allow_domains` and `allow_net` the sandbox gets its
+/// template's default policy (`[network]` of its spec); with either, exactly what they say.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRequest {
+    /// Names it may reach (see [`NetPolicy::allow_domains`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_domains: Option<Vec<String>>,
+    /// Any egress (see [`NetPolicy::allow_net`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_net: Option<bool>,
+    /// Guest ports to publish on the host's 127.0.0.1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<PortRequest>,
+}
+
+impl NetworkRequest {
+    /// The policy it asks for, given the template's default.
+    pub fn policy(&self, template_default: &NetPolicy) -> NetPolicy {
+        if self.allow_domains.is_none() && self.allow_net.is_none() {
+            return template_default.clone();
+        }
+        NetPolicy {
+            allow_domains: self.allow_domains.clone().unwrap_or_default(),
+            allow_net: self.allow_net.unwrap_or(false),
+        }
+    }
+
+    /// What is wrong with its published ports, naming the field.
+    pub fn check_publish(&self) -> Result<(), String> {
+        for (i, p) in self.publish.iter().enumerate() {
+            if p.guest_port == 0 {
+                return Err(format!(
+                    "network.publish[{i}].guest_port: 0 is not a port (1 to 65535)"
+                ));
+            }
+            if let Some(h) = p.host_port {
+                if h == 0 {
+                    return Err(format!(
+                        "network.publish[{i}].host_port: 0 is not a port (1 to 65535; leave it \
+                         out for a free one)"
+                    ));
+                }
+                if self.publish[..i].iter().any(|o| o.host_port == Some(h)) {
+                    return Err(format!(
+                        "network.publish[{i}].host_port: {h} is given twice"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A guest port to publish: a listener on the host's 127.0.0.1 (`host_port`, or a free port)
+/// whose connections reach `guest_port` in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortRequest {
+    /// The port in the guest.
+    pub guest_port: u16,
+    /// The port on 127.0.0.1; a free one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+}
+
+/// A sandbox's network as the API shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    /// Names it may reach.
+    #[serde(default)]
+    pub allow_domains: Vec<String>,
+    /// Any egress.
+    #[serde(default)]
+    pub allow_net: bool,
+    /// The guest's address when it has a network interface (the same in every sandbox: each
+    /// has a network namespace of its own).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Its published ports (while it runs: a paused sandbox has none open).
+    #[serde(default)]
+    pub published: Vec<PublishedPort>,
+    /// Connections and lookups refused since kilnd last started serving it (each is in kilnd's
+    /// log with the sandbox's id).
+    #[serde(default)]
+    pub refused: u64,
+}
+
+/// A published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    /// The port on 127.0.0.1.
+    pub host_port: u16,
+    /// The port in the guest.
+    pub guest_port: u16,
 }
 
 /// What a sandbox is doing.
@@ -67,6 +212,9 @@ pub struct SandboxInfo {
     pub metadata: BTreeMap<String, String>,
     /// Commands run in it so far.
     pub exec_count: u64,
+    /// Its network.
+    #[serde(default)]
+    pub network: NetworkInfo,
 }
 
 /// `POST /sandboxes/{id}/exec`.
@@ -252,6 +400,82 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("stdin"), "{e}");
+    }
+
+    #[test]
+    fn a_network_request_keeps_the_template_default_unless_it_names_a_policy() {
+        let default = NetPolicy {
+            allow_domains: vec!["pypi.org".into()],
+            allow_net: false,
+        };
+        let publish_only: NetworkRequest =
+            serde_json::from_str(r#"{"publish":[{"guest_port":8080}]}"#).unwrap();
+        assert_eq!(publish_only.policy(&default), default);
+        let none: NetworkRequest = serde_json::from_str(r#"{"allow_domains":[]}"#).unwrap();
+        assert!(none.policy(&default).is_none());
+        let net: NetworkRequest = serde_json::from_str(r#"{"allow_net":true}"#).unwrap();
+        assert!(net.policy(&default).allow_net);
+        assert!(net.policy(&default).allow_domains.is_empty());
+        let e = serde_json::from_str::<NetworkRequest>(r#"{"allow_domain":["a.b"]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("allow_domain"), "{e}");
+    }
+
+    #[test]
+    fn bad_policies_and_ports_are_named() {
+        let p = |d: &[&str], net: bool| NetPolicy {
+            allow_domains: d.iter().map(|s| s.to_string()).collect(),
+            allow_net: net,
+        };
+        assert!(
+            p(&["pypi.org", "*.pythonhosted.org"], false)
+                .check("build")
+                .is_ok()
+        );
+        assert_eq!(
+            p(&["exa mple.com"], false).check("network").unwrap_err(),
+            "network.allow_domains: \"exa mple.com\" is not a domain name (letters, digits and '-' in dot-separated labels of 1 to 63 characters)"
+        );
+        assert!(
+            p(&["*.com"], false)
+                .check("build")
+                .unwrap_err()
+                .starts_with("build.allow_domains: \"*.com\" would allow a whole top-level domain")
+        );
+        assert!(
+            p(&["a.com"], true)
+                .check("network")
+                .unwrap_err()
+                .starts_with("network.allow_net: ")
+        );
+        let ports = |list: &[(u16, Option<u16>)]| NetworkRequest {
+            publish: list
+                .iter()
+                .map(|&(guest_port, host_port)| PortRequest {
+                    guest_port,
+                    host_port,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert!(
+            ports(&[(80, None), (81, Some(8081))])
+                .check_publish()
+                .is_ok()
+        );
+        assert!(
+            ports(&[(0, None)])
+                .check_publish()
+                .unwrap_err()
+                .starts_with("network.publish[0].guest_port: 0 is not a port")
+        );
+        assert_eq!(
+            ports(&[(80, Some(9000)), (81, Some(9000))])
+                .check_publish()
+                .unwrap_err(),
+            "network.publish[1].host_port: 9000 is given twice"
+        );
     }
 
     #[test]

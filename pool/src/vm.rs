@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::jail::{Jail, JailConfig, JailError, Launcher, Limits};
+use crate::net::{NetError, VmNet};
 use crate::template::TemplateFiles;
+use crate::types::{PortRequest, PublishedPort};
 
 /// The guest's vsock context id (every sandbox has its own vsock socket, so they can share it).
 pub const GUEST_CID: u32 = 3;
@@ -74,6 +76,9 @@ pub enum VmError {
     /// The VM's jail could not be set up.
     #[error("jail: {0}")]
     Jail(#[from] JailError),
+    /// The VM's network could not be set up.
+    #[error("{0}")]
+    Net(#[from] NetError),
     /// The VMM exited.
     #[error("kiln-vmm exited ({status}){said}")]
     Exited {
@@ -108,6 +113,8 @@ pub struct VmProcess {
     /// The copy-on-write overlay its root drive writes to (on the host), if it has one: a
     /// snapshot of the VM saves a copy of it with the memory.
     overlay: Option<PathBuf>,
+    /// Its network (namespace, TAP, services, published ports), which goes with it.
+    net: VmNet,
     /// Its folder.
     pub dir: PathBuf,
     /// Its API socket.
@@ -118,9 +125,14 @@ pub struct VmProcess {
 
 impl VmProcess {
     /// Starts `kiln-vmm --api-sock` for a VM whose folder is `dir` (created if needed), under the
-    /// jailer with `limits` unless the launcher runs VMMs unjailed, and waits until the socket
-    /// answers.
-    pub fn spawn(launcher: &Launcher, dir: &Path, limits: Limits) -> Result<VmProcess, VmError> {
+    /// jailer with `limits` unless the launcher runs VMMs unjailed, in `net`'s namespace when it
+    /// has one, and waits until the socket answers. `net` goes with the VM, failures included.
+    pub fn spawn(
+        launcher: &Launcher,
+        dir: &Path,
+        limits: Limits,
+        net: VmNet,
+    ) -> Result<VmProcess, VmError> {
         std::fs::create_dir_all(dir).map_err(|err| VmError::File {
             path: dir.into(),
             err,
@@ -130,20 +142,34 @@ impl VmProcess {
             path: stderr_path.clone(),
             err,
         })?;
+        let netns = net.netns();
         let (mut cmd, jail, home) = match &launcher.jail {
             Some(cfg) => {
-                let jail = cfg.jail_for(dir, None)?;
+                let mut jail = cfg.jail_for(dir, None)?;
                 // A jail left by a VM that ended without its cleanup (a killed kilnd): the jailer
                 // refuses to build over it. Only then is the jailer run for it (the common case,
                 // nothing there, costs no process on the way to a sandbox).
                 if cfg.left_over(&jail) {
                     cfg.cleanup(&jail.id);
                 }
-                let cmd = cfg.command(&launcher.vmm, &jail, limits);
+                if let Err(e) = net.give_tap(jail.uid) {
+                    jail.release();
+                    return Err(e.into());
+                }
+                let path = netns.as_ref().map(|(path, _)| path.as_str());
+                let cmd = cfg.command(&launcher.vmm, &jail, limits, path);
                 let home = jail.root.clone();
                 (cmd, Some((jail, cfg.clone())), home)
             }
-            None => (Command::new(&launcher.vmm), None, dir.to_path_buf()),
+            None => {
+                let mut cmd = Command::new(&launcher.vmm);
+                if let Some((_, fd)) = netns {
+                    // SAFETY: setns is one system call, safe between fork and exec, on a
+                    // descriptor `net` keeps open past the spawn.
+                    unsafe { cmd.pre_exec(move || kiln_net::netns::enter_raw(fd)) };
+                }
+                (cmd, None, dir.to_path_buf())
+            }
         };
         let api_sock = home.join("api.sock");
         // A folder used before (a paused sandbox resuming) still has the last VM's sockets, and
@@ -156,6 +182,7 @@ impl VmProcess {
             jail,
             rootfs: None,
             overlay: None,
+            net,
             dir: dir.into(),
             api_sock: api_sock.clone(),
             vsock: home.join("vsock.sock"),
@@ -227,8 +254,14 @@ impl VmProcess {
         }
     }
 
-    /// A `kiln-vmm` a previous daemon started in `dir`, still running as `pid`.
-    pub fn adopt(launcher: &Launcher, pid: u32, dir: &Path) -> Result<VmProcess, VmError> {
+    /// A `kiln-vmm` a previous daemon started in `dir`, still running as `pid`, with its
+    /// network `net` (adopted in its namespace, see [`VmNet::adopt`]).
+    pub fn adopt(
+        launcher: &Launcher,
+        pid: u32,
+        dir: &Path,
+        net: VmNet,
+    ) -> Result<VmProcess, VmError> {
         let (jail, home) = match &launcher.jail {
             Some(cfg) => {
                 let jail = cfg.jail_for(dir, crate::jail::uid_of(pid))?;
@@ -244,10 +277,27 @@ impl VmProcess {
             rootfs: None,
             // A sandbox restored from a snapshot with an overlay writes its own copy, in its folder.
             overlay: Some(crate::disk::live_overlay(dir)).filter(|o| o.exists()),
+            net,
             dir: dir.into(),
             api_sock: home.join("api.sock"),
             vsock: home.join("vsock.sock"),
         })
+    }
+
+    /// Its network.
+    pub fn net(&self) -> &VmNet {
+        &self.net
+    }
+
+    /// Publishes `ports` of the guest on the host's 127.0.0.1 (over the VMM's vsock socket), on
+    /// the host ports of `prefer` where they are free.
+    pub fn publish(
+        &mut self,
+        ports: &[PortRequest],
+        prefer: &[PublishedPort],
+    ) -> Result<(), VmError> {
+        let vsock = self.vsock.clone();
+        Ok(self.net.publish(ports, prefer, &vsock)?)
     }
 
     /// The id of its jail, if it has one.
@@ -334,9 +384,13 @@ impl VmProcess {
         vcpus: u32,
         mem_mib: u32,
     ) -> Result<(), VmError> {
-        let args = match root {
+        let base = match root {
             Root::Tmpfs => CMDLINE_OVERLAY,
             Root::Writable | Root::Cow(_) => CMDLINE_WRITABLE,
+        };
+        let args = match self.net.cmdline_word() {
+            Some(word) => format!("{base} {word}"),
+            None => base.to_string(),
         };
         let kernel = self.give(kernel, "vmlinux", false)?;
         self.rootfs = Some(rootfs.to_path_buf());
@@ -359,6 +413,13 @@ impl VmProcess {
             json!({"vcpu_count": vcpus, "mem_size_mib": mem_mib}),
         )?;
         self.api("PUT", "/drives/rootfs", drive)?;
+        if let Some(iface) = self.net.interface() {
+            self.api(
+                "PUT",
+                &format!("/network-interfaces/{}", kiln_net::addr::IFACE_ID),
+                iface,
+            )?;
+        }
         let vsock = self.in_vm(&self.vsock);
         self.api(
             "PUT",
@@ -368,7 +429,8 @@ impl VmProcess {
         self.api("PUT", "/actions", json!({"action_type": "InstanceStart"}))
     }
 
-    /// Restores the snapshot in `from` and resumes it, its vsock on this VM's socket. In a jail
+    /// Restores the snapshot in `from` and resumes it, its vsock on this VM's socket and its
+    /// network interface (a snapshot taken with one) on this VM's TAP. In a jail
     /// the snapshot's root filesystem is linked where the VM that took it had it. A snapshot with
     /// a copy-on-write overlay gives this VM a sparse copy of it in its folder, and the root
     /// drive writes there (never to the snapshot's).
@@ -387,6 +449,9 @@ impl VmProcess {
             self.overlay = Some(live.clone());
             let overlay = self.give(&live, OVERLAY_NAME, true)?;
             body["drive_overrides"] = json!([{"drive_id": "rootfs", "cow_overlay_path": overlay}]);
+        }
+        if let Some(overrides) = self.net.overrides() {
+            body["network_overrides"] = overrides;
         }
         self.api("PUT", "/snapshot/load", body)
     }
@@ -466,10 +531,12 @@ impl VmProcess {
         }
     }
 
-    /// Kills the VMM and reaps it (an adopted one is waited for until its /proc entry goes).
+    /// Kills the VMM and reaps it (an adopted one is waited for until its /proc entry goes),
+    /// then removes its jail and its network.
     pub fn kill(&mut self) {
         self.kill_process();
         self.end_jail();
+        self.net = VmNet::none();
     }
 
     fn kill_process(&mut self) {

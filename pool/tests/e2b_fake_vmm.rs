@@ -330,14 +330,50 @@ fn end_to_end() {
     let a = h.rest("POST", "/v2/sandboxes", Some(json!({"templateID": "nope"})));
     assert_eq!(a.status, 404);
     assert!(a.json()["message"].as_str().unwrap().contains("nope"));
+    // The network: what kilnd cannot express is refused by name, the rest mapped to a policy.
     let a = h.rest(
         "POST",
         "/v2/sandboxes",
-        Some(json!({"templateID": "t", "network": {}})),
+        Some(json!({"templateID": "t", "network": {"allowOut": ["1.1.1.1"]}})),
     );
-    assert!(a.status == 400 && a.json()["message"].as_str().unwrap().contains("network"));
+    let msg = a.json()["message"].as_str().unwrap().to_string();
+    assert!(
+        a.status == 400 && msg.starts_with("network.allowOut: \"1.1.1.1\": "),
+        "{msg}"
+    );
+    let a = h.rest(
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": "t", "allow_internet_access": true,
+                    "network": {"denyOut": ["8.8.8.0/24"]}})),
+    );
+    let msg = a.json()["message"].as_str().unwrap().to_string();
+    assert!(
+        a.status == 400 && msg.starts_with("network.denyOut: "),
+        "{msg}"
+    );
+    let a = h.rest(
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": "t",
+                    "network": {"allowOut": ["pypi.org"], "denyOut": ["0.0.0.0/0"]}})),
+    );
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    let nid = a.json()["sandboxID"].as_str().unwrap().to_string();
+    let info = k.sandbox(&nid).unwrap();
+    assert_eq!(
+        (info.network.allow_domains, info.network.allow_net),
+        (vec!["pypi.org".to_string()], false)
+    );
+    let detail = h.rest("GET", &format!("/sandboxes/{nid}"), None).json();
+    assert_eq!(detail["allowInternetAccess"], false);
+    assert_eq!(
+        h.rest("DELETE", &format!("/sandboxes/{nid}"), None).status,
+        204
+    );
 
-    // Create, as the SDK does.
+    // Create, as the SDK does. Saying nothing of the network gets the template's default policy
+    // (kilnd's --e2b-internet-default is deny): no egress.
     let a = h.rest(
         "POST",
         "/v2/sandboxes",
@@ -346,6 +382,8 @@ fn end_to_end() {
     assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
     let sb = a.json();
     let id = sb["sandboxID"].as_str().unwrap().to_string();
+    let info = k.sandbox(&id).unwrap();
+    assert!(info.network.allow_domains.is_empty() && !info.network.allow_net);
     let token = sb["envdAccessToken"].as_str().unwrap().to_string();
     assert_eq!(sb["envdVersion"], "0.5.7");
     assert_eq!(sb["templateID"], "t");

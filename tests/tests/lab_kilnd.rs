@@ -4,7 +4,9 @@
 //! (their writes land in their own overlay files, never in the template's image or overlay), and
 //! a `disk = "tmpfs"` template keeps writes in guest memory; forks of a sandbox running a Python
 //! process share its state up to the fork and nothing after; a paused sandbox survives kilnd being
-//! SIGKILLed; expiry ends a sandbox; the host limit refuses the 51st VM when it is 50.
+//! SIGKILLed; expiry ends a sandbox; the host limit refuses the 51st VM when it is 50. Sandboxes
+//! have networks: one allowed a domain of a small internet in L1 (`kiln_tests::fakenet`) reaches
+//! it by name and nothing else, one with the template's default policy reaches nothing.
 //!
 //! One kilnd serves all of it (its state on the lab's work disk), so templates are built once.
 
@@ -15,7 +17,9 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use kiln_pool::client::{ClientError, Kilnd};
 use kiln_pool::template::spec::Spec;
-use kiln_pool::types::{BuildEvent, CreateSandbox, ExecEvent, ExecRequest, SandboxState};
+use kiln_pool::types::{
+    BuildEvent, CreateSandbox, ExecEvent, ExecRequest, NetworkRequest, SandboxState,
+};
 use kiln_tests::file_sha256;
 
 /// Bytes of data (not holes) in a sparse file.
@@ -216,6 +220,56 @@ fn create(k: &Kilnd, template: &str) -> String {
     .id
 }
 
+/// What a guest reaches of the small internet, as JSON: each probe's answer or `error: ...`.
+const NET_PROBE: &str = r#"
+import json, socket
+def tcp(host, port, send=b""):
+    try:
+        s = socket.create_connection((host, port), timeout=8)
+        s.sendall(send)
+        d = b""
+        while True:
+            c = s.recv(4096)
+            if not c:
+                break
+            d += c
+        return d.decode(errors="replace")
+    except Exception as e:
+        return "error: %s: %s" % (type(e).__name__, e)
+def resolve(name):
+    try:
+        return socket.gethostbyname(name)
+    except Exception as e:
+        return "error: %s" % e
+def get(host, name):
+    return tcp(host, 80, ("GET / HTTP/1.0
+Host: %s
+
+" % name).encode())
+print(json.dumps({
+    "allowed_ip": resolve("allowed.test"),
+    "allowed_http": get("allowed.test", "allowed.test"),
+    "blocked_ip": resolve("blocked.test"),
+    "blocked_literal": get("203.0.113.20", "blocked.test"),
+    "allowed_literal": get("203.0.113.10", "allowed.test"),
+    "allowed_ssh": tcp("203.0.113.10", 22),
+}))
+"#;
+
+/// Runs [`NET_PROBE`] in sandbox `id`: what it reached.
+fn probe_net(k: &Kilnd, id: &str) -> serde_json::Value {
+    k.write_file(id, "/tmp/net-probe.py", NET_PROBE.as_bytes())
+        .unwrap();
+    let out = sh(k, id, "python3 /tmp/net-probe.py");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Whether a probe failed (an error, nothing, or the proxy's refusal), never reaching a server.
+fn unreached(v: &serde_json::Value, key: &str) -> bool {
+    let got = v[key].as_str().unwrap_or_default();
+    !got.contains("hello from") && !got.contains("SSH-2.0") && !got.starts_with("203.0.113.")
+}
+
 /// A Python process holding `x` in memory, served on a Unix socket: `get` and `set N`.
 const HOLDER: &str = r#"setsid python3 -c '
 import os, socket
@@ -335,6 +389,63 @@ fn kilnd_serves_templates_and_sandboxes() {
         "6 3\n"
     );
     k.kill(&p).unwrap();
+
+    // Sandbox networks, against a small internet in L1 (its name server in L1's resolv.conf,
+    // which kilnd's per-sandbox resolvers ask). One allowed `allowed.test` resolves it and
+    // reaches it by name (through kilnd's proxy) and nothing else: not `blocked.test`, not an
+    // address literal, not another port; every refusal counted in its info. One with the base
+    // template's default policy (none) reaches nothing at all.
+    {
+        use kiln_tests::fakenet::{ALLOWED, ALLOWED_IP, FakeInternet};
+        let _internet = FakeInternet::start();
+        let allowed = k
+            .create(&CreateSandbox {
+                template: "base".into(),
+                timeout_s: Some(900),
+                network: Some(NetworkRequest {
+                    allow_domains: Some(vec![ALLOWED.into()]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("a sandbox allowed {ALLOWED}: {e}"));
+        assert_eq!(allowed.network.allow_domains, [ALLOWED]);
+        assert_eq!(allowed.network.address.as_deref(), Some("172.16.0.2"));
+        let got = probe_net(&k, &allowed.id);
+        assert_eq!(got["allowed_ip"], ALLOWED_IP.to_string(), "{got}");
+        assert!(
+            got["allowed_http"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("hello from 203.0.113.10 host=allowed.test"),
+            "{got}\n{}",
+            what_went_on(&k, &allowed.id)
+        );
+        for refused in ["blocked_ip", "blocked_literal", "allowed_ssh"] {
+            assert!(unreached(&got, refused), "{refused}: {got}");
+        }
+        assert!(
+            k.sandbox(&allowed.id).unwrap().network.refused >= 3,
+            "the refusals are counted: {:?}",
+            k.sandbox(&allowed.id).unwrap().network
+        );
+        let none = create(&k, "base");
+        let info = k.sandbox(&none).unwrap();
+        assert!(info.network.allow_domains.is_empty() && !info.network.allow_net);
+        let got = probe_net(&k, &none);
+        for key in [
+            "allowed_ip",
+            "allowed_http",
+            "blocked_ip",
+            "blocked_literal",
+            "allowed_literal",
+            "allowed_ssh",
+        ] {
+            assert!(unreached(&got, key), "no egress, but {key}: {got}");
+        }
+        k.kill(&allowed.id).unwrap();
+        k.kill(&none).unwrap();
+    }
 
     // A template from an OCI layout keeps files, whiteouts, owners and modes.
     let layout = root.join("oci");

@@ -3,12 +3,41 @@
 
 use std::path::PathBuf;
 
+use kiln_net::{DomainPattern, PublishSpec};
+use kiln_pool::types::{NetworkRequest, PortRequest};
+
+/// The network a create asks for: `None` when it names no policy and no port (the template's
+/// default policy); with `policy` (an explicit one) the domains and `allow_net` given.
+pub fn network_request(
+    policy: bool,
+    domains: &[DomainPattern],
+    allow_net: bool,
+    publish: &[PublishSpec],
+) -> Option<NetworkRequest> {
+    if !policy && publish.is_empty() {
+        return None;
+    }
+    Some(NetworkRequest {
+        allow_domains: policy.then(|| domains.iter().map(ToString::to_string).collect()),
+        allow_net: policy.then_some(allow_net),
+        publish: publish
+            .iter()
+            .map(|p| PortRequest {
+                guest_port: p.guest_port,
+                host_port: p.host_port,
+            })
+            .collect(),
+    })
+}
+
 /// The usage text.
 pub const USAGE: &str = "usage: kiln template build FILE [--json]
        kiln template ls [--json]
        kiln template rm NAME
        kiln template pool NAME --min-ready N [--max-sandboxes N]
        kiln sandbox create TEMPLATE [--timeout SECS] [--env K=V]... [--meta K=V]... [--json]
+                           [--allow-domain D]... [--allow-net | --no-egress]
+                           [--publish [HOST:]GUEST]...
        kiln sandbox ls [--json]
        kiln sandbox exec ID [--env K=V]... [--cwd DIR] [--user U] [--timeout SECS] [--stdin] -- CMD...
        kiln sandbox cp SRC DST        (one of them ID:/path in the sandbox)
@@ -16,6 +45,7 @@ pub const USAGE: &str = "usage: kiln template build FILE [--json]
        kiln sandbox pause|resume|kill ID
        kiln sandbox timeout ID SECS
        kiln run --template NAME [--env K=V]... [--timeout SECS] [--json] [--lang python|sh|node]
+                [--net | --allow-domain D... | --allow-net] [--publish [HOST:]GUEST]...
                 [-c CODE | FILE.py | -- CMD...]
 
 Talks to kilnd, Kiln's pool manager, on its socket: --kilnd PATH, else $KILND_URL (kilnd --listen's
@@ -24,7 +54,12 @@ http://HOST:PORT, with its bearer token in $KILND_TOKEN), else $KILND_SOCKET, el
 
 template build  builds a template from a spec file (TOML; see the README) and shows its progress;
                 an unchanged spec is found in the store at once.
-sandbox create  prints the new sandbox's id (the JSON with --json).
+sandbox create  prints the new sandbox's id (the JSON with --json, with its network: policy,
+                published ports, refusals). Its network is its template's default policy
+                ([network] in the spec; no egress unless it says) unless --allow-domain D
+                (repeatable; *.D for the names under D), --allow-net or --no-egress says
+                otherwise; --publish listens on 127.0.0.1:HOST (a free port if omitted) and
+                carries connections to GUEST in the sandbox (printed on stderr).
 sandbox exec    streams the command's output and exits with its status.
 kiln run --template  creates a sandbox (from the template's warm pool when one is ready), runs
                 the command, prints its output and removes the sandbox. -c CODE runs code in
@@ -102,6 +137,8 @@ pub enum SandboxCmd {
         env: Vec<(String, String)>,
         /// `--meta`.
         meta: Vec<(String, String)>,
+        /// `--allow-domain`, `--allow-net`, `--no-egress`, `--publish`.
+        network: Option<NetworkRequest>,
         /// `--json`.
         json: bool,
     },
@@ -173,6 +210,9 @@ const VALUED: &[&str] = &[
     "-n",
     "--cwd",
     "--user",
+    "--allow-domain",
+    "--publish",
+    "-p",
 ];
 
 fn split(args: &[String]) -> Result<Split, String> {
@@ -282,6 +322,8 @@ pub fn parse_sandbox(args: &[String]) -> Result<(SandboxCmd, Option<PathBuf>), S
     let (mut json, mut timeout_s, mut count) = (false, None, 1);
     let (mut env, mut meta) = (Vec::new(), Vec::new());
     let mut opts = ExecOpts::default();
+    let (mut domains, mut publish, mut allow_net, mut no_egress) =
+        (Vec::new(), Vec::new(), false, false);
     for (name, value) in given {
         let v = value.unwrap_or_default();
         match name.as_str() {
@@ -294,8 +336,36 @@ pub fn parse_sandbox(args: &[String]) -> Result<(SandboxCmd, Option<PathBuf>), S
             "--cwd" => opts.cwd = Some(v),
             "--user" => opts.user = Some(v),
             "--stdin" => opts.stdin = true,
+            "--allow-domain" => {
+                domains.push(v.parse::<DomainPattern>().map_err(|e| e.to_string())?)
+            }
+            "--allow-net" => allow_net = true,
+            "--no-egress" => no_egress = true,
+            "--publish" | "-p" => {
+                publish.push(v.parse::<PublishSpec>().map_err(|e| e.to_string())?)
+            }
             other => return Err(format!("unknown option {other} for `kiln sandbox {verb}`")),
         }
+    }
+    let given = [
+        ("--allow-domain", !domains.is_empty()),
+        ("--allow-net", allow_net),
+        ("--no-egress", no_egress),
+    ];
+    let policies: Vec<&str> = given.iter().filter(|g| g.1).map(|g| g.0).collect();
+    if policies.len() > 1 {
+        return Err(format!(
+            "{} cannot be given together: each is a whole policy",
+            policies.join(" and ")
+        ));
+    }
+    if verb != "create"
+        && let Some(flag) = policies
+            .first()
+            .copied()
+            .or((!publish.is_empty()).then_some("--publish"))
+    {
+        return Err(format!("{flag} only works with `kiln sandbox create`"));
     }
     let cmd = match verb {
         "create" => SandboxCmd::Create {
@@ -303,6 +373,7 @@ pub fn parse_sandbox(args: &[String]) -> Result<(SandboxCmd, Option<PathBuf>), S
             timeout_s,
             env,
             meta,
+            network: network_request(!policies.is_empty(), &domains, allow_net, &publish),
             json,
         },
         "ls" | "list" => SandboxCmd::List { json },
@@ -419,6 +490,58 @@ mod tests {
                 ..
             }
         ));
+        let (c, _) = parse_sandbox(&s(&[
+            "create",
+            "py",
+            "--allow-domain",
+            "pypi.org",
+            "-p",
+            "18080:8080",
+        ]))
+        .unwrap();
+        let SandboxCmd::Create {
+            network: Some(n), ..
+        } = c
+        else {
+            panic!("{c:?}")
+        };
+        assert_eq!(
+            (n.allow_domains, n.allow_net),
+            (Some(vec!["pypi.org".to_string()]), Some(false))
+        );
+        assert_eq!(
+            n.publish,
+            [PortRequest {
+                guest_port: 8080,
+                host_port: Some(18080)
+            }]
+        );
+        // Ports alone keep the template's policy; no flag at all asks for nothing.
+        let (c, _) = parse_sandbox(&s(&["create", "py", "--publish", "8080"])).unwrap();
+        assert!(matches!(
+            c,
+            SandboxCmd::Create {
+                network: Some(NetworkRequest {
+                    allow_domains: None,
+                    allow_net: None,
+                    ..
+                }),
+                ..
+            }
+        ));
+        let (c, _) = parse_sandbox(&s(&["create", "py", "--no-egress"])).unwrap();
+        assert!(matches!(
+            c,
+            SandboxCmd::Create {
+                network: Some(NetworkRequest {
+                    allow_net: Some(false),
+                    ..
+                }),
+                ..
+            }
+        ));
+        let (c, _) = parse_sandbox(&s(&["create", "py"])).unwrap();
+        assert!(matches!(c, SandboxCmd::Create { network: None, .. }));
         let (c, _) = parse_sandbox(&s(&["fork", "abc", "-n", "4"])).unwrap();
         assert!(matches!(c, SandboxCmd::Fork { count: 4, .. }));
         for (bad, named) in [
@@ -427,6 +550,16 @@ mod tests {
             (&["timeout", "abc", "x"][..], "\"x\""),
             (&["create", "py", "--env", "noequals"][..], "noequals"),
             (&["kill"][..], "id"),
+            (
+                &["create", "py", "--allow-domain", "a b"][..],
+                "--allow-domain \"a b\"",
+            ),
+            (&["create", "py", "--publish", "0"][..], "--publish \"0\""),
+            (
+                &["create", "py", "--allow-net", "--allow-domain", "x.io"][..],
+                "--allow-domain and --allow-net cannot be given together",
+            ),
+            (&["ls", "--publish", "80"][..], "--publish only works with"),
         ] {
             let e = parse_sandbox(&s(bad)).unwrap_err();
             assert!(e.contains(named), "{bad:?}: {e}");

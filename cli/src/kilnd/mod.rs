@@ -253,6 +253,7 @@ pub fn sandbox(words: &[String]) -> i32 {
             timeout_s,
             env,
             meta,
+            network,
             json,
         } => k
             .create(&CreateSandbox {
@@ -260,8 +261,10 @@ pub fn sandbox(words: &[String]) -> i32 {
                 timeout_s,
                 env: env.into_iter().collect(),
                 metadata: meta.into_iter().collect(),
+                network,
             })
             .map(|s| {
+                say_published(&s);
                 if json {
                     print_json(&s)
                 } else {
@@ -382,13 +385,25 @@ fn interpreter(lang: &str, file: bool) -> Result<Vec<String>, String> {
     Ok(v.iter().map(|s| s.to_string()).collect())
 }
 
-/// `kiln run --template NAME ...`: a sandbox for one command, removed afterwards.
+/// Prints on stderr where a new sandbox's published ports are, as `kiln run --publish` does.
+fn say_published(s: &kiln_pool::types::SandboxInfo) {
+    for p in &s.network.published {
+        eprintln!(
+            "kiln: published 127.0.0.1:{} -> guest port {}",
+            p.host_port, p.guest_port
+        );
+    }
+}
+
+/// `kiln run --template NAME ...`: a sandbox for one command (on the network `network` asks
+/// for, the template's default policy without), removed afterwards.
 pub fn run_template(
     sock: Option<PathBuf>,
     template: &str,
     lang: Option<&str>,
     what: RunWhat,
     opts: &args::ExecOpts,
+    network: Option<kiln_pool::types::NetworkRequest>,
     json: bool,
 ) -> i32 {
     let k = match client(sock) {
@@ -445,10 +460,12 @@ pub fn run_template(
         timeout_s: Some(life),
         env: opts.env.iter().cloned().collect(),
         metadata: [("created_by".to_string(), "kiln run".to_string())].into(),
+        network,
     }) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    say_published(&sb);
     let code = match upload
         .map(|(path, data)| k.write_file(&sb.id, &path, &data))
         .transpose()

@@ -133,6 +133,15 @@ fn serve_api(mode: &str, sock: &Path) {
                 vsock_uds = Some(v.uds_path);
                 ApiResponse::NoContent
             }
+            // As kiln-vmm would fail to attach it, a TAP missing from the VMM's namespace is
+            // refused.
+            ApiRequest::PutNetworkInterface(n) => {
+                log_line(&format!("PUT /network-interfaces {}", json(&n)));
+                match tap_missing(&n.host_dev_name) {
+                    Some(fault) => ApiResponse::fault(fault),
+                    None => ApiResponse::NoContent,
+                }
+            }
             ApiRequest::PutAction(kiln_api::requests::actions::Action::InstanceStart) => {
                 log_line("PUT /actions {\"action_type\":\"InstanceStart\"}");
                 if let Some(uds) = vsock_uds.take() {
@@ -165,6 +174,13 @@ fn serve_api(mode: &str, sock: &Path) {
                 if mode == "load-fault" {
                     return ApiResponse::fault(LOAD_FAULT);
                 }
+                if let Some(fault) = body
+                    .network_overrides
+                    .iter()
+                    .find_map(|o| tap_missing(&o.host_dev_name))
+                {
+                    return ApiResponse::fault(fault);
+                }
                 if let Some(o) = body.vsock_override {
                     let listener = UnixListener::bind(&o.uds_path).unwrap();
                     thread::spawn(move || accept_loop(listener));
@@ -174,6 +190,14 @@ fn serve_api(mode: &str, sock: &Path) {
             other => ApiResponse::fault(format!("the fake VMM does not do {other:?}")),
         })
         .unwrap();
+}
+
+/// Why the TAP `name` cannot be attached: it is not in this process's network namespace.
+fn tap_missing(name: &str) -> Option<String> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: if_nametoindex reads the valid NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index == 0).then(|| format!("network interface: no TAP {name} in the VMM's namespace"))
 }
 
 fn serve_vsock(uds: &Path) {

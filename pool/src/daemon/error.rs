@@ -69,7 +69,20 @@ impl From<DbError> for DaemonError {
 
 impl From<VmError> for DaemonError {
     fn from(e: VmError) -> Self {
-        DaemonError::Vm(e.to_string())
+        match e {
+            VmError::Net(e) => e.into(),
+            e => DaemonError::Vm(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::net::NetError> for DaemonError {
+    fn from(e: crate::net::NetError) -> Self {
+        match e {
+            // A host port that cannot be had is the request's to change.
+            crate::net::NetError::Publish(_) => DaemonError::BadRequest(e.to_string()),
+            crate::net::NetError::Sandbox { .. } => DaemonError::Vm(e.to_string()),
+        }
     }
 }
 

@@ -1,5 +1,7 @@
 //! What is done with a sandbox: run a command (streamed), move files, change its lifetime, pause
-//! it to disk and resume it, fork it, kill it.
+//! it to disk and resume it, fork it, kill it. Its network goes with its VM (pause and kill end
+//! it) and is made again, with the policy it was created with, for each VM it gets (resume, and
+//! each fork's).
 
 use std::io::Write;
 use std::path::Path;
@@ -16,8 +18,9 @@ use super::create::MAX_TIMEOUT_S;
 use super::error::DaemonError;
 use super::sandbox::Sandbox;
 use super::{Daemon, now_s};
+use crate::net::NetRecord;
 use crate::template::TemplateFiles;
-use crate::types::{DirEntryInfo, ExecEvent, ExecRequest, SandboxInfo, SandboxState};
+use crate::types::{DirEntryInfo, ExecEvent, ExecRequest, PortRequest, SandboxInfo, SandboxState};
 
 /// How long past its own timeout a command may take to report before the sandbox is judged
 /// stuck.
@@ -307,6 +310,8 @@ impl Daemon {
         let Some(mut vm) = vm else {
             return Err(DaemonError::Conflict(format!("sandbox {id} has no VM")));
         };
+        // Its ports close with its VM (and its network); resume opens them on these again.
+        sb.live().ports = vm.net().published().to_vec();
         let snap = TemplateFiles::in_dir(&sb.dir.join("paused"));
         let result = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&snap.dir).map_err(|e| DaemonError::Internal(e.to_string()))?;
@@ -352,9 +357,17 @@ impl Daemon {
         let from = TemplateFiles::in_dir(&sb.live().memory_from.clone());
         let (vmm, dir, env) = (self.cfg.inputs.vmm.clone(), sb.dir.clone(), sb.full_env());
         let limits = crate::template::build::limits(&sb.spec);
-        // The folder holds the paused snapshot: it stays whatever happens.
+        self.check_net(&sb.template_name, sb.net.nic, &sb.net.policy)?;
+        let (sb2, id2) = (sb.clone(), id.to_string());
+        let ports = sb.live().ports.clone();
+        // The folder holds the paused snapshot: it stays whatever happens. The sandbox gets a
+        // new network with its policy, and its ports on the host ports they had where free.
         let (vm, client) = tokio::task::spawn_blocking(move || {
-            super::create::restore_cloned(&vmm, &dir, &from, limits, env)
+            let net = super::create::vm_net(&id2, sb2.net.nic, &sb2.net.policy)?;
+            let (mut vm, client) =
+                super::create::restore_cloned(&vmm, &dir, &from, limits, env, net)?;
+            vm.publish(&sb2.net.publish, &ports)?;
+            Ok::<_, DaemonError>((vm, client))
         })
         .await??;
         {
@@ -384,6 +397,7 @@ impl Daemon {
             )));
         }
         let sb = self.sandbox(id)?;
+        self.check_net(&sb.template_name, sb.net.nic, &sb.net.policy)?;
         let mut guards = Vec::new();
         for _ in 0..count {
             guards.push(self.start_vm(sb.spec.mem_mib)?);
@@ -423,6 +437,21 @@ impl Daemon {
         }
         // The forks restore side by side: each is a process of its own waiting on its guest, and
         // one after another they took count times as long.
+        // Each fork has a network of its own with the original's policy, and publishes the same
+        // guest ports on host ports of its own (the original keeps the ones it asked for).
+        let fork_net = NetRecord {
+            publish: sb
+                .net
+                .publish
+                .iter()
+                .map(|p| PortRequest {
+                    host_port: None,
+                    ..*p
+                })
+                .collect(),
+            ports: Vec::new(),
+            ..sb.net.clone()
+        };
         let restores: Vec<_> = (0..count)
             .map(|_| {
                 let fork_id = super::new_id();
@@ -433,8 +462,16 @@ impl Daemon {
                     snap.clone(),
                 );
                 let limits = crate::template::build::limits(&sb.spec);
+                let (net, id) = (fork_net.clone(), fork_id.clone());
                 tokio::task::spawn_blocking(move || {
-                    let made = super::create::restore_cloned(&vmm, &dir, &from, limits, env);
+                    let made = super::create::vm_net(&id, net.nic, &net.policy)
+                        .and_then(|vm_net| {
+                            super::create::restore_cloned(&vmm, &dir, &from, limits, env, vm_net)
+                        })
+                        .and_then(|(mut vm, client)| {
+                            vm.publish(&net.publish, &[])?;
+                            Ok((vm, client))
+                        });
                     if made.is_err() {
                         let _ = std::fs::remove_dir_all(&dir);
                     }
@@ -473,6 +510,7 @@ impl Daemon {
                 sb.env.clone(),
                 sb.metadata.clone(),
                 vm.dir.clone(),
+                fork_net.clone(),
                 super::sandbox::Live {
                     state: SandboxState::Running,
                     vm: Some(vm),
@@ -480,6 +518,7 @@ impl Daemon {
                     expires_at: expires,
                     exec_count: 0,
                     memory_from: snap.dir.clone(),
+                    ports: Vec::new(),
                 },
             ));
             self.sandboxes().insert(fork_id.clone(), f.clone());

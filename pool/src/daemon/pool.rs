@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::create::restore_cloned;
+use super::create::{restore_cloned, vm_net};
 use super::{Daemon, Warm, new_id};
 
 /// How often the filler looks at the pools.
@@ -66,7 +66,7 @@ impl Daemon {
             .or_default() += 1;
         let d = self.clone();
         tokio::spawn(async move {
-            let (files, limits, env) = match d.template_parts(&template_id) {
+            let (files, limits, env, policy) = match d.template_parts(&template_id) {
                 Ok((_, _, spec, files, _)) => (
                     files,
                     crate::jail::Limits {
@@ -74,6 +74,7 @@ impl Daemon {
                         ..crate::template::build::limits(&spec)
                     },
                     crate::template::build::sandbox_env(&spec, &Default::default()),
+                    spec.network.clone(),
                 ),
                 Err(e) => {
                     tracing::warn!(template = %template_id, "pool: {e}");
@@ -81,10 +82,21 @@ impl Daemon {
                     return;
                 }
             };
+            // A template this kilnd cannot restore (one with an interface under --no-net) gets
+            // no warm VMs; its creates say why.
+            if let Err(e) = d.check_net(&template_id, files.has_nic(), &policy) {
+                tracing::debug!(template = %template_id, "pool: {e}");
+                d.done_filling(&template_id);
+                return;
+            }
             let id = new_id();
             let (vmm, dir) = (d.cfg.inputs.vmm.clone(), d.cfg.sandboxes_dir().join(&id));
+            let id2 = id.clone();
             let made = tokio::task::spawn_blocking(move || {
-                let made = restore_cloned(&vmm, &dir, &files, limits, env);
+                // A warm VM has the template's default network policy (a create asking for
+                // another is restored on demand instead).
+                let made = vm_net(&id2, files.has_nic(), &policy)
+                    .and_then(|net| restore_cloned(&vmm, &dir, &files, limits, env, net));
                 match &made {
                     Ok((_, client)) => warm_up(client),
                     Err(_) => {
@@ -139,6 +151,7 @@ impl Daemon {
             vmm_start: crate::vm::start_ticks(pid),
             dir: self.cfg.sandboxes_dir().join(id).display().to_string(),
             memory_from: String::new(),
+            network_json: String::new(),
         };
         if let Err(e) = self.db().put_sandbox(&row) {
             tracing::warn!("pool: recording a warm VM: {e}");

@@ -1,5 +1,7 @@
 //! Starting again after a restart or a crash (SIGKILL included): sandboxes whose VMM still runs
-//! (same pid, same start time) are adopted and their agent reconnected; paused ones are kept;
+//! (same pid, same start time) are adopted, their network's services started again in the
+//! namespace their VMM kept (found through `/proc/<pid>/ns/net`), their published ports opened
+//! again and their agent reconnected, or killed when any of that fails; paused ones are kept;
 //! everything else that a dead daemon left (VMs it never handed out, half-built templates,
 //! folders without a record, fork snapshots nobody maps) is removed.
 
@@ -13,6 +15,7 @@ use super::sandbox::{Live, Sandbox};
 use super::templates::READY_MARKER;
 use super::{Daemon, now_s};
 use crate::db::SandboxRow;
+use crate::net::{NetRecord, VmNet};
 use crate::types::SandboxState;
 use crate::vm::{VmProcess, process_alive, start_ticks};
 
@@ -62,13 +65,16 @@ impl Daemon {
                     continue;
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(sandbox = %row.id, "cannot adopt it: {e}"),
+                Err(e) => {
+                    tracing::warn!(sandbox = %row.id, "cannot adopt it, so it is killed: {e}")
+                }
             }
             if still_running(&row)
                 && let Some(pid) = row.vmm_pid
             {
                 let launcher = &self.cfg.inputs.vmm;
-                match VmProcess::adopt(launcher, pid, PathBuf::from(&row.dir).as_path()) {
+                let dir = PathBuf::from(&row.dir);
+                match VmProcess::adopt(launcher, pid, &dir, VmNet::none()) {
                     Ok(mut vm) => vm.kill(),
                     // SAFETY: kill(2) with a pid and a signal number touches no memory.
                     Err(_) => unsafe {
@@ -131,9 +137,28 @@ impl Daemon {
         };
         let (template_id, template_name, spec, _, _) = self.template_parts(&row.template_id)?;
         let dir = PathBuf::from(&row.dir);
+        // A record from before networks has none: no interface, no policy.
+        let net: NetRecord = match row.network_json.as_str() {
+            "" => NetRecord::default(),
+            text => serde_json::from_str(text).map_err(|e| {
+                DaemonError::Internal(format!("sandbox {}'s stored network: {e}", row.id))
+            })?,
+        };
         let (vm, client) = match state {
             SandboxState::Running => {
-                let vm = VmProcess::adopt(&self.cfg.inputs.vmm, row.vmm_pid.unwrap_or(0), &dir)?;
+                let pid = row.vmm_pid.unwrap_or(0);
+                // Its network's services died with the last kilnd; its namespace, TAP and rules
+                // live on, held by its VMM: the services start again there, or the sandbox is
+                // killed (a VM is never left with a dead network).
+                let vm_net = match net.nic {
+                    true => {
+                        let policy = net.policy.check("network").map_err(DaemonError::Internal)?;
+                        VmNet::adopt(&row.id, pid, policy)?
+                    }
+                    false => VmNet::none(),
+                };
+                let mut vm = VmProcess::adopt(&self.cfg.inputs.vmm, pid, &dir, vm_net)?;
+                vm.publish(&net.publish, &net.ports)?;
                 let client =
                     kiln_agent::client::wait_ready(&vm.vsock, Instant::now() + REJOIN_WAIT)?;
                 (Some(vm), Some(client))
@@ -152,6 +177,7 @@ impl Daemon {
             env,
             metadata,
             dir,
+            net.clone(),
             Live {
                 state,
                 vm,
@@ -163,6 +189,7 @@ impl Daemon {
                 },
                 exec_count: row.exec_count,
                 memory_from: PathBuf::from(&row.memory_from),
+                ports: net.ports,
             },
         ));
         self.sandboxes().insert(row.id.clone(), sb);

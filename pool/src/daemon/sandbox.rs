@@ -11,8 +11,9 @@ use kiln_agent::client::Client;
 
 use super::error::DaemonError;
 use crate::db::SandboxRow;
+use crate::net::NetRecord;
 use crate::template::spec::Spec;
-use crate::types::{SandboxInfo, SandboxState};
+use crate::types::{PublishedPort, SandboxInfo, SandboxState};
 use crate::vm::{VmProcess, start_ticks};
 
 /// How long a running sandbox's agent may take to accept a new connection when its old one
@@ -33,6 +34,9 @@ pub struct Live {
     pub exec_count: u64,
     /// The folder whose snapshot its memory maps.
     pub memory_from: PathBuf,
+    /// The host ports its published ports had when they were last open (a paused sandbox's,
+    /// tried first when it resumes).
+    pub ports: Vec<PublishedPort>,
 }
 
 /// A sandbox.
@@ -53,6 +57,8 @@ pub struct Sandbox {
     pub metadata: BTreeMap<String, String>,
     /// Its folder (VMM sockets, console, pause snapshot).
     pub dir: PathBuf,
+    /// Its network: whether it has an interface, its policy and the ports it publishes.
+    pub net: NetRecord,
     live: Mutex<Live>,
 }
 
@@ -68,6 +74,7 @@ impl Sandbox {
         env: BTreeMap<String, String>,
         metadata: BTreeMap<String, String>,
         dir: PathBuf,
+        net: NetRecord,
         live: Live,
     ) -> Sandbox {
         Sandbox {
@@ -79,6 +86,7 @@ impl Sandbox {
             env,
             metadata,
             dir,
+            net,
             live: Mutex::new(live),
         }
     }
@@ -137,6 +145,7 @@ impl Sandbox {
             mem_mib: self.spec.mem_mib,
             metadata: self.metadata.clone(),
             exec_count: live.exec_count,
+            network: crate::net::info(&self.net, live.vm.as_ref().map(VmProcess::net)),
         }
     }
 
@@ -144,6 +153,13 @@ impl Sandbox {
     pub fn row(&self) -> SandboxRow {
         let live = self.live();
         let pid = live.vm.as_ref().map(VmProcess::pid);
+        let net = NetRecord {
+            ports: match &live.vm {
+                Some(vm) => vm.net().published().to_vec(),
+                None => live.ports.clone(),
+            },
+            ..self.net.clone()
+        };
         SandboxRow {
             id: self.id.clone(),
             template_id: self.template_id.clone(),
@@ -160,6 +176,7 @@ impl Sandbox {
             vmm_start: pid.and_then(start_ticks),
             dir: self.dir.display().to_string(),
             memory_from: live.memory_from.display().to_string(),
+            network_json: serde_json::to_string(&net).unwrap_or_default(),
         }
     }
 }

@@ -258,7 +258,7 @@ fn check_port(headers: &HeaderMap, id: &str) -> Result<(), Refusal> {
     {
         return Err(Refusal::Port(format!(
             "The sandbox {id} is running but port is not open: {port} (kilnd serves only envd, \
-             {ENVD_PORT}; its guests have no network)"
+             {ENVD_PORT}, here; publish a guest port with kilnd's own API)"
         )));
     }
     Ok(())

@@ -3,7 +3,8 @@
 //! both halves of E2B:
 //!
 //! - [`rest`]: the control plane's REST API (create, list, get, kill, timeout, pause, connect,
-//!   fork, templates), behind `X-API-Key`;
+//!   fork, templates), behind `X-API-Key`, with a create's network options in kilnd's terms
+//!   ([`network`]);
 //! - [`envd`]: the in-sandbox daemon's API, which E2B runs inside each VM and kilnd serves on the
 //!   host instead: Connect RPC ([`connect`]) for `process.Process` ([`process`]) and
 //!   `filesystem.Filesystem` ([`filesystem`]), `/files` ([`files`]) and `/health`, translated to
@@ -18,6 +19,7 @@ pub mod envd;
 pub mod files;
 pub mod filesystem;
 pub mod listing;
+pub mod network;
 pub mod process;
 pub mod proto;
 pub mod rest;

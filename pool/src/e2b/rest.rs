@@ -3,8 +3,9 @@
 //! get, kill, timeout, pause, resume and connect (v1 and v2), fork, and the template list.
 //! Requests carry `X-API-Key`; errors are `{"code": status, "message": ...}` naming the thing.
 //! `GET /kiln/streams` (Kiln's own) counts the envd streams open.
-//! Options kilnd cannot honour (a network, auto-pause, volumes, MCP) are refused by name rather
-//! than ignored.
+//! A create's network options are mapped to kilnd's ([`super::network`]); options kilnd cannot
+//! honour (auto-pause, volumes, MCP, network settings it cannot express) are refused by name
+//! rather than ignored.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -59,6 +60,14 @@ impl ApiError {
     /// A 400 with `message`.
     pub fn bad(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+    /// Its HTTP status.
+    pub fn status(&self) -> u16 {
+        self.0.as_u16()
+    }
+    /// What it says.
+    pub fn message(&self) -> &str {
+        &self.1
     }
 }
 
@@ -149,13 +158,9 @@ struct NewSandbox {
 }
 
 impl NewSandbox {
-    /// Refuses what kilnd cannot do, naming it.
+    /// Refuses what kilnd cannot do, naming it (the network's options are checked as they are
+    /// mapped, in [`super::network::request`]).
     fn check(&self) -> Result<()> {
-        if self.allow_internet_access == Some(true) {
-            return Err(ApiError::bad(
-                "allow_internet_access: kilnd's sandboxes have no network yet",
-            ));
-        }
         if self.auto_pause == Some(true) || is_set(&self.auto_pause_memory) {
             return Err(ApiError::bad(
                 "autoPause: pausing at the timeout is not served by kilnd (sandboxes are killed \
@@ -164,7 +169,6 @@ impl NewSandbox {
         }
         for (name, v) in [
             ("autoResume", &self.auto_resume),
-            ("network", &self.network),
             ("mcp", &self.mcp),
             ("iam", &self.iam),
             ("volumeMounts", &self.volume_mounts),
@@ -201,6 +205,8 @@ async fn create(
 ) -> Result<Response> {
     let req = body(req)?;
     req.check()?;
+    let network =
+        super::network::request(req.allow_internet_access, req.network, e2b.internet_default)?;
     let info = e2b
         .daemon
         .create(CreateSandbox {
@@ -208,6 +214,7 @@ async fn create(
             timeout_s: req.timeout,
             env: req.env_vars.unwrap_or_default(),
             metadata: req.metadata.unwrap_or_default(),
+            network,
         })
         .await?;
     let sb = e2b.daemon.sandbox(&info.id)?;
@@ -246,6 +253,7 @@ async fn detail(State(e2b): State<Arc<E2b>>, Path(id): Path<String>) -> Result<J
     let mut v = listed(&sb);
     v["envdAccessToken"] = json!(e2b.token(&sb));
     v["domain"] = Value::Null;
+    v["allowInternetAccess"] = json!(sb.net.policy.allow_net);
     Ok(Json(v))
 }
 
@@ -442,12 +450,17 @@ mod tests {
     #[test]
     fn unsupported_create_options_are_named() {
         let n: NewSandbox = serde_json::from_value(json!({
-            "templateID": "base", "network": {"allowOut": ["x"]}
+            "templateID": "base", "volumeMounts": [{"name": "v", "path": "/v"}]
         }))
         .unwrap();
         let ApiError(status, msg) = n.check().unwrap_err();
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(msg.contains("network"), "{msg}");
+        assert!(msg.contains("volumeMounts"), "{msg}");
+        let net: NewSandbox = serde_json::from_value(json!({
+            "templateID": "base", "allow_internet_access": true, "network": {"allowOut": ["x.io"]}
+        }))
+        .unwrap();
+        assert!(net.check().is_ok(), "the network is mapped, not refused");
         assert!(serde_json::from_value::<NewSandbox>(json!({"templateID": "b", "x": 1})).is_err());
         let ok: NewSandbox = serde_json::from_value(json!({
             "templateID": "b", "metadata": {}, "envVars": {}, "allow_internet_access": false

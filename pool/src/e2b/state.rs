@@ -25,6 +25,9 @@ const TOKEN_FILE: &str = "envd-access-token";
 pub struct E2b {
     /// The daemon it translates to.
     pub daemon: Arc<Daemon>,
+    /// Whether a create that says nothing of the network gets the internet, as on E2B
+    /// (`kilnd --e2b-internet-default allow`), rather than its template's default policy.
+    pub internet_default: bool,
     api_key: String,
     tokens: Mutex<HashMap<String, String>>,
     users: Mutex<HashMap<(String, String), UserInfo>>,
@@ -41,10 +44,12 @@ pub fn same_secret(a: &str, b: &str) -> bool {
 }
 
 impl E2b {
-    /// The state for `daemon`, checking requests against `api_key`.
-    pub fn new(daemon: Arc<Daemon>, api_key: String) -> Arc<E2b> {
+    /// The state for `daemon`, checking requests against `api_key`; `internet_default` is what
+    /// a create that says nothing of the network gets (see [`E2b::internet_default`]).
+    pub fn new(daemon: Arc<Daemon>, api_key: String, internet_default: bool) -> Arc<E2b> {
         Arc::new(E2b {
             daemon,
+            internet_default,
             api_key,
             tokens: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),

@@ -15,6 +15,7 @@ use kiln_agent::protocol::{ExecSpec, ExitStatus};
 use super::rootfs::{self, RootfsError};
 use super::spec::{DiskMode, Spec};
 use super::{Inputs, TemplateFiles};
+use crate::net::VmNet;
 use crate::types::BuildEvent;
 use crate::vm::{Root, VmError, VmProcess};
 
@@ -50,7 +51,7 @@ pub enum BuildError {
         err: kiln_agent::client::Error,
     },
     /// A build command failed.
-    #[error("build step {index} ({command:?}) exited with {status}")]
+    #[error("build step {index} ({command:?}) exited with {status}{refused}")]
     Step {
         /// 1-based.
         index: usize,
@@ -58,6 +59,9 @@ pub enum BuildError {
         command: String,
         /// How it ended.
         status: String,
+        /// What the build's network refused meanwhile, if anything (`; the build's network
+        /// refused ...`): often why a step that downloads failed.
+        refused: String,
     },
     /// The ready check never passed.
     #[error("the ready check {command:?} did not pass within {timeout_s} s (last: {last})")]
@@ -72,6 +76,13 @@ pub enum BuildError {
     /// The root drive's overlay could not be made.
     #[error("{0}")]
     Disk(#[from] crate::disk::DiskError),
+    /// The spec's `build` policy is not one (specs are validated before a build: this is a
+    /// stored spec that no longer passes).
+    #[error("template spec: {0}")]
+    Policy(String),
+    /// A build VM's network could not be made (its policy is `build` in the spec).
+    #[error("the build's network: {0}")]
+    Net(#[from] crate::net::NetError),
     /// A file in the store could not be written.
     #[error("{path}: {err}")]
     Store {
@@ -203,8 +214,13 @@ fn run_steps(
             spec.run.len()
         ),
     });
-    let mut vm = VmProcess::spawn(&inputs.vmm, &files.dir.join("vm-steps"), limits(spec))
-        .map_err(vm_err("boot"))?;
+    let mut vm = VmProcess::spawn(
+        &inputs.vmm,
+        &files.dir.join("vm-steps"),
+        limits(spec),
+        build_net(spec, inputs)?,
+    )
+    .map_err(vm_err("boot"))?;
     vm.boot(
         &inputs.kernel,
         &files.rootfs,
@@ -225,6 +241,7 @@ fn run_steps(
                 index: i + 1,
                 command: command.clone(),
                 status: format!("{status:?}"),
+                refused: refused(&vm),
             });
         }
     }
@@ -256,8 +273,13 @@ fn snapshot(
     say(BuildEvent::Step {
         name: "boot for the snapshot".into(),
     });
-    let mut vm = VmProcess::spawn(&inputs.vmm, &files.dir.join("vm-snap"), limits(spec))
-        .map_err(vm_err("boot"))?;
+    let mut vm = VmProcess::spawn(
+        &inputs.vmm,
+        &files.dir.join("vm-snap"),
+        limits(spec),
+        build_net(spec, inputs)?,
+    )
+    .map_err(vm_err("boot"))?;
     let root = match spec.disk {
         DiskMode::Cow => {
             crate::disk::create_empty(&files.overlay)?;
@@ -290,6 +312,7 @@ fn snapshot(
                 index: 0,
                 command: start.clone(),
                 status: format!("{status:?}"),
+                refused: refused(&vm),
             });
         }
     }
@@ -331,6 +354,29 @@ fn snapshot(
     Ok(())
 }
 
+/// The network of a build VM of `spec`: a sandbox network with the spec's `build` policy (its
+/// refusals in kilnd's log under `template-NAME`), unless kilnd runs without networks. The
+/// snapshot VM gets one too, so the template's snapshot has `eth0` and any sandbox of it can be
+/// given a network of its own.
+fn build_net(spec: &Spec, inputs: &Inputs) -> Result<VmNet, BuildError> {
+    if !inputs.net {
+        return Ok(VmNet::none());
+    }
+    let policy = spec.build.check("build").map_err(BuildError::Policy)?;
+    Ok(VmNet::create(&format!("template-{}", spec.name), policy)?)
+}
+
+/// What `vm`'s network refused so far, for a failed step's message (empty when nothing was).
+fn refused(vm: &VmProcess) -> String {
+    match vm.net().refusal_summary(5) {
+        Some(list) => format!(
+            "; the build's network refused {list} (the spec's [build] allow_domains or allow_net \
+             say what the build may reach)"
+        ),
+        None => String::new(),
+    }
+}
+
 /// The cgroup limits of a VM of `spec`.
 pub fn limits(spec: &Spec) -> crate::jail::Limits {
     crate::jail::Limits {
@@ -357,6 +403,14 @@ pub fn build(
         run_steps(spec, inputs, files, say)?;
     }
     snapshot(spec, inputs, files, say)?;
+    if inputs.net {
+        std::fs::write(files.dir.join(super::NIC_MARKER), "eth0\n").map_err(|err| {
+            BuildError::Store {
+                path: files.dir.join(super::NIC_MARKER),
+                err,
+            }
+        })?;
+    }
     let spec_json = serde_json::to_vec_pretty(spec).unwrap_or_default();
     std::fs::write(files.dir.join("spec.json"), spec_json).map_err(|err| BuildError::Store {
         path: files.dir.join("spec.json"),

@@ -21,12 +21,26 @@
 //! # dir = "rootfs/"                           # a directory tree
 //! # oci = "alpine.tar"                        # an OCI layout folder or a `docker save` tarball
 //! # debian = { suite = "bookworm", packages = ["python3"] }
+//!
+//! [build]                    # what the build VMs (run, start, ready) may reach; none by default
+//! allow_domains = ["pypi.org", "files.pythonhosted.org"]   # `*.example.com`: the names under it
+//! allow_net = false          # true: any egress but private, metadata and host addresses
+//!
+//! [network]                  # what its sandboxes may reach unless their create says otherwise
+//! allow_domains = []
+//! allow_net = false
 //! ```
+//!
+//! Every template VM and sandbox has a network interface (`eth0`, 172.16.0.2/30, the same in
+//! each: every VM has a network namespace of its own), so any sandbox can be given a network;
+//! what it can reach is the policy's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::types::NetPolicy;
 
 /// Why a spec was refused.
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +61,24 @@ pub enum SpecError {
         /// The TOML error, naming the key and line.
         err: toml::de::Error,
     },
-    /// A value breaks a rule; names the field.
-    #[error("template spec: {field}: {message}")]
+    /// A value breaks a rule; names the field (the message of a network policy's starts with
+    /// the key under it: `network.allow_domains: ...`).
+    #[error("template spec: {}", invalid_text(.field, .message))]
     Invalid {
         /// The field.
         field: &'static str,
         /// The rule it breaks.
         message: String,
     },
+}
+
+/// `field: message`, unless the message already starts with the field's name.
+fn invalid_text(field: &str, message: &str) -> String {
+    if message.starts_with(&format!("{field}.")) {
+        message.to_string()
+    } else {
+        format!("{field}: {message}")
+    }
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> SpecError {
@@ -139,6 +163,12 @@ pub struct Spec {
     /// How long `ready` may take to pass, seconds.
     #[serde(default = "default_ready_timeout")]
     pub ready_timeout_s: u64,
+    /// What the build's VMs (the `run` steps, `start` and `ready`) may reach.
+    #[serde(default, skip_serializing_if = "NetPolicy::is_none")]
+    pub build: NetPolicy,
+    /// What its sandboxes may reach unless their create asks for another policy.
+    #[serde(default, skip_serializing_if = "NetPolicy::is_none")]
+    pub network: NetPolicy,
 }
 
 /// How a template's sandboxes write to their root filesystem.
@@ -290,6 +320,11 @@ impl Spec {
         if self.ready.is_some() && !(1..=3600).contains(&self.ready_timeout_s) {
             return Err(invalid("ready_timeout_s", "must be 1 to 3600"));
         }
+        for (at, policy) in [("build", &self.build), ("network", &self.network)] {
+            policy
+                .check(at)
+                .map_err(|message| SpecError::Invalid { field: at, message })?;
+        }
         Ok(())
     }
 }
@@ -359,6 +394,52 @@ image = "/kiln/rootfs.ext4"
         ];
         for (text, named) in cases {
             let e = Spec::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(named), "{named}: {e}");
+        }
+    }
+
+    #[test]
+    fn network_policies_parse_and_bad_ones_name_their_key() {
+        let s = Spec::parse(&GOOD.replace(
+            "[from]",
+            "[build]\nallow_domains = [\"pypi.org\", \"*.pythonhosted.org\"]\n[network]\nallow_net = true\n[from]",
+        ))
+        .unwrap();
+        assert_eq!(s.build.allow_domains, ["pypi.org", "*.pythonhosted.org"]);
+        assert!(!s.build.allow_net);
+        assert!(s.network.allow_net && s.network.allow_domains.is_empty());
+        let plain = Spec::parse(GOOD).unwrap();
+        assert!(
+            plain.build.is_none() && plain.network.is_none(),
+            "none by default"
+        );
+        // Policies change the stored spec (and so the template's key); none leaves it as it was.
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(
+            !json.contains("build") && !json.contains("network"),
+            "{json}"
+        );
+        assert!(serde_json::to_string(&s).unwrap().contains("pythonhosted"));
+        let cases = [
+            (
+                "[build]\nallow_domains = [\"exa mple.com\"]",
+                "template spec: build.allow_domains: \"exa mple.com\" is not a domain name",
+            ),
+            (
+                "[network]\nallow_domains = [\"*.com\"]",
+                "template spec: network.allow_domains: \"*.com\" would allow",
+            ),
+            (
+                "[network]\nallow_domains = [\"a.com\"]\nallow_net = true",
+                "template spec: network.allow_net: it allows every domain already",
+            ),
+            ("[network]\nallow_domain = []", "allow_domain"),
+            ("[build]\nallow_net = \"yes\"", "allow_net"),
+        ];
+        for (table, named) in cases {
+            let e = Spec::parse(&GOOD.replace("[from]", &format!("{table}\n[from]")))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(named), "{named}: {e}");
         }
     }

@@ -8,8 +8,9 @@ use sha2::{Digest, Sha256};
 use super::debian;
 use super::spec::Spec;
 
-/// Bump when the way a template is made changes in a way the key does not see.
-const BUILD_VERSION: &str = "kiln-template-v2";
+/// Bump when the way a template is made changes in a way the key does not see (v3: the template
+/// VM has a network interface on a sandbox network, so its snapshot has `eth0`).
+const BUILD_VERSION: &str = "kiln-template-v3";
 
 /// What every build uses from the host.
 #[derive(Debug, Clone)]
@@ -22,6 +23,9 @@ pub struct Inputs {
     pub agent: PathBuf,
     /// Folders with Debian images made ahead (`debian-<key>.ext4`).
     pub image_dirs: Vec<PathBuf>,
+    /// Template VMs and sandboxes get a network interface on a sandbox network of their own;
+    /// false (`kilnd --no-net`): none, for a kilnd without the privileges networks need.
+    pub net: bool,
 }
 
 /// A template's files in the store.
@@ -40,7 +44,16 @@ pub struct TemplateFiles {
     pub overlay: PathBuf,
 }
 
+/// The marker a template folder holds when its snapshot has a network interface.
+pub const NIC_MARKER: &str = "nic";
+
 impl TemplateFiles {
+    /// Whether the template's snapshot has a network interface (its sandboxes must be restored
+    /// with one, and only they can be given a network).
+    pub fn has_nic(&self) -> bool {
+        self.dir.join(NIC_MARKER).exists()
+    }
+
     /// The files of the template stored in `dir`.
     pub fn in_dir(dir: &Path) -> TemplateFiles {
         TemplateFiles {
@@ -104,6 +117,8 @@ fn key_io(spec: &Spec, inputs: &Inputs) -> Result<String, (PathBuf, std::io::Err
     };
     let mut h = Sha256::new();
     h.update(BUILD_VERSION);
+    // A snapshot with a network interface restores only with one, and one without only without.
+    h.update(if inputs.net { "nic\n" } else { "no nic\n" });
     h.update(serde_json::to_vec(spec).unwrap_or_default());
     for source in [&spec.from.dir, &spec.from.image, &spec.from.oci]
         .into_iter()
@@ -141,6 +156,7 @@ mod tests {
             kernel: dir.join("kernel"),
             agent: dir.join("agent"),
             image_dirs: vec![],
+            net: true,
         };
         let text = format!(
             "name = \"t\"\n[from]\ndir = \"{}\"\n",
@@ -157,6 +173,20 @@ mod tests {
         let other =
             Spec::parse(&text.replace("name = \"t\"", "name = \"t\"\nmem_mib = 512")).unwrap();
         assert_ne!(key(&other, &inputs).unwrap(), k1, "another spec");
+        let policy = Spec::parse(&format!("{text}[network]\nallow_net = true\n")).unwrap();
+        assert_ne!(key(&policy, &inputs).unwrap(), k1, "another sandbox policy");
+        let build_policy =
+            Spec::parse(&format!("{text}[build]\nallow_domains = [\"pypi.org\"]\n")).unwrap();
+        assert_ne!(
+            key(&build_policy, &inputs).unwrap(),
+            k1,
+            "another build policy"
+        );
+        let no_nic = Inputs {
+            net: false,
+            ..inputs.clone()
+        };
+        assert_ne!(key(&spec, &no_nic).unwrap(), k1, "no network interface");
         std::fs::write(dir.join("agent"), "a2").unwrap();
         let k2 = key(&spec, &inputs).unwrap();
         assert_ne!(k2, k1, "another agent");

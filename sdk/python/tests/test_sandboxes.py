@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import urllib.request
 from pathlib import Path
 from typing import List
 
@@ -162,6 +163,49 @@ def test_pause_and_resume(kiln: Kiln, template: Template) -> None:
         sb.resume()
         assert sb.state == "running" and sb.is_running()
         assert sb.exec("echo $WHO").stdout == "kept\n"
+
+
+def test_a_network_policy_and_published_ports(kiln: Kiln, template: Template, work: Path) -> None:
+    # The template's default policy: no egress; kilnd reports the guest's address.
+    with kiln.create_sandbox("t") as sb:
+        assert (sb.network.allow_domains, sb.network.allow_net) == ([], False)
+        assert sb.network.address == "172.16.0.2" and sb.network.published == []
+    # A policy of its own, and a guest port published on the host's loopback. The stand-in
+    # VMM's "guest" is this host inside the sandbox's network namespace: a server there on its
+    # loopback is reached through the agent, as in a real guest.
+    with Sandbox.create(
+        "t", allow_domains=["pypi.org", "*.pythonhosted.org"], publish=[8080], client=kiln
+    ) as sb:
+        assert sb.network.allow_domains == ["pypi.org", "*.pythonhosted.org"]
+        host_port = sb.network.host_port(8080)
+        served = work / "served"
+        served.mkdir(exist_ok=True)
+        (served / "hello.txt").write_text("from the sandbox\n")
+        started = sb.exec(
+            f"cd {served} && setsid python3 -m http.server 8080 --bind 127.0.0.1 "
+            ">/dev/null 2>&1 </dev/null & echo $!"
+        )
+        server = int(started.stdout)
+
+        def fetched() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/hello.txt", timeout=5) as r:
+                    return bool(r.read() == b"from the sandbox\n")
+            except OSError:
+                return False
+
+        try:
+            wait_for("the published port", fetched)
+        finally:
+            # Its socket would keep the sandbox's namespace alive after the sandbox.
+            sb.exec(f"kill {server}")
+    # What kilnd cannot do is refused by name.
+    with pytest.raises(BadRequest) as e:
+        kiln.create_sandbox("t", allow_domains=["exa mple.com"])
+    assert e.value.message.startswith('network.allow_domains: "exa mple.com" is not a domain name')
+    with pytest.raises(BadRequest) as e:
+        kiln.create_sandbox("t", allow_domains=["a.io"], allow_net=True)
+    assert e.value.message.startswith("network.allow_net: ")
 
 
 def test_timeout_expires_and_the_context_manager_kills(kiln: Kiln, template: Template) -> None:

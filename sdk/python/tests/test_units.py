@@ -54,3 +54,27 @@ def test_errors_are_typed_by_status() -> None:
         assert type(e) is cls and e.status == status and e.message == "sandbox x is paused"
         assert isinstance(e, ApiError) and isinstance(e, KilnError)
     assert type(api_error(418, "teapot")) is ApiError
+
+
+def test_network_options_become_kilnds_request() -> None:
+    from kiln.models import NetworkInfo, network_request
+
+    assert network_request(None, None, None) is None, "the template's default policy"
+    assert network_request(["pypi.org"], None, [8080, "18080:8081"]) == {
+        "allow_domains": ["pypi.org"],
+        "publish": [{"guest_port": 8080}, {"guest_port": 8081, "host_port": 18080}],
+    }
+    assert network_request([], False, None) == {"allow_domains": [], "allow_net": False}
+    for bad in [0, "x", "1:2:3", 70000, "8080:"]:
+        with pytest.raises(ValueError, match="publish"):
+            network_request(None, None, [bad])
+    with pytest.raises(ValueError, match="allow_domains"):
+        network_request("pypi.org", None, None)
+    info = NetworkInfo.from_json(
+        {"allow_domains": ["a.io"], "allow_net": False, "address": "172.16.0.2",
+         "published": [{"host_port": 40001, "guest_port": 8080}], "refused": 2}
+    )
+    assert (info.host_port(8080), info.refused, info.address) == (40001, 2, "172.16.0.2")
+    with pytest.raises(KeyError):
+        info.host_port(9)
+    assert NetworkInfo.from_json(None) == NetworkInfo()

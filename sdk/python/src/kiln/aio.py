@@ -28,6 +28,7 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Sequence,
     TypeVar,
     Union,
 )
@@ -39,6 +40,8 @@ from .models import (
     DirEntry,
     ExecEvent,
     ExecResult,
+    NetworkInfo,
+    PortSpec,
     SandboxInfo,
     SandboxStats,
     TemplateInfo,
@@ -146,11 +149,20 @@ class AsyncSandbox:
         timeout: Optional[int] = None,
         env: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, str]] = None,
+        allow_domains: Optional[Sequence[str]] = None,
+        allow_net: Optional[bool] = None,
+        publish: Optional[Sequence[PortSpec]] = None,
         client: Optional["AsyncKiln"] = None,
     ) -> "AsyncSandbox":
         """A new sandbox of ``template`` (see :meth:`kiln.Sandbox.create`)."""
         return await (client or AsyncKiln()).create_sandbox(
-            template, timeout=timeout, env=env, metadata=metadata
+            template,
+            timeout=timeout,
+            env=env,
+            metadata=metadata,
+            allow_domains=allow_domains,
+            allow_net=allow_net,
+            publish=publish,
         )
 
     @property
@@ -167,6 +179,11 @@ class AsyncSandbox:
     def info(self) -> SandboxInfo:
         """Everything kilnd last reported about it."""
         return self.sync.info
+
+    @property
+    def network(self) -> NetworkInfo:
+        """Its network as last reported (see :attr:`kiln.Sandbox.network`)."""
+        return self.sync.network
 
     async def refresh(self) -> SandboxInfo:
         """Its state now."""
@@ -243,10 +260,21 @@ class AsyncKiln:
         timeout: Optional[int] = None,
         env: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, str]] = None,
+        allow_domains: Optional[Sequence[str]] = None,
+        allow_net: Optional[bool] = None,
+        publish: Optional[Sequence[PortSpec]] = None,
     ) -> AsyncSandbox:
         """A new sandbox (see :meth:`kiln.Sandbox.create`)."""
         sb = await asyncio.to_thread(
-            lambda: self.sync.create_sandbox(template, timeout=timeout, env=env, metadata=metadata)
+            lambda: self.sync.create_sandbox(
+                template,
+                timeout=timeout,
+                env=env,
+                metadata=metadata,
+                allow_domains=allow_domains,
+                allow_net=allow_net,
+                publish=publish,
+            )
         )
         return AsyncSandbox(sb)
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from urllib.parse import quote
 
 from ._transport import Transport, path_query
-from .models import BuildEvent, SandboxInfo, TemplateInfo
+from .models import BuildEvent, PortSpec, SandboxInfo, TemplateInfo, network_request
 from .sandbox import Sandbox
 from .template import BuildStream, SpecLike, Template
 
@@ -56,9 +56,15 @@ class Kiln:
         timeout: Optional[int] = None,
         env: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, str]] = None,
+        allow_domains: Optional[Sequence[str]] = None,
+        allow_net: Optional[bool] = None,
+        publish: Optional[Sequence[PortSpec]] = None,
     ) -> Sandbox:
         """A new sandbox: see :meth:`kiln.Sandbox.create`."""
         req: Dict[str, Any] = {"template": template}
+        net = network_request(allow_domains, allow_net, publish)
+        if net is not None:
+            req["network"] = net
         if timeout is not None:
             req["timeout_s"] = int(timeout)
         if env:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from .errors import ProtocolError
 
@@ -15,6 +15,96 @@ def _get(d: Mapping[str, Any], key: str, what: str) -> Any:
         return d[key]
     except (KeyError, TypeError) as e:
         raise ProtocolError(f"kilnd's {what} has no {key!r}: {d!r}") from e
+
+
+#: A port to publish: the guest port (on a free host port), ``"HOST:GUEST"`` or ``"GUEST"``.
+PortSpec = Union[int, str]
+
+
+def port_request(spec: PortSpec) -> Dict[str, int]:
+    """kilnd's JSON for one published port, or :class:`ValueError` naming the spec."""
+    def port(p: Union[int, str]) -> int:
+        try:
+            n = int(p)
+        except (TypeError, ValueError):
+            n = 0
+        if not 1 <= n <= 65535 or isinstance(p, bool):
+            raise ValueError(f"publish: {spec!r} is not [HOST:]GUEST with ports from 1 to 65535")
+        return n
+
+    if isinstance(spec, str) and ":" in spec:
+        host, guest = spec.split(":", 1)
+        return {"guest_port": port(guest), "host_port": port(host)}
+    return {"guest_port": port(spec)}
+
+
+def network_request(
+    allow_domains: Optional[Sequence[str]],
+    allow_net: Optional[bool],
+    publish: Optional[Sequence[PortSpec]],
+) -> Optional[Dict[str, Any]]:
+    """The ``network`` of a create: ``None`` when it names no policy and no port (the
+    template's default policy)."""
+    if isinstance(allow_domains, str):
+        raise ValueError("allow_domains: give a list of domains, not one string")
+    net: Dict[str, Any] = {}
+    if allow_domains is not None:
+        net["allow_domains"] = [str(d) for d in allow_domains]
+    if allow_net is not None:
+        net["allow_net"] = bool(allow_net)
+    if publish:
+        net["publish"] = [port_request(p) for p in publish]
+    return net or None
+
+
+@dataclass(frozen=True)
+class PublishedPort:
+    """A guest port published on the host's 127.0.0.1."""
+
+    #: The port on 127.0.0.1.
+    host_port: int
+    #: The port in the guest.
+    guest_port: int
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    """A sandbox's network: what it may reach, its published ports, what it was refused."""
+
+    #: Names it may resolve and reach on ports 80 and 443 (``*.example.com``: names under it).
+    allow_domains: List[str] = field(default_factory=list)
+    #: Any egress (but private, loopback, link-local, metadata and the host's own addresses).
+    allow_net: bool = False
+    #: The guest's address when it has a network interface.
+    address: Optional[str] = None
+    #: Its published ports while it runs.
+    published: List[PublishedPort] = field(default_factory=list)
+    #: Lookups and connections refused since kilnd started serving it (in kilnd's log).
+    refused: int = 0
+
+    @classmethod
+    def from_json(cls, d: Optional[Mapping[str, Any]]) -> "NetworkInfo":
+        """Parses kilnd's JSON (a kilnd without networks sends none)."""
+        if not d:
+            return cls()
+        w = "sandbox network"
+        return cls(
+            allow_domains=list(d.get("allow_domains") or []),
+            allow_net=bool(d.get("allow_net", False)),
+            address=d.get("address"),
+            published=[
+                PublishedPort(host_port=_get(p, "host_port", w), guest_port=_get(p, "guest_port", w))
+                for p in d.get("published") or []
+            ],
+            refused=int(d.get("refused", 0)),
+        )
+
+    def host_port(self, guest_port: int) -> int:
+        """The host port publishing ``guest_port`` (:class:`KeyError` if it is not published)."""
+        for p in self.published:
+            if p.guest_port == guest_port:
+                return p.host_port
+        raise KeyError(f"guest port {guest_port} is not published")
 
 
 @dataclass(frozen=True)
@@ -41,6 +131,8 @@ class SandboxInfo:
     metadata: Dict[str, str] = field(default_factory=dict)
     #: Commands run in it so far.
     exec_count: int = 0
+    #: Its network.
+    network: NetworkInfo = field(default_factory=NetworkInfo)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "SandboxInfo":
@@ -57,6 +149,7 @@ class SandboxInfo:
             mem_mib=_get(d, "mem_mib", w),
             metadata=dict(_get(d, "metadata", w)),
             exec_count=_get(d, "exec_count", w),
+            network=NetworkInfo.from_json(d.get("network")),
         )
 
 

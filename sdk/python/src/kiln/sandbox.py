@@ -31,6 +31,8 @@ from .models import (
     ExecEvent,
     ExecResult,
     Exit,
+    NetworkInfo,
+    PortSpec,
     SandboxInfo,
     SandboxStats,
     Started,
@@ -267,15 +269,30 @@ class Sandbox:
         timeout: Optional[int] = None,
         env: Optional[Mapping[str, str]] = None,
         metadata: Optional[Mapping[str, str]] = None,
+        allow_domains: Optional[Sequence[str]] = None,
+        allow_net: Optional[bool] = None,
+        publish: Optional[Sequence[PortSpec]] = None,
         client: Optional["Kiln"] = None,
     ) -> "Sandbox":
         """A new sandbox of ``template`` (its name or id): ``timeout`` is its lifetime in
         seconds (kilnd's default without), ``env`` the environment of its commands (over the
-        template's), ``metadata`` labels to filter by. ``client`` defaults to ``Kiln()``."""
+        template's), ``metadata`` labels to filter by. Its network is its template's default
+        policy (no egress unless the template's spec allows some) unless ``allow_domains`` (names
+        it may reach on ports 80 and 443; ``*.example.com`` for the names under it) or
+        ``allow_net`` (any egress but private, metadata and the host's addresses) say otherwise;
+        ``allow_domains=[]`` is no egress at all. ``publish`` lists guest ports to publish on
+        the host's 127.0.0.1 (``8080`` on a free port, ``"18080:8080"`` on 18080): see
+        :attr:`network`. ``client`` defaults to ``Kiln()``."""
         from .client import Kiln
 
         return (client or Kiln()).create_sandbox(
-            template, timeout=timeout, env=env, metadata=metadata
+            template,
+            timeout=timeout,
+            env=env,
+            metadata=metadata,
+            allow_domains=allow_domains,
+            allow_net=allow_net,
+            publish=publish,
         )
 
     @classmethod
@@ -311,6 +328,12 @@ class Sandbox:
     def info(self) -> SandboxInfo:
         """Everything kilnd last reported about it."""
         return self._info
+
+    @property
+    def network(self) -> NetworkInfo:
+        """Its network as last reported: policy, published ports (``.host_port(8080)``), the
+        count of refusals."""
+        return self._info.network
 
     def refresh(self) -> SandboxInfo:
         """Asks kilnd for its state now (:class:`~kiln.errors.NotFound` once it is gone)."""
