@@ -3,6 +3,13 @@
 //! link, so the jail shares no inode with the host) and, for a dynamically linked one, copies of
 //! its loader and libraries ([`crate::libs`]).
 //!
+//! With `--share-exec-file` those are hard links to one root-owned copy per version of each
+//! host file in `<chroot-base-dir>/<exec-name>/.shared` instead: still no inode shared with the
+//! host, but one shared by every jail, so N jailed VMMs map one copy of their code (a page cache
+//! shared like the snapshot files clones already share) instead of N (the copies sit in the
+//! page cache, or in memory outright when the base is a tmpfs: ~3 MiB a VMM). The name `.shared`
+//! cannot be a jail id, which has no dots.
+//!
 //! `<id>` must be new; it is recorded in the undo, so a failure later removes it with everything
 //! in it. The directories above it are shared by jails and stay. The root is owned by uid:gid,
 //! so the VMM can create its API and vsock sockets there; what is copied in stays root's.
@@ -97,11 +104,22 @@ impl Jail {
         Ok(jail)
     }
 
-    /// Copies `exec_file` to `/<exec_name>` in the jail, and the loader and libraries in `deps`.
-    pub fn install(&self, exec_file: &Path, exec_name: &str, deps: &Deps) -> Result<(), JailError> {
-        self.copy_in(exec_file, &self.root.join(exec_name), 0o755)?;
+    /// Puts `exec_file` at `/<exec_name>` in the jail, and the loader and libraries in `deps`:
+    /// copies, or with `shared` hard links to the shared copies.
+    pub fn install(
+        &self,
+        exec_file: &Path,
+        exec_name: &str,
+        deps: &Deps,
+        shared: bool,
+    ) -> Result<(), JailError> {
+        let place = |from: &Path, to: &Path, mode| match shared {
+            true => self.link_shared(from, to, mode),
+            false => self.copy_in(from, to, mode),
+        };
+        place(exec_file, &self.root.join(exec_name), 0o755)?;
         if let Some(interp) = &deps.interpreter {
-            self.copy_in(interp, &self.inside(interp)?, 0o755)?;
+            place(interp, &self.inside(interp)?, 0o755)?;
         }
         let lib_dir = self.inside(&deps.lib_dir)?;
         for (name, host) in &deps.libraries {
@@ -109,9 +127,64 @@ impl Jail {
             if Path::new(name).components().count() != 1 {
                 return Err(JailError::Outside(to));
             }
-            self.copy_in(host, &to, 0o644)?;
+            place(host, &to, 0o644)?;
         }
         Ok(())
+    }
+
+    /// `<base>/<exec-name>/.shared`, beside the jails.
+    fn shared_dir(&self) -> PathBuf {
+        self.dir.parent().unwrap_or(Path::new("/")).join(".shared")
+    }
+
+    /// Hard-links `to` to the shared copy of `from`, making that copy first if this version of
+    /// `from` has none: it is named by the host file's device, inode, size and change time (and
+    /// the mode it gets), so
+    /// an upgraded binary gets a new copy while running jails keep theirs, and it is written
+    /// under a temporary name and renamed, so jailers starting at once never see half a file.
+    fn link_shared(&self, from: &Path, to: &Path, mode: u32) -> Result<(), JailError> {
+        use std::os::unix::fs::MetadataExt;
+        let copy_err = |err| JailError::Copy {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+            err,
+        };
+        let meta = std::fs::metadata(from).map_err(copy_err)?;
+        let file = from
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = self.shared_dir();
+        // The mode too: links share it, and one host file may be placed with two.
+        let shared = dir.join(format!(
+            "{}-{}-{}-{}.{}-{mode:o}-{file}",
+            meta.dev(),
+            meta.ino(),
+            meta.len(),
+            meta.ctime(),
+            meta.ctime_nsec()
+        ));
+        if !shared.exists() {
+            std::fs::create_dir_all(&dir).map_err(|err| JailError::Create {
+                path: dir.clone(),
+                err,
+            })?;
+            let tmp = dir.join(format!(".{file}.{}", std::process::id()));
+            std::fs::copy(from, &tmp).map_err(copy_err)?;
+            set_owner_mode(&tmp, None, mode)?;
+            std::fs::rename(&tmp, &shared).map_err(copy_err)?;
+        }
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|err| JailError::Create {
+                path: parent.to_path_buf(),
+                err,
+            })?;
+        }
+        std::fs::hard_link(&shared, to).map_err(|err| JailError::Copy {
+            from: shared.clone(),
+            to: to.to_path_buf(),
+            err,
+        })
     }
 
     /// `path` (absolute) below the jail's root.
@@ -175,7 +248,7 @@ mod tests {
             libraries: vec![("libx.so.1".into(), exe.clone())],
             lib_dir: "/lib/x86_64-linux-gnu".into(),
         };
-        jail.install(&exe, "vmm", &deps).unwrap();
+        jail.install(&exe, "vmm", &deps, false).unwrap();
         let copy = std::fs::metadata(jail.root.join("vmm")).unwrap();
         let host = std::fs::metadata(&exe).unwrap();
         assert_eq!(copy.len(), host.len());
@@ -194,6 +267,55 @@ mod tests {
         assert!(undo.run().is_empty());
         assert!(!base.join("vmm/id-1").exists());
         assert!(base.join("vmm").is_dir(), "the shared parent stays");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn shared_jails_link_one_copy_of_each_file_and_leave_it_when_undone() {
+        let base = std::env::temp_dir().join(format!("kiln-jailer-shared-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let me = (
+            std::fs::metadata("/proc/self").unwrap().uid(),
+            std::fs::metadata("/proc/self").unwrap().gid(),
+        );
+        let exe = std::env::current_exe().unwrap();
+        let deps = Deps {
+            interpreter: None,
+            libraries: vec![("libx.so.1".into(), exe.clone())],
+            lib_dir: "/lib".into(),
+        };
+        let (mut u1, mut u2) = (Undo::new(), Undo::new());
+        let a = Jail::create(&base, "vmm", "a", me, &mut u1).unwrap();
+        let b = Jail::create(&base, "vmm", "b", me, &mut u2).unwrap();
+        a.install(&exe, "vmm", &deps, true).unwrap();
+        b.install(&exe, "vmm", &deps, true).unwrap();
+        let (va, vb) = (
+            std::fs::metadata(a.root.join("vmm")).unwrap(),
+            std::fs::metadata(b.root.join("vmm")).unwrap(),
+        );
+        let host = std::fs::metadata(&exe).unwrap();
+        assert_eq!(va.ino(), vb.ino(), "one copy for both jails");
+        assert_ne!(va.ino(), host.ino(), "not the host's file");
+        assert_eq!(va.len(), host.len());
+        assert_eq!(va.mode() & 0o777, 0o755);
+        let lib = std::fs::metadata(a.root.join("lib/libx.so.1")).unwrap();
+        assert_eq!(lib.mode() & 0o777, 0o644);
+        assert_ne!(
+            lib.ino(),
+            va.ino(),
+            "a library's copy is its own, with its own mode"
+        );
+        // The shared folder holds the two copies and nothing half-written.
+        let names: Vec<String> = std::fs::read_dir(base.join("vmm/.shared"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+        assert!(u1.run().is_empty());
+        assert!(!base.join("vmm/a").exists());
+        assert!(b.root.join("vmm").exists(), "the other jail keeps its link");
+        assert!(base.join("vmm/.shared").is_dir(), "the shared copies stay");
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -141,7 +141,7 @@ fn build(
     let owner = (args.uid, args.gid);
     let jail = Jail::create(&args.chroot_base, &exec_name, &args.id, owner, undo)
         .map_err(at("jail directory"))?;
-    jail.install(&args.exec_file, &exec_name, deps)
+    jail.install(&args.exec_file, &exec_name, deps, args.share_exec_file)
         .map_err(at("copy into the jail"))?;
     if let Some(netns) = &args.netns {
         netns::join(netns).map_err(at("network namespace"))?;

@@ -19,7 +19,7 @@ pub const USAGE: &str = "usage: kiln-jailer --id ID --exec-file PATH --uid N --g
                    [--chroot-base-dir DIR] [--netns PATH] [--cgroup-version 1|2]
                    [--cgroup FILE=VALUE]... [--parent-cgroup NAME]
                    [--resource-limit no-file=N|fsize=N]... [--new-pid-ns] [--daemonize]
-                   [-- KILN-VMM-ARGS...]
+                   [--share-exec-file] [-- KILN-VMM-ARGS...]
        kiln-jailer --cleanup --id ID [--exec-file PATH | --exec-name NAME]
                    [--chroot-base-dir DIR] [--cgroup-version 1|2] [--parent-cgroup NAME]
 
@@ -48,6 +48,10 @@ and its cgroups.
                         writes its host PID to <jail root>/<exec-name>.pid
   --daemonize           setsid() and stdio to /dev/null; with --new-pid-ns the jailer exits 0
                         once the VMM has been exec'd
+  --share-exec-file     Kiln's own: hard-link the exec file, loader and libraries into the jail
+                        from one root-owned copy per chroot base (<base>/<exec-name>/.shared)
+                        instead of copying them into each jail, so every jailed VMM maps the
+                        same pages (one copy in memory for all of them, not one each)
 
 exit status: 2 on a bad command line, 1 when a step fails on the host (nothing it built is left
 behind); otherwise what the jailed process exits with.";
@@ -121,6 +125,8 @@ pub struct JailArgs {
     pub new_pid_ns: bool,
     /// Detach from the terminal before exec.
     pub daemonize: bool,
+    /// Hard-link the exec file and its libraries from a shared copy instead of copying them.
+    pub share_exec_file: bool,
     /// Arguments for the exec file (everything after `--`).
     pub vmm_args: Vec<String>,
 }
@@ -269,6 +275,7 @@ struct Flags {
     limits: Vec<ResourceLimit>,
     new_pid_ns: bool,
     daemonize: bool,
+    share_exec_file: bool,
     cleanup: bool,
     vmm_args: Option<Vec<String>>,
 }
@@ -337,6 +344,7 @@ pub fn parse(args: &[String]) -> Result<Command, ArgsError> {
             }
             "--new-pid-ns" => switch(&mut f.new_pid_ns, name, inline.is_some())?,
             "--daemonize" => switch(&mut f.daemonize, name, inline.is_some())?,
+            "--share-exec-file" => switch(&mut f.share_exec_file, name, inline.is_some())?,
             "--cleanup" => switch(&mut f.cleanup, name, inline.is_some())?,
             other if other.starts_with('-') => return Err(ArgsError::UnknownFlag(other.into())),
             other => return Err(ArgsError::Unexpected(other.into())),
@@ -372,6 +380,7 @@ impl Flags {
             limits: self.limits,
             new_pid_ns: self.new_pid_ns,
             daemonize: self.daemonize,
+            share_exec_file: self.share_exec_file,
             vmm_args: self.vmm_args.unwrap_or_default(),
         })
     }
@@ -385,6 +394,7 @@ impl Flags {
             (!self.limits.is_empty(), "--resource-limit"),
             (self.new_pid_ns, "--new-pid-ns"),
             (self.daemonize, "--daemonize"),
+            (self.share_exec_file, "--share-exec-file"),
             (self.vmm_args.is_some(), "--"),
         ];
         if let Some((_, flag)) = not_for_cleanup.iter().find(|(given, _)| *given) {
