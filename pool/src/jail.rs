@@ -252,7 +252,9 @@ impl JailConfig {
             .flatten()
         {
             let id = entry.file_name().to_string_lossy().into_owned();
-            if !keep.contains(&id) {
+            // `.shared` holds the code every jail links to (`--share-exec-file`); no jail id has
+            // a dot.
+            if !id.starts_with('.') && !keep.contains(&id) {
                 self.kill_orphans(&id);
                 self.cleanup(&id);
                 removed += 1;
@@ -427,5 +429,20 @@ mod tests {
             )),
             "{joined}"
         );
+    }
+
+    #[test]
+    fn a_sweep_passes_over_the_shared_code_folder() {
+        let base = std::env::temp_dir().join(format!("kilnd-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(base.join(EXEC_NAME).join(".shared")).unwrap();
+        std::fs::create_dir_all(base.join(EXEC_NAME).join("left-by-a-dead-kilnd")).unwrap();
+        let cfg = JailConfig {
+            // No jailer: the sweep's cleanup of the dead jail fails at once, which is logged.
+            jailer: base.join("no-such-jailer"),
+            base: base.clone(),
+        };
+        assert_eq!(cfg.sweep(&BTreeSet::new()), 1, "only the jail counts");
+        assert!(base.join(EXEC_NAME).join(".shared").is_dir());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }
