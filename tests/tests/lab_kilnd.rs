@@ -242,10 +242,7 @@ def resolve(name):
     except Exception as e:
         return "error: %s" % e
 def get(host, name):
-    return tcp(host, 80, ("GET / HTTP/1.0
-Host: %s
-
-" % name).encode())
+    return tcp(host, 80, ("GET / HTTP/1.0\r\nHost: %s\r\n\r\n" % name).encode())
 print(json.dumps({
     "allowed_ip": resolve("allowed.test"),
     "allowed_http": get("allowed.test", "allowed.test"),

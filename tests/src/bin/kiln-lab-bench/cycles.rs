@@ -37,6 +37,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let snap = make_snapshot(scratch.path())?;
     let net_dir = scratch.path().join("net");
     std::fs::create_dir_all(&net_dir).map_err(|e| format!("{}: {e}", net_dir.display()))?;
+    // The sandbox networks resolve through the host's name server: L1 has none but the small
+    // internet's (which also answers for the allowed name), and a loopback that is down.
+    let _internet = (net > 0).then(|| {
+        let _ = kiln_net::link::up("lo");
+        kiln_tests::fakenet::FakeInternet::start()
+    });
     let net_snap = match net {
         0 => None,
         _ => Some(make_snapshot_with_nic(&net_dir, "allowed.test")?),
