@@ -333,6 +333,27 @@ impl VmProcess {
         self.exited.clone()
     }
 
+    /// If the VMM has exited: how (its status, the end of its stderr) and the last lines of the
+    /// guest's console, which say why a guest died (a panic, an OOM kill of its init).
+    pub fn ended(&mut self) -> Option<String> {
+        let status = self.try_exit()?;
+        let console = self
+            .api_sock
+            .parent()
+            .map(|home| home.join("console.log"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        let lines: Vec<&str> = console.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+        Some(match tail.is_empty() {
+            true => self.exited_error(status).to_string(),
+            false => format!(
+                "{}; the end of its console: {tail}",
+                self.exited_error(status)
+            ),
+        })
+    }
+
     fn exited_error(&self, status: String) -> VmError {
         let stderr = std::fs::read_to_string(self.dir.join("vmm.stderr")).unwrap_or_default();
         let tail: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -453,6 +453,48 @@ dir = "{out}/tree"
         );
     }
 
+    // A VM that dies under a command (here the stand-in VMM, the command's parent, is killed)
+    // is named as the reason, and so is it for the next command, not a bare lost connection.
+    for s in k.sandboxes().unwrap() {
+        if s.id != forks[0].id {
+            k.kill(&s.id).unwrap();
+        }
+    }
+    let doomed = k.fork(&forks[0].id, 1).unwrap().remove(0);
+    let last = k
+        .exec(
+            &doomed.id,
+            &ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), "kill -9 $PPID; sleep 30".into()],
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .unwrap();
+    match last {
+        ExecEvent::Error { message, .. } => assert!(
+            message.starts_with("lost the command: its VM ended: ") && message.contains("9"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let (code, msg) = status(
+        k.exec(
+            &doomed.id,
+            &ExecRequest {
+                argv: vec!["true".into()],
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .unwrap_err(),
+    );
+    assert!(
+        code >= 500 && msg.contains(&format!("sandbox {}'s VM ended: ", doomed.id)),
+        "{code} {msg}"
+    );
+    k.kill(&doomed.id).unwrap();
+
     // Expiry kills; metrics count; kill removes everything.
     k.set_timeout(&forks[0].id, 1).unwrap();
     wait_for("the sandbox to expire", || k.sandbox(&forks[0].id).is_err());

@@ -130,7 +130,10 @@ impl Daemon {
                         could_not_start: false,
                     },
                     Err(e) => ExecEvent::Error {
-                        message: format!("lost the command: {e}"),
+                        message: match sb.why_ended(Duration::from_secs(1)) {
+                            Some(why) => format!("lost the command: its VM ended: {why}"),
+                            None => format!("lost the command: {e}"),
+                        },
                         could_not_start: false,
                     },
                 };

@@ -106,10 +106,19 @@ impl Sandbox {
                 let vsock = live.vm.as_ref().map(|vm| vm.vsock.clone()).ok_or_else(|| {
                     DaemonError::Conflict(format!("sandbox {} has no VM", self.id))
                 })?;
-                let client =
-                    kiln_agent::client::wait_ready(&vsock, Instant::now() + RECONNECT_WAIT)?;
-                live.client = Some(client.clone());
-                Ok(client)
+                if let Some(why) = live.vm.as_mut().and_then(VmProcess::ended) {
+                    return Err(self.vm_ended(&why));
+                }
+                match kiln_agent::client::wait_ready(&vsock, Instant::now() + RECONNECT_WAIT) {
+                    Ok(client) => {
+                        live.client = Some(client.clone());
+                        Ok(client)
+                    }
+                    Err(e) => match live.vm.as_mut().and_then(VmProcess::ended) {
+                        Some(why) => Err(self.vm_ended(&why)),
+                        None => Err(e.into()),
+                    },
+                }
             }
             (Some(c), SandboxState::Running) => Ok(c.clone()),
             (_, SandboxState::Paused) => Err(DaemonError::Conflict(format!(
@@ -120,6 +129,28 @@ impl Sandbox {
                 "sandbox {} has no agent connection",
                 self.id
             ))),
+        }
+    }
+
+    /// The error for a sandbox whose VM ended under it, logged: a VM does not die silently.
+    fn vm_ended(&self, why: &str) -> DaemonError {
+        tracing::warn!(sandbox = %self.id, "its VM ended: {why}");
+        DaemonError::Vm(format!("sandbox {}'s VM ended: {why}", self.id))
+    }
+
+    /// Why its VM ended, if it did within `wait` (a VMM whose guest died closes the agent's
+    /// connection as it exits, so a lost connection is often followed by its exit).
+    pub fn why_ended(&self, wait: Duration) -> Option<String> {
+        let end = Instant::now() + wait;
+        loop {
+            if let Some(why) = self.live().vm.as_mut().and_then(VmProcess::ended) {
+                tracing::warn!(sandbox = %self.id, "its VM ended: {why}");
+                return Some(why);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
