@@ -40,9 +40,19 @@ pub fn restore_cloned(
 ) -> Result<(VmProcess, kiln_agent::client::Client), DaemonError> {
     let mut vm = VmProcess::spawn(vmm, dir, limits, net)?;
     vm.restore(from)?;
-    let (client, _) =
-        kiln_agent::client::restore_connect(&vm.vsock, Instant::now() + AGENT_WAIT, env)?;
-    Ok((vm, client))
+    match kiln_agent::client::restore_connect(&vm.vsock, Instant::now() + AGENT_WAIT, env) {
+        Ok((client, _)) => Ok((vm, client)),
+        // A guest that died after the restore leaves only a refusing socket: say what ended it.
+        Err(e) => match vm.ended() {
+            Some(why) => {
+                tracing::warn!(vm = %dir.display(), "a restored VM ended: {why}");
+                Err(DaemonError::Vm(format!(
+                    "the restored VM ended before its agent answered: {why}"
+                )))
+            }
+            None => Err(e.into()),
+        },
+    }
 }
 
 /// The network of a new VM for sandbox `id` (or a warm VM that will be it): a sandbox network
