@@ -97,7 +97,8 @@ fn firecrackers_getting_started_sequence_boots_and_the_api_examples_answer() {
         .expect("listen on the TAP's address");
     sh(
         &client,
-        &format!("echo hello-from-the-guest > /dev/tcp/{GATEWAY_IP}/8000"),
+        // bash's /dev/tcp (the rootfs's sh is dash, which has none).
+        &format!("bash -c 'echo hello-from-the-guest > /dev/tcp/{GATEWAY_IP}/8000'"),
     );
     let (conn, from) = listener.accept().expect("the guest connects");
     let mut line = String::new();
