@@ -106,6 +106,13 @@ fn vmm_of(state: &Path, id: &str) -> Option<(u32, u32)> {
             return None;
         }
         let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+        // A zombie (dead, not yet reaped by whoever inherited it) is not a running VMM.
+        if status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains("zombie"))
+        {
+            return None;
+        }
         let uid = status
             .lines()
             .find_map(|l| l.strip_prefix("Uid:"))?

@@ -243,10 +243,7 @@ impl Daemon {
 
     /// Kills sandbox `id`: its VM ends, its folder and record go.
     pub async fn kill(self: &Arc<Self>, id: &str) -> Result<(), DaemonError> {
-        let sb = self
-            .sandboxes()
-            .remove(id)
-            .ok_or_else(|| DaemonError::NotFound(format!("no sandbox {id}")))?;
+        let sb = self.sandbox(id)?;
         let (vm, memory_from) = {
             let mut live = sb.live();
             live.client = None;
@@ -260,6 +257,9 @@ impl Daemon {
             let _ = std::fs::remove_dir_all(&dir);
         })
         .await?;
+        // Gone from the API only once its VM is: whoever sees it gone (after DELETE, or by
+        // polling an expiry) finds no VMM left either.
+        self.sandboxes().remove(id);
         self.db().remove_sandbox(id)?;
         self.release_memory_source(&memory_from)?;
         tracing::info!(sandbox = %id, "killed");
