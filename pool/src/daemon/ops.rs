@@ -77,10 +77,18 @@ impl Daemon {
                 Err(e) => {
                     let could_not_start =
                         matches!(e, kiln_agent::client::Error::CouldNotStart { .. });
+                    // A VM that died as the command started loses it the same way.
+                    let message = match could_not_start {
+                        true => e.to_string(),
+                        false => match sb.why_ended(Duration::from_secs(1)) {
+                            Some(why) => format!("the command was lost: its VM ended: {why}"),
+                            None => e.to_string(),
+                        },
+                    };
                     send(
                         &tx,
                         ExecEvent::Error {
-                            message: e.to_string(),
+                            message,
                             could_not_start,
                         },
                     );
