@@ -314,6 +314,13 @@ pub struct TemplateInfo {
     pub max_sandboxes: u32,
     /// Warm sandboxes ready now.
     pub ready: u32,
+    /// `build` (made from a spec) or `snapshot` (taken from a running sandbox).
+    #[serde(default = "build_kind")]
+    pub kind: String,
+}
+
+fn build_kind() -> String {
+    "build".into()
 }
 
 /// `PUT /templates/{name}/pool`.

@@ -70,6 +70,7 @@ impl Daemon {
             spec_json,
             built_at,
             disk_bytes,
+            kind: "build".into(),
         })?;
         let info = self.template_info(&spec.name)?;
         Ok((info, cached))
