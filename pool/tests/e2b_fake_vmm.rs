@@ -941,6 +941,7 @@ fn snapshots(h: &Http, id: &str, token: &str, templates: &Path) {
             .unwrap()
             .contains("memory: false")
     );
+    assert_eq!(a.json()["error_code"], "snapshot_filesystem_only_disabled");
     let a = snap(id, json!({"name": "Bad Name"}));
     assert_eq!(a.status, 400);
     assert!(

@@ -51,10 +51,15 @@ pub async fn create(
         Err(e) => return Err(ApiError::bad(e.body_text())),
     };
     if req.memory == Some(false) {
-        return Err(ApiError::bad(
-            "memory: false (a filesystem-only snapshot) is not served by kilnd: its snapshots \
-             always keep memory (mode \"full\")",
-        ));
+        // The refusal E2B gives a team without filesystem-only snapshots, code and all, so the
+        // SDK's documented handling (fall back to a full snapshot) applies.
+        let body = json!({
+            "code": 400,
+            "error_code": "snapshot_filesystem_only_disabled",
+            "message": "memory: false (a filesystem-only snapshot) is not served by kilnd: its \
+                        snapshots always keep memory (mode \"full\")",
+        });
+        return Ok((StatusCode::BAD_REQUEST, Json(body)).into_response());
     }
     let sb = e2b
         .daemon
