@@ -285,6 +285,16 @@ pub struct ForkRequest {
     pub count: u32,
 }
 
+/// `POST /sandboxes/{id}/snapshot`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The snapshot template's name (one is made up when absent); a snapshot of that name is
+    /// replaced.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
 /// `POST /sandboxes/{id}/timeout`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
