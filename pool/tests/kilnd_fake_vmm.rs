@@ -526,10 +526,21 @@ dir = "{out}/tree"
         metrics.contains("kiln_sandboxes{state=\"running\"}"),
         "{metrics}"
     );
+    // A snapshot outlives its sandbox, and holds the template whose image is its disk.
+    let s2 = k
+        .create(&CreateSandbox {
+            template: "t".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    k.snapshot(&s2.id, Some("s2")).unwrap();
     for s in k.sandboxes().unwrap() {
         k.kill(&s.id).unwrap();
     }
     assert!(k.sandboxes().unwrap().is_empty());
+    let (code, msg) = status(k.remove_template("t").unwrap_err());
+    assert!(code == 409 && msg.contains("snapshot s2"), "{msg}");
+    k.remove_template("s2").unwrap();
     k.remove_template("t").unwrap();
     assert!(k.templates().unwrap().is_empty());
     assert!(!stored.exists(), "the template's files were removed");

@@ -5,6 +5,7 @@
 //! outlives the sandbox it was taken from. The checkpoint itself (pause, snapshot, resume, a new
 //! agent connection) is shared with fork.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -176,6 +177,24 @@ impl Daemon {
             let _ = std::fs::remove_dir_all(self.cfg.templates_dir().join(template_id));
         }
         Ok(())
+    }
+
+    /// The name of a snapshot other than `t` whose disk is `t`'s root image (a hard link to it).
+    /// Such a snapshot's state names the image by the path of the template it was first built
+    /// under when VMMs run unjailed, so that template must stay while the snapshot does.
+    pub fn snapshot_on_image(&self, t: &TemplateInfo) -> Result<Option<String>, DaemonError> {
+        let image = |id: &str| {
+            let path = TemplateFiles::in_dir(&self.cfg.templates_dir().join(id)).rootfs;
+            std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+        };
+        let Some(mine) = image(&t.id) else {
+            return Ok(None);
+        };
+        Ok(self
+            .snapshots()?
+            .into_iter()
+            .find(|(s, _)| s.id != t.id && image(&s.id) == Some(mine))
+            .map(|(s, _)| s.name))
     }
 
     /// The snapshots (templates of kind `snapshot`), with the sandbox each was taken from.

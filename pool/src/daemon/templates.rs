@@ -144,6 +144,12 @@ impl Daemon {
                 sb.id
             )));
         }
+        if let Some(snap) = self.snapshot_on_image(&info)? {
+            return Err(DaemonError::Conflict(format!(
+                "template {name}'s image is the disk of snapshot {snap} (and maybe others); \
+                 remove them first"
+            )));
+        }
         let removed = self.db().remove_template_name(name)?;
         if let Some(id) = removed {
             let warm = self.warm().remove(&id).unwrap_or_default();
