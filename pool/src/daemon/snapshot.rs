@@ -179,10 +179,14 @@ impl Daemon {
         Ok(())
     }
 
-    /// The name of a snapshot other than `t` whose disk is `t`'s root image (a hard link to it).
-    /// Such a snapshot's state names the image by the path of the template it was first built
-    /// under when VMMs run unjailed, so that template must stay while the snapshot does.
+    /// The name of a snapshot whose disk is built template `t`'s root image (a hard link to
+    /// it). Such a snapshot's state names the image by the path of the template it was built
+    /// under when VMMs run unjailed (a snapshot of a sandbox from a snapshot names the same
+    /// one), so that template must stay while the snapshot does; snapshots hold none.
     pub fn snapshot_on_image(&self, t: &TemplateInfo) -> Result<Option<String>, DaemonError> {
+        if t.kind == SNAPSHOT_KIND {
+            return Ok(None);
+        }
         let image = |id: &str| {
             let path = TemplateFiles::in_dir(&self.cfg.templates_dir().join(id)).rootfs;
             std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
