@@ -70,6 +70,7 @@ fn start_kilnd(dir: &Path) -> Daemon {
         .arg("--no-jail")
         .env("KILND_E2B_API_KEY", KEY)
         .env("KILN_FAKE_VMM", "agent")
+        .env("KILN_FAKE_VMM_CREATE_FAULT_IF", dir.join("create-fault"))
         .env_remove("KILN_FAKE_VMM_LOG")
         .env_remove("KILN_FAKE_VMM_API_LOG")
         .stdin(Stdio::null())
@@ -957,6 +958,22 @@ fn snapshots(h: &Http, id: &str, token: &str, templates: &Path) {
     );
     let folders = || std::fs::read_dir(templates).unwrap().count();
     assert_eq!(folders(), 1, "refusals leave no folder");
+    // A snapshot the VMM fails leaves no record and no folder, and the sandbox runs on.
+    let fault = templates.join("../../create-fault");
+    std::fs::write(&fault, "").unwrap();
+    let a = snap(id, json!({"name": "failed"}));
+    std::fs::remove_file(&fault).unwrap();
+    assert_eq!(a.status, 500, "{}", String::from_utf8_lossy(&a.body));
+    assert!(
+        a.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot create /x/memory")
+    );
+    assert_eq!(folders(), 1, "a failed snapshot leaves no folder");
+    assert_eq!(h.rest("GET", "/snapshots", None).json(), json!([]));
+    let (events, _) = stream(h, id, token, "process.Process/Start", start_msg("echo ok"));
+    assert_eq!(collect(&events).0, "ok\n");
 
     let a = snap(id, json!({"name": "snap1"}));
     assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
