@@ -11,7 +11,7 @@ use kiln_net::{DomainPattern, PublishSpec};
 pub const USAGE: &str = "usage: kiln run [OPTIONS] [--] CMD [ARG...]
        kiln snapshot create|load|merge ...   (kiln snapshot --help)
        kiln template build|ls|rm|pool ...    (kiln template --help)
-       kiln sandbox create|ls|exec|cp|fork|pause|resume|kill|timeout ...
+       kiln sandbox create|ls|exec|cp|fork|snapshot|pause|resume|kill|timeout ...
 
 Boots a Kiln microVM, runs CMD in it through the guest agent, streams its output, and exits
 with its status.

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 
 use crate::types::{
     BuildEvent, CreateSandbox, DirEntryInfo, ErrorBody, ExecEvent, ExecRequest, ForkRequest,
-    PoolSettings, SandboxInfo, TemplateInfo, TimeoutRequest,
+    PoolSettings, SandboxInfo, SnapshotRequest, TemplateInfo, TimeoutRequest,
 };
 
 /// Why a request failed.
@@ -391,6 +391,17 @@ impl Kilnd {
             "POST",
             &format!("/sandboxes/{id}/fork"),
             Some(&ForkRequest { count }),
+        )
+    }
+
+    /// Snapshots sandbox `id` into a template named `name` (or a made-up name); it runs on.
+    pub fn snapshot(&self, id: &str, name: Option<&str>) -> Result<TemplateInfo, ClientError> {
+        self.json(
+            "POST",
+            &format!("/sandboxes/{id}/snapshot"),
+            Some(&SnapshotRequest {
+                name: name.map(str::to_string),
+            }),
         )
     }
 

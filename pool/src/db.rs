@@ -19,7 +19,8 @@ CREATE TABLE IF NOT EXISTS templates (
     name TEXT NOT NULL,
     spec_json TEXT NOT NULL,
     built_at INTEGER NOT NULL,
-    disk_bytes INTEGER NOT NULL
+    disk_bytes INTEGER NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'build'
 );
 CREATE TABLE IF NOT EXISTS template_names (
     name TEXT PRIMARY KEY,
@@ -47,11 +48,20 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 );
 ";
 
-/// Columns added since the first schema, each with what adds it to an older database.
-const ADDED_COLUMNS: &[(&str, &str)] = &[(
-    "network_json",
-    "ALTER TABLE sandboxes ADD COLUMN network_json TEXT NOT NULL DEFAULT ''",
-)];
+/// Columns added since the first schema (table, column), each with what adds it to an older
+/// database.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    (
+        "sandboxes",
+        "network_json",
+        "ALTER TABLE sandboxes ADD COLUMN network_json TEXT NOT NULL DEFAULT ''",
+    ),
+    (
+        "templates",
+        "kind",
+        "ALTER TABLE templates ADD COLUMN kind TEXT NOT NULL DEFAULT 'build'",
+    ),
+];
 
 /// A template's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +76,8 @@ pub struct TemplateRow {
     pub built_at: u64,
     /// Root image size.
     pub disk_bytes: u64,
+    /// `build` (made from a spec) or `snapshot` (taken from a running sandbox).
+    pub kind: String,
 }
 
 /// A sandbox's record.
@@ -117,8 +129,8 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
-        for (column, add) in ADDED_COLUMNS {
-            let probe = format!("SELECT {column} FROM sandboxes LIMIT 0");
+        for (table, column, add) in ADDED_COLUMNS {
+            let probe = format!("SELECT {column} FROM {table} LIMIT 0");
             if conn.prepare(&probe).is_err() {
                 conn.execute_batch(add)?;
             }
@@ -129,14 +141,15 @@ impl Db {
     /// Records a built template under `row.name` (the name now points at it).
     pub fn put_template(&self, row: &TemplateRow) -> Result<(), DbError> {
         self.0.execute(
-            "INSERT OR REPLACE INTO templates (id, name, spec_json, built_at, disk_bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT OR REPLACE INTO templates (id, name, spec_json, built_at, disk_bytes, kind)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 row.id,
                 row.name,
                 row.spec_json,
                 row.built_at as i64,
-                row.disk_bytes as i64
+                row.disk_bytes as i64,
+                row.kind
             ],
         )?;
         self.0.execute(
@@ -153,7 +166,7 @@ impl Db {
             .0
             .query_row(
                 "SELECT t.id, t.name, t.spec_json, t.built_at, t.disk_bytes,
-                        COALESCE(n.min_ready, 0), COALESCE(n.max_sandboxes, 0)
+                        COALESCE(n.min_ready, 0), COALESCE(n.max_sandboxes, 0), t.kind
                  FROM templates t LEFT JOIN template_names n ON n.template_id = t.id
                  WHERE n.name = ?1 OR t.id = ?1 LIMIT 1",
                 params![name_or_id],
@@ -165,6 +178,7 @@ impl Db {
                             spec_json: r.get(2)?,
                             built_at: r.get::<_, i64>(3)? as u64,
                             disk_bytes: r.get::<_, i64>(4)? as u64,
+                            kind: r.get(7)?,
                         },
                         r.get(5)?,
                         r.get(6)?,
@@ -177,7 +191,8 @@ impl Db {
     /// Every named template with its pool settings.
     pub fn templates(&self) -> Result<Vec<TemplateInfo>, DbError> {
         let mut st = self.0.prepare(
-            "SELECT n.name, t.id, t.built_at, t.spec_json, t.disk_bytes, n.min_ready, n.max_sandboxes
+            "SELECT n.name, t.id, t.built_at, t.spec_json, t.disk_bytes, n.min_ready, n.max_sandboxes,
+                    t.kind
              FROM template_names n JOIN templates t ON t.id = n.template_id ORDER BY n.name",
         )?;
         let rows = st.query_map([], |r| {
@@ -193,6 +208,7 @@ impl Db {
                 min_ready: r.get(5)?,
                 max_sandboxes: r.get(6)?,
                 ready: 0,
+                kind: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -236,6 +252,18 @@ impl Db {
             return Ok(Some(id));
         }
         Ok(None)
+    }
+
+    /// Removes snapshot template `id`'s record when no name points at it any more (its name
+    /// went to a newer snapshot); true when it went. Built templates stay: their folders are a
+    /// cache found again by content key.
+    pub fn forget_unnamed_snapshot(&self, id: &str) -> Result<bool, DbError> {
+        let gone = self.0.execute(
+            "DELETE FROM templates WHERE id = ?1 AND kind = 'snapshot'
+             AND NOT EXISTS (SELECT 1 FROM template_names WHERE template_id = ?1)",
+            params![id],
+        )?;
+        Ok(gone > 0)
     }
 
     /// Writes (inserts or replaces) a sandbox's record.
@@ -359,6 +387,7 @@ mod tests {
                 spec_json: r#"{"vcpus":2,"mem_mib":512}"#.into(),
                 built_at: 5,
                 disk_bytes: 64 << 20,
+                kind: "build".into(),
             })
             .unwrap();
             assert!(db.set_pool("py", 3, 10).unwrap());

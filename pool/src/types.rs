@@ -285,6 +285,16 @@ pub struct ForkRequest {
     pub count: u32,
 }
 
+/// `POST /sandboxes/{id}/snapshot`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The snapshot template's name (one is made up when absent); a snapshot of that name is
+    /// replaced.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
 /// `POST /sandboxes/{id}/timeout`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -314,6 +324,13 @@ pub struct TemplateInfo {
     pub max_sandboxes: u32,
     /// Warm sandboxes ready now.
     pub ready: u32,
+    /// `build` (made from a spec) or `snapshot` (taken from a running sandbox).
+    #[serde(default = "build_kind")]
+    pub kind: String,
+}
+
+fn build_kind() -> String {
+    "build".into()
 }
 
 /// `PUT /templates/{name}/pool`.

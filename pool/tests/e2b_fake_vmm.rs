@@ -70,6 +70,7 @@ fn start_kilnd(dir: &Path) -> Daemon {
         .arg("--no-jail")
         .env("KILND_E2B_API_KEY", KEY)
         .env("KILN_FAKE_VMM", "agent")
+        .env("KILN_FAKE_VMM_CREATE_FAULT_IF", dir.join("create-fault"))
         .env_remove("KILN_FAKE_VMM_LOG")
         .env_remove("KILN_FAKE_VMM_API_LOG")
         .stdin(Stdio::null())
@@ -858,6 +859,7 @@ fn end_to_end() {
         h.rest("GET", "/templates", None).json()[0]["aliases"][0],
         "t"
     );
+    snapshots(&h, &id, &token, &dir.join("state/templates"));
     for s in h
         .rest("GET", "/v2/sandboxes", None)
         .json()
@@ -887,6 +889,166 @@ fn end_to_end() {
         204
     );
     assert_eq!(streams(), 0);
+    // The replaced snapshot's files went with its last sandbox; the named one outlived its
+    // source and every sandbox: it starts sandboxes, then is deleted.
+    let folders = || {
+        std::fs::read_dir(dir.join("state/templates"))
+            .unwrap()
+            .count()
+    };
+    assert_eq!(folders(), 2);
+    let a = h.rest(
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": "snap1"})),
+    );
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    let sid = a.json()["sandboxID"].as_str().unwrap().to_string();
+    assert_eq!(
+        h.rest("DELETE", "/templates/snap1", None).status,
+        409,
+        "a snapshot in use stays"
+    );
+    assert_eq!(
+        h.rest("DELETE", &format!("/sandboxes/{sid}"), None).status,
+        204
+    );
+    assert_eq!(h.rest("DELETE", "/templates/snap1", None).status, 204);
+    assert_eq!(h.rest("GET", "/snapshots", None).json(), json!([]));
+    assert_eq!(folders(), 1);
+    assert_eq!(h.rest("DELETE", "/templates/snap1", None).status, 404);
+    assert_eq!(
+        h.rest("DELETE", "/templates/t", None).status,
+        501,
+        "built templates are kiln template rm's"
+    );
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Snapshots of running sandbox `id`: refusals, a named one, sandboxes from it, the source
+/// running on, a replacement under the same name, and the list.
+fn snapshots(h: &Http, id: &str, token: &str, templates: &Path) {
+    let snap =
+        |sid: &str, body: Value| h.rest("POST", &format!("/sandboxes/{sid}/snapshots"), Some(body));
+    let a = snap("nope", json!({}));
+    assert_eq!(a.status, 404);
+    assert_eq!(a.json()["message"], "sandbox nope not found");
+    let a = snap(id, json!({"memory": false}));
+    assert_eq!(a.status, 400);
+    assert!(
+        a.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("memory: false")
+    );
+    assert_eq!(a.json()["error_code"], "snapshot_filesystem_only_disabled");
+    let a = snap(id, json!({"name": "Bad Name"}));
+    assert_eq!(a.status, 400);
+    assert!(
+        a.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"Bad Name\"")
+    );
+    assert_eq!(
+        snap(id, json!({"name": "t"})).status,
+        409,
+        "a built template's name"
+    );
+    let folders = || std::fs::read_dir(templates).unwrap().count();
+    assert_eq!(folders(), 1, "refusals leave no folder");
+    // A snapshot the VMM fails leaves no record and no folder, and the sandbox runs on.
+    let fault = templates.join("../../create-fault");
+    std::fs::write(&fault, "").unwrap();
+    let a = snap(id, json!({"name": "failed"}));
+    std::fs::remove_file(&fault).unwrap();
+    assert_eq!(a.status, 500, "{}", String::from_utf8_lossy(&a.body));
+    assert!(
+        a.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot create /x/memory")
+    );
+    assert_eq!(folders(), 1, "a failed snapshot leaves no folder");
+    assert_eq!(h.rest("GET", "/snapshots", None).json(), json!([]));
+    let (events, _) = stream(h, id, token, "process.Process/Start", start_msg("echo ok"));
+    assert_eq!(collect(&events).0, "ok\n");
+
+    let a = snap(id, json!({"name": "snap1"}));
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(a.json(), json!({"snapshotID": "snap1", "names": ["snap1"]}));
+    let (events, _) = stream(h, id, token, "process.Process/Start", start_msg("echo on"));
+    assert_eq!(collect(&events).0, "on\n", "the source runs on");
+    let a = h.rest(
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": "snap1"})),
+    );
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    let made = a.json();
+    assert_eq!(made["templateID"], "snap1");
+    let (sid, stoken) = (
+        made["sandboxID"].as_str().unwrap(),
+        made["envdAccessToken"].as_str().unwrap(),
+    );
+    let (events, _) = stream(
+        h,
+        sid,
+        stoken,
+        "process.Process/Start",
+        start_msg("echo $A"),
+    );
+    assert_eq!(collect(&events).0, "from-env\n", "the source's environment");
+
+    // The same name again: the name moves to the new snapshot; the old one's files stay while
+    // a sandbox runs from it.
+    assert_eq!(snap(id, json!({"name": "snap1"})).status, 201);
+    assert_eq!(folders(), 3);
+    let names: Vec<Value> = h
+        .rest("GET", "/templates", None)
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["aliases"][0].clone())
+        .collect();
+    assert_eq!(names, [json!("snap1"), json!("t")]);
+    let a = snap(id, json!({}));
+    assert_eq!(a.status, 201);
+    let unnamed = a.json()["snapshotID"].as_str().unwrap().to_string();
+    assert!(unnamed.starts_with("snapshot-"), "{unnamed}");
+
+    let list = h
+        .rest("GET", &format!("/snapshots?sandboxID={id}"), None)
+        .json();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(
+        h.rest("GET", &format!("/snapshots?sandboxID={sid}"), None)
+            .json(),
+        json!([])
+    );
+    let a = h.rest("GET", "/snapshots?limit=1", None);
+    assert_eq!(a.json().as_array().unwrap().len(), 1);
+    let next = a.headers["x-next-token"].to_str().unwrap().to_string();
+    let a = h.rest("GET", &format!("/snapshots?limit=1&nextToken={next}"), None);
+    assert_eq!(a.json().as_array().unwrap().len(), 1);
+    assert!(!a.headers.contains_key("x-next-token"));
+    let a = h.rest("GET", "/snapshots?name=snap1:default", None).json();
+    assert_eq!(a, json!([{"snapshotID": "snap1", "names": ["snap1"]}]));
+    assert_eq!(
+        h.rest("DELETE", &format!("/templates/{unnamed}"), None)
+            .status,
+        204
+    );
+
+    // A paused sandbox is refused.
+    assert_eq!(
+        h.rest("POST", &format!("/sandboxes/{sid}/pause"), Some(json!({})))
+            .status,
+        204
+    );
+    let a = snap(sid, json!({}));
+    assert_eq!(a.status, 409);
+    assert!(a.json()["message"].as_str().unwrap().contains("paused"));
 }

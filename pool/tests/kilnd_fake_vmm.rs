@@ -365,6 +365,29 @@ dir = "{out}/tree"
     )
     .unwrap();
 
+    // A snapshot is a template of kind snapshot: sandboxes start from it with the source's
+    // environment, the source runs on, and `template rm` removes it with its files.
+    let (code, msg) = status(k.snapshot(&sb.id, Some("Bad/Name")).unwrap_err());
+    assert!(code == 400 && msg.contains("\"Bad/Name\""), "{msg}");
+    let snap = k.snapshot(&sb.id, Some("s1")).unwrap();
+    assert_eq!((snap.name.as_str(), snap.kind.as_str()), ("s1", "snapshot"));
+    assert_eq!(run(&k, &sb.id, &["sh", "-c", "echo on"]).0, "on\n");
+    let from = k
+        .create(&CreateSandbox {
+            template: "s1".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(from.template, "s1");
+    assert_eq!(run(&k, &from.id, &["sh", "-c", "echo $WHO"]).0, "a\n");
+    let (code, _) = status(k.remove_template("s1").unwrap_err());
+    assert_eq!(code, 409, "a snapshot in use stays");
+    k.kill(&from.id).unwrap();
+    k.remove_template("s1").unwrap();
+    assert!(!dir.join(format!("state/templates/{}", snap.id)).exists());
+    let kinds: Vec<String> = k.templates().unwrap().into_iter().map(|t| t.kind).collect();
+    assert_eq!(kinds, ["build"]);
+
     // Fork; then the host limit (4 VMs, warm ones included until the pool is emptied).
     k.kill(&warm.id).unwrap();
     let forks = k.fork(&sb.id, 2).unwrap();
@@ -504,10 +527,21 @@ dir = "{out}/tree"
         metrics.contains("kiln_sandboxes{state=\"running\"}"),
         "{metrics}"
     );
+    // A snapshot outlives its sandbox, and holds the template whose image is its disk.
+    let s2 = k
+        .create(&CreateSandbox {
+            template: "t".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    k.snapshot(&s2.id, Some("s2")).unwrap();
     for s in k.sandboxes().unwrap() {
         k.kill(&s.id).unwrap();
     }
     assert!(k.sandboxes().unwrap().is_empty());
+    let (code, msg) = status(k.remove_template("t").unwrap_err());
+    assert!(code == 409 && msg.contains("snapshot s2"), "{msg}");
+    k.remove_template("s2").unwrap();
     k.remove_template("t").unwrap();
     assert!(k.templates().unwrap().is_empty());
     assert!(!stored.exists(), "the template's files were removed");

@@ -1,7 +1,7 @@
 """The unmodified `e2b` SDK (the release `cargo xtask test` pins) against kilnd in the lab:
 sandboxes from a template, commands (output callbacks, exit codes, background processes found
-again, stdin, kills, timeouts), files, listing, pause and connect, fork, kill, and the errors the
-SDK raises for bad input."""
+again, stdin, kills, timeouts), files, listing, pause and connect, fork, snapshots, kill, and the
+errors the SDK raises for bad input."""
 
 import hashlib
 import os
@@ -222,6 +222,62 @@ def test_the_source_of_a_fork_runs_on(sandbox):
     finally:
         for f in forks:
             f.kill()
+
+
+def test_a_snapshot_starts_sandboxes_and_outlives_its_source():
+    src = Sandbox.create(template="base", timeout=600)
+    made = []
+    try:
+        snap = src.create_snapshot(name="sdk-snap")
+        assert snap.snapshot_id == "sdk-snap" and snap.names == ["sdk-snap"]
+        assert src.commands.run("echo still here").stdout == "still here\n"
+        listed = [s.snapshot_id for s in src.list_snapshots().next_items()]
+        assert listed == ["sdk-snap"]
+        assert [s.snapshot_id for s in Sandbox.list_snapshots(name="sdk-snap").next_items()] == [
+            "sdk-snap"
+        ]
+        made.append(Sandbox.create(snap.snapshot_id, timeout=600))
+        assert made[0].commands.run("echo from snapshot").stdout == "from snapshot\n"
+        src.kill()
+        made.append(Sandbox.create(snap.snapshot_id, timeout=600))
+        assert made[1].is_running()
+        assert "sdk-snap" in [s.snapshot_id for s in Sandbox.list_snapshots().next_items()]
+    finally:
+        for sb in made + [src]:
+            try:
+                sb.kill()
+            except Exception:
+                pass
+        Sandbox.delete_snapshot("sdk-snap")
+    assert Sandbox.delete_snapshot("sdk-snap") is False
+
+
+@pytest.mark.vm
+def test_a_snapshot_keeps_the_files_written_before_it(sandbox):
+    sandbox.files.write("/root/before", "before")
+    snap = sandbox.create_snapshot()
+    try:
+        sandbox.files.write("/root/after", "after")
+        sb = Sandbox.create(snap.snapshot_id, timeout=600)
+        try:
+            assert sb.files.read("/root/before") == "before"
+            assert not sb.files.exists("/root/after")
+        finally:
+            sb.kill()
+        assert sandbox.files.read("/root/after") == "after"
+    finally:
+        Sandbox.delete_snapshot(snap.snapshot_id)
+
+
+def test_snapshot_refusals(sandbox):
+    with pytest.raises(SandboxException) as e:
+        sandbox.create_snapshot(mode="filesystem")
+    assert e.value.status_code == 400 and "filesystem-only" in str(e.value)
+    with pytest.raises(SandboxException) as e:
+        sandbox.create_snapshot(name="Not A Name")
+    assert "Not A Name" in str(e.value)
+    with pytest.raises(NotFoundException):
+        Sandbox.create_snapshot("no-such-sandbox")
 
 
 def test_kill_and_a_dead_sandbox():

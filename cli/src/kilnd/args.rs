@@ -42,6 +42,7 @@ pub const USAGE: &str = "usage: kiln template build FILE [--json]
        kiln sandbox exec ID [--env K=V]... [--cwd DIR] [--user U] [--timeout SECS] [--stdin] -- CMD...
        kiln sandbox cp SRC DST        (one of them ID:/path in the sandbox)
        kiln sandbox fork ID [--count N] [--json]
+       kiln sandbox snapshot ID [--name NAME] [--json]
        kiln sandbox pause|resume|kill ID
        kiln sandbox timeout ID SECS
        kiln run --template NAME [--env K=V]... [--timeout SECS] [--json] [--lang python|sh|node]
@@ -61,6 +62,9 @@ sandbox create  prints the new sandbox's id (the JSON with --json, with its netw
                 otherwise; --publish listens on 127.0.0.1:HOST (a free port if omitted) and
                 carries connections to GUEST in the sandbox (printed on stderr).
 sandbox exec    streams the command's output and exits with its status.
+sandbox snapshot  pauses the sandbox a moment and keeps its memory and disk as a template (kind
+                snapshot; NAME, or a made-up name, printed) that `sandbox create` starts copies
+                of; the sandbox runs on, and the snapshot outlives it. `template rm` removes it.
 kiln run --template  creates a sandbox (from the template's warm pool when one is ready), runs
                 the command, prints its output and removes the sandbox. -c CODE runs code in
                 --lang (python by default); a FILE.py/.sh/.js is copied in and run.";
@@ -172,6 +176,15 @@ pub enum SandboxCmd {
         /// `--json`.
         json: bool,
     },
+    /// `snapshot ID`.
+    Snapshot {
+        /// The sandbox.
+        id: String,
+        /// `--name`.
+        name: Option<String>,
+        /// `--json`.
+        json: bool,
+    },
     /// `pause`, `resume`, `kill` (the verb) of ID.
     Life {
         /// `pause`, `resume` or `kill`.
@@ -207,6 +220,7 @@ const VALUED: &[&str] = &[
     "-e",
     "--meta",
     "--count",
+    "--name",
     "-n",
     "--cwd",
     "--user",
@@ -319,7 +333,7 @@ pub fn parse_sandbox(args: &[String]) -> Result<(SandboxCmd, Option<PathBuf>), S
         mut argv,
     } = split(args.get(1..).unwrap_or_default())?;
     let mut socket = None;
-    let (mut json, mut timeout_s, mut count) = (false, None, 1);
+    let (mut json, mut timeout_s, mut count, mut snap_name) = (false, None, 1, None);
     let (mut env, mut meta) = (Vec::new(), Vec::new());
     let mut opts = ExecOpts::default();
     let (mut domains, mut publish, mut allow_net, mut no_egress) =
@@ -333,6 +347,7 @@ pub fn parse_sandbox(args: &[String]) -> Result<(SandboxCmd, Option<PathBuf>), S
             "--env" | "-e" => env.push(pair(&name, &v)?),
             "--meta" => meta.push(pair(&name, &v)?),
             "--count" | "-n" => count = num(&name, &v)?,
+            "--name" => snap_name = Some(v),
             "--cwd" => opts.cwd = Some(v),
             "--user" => opts.user = Some(v),
             "--stdin" => opts.stdin = true,
@@ -402,6 +417,11 @@ pub fn parse_sandbox(args: &[String]) -> Result<(SandboxCmd, Option<PathBuf>), S
             count,
             json,
         },
+        "snapshot" => SandboxCmd::Snapshot {
+            id: positional(&mut words, "sandbox's id")?,
+            name: snap_name,
+            json,
+        },
         "pause" | "resume" | "kill" => SandboxCmd::Life {
             verb: verb.into(),
             id: positional(&mut words, "sandbox's id")?,
@@ -413,7 +433,7 @@ pub fn parse_sandbox(args: &[String]) -> Result<(SandboxCmd, Option<PathBuf>), S
         "" => return Err(format!("give a sandbox command\n{USAGE}")),
         other => {
             return Err(format!(
-                "unknown sandbox command {other:?} (create, ls, exec, cp, fork, pause, resume, kill, timeout)"
+                "unknown sandbox command {other:?} (create, ls, exec, cp, fork, snapshot, pause, resume, kill, timeout)"
             ));
         }
     };
@@ -544,6 +564,15 @@ mod tests {
         assert!(matches!(c, SandboxCmd::Create { network: None, .. }));
         let (c, _) = parse_sandbox(&s(&["fork", "abc", "-n", "4"])).unwrap();
         assert!(matches!(c, SandboxCmd::Fork { count: 4, .. }));
+        let (c, _) = parse_sandbox(&s(&["snapshot", "abc", "--name", "s1"])).unwrap();
+        assert_eq!(
+            c,
+            SandboxCmd::Snapshot {
+                id: "abc".into(),
+                name: Some("s1".into()),
+                json: false
+            }
+        );
         for (bad, named) in [
             (&["exec", "abc"][..], "command"),
             (&["create"][..], "template"),

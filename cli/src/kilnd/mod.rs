@@ -317,6 +317,13 @@ pub fn sandbox(words: &[String]) -> i32 {
                 }
             })
             .map_err(|e| e.to_string()),
+        SandboxCmd::Snapshot { id, name, json } => k
+            .snapshot(&id, name.as_deref())
+            .map(|t| match json {
+                true => print_json(&t),
+                false => println!("{}", t.name),
+            })
+            .map_err(|e| e.to_string()),
         SandboxCmd::Life { verb, id } => match verb.as_str() {
             "pause" => k.pause(&id).map(drop),
             "resume" => k.resume(&id).map(drop),

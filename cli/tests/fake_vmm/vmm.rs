@@ -12,7 +12,9 @@
 //!
 //! Modes (`KILN_FAKE_VMM`): `agent` serves; `fail` exits 1 at once; `hang` never answers;
 //! `load-fault` and `create-fault` refuse those API requests with a fault message;
-//! `silent-agent` has an agent that says hello and then nothing ever again.
+//! `silent-agent` has an agent that says hello and then nothing ever again. In any mode, a
+//! snapshot is refused as in `create-fault` while the file `KILN_FAKE_VMM_CREATE_FAULT_IF` names
+//! exists (so a test can fail one snapshot of a VM that was made fine).
 
 use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
@@ -161,7 +163,8 @@ fn serve_api(mode: &str, sock: &Path) {
             }
             ApiRequest::CreateSnapshot(body) => {
                 log_line(&format!("PUT /snapshot/create {}", json(&body)));
-                if mode == "create-fault" {
+                let fault_file = std::env::var_os("KILN_FAKE_VMM_CREATE_FAULT_IF");
+                if mode == "create-fault" || fault_file.is_some_and(|f| Path::new(&f).exists()) {
                     return ApiResponse::fault(CREATE_FAULT);
                 }
                 std::fs::write(&body.snapshot_path, b"fake vmstate").unwrap();

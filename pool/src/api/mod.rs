@@ -13,6 +13,7 @@
 //! | `GET/PUT/DELETE /sandboxes/{id}/files?path=P` | read, write (body), remove a file |
 //! | `GET /sandboxes/{id}/dir?path=P` | list a folder |
 //! | `POST /sandboxes/{id}/pause`, `.../resume`, `.../fork`, `.../timeout` | lifecycle |
+//! | `POST /sandboxes/{id}/snapshot` | snapshot it into a template ([`SnapshotRequest`]) |
 //! | `GET /metrics` | Prometheus text |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad input), 404 (unknown), 409 (wrong state),
@@ -23,6 +24,7 @@
 //! [`CreateSandbox`]: crate::types::CreateSandbox
 //! [`ExecRequest`]: crate::types::ExecRequest
 //! [`ExecEvent`]: crate::types::ExecEvent
+//! [`SnapshotRequest`]: crate::types::SnapshotRequest
 
 mod files;
 mod sandboxes;
@@ -100,6 +102,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/sandboxes/{id}/pause", post(sandboxes::pause))
         .route("/sandboxes/{id}/resume", post(sandboxes::resume))
         .route("/sandboxes/{id}/fork", post(sandboxes::fork))
+        .route("/sandboxes/{id}/snapshot", post(sandboxes::snapshot))
         .route("/sandboxes/{id}/timeout", post(sandboxes::timeout))
         .route(
             "/sandboxes/{id}/files",

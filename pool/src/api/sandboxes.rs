@@ -11,7 +11,10 @@ use axum::response::{IntoResponse, Response};
 use super::ndjson;
 use crate::daemon::Daemon;
 use crate::daemon::error::DaemonError;
-use crate::types::{CreateSandbox, ExecRequest, ForkRequest, SandboxInfo, TimeoutRequest};
+use crate::types::{
+    CreateSandbox, ExecRequest, ForkRequest, SandboxInfo, SnapshotRequest, TemplateInfo,
+    TimeoutRequest,
+};
 
 /// A JSON body that failed to parse becomes a 400 naming what was wrong.
 fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, DaemonError> {
@@ -99,6 +102,16 @@ pub async fn fork(
 ) -> Result<Response, DaemonError> {
     let forks = d.fork(&id, body(req)?.count).await?;
     Ok((StatusCode::CREATED, Json(forks)).into_response())
+}
+
+/// Snapshots the sandbox into a template of kind `snapshot` (it runs on).
+pub async fn snapshot(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    req: Result<Json<SnapshotRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, DaemonError> {
+    let t: TemplateInfo = d.snapshot(&id, body(req)?.name).await?;
+    Ok((StatusCode::CREATED, Json(t)).into_response())
 }
 
 pub async fn timeout(

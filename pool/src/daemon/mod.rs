@@ -1,7 +1,8 @@
 //! The daemon's state and operations: templates ([`templates`]), sandboxes created from them
-//! ([`create`]) and what is done with them ([`ops`]), warm pools ([`pool`]), host limits
-//! ([`limits`]), and recovery after a restart ([`recover`]). Everything that drives a VM or the
-//! agent blocks, so it runs on tokio's blocking threads; the locks here are held only briefly.
+//! ([`create`]) and what is done with them ([`ops`]), snapshots kept as templates
+//! ([`snapshot`]), warm pools ([`pool`]), host limits ([`limits`]), and recovery after a restart
+//! ([`recover`]). Everything that drives a VM or the agent blocks, so it runs on tokio's
+//! blocking threads; the locks here are held only briefly.
 
 pub mod create;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod ops;
 pub mod pool;
 pub mod recover;
 pub mod sandbox;
+pub mod snapshot;
 pub mod templates;
 
 use std::collections::{HashMap, VecDeque};

@@ -270,6 +270,7 @@ impl Daemon {
         self.sandboxes().remove(id);
         self.db().remove_sandbox(id)?;
         self.release_memory_source(&memory_from)?;
+        self.release_unnamed_snapshot(&sb.template_id)?;
         tracing::info!(sandbox = %id, "killed");
         Ok(())
     }
@@ -418,26 +419,8 @@ impl Daemon {
             DaemonError::Conflict(format!("sandbox {id} is paused; resume it first"))
         })?;
         let snap2 = snap.clone();
-        let (vm, taken) = tokio::task::spawn_blocking(move || {
-            let mut vm = vm;
-            let result = (|| {
-                std::fs::create_dir_all(&snap2.dir)
-                    .map_err(|e| DaemonError::Internal(e.to_string()))?;
-                vm.pause()?;
-                let r = vm.snapshot(&snap2);
-                vm.resume()?;
-                r?;
-                // The snapshot reset the guest's vsock connections (as Firecracker's does), the
-                // daemon's to the agent included: the original needs a new one to run on.
-                let client = kiln_agent::client::wait_ready(
-                    &vm.vsock,
-                    std::time::Instant::now() + super::create::AGENT_WAIT,
-                )?;
-                Ok::<_, DaemonError>(client)
-            })();
-            (vm, result)
-        })
-        .await?;
+        let (vm, taken) =
+            tokio::task::spawn_blocking(move || super::snapshot::checkpoint(vm, &snap2)).await?;
         sb.live().vm = Some(vm);
         match taken {
             Ok(client) => sb.live().client = Some(client),

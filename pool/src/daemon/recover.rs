@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::error::DaemonError;
 use super::sandbox::{Live, Sandbox};
+use super::snapshot::SOURCE_FILE;
 use super::templates::READY_MARKER;
 use super::{Daemon, now_s};
 use crate::db::SandboxRow;
@@ -50,7 +51,12 @@ impl Daemon {
             .flatten()
             .flatten()
         {
-            if !entry.path().join(READY_MARKER).exists() {
+            // A snapshot's folder is ready before its record is written: one without a record
+            // is a snapshot that died between the two.
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let unrecorded_snapshot =
+                entry.path().join(SOURCE_FILE).exists() && self.db().template(&name)?.is_none();
+            if !entry.path().join(READY_MARKER).exists() || unrecorded_snapshot {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }

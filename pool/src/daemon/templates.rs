@@ -70,6 +70,7 @@ impl Daemon {
             spec_json,
             built_at,
             disk_bytes,
+            kind: "build".into(),
         })?;
         let info = self.template_info(&spec.name)?;
         Ok((info, cached))
@@ -141,6 +142,12 @@ impl Daemon {
             return Err(DaemonError::Conflict(format!(
                 "template {name} is used by sandbox {} (and maybe others); kill them first",
                 sb.id
+            )));
+        }
+        if let Some(snap) = self.snapshot_on_image(&info)? {
+            return Err(DaemonError::Conflict(format!(
+                "template {name}'s image is the disk of snapshot {snap} (and maybe others); \
+                 remove them first"
             )));
         }
         let removed = self.db().remove_template_name(name)?;

@@ -3,8 +3,8 @@
 //! both halves of E2B:
 //!
 //! - [`rest`]: the control plane's REST API (create, list, get, kill, timeout, pause, connect,
-//!   fork, templates), behind `X-API-Key`, with a create's network options in kilnd's terms
-//!   ([`network`]);
+//!   fork, snapshots ([`snapshots`]), templates), behind `X-API-Key`, with a create's network
+//!   options in kilnd's terms ([`network`]);
 //! - [`envd`]: the in-sandbox daemon's API, which E2B runs inside each VM and kilnd serves on the
 //!   host instead: Connect RPC ([`connect`]) for `process.Process` ([`process`]) and
 //!   `filesystem.Filesystem` ([`filesystem`]), `/files` ([`files`]) and `/health`, translated to
@@ -23,6 +23,7 @@ pub mod network;
 pub mod process;
 pub mod proto;
 pub mod rest;
+pub mod snapshots;
 pub mod state;
 pub mod time;
 pub mod unread;

@@ -1,6 +1,7 @@
 //! E2B's REST API, the lifecycle subset the `e2b` SDKs call, over kilnd's daemon: create (v1 and
 //! v2), list (v1 and v2, with state, metadata, template and start filters, ordered and paged),
-//! get, kill, timeout, pause, resume and connect (v1 and v2), fork, and the template list.
+//! get, kill, timeout, pause, resume and connect (v1 and v2), fork, snapshots ([`snapshots`]:
+//! take, list, delete), and the template list.
 //! Requests carry `X-API-Key`; errors are `{"code": status, "message": ...}` naming the thing.
 //! `GET /kiln/streams` (Kiln's own) counts the envd streams open.
 //! A create's network options are mapped to kilnd's ([`super::network`]); options kilnd cannot
@@ -22,6 +23,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::listing::{list, listed, listing};
+use super::snapshots;
 use super::state::{E2b, ENVD_VERSION};
 use super::time::rfc3339;
 use crate::daemon::error::DaemonError;
@@ -40,10 +42,11 @@ pub fn router(state: Arc<E2b>) -> Router {
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/fork", post(fork))
-        .route("/sandboxes/{id}/snapshots", post(snapshots))
+        .route("/sandboxes/{id}/snapshots", post(snapshots::create))
+        .route("/snapshots", get(snapshots::list))
         .route("/templates", get(templates))
         .route("/kiln/streams", get(streams))
-        .route("/templates/{id}", delete(not_served))
+        .route("/templates/{id}", delete(snapshots::delete))
         .fallback(unknown_route)
         .layer(middleware::from_fn_with_state(state.clone(), require_key))
         .with_state(state)
@@ -54,7 +57,8 @@ pub fn router(state: Arc<E2b>) -> Router {
 pub struct ApiError(StatusCode, String);
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    /// An answer with `status` saying `message`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError(status, message.into())
     }
     /// A 400 with `message`.
@@ -111,13 +115,6 @@ async fn unknown_route(req: Request) -> ApiError {
             req.method(),
             req.uri().path()
         ),
-    )
-}
-
-async fn not_served() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "deleting templates through the E2B API is not served: use `kiln template rm`",
     )
 }
 
@@ -397,16 +394,6 @@ async fn fork(
         out.push(json!({"sandbox": created(&e2b, &fsb)}));
     }
     Ok((StatusCode::CREATED, Json(out)).into_response())
-}
-
-async fn snapshots(Path(id): Path<String>) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        format!(
-            "snapshots of sandbox {id} are not served by kilnd yet: fork it (Sandbox.fork) to \
-             get running copies"
-        ),
-    )
 }
 
 /// Kiln's own addition: envd streams open now (process output followed, files transferred), so
