@@ -172,6 +172,11 @@ fn triple_fault_exits_non_zero_with_a_message() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("vCPU 0 triple-faulted"), "stderr: {err}");
+    // Where it was: the registers at the fault, read under the vCPU thread's filter.
+    assert!(
+        err.contains("; guest RIP 0x") && err.contains(" IDT 0x"),
+        "stderr: {err}"
+    );
 }
 
 #[test]

@@ -35,6 +35,8 @@ pub enum ExitReason {
     TripleFault {
         /// The vCPU.
         vcpu: u8,
+        /// Its registers at the fault (`; guest RIP ...`), or empty when they could not be read.
+        state: String,
     },
     /// KVM could not emulate or run the guest.
     InternalError {
@@ -73,8 +75,8 @@ impl std::fmt::Display for ExitReason {
         match self {
             ExitReason::GuestReset => write!(f, "the guest reset the machine"),
             ExitReason::GuestShutdown => write!(f, "the guest powered off"),
-            ExitReason::TripleFault { vcpu } => {
-                write!(f, "vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN)")
+            ExitReason::TripleFault { vcpu, state } => {
+                write!(f, "vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN){state}")
             }
             ExitReason::InternalError { vcpu, detail } => {
                 write!(f, "KVM internal error on vCPU {vcpu}: {detail}")
@@ -182,7 +184,10 @@ pub fn handle_exit(exit: VcpuExit<'_>, io: &IoBuses, vcpu: u8) -> VcpuAction {
         }
         VcpuExit::Shutdown => {
             VCPU.failures.inc();
-            return VcpuAction::Stop(ExitReason::TripleFault { vcpu });
+            return VcpuAction::Stop(ExitReason::TripleFault {
+                vcpu,
+                state: String::new(),
+            });
         }
         VcpuExit::InternalError => {
             VCPU.failures.inc();
@@ -283,7 +288,10 @@ mod tests {
         let (io, _, _) = buses();
         assert_eq!(
             handle_exit(VcpuExit::Shutdown, &io, 3),
-            VcpuAction::Stop(ExitReason::TripleFault { vcpu: 3 })
+            VcpuAction::Stop(ExitReason::TripleFault {
+                vcpu: 3,
+                state: String::new()
+            })
         );
         assert_eq!(
             handle_exit(VcpuExit::FailEntry(0x21, 0), &io, 0),
@@ -320,11 +328,20 @@ mod tests {
         let signal = ExitSignal::new().unwrap();
         assert!(!signal.is_stopping());
         signal.request(ExitReason::GuestReset);
-        signal.request(ExitReason::TripleFault { vcpu: 0 });
+        signal.request(ExitReason::TripleFault {
+            vcpu: 0,
+            state: String::new(),
+        });
         assert!(signal.is_stopping());
         assert_eq!(signal.reason(), Some(ExitReason::GuestReset));
         assert_eq!(signal.eventfd().read().unwrap(), 1);
         assert!(ExitReason::GuestReset.is_clean());
-        assert!(!ExitReason::TripleFault { vcpu: 0 }.is_clean());
+        assert!(
+            !ExitReason::TripleFault {
+                vcpu: 0,
+                state: String::new()
+            }
+            .is_clean()
+        );
     }
 }

@@ -397,8 +397,32 @@ impl VcpuThread {
         }
     }
 
-    /// Adds the guest's RIP and KVM's sub-error to an internal error, which KVM reports bare.
+    /// Adds the guest's RIP and KVM's sub-error to an internal error, which KVM reports bare,
+    /// and the guest's registers to a triple fault (a guest that dies with nothing on its console
+    /// leaves at least where it was and what its tables were).
     fn describe(&mut self, reason: ExitReason) -> ExitReason {
+        if let ExitReason::TripleFault { vcpu, .. } = reason {
+            let state = match (self.fd.get_regs(), self.fd.get_sregs()) {
+                (Ok(r), Ok(s)) => format!(
+                    "; guest RIP {:#x} RSP {:#x} CR0 {:#x} CR2 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x} \
+                     IDT {:#x}+{:#x} GDT {:#x}+{:#x} CS {:#x}",
+                    r.rip,
+                    r.rsp,
+                    s.cr0,
+                    s.cr2,
+                    s.cr3,
+                    s.cr4,
+                    s.efer,
+                    s.idt.base,
+                    s.idt.limit,
+                    s.gdt.base,
+                    s.gdt.limit,
+                    s.cs.selector
+                ),
+                _ => String::new(),
+            };
+            return ExitReason::TripleFault { vcpu, state };
+        }
         let ExitReason::InternalError { vcpu, .. } = reason else {
             return reason;
         };
