@@ -717,12 +717,21 @@ fn kilnd_serves_templates_and_sandboxes() {
         .flatten()
         .collect();
     assert!(left.is_empty(), "sandbox folders left: {left:?}");
+    // `.shared` holds the one copy of kiln-vmm's code every jail links to; it stays.
     let jails: Vec<_> = std::fs::read_dir(state.join("jail/kiln-vmm"))
         .into_iter()
         .flatten()
         .flatten()
+        .filter(|e| e.file_name() != ".shared")
         .collect();
     assert!(jails.is_empty(), "jails left: {jails:?}");
+    assert!(
+        state
+            .join("jail/kiln-vmm/.shared/")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some()),
+        "the jails shared one copy of their code"
+    );
     let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup/kiln")
         .into_iter()
         .flatten()
