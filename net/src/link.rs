@@ -83,40 +83,10 @@ fn ctl_socket() -> io::Result<OwnedFd> {
 /// another thread forks at that moment keeps a copy until it execs, so the VMM may find the TAP
 /// busy; a descriptor in a private table is copied by no fork and is gone when the thread ends.
 fn persist_tap(name: &str) -> Result<(), LinkError> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: unshare with a constant flag gives this thread (and nothing else) a copy
-            // of the file table; the thread ends right after.
-            check(unsafe { libc::unshare(libc::CLONE_FILES) })
-                .map_err(step("taking a private file table to create", name))?;
-            let tun = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/net/tun")
-                .map_err(step("opening /dev/net/tun for", name))?;
-            let mut req = ifreq(name);
-            req.ifr_ifru.ifru_flags =
-                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-            // SAFETY: TUNSETIFF reads the valid ifreq; TUNSETPERSIST takes an int by value.
-            unsafe {
-                check(libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &req))
-                    .map_err(step("creating TAP", name))?;
-                check(libc::ioctl(
-                    tun.as_raw_fd(),
-                    libc::TUNSETPERSIST,
-                    1 as libc::c_ulong,
-                ))
-                .map_err(step("making persistent TAP", name))
-            }
-        })
-        .join()
-        .unwrap_or_else(|_| {
-            Err(LinkError::Step {
-                what: "creating TAP (the thread panicked)",
-                name: name.into(),
-                err: io::ErrorKind::Other.into(),
-            })
-        })
+    with_tap(name, "creating TAP", "creating", |tun| {
+        // SAFETY: TUNSETPERSIST takes an int by value.
+        check(unsafe { libc::ioctl(tun, libc::TUNSETPERSIST, 1 as libc::c_ulong) })
+            .map_err(step("making persistent TAP", name))
     })
 }
 
@@ -125,12 +95,34 @@ fn persist_tap(name: &str) -> Result<(), LinkError> {
 /// owner is anyone's to attach who can open `/dev/net/tun`. Done from a thread with a file table
 /// of its own, as [`create_tap`] is, so the descriptor used is gone before the VMM attaches.
 pub fn set_tap_owner(name: &str, uid: u32, gid: u32) -> Result<(), LinkError> {
+    with_tap(name, "attaching TAP", "giving away", |tun| {
+        // SAFETY: TUNSETOWNER and TUNSETGROUP take an id by value.
+        check(unsafe { libc::ioctl(tun, libc::TUNSETOWNER, uid as libc::c_ulong) })
+            .map_err(step("setting the owner of TAP", name))?;
+        // SAFETY: as above.
+        check(unsafe { libc::ioctl(tun, libc::TUNSETGROUP, gid as libc::c_ulong) })
+            .map_err(step("setting the group of TAP", name))
+    })
+}
+
+/// Attaches (or creates) TAP `name` on a `/dev/net/tun` descriptor opened by a thread with a
+/// file table of its own (see [`persist_tap`] for why) and runs `f` on it there; the descriptor
+/// closes when the thread ends. `attach` names the TUNSETIFF step, `doing` the whole, in errors.
+fn with_tap(
+    name: &str,
+    attach: &'static str,
+    doing: &'static str,
+    f: impl FnOnce(std::os::fd::RawFd) -> Result<(), LinkError> + Send,
+) -> Result<(), LinkError> {
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: unshare with a constant flag gives this thread (and nothing else) a copy
             // of the file table; the thread ends right after.
-            check(unsafe { libc::unshare(libc::CLONE_FILES) })
-                .map_err(step("taking a private file table to give away", name))?;
+            check(unsafe { libc::unshare(libc::CLONE_FILES) }).map_err(|err| LinkError::Step {
+                what: "taking a private file table for",
+                name: format!("{doing} {name}"),
+                err,
+            })?;
             let tun = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -139,30 +131,16 @@ pub fn set_tap_owner(name: &str, uid: u32, gid: u32) -> Result<(), LinkError> {
             let mut req = ifreq(name);
             req.ifr_ifru.ifru_flags =
                 (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-            // SAFETY: TUNSETIFF reads the valid ifreq; TUNSETOWNER and TUNSETGROUP take an id
-            // by value.
-            unsafe {
-                check(libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &req))
-                    .map_err(step("attaching TAP", name))?;
-                check(libc::ioctl(
-                    tun.as_raw_fd(),
-                    libc::TUNSETOWNER,
-                    uid as libc::c_ulong,
-                ))
-                .map_err(step("setting the owner of TAP", name))?;
-                check(libc::ioctl(
-                    tun.as_raw_fd(),
-                    libc::TUNSETGROUP,
-                    gid as libc::c_ulong,
-                ))
-                .map_err(step("setting the group of TAP", name))
-            }
+            // SAFETY: TUNSETIFF reads the valid ifreq.
+            check(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &req) })
+                .map_err(step(attach, name))?;
+            f(tun.as_raw_fd())
         })
         .join()
         .unwrap_or_else(|_| {
             Err(LinkError::Step {
-                what: "giving away TAP (the thread panicked)",
-                name: name.into(),
+                what: "the thread panicked while",
+                name: format!("{doing} TAP {name}"),
                 err: io::ErrorKind::Other.into(),
             })
         })
