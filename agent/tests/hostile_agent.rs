@@ -85,6 +85,15 @@ fn an_agent_silent_after_its_hello_cannot_hold_any_call() {
         c.exec_until(ExecSpec::new(["true"]), deadline)
             .map(|e| e.pid())
     });
+    // The error says how long the call waited (about 300 ms), not how late it woke.
+    let deadline = Instant::now() + Duration::from_millis(300);
+    match c.exec_until(ExecSpec::new(["true"]), deadline) {
+        Err(Error::Timeout(waited)) => assert!(
+            waited >= Duration::from_millis(250),
+            "a 300 ms wait was reported as {waited:?}"
+        ),
+        other => panic!("expected a timeout, got {:?}", other.map(|e| e.pid())),
+    }
 }
 
 #[test]

@@ -320,6 +320,7 @@ impl Req {
                 self.id
             )));
         }
+        let waiting_since = Instant::now();
         let item = match deadline {
             None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             Some(d) => self
@@ -329,9 +330,10 @@ impl Req {
         let (item, charged) = match item {
             Ok(item) => item,
             Err(RecvTimeoutError::Timeout) => {
-                return Err(Error::Timeout(
-                    deadline.map_or(Duration::ZERO, |d| d.elapsed()),
-                ));
+                // How long this call waited, not how far past the deadline it woke.
+                return Err(Error::Timeout(deadline.map_or(Duration::ZERO, |d| {
+                    d.saturating_duration_since(waiting_since)
+                })));
             }
             Err(RecvTimeoutError::Disconnected) => {
                 self.finished = true;
