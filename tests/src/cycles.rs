@@ -137,7 +137,8 @@ pub fn run_cycle(kind: Cycle, n: usize, snap: &Path) -> Result<Duration, String>
     }
     if !status.success() || out.trim() != expect {
         return Err(format!(
-            "{kind:?} cycle {n}: kiln run ended with {status}; stdout {out:?} (expected {expect:?}); stderr: {err}"
+            "{kind:?} cycle {n}: kiln run ended with {status}; stdout {out:?} (expected {expect:?}); stderr: {err}{}",
+            crate::console_tail_named_in(&err)
         ));
     }
     Ok(took)

@@ -175,6 +175,24 @@ pub fn wait_with_deadline(
     }
 }
 
+/// The last lines of the console log a failed `kiln run` names in `stderr` (`console log: PATH`),
+/// as text to append to a failure message; empty when it names none or the file is gone.
+pub fn console_tail_named_in(stderr: &str) -> String {
+    const LINES: usize = 40;
+    let Some(path) = stderr
+        .rsplit_once("console log: ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+    else {
+        return String::new();
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(LINES)..].join("\n");
+    format!("\nthe guest's console ({path}), last {LINES} lines:\n{tail}")
+}
+
 /// The SHA-256 of a file, in hex (by `sha256sum`, which streams: images are hundreds of MiB).
 pub fn file_sha256(path: &std::path::Path) -> String {
     let out = Command::new("sha256sum")
@@ -506,6 +524,28 @@ pub fn qemu_microvm_boot(vcpus: u8, mem_mib: u32, extra_cmdline: &str) -> Comman
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_runs_console_tail_is_read_from_the_path_it_names() {
+        let log = std::env::temp_dir().join(format!("kiln-tail-test-{}.log", std::process::id()));
+        let text: String = (1..=50).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&log, text).unwrap();
+        let stderr = format!(
+            "kiln: no answer; kiln-vmm was stopped; console log: {}\n",
+            log.display()
+        );
+        let tail = console_tail_named_in(&stderr);
+        std::fs::remove_file(&log).unwrap();
+        assert!(
+            tail.contains("line 11\nline 12") && tail.ends_with("line 50"),
+            "{tail}"
+        );
+        assert!(!tail.contains("line 10\n"), "{tail}");
+        assert_eq!(
+            console_tail_named_in("kiln: failed; the VMM wrote no console log"),
+            ""
+        );
+    }
 
     #[test]
     fn report_fields_are_parsed() {

@@ -60,7 +60,7 @@ impl Default for LabRun {
             build_bins: true,
             cmd: Vec::new(),
             mem_mib: 4096,
-            cpus: 2,
+            cpus: L1_CPUS,
             timeout: Duration::from_secs(1800),
             echo: true,
             forwards: Vec::new(),
@@ -221,6 +221,16 @@ impl Knobs {
         })
     }
 }
+
+/// L1's vCPUs by default: one. With two, QEMU's multi-threaded TCG now and then lets a
+/// reschedule IPI in while kvm-amd in L1 has GIF clear and the guest's GS base loaded (inside
+/// `svm_vcpu_enter_exit`), and L1's kernel dies on recursive page faults ("stack guard page was
+/// hit", `sysvec_reschedule_ipi` over `svm_vcpu_enter_exit`). CI lost whole lab stages to it, twice
+/// in one run, under QEMU 7.2 and again under bookworm-backports' QEMU 10.0. One vCPU sends no IPIs;
+/// the whole lab suite took about as long with one as with two (TCG's second thread mostly
+/// contended with the first on this 2-core host): balloon 284 s vs 242 s, cycles 251 s vs 266 s,
+/// kilnd 238 s vs 214 s, net 79 s vs 89 s.
+pub const L1_CPUS: u32 = 1;
 
 /// Default watchdog: L1 is ready in a few seconds, but TCG on a loaded 2-core machine is slow.
 const READY_WITHIN: Duration = Duration::from_secs(180);
@@ -421,7 +431,7 @@ options:
   --with-strace          also put strace in the image
   --no-bins              do not build the workspace binaries
   --mem MIB              L1 memory (default 4096)
-  --cpus N               L1 vCPUs (default 2)
+  --cpus N               L1 vCPUs (default 1: see L1_CPUS in xtask/src/lab/mod.rs)
   --timeout SECS         how long CMD may run once L1 is up (default 1800)
 
 exit status: CMD's status; 124 if CMD timed out; 125 if the lab failed (setup or the L1 boot), in which
