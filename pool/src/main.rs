@@ -1,6 +1,8 @@
 //! `kilnd`: parse the command line, open the state folder, recover what a previous run left,
-//! start the pool filler and the expiry sweeper, and serve the API until SIGTERM or SIGINT
-//! (sandboxes keep running and are adopted by the next start; warm VMs are stopped).
+//! start the pool filler and the expiry sweeper, and serve the API until SIGTERM or SIGINT, which
+//! end every VM kilnd holds (warm ones and sandboxes) with their networks and jails. Only a kilnd
+//! that dies without stopping (SIGKILL, a crash) leaves sandboxes running, for the next start to
+//! adopt.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -381,7 +383,7 @@ async fn stop_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tracing::info!("stopping: sandboxes keep running for the next start");
+    tracing::info!("stopping: ending the VMs kilnd holds (sandboxes and warm VMs)");
 }
 
 fn main() -> ExitCode {

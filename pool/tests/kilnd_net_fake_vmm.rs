@@ -462,6 +462,31 @@ allow_domains = ["pypi.org"]
         "the default policy is served warm"
     );
     wait_until("the pool refilled", || k.templates().unwrap()[0].ready == 1);
+    // A warm VM whose handout fails (the host port asked for is taken) is ended and forgotten:
+    // once the pool has refilled, kilnd's database holds one warm VM, not a dead one beside it.
+    let taken = NetworkRequest {
+        publish: vec![PortRequest {
+            guest_port: 80,
+            host_port: Some(a_port),
+        }],
+        ..Default::default()
+    };
+    let (code, msg) = status(create(&k, Some(taken)).unwrap_err());
+    assert!(
+        code == 400 && msg.starts_with("network.publish "),
+        "{code} {msg}"
+    );
+    wait_until("the pool refilled", || k.templates().unwrap()[0].ready == 1);
+    let db = kiln_pool::db::Db::open(&dir.join("state/kilnd.db")).unwrap();
+    let warm_rows: Vec<_> = db
+        .sandboxes()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.state == "warm")
+        .map(|r| r.id)
+        .collect();
+    drop(db);
+    assert_eq!(warm_rows.len(), 1, "warm VM records: {warm_rows:?}");
     let c = create(&k, Some(policy(&[], false))).unwrap();
     assert!(
         log_has(&dir, |l| l.contains(&format!("sandbox={c}"))

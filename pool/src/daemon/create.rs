@@ -160,6 +160,7 @@ impl Daemon {
             false => None,
         };
         let from_warm = warm.is_some();
+        let warm_id = warm.as_ref().map(|w| w.id.clone());
         let starting = match warm {
             Some(_) => None,
             None => Some(self.start_vm(spec.mem_mib)?),
@@ -169,7 +170,7 @@ impl Daemon {
         let files2 = files.clone();
         let spec2 = spec.clone();
         let net2 = net.clone();
-        let (id, vm, client) = tokio::task::spawn_blocking(move || {
+        let made = tokio::task::spawn_blocking(move || {
             if let Some(w) = &warm {
                 w.vm.foreground();
             }
@@ -207,7 +208,19 @@ impl Daemon {
                 e
             })
         })
-        .await??;
+        .await?;
+        let (id, vm, client) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                // A warm VM that failed its handout is gone: so is its record.
+                if let Some(warm_id) = &warm_id
+                    && let Err(db) = self.db().remove_sandbox(warm_id)
+                {
+                    tracing::warn!(vm = %warm_id, "forgetting a failed warm VM: {db}");
+                }
+                return Err(e);
+            }
+        };
         let now = now_s();
         let dir: PathBuf = vm.dir.clone();
         let sb = Arc::new(Sandbox::new(

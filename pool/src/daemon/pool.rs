@@ -158,7 +158,8 @@ impl Daemon {
         }
     }
 
-    /// Stops every warm VM (the daemon is stopping; sandboxes keep running).
+    /// Stops every warm VM and forgets it (the daemon is stopping; its sandboxes end as it drops
+    /// them).
     pub async fn stop_warm(self: &Arc<Self>) {
         let all: Vec<Warm> = self.warm().drain().flat_map(|(_, v)| v).collect();
         let d = self.clone();
