@@ -7,11 +7,12 @@
 
 #[path = "../../cli/tests/fake_vmm/vmm.rs"]
 mod fake_vmm;
+#[path = "common/kilnd_daemon.rs"]
+mod kilnd_daemon;
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -20,7 +21,6 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::Request;
 use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
-use kiln_pool::client::Kilnd;
 use kiln_pool::e2b::proto::process::{
     ProcessConfig, StartRequest, StartResponse, process_event, process_event::data_event,
 };
@@ -35,17 +35,10 @@ fn main() {
     fake_vmm::main(&[("e2b_api_with_a_stand_in_vmm", end_to_end)]);
 }
 
+/// kilnd with its E2B listener on a port of its own.
 struct Daemon {
-    child: Child,
-    sock: PathBuf,
+    d: kilnd_daemon::Daemon,
     port: u16,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start_kilnd(dir: &Path) -> Daemon {
@@ -54,40 +47,15 @@ fn start_kilnd(dir: &Path) -> Daemon {
         .local_addr()
         .unwrap()
         .port();
-    let sock = dir.join("state/kilnd.sock");
-    let log = std::fs::File::create(dir.join("kilnd.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--vmm")
-        .arg(std::env::current_exe().unwrap())
-        .arg("--kernel")
-        .arg(dir.join("vmlinux"))
-        .arg("--agent")
-        .arg(dir.join("agent"))
-        .args(["--e2b-listen", &format!("127.0.0.1:{port}")])
-        // The stand-in VMM is this test binary, which logs outside any jail.
-        .arg("--no-jail")
+    let mut cmd = kilnd_daemon::command(dir);
+    cmd.args(["--e2b-listen", &format!("127.0.0.1:{port}")])
         .env("KILND_E2B_API_KEY", KEY)
-        .env("KILN_FAKE_VMM", "agent")
-        .env("KILN_FAKE_VMM_CREATE_FAULT_IF", dir.join("create-fault"))
-        .env_remove("KILN_FAKE_VMM_LOG")
-        .env_remove("KILN_FAKE_VMM_API_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < end,
-            "kilnd did not listen; see {}/kilnd.log",
-            dir.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon { child, sock, port }
+        .env("KILN_FAKE_VMM_CREATE_FAULT_IF", dir.join("create-fault"));
+    let d = kilnd_daemon::Daemon::spawn(dir, cmd);
+    kilnd_daemon::wait_listening(dir, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    Daemon { d, port }
 }
 
 /// An HTTP answer.
@@ -294,7 +262,7 @@ fn end_to_end() {
     std::fs::write(dir.join("agent"), vec![0x7f; 4096]).unwrap();
     let out = dir.display().to_string();
     let d = start_kilnd(&dir);
-    let k = Kilnd::new(&d.sock);
+    let k = d.d.client();
     let spec = Spec::parse(&format!(
         "name = \"t\"\nenv = {{ WHO = \"template\" }}\n[from]\ndir = \"{out}/tree\"\n"
     ))
@@ -681,7 +649,7 @@ fn end_to_end() {
     assert_eq!(a.status, 400);
 
     // A 2 GiB upload streams through without being held whole.
-    let before = rss_kib(d.child.id());
+    let before = rss_kib(d.d.pid());
     let chunk = Bytes::from(vec![b'x'; 1 << 20]);
     let body = futures_util::stream::iter(
         (0..2048).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))),
@@ -692,7 +660,7 @@ fn end_to_end() {
         BodyExt::boxed(StreamBody::new(body)),
     );
     assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
-    let grew = rss_kib(d.child.id()).saturating_sub(before);
+    let grew = rss_kib(d.d.pid()).saturating_sub(before);
     assert!(
         grew < 256 * 1024,
         "kilnd grew by {grew} KiB over a 2 GiB upload"

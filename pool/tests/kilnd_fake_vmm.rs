@@ -7,9 +7,10 @@
 
 #[path = "../../cli/tests/fake_vmm/vmm.rs"]
 mod fake_vmm;
+#[path = "common/kilnd_daemon.rs"]
+mod kilnd_daemon;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -28,78 +29,32 @@ const TOKEN: &str = "kilnd-test-token-0123456789";
 
 /// A kilnd process on a state folder, also on a TCP port behind [`TOKEN`].
 struct Daemon {
-    child: Child,
-    sock: PathBuf,
+    d: kilnd_daemon::Daemon,
     url: String,
 }
 
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
-        let sock = dir.join("state/kilnd.sock");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .unwrap()
             .port();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("kilnd.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--vmm")
-            .arg(std::env::current_exe().unwrap())
-            .arg("--kernel")
-            .arg(dir.join("vmlinux"))
-            .arg("--agent")
-            .arg(dir.join("agent"))
-            .args(["--max-vms", "4", "--default-timeout", "120"])
+        let mut cmd = kilnd_daemon::command(dir);
+        cmd.args(["--max-vms", "4", "--default-timeout", "120"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("KILND_TOKEN", TOKEN)
-            // The stand-in VMM is this test binary, which logs outside any jail.
-            .arg("--no-jail")
-            .env("KILN_FAKE_VMM", "agent")
-            .env_remove("KILN_FAKE_VMM_LOG")
-            .env_remove("KILN_FAKE_VMM_API_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let end = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                Instant::now() < end,
-                "kilnd did not listen; see {}/kilnd.log",
-                dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            .env("KILND_TOKEN", TOKEN);
         Daemon {
-            child,
-            sock,
+            d: kilnd_daemon::Daemon::spawn(dir, cmd),
             url: format!("http://127.0.0.1:{port}"),
         }
     }
 
     fn client(&self) -> Kilnd {
-        Kilnd::new(&self.sock)
+        self.d.client()
     }
 
-    /// SIGTERM, and wait for a clean exit.
-    fn stop(mut self) {
-        // SAFETY: kill(2) with a pid and a signal touches no memory.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "kilnd exited with {status}");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn stop(self) {
+        self.d.stop()
     }
 }
 

@@ -10,11 +10,15 @@
 
 #[path = "../../cli/tests/fake_vmm/vmm.rs"]
 mod fake_vmm;
+#[path = "common/kilnd_daemon.rs"]
+mod kilnd_daemon;
 
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
+
+use kilnd_daemon::Daemon;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -31,68 +35,11 @@ fn main() {
 
 /// A kilnd on `dir/state`, its log in `dir/kilnd.log`, the stand-in VMM's API requests in
 /// `dir/vmm-api.log`.
-struct Daemon {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path) -> Daemon {
-        let sock = dir.join("state/kilnd.sock");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("kilnd.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--vmm")
-            .arg(std::env::current_exe().unwrap())
-            .arg("--kernel")
-            .arg(dir.join("vmlinux"))
-            .arg("--agent")
-            .arg(dir.join("agent"))
-            .args(["--max-vms", "8", "--default-timeout", "300"])
-            .arg("--no-jail")
-            .env("KILN_FAKE_VMM", "agent")
-            .env("KILN_FAKE_VMM_API_LOG", dir.join("vmm-api.log"))
-            .env_remove("KILN_FAKE_VMM_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let end = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                Instant::now() < end,
-                "kilnd did not listen; see {}/kilnd.log",
-                dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon { child, sock }
-    }
-
-    fn client(&self) -> Kilnd {
-        Kilnd::new(&self.sock)
-    }
-
-    /// SIGTERM, and wait for a clean exit.
-    fn stop(mut self) {
-        // SAFETY: kill(2) with a pid and a signal touches no memory.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "kilnd exited with {status}");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_kilnd(dir: &Path) -> Daemon {
+    let mut cmd = kilnd_daemon::command(dir);
+    cmd.args(["--max-vms", "8", "--default-timeout", "300"])
+        .env("KILN_FAKE_VMM_API_LOG", dir.join("vmm-api.log"));
+    Daemon::spawn(dir, cmd)
 }
 
 /// Runs `script` with `sh -c` in sandbox `id`: its stdout; panics unless it exits 0.
@@ -318,7 +265,7 @@ fn networks() {
     std::fs::write(dir.join("agent"), vec![0x7f; 4096]).unwrap();
     let out = dir.display().to_string();
     let host_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
-    let d = Daemon::start(&dir);
+    let d = start_kilnd(&dir);
     let k = d.client();
 
     // A template whose build may reach one domain and whose sandboxes another, by default. Its
@@ -556,7 +503,7 @@ allow_domains = ["pypi.org"]
         std::net::TcpStream::connect(("127.0.0.1", a_port)).is_err(),
         "the listener died with kilnd"
     );
-    let d = Daemon::start(&dir);
+    let d = start_kilnd(&dir);
     let k = d.client();
     let adopted = k.sandbox(&a).unwrap();
     assert_eq!(adopted.network.published[0].host_port, a_port);
@@ -585,7 +532,7 @@ allow_domains = ["pypi.org"]
         .unwrap()
         .unwrap();
     assert!(broken.success());
-    let d = Daemon::start(&dir);
+    let d = start_kilnd(&dir);
     let k = d.client();
     assert!(
         k.sandbox(&e).is_err(),
