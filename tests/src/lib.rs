@@ -175,6 +175,13 @@ pub fn wait_with_deadline(
     }
 }
 
+/// The last `n` lines of the text file `path` (empty when it cannot be read).
+pub fn file_tail(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// The last lines of the console log a failed `kiln run` names in `stderr` (`console log: PATH`),
 /// as text to append to a failure message; empty when it names none or the file is gone.
 pub fn console_tail_named_in(stderr: &str) -> String {
@@ -185,12 +192,27 @@ pub fn console_tail_named_in(stderr: &str) -> String {
     else {
         return String::new();
     };
-    let Ok(text) = std::fs::read_to_string(path) else {
+    if !std::path::Path::new(path).exists() {
         return String::new();
-    };
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(LINES)..].join("\n");
+    }
+    let tail = file_tail(std::path::Path::new(path), LINES);
     format!("\nthe guest's console ({path}), last {LINES} lines:\n{tail}")
+}
+
+/// Prints the end of a guest's console file when dropped while the test panics, so that a
+/// failure deep in a test (a lost agent connection) comes with what the guest said.
+pub struct ConsoleOnFailure(pub PathBuf);
+
+impl Drop for ConsoleOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "the guest's console ({}), last 60 lines:\n{}",
+                self.0.display(),
+                file_tail(&self.0, 60)
+            );
+        }
+    }
 }
 
 /// The SHA-256 of a file, in hex (by `sha256sum`, which streams: images are hundreds of MiB).
