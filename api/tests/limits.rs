@@ -314,6 +314,28 @@ fn the_loop_serves_others_while_the_handler_works_and_keeps_the_order() {
 }
 
 #[test]
+fn a_request_whose_reply_is_dropped_on_another_thread_is_always_answered() {
+    let dir = TempDir::new("dropped");
+    let path = dir.0.join("api.sock");
+    let server = ApiServer::bind(&path).unwrap();
+    // The handler drops each reply on a thread of its own, racing the loop it wakes.
+    thread::spawn(move || {
+        server.serve_deferred(|_, reply| {
+            thread::spawn(move || drop(reply));
+        })
+    });
+    for i in 0..300 {
+        let mut c = client::Client::connect(&path).unwrap();
+        c.set_timeout(Some(GENEROUS)).unwrap();
+        let (status, body) = c
+            .request("GET", "/", None)
+            .unwrap_or_else(|e| panic!("request {i} got no answer within {GENEROUS:?}: {e}"));
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("dropped the request"), "{body}");
+    }
+}
+
+#[test]
 fn answers_are_counted_until_written() {
     let dir = TempDir::new("unwritten");
     let path = dir.0.join("api.sock");

@@ -139,6 +139,10 @@ impl Reply {
 impl Drop for Reply {
     /// Wakes the server's loop, which finds the answer, or that none will come.
     fn drop(&mut self) {
+        // The sender goes before the wake-up: fields drop only after this returns, and a loop
+        // woken while the sender still lived would find neither an answer nor a disconnect, and
+        // sleep on with the client waiting (CI saw a dropped request unanswered for 300 s).
+        drop(self.answer.take());
         let _ = self.wake.write(1);
     }
 }
