@@ -2,6 +2,7 @@
 //! expected answers to bad input; only a panic, a hang or unbounded memory is a finding.
 
 use std::io::Read;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -9,6 +10,7 @@ use kiln_agent::protocol::{Message, Request, read_frame};
 use kiln_api::http::{Parsed, RequestReader};
 use kiln_devices::BusDevice;
 use kiln_devices::rate_limiter::{BucketConfig, RateLimiterConfig};
+use kiln_devices::virtio::balloon::{Balloon, BalloonConfig, DiscardError, GuestPages};
 use kiln_devices::virtio::block::{Block, BlockConfig};
 use kiln_devices::virtio::vsock::Vsock;
 use kiln_devices::virtio::{MmioTransport, VirtioDevice};
@@ -110,6 +112,49 @@ pub fn vsock_queue(data: &[u8]) {
         drive(Arc::new(Mutex::new(dev)), 64);
     }
     let _ = std::fs::remove_file(&uds);
+}
+
+/// Guest memory as the balloon target's device sees it: what the guest gives up is counted,
+/// never freed (the pages are the input's).
+struct CountedPages;
+
+impl GuestPages for CountedPages {
+    fn discard(&self, ranges: &[Range<u64>]) -> Result<u64, DiscardError> {
+        Ok(ranges.iter().map(|r| r.end - r.start).sum())
+    }
+}
+
+/// virtio-balloon's queues, laid out by the input as in [`blk_queue`]: inflate and deflate, plus
+/// the statistics queue (byte 0 bit 6) and the free page reporting queue (bit 5); bit 7 offers
+/// deflate-on-OOM, the low bits pick the queue size. Page frame numbers, reported ranges and
+/// statistics all come from the guest's bytes.
+pub fn balloon_queue(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let (stats, reporting) = (first & 0x40 != 0, first & 0x20 != 0);
+    let config = BalloonConfig {
+        amount_mib: 0,
+        deflate_on_oom: first & 0x80 != 0,
+        stats_polling_interval_s: u16::from(stats),
+        free_page_reporting: reporting,
+    };
+    let Ok(mut dev) = Balloon::new(config, 1, Arc::new(CountedPages), irq()) else {
+        return;
+    };
+    let mem = Memory::new(rest);
+    dev.set_acked_features(dev.avail_features());
+    let count = 2 + usize::from(stats) + usize::from(reporting);
+    if dev
+        .activate(mem.0.clone(), mem.queues(count, queue_size(first)))
+        .is_ok()
+    {
+        // Each queue as if the guest notified it.
+        for evt in dev.queue_events() {
+            let _ = evt.write(1);
+        }
+        drive(Arc::new(Mutex::new(dev)), 64);
+    }
 }
 
 /// Register accesses on a virtio-mmio transport in front of a block device: 7-byte records

@@ -47,6 +47,11 @@ fn vsock_queue() {
 }
 
 #[test]
+fn balloon_queue() {
+    check("balloon_queue");
+}
+
+#[test]
 fn mmio() {
     check("mmio");
 }
