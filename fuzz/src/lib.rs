@@ -1,8 +1,8 @@
 //! Kiln's fuzz targets: one function per thing an untrusted party sends, each taking raw bytes.
 //!
 //! - Guest side: each virtio device's queue handling over guest memory the input fills
-//!   ([`blk_queue`], [`vsock_queue`], [`balloon_queue`]), and sequences of MMIO register
-//!   accesses ([`mmio`]).
+//!   ([`blk_queue`], [`vsock_queue`], [`balloon_queue`], [`net_queue`]), and sequences of MMIO
+//!   register accesses ([`mmio`]).
 //! - Client side: the API's HTTP reader fed in arbitrary pieces ([`http_request`]) and every API
 //!   body on every route ([`api_body`]).
 //! - Files: a snapshot state file with a right header and CRC around any payload
@@ -13,7 +13,7 @@
 //! A target must never panic, hang or allocate without bound, whatever the bytes. They run as
 //! bounded property tests under `cargo test` (bolero, `tests/targets.rs`, the corpora in
 //! `corpus/<target>/` first) and under libFuzzer for depth (`cargo xtask fuzz [TARGET]
-//! [--seconds N]`). A device added later (net) gets a target here in the shape of
+//! [--seconds N]`). A device added later gets a target here in the shape of
 //! [`blk_queue`]: build it over [`guest::Memory`], hand it queues laid out by the input, and run
 //! its event handler through [`guest::drive`].
 //!
@@ -32,6 +32,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("blk_queue", blk_queue),
     ("vsock_queue", vsock_queue),
     ("balloon_queue", balloon_queue),
+    ("net_queue", net_queue),
     ("mmio", mmio),
     ("http_request", http_request),
     ("api_body", api_body),

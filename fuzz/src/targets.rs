@@ -9,11 +9,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use kiln_agent::protocol::{Message, Request, read_frame};
 use kiln_api::http::{Parsed, RequestReader};
 use kiln_devices::BusDevice;
+use kiln_devices::rate_limiter::MonotonicClock;
 use kiln_devices::rate_limiter::{BucketConfig, RateLimiterConfig};
 use kiln_devices::virtio::balloon::{Balloon, BalloonConfig, DiscardError, GuestPages};
 use kiln_devices::virtio::block::{Block, BlockConfig};
+use kiln_devices::virtio::net::{Net, NetConfig, Tap};
 use kiln_devices::virtio::vsock::Vsock;
 use kiln_devices::virtio::{MmioTransport, VirtioDevice};
+use kiln_net::link;
+use kiln_net::netns::NetNs;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::guest::{Memory, drive, queue_size};
@@ -150,6 +154,62 @@ pub fn balloon_queue(data: &[u8]) {
         .is_ok()
     {
         // Each queue as if the guest notified it.
+        for evt in dev.queue_events() {
+            let _ = evt.write(1);
+        }
+        drive(Arc::new(Mutex::new(dev)), 64);
+    }
+}
+
+/// The TAP the net target's devices attach, up, in a network namespace of its own made once per
+/// process (so frames the guest sends reach no real network). Needs root (CAP_NET_ADMIN): the
+/// target panics without it rather than fuzz nothing.
+fn fuzz_tap_ns() -> &'static NetNs {
+    const NAME: &str = "kfuzz0";
+    static NS: OnceLock<NetNs> = OnceLock::new();
+    NS.get_or_init(|| {
+        let made = NetNs::new().map_err(|e| e.to_string()).and_then(|ns| {
+            ns.run(|| link::create_tap(NAME, [2, 0, 0, 0, 0, 1]).and_then(|()| link::up(NAME)))
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok(ns)
+        });
+        made.unwrap_or_else(|e| panic!("net_queue needs root for its TAP {NAME}: {e}"))
+    })
+}
+
+/// virtio-net's receive and transmit queues, laid out by the input as in [`blk_queue`], on a TAP
+/// that is up in an empty namespace: transmitted chains (virtio-net headers, GSO and checksum
+/// requests, frames split anyhow) are parsed and written to it. Byte 0: bit 7 gives the device a
+/// MAC, bit 6 leaves mergeable receive buffers unacked, the low bits pick the queue size.
+pub fn net_queue(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(Ok(tap)) = fuzz_tap_ns().run(|| Tap::open("kfuzz0")) else {
+        return;
+    };
+    let config = NetConfig {
+        id: "fuzz".into(),
+        host_dev_name: "kfuzz0".into(),
+        guest_mac: (first & 0x80 != 0).then_some([6, 0, 0xac, 0x10, 0, 2]),
+        rx_rate_limiter: RateLimiterConfig::default(),
+        tx_rate_limiter: RateLimiterConfig::default(),
+    };
+    let clock = Arc::new(MonotonicClock::default());
+    let Ok(mut dev) = Net::with_tap(config, tap, irq(), clock) else {
+        return;
+    };
+    let mut features = dev.avail_features();
+    if first & 0x40 != 0 {
+        features &= !(1 << kiln_devices::virtio::net::features::MRG_RXBUF);
+    }
+    dev.set_acked_features(features);
+    let mem = Memory::new(rest);
+    if dev
+        .activate(mem.0.clone(), mem.queues(2, queue_size(first)))
+        .is_ok()
+    {
         for evt in dev.queue_events() {
             let _ = evt.write(1);
         }

@@ -52,6 +52,11 @@ fn balloon_queue() {
 }
 
 #[test]
+fn net_queue() {
+    check("net_queue");
+}
+
+#[test]
 fn mmio() {
     check("mmio");
 }
