@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kiln_devices::GuestMemoryMmap;
-use kiln_devices::virtio::Queue;
+use kiln_devices::virtio::{Queue, VirtioDevice};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -65,4 +65,23 @@ pub fn drive<T: MutEventSubscriber + Send + 'static>(device: Arc<Mutex<T>>, pass
             Ok(_) => {}
         }
     }
+}
+
+/// Activates `device` with `count` queues of `size` laid out in `mem`, signals each queue as if
+/// the guest had notified it, and runs the handler as [`drive`] does; a device that refuses the
+/// activation (as it may, for the input's choices) is left at that.
+pub fn activate_and_drive<T>(mut device: T, mem: &Memory, count: usize, size: u16)
+where
+    T: VirtioDevice + MutEventSubscriber + Send + 'static,
+{
+    if device
+        .activate(mem.0.clone(), mem.queues(count, size))
+        .is_err()
+    {
+        return;
+    }
+    for evt in device.queue_events() {
+        let _ = evt.write(1);
+    }
+    drive(Arc::new(Mutex::new(device)), 64);
 }

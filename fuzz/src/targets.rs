@@ -20,7 +20,7 @@ use kiln_net::link;
 use kiln_net::netns::NetNs;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::guest::{Memory, drive, queue_size};
+use crate::guest::{Memory, activate_and_drive, drive, queue_size};
 
 /// A scratch file or socket path unique to this process.
 fn scratch(name: &str) -> PathBuf {
@@ -103,18 +103,8 @@ pub fn vsock_queue(data: &[u8]) {
     let Ok(mut dev) = Vsock::new(3, uds.clone(), irq()) else {
         return;
     };
-    let mem = Memory::new(rest);
     dev.set_acked_features(dev.avail_features());
-    if dev
-        .activate(mem.0.clone(), mem.queues(3, queue_size(first)))
-        .is_ok()
-    {
-        // Each queue as if the guest notified it.
-        for evt in dev.queue_events() {
-            let _ = evt.write(1);
-        }
-        drive(Arc::new(Mutex::new(dev)), 64);
-    }
+    activate_and_drive(dev, &Memory::new(rest), 3, queue_size(first));
     let _ = std::fs::remove_file(&uds);
 }
 
@@ -146,19 +136,9 @@ pub fn balloon_queue(data: &[u8]) {
     let Ok(mut dev) = Balloon::new(config, 1, Arc::new(CountedPages), irq()) else {
         return;
     };
-    let mem = Memory::new(rest);
     dev.set_acked_features(dev.avail_features());
     let count = 2 + usize::from(stats) + usize::from(reporting);
-    if dev
-        .activate(mem.0.clone(), mem.queues(count, queue_size(first)))
-        .is_ok()
-    {
-        // Each queue as if the guest notified it.
-        for evt in dev.queue_events() {
-            let _ = evt.write(1);
-        }
-        drive(Arc::new(Mutex::new(dev)), 64);
-    }
+    activate_and_drive(dev, &Memory::new(rest), count, queue_size(first));
 }
 
 /// The TAP the net target's devices attach, up, in a network namespace of its own made once per
@@ -205,16 +185,7 @@ pub fn net_queue(data: &[u8]) {
         features &= !(1 << kiln_devices::virtio::net::features::MRG_RXBUF);
     }
     dev.set_acked_features(features);
-    let mem = Memory::new(rest);
-    if dev
-        .activate(mem.0.clone(), mem.queues(2, queue_size(first)))
-        .is_ok()
-    {
-        for evt in dev.queue_events() {
-            let _ = evt.write(1);
-        }
-        drive(Arc::new(Mutex::new(dev)), 64);
-    }
+    activate_and_drive(dev, &Memory::new(rest), 2, queue_size(first));
 }
 
 /// Register accesses on a virtio-mmio transport in front of a block device: 7-byte records
