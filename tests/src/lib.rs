@@ -199,17 +199,19 @@ pub fn console_tail_named_in(stderr: &str) -> String {
     format!("\nthe guest's console ({path}), last {LINES} lines:\n{tail}")
 }
 
-/// Prints the end of a guest's console file when dropped while the test panics, so that a
-/// failure deep in a test (a lost agent connection) comes with what the guest said.
-pub struct ConsoleOnFailure(pub PathBuf);
+/// Prints the end of a file (a guest's console, a VMM's log) when dropped while the test panics,
+/// so that a failure deep in a test (a lost agent connection) comes with what was said there:
+/// `TailOnFailure("the guest's console", path)`.
+pub struct TailOnFailure(pub &'static str, pub PathBuf);
 
-impl Drop for ConsoleOnFailure {
+impl Drop for TailOnFailure {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
-                "the guest's console ({}), last 60 lines:\n{}",
-                self.0.display(),
-                file_tail(&self.0, 60)
+                "{} ({}), last 60 lines:\n{}",
+                self.0,
+                self.1.display(),
+                file_tail(&self.1, 60)
             );
         }
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use kiln_net::addr::{GATEWAY_IP, TAP_NAME};
 use kiln_tests::nic::Nic;
-use kiln_tests::{ApiVmm, ConsoleOnFailure, ScratchDir, guest_kernel, kiln_vmm, rootfs, sh};
+use kiln_tests::{ApiVmm, ScratchDir, TailOnFailure, guest_kernel, kiln_vmm, rootfs, sh};
 use serde_json::{Value, json};
 
 const AGENT_WAIT: Duration = Duration::from_secs(120);
@@ -31,7 +31,8 @@ fn firecrackers_getting_started_sequence_boots_and_the_api_examples_answer() {
     let nic = Nic::new().expect("a TAP in a namespace");
     let mut cmd = kiln_vmm();
     cmd.arg("--serial-out").arg(path("console"));
-    let _console = ConsoleOnFailure(path("console"));
+    let _console = TailOnFailure("the guest's console", path("console"));
+    let _log = TailOnFailure("kiln-vmm's log", path("firecracker.log"));
     nic.enter_on_spawn(&mut cmd);
     let vm = ApiVmm::start(cmd, &path("firecracker.socket"));
 
