@@ -132,6 +132,16 @@ fn firecrackers_getting_started_sequence_boots_and_the_api_examples_answer() {
         .to_string(),
     );
     vm.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    // As in Firecracker, creating a snapshot resets the guest's vsock connections (the guest is
+    // sent VIRTIO_VSOCK_EVENT_TRANSPORT_RESET): the old one is gone, a new one reaches the agent
+    // of the resumed VM.
+    assert!(
+        client.ping().is_err(),
+        "a vsock connection survived a snapshot"
+    );
+    drop(client);
+    let client = kiln_agent::client::wait_ready(&uds, Instant::now() + AGENT_WAIT)
+        .expect("the resumed guest's agent answers a new connection");
     assert_eq!(sh(&client, "echo still here"), "still here\n");
     vm.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
     let metrics = std::fs::read_to_string(path("metrics.json")).expect("the metrics file");
