@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use kiln_agent::protocol::{Message, Request, read_frame};
 use kiln_api::http::{Parsed, RequestReader};
 use kiln_devices::BusDevice;
-use kiln_devices::rate_limiter::MonotonicClock;
-use kiln_devices::rate_limiter::{BucketConfig, RateLimiterConfig};
+use kiln_devices::rate_limiter::{BucketConfig, MonotonicClock, RateLimiterConfig};
 use kiln_devices::virtio::balloon::{Balloon, BalloonConfig, DiscardError, GuestPages};
 use kiln_devices::virtio::block::{Block, BlockConfig};
 use kiln_devices::virtio::net::{Net, NetConfig, Tap};
@@ -141,20 +140,24 @@ pub fn balloon_queue(data: &[u8]) {
     activate_and_drive(dev, &Memory::new(rest), count, queue_size(first));
 }
 
+/// The name of the net target's TAP.
+const FUZZ_TAP: &str = "kfuzz0";
+
 /// The TAP the net target's devices attach, up, in a network namespace of its own made once per
 /// process (so frames the guest sends reach no real network). Needs root (CAP_NET_ADMIN): the
 /// target panics without it rather than fuzz nothing.
 fn fuzz_tap_ns() -> &'static NetNs {
-    const NAME: &str = "kfuzz0";
     static NS: OnceLock<NetNs> = OnceLock::new();
     NS.get_or_init(|| {
         let made = NetNs::new().map_err(|e| e.to_string()).and_then(|ns| {
-            ns.run(|| link::create_tap(NAME, [2, 0, 0, 0, 0, 1]).and_then(|()| link::up(NAME)))
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+            ns.run(|| {
+                link::create_tap(FUZZ_TAP, [2, 0, 0, 0, 0, 1]).and_then(|()| link::up(FUZZ_TAP))
+            })
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
             Ok(ns)
         });
-        made.unwrap_or_else(|e| panic!("net_queue needs root for its TAP {NAME}: {e}"))
+        made.unwrap_or_else(|e| panic!("net_queue needs root for its TAP {FUZZ_TAP}: {e}"))
     })
 }
 
@@ -166,12 +169,12 @@ pub fn net_queue(data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
-    let Ok(Ok(tap)) = fuzz_tap_ns().run(|| Tap::open("kfuzz0")) else {
+    let Ok(Ok(tap)) = fuzz_tap_ns().run(|| Tap::open(FUZZ_TAP)) else {
         return;
     };
     let config = NetConfig {
         id: "fuzz".into(),
-        host_dev_name: "kfuzz0".into(),
+        host_dev_name: FUZZ_TAP.into(),
         guest_mac: (first & 0x80 != 0).then_some([6, 0, 0xac, 0x10, 0, 2]),
         rx_rate_limiter: RateLimiterConfig::default(),
         tx_rate_limiter: RateLimiterConfig::default(),

@@ -192,10 +192,10 @@ pub fn console_tail_named_in(stderr: &str) -> String {
     else {
         return String::new();
     };
-    if !std::path::Path::new(path).exists() {
+    let tail = file_tail(std::path::Path::new(path), LINES);
+    if tail.is_empty() {
         return String::new();
     }
-    let tail = file_tail(std::path::Path::new(path), LINES);
     format!("\nthe guest's console ({path}), last {LINES} lines:\n{tail}")
 }
 
