@@ -5,7 +5,8 @@
 //! resource limits ([`rlimit`]), cgroups v1 and v2 ([`cgroup`]), the mount namespace, root and
 //! device nodes ([`chroot`]), the privilege drop ([`privs`]) and the PID namespace and exec
 //! ([`launch`]); [`undo`] takes back what a failed run built and [`cleanup`] removes a finished
-//! jail. It calls only libc; the `kiln-jailer` binary (`main.rs`) runs the steps in order, and the
+//! jail ([`procs`] tells it a VMM from KVM's kernel threads). It calls only libc; the
+//! `kiln-jailer` binary (`main.rs`) runs the steps in order, and the
 //! VMM it starts knows nothing about it.
 
 pub mod args;
@@ -19,6 +20,7 @@ pub mod launch;
 pub mod libs;
 pub mod netns;
 pub mod privs;
+pub mod procs;
 pub mod rlimit;
 pub mod sys;
 pub mod undo;

@@ -15,7 +15,7 @@ use kiln_jailer::jail::Jail;
 use kiln_jailer::launch::{self, Spec, StartTime};
 use kiln_jailer::libs::{self, Deps};
 use kiln_jailer::undo::Undo;
-use kiln_jailer::{cleanup, netns, rlimit};
+use kiln_jailer::{cleanup, netns, procs, rlimit};
 
 const EXIT_HOST_FAILURE: u8 = 1;
 const EXIT_BAD_INPUT: u8 = 2;
@@ -198,7 +198,13 @@ fn clean(args: &CleanupArgs) -> ExitCode {
         Ok(h) => h,
         Err(e) => return report(&at("cleanup")(e)),
     };
-    match cleanup::cleanup(args, &hierarchies, &KERNEL) {
+    match cleanup::cleanup(
+        args,
+        &hierarchies,
+        &KERNEL,
+        &procs::PROC_FS,
+        cleanup::KERNEL_THREAD_GRACE,
+    ) {
         Ok(removed) if removed.is_empty() => {
             let jail = Jail::path(&args.chroot_base, &args.exec_name, &args.id);
             eprintln!(

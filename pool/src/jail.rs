@@ -193,8 +193,9 @@ impl JailConfig {
     }
 
     /// Removes a finished jail and its cgroup (`kiln-jailer --cleanup`); what is already gone
-    /// is fine. A VMM just killed may still be leaving its cgroup (its threads tear down the VM
-    /// after the process is reaped), so a refusal is tried again for a few seconds.
+    /// is fine. A VMM just killed may still be leaving its cgroup (`kiln-jailer` itself waits for
+    /// KVM's per-VM kernel threads; a VMM not yet reaped is still listed), so a refusal is tried
+    /// again for a few seconds.
     pub fn cleanup(&self, id: &str) {
         let mut last = String::new();
         for _ in 0..CLEANUP_TRIES {
