@@ -38,6 +38,12 @@ pub fn main(args: &[String]) -> Result<u8> {
         // The pool benchmark builds kilnd's python template.
         with_python: name == "pool",
         cmd,
+        // A full cycles run (1000s of VM lifecycles) outlasts the default half hour; each cycle
+        // has its own deadline and the lab's heartbeat watchdog catches a stuck L1.
+        timeout: match name.as_str() {
+            "cycles" => std::time::Duration::from_secs(4 * 3600),
+            _ => LabRun::default().timeout,
+        },
         ..LabRun::default()
     })?;
     outcome.exit_status("benchmark")

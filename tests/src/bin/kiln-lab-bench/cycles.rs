@@ -3,13 +3,19 @@
 //! each on a sandbox network made and removed with it (`--allow-domain`), in one L1, one after
 //! another, as `kiln run` makes them; p50/p99 of each and how many times faster a restore cycle
 //! is than a boot cycle. A cycle that hangs or fails ends the run with what the stuck processes
-//! were doing; anything left behind (processes, namespaces, links, rules, listeners) fails it.
+//! were doing; anything left behind (processes, namespaces, links, rules, listeners, more than
+//! [`MEMORY_SLACK_MIB`] of L1's memory) fails it.
 
 use kiln_tests::ScratchDir;
 use kiln_tests::cycles::{
-    Census, Cycle, make_snapshot, make_snapshot_with_nic, p50_p99, run_cycle,
+    Census, Cycle, make_snapshot, make_snapshot_with_nic, memory_in_use_mib, p50_p99, run_cycle,
 };
 use kiln_tests::fakenet::census;
+
+/// How much more of L1's memory may be in use after the cycles than before: kernel caches that
+/// dropping the page cache does not empty (slab, page tables) move by a few MiB; one VM left
+/// behind would hold far more (its guest's memory and the VMM's).
+const MEMORY_SLACK_MIB: u64 = 32;
 
 /// Parses `--restores N --boots M --net K` (defaults 500, 200 and 200).
 fn counts(args: &[String]) -> Result<(usize, usize, usize), String> {
@@ -49,6 +55,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     };
     let before = Census::take();
     let net_before = census();
+    let mem_before = memory_in_use_mib()?;
     let mut medians = Vec::new();
     for (kind, n) in [
         (Cycle::Restore, restores),
@@ -93,6 +100,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if net_before != net_after {
         return Err(format!(
             "the network cycles left something behind: before {net_before:?}, after {net_after:?}"
+        ));
+    }
+    let mem_after = memory_in_use_mib()?;
+    println!("L1 memory in use (caches dropped): {mem_before} MiB before, {mem_after} MiB after");
+    if mem_after > mem_before + MEMORY_SLACK_MIB {
+        return Err(format!(
+            "the cycles left memory behind: {mem_before} MiB in use before, {mem_after} MiB after"
         ));
     }
     println!("nothing left behind: {after:?}; namespaces, links, rules and listeners as before");
