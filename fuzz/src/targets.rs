@@ -68,6 +68,7 @@ fn block(read_only: bool, throttled: bool, cow: bool) -> Block {
         cow_overlay,
         read_only,
         rate_limiter,
+        io_engine: Default::default(),
     };
     Block::new(cfg, irq()).expect("the fuzz block device")
 }

@@ -14,7 +14,7 @@ use kiln_devices::legacy::{
     SerialDevice, SerialDeviceState, SerialRestoreArgs,
 };
 use kiln_devices::virtio::balloon::{Balloon, BalloonError};
-use kiln_devices::virtio::block::{Block, BlockConfig, BlockError};
+use kiln_devices::virtio::block::{Block, BlockConfig, BlockError, IoEngine};
 use kiln_devices::virtio::net::{Net, NetError};
 use kiln_devices::virtio::vsock::{Vsock, VsockError};
 use kiln_snapshot::Persist;
@@ -240,6 +240,15 @@ fn guest_cmdline(config: &VmConfig, devices: &MmioDeviceManager) -> String {
     words.join(" ")
 }
 
+/// The device's I/O engine for a drive's `io_engine` (Sync when unset, as in Firecracker).
+pub(crate) fn io_engine(engine: Option<kiln_api::requests::drives::IoEngine>) -> IoEngine {
+    use kiln_api::requests::drives::IoEngine as Api;
+    match engine.unwrap_or_default() {
+        Api::Sync => IoEngine::Sync,
+        Api::Async => IoEngine::Async,
+    }
+}
+
 /// Creates each drive (the root device first, so it is /dev/vda) and attaches it.
 fn attach_drives(
     config: &VmConfig,
@@ -256,6 +265,7 @@ fn attach_drives(
             cow_overlay: d.cow_overlay_path.clone(),
             read_only: d.is_read_only,
             rate_limiter: crate::config::rate_limiter::rate_limiter(d.rate_limiter.as_ref()),
+            io_engine: io_engine(d.io_engine),
         };
         let block = Arc::new(Mutex::new(Block::new(cfg, irq)?));
         devices.attach(

@@ -6,53 +6,16 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{
-    ApiVmm, FLOOD_READ, FLOOD_STATUSES, FLOOD_USED_IDX, Program, Stream, scratch, tiny_kernel,
-    write,
-};
+use common::{ApiVmm, FLOOD_READ, Program, Stream, pause_and_look, scratch, tiny_kernel, write};
 
-/// Where the flood guest's reads land.
-const FLOOD_BUF: u64 = 0x100_0000;
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// Pauses, snapshots to `dir/name.*` and reads back what the guest's reads brought in.
-fn pause_and_look(vmm: &ApiVmm, dir: &Path, name: &str) -> (PathBuf, PathBuf, Served) {
-    vmm.success("PATCH", "/vm", r#"{"state": "Paused"}"#);
-    let (state, mem) = vmm.snapshot(dir, name, "Full");
-    let served = Served::from(&mem);
-    (state, mem, served)
-}
 
 /// kiln-vmm serving `dir/NAME.sock`, its log shown as it comes.
 fn start_vmm(dir: &Path, name: &str) -> ApiVmm {
     ApiVmm::options().stderr(Stream::Inherit).start(dir, name)
-}
-
-/// What a snapshot's memory shows of the guest's reads.
-struct Served {
-    used: u16,
-    statuses: Vec<u8>,
-    buffer: Vec<u8>,
-}
-
-impl Served {
-    fn from(mem: &Path) -> Self {
-        let f = std::fs::File::open(mem).unwrap();
-        let read = |addr: u64, len: usize| {
-            let mut b = vec![0u8; len];
-            f.read_exact_at(&mut b, addr).unwrap();
-            b
-        };
-        Served {
-            used: u16::from_le_bytes(read(u64::from(FLOOD_USED_IDX), 2).try_into().unwrap()),
-            statuses: read(u64::from(FLOOD_STATUSES), 64),
-            buffer: read(FLOOD_BUF, FLOOD_READ as usize),
-        }
-    }
 }
 
 fn data_bytes(path: &Path) -> u64 {

@@ -23,7 +23,7 @@ pub enum IoEngine {
     /// Blocking reads and writes on the device's thread.
     #[default]
     Sync,
-    /// io_uring (the VMM may refuse it).
+    /// io_uring: requests are submitted, and finished when the kernel completes them.
     Async,
 }
 

@@ -272,10 +272,12 @@ pub fn validate_drive(d: &DriveConfig) -> Result<(), String> {
     if let Some(overlay) = &d.cow_overlay_path {
         validate_overlay(d, overlay, md.len())?;
     }
-    if let Some(engine) = d.io_engine.filter(|e| *e != IoEngine::Sync) {
-        return Err(format!(
-            "io_engine {engine:?} is not supported yet (Kiln's drives use \"Sync\")"
-        ));
+    if d.io_engine == Some(IoEngine::Async) && d.cow_overlay_path.is_some() {
+        return Err(
+            "io_engine Async cannot be used with a cow_overlay_path (the overlay's cluster map is \
+             updated in step with each write); use io_engine Sync"
+                .into(),
+        );
     }
     if let Some(uuid) = &d.partuuid {
         if !d.is_root_device {

@@ -219,16 +219,19 @@ fn drive_mistakes_are_named() {
             .to_string()
             .contains("is the base path_on_host itself"),
     );
-    std::fs::remove_file(&overlay).unwrap();
     let mut engine = drive("x", false);
     engine.io_engine = Some(IoEngine::Async);
+    c.drives = vec![engine.clone()];
+    assert!(c.validate().is_ok(), "io_engine Async is taken");
+    engine.cow_overlay_path = Some(overlay.clone());
     c.drives = vec![engine];
     assert!(
         c.validate()
             .unwrap_err()
             .to_string()
-            .contains("io_engine Async")
+            .contains("io_engine Async cannot be used with a cow_overlay_path")
     );
+    std::fs::remove_file(&overlay).unwrap();
     c.drives = (0..20).map(|i| drive(&format!("d{i}"), false)).collect();
     assert!(
         c.validate()

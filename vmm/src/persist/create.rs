@@ -1,6 +1,7 @@
 //! Taking a snapshot of a paused VM (`PUT /snapshot/create`).
 //!
-//! Order matters: the vsock device first tells the guest its connections are gone (the event
+//! Order matters: `Async` drives first finish the requests they have in flight, the vsock device
+//! then tells the guest its connections are gone (the event
 //! lands in guest memory and the event queue, both saved after), then devices, vCPUs and the VM
 //! are saved, and guest memory is written last. Both files are written under temporary names and
 //! fsynced, and only then renamed into place, memory first; a kill at any point before the renames
@@ -81,6 +82,17 @@ impl Vmm {
             .collect()
     }
 
+    /// Finishes what `Async` drives have in flight, so the saved queues hold no request the
+    /// restored device would never answer (the interrupts this raises reach the irqchip before
+    /// it is saved).
+    fn complete_block_requests(&self) {
+        for d in self.devices.devices() {
+            if let VirtioKind::Block(b) = &d.kind {
+                lock(b).complete_in_flight();
+            }
+        }
+    }
+
     /// Writes a snapshot of the paused VM: its state to `snapshot_path`, its memory to
     /// `mem_file_path` (all of it, or for `Diff` only what changed since the last snapshot).
     pub fn snapshot(&mut self, params: &SnapshotCreate) -> Result<(), PersistError> {
@@ -102,6 +114,7 @@ impl Vmm {
         }
         let started = std::time::Instant::now();
         let id = new_id();
+        self.complete_block_requests();
         let devices = self.save_devices();
         let mut vcpus = Vec::with_capacity(self.handles.len());
         for handle in &self.handles {

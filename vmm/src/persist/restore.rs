@@ -194,11 +194,8 @@ pub fn restore(
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd("a device IRQ", e))?;
         let (name, kind) = match &saved.device {
             DeviceKindState::Block(s) => {
-                let limits = config
-                    .drives
-                    .iter()
-                    .find(|d| d.drive_id == s.id)
-                    .and_then(|d| d.rate_limiter.as_ref());
+                let drive = config.drives.iter().find(|d| d.drive_id == s.id);
+                let limits = drive.and_then(|d| d.rate_limiter.as_ref());
                 let o = params.drive_overrides.iter().find(|o| o.drive_id == s.id);
                 let args = BlockRestoreArgs {
                     mem: mem.clone(),
@@ -206,6 +203,7 @@ pub fn restore(
                     rate_limiter: crate::config::rate_limiter::rate_limiter(limits),
                     path_override: o.and_then(|o| o.path_on_host.clone()),
                     cow_overlay_override: o.and_then(|o| o.cow_overlay_path.clone()),
+                    io_engine: crate::builder::io_engine(drive.and_then(|d| d.io_engine)),
                 };
                 let block = Block::restore(args, s).map_err(BuildError::Block)?;
                 (

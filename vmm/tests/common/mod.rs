@@ -2,7 +2,8 @@
 //! Shared pieces of kiln-vmm's integration tests: a tiny hand-built guest kernel (an ELF file with a
 //! few dozen instructions, optionally with a PVH note; in `tiny_kernel.rs`), a runner for the
 //! kiln-vmm binary and, in `api_vmm.rs`, a kiln-vmm driven over its API socket; `counter.rs`
-//! drives the counting guest through snapshots, and `uffd_handler.rs` is a page-fault handler for
+//! drives the counting guest through snapshots, `flood.rs` reads what the block-flooding guest
+//! read from a snapshot, and `uffd_handler.rs` is a page-fault handler for
 //! loads with the `Uffd` memory backend.
 
 use std::io::Read;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 mod api_vmm;
 mod counter;
+mod flood;
 mod tiny_kernel;
 mod uffd_handler;
 // Not every test binary uses both rooms (api_hostile needs no guest, tiny_guest no API).
@@ -19,6 +21,8 @@ mod uffd_handler;
 pub use api_vmm::*;
 #[allow(unused_imports)]
 pub use counter::*;
+#[allow(unused_imports)]
+pub use flood::*;
 #[allow(unused_imports)]
 pub use tiny_kernel::*;
 #[allow(unused_imports)]

@@ -42,7 +42,7 @@ const FLOOD_USED: u32 = LOAD_ADDR + 0x3000;
 const FLOOD_HDR: u32 = LOAD_ADDR + 0x4000;
 const FLOOD_STATUS: u32 = LOAD_ADDR + 0x5000;
 /// Where [`Program::BlkFlood`]'s requests read into, and how much each reads.
-const FLOOD_BUF: u32 = 0x100_0000;
+pub const FLOOD_BUF: u32 = 0x100_0000;
 /// Bytes each [`Program::BlkFlood`] request reads (the disk must hold at least this much).
 pub const FLOOD_READ: u32 = 4 << 20;
 /// Offsets, in guest memory (and so in a full snapshot's memory file), of [`Program::BlkFlood`]'s

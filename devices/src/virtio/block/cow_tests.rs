@@ -62,6 +62,7 @@ fn config(base: &Path, overlay: &Path) -> BlockConfig {
         cow_overlay: Some(overlay.to_path_buf()),
         read_only: false,
         rate_limiter: Default::default(),
+        io_engine: Default::default(),
     }
 }
 
@@ -304,6 +305,7 @@ fn a_clone_restored_over_a_copy_of_the_overlay_sees_the_parents_writes_only() {
         mem: mem.clone(),
         irqfd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         rate_limiter: Default::default(),
+        io_engine: Default::default(),
         path_override: path,
         cow_overlay_override: overlay,
     };

@@ -1,5 +1,5 @@
-//! The block device's event-manager subscriber: the activation event, queue notifications and
-//! the rate limiter's timer. Each notification is served within a budget so a guest that keeps
+//! The block device's event-manager subscriber: the activation event, queue notifications,
+//! the rate limiter's timer and, for an `Async` drive, the io_uring's completions. Each notification is served within a budget so a guest that keeps
 //! the queue full cannot keep the VMM thread, and each request spends the drive's rate-limit
 //! budget before it runs; a request over that goes back on the queue and waits for the timer.
 
@@ -9,8 +9,10 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::device::Block;
+use super::io_uring::{Completion, mark_dirty};
 use super::request::{self, RequestType};
 use super::{BYTES_PER_PASS, CHAINS_PER_PASS, status};
+use crate::metrics::BlockMetrics;
 use crate::virtio::budget::Budget;
 use crate::virtio::chain::{self, QueueError};
 use crate::virtio::device::VirtioDevice;
@@ -18,6 +20,7 @@ use crate::virtio::device::VirtioDevice;
 const ACTIVATE: u32 = 0;
 const QUEUE: u32 = 1;
 const RATE_LIMITER: u32 = 2;
+const COMPLETIONS: u32 = 3;
 
 /// How one pass over the queue ended.
 enum Pass {
@@ -27,6 +30,8 @@ enum Pass {
     BudgetSpent,
     /// The rate limiter stopped it: its timer brings the device back.
     Throttled,
+    /// Every io_uring slot is in flight: a completion brings the device back.
+    Waiting,
 }
 
 impl MutEventSubscriber for Block {
@@ -60,6 +65,14 @@ impl MutEventSubscriber for Block {
                                 RATE_LIMITER,
                                 EventSet::IN,
                             ))
+                        })
+                        .and_then(|()| match &self.engine {
+                            Some(engine) => ops.add(Events::with_data(
+                                engine.event(),
+                                COMPLETIONS,
+                                EventSet::IN,
+                            )),
+                            None => Ok(()),
                         });
                     match watched {
                         Ok(()) => self.queue_registered = true,
@@ -89,6 +102,17 @@ impl MutEventSubscriber for Block {
                 self.limiter.on_timer();
                 self.metrics.rate_limiter_event_count.inc();
                 self.process_queue();
+            }
+            COMPLETIONS => {
+                let mut done = Vec::new();
+                if let Some(engine) = self.engine.as_mut() {
+                    engine.completions(&mut done);
+                }
+                self.finish(done);
+                // Slots came free: requests that waited for one may go.
+                if !self.limiter.is_blocked() {
+                    self.process_queue();
+                }
             }
             other => log::debug!("virtio-blk {}: unexpected event {other}", self.config.id),
         }
@@ -135,8 +159,9 @@ impl Block {
                     log::error!("virtio-blk {id}: cannot re-signal the queue: {e}");
                 }
             }
-            // Throttled: notifications stay off until the timer fires.
-            Ok(Pass::Empty | Pass::Throttled) => {}
+            // Throttled: notifications stay off until the timer fires (or, Waiting, until a
+            // completion frees a slot).
+            Ok(Pass::Empty | Pass::Throttled | Pass::Waiting) => {}
             Err(e) => {
                 self.log.warn(
                     0,
@@ -146,12 +171,92 @@ impl Block {
                 self.interrupt.set_needs_reset();
             }
         }
+        if let Some(engine) = self.engine.as_mut()
+            && let Err(e) = engine.submit()
+        {
+            self.log.warn(
+                1,
+                &format!("virtio-blk {id}"),
+                format_args!("io_uring refused the requests ({e}); device needs reset"),
+            );
+            self.interrupt.set_needs_reset();
+        }
         if used_any {
             let Some(active) = self.active.as_mut() else {
                 return;
             };
             self.interrupt
                 .signal_used_if_needed(&mut active.queue, &active.mem);
+        }
+    }
+
+    /// Finishes requests the io_uring completed: status byte, dirty marks for what a read
+    /// brought in, the chain back to the driver, and an interrupt if it asked. After a reset
+    /// (no queue) they are dropped.
+    pub(super) fn finish(&mut self, done: Vec<Completion>) {
+        if done.is_empty() {
+            return;
+        }
+        let id = self.config.id.clone();
+        let metrics = self.metrics.clone();
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        for (req, result) in done {
+            let ok = u64::try_from(result).is_ok_and(|n| n == req.bytes);
+            if !ok {
+                log::debug!(
+                    "virtio-blk {id}: {:?} of {} bytes ended with {result}",
+                    req.kind,
+                    req.bytes
+                );
+            }
+            let used_len = match (req.kind, ok) {
+                (RequestType::In, true) => {
+                    mark_dirty(&mem, &req.data);
+                    u32::try_from(req.bytes)
+                        .unwrap_or(u32::MAX)
+                        .saturating_add(1)
+                }
+                _ => 1,
+            };
+            count_in(&metrics, req.kind, ok, req.bytes);
+            write_status(
+                &mem,
+                req.status,
+                if ok { status::OK } else { status::IOERR },
+            );
+            if let Err(e) = active.queue.add_used(&mem, req.head, used_len) {
+                self.log.warn(
+                    0,
+                    &format!("virtio-blk {id}"),
+                    format_args!("the driver broke the queue ({e}); device needs reset"),
+                );
+                self.interrupt.set_needs_reset();
+                return;
+            }
+        }
+        self.interrupt
+            .signal_used_if_needed(&mut active.queue, &active.mem);
+    }
+
+    /// Waits for every request in flight on the io_uring; with `deliver` they are finished as
+    /// usual (before a snapshot, so none is lost), otherwise dropped (on reset).
+    pub(super) fn wait_in_flight(&mut self, deliver: bool) {
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        let mut done = Vec::new();
+        if let Err(e) = engine.wait_all(&mut done) {
+            log::error!(
+                "virtio-blk {}: waiting for {} requests in flight: {e}",
+                self.config.id,
+                engine.in_flight()
+            );
+        }
+        if deliver {
+            self.finish(done);
         }
     }
 
@@ -170,6 +275,9 @@ impl Block {
         loop {
             if budget.spent() {
                 return Ok((count, Pass::BudgetSpent));
+            }
+            if self.engine.as_ref().is_some_and(|e| e.is_full()) {
+                return Ok((count, Pass::Waiting));
             }
             // A lying avail index shows up here as an error rather than being silently ignored.
             let Some(head) = active.queue.iter(&mem)?.next().map(|c| c.head_index()) else {
@@ -195,21 +303,15 @@ impl Block {
                         return Ok((count, Pass::Throttled));
                     }
                     budget.charge(req.data_len().unwrap_or(u64::MAX));
-                    let (s, n) = req.execute(&mut self.disk, &mem);
-                    let m = &self.metrics;
-                    match (req.kind, s == status::OK) {
-                        (RequestType::In, true) => {
-                            m.read_count.inc();
-                            m.read_bytes.add(bytes);
-                        }
-                        (RequestType::Out, true) => {
-                            m.write_count.inc();
-                            m.write_bytes.add(bytes);
-                        }
-                        (RequestType::Flush, true) => m.flush_count.inc(),
-                        (_, false) => m.execute_fails.inc(),
-                        _ => {}
-                    }
+                    let done = match self.engine.as_mut() {
+                        Some(engine) => req.start_async(&mut self.disk, engine, &mem, head),
+                        None => Some(req.execute(&mut self.disk, &mem)),
+                    };
+                    // In flight: its completion finishes it.
+                    let Some((s, n)) = done else {
+                        continue;
+                    };
+                    count_in(&self.metrics, req.kind, s == status::OK, bytes);
                     (s, n, Some(req.status))
                 }
                 Err((e, addr)) => {
@@ -225,6 +327,23 @@ impl Block {
             active.queue.add_used(&mem, head, used_len)?;
             count += 1;
         }
+    }
+}
+
+/// Counts a finished request in the drive's metrics.
+fn count_in(m: &BlockMetrics, kind: RequestType, ok: bool, bytes: u64) {
+    match (kind, ok) {
+        (RequestType::In, true) => {
+            m.read_count.inc();
+            m.read_bytes.add(bytes);
+        }
+        (RequestType::Out, true) => {
+            m.write_count.inc();
+            m.write_bytes.add(bytes);
+        }
+        (RequestType::Flush, true) => m.flush_count.inc(),
+        (_, false) => m.execute_fails.inc(),
+        _ => {}
     }
 }
 

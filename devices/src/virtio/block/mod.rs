@@ -1,8 +1,10 @@
 //! virtio-blk: a file-backed disk. Reads, writes, FLUSH (fdatasync) and GET_ID; read-only drives
 //! advertise VIRTIO_BLK_F_RO and refuse writes; anything past the end of the disk gets IOERR and
-//! unknown request types get UNSUPP. Requests run synchronously on the VMM's event loop, a bounded
-//! batch per pass ([`CHAINS_PER_PASS`], [`BYTES_PER_PASS`]); a request moving more than
-//! [`MAX_REQUEST_BYTES`] gets IOERR, so no single request holds the loop for long either.
+//! unknown request types get UNSUPP. With [`IoEngine::Sync`] requests run on the VMM's event loop,
+//! a bounded batch per pass ([`CHAINS_PER_PASS`], [`BYTES_PER_PASS`]); with [`IoEngine::Async`]
+//! reads, writes and flushes go to an io_uring ([`AsyncIo`]) and complete when the kernel says.
+//! A request moving more than [`MAX_REQUEST_BYTES`] gets IOERR, so no single request holds the
+//! loop for long either.
 //!
 //! A drive is either one file or, with [`BlockConfig::cow_overlay`], a read-only base image
 //! under a sparse copy-on-write overlay ([`CowOverlay`]), so that many VMs share one image and
@@ -12,14 +14,26 @@ mod cow;
 mod device;
 mod disk;
 mod event_handler;
+mod io_uring;
 mod persist;
 mod request;
 
 pub use cow::{CowError, CowOverlay, MAX_CLUSTER, MIN_CLUSTER};
 pub use device::{Block, BlockConfig};
 pub use disk::{Backend, Disk};
+pub use io_uring::AsyncIo;
 pub use persist::{BlockRestoreArgs, BlockState};
 pub use request::{Request, RequestError, RequestType};
+
+/// How a drive's I/O is done (Firecracker's `io_engine`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum IoEngine {
+    /// Blocking reads and writes on the VMM thread.
+    #[default]
+    Sync,
+    /// io_uring: the VMM thread submits and later completes.
+    Async,
+}
 
 /// Bytes in a virtio-blk sector, whatever the disk's own block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -108,6 +122,20 @@ pub enum BlockError {
          (its base is never written); drop one of them"
     )]
     ReadOnlyOverlay(String),
+    /// io_engine Async on a drive with a copy-on-write overlay.
+    #[error(
+        "drive {0}: io_engine Async cannot be used with a cow_overlay_path (the overlay's \
+         cluster map is updated in step with each write); use io_engine Sync"
+    )]
+    AsyncOverlay(String),
+    /// The io_uring could not be set up.
+    #[error("drive {id}: io_engine Async: cannot set up an io_uring: {err}")]
+    IoUring {
+        /// Drive id.
+        id: String,
+        /// Why (EPERM: io_uring is disabled on this host, e.g. `kernel.io_uring_disabled`).
+        err: std::io::Error,
+    },
     /// An eventfd could not be created.
     #[error("drive {0}: cannot create an eventfd: {1}")]
     EventFd(String, std::io::Error),

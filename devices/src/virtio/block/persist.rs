@@ -2,7 +2,9 @@
 //! has one (the base is checked to be the same size on restore, so a swapped disk is noticed),
 //! and the common virtio state. A restore may point the drive at other files (each clone of a
 //! snapshot needs its own overlay); the overlay's own data is its state, so nothing else is
-//! saved for it.
+//! saved for it. The I/O engine comes from the drive's configuration (saved with the snapshot);
+//! requests in flight on an `Async` drive are finished before it is saved
+//! ([`Block::complete_in_flight`]), so none is lost.
 
 use std::path::PathBuf;
 
@@ -44,6 +46,8 @@ pub struct BlockRestoreArgs {
     pub path_override: Option<PathBuf>,
     /// Use this overlay instead of the saved one (only for a drive saved with an overlay).
     pub cow_overlay_override: Option<PathBuf>,
+    /// The drive's I/O engine (from its configuration, saved beside the state).
+    pub io_engine: super::IoEngine,
 }
 
 impl Persist for Block {
@@ -81,6 +85,7 @@ impl Persist for Block {
                 .or_else(|| state.cow_overlay_path.clone()),
             read_only: state.read_only,
             rate_limiter: args.rate_limiter,
+            io_engine: args.io_engine,
         };
         let mut block = Block::new(config, args.irqfd)?;
         if block.disk.size != state.disk_size {
@@ -133,6 +138,7 @@ mod tests {
             cow_overlay: None,
             read_only: true,
             rate_limiter: Default::default(),
+            io_engine: Default::default(),
         };
         let mut block = Block::new(cfg, evt()).unwrap();
         block.set_acked_features(block.avail_features());
@@ -155,6 +161,7 @@ mod tests {
             rate_limiter: Default::default(),
             path_override: None,
             cow_overlay_override: None,
+            io_engine: Default::default(),
         };
         let restored = Block::restore(args(), &state).unwrap();
         assert_eq!(restored.save(), state);

@@ -7,7 +7,10 @@
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::disk::Disk;
+use std::os::fd::AsRawFd;
+
+use super::disk::{Backend, Disk};
+use super::io_uring::AsyncIo;
 use super::{ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE, request_type, status};
 use crate::virtio::GuestMemoryMmap;
 
@@ -129,6 +132,43 @@ impl Request {
         let offset = self.sector.checked_mul(SECTOR_SIZE)?;
         let end = offset.checked_add(len)?;
         (len % SECTOR_SIZE == 0 && len <= MAX_REQUEST_BYTES && end <= disk.size).then_some(offset)
+    }
+
+    /// Starts the request on `engine` (chain `head`): `None` when it is in flight (its
+    /// completion finishes it), or the status byte and used length when it finished at once
+    /// (refused, GET_ID, unsupported, or the ring would not take it).
+    pub fn start_async(
+        &self,
+        disk: &mut Disk,
+        engine: &mut AsyncIo,
+        mem: &GuestMemoryMmap,
+        head: u16,
+    ) -> Option<(u8, u32)> {
+        let fd = match &disk.backend {
+            Backend::File(file) => file.as_raw_fd(),
+            // An overlay is refused with Async when the drive is made; run it in place anyway.
+            Backend::Cow(_) => return Some(self.execute(disk, mem)),
+        };
+        let queued = match self.kind {
+            RequestType::Out if disk.read_only => return Some((status::IOERR, 1)),
+            RequestType::In | RequestType::Out => match self.disk_range(disk) {
+                Some(offset) => {
+                    engine.queue_rw(fd, offset, mem, (head, self.status, self.kind), &self.data)
+                }
+                None => return Some((status::IOERR, 1)),
+            },
+            RequestType::Flush => engine.queue_flush(fd, head, self.status),
+            RequestType::GetId | RequestType::Unsupported(_) => {
+                return Some(self.execute(disk, mem));
+            }
+        };
+        match queued {
+            Ok(()) => None,
+            Err(e) => {
+                log::debug!("virtio-blk: cannot queue a {:?} request: {e}", self.kind);
+                Some((status::IOERR, 1))
+            }
+        }
     }
 
     /// Runs the request; returns the status byte and how many bytes the device wrote to guest

@@ -266,6 +266,7 @@ fn rig(read_only: bool) -> (Rig, MockSplitQueue<'static, GuestMemoryMmap>) {
         cow_overlay: None,
         read_only,
         rate_limiter: Default::default(),
+        io_engine: Default::default(),
     };
     let block = Arc::new(Mutex::new(
         Block::new(cfg, EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap(),
@@ -398,6 +399,7 @@ fn rig_sized(
         cow_overlay: None,
         read_only: false,
         rate_limiter: Default::default(),
+        io_engine: Default::default(),
     };
     let block = Block::new(cfg, EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
     (Arc::new(Mutex::new(block)), MockSplitQueue::new(mem, size))
