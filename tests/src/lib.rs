@@ -21,6 +21,7 @@ pub mod cycles;
 pub mod fakenet;
 pub mod memory;
 pub mod nic;
+pub mod smaps;
 
 /// The marker the test initramfs prints first thing in `/init`.
 pub const INIT_MARKER: &str = "KILN-INIT-START";

@@ -13,7 +13,7 @@ use super::{
 /// The usage text for `--help`.
 pub const USAGE: &str =
     "usage: kiln-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
-                [--drive id=ID,path=PATH[,ro][,root]]... [--vsock cid=N,uds=PATH]
+                [--drive id=ID,path=PATH[,ro][,root][,engine=E]]... [--vsock cid=N,uds=PATH]
                 [--net id=ID,tap=NAME[,mac=MAC]]... [--serial-out PATH]
                 [--balloon [amount_mib=N][,deflate_on_oom][,stats_polling_interval_s=N][,free_page_reporting]]
        kiln-vmm --config-file FILE [--serial-out PATH] [--api-sock PATH]
@@ -27,7 +27,8 @@ pub const USAGE: &str =
   --mem-mib N         guest memory in MiB (default 128)
   --vcpus N           number of vCPUs, 1 to 32 (default 1)
   --drive SPEC        a virtio-blk drive backed by a file; `root` makes it /dev/vda and the root
-                      device, `ro` refuses writes (repeatable)
+                      device, `ro` refuses writes, `engine=Async` does its I/O on an io_uring
+                      (repeatable)
   --vsock SPEC        a virtio-vsock device; the host reaches guest port P by connecting to uds and
                       writing \"CONNECT P\\n\"; the guest reaches host port P at uds_P
   --net SPEC          a virtio-net device on the existing TAP `tap` (in kiln-vmm's network

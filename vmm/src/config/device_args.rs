@@ -1,4 +1,5 @@
-//! The device flags' `key=value,...` syntax: `--drive id=ID,path=PATH[,cow=OVERLAY][,ro][,root]`,
+//! The device flags' `key=value,...` syntax: `--drive id=ID,path=PATH[,cow=OVERLAY][,ro][,root]
+//! [,engine=Sync|Async]`,
 //! `--vsock cid=N,uds=PATH`, `--net id=ID,tap=NAME[,mac=MAC]` and `--balloon [amount_mib=N]
 //! [,deflate_on_oom][,stats_polling_interval_s=N][,free_page_reporting]`.
 
@@ -17,9 +18,11 @@ fn items<'a>(flag: &str, spec: &'a str) -> Result<Vec<(&'a str, Option<&'a str>)
         .collect()
 }
 
-/// Parses `--drive id=ID,path=PATH[,cow=OVERLAY][,ro][,root]`.
+/// Parses `--drive id=ID,path=PATH[,cow=OVERLAY][,ro][,root][,engine=Sync|Async]`.
 pub fn parse_drive(spec: &str) -> Result<DriveConfig, String> {
+    use kiln_api::requests::drives::IoEngine;
     let (mut id, mut path, mut cow, mut ro, mut root) = (None, None, None, false, false);
+    let mut engine = None;
     for (key, value) in items("--drive", spec)? {
         match (key, value) {
             ("id", Some(v)) => id = Some(v.to_string()),
@@ -27,9 +30,17 @@ pub fn parse_drive(spec: &str) -> Result<DriveConfig, String> {
             ("cow", Some(v)) => cow = Some(PathBuf::from(v)),
             ("ro", None) => ro = true,
             ("root", None) => root = true,
+            ("engine", Some("Sync")) => engine = Some(IoEngine::Sync),
+            ("engine", Some("Async")) => engine = Some(IoEngine::Async),
+            ("engine", v) => {
+                return Err(format!(
+                    "--drive {spec:?}: engine={} is not an I/O engine (want Sync or Async)",
+                    v.unwrap_or_default()
+                ));
+            }
             (k, _) => {
                 return Err(format!(
-                    "--drive {spec:?}: unknown or malformed item {k:?} (want id=, path=, cow=, ro, root)"
+                    "--drive {spec:?}: unknown or malformed item {k:?} (want id=, path=, cow=, ro, root, engine=)"
                 ));
             }
         }
@@ -42,7 +53,7 @@ pub fn parse_drive(spec: &str) -> Result<DriveConfig, String> {
         cow_overlay_path: cow,
         partuuid: None,
         cache_type: None,
-        io_engine: None,
+        io_engine: engine,
         rate_limiter: None,
     })
 }
@@ -168,6 +179,19 @@ mod tests {
         assert!(d.is_root_device && d.is_read_only);
         let d = parse_drive("path=/x,id=data").unwrap();
         assert!(!d.is_root_device && !d.is_read_only);
+        assert_eq!(
+            d.io_engine, None,
+            "Firecracker's default (Sync) unless asked"
+        );
+        use kiln_api::requests::drives::IoEngine;
+        let d = parse_drive("id=data,path=/x,engine=Async").unwrap();
+        assert_eq!(d.io_engine, Some(IoEngine::Async));
+        let d = parse_drive("id=data,path=/x,engine=Sync").unwrap();
+        assert_eq!(d.io_engine, Some(IoEngine::Sync));
+        assert_eq!(
+            parse_drive("id=a,path=/x,engine=uring").unwrap_err(),
+            "--drive \"id=a,path=/x,engine=uring\": engine=uring is not an I/O engine (want Sync or Async)"
+        );
     }
 
     #[test]

@@ -253,6 +253,16 @@ pub fn run(runs: usize) -> Result<(), String> {
         min.copied().unwrap_or(0) as f64 / (1 << 20) as f64,
         max.copied().unwrap_or(0) as f64 / (1 << 20) as f64,
     );
+    // Where it goes: every kiln-vmm now running is one of the 50 or a warm VM of the pool.
+    let usages = kiln_tests::cycles::kiln_pids(&["kiln-vmm"])
+        .into_iter()
+        .map(|pid| kiln_tests::smaps::usage(pid, &["/memory", "kiln-guest-mem"]))
+        .collect::<Result<Vec<_>, _>>()?;
+    println!(
+        "where an idle sandbox's memory goes (mean of {} kiln-vmm processes):\n{}",
+        usages.len(),
+        kiln_tests::smaps::table(&usages)
+    );
     for id in &ids {
         k.kill(id).map_err(|e| e.to_string())?;
     }

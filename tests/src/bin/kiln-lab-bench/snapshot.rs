@@ -285,6 +285,11 @@ pub fn run(runs: usize) -> Result<(), String> {
     }
     std::thread::sleep(Duration::from_secs(2));
     let restored_pss: u64 = restored.iter().map(KilnVm::pss_kib).sum::<Result<_, _>>()?;
+    let mem_name = mem.to_string_lossy().into_owned();
+    let restored_usage = restored
+        .iter()
+        .map(|vm| kiln_tests::smaps::usage(vm.child.id(), &[&mem_name]))
+        .collect::<Result<Vec<_>, _>>()?;
     drop(restored);
     let mut booted = Vec::new();
     for i in 0..FLEET {
@@ -294,6 +299,10 @@ pub fn run(runs: usize) -> Result<(), String> {
     }
     std::thread::sleep(Duration::from_secs(2));
     let booted_pss: u64 = booted.iter().map(KilnVm::pss_kib).sum::<Result<_, _>>()?;
+    let booted_usage = booted
+        .iter()
+        .map(|vm| kiln_tests::smaps::usage(vm.child.id(), &["kiln-guest-mem"]))
+        .collect::<Result<Vec<_>, _>>()?;
     drop(booted);
     println!(
         "\nmemory of {FLEET} idle VMs with the agent answering ({MEM_MIB} MiB each), total PSS:"
@@ -311,6 +320,14 @@ pub fn run(runs: usize) -> Result<(), String> {
     println!(
         "  restored clones use {:.2}x the memory of booted VMs",
         restored_pss as f64 / booted_pss as f64
+    );
+    println!(
+        "\nwhere one restored VM's memory goes (mean of {FLEET}):\n{}",
+        kiln_tests::smaps::table(&restored_usage)
+    );
+    println!(
+        "where one booted VM's memory goes (mean of {FLEET}):\n{}",
+        kiln_tests::smaps::table(&booted_usage)
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
