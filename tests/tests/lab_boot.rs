@@ -1,5 +1,6 @@
 //! Boot Kiln's guest kernel with the busybox test initramfs under kiln-vmm, inside the nested lab.
-//! The guest's init reports its CPU count and memory and reboots; kiln-vmm must then exit 0.
+//! The guest's init reports its CPU count and memory and reboots; kiln-vmm must then exit 0. The
+//! one-vCPU boot also signals Firecracker's boot timer (`--boot-timer`).
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ fn boot_and_check(vcpus: u8, mem_mib: u32) {
     check_boot(kiln_vmm_boot(vcpus, mem_mib, ""), vcpus, mem_mib);
 }
 
-fn check_boot(cmd: std::process::Command, vcpus: u8, mem_mib: u32) {
+fn check_boot(cmd: std::process::Command, vcpus: u8, mem_mib: u32) -> kiln_tests::Run {
     let run = run_watching(cmd, INIT_MARKER, LIMIT)
         .unwrap_or_else(|e| panic!("kiln-vmm with {vcpus} vCPUs: {e}"));
     let context = format!("stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
@@ -42,12 +43,33 @@ fn check_boot(cmd: std::process::Command, vcpus: u8, mem_mib: u32) {
         Some(0),
         "kiln-vmm exits 0 after the guest reboots\n{context}"
     );
+    run
 }
 
 #[test]
 #[ignore = "runs inside the nested lab: cargo xtask test"]
 fn linux_boots_on_one_vcpu() {
-    boot_and_check(1, 256);
+    // With Firecracker's boot timer: init writes 123 to it through /dev/mem, and kiln-vmm logs
+    // the line Firecracker's boot-time harnesses parse.
+    let mut cmd = kiln_vmm_boot(1, 256, "KILN_BOOT_TIMER=1");
+    cmd.arg("--boot-timer");
+    let run = check_boot(cmd, 1, 256);
+    let line = run
+        .stderr
+        .lines()
+        .find_map(|l| l.split_once("Guest-boot-time = ").map(|(_, rest)| rest))
+        .unwrap_or_else(|| panic!("no Guest-boot-time line\nstderr:\n{}", run.stderr));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert!(
+        matches!(
+            words[..],
+            [us, "us", ms, "ms,", cpu_us, "CPU", "us", cpu_ms, "CPU", "ms"]
+                if [us, ms, cpu_us, cpu_ms].iter().all(|n| n.parse::<u64>().is_ok())
+        ),
+        "Firecracker's format: {line:?}"
+    );
+    let us: u64 = words[0].parse().unwrap();
+    assert!(us > 0 && us / 1000 == words[2].parse::<u64>().unwrap(), "{line:?}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Guest-side test images: the busybox initramfs every lab test and benchmark boots. Its `/init`
-//! prints a marker first thing (boot benchmarks time it), reports CPU count and memory, runs
+//! prints a marker first thing (boot benchmarks time it), writes 123 to the boot timer through
+//! /dev/mem when `KILN_BOOT_TIMER` is set on the kernel command line, reports CPU count and memory, runs
 //! `$KILN_RUN` (set on the kernel command line) if given, and reboots, which ends kiln-vmm with 0.
 
 use std::path::PathBuf;
@@ -15,6 +16,8 @@ export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# Firecracker's boot-time signal: 123 to the boot timer (kiln-vmm --boot-timer logs the time).
+if [ -n "$KILN_BOOT_TIMER" ]; then devmem 0xd0000000 8 123; fi
 cpus=$(grep -c '^processor' /proc/cpuinfo)
 mem_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB$/\1/p' /proc/meminfo)
 echo "KILN-REPORT cpus=$cpus mem_kb=$mem_kb kernel=$(uname -r)"

@@ -1,7 +1,8 @@
 //! `kiln-lab-bench boot [--runs N]`: where a boot's time goes, against QEMU in the same run.
 //!
 //! - The guest kernel with the test initramfs, N times under kiln-vmm and under QEMU `-M
-//!   microvm`, interleaved: VMM start -> the guest's init marker (min, median, max) and the ratio.
+//!   microvm`, interleaved: VMM start -> the guest's init marker (min, median, max) and the ratio,
+//!   and Kiln's `--boot-timer` figure (`Guest-boot-time`, as Firecracker logs it) for the same boots.
 //! - Kiln's own phases for those boots, read off its log (`KILN_LOG=info` timestamps): process
 //!   start to the KVM VM with memory, the kernel and boot tables loaded, vCPUs configured, vCPUs
 //!   running, and the guest's kernel until init.
@@ -36,6 +37,8 @@ const PHASES: [(&str, &str); 4] = [
 struct Booted {
     to_init: Duration,
     phase_ends: Vec<f64>,
+    /// `Guest-boot-time` as `--boot-timer` logged it, in ms.
+    boot_timer: Option<f64>,
 }
 
 /// Time from spawn to the init marker, checking that the VMM then exits 0.
@@ -62,7 +65,15 @@ fn time_boot(name: &str, cmd: Command) -> Result<Booted, String> {
     Ok(Booted {
         to_init: after,
         phase_ends: phase_ends(&run.stderr),
+        boot_timer: boot_timer_ms(&run.stderr),
     })
+}
+
+/// The `Guest-boot-time = N us M ms, ...` line Firecracker's harnesses parse, as ms.
+fn boot_timer_ms(log: &str) -> Option<f64> {
+    let rest = log.lines().find_map(|l| l.split_once("Guest-boot-time = "))?.1;
+    let us: f64 = rest.split_whitespace().next()?.parse().ok()?;
+    Some(us / 1000.0)
 }
 
 /// The logger timestamps (ms) of the lines that end each of [`PHASES`], where all are found.
@@ -116,9 +127,11 @@ pub fn run(runs: usize) -> Result<(), String> {
     let mut kiln = Vec::with_capacity(runs);
     let mut qemu = Vec::with_capacity(runs);
     let mut phases: Vec<Vec<f64>> = vec![Vec::new(); PHASES.len() + 1];
+    let mut timer = Vec::with_capacity(runs);
     for i in 0..runs {
-        let mut cmd = kiln_vmm_boot(1, MEM_MIB, "");
-        cmd.env("KILN_LOG", "info");
+        // The guest's init signals the boot timer just after the marker (a few shell lines).
+        let mut cmd = kiln_vmm_boot(1, MEM_MIB, "KILN_BOOT_TIMER=1");
+        cmd.env("KILN_LOG", "info").arg("--boot-timer");
         let k = time_boot("kiln-vmm", cmd)?;
         let q = time_boot("qemu microvm", qemu_microvm_boot(1, MEM_MIB, ""))?;
         eprintln!(
@@ -135,6 +148,7 @@ pub fn run(runs: usize) -> Result<(), String> {
             }
             phases[PHASES.len()].push(k.to_init.as_secs_f64() * 1000.0 - last);
         }
+        timer.extend(k.boot_timer);
         kiln.push(k.to_init);
         qemu.push(q.to_init);
     }
@@ -148,6 +162,17 @@ pub fn run(runs: usize) -> Result<(), String> {
     println!("  | kiln-vmm | {kmin:.0} ms | {kmed:.0} ms | {kmax:.0} ms |");
     println!("  | qemu microvm | {qmin:.0} ms | {qmed:.0} ms | {qmax:.0} ms |");
     println!("  ratio (qemu median / kiln median): {:.2}x", qmed / kmed);
+    if timer.len() == runs {
+        println!(
+            "  kiln-vmm --boot-timer, `Guest-boot-time` (VM build start -> init's write of 123): median {:.0} ms",
+            median(&mut timer)
+        );
+    } else {
+        return Err(format!(
+            "--boot-timer logged Guest-boot-time in {} of {runs} boots",
+            timer.len()
+        ));
+    }
 
     println!(
         "\nwhere kiln-vmm's boot goes (medians of {} runs):",
@@ -210,6 +235,13 @@ mod tests {
         let ms = Duration::from_millis;
         assert_eq!(stats(&[ms(30), ms(10), ms(20)]), (10.0, 20.0, 30.0));
         assert_eq!(stats(&[ms(40), ms(10), ms(20), ms(30)]), (10.0, 25.0, 40.0));
+    }
+
+    #[test]
+    fn the_boot_timer_line_is_read_as_firecracker_prints_it() {
+        let log = "kiln-vmm [ 900.0 ms] info: Guest-boot-time = 812345 us 812 ms,   4100 CPU us 4 CPU ms\n";
+        assert_eq!(boot_timer_ms(log), Some(812.345));
+        assert_eq!(boot_timer_ms("nothing\n"), None);
     }
 
     #[test]
