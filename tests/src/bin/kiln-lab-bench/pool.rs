@@ -254,15 +254,22 @@ pub fn run(runs: usize) -> Result<(), String> {
         max.copied().unwrap_or(0) as f64 / (1 << 20) as f64,
     );
     // Where it goes: every kiln-vmm now running is one of the 50 or a warm VM of the pool.
-    let usages = kiln_tests::cycles::kiln_pids(&["kiln-vmm"])
-        .into_iter()
-        .map(|pid| kiln_tests::smaps::usage(pid, &["/memory", "kiln-guest-mem"]))
+    let pids = kiln_tests::cycles::kiln_pids(&["kiln-vmm"]);
+    let usages = pids
+        .iter()
+        .map(|&pid| kiln_tests::smaps::usage(pid, &["/memory", "kiln-guest-mem"]))
         .collect::<Result<Vec<_>, _>>()?;
     println!(
         "where an idle sandbox's memory goes (mean of {} kiln-vmm processes):\n{}",
         usages.len(),
         kiln_tests::smaps::table(&usages)
     );
+    if let Some(&pid) = pids.first() {
+        println!("  one kiln-vmm's anonymous mappings of 64 KiB PSS or more (size, PSS):");
+        for (size, pss, header) in kiln_tests::smaps::largest_anonymous(pid, 64)? {
+            println!("    {size:>6} KiB {pss:>6} KiB  {header}");
+        }
+    }
     for id in &ids {
         k.kill(id).map_err(|e| e.to_string())?;
     }
