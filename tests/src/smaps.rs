@@ -111,7 +111,12 @@ pub fn largest_anonymous(pid: u32, min_kib: u64) -> Result<Vec<(u64, u64, String
                 (size / 1024, line.to_string())
             });
         } else if let (Some(pss), Some((size, header))) = (line.strip_prefix("Pss:"), &current) {
-            let kib: u64 = pss.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            let kib: u64 = pss
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
             if kib >= min_kib {
                 out.push((*size, kib, header.clone()));
             }
@@ -154,7 +159,9 @@ mod tests {
         let block = vec![7u8; 3 << 20];
         let found = largest_anonymous(std::process::id(), 1024).unwrap();
         assert!(
-            found.iter().any(|&(size, pss, _)| size >= 3072 && pss >= 3000),
+            found
+                .iter()
+                .any(|&(size, pss, _)| size >= 3072 && pss >= 3000),
             "{found:?}"
         );
         assert!(found.windows(2).all(|w| w[0].1 >= w[1].1), "largest first");

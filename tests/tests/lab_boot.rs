@@ -69,7 +69,10 @@ fn linux_boots_on_one_vcpu() {
         "Firecracker's format: {line:?}"
     );
     let us: u64 = words[0].parse().unwrap();
-    assert!(us > 0 && us / 1000 == words[2].parse::<u64>().unwrap(), "{line:?}");
+    assert!(
+        us > 0 && us / 1000 == words[2].parse::<u64>().unwrap(),
+        "{line:?}"
+    );
 }
 
 #[test]

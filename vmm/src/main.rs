@@ -24,6 +24,11 @@ fn main() -> ExitCode {
     if let Err(e) = kiln_vmm::seccomp::malloc::configure() {
         return fail(&e.to_string(), EXIT_VMM_ERROR);
     }
+    // Before any thread stack exists: a 2 MiB stack must not become a 2 MiB huge page (see
+    // kiln_vmm::memory::thp). Failing that costs memory, not correctness.
+    if let Err(e) = kiln_vmm::memory::thp::disable_for_process() {
+        eprintln!("kiln-vmm: cannot turn transparent huge pages off for its own memory: {e}");
+    }
     let process_start = Timestamp::now();
     // Firecracker's signals: SIGPIPE counted, SIGBUS, SIGSEGV, ... reported with their statuses.
     if let Err(e) = kiln_vmm::signals::install_handlers() {

@@ -9,11 +9,13 @@
 //!
 //! [`discard`] gives the host memory behind guest pages back (for a memfd and for a restored VM's
 //! private mapping alike), and [`free_pages`] remembers which pages the guest gave up, for
-//! snapshots ([`pagemap`] tells which of a restored VM's were written since).
+//! snapshots ([`pagemap`] tells which of a restored VM's were written since). [`thp`] keeps
+//! transparent huge pages off for the VMM's own memory.
 
 pub mod discard;
 pub mod free_pages;
 pub mod pagemap;
+pub mod thp;
 pub mod uffd;
 
 use std::fs::File;
@@ -160,6 +162,12 @@ pub fn create_with(
         .map_err(|err| MemoryError::Map { size, err })?;
     match huge_pages {
         HugePages::Transparent => {
+            // kiln-vmm turns THP off for itself at start (see [`thp`]); this memory wants it.
+            if let Err(e) = thp::enable_for_process() {
+                log::warn!(
+                    "transparent huge pages: cannot turn them back on for this process ({e}); guest memory uses 4 KiB pages"
+                );
+            }
             for region in mem.iter() {
                 // SAFETY: the range is one mapping of guest memory this process owns; the
                 // advice changes only how the kernel backs it, not its contents.

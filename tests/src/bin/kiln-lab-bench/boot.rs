@@ -71,7 +71,10 @@ fn time_boot(name: &str, cmd: Command) -> Result<Booted, String> {
 
 /// The `Guest-boot-time = N us M ms, ...` line Firecracker's harnesses parse, as ms.
 fn boot_timer_ms(log: &str) -> Option<f64> {
-    let rest = log.lines().find_map(|l| l.split_once("Guest-boot-time = "))?.1;
+    let rest = log
+        .lines()
+        .find_map(|l| l.split_once("Guest-boot-time = "))?
+        .1;
     let us: f64 = rest.split_whitespace().next()?.parse().ok()?;
     Some(us / 1000.0)
 }
