@@ -1,12 +1,12 @@
 //! Transparent huge pages stay off for kiln-vmm's own memory.
 //!
 //! With THP set to `always` on the host (Debian's default), any anonymous mapping that covers an
-//! aligned 2 MiB range gets a huge page at its first touch. A thread's 2 MiB stack placed right
-//! under guest memory (whose mapping is 2 MiB aligned) is exactly such a range: measured in the
-//! lab, every idle sandbox's VMM held one 2 MiB huge page for a stack that uses a few KiB, 2 of
-//! its 5.4 MiB. So the process turns THP off for itself first thing (`PR_SET_THP_DISABLE`, kept
-//! across the jailer's exec), and turns it back on only when the guest's memory asks for it
-//! (`huge_pages: "Transparent"`), just before advising that memory.
+//! aligned 2 MiB range gets a huge page at its first touch. Measured in the lab, every idle
+//! sandbox's VMM had one anonymous mapping of exactly 2 MiB, 2 MiB aligned and wholly resident
+//! (2 of its 5.4 MiB PSS): by its size a thread's stack (Rust's default, its guard page apart),
+//! which uses a few KiB. So the process turns THP off for itself first thing
+//! (`PR_SET_THP_DISABLE`, kept across the jailer's exec), and back on only when the guest's
+//! memory asks for it (`huge_pages: "Transparent"`), just before advising that memory.
 
 use std::io;
 
