@@ -36,7 +36,7 @@ pub struct HttpResponse {
 }
 
 impl HttpResponse {
-    fn text(status: u16, body: impl Into<String>) -> Self {
+    pub(crate) fn text(status: u16, body: impl Into<String>) -> Self {
         Self {
             status,
             content_type: "text/plain",

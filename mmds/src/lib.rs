@@ -15,8 +15,10 @@
 
 pub mod data_store;
 pub mod http;
+pub mod stack;
 pub mod token;
 
 pub use data_store::{Mmds, MmdsError, MmdsVersion, OutputFormat};
 pub use http::{HttpResponse, request_len, respond};
+pub use stack::MmdsStack;
 pub use token::{TokenAuthority, TokenError};
