@@ -9,9 +9,12 @@
 //! - [`respond`] ([`http`]): the guest's HTTP request bytes to the answer's bytes, with V1 and V2
 //!   rules (methods, token headers, `Accept`).
 //!
-//! The network device calls [`respond`] with each complete request it takes from a guest TCP
-//! connection to the MMDS address; `kiln-vmm` shares one [`Mmds`] between that device and the
-//! API. It calls `serde_json`, `httparse`, and `hmac`/`sha2` for the tokens.
+//! - [`MmdsStack`] ([`stack`]): the MMDS's end of the guest's network, Ethernet frames in and out
+//!   of a smoltcp TCP/IP stack that calls [`respond`] with each complete request; `kiln-vmm`
+//!   makes it the frame hook of each network device `mmds/config` names, and shares one [`Mmds`]
+//!   between those and the API.
+//!
+//! It calls `serde_json`, `httparse`, `hmac`/`sha2` for the tokens and `smoltcp`.
 
 pub mod data_store;
 pub mod http;

@@ -5,7 +5,9 @@
 //!
 //! No host networking is involved: the guest reaches 169.254.169.254 even on a NIC whose TAP
 //! leads nowhere. The address is on-link for any guest address (its network is `/0`), so answers
-//! go straight back to the MAC that asked, whatever the guest's own address is.
+//! go straight back to the MAC that asked, whatever the guest's own address is; and a packet for
+//! it is taken whether the guest ARPed for the MMDS (a route on the interface, as Firecracker's
+//! guides set) or sent it to its gateway's MAC (the default route).
 //!
 //! Bounds: [`CONNECTIONS`] TCP connections at once (more wait in the guest's SYN retries), each
 //! one request and its answer, then closed; at most [`MAX_FRAMES`] frames queued each way. An
@@ -15,7 +17,7 @@ use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as NetInstant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
@@ -78,6 +80,9 @@ impl Device for Frames {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = MAX_FRAME;
+        // A guest with checksum offload (virtio-net's CSUM) sends TCP segments whose checksum
+        // is only the pseudo-header's: not checked on the way in, computed on the way out.
+        caps.checksum.tcp = Checksum::Tx;
         caps
     }
 }
@@ -141,9 +146,15 @@ impl MmdsStack {
     }
 
     /// Takes a frame the guest sent to the MMDS, runs the stack and serves what became ready.
+    /// An IPv4 frame is taken whatever its destination MAC: a guest without a route for the
+    /// MMDS address sends it to its gateway's MAC, and it is still the MMDS's to answer.
     pub fn guest_frame(&mut self, frame: &[u8], mmds: &Mmds) {
         if self.frames.from_guest.len() < MAX_FRAMES {
-            self.frames.from_guest.push_back(frame.to_vec());
+            let mut frame = frame.to_vec();
+            if frame.len() >= 14 && frame[12..14] == [0x08, 0x00] {
+                frame[..6].copy_from_slice(self.iface.hardware_addr().as_bytes());
+            }
+            self.frames.from_guest.push_back(frame);
         }
         self.run(mmds);
     }

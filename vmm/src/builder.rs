@@ -335,15 +335,21 @@ pub(crate) fn device_config(
 }
 
 /// Attaches each network interface (the first is the guest's eth0), each on its TAP.
+/// An interface `mmds/config` names answers the MMDS address itself (see [`crate::mmds`]).
 fn attach_nets(
     config: &VmConfig,
+    instance: &crate::instance::Instance,
     devices: &mut MmioDeviceManager,
     ctx: &mut AttachContext<'_>,
 ) -> Result<(), BuildError> {
     for n in &config.network_interfaces {
         let irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| BuildError::EventFd("a network interface's IRQ", e))?;
-        let net = Net::new(crate::config::net::device_config(n), irq)?;
+        let mut net = Net::new(crate::config::net::device_config(n), irq)?;
+        let mmds_config = instance.mmds_config.as_ref();
+        if let Some(hook) = crate::mmds::hook_for(&n.iface_id, mmds_config, &instance.mmds) {
+            net.set_frame_hook(Box::new(hook));
+        }
         devices.attach(
             &format!("network interface {}", n.iface_id),
             VirtioKind::Net(Arc::new(Mutex::new(net))),
@@ -517,7 +523,7 @@ pub fn build_in(
     }
     let mut ctx = platform.attach_context(&mem);
     attach_drives(config, &mut devices, &mut ctx)?;
-    attach_nets(config, &mut devices, &mut ctx)?;
+    attach_nets(config, instance, &mut devices, &mut ctx)?;
     if let Some(v) = &config.vsock {
         let irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| BuildError::EventFd("the vsock IRQ", e))?;

@@ -17,6 +17,7 @@ pub mod loader;
 pub mod logger;
 pub mod memory;
 pub mod metrics;
+pub mod mmds;
 pub mod persist;
 pub mod seccomp;
 pub mod signals;

@@ -191,7 +191,15 @@ fn instance(
         instance.metrics_config = Some(m);
     }
     if let Some(mmds) = config.and_then(|c| c.mmds_config.clone()) {
-        let answer = kiln_vmm::api::put_mmds_config(&mut instance, mmds, &[]);
+        let ifaces: Vec<&str> = config
+            .map(|c| {
+                c.network_interfaces
+                    .iter()
+                    .map(|n| n.iface_id.as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let answer = kiln_vmm::api::put_mmds_config(&mut instance, mmds, &ifaces);
         if answer.status() >= 400 {
             return Err(format!("config file: {}", answer.body()));
         }

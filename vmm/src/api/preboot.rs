@@ -163,19 +163,11 @@ impl PreBoot {
             GetMmds => common::get_mmds(instance),
             PutMmds(data) => common::put_mmds(instance, data),
             PatchMmds(patch) => common::patch_mmds(instance, &patch),
-            // The network device does not answer the MMDS address yet: an interface that exists
-            // is refused by name rather than configured to serve nothing, and one that does not
-            // is reported missing.
-            PutMmdsConfig(config) => match config
-                .network_interfaces
-                .iter()
-                .find(|i| self.nets.iter().any(|n| &n.iface_id == *i))
-            {
-                Some(i) => ApiResponse::fault(format!(
-                    "mmds/config: serving the MMDS over network interface {i:?} is not in Kiln yet"
-                )),
-                None => common::put_mmds_config(instance, config, &[]),
-            },
+            // The interfaces named must be configured first; each then answers the MMDS address.
+            PutMmdsConfig(config) => {
+                let ifaces: Vec<&str> = self.nets.iter().map(|n| n.iface_id.as_str()).collect();
+                common::put_mmds_config(instance, config, &ifaces)
+            }
             PutAction(Action::InstanceStart) => return Err(Next::Start),
             PutAction(Action::SendCtrlAltDel) => {
                 ApiResponse::fault("SendCtrlAltDel: the instance has not started")
