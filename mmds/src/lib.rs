@@ -1,7 +1,7 @@
 //! `kiln-mmds`: the microVM metadata service (MMDS), Firecracker's per-VM metadata store that the
 //! guest reads over HTTP at a link-local address (169.254.169.254 unless configured otherwise).
 //!
-//! This room owns what does not depend on how bytes reach the guest:
+//! This room owns the metadata service, from the host's store to the guest's TCP connections:
 //! - [`Mmds`] ([`data_store`]): the JSON document the host sets with `PUT`/`PATCH /mmds`, its size
 //!   limit, and how a path in it is answered (JSON or EC2's IMDS text form);
 //! - [`TokenAuthority`] ([`token`]): MMDS V2's session tokens, stateless (an expiry time signed
