@@ -14,7 +14,7 @@ use kiln_devices::legacy::{
     SerialDevice, SerialDeviceState, SerialRestoreArgs,
 };
 use kiln_devices::virtio::balloon::{Balloon, BalloonError};
-use kiln_devices::virtio::block::{Block, BlockConfig, BlockError, IoEngine};
+use kiln_devices::virtio::block::{Block, BlockError};
 use kiln_devices::virtio::net::{Net, NetError};
 use kiln_devices::virtio::vsock::{Vsock, VsockError};
 use kiln_snapshot::Persist;
@@ -240,15 +240,6 @@ fn guest_cmdline(config: &VmConfig, devices: &MmioDeviceManager) -> String {
     words.join(" ")
 }
 
-/// The device's I/O engine for a drive's `io_engine` (Sync when unset, as in Firecracker).
-pub(crate) fn io_engine(engine: Option<kiln_api::requests::drives::IoEngine>) -> IoEngine {
-    use kiln_api::requests::drives::IoEngine as Api;
-    match engine.unwrap_or_default() {
-        Api::Sync => IoEngine::Sync,
-        Api::Async => IoEngine::Async,
-    }
-}
-
 /// Creates each drive (the root device first, so it is /dev/vda) and attaches it.
 fn attach_drives(
     config: &VmConfig,
@@ -259,14 +250,7 @@ fn attach_drives(
     for d in roots.into_iter().chain(others) {
         let irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| BuildError::EventFd("a drive's IRQ", e))?;
-        let cfg = BlockConfig {
-            id: d.drive_id.clone(),
-            path: d.path_on_host.clone(),
-            cow_overlay: d.cow_overlay_path.clone(),
-            read_only: d.is_read_only,
-            rate_limiter: crate::config::rate_limiter::rate_limiter(d.rate_limiter.as_ref()),
-            io_engine: io_engine(d.io_engine),
-        };
+        let cfg = crate::config::drive::device_config(d);
         let block = Arc::new(Mutex::new(Block::new(cfg, irq)?));
         devices.attach(
             &format!("drive {}", d.drive_id),

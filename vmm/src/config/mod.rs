@@ -7,6 +7,7 @@
 
 mod cli;
 mod device_args;
+pub mod drive;
 mod file;
 pub mod net;
 pub mod rate_limiter;

@@ -203,7 +203,7 @@ pub fn restore(
                     rate_limiter: crate::config::rate_limiter::rate_limiter(limits),
                     path_override: o.and_then(|o| o.path_on_host.clone()),
                     cow_overlay_override: o.and_then(|o| o.cow_overlay_path.clone()),
-                    io_engine: crate::builder::io_engine(drive.and_then(|d| d.io_engine)),
+                    io_engine: crate::config::drive::io_engine(drive.and_then(|d| d.io_engine)),
                 };
                 let block = Block::restore(args, s).map_err(BuildError::Block)?;
                 (
