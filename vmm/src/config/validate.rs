@@ -273,11 +273,7 @@ pub fn validate_drive(d: &DriveConfig) -> Result<(), String> {
         validate_overlay(d, overlay, md.len())?;
     }
     if d.io_engine == Some(IoEngine::Async) && d.cow_overlay_path.is_some() {
-        return Err(
-            "io_engine Async cannot be used with a cow_overlay_path (the overlay's cluster map is \
-             updated in step with each write); use io_engine Sync"
-                .into(),
-        );
+        return Err(kiln_devices::virtio::block::ASYNC_OVERLAY.into());
     }
     if let Some(uuid) = &d.partuuid {
         if !d.is_root_device {

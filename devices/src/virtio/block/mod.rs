@@ -35,6 +35,11 @@ pub enum IoEngine {
     Async,
 }
 
+/// Why a drive cannot have both `io_engine` Async and a copy-on-write overlay (the device refuses
+/// it, and the configuration's checks refuse it first with the same words).
+pub const ASYNC_OVERLAY: &str = "io_engine Async cannot be used with a cow_overlay_path (the \
+    overlay's cluster map is updated in step with each write); use io_engine Sync";
+
 /// Bytes in a virtio-blk sector, whatever the disk's own block size.
 pub const SECTOR_SIZE: u64 = 512;
 /// Size of the one request queue.
@@ -123,10 +128,7 @@ pub enum BlockError {
     )]
     ReadOnlyOverlay(String),
     /// io_engine Async on a drive with a copy-on-write overlay.
-    #[error(
-        "drive {0}: io_engine Async cannot be used with a cow_overlay_path (the overlay's \
-         cluster map is updated in step with each write); use io_engine Sync"
-    )]
+    #[error("drive {0}: {ASYNC_OVERLAY}")]
     AsyncOverlay(String),
     /// The io_uring could not be set up.
     #[error("drive {id}: io_engine Async: cannot set up an io_uring: {err}")]
