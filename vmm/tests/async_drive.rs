@@ -7,9 +7,12 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{ApiVmm, FLOOD_READ, Program, Stream, pause_and_look, scratch, tiny_kernel, write};
+use common::{
+    ApiVmm, FLOOD_READ, Program, Stream, pause_and_look, scratch, tiny_kernel, wait_for_reads_of,
+    write,
+};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -75,21 +78,13 @@ fn an_async_drive_serves_a_flood_of_reads_and_survives_a_snapshot() {
     );
     let config = clone.success("GET", "/vm/config", "");
     assert!(config.contains(r#""io_engine":"Async""#), "{config}");
-    let start = Instant::now();
-    let mut round = 0;
-    let served = loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let (_, _, now) = pause_and_look(&clone, &dir, &format!("clone{round}"));
-        if now.buffer.iter().all(|&b| b == 0xc3) {
-            break now;
-        }
-        assert!(
-            start.elapsed() < LIMIT,
-            "the restored guest never read the other disk's bytes"
-        );
-        clone.success("PATCH", "/vm", r#"{"state": "Resumed"}"#);
-        round += 1;
-    };
+    let served = wait_for_reads_of(
+        &clone,
+        &dir,
+        0xc3,
+        LIMIT,
+        "the restored guest never read the other disk's bytes",
+    );
     assert!(
         served.statuses.iter().all(|&s| s == 0),
         "{:?}",

@@ -7,9 +7,12 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{ApiVmm, FLOOD_READ, Program, Stream, pause_and_look, scratch, tiny_kernel, write};
+use common::{
+    ApiVmm, FLOOD_READ, Program, Stream, pause_and_look, scratch, tiny_kernel, wait_for_reads_of,
+    write,
+};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -153,21 +156,13 @@ fn a_restored_cow_drive_reads_through_its_overridden_overlay() {
     );
     // The guest re-reads the same 4 MiB forever; once it has served another round of reads
     // after the restore, its buffer holds what the overlay holds.
-    let start = Instant::now();
-    let mut round = 0;
-    let served = loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let (_, _, served) = pause_and_look(&clone, &dir, &format!("clone{round}"));
-        if served.buffer.iter().all(|&b| b == 0xc3) {
-            break served;
-        }
-        assert!(
-            start.elapsed() < LIMIT,
-            "the restored guest never read the override's bytes"
-        );
-        clone.success("PATCH", "/vm", r#"{"state": "Resumed"}"#);
-        round += 1;
-    };
+    let served = wait_for_reads_of(
+        &clone,
+        &dir,
+        0xc3,
+        LIMIT,
+        "the restored guest never read the override's bytes",
+    );
     assert!(
         served.statuses.iter().all(|&s| s == 0),
         "{:?}",

@@ -2,6 +2,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::{ApiVmm, FLOOD_BUF, FLOOD_READ, FLOOD_STATUSES, FLOOD_USED_IDX};
 
@@ -11,6 +12,30 @@ pub fn pause_and_look(vmm: &ApiVmm, dir: &Path, name: &str) -> (PathBuf, PathBuf
     let (state, mem) = vmm.snapshot(dir, name, "Full");
     let served = Served::from(&mem);
     (state, mem, served)
+}
+
+/// Lets the flood guest run 300 ms at a time and looks again (`dir/clone<N>.*`) until its
+/// buffer holds only `byte`: a round of reads served from the disk it now has (the guest re-reads
+/// the same 4 MiB forever). Panics with `what` if that takes longer than `limit`; returns what the
+/// last look saw, the VM paused.
+pub fn wait_for_reads_of(
+    vmm: &ApiVmm,
+    dir: &Path,
+    byte: u8,
+    limit: Duration,
+    what: &str,
+) -> Served {
+    let start = Instant::now();
+    for round in 0.. {
+        std::thread::sleep(Duration::from_millis(300));
+        let (_, _, served) = pause_and_look(vmm, dir, &format!("clone{round}"));
+        if served.buffer.iter().all(|&b| b == byte) {
+            return served;
+        }
+        assert!(start.elapsed() < limit, "{what}");
+        vmm.success("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    }
+    unreachable!("the rounds never end")
 }
 
 /// What a snapshot's memory shows of the flood guest's reads.
