@@ -50,78 +50,89 @@ fn kind_of(name: &str, guest: &dyn Fn(&str) -> bool) -> Kind {
     }
 }
 
-/// Parses an smaps text into usage by kind; `guest` says whether a mapping's name is guest memory.
-pub fn parse(text: &str, guest: &dyn Fn(&str) -> bool) -> BTreeMap<Kind, Usage> {
-    let mut out: BTreeMap<Kind, Usage> = BTreeMap::new();
-    let mut current = Kind::Other;
+/// One mapping of an smaps text: its header line, name (empty for anonymous memory), size and
+/// the KiB it holds.
+struct Mapping {
+    header: String,
+    name: String,
+    size_kib: u64,
+    usage: Usage,
+}
+
+/// The mappings of an smaps text, in order.
+fn mappings(text: &str) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
     for line in text.lines() {
         let mut words = line.split_whitespace();
         let first = words.next().unwrap_or_default();
         if !first.ends_with(':') && first.contains('-') {
             // `start-end perms offset dev inode [name...]`
-            let name = words.skip(4).collect::<Vec<_>>().join(" ");
-            current = kind_of(&name, guest);
+            let size = first
+                .split_once('-')
+                .and_then(|(a, b)| {
+                    u64::from_str_radix(b, 16)
+                        .ok()?
+                        .checked_sub(u64::from_str_radix(a, 16).ok()?)
+                })
+                .unwrap_or(0);
+            out.push(Mapping {
+                header: line.to_string(),
+                name: words.skip(4).collect::<Vec<_>>().join(" "),
+                size_kib: size / 1024,
+                usage: Usage::default(),
+            });
             continue;
         }
-        let kib = || {
-            words
-                .clone()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
+        let Some(mapping) = out.last_mut() else {
+            continue;
         };
-        let usage = out.entry(current).or_default();
+        let kib = words
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
         match first {
-            "Pss:" => usage.pss += kib(),
-            "Private_Clean:" | "Private_Dirty:" => usage.private += kib(),
+            "Pss:" => mapping.usage.pss += kib,
+            "Private_Clean:" | "Private_Dirty:" => mapping.usage.private += kib,
             _ => {}
         }
     }
     out
 }
 
+/// Parses an smaps text into usage by kind; `guest` says whether a mapping's name is guest memory.
+pub fn parse(text: &str, guest: &dyn Fn(&str) -> bool) -> BTreeMap<Kind, Usage> {
+    let mut out: BTreeMap<Kind, Usage> = BTreeMap::new();
+    for m in mappings(text) {
+        let usage = out.entry(kind_of(&m.name, guest)).or_default();
+        usage.pss += m.usage.pss;
+        usage.private += m.usage.private;
+    }
+    out
+}
+
+/// `/proc/PID/smaps`.
+fn read(pid: u32) -> Result<String, String> {
+    let path = format!("/proc/{pid}/smaps");
+    std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))
+}
+
 /// Usage by kind of process `pid`; guest memory is the mapping whose name contains any of
 /// `guest_names` (a memory file's path, `kiln-guest-mem` for the memfd).
 pub fn usage(pid: u32, guest_names: &[&str]) -> Result<BTreeMap<Kind, Usage>, String> {
-    let path = format!("/proc/{pid}/smaps");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-    Ok(parse(&text, &|n| guest_names.iter().any(|g| n.contains(g))))
+    Ok(parse(&read(pid)?, &|n| {
+        guest_names.iter().any(|g| n.contains(g))
+    }))
 }
 
 /// The anonymous mappings of `pid` holding at least `min_kib` of PSS, largest first, as
 /// `(size KiB, PSS KiB, header line)`: thread stacks show as 2 MiB + 4 KiB mappings (Rust's
 /// default stack and its guard), large allocations at their own sizes.
 pub fn largest_anonymous(pid: u32, min_kib: u64) -> Result<Vec<(u64, u64, String)>, String> {
-    let path = format!("/proc/{pid}/smaps");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-    let mut out = Vec::new();
-    let mut current: Option<(u64, String)> = None;
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let first = words.next().unwrap_or_default();
-        if !first.ends_with(':') && first.contains('-') {
-            let anonymous = words.nth(4).is_none();
-            current = anonymous.then(|| {
-                let size = first
-                    .split_once('-')
-                    .and_then(|(a, b)| {
-                        Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
-                    })
-                    .unwrap_or(0);
-                (size / 1024, line.to_string())
-            });
-        } else if let (Some(pss), Some((size, header))) = (line.strip_prefix("Pss:"), &current) {
-            let kib: u64 = pss
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .unwrap_or(0);
-            if kib >= min_kib {
-                out.push((*size, kib, header.clone()));
-            }
-        }
-    }
+    let mut out: Vec<(u64, u64, String)> = mappings(&read(pid)?)
+        .into_iter()
+        .filter(|m| m.name.is_empty() && m.usage.pss >= min_kib)
+        .map(|m| (m.size_kib, m.usage.pss, m.header))
+        .collect();
     out.sort_by_key(|m| std::cmp::Reverse(m.1));
     Ok(out)
 }
