@@ -2,13 +2,18 @@
 //! namespace of its own) and `mmds/config` naming that NIC, with no route of its own for
 //! 169.254.169.254 (its default route takes it), and MMDS V2, asks for a session token (`PUT /latest/api/token`) and reads the metadata the
 //! host put with `PUT /mmds`, then a value the host changed with `PATCH /mmds` while it ran; a
-//! request without a token is refused (401). Nothing of it reaches the TAP.
+//! request without a token is refused (401). Nothing of it reaches the TAP. A snapshot of it,
+//! restored in a new kiln-vmm, serves the MMDS again on the same NIC (its configuration comes
+//! back with the VM; its data is what the new process is given, as with Firecracker).
 
 use std::time::{Duration, Instant};
 
 use kiln_net::addr::TAP_NAME;
 use kiln_tests::nic::Nic;
-use kiln_tests::{ApiVmm, ScratchDir, TailOnFailure, guest_kernel, kiln_vmm, rootfs, sh};
+use kiln_tests::{
+    ApiVmm, ScratchDir, TailOnFailure, guest_kernel, kiln_vmm, rootfs, sh, snapshot_create_body,
+    snapshot_load_body,
+};
 use serde_json::json;
 
 const AGENT_WAIT: Duration = Duration::from_secs(120);
@@ -102,4 +107,41 @@ fn a_guest_reads_its_metadata_with_a_v2_token_over_its_nic() {
         "\"patched\"",
         "the guest sees the host's change"
     );
+
+    // Snapshot, end the VM (the TAP is free again), restore it in a new process.
+    drop(client);
+    vm.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let (state, mem) = (path("vm.state"), path("vm.mem"));
+    vm.ok(
+        "PUT",
+        "/snapshot/create",
+        &snapshot_create_body(&state, &mem, "Full"),
+    );
+    drop(vm);
+    let mut cmd = kiln_vmm();
+    cmd.arg("--serial-out").arg(path("restored.console"));
+    let _restored_console = TailOnFailure("the restored guest's console", path("restored.console"));
+    nic.enter_on_spawn(&mut cmd);
+    let restored = ApiVmm::start(cmd, &path("restored.sock"));
+    let uds = path("restored.vsock");
+    restored.ok(
+        "PUT",
+        "/snapshot/load",
+        &snapshot_load_body(&state, &mem, false, &uds),
+    );
+    restored.ok(
+        "PUT",
+        "/mmds",
+        r#"{"latest": {"meta-data": {"ami-id": "ami-87654321", "sandbox": "restored"}}}"#,
+    );
+    let client = kiln_agent::client::wait_ready(&uds, Instant::now() + AGENT_WAIT)
+        .expect("the restored guest's agent answers");
+    let again = sh(&client, &fetch_script("/latest/meta-data/sandbox", true));
+    assert_eq!(
+        again.trim(),
+        "\"restored\"",
+        "the restored NIC answers the MMDS, V2 as configured before the snapshot"
+    );
+    let refused = sh(&client, &fetch_script("/latest/meta-data/ami-id", false));
+    assert_eq!(refused.trim(), "status 401", "still V2 after the restore");
 }

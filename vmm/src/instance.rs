@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use kiln_api::requests::logger::Logger as LoggerConfig;
 use kiln_api::requests::metrics::Metrics as MetricsConfig;
-use kiln_api::requests::mmds::MmdsConfig;
+use kiln_api::requests::mmds::{MmdsConfig, MmdsVersion as MmdsConfigVersion};
 use kiln_mmds::Mmds;
 
 use crate::metrics::MetricsSink;
@@ -89,6 +89,23 @@ impl Instance {
     /// Locks the metadata store.
     pub fn mmds(&self) -> std::sync::MutexGuard<'_, Mmds> {
         self.mmds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts `config` in force: the store's version (V2 makes a fresh token key, so tokens
+    /// handed out before, also before a snapshot, are void) and IMDS answers. The interfaces it
+    /// names are the caller's to check.
+    pub fn configure_mmds(&mut self, config: MmdsConfig) -> Result<(), kiln_mmds::MmdsError> {
+        let version = match config.version {
+            MmdsConfigVersion::V1 => kiln_mmds::MmdsVersion::V1,
+            MmdsConfigVersion::V2 => kiln_mmds::MmdsVersion::V2,
+        };
+        {
+            let mut mmds = self.mmds();
+            mmds.set_version(version)?;
+            mmds.set_imds_compat(config.imds_compat);
+        }
+        self.mmds_config = Some(config);
+        Ok(())
     }
 }
 

@@ -143,6 +143,12 @@ fn interfaces_are_configured_patched_snapshotted_and_moved_to_another_tap() {
         )
         .contains("before boot, PUT the interface again")
     );
+    vmm.ok(
+        "PUT",
+        "/mmds/config",
+        r#"{"version": "V2", "network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2"}"#,
+    );
+    vmm.ok("PUT", "/mmds", r#"{"latest": {"sandbox": "original"}}"#);
     vmm.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
 
     let cfg = vmm.json("/vm/config");
@@ -235,6 +241,15 @@ fn interfaces_are_configured_patched_snapshotted_and_moved_to_another_tap() {
     let (code, info) = clone.call("GET", "/", "");
     assert_eq!(code, 200);
     assert!(info.contains("\"Running\""), "{info}");
+    // The MMDS's configuration comes back with the VM, its data does not (as with Firecracker).
+    let mmds = &cfg["mmds-config"];
+    assert_eq!(mmds["version"], "V2", "{cfg}");
+    assert_eq!(mmds["network_interfaces"][0], "eth0", "{cfg}");
+    assert_eq!(mmds["ipv4_address"], "169.254.170.2", "{cfg}");
+    let (code, body) = clone.call("GET", "/mmds", "");
+    assert_eq!(code, 404, "the data store is not in the snapshot: {body}");
+    clone.ok("PUT", "/mmds", r#"{"latest": {"sandbox": "clone"}}"#);
+    assert_eq!(clone.json("/mmds")["latest"]["sandbox"], "clone");
     clone.kill();
     let err = clone.stderr();
     assert!(!err.contains("panicked"), "{err}");

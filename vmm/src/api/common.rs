@@ -3,10 +3,9 @@
 
 use kiln_api::ApiResponse;
 use kiln_api::requests::instance::VersionInfo;
-use kiln_api::requests::mmds::{MmdsConfig, MmdsVersion as ApiVersion};
+use kiln_api::requests::mmds::MmdsConfig;
 use kiln_devices::metrics::{Map, Value};
 use kiln_mmds::MmdsError;
-use kiln_mmds::MmdsVersion;
 
 use crate::instance::Instance;
 
@@ -64,19 +63,10 @@ pub fn put_mmds_config(
             "mmds/config: network interface {missing:?} is not configured; PUT /network-interfaces/{missing} first"
         ));
     }
-    let version = match config.version {
-        ApiVersion::V1 => MmdsVersion::V1,
-        ApiVersion::V2 => MmdsVersion::V2,
-    };
-    {
-        let mut mmds = instance.mmds();
-        if let Err(e) = mmds.set_version(version) {
-            return ApiResponse::fault(format!("mmds/config: {e}"));
-        }
-        mmds.set_imds_compat(config.imds_compat);
+    match instance.configure_mmds(config) {
+        Ok(()) => ApiResponse::NoContent,
+        Err(e) => ApiResponse::fault(format!("mmds/config: {e}")),
     }
-    instance.mmds_config = Some(config);
-    ApiResponse::NoContent
 }
 
 /// `FlushMetrics`: writes `groups` (the devices') with the VMM's own now.
@@ -90,6 +80,8 @@ pub fn flush_metrics(instance: &Instance, groups: Map<String, Value>) -> ApiResp
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_api::requests::mmds::MmdsVersion as ApiVersion;
+    use kiln_mmds::MmdsVersion;
     use serde_json::json;
 
     fn config(version: ApiVersion, ifaces: &[&str]) -> MmdsConfig {

@@ -310,7 +310,7 @@ pub fn configure(link: &ApiLink, serial: SerialConfig, instance: &mut Instance) 
                 }
                 Err(Next::Load(params)) => {
                     let t0 = Instant::now();
-                    match restore(&params, &state.serial, &mut prepared) {
+                    match restore(&params, &state.serial, &mut prepared, instance) {
                         Ok(mut vmm) => {
                             LATENCIES.load_snapshot.set(metrics::micros_since(t0));
                             if params.resume_vm {

@@ -130,7 +130,13 @@ impl Vmm {
             .map_err(|e| PersistError::Kvm(e.to_string()))?;
         // The clock as it was when the VM paused, so a restored guest continues from there.
         vm.clock = clock;
-        let config_json = serde_json::to_string(&self.config)
+        // The MMDS configuration is the instance's (the API sets it there); the data store is
+        // not saved, as with Firecracker.
+        let saved = crate::config::VmConfig {
+            mmds_config: self.instance().mmds_config.clone(),
+            ..self.config.clone()
+        };
+        let config_json = serde_json::to_string(&saved)
             .map_err(|e| PersistError::Refused(format!("cannot save the configuration: {e}")))?;
         let state = MicrovmState {
             snapshot_id: id,

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use kiln_api::requests::mmds::MmdsConfig;
 use kiln_api::requests::snapshot::{MemBackendType, SnapshotLoad};
 use kiln_devices::virtio::MmioTransport;
 use kiln_devices::virtio::balloon::{Balloon, BalloonRestoreArgs};
@@ -29,6 +30,7 @@ use crate::Vmm;
 use crate::builder::{BuildError, Platform, create_vm, free_pages};
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{MmioDeviceManager, Placement, VirtioKind};
+use crate::instance::Instance;
 use crate::memory::map_snapshot;
 use crate::vmm::VmmParts;
 use crate::vstate::vcpu::Vcpu;
@@ -136,14 +138,40 @@ fn config_of(
     Ok(config)
 }
 
+/// The saved MMDS configuration, checked against the saved interfaces (a state file that names
+/// one it lacks is refused rather than served half).
+fn mmds_config_of(config: &VmConfig, path: &Path) -> Result<Option<MmdsConfig>, PersistError> {
+    let Some(mmds) = &config.mmds_config else {
+        return Ok(None);
+    };
+    for iface in &mmds.network_interfaces {
+        if !config
+            .network_interfaces
+            .iter()
+            .any(|n| &n.iface_id == iface)
+        {
+            return Err(refused(format!(
+                "{}: the saved mmds/config names network interface {iface:?}, which the snapshot does not have",
+                path.display()
+            )));
+        }
+    }
+    Ok(Some(mmds.clone()))
+}
+
 /// Builds a VM from the snapshot `params` names; console output per `serial`. Uses the KVM VM
 /// in `prepared` (made ahead by [`crate::builder::prepare_vm`]) if there is one, and takes it only
 /// once the snapshot's files were read and checked (and a `Uffd` handler has guest memory), so a
 /// bad file or an absent handler leaves it for the next try.
+///
+/// The MMDS comes back as Firecracker brings it back: its configuration (version, address, the
+/// interfaces that answer it) from the snapshot, put in force in `instance`, and its data store
+/// as this process has it (empty until `PUT /mmds`; the snapshot does not carry the data).
 pub fn restore(
     params: &SnapshotLoad,
     serial: &SerialConfig,
     prepared: &mut Option<Vm>,
+    instance: &mut Instance,
 ) -> Result<Vmm, PersistError> {
     let (state, file) = open(params)?;
     log::debug!("restore: state file read and checked");
@@ -154,6 +182,7 @@ pub fn restore(
         )));
     }
     let config = config_of(&state, params, serial, &params.snapshot_path)?;
+    let mmds_config = mmds_config_of(&config, &params.snapshot_path)?;
     // The handler has guest memory before anything below can touch it, and `prepared` is taken
     // only after that: a handler that is not there leaves the VMM as it was, ready for another
     // load.
@@ -238,11 +267,16 @@ pub fn restore(
                     irqfd,
                     host_dev_name,
                 };
-                let net = Net::restore(args, s).map_err(|e| {
+                let mut net = Net::restore(args, s).map_err(|e| {
                     refused(format!(
                         "{e} (a VM restored beside the original needs its own TAP: pass network_overrides)"
                     ))
                 })?;
+                if let Some(hook) =
+                    crate::mmds::hook_for(&s.id, mmds_config.as_ref(), &instance.mmds)
+                {
+                    net.set_frame_hook(Box::new(hook));
+                }
                 (
                     format!("network interface {}", s.id),
                     VirtioKind::Net(Arc::new(Mutex::new(net))),
@@ -273,6 +307,11 @@ pub fn restore(
             .map_err(BuildError::from)?;
     }
 
+    if let Some(mmds) = mmds_config {
+        instance
+            .configure_mmds(mmds)
+            .map_err(|e| refused(format!("mmds/config: {e}")))?;
+    }
     log::info!(
         "restored snapshot {:016x} from {}: {} vCPUs, {} MiB, {} devices",
         state.snapshot_id,
