@@ -1,8 +1,10 @@
 //! Walking a descriptor chain as Kiln's devices accept it. `virtio-queue`'s iterator follows
-//! INDIRECT descriptors whatever was negotiated and quietly stops at a loop or past 4 GiB; Kiln
-//! offers neither VIRTIO_F_INDIRECT_DESC nor chains longer than the queue, so a chain that uses
-//! them is a driver bug (or a hostile guest) and is refused by name, for the device to answer
-//! with an error status or DEVICE_NEEDS_RESET.
+//! INDIRECT descriptors whatever was negotiated and quietly stops at a loop or past 4 GiB; the
+//! block, vsock and balloon devices offer neither VIRTIO_F_INDIRECT_DESC nor chains longer than
+//! the queue, so a chain of theirs that uses them is a driver bug (or a hostile guest) and is
+//! refused by name, for the device to answer with an error status or DEVICE_NEEDS_RESET. (The
+//! network device offers INDIRECT and walks its chains with the iterator: a frame is bytes the
+//! guest owns either way, and a chain cut short at a loop is a short frame.)
 
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_queue::desc::split::Descriptor;

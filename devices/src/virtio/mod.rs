@@ -36,6 +36,9 @@ pub const TYPE_VSOCK: u32 = 19;
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 /// Feature bit: the used/avail event index notification suppression.
 pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+/// Feature bit: a descriptor may point to a table of descriptors (offered by the network device
+/// only, whose transmit chains are many pieces each).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {

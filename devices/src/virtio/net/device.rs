@@ -18,7 +18,7 @@ use crate::rate_limiter::{
 use crate::virtio::device::read_config_space;
 use crate::virtio::{
     ActivateError, GuestMemoryMmap, Interrupt, Queue, TYPE_NET, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
 };
 
 /// What the VMM knows about a network interface.
@@ -108,6 +108,7 @@ impl Net {
         let timer = |what| TimerFd::new().map_err(|e| fd_err(what, e.into()));
         let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << features::CSUM)
             | (1 << features::GUEST_CSUM)
             | (1 << features::GUEST_TSO4)

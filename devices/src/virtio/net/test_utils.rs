@@ -6,7 +6,9 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventManager, SubscriberOps};
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
@@ -23,6 +25,8 @@ const RX_BASE: u64 = 0x10_0000;
 const RX_SLOT: u64 = 0x1_0000;
 const TX_BASE: u64 = 0x300_0000;
 const TX_SLOT: u64 = 0x1_1000;
+const INDIRECT_BASE: u64 = 0x560_0000;
+const INDIRECT_SLOT: u64 = 0x400;
 /// Guest memory size.
 pub const MEM_SIZE: usize = 0x600_0000;
 
@@ -218,33 +222,61 @@ impl TestNet {
         q.avail().idx().store(idx.wrapping_add(1));
     }
 
-    /// Queues a transmit chain: `hdr` and `frame` split into descriptors at `cuts` (offsets into
-    /// header + frame), without notifying.
-    pub fn queue_tx_split(&mut self, hdr: VnetHdr, frame: &[u8], cuts: &[usize]) {
+    /// Writes `hdr` and `frame` into the next transmit slot; the pieces they are split into at
+    /// `cuts` (offsets into header + frame), as (address, length).
+    fn tx_pieces(&mut self, hdr: VnetHdr, frame: &[u8], cuts: &[usize]) -> Vec<(u64, u32)> {
         let mut bytes = hdr.bytes().to_vec();
         bytes.extend_from_slice(frame);
-        let addr = TX_BASE + (self.tx_slot % u64::from(QSIZE)) * TX_SLOT;
+        let slot = self.tx_slot % u64::from(QSIZE);
+        let addr = TX_BASE + slot * TX_SLOT;
         self.tx_slot += 1;
         self.mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
         let mut bounds = vec![0];
         bounds.extend(cuts.iter().copied().filter(|c| *c > 0 && *c < bytes.len()));
         bounds.push(bytes.len());
+        bounds
+            .windows(2)
+            .map(|w| (addr + w[0] as u64, (w[1] - w[0]) as u32))
+            .collect()
+    }
+
+    /// Queues a transmit chain: `hdr` and `frame` split into descriptors at `cuts` (offsets into
+    /// header + frame), without notifying.
+    pub fn queue_tx_split(&mut self, hdr: VnetHdr, frame: &[u8], cuts: &[usize]) {
+        let pieces = self.tx_pieces(hdr, frame, cuts);
         let head = self.tx_desc;
-        let n = bounds.len() - 1;
-        for (i, w) in bounds.windows(2).enumerate() {
+        for (i, &(addr, len)) in pieces.iter().enumerate() {
             let index = self.tx_desc;
             self.tx_desc = (self.tx_desc + 1) % QSIZE;
-            let last = i == n - 1;
-            let flags = if last { 0 } else { VRING_DESC_F_NEXT };
-            let d = desc(
-                addr + w[0] as u64,
-                (w[1] - w[0]) as u32,
-                flags,
-                self.tx_desc,
-            );
+            let flags = if i + 1 == pieces.len() {
+                0
+            } else {
+                VRING_DESC_F_NEXT
+            };
+            let d = desc(addr, len, flags, self.tx_desc);
             self.txq.desc_table().store(index, d).unwrap();
         }
         Self::publish(&self.txq, head);
+    }
+
+    /// Queues a transmit chain as Linux does with VIRTIO_RING_F_INDIRECT_DESC: one descriptor in
+    /// the ring pointing to a table (in guest memory) of the pieces split at `cuts`.
+    pub fn queue_tx_indirect(&mut self, hdr: VnetHdr, frame: &[u8], cuts: &[usize]) {
+        let slot = self.tx_slot % u64::from(QSIZE);
+        let pieces = self.tx_pieces(hdr, frame, cuts);
+        let table = INDIRECT_BASE + slot * INDIRECT_SLOT;
+        for (i, &(addr, len)) in pieces.iter().enumerate() {
+            let flags = if i + 1 == pieces.len() {
+                0
+            } else {
+                VRING_DESC_F_NEXT
+            };
+            let d = desc(addr, len, flags, (i + 1) as u16);
+            self.mem
+                .write_obj(d, GuestAddress(table + i as u64 * 16))
+                .unwrap();
+        }
+        self.queue_tx_raw(&[(table, pieces.len() as u32 * 16, VRING_DESC_F_INDIRECT)]);
     }
 
     /// Queues raw descriptors as one transmit chain (for malformed chains).
