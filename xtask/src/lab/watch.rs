@@ -358,6 +358,20 @@ fn stack_scan(qmp: &Path, state: &CpuState, map: &SymbolMap, mods: &[Module]) ->
     format!("    stack: {}\n", names.join(" < "))
 }
 
+/// A halted CPU's local APIC as QEMU has it (timer mode and counts, interrupts pending in IRR or
+/// in service in ISR): a halted L1 that never wakes has either no timer armed or an interrupt
+/// that is pending and never delivered, and this tells which.
+fn lapic(qmp: &Path, state: &CpuState) -> String {
+    match hmp(qmp, "info lapic", Some(state.cpu)) {
+        Ok(text) => text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| format!("    lapic: {}\n", l.trim_end()))
+            .collect(),
+        Err(e) => format!("    lapic: cannot ask QEMU: {e}\n"),
+    }
+}
+
 /// Where each L1 CPU is, sampled twice a second apart (a CPU whose RIP does not move is spinning in
 /// one place), with the kernel function or module named.
 pub fn cpu_report(qmp: &Path, map: &SymbolMap, kernel_log: &str) -> String {
@@ -385,6 +399,9 @@ pub fn cpu_report(qmp: &Path, map: &SymbolMap, kernel_log: &str) -> String {
                     if sample == 0 {
                         report.push_str(&code_bytes(qmp, &st));
                         report.push_str(&stack_scan(qmp, &st, map, &mods));
+                        if st.halted {
+                            report.push_str(&lapic(qmp, &st));
+                        }
                     }
                 }
             }
