@@ -340,8 +340,11 @@ fn snapshot(
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    // Warm what every sandbox's first command touches, so it is in the snapshot's page cache.
+    // Warm what every sandbox's first command touches, so it is in the snapshot's page cache;
+    // then write back what the boot and the start command left dirty, so that no sandbox writes
+    // it again (its kernel would, some 30 s after each restore, into each sandbox's own overlay).
     let _ = client.run(shell(spec, "true"));
+    let _ = client.run(shell(spec, "sync"));
     drop(client);
     say(BuildEvent::Step {
         name: "snapshot".into(),
