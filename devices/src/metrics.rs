@@ -170,6 +170,51 @@ metrics_group!(
     }
 );
 
+metrics_group!(
+    /// A network interface's counters (Firecracker's `net` group, the names Kiln has the thing
+    /// measured for).
+    NetMetrics {
+        /// Activations that failed.
+        activate_fails,
+        /// Queue passes that ended with the device needing a reset (the driver broke a queue).
+        event_fails,
+        /// rx queue notifications from the guest.
+        rx_queue_event_count,
+        /// Times the TAP had frames to read.
+        rx_tap_event_count,
+        /// Times the receive rate limiter's timer woke the device.
+        rx_event_rate_limiter_count,
+        /// Times a frame waited in the TAP for the receive rate limiter.
+        rx_rate_limiter_throttled,
+        /// Times the guest had no (or too little) receive buffer room.
+        no_rx_avail_buffer,
+        /// Frames given to the guest.
+        rx_packets_count,
+        /// Their bytes (Ethernet frames, offload headers excluded).
+        rx_bytes_count,
+        /// Frames that could not be given to the guest (too big for its buffers, a TAP error).
+        rx_fails,
+        /// Reads from the TAP that failed.
+        tap_read_fails,
+        /// tx queue notifications from the guest.
+        tx_queue_event_count,
+        /// Times the transmit rate limiter's timer woke the device.
+        tx_rate_limiter_event_count,
+        /// Times a frame waited in the queue for the transmit rate limiter.
+        tx_rate_limiter_throttled,
+        /// Frames taken from the guest and written to the TAP.
+        tx_packets_count,
+        /// Their bytes.
+        tx_bytes_count,
+        /// Frames from the guest that were dropped (malformed, or refused by the TAP).
+        tx_fails,
+        /// Transmit chains refused as malformed.
+        tx_malformed_frames,
+        /// Writes to the TAP that failed.
+        tap_write_fails,
+    }
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -213,31 +213,30 @@ impl Vmm {
         &self.instance
     }
 
-    /// The metrics groups of the devices: `block` (all drives together), `block_<id>` (each)
-    /// `vsock` and `balloon`. The network device keeps no counters yet; it would add `net`/`net_<id>`
-    /// here.
+    /// The metrics groups of the devices: `block` and `net` (all drives, all interfaces
+    /// together), `block_<id>` and `net_<id>` (each), `vsock` and `balloon`.
     pub fn metrics_line(&self) -> kiln_devices::metrics::Map<String, kiln_devices::metrics::Value> {
-        use kiln_devices::metrics::{Map, Value};
+        use kiln_devices::metrics::Map;
         let mut groups = Map::new();
-        let mut all_block = Map::new();
+        let (mut all_block, mut all_net) = (Map::new(), Map::new());
         for dev in self.devices.devices() {
             match &dev.kind {
                 crate::device_manager::VirtioKind::Block(b) => {
                     let b = b.lock().unwrap_or_else(|p| p.into_inner());
                     let report = b.metrics().report();
-                    for (k, v) in &report {
-                        let sum = all_block.get(k).and_then(Value::as_u64).unwrap_or(0)
-                            + v.as_u64().unwrap_or(0);
-                        all_block.insert(k.clone(), sum.into());
-                    }
+                    add_counts(&mut all_block, &report);
                     groups.insert(format!("block_{}", b.config().id), report.into());
+                }
+                crate::device_manager::VirtioKind::Net(n) => {
+                    let n = n.lock().unwrap_or_else(|p| p.into_inner());
+                    let report = n.metrics().report();
+                    add_counts(&mut all_net, &report);
+                    groups.insert(format!("net_{}", n.id()), report.into());
                 }
                 crate::device_manager::VirtioKind::Vsock(v) => {
                     let v = v.lock().unwrap_or_else(|p| p.into_inner());
                     groups.insert("vsock".into(), v.metrics().report().into());
                 }
-                // No counters in the network device yet: no `net` group rather than one of zeros.
-                crate::device_manager::VirtioKind::Net(_) => {}
                 crate::device_manager::VirtioKind::Balloon(b) => {
                     let b = b.lock().unwrap_or_else(|p| p.into_inner());
                     groups.insert("balloon".into(), b.metrics().report().into());
@@ -245,6 +244,7 @@ impl Vmm {
             }
         }
         groups.insert("block".into(), all_block.into());
+        groups.insert("net".into(), all_net.into());
         groups
     }
 
@@ -590,5 +590,17 @@ impl Vmm {
         self.paused_clock = None;
         log::info!("VM resumed");
         Ok(())
+    }
+}
+
+/// Adds each of `report`'s counts to the same name in `total` (a group summed over devices).
+fn add_counts(
+    total: &mut kiln_devices::metrics::Map<String, kiln_devices::metrics::Value>,
+    report: &kiln_devices::metrics::Map<String, kiln_devices::metrics::Value>,
+) {
+    use kiln_devices::metrics::Value;
+    for (k, v) in report {
+        let sum = total.get(k).and_then(Value::as_u64).unwrap_or(0) + v.as_u64().unwrap_or(0);
+        total.insert(k.clone(), sum.into());
     }
 }

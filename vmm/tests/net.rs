@@ -102,7 +102,11 @@ fn interfaces_are_configured_patched_snapshotted_and_moved_to_another_tap() {
     netns_with_taps(&["kt0", "kt1"]);
     let dir = scratch("net-api");
     let kernel = write(&dir, "counter.elf", &tiny_kernel(Program::Counter, true));
-    let vmm = ApiVmm::start(&dir, "boot");
+    let metrics = dir.join("metrics.json");
+    let vmm = ApiVmm::options()
+        .arg("--metrics-path")
+        .arg(&metrics)
+        .start(&dir, "boot");
     vmm.ok(
         "PUT",
         "/boot-source",
@@ -151,6 +155,15 @@ fn interfaces_are_configured_patched_snapshotted_and_moved_to_another_tap() {
     vmm.ok("PUT", "/mmds", r#"{"latest": {"sandbox": "original"}}"#);
     vmm.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
 
+    // The metrics file has Firecracker's `net` group, and one for the interface.
+    vmm.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    for group in ["net", "net_eth0"] {
+        for key in ["rx_packets_count", "tx_bytes_count", "tx_malformed_frames"] {
+            assert!(line[group][key].is_u64(), "{group}.{key} in {line}");
+        }
+    }
     let cfg = vmm.json("/vm/config");
     let eth0 = &cfg["network-interfaces"][0];
     assert_eq!(eth0["host_dev_name"], "kt0");

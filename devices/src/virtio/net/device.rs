@@ -12,6 +12,7 @@ use super::{
     HDR_LEN, LogOnce, MAX_GSO_FRAME, MAX_PLAIN_FRAME, NET_QUEUE_SIZES, NetCounters, NetError,
     features,
 };
+use crate::metrics::NetMetrics;
 use crate::rate_limiter::{
     BucketUpdate, Clock, MonotonicClock, RateLimiter, RateLimiterConfig, RateLimiterState,
 };
@@ -69,6 +70,7 @@ pub struct Net {
     pub(super) hook: Option<Box<dyn FrameHook>>,
     pub(super) log: LogOnce,
     pub(super) counters: NetCounters,
+    pub(super) metrics: Arc<NetMetrics>,
 }
 
 impl Net {
@@ -138,6 +140,7 @@ impl Net {
             hook: None,
             log: LogOnce::default(),
             counters: NetCounters::default(),
+            metrics: Arc::new(NetMetrics::new()),
             tap,
             config,
         })
@@ -162,7 +165,12 @@ impl Net {
         &self.tap
     }
 
-    /// What moved so far.
+    /// The counters of the metrics file (Firecracker's `net` group).
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.metrics.clone()
+    }
+
+    /// What the device has moved and dropped so far.
     pub fn counters(&self) -> NetCounters {
         self.counters
     }
@@ -284,9 +292,11 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
         if self.active.is_some() {
+            self.metrics.activate_fails.inc();
             return Err(ActivateError::AlreadyActive);
         }
         if queues.len() != NET_QUEUE_SIZES.len() {
+            self.metrics.activate_fails.inc();
             return Err(ActivateError::QueueCount {
                 want: NET_QUEUE_SIZES.len(),
                 got: queues.len(),

@@ -188,6 +188,16 @@ fn without_mergeable_buffers_each_frame_takes_one_chain() {
     assert_eq!(got[0].1, frame(1514, 1));
     assert_eq!(got[1].1, frame(64, 3));
     assert_eq!(t.dev().counters().rx_dropped, 1);
+    let m = t.dev().metrics();
+    assert_eq!(
+        (
+            m.rx_packets_count.count(),
+            m.rx_bytes_count.count(),
+            m.rx_fails.count()
+        ),
+        (2, 1514 + 64, 1)
+    );
+    assert!(m.rx_tap_event_count.count() >= 1);
     assert!(t.healthy());
 }
 
@@ -279,6 +289,25 @@ fn hostile_transmit_chains_are_dropped_and_the_device_goes_on() {
     assert_eq!(got[0][HDR_LEN..], frame(60, 9)[..]);
     assert_eq!(t.dev().counters().tx_dropped, 4);
     assert!(t.healthy());
+    let m = t.dev().metrics();
+    assert_eq!(
+        (
+            m.tx_packets_count.count(),
+            m.tx_bytes_count.count(),
+            m.tx_fails.count(),
+            m.tx_malformed_frames.count()
+        ),
+        (1, 60, 4, 4),
+        "the metrics file counts what the device did"
+    );
+    assert!(m.tx_queue_event_count.count() >= 1);
+    let report = m.report();
+    assert_eq!(report["tx_packets_count"], 1, "{report:?}");
+    assert_eq!(
+        m.report()["tx_packets_count"],
+        0,
+        "a report gives what happened since the previous one"
+    );
 }
 
 #[test]

@@ -53,13 +53,16 @@ impl MutEventSubscriber for Net {
             }
             RX_QUEUE => {
                 let _ = self.queue_events[RXQ].read();
+                self.metrics.rx_queue_event_count.inc();
                 rx = true;
             }
             TX_QUEUE => {
                 let _ = self.queue_events[TXQ].read();
+                self.metrics.tx_queue_event_count.inc();
                 tx = true;
             }
             TAP => {
+                self.metrics.rx_tap_event_count.inc();
                 if events
                     .event_set()
                     .intersects(EventSet::ERROR | EventSet::HANG_UP)
@@ -78,10 +81,12 @@ impl MutEventSubscriber for Net {
             }
             RX_TIMER => {
                 let _ = self.rx_timer.clear();
+                self.metrics.rx_event_rate_limiter_count.inc();
                 rx = true;
             }
             TX_TIMER => {
                 let _ = self.tx_timer.clear();
+                self.metrics.tx_rate_limiter_event_count.inc();
                 tx = true;
             }
             other => log::debug!("virtio-net {}: unexpected event {other}", self.config.id),

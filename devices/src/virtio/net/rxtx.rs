@@ -79,6 +79,7 @@ impl Net {
             hook,
             log,
             counters,
+            metrics,
             config,
             ..
         } = self;
@@ -98,6 +99,7 @@ impl Net {
                         return Ok(Stop::Budget);
                     }
                     if !tx_limiter.ready() {
+                        metrics.tx_rate_limiter_throttled.inc();
                         return Ok(Stop::Limited);
                     }
                     let Some(chain) = queue.iter(mem)?.next() else {
@@ -121,9 +123,13 @@ impl Net {
                                     Ok(_) => {
                                         counters.tx_frames += 1;
                                         counters.tx_bytes += len as u64;
+                                        metrics.tx_packets_count.inc();
+                                        metrics.tx_bytes_count.add(len as u64);
                                     }
                                     Err(e) => {
                                         counters.tx_dropped += 1;
+                                        metrics.tx_fails.inc();
+                                        metrics.tap_write_fails.inc();
                                         log.warn(
                                             &config.id,
                                             Misbehaviour::TapWrite,
@@ -139,6 +145,8 @@ impl Net {
                         }
                         Err(e) => {
                             counters.tx_dropped += 1;
+                            metrics.tx_fails.inc();
+                            metrics.tx_malformed_frames.inc();
                             log.warn(
                                 &config.id,
                                 Misbehaviour::BadTxChain,
@@ -173,6 +181,7 @@ impl Net {
             hook,
             log,
             counters,
+            metrics,
             config,
             tap_dead,
             ..
@@ -192,6 +201,7 @@ impl Net {
                     return Ok(Stop::Budget);
                 }
                 if !rx_limiter.ready() {
+                    metrics.rx_rate_limiter_throttled.inc();
                     return Ok(Stop::Limited);
                 }
                 let from_hook = !hook_dry && hook.as_ref().is_some_and(|h| h.has_frame_for_guest());
@@ -218,6 +228,7 @@ impl Net {
                         if notify_on_next_buffer(queue, mem)? {
                             continue;
                         }
+                        metrics.no_rx_avail_buffer.inc();
                         return Ok(Stop::NoBuffers);
                     }
                 };
@@ -251,6 +262,7 @@ impl Net {
                         // The TAP reports the whole length even when it cut the frame short.
                         room.segments.mark_written(room.segments.len());
                         counters.rx_dropped += 1;
+                        metrics.rx_fails.inc();
                         log.warn(
                             &config.id,
                             Misbehaviour::TapRead,
@@ -270,6 +282,8 @@ impl Net {
                     Err(e) => {
                         unpop(queue, room.chains.len());
                         counters.rx_dropped += 1;
+                        metrics.rx_fails.inc();
+                        metrics.tap_read_fails.inc();
                         log.warn(
                             &config.id,
                             Misbehaviour::TapRead,
@@ -309,6 +323,8 @@ impl Net {
                 delivered += 1;
                 counters.rx_frames += 1;
                 counters.rx_bytes += (n - HDR_LEN.min(n)) as u64;
+                metrics.rx_packets_count.inc();
+                metrics.rx_bytes_count.add((n - HDR_LEN.min(n)) as u64);
                 rx_limiter.consume((n - HDR_LEN.min(n)) as u64);
             }
         })();
@@ -330,6 +346,7 @@ impl Net {
                     "virtio-net {}: the driver broke queue {index} ({e}); device needs reset",
                     self.config.id
                 );
+                self.metrics.event_fails.inc();
                 self.interrupt().set_needs_reset();
                 Stop::Inactive
             }
