@@ -2,10 +2,10 @@
 //! `--metrics-path` or `PUT /metrics`, every [`FLUSH_PERIOD`], on `FlushMetrics` and when the VMM
 //! exits. Groups and names are Firecracker's where Kiln measures the same thing: `api_server`,
 //! `get_api_requests`, `put_api_requests`, `patch_api_requests`, `block` (all drives) and
-//! `block_<id>` (each), `vsock`, `balloon`, `vcpu`, `latencies_us`, `logger`, `seccomp`, `signals`. Counters are what
-//! happened since the previous line, as in Firecracker; latencies and start-up times are the
-//! latest value. The network device keeps no counters yet; it would add its group (`net`) where
-//! [`Vmm::metrics_line`] walks the devices.
+//! `block_<id>` (each), `net` and `net_<id>` likewise, `vsock`, `balloon`, `vcpu`,
+//! `latencies_us`, `logger`, `seccomp`, `signals`. Counters are what happened since the previous
+//! line, as in Firecracker; latencies and start-up times are the latest value. The devices'
+//! groups come from [`Vmm::metrics_line`].
 //!
 //! [`Vmm::metrics_line`]: crate::Vmm::metrics_line
 
