@@ -107,7 +107,9 @@ impl Daemon {
 
     /// Takes a warm VM of template `id`, if one is ready.
     pub fn take_warm(&self, template_id: &str) -> Option<Warm> {
-        self.warm().get_mut(template_id)?.pop_front()
+        let warm = self.warm().get_mut(template_id)?.pop_front()?;
+        self.hold_refills();
+        Some(warm)
     }
 
     /// Creates a sandbox.

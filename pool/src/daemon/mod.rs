@@ -85,6 +85,8 @@ pub struct Daemon {
     warm: Mutex<HashMap<String, VecDeque<Warm>>>,
     /// Warm VMs being made, per template id.
     filling: Mutex<HashMap<String, usize>>,
+    /// Whether a hand-out holds the pools' filler.
+    refill_hold: Mutex<pool::RefillHold>,
     /// VMs and memory handed out or being started (see [`limits`]).
     reserved: Mutex<limits::Reserved>,
     /// One build at a time per template key.
@@ -133,6 +135,7 @@ impl Daemon {
             sandboxes: Mutex::new(HashMap::new()),
             warm: Mutex::new(HashMap::new()),
             filling: Mutex::new(HashMap::new()),
+            refill_hold: Mutex::new(pool::RefillHold::default()),
             reserved: Mutex::new(limits::Reserved::default()),
             builds: Mutex::new(HashMap::new()),
         }))

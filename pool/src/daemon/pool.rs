@@ -6,13 +6,18 @@
 //! limits (a full host leaves pools short rather than refusing sandboxes).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::create::{restore_cloned, vm_net};
 use super::{Daemon, Warm, new_id};
 
 /// How often the filler looks at the pools.
 const FILL_EVERY: Duration = Duration::from_millis(250);
+/// How long after a warm VM is handed out the filler waits before it restores another: the
+/// sandbox's first command gets the host's CPU, not a restore that starts the same moment
+/// (on a small host, one whose CPUs the refill takes, that doubled or tripled create -> first
+/// result). A streak of creates holds the filler at most this long from its first.
+const REFILL_HOLD: Duration = Duration::from_secs(1);
 
 /// What a warm VM runs once before it waits. The first command in a restored guest pays for
 /// faulting in the process-spawning paths (the agent's, the kernel's fork and exec, the shell's
@@ -22,6 +27,25 @@ const FILL_EVERY: Duration = Duration::from_millis(250);
 const WARM_UP: [&str; 3] = ["/bin/sh", "-c", "exit 0"];
 /// How long the warm-up may take.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(30);
+
+/// Until when the filler starts no restore: [`REFILL_HOLD`] from a hand-out, not extended by
+/// the hand-outs within it.
+#[derive(Debug, Default)]
+pub(super) struct RefillHold(Option<Instant>);
+
+impl RefillHold {
+    /// A warm VM was handed out at `now`.
+    fn hold(&mut self, now: Instant) {
+        if self.0.is_none_or(|until| until <= now) {
+            self.0 = Some(now + REFILL_HOLD);
+        }
+    }
+
+    /// Whether the filler waits at `now`.
+    fn held(&self, now: Instant) -> bool {
+        self.0.is_some_and(|until| now < until)
+    }
+}
 
 impl Daemon {
     /// Templates whose pool is short: (template id, memory, how many more to start).
@@ -43,6 +67,17 @@ impl Daemon {
                 (have < want).then(|| (t.id, t.mem_mib, want - have))
             })
             .collect()
+    }
+
+    /// Holds the filler (a warm VM was just handed out).
+    pub(super) fn hold_refills(&self) {
+        let mut hold = self.refill_hold.lock().unwrap_or_else(|p| p.into_inner());
+        hold.hold(Instant::now());
+    }
+
+    fn refills_held(&self) -> bool {
+        let hold = self.refill_hold.lock().unwrap_or_else(|p| p.into_inner());
+        hold.held(Instant::now())
     }
 
     fn filling_total(&self) -> usize {
@@ -174,10 +209,14 @@ impl Daemon {
     }
 
     /// Tops the pools up, forever; each pass starts at most the free share of
-    /// `refill_concurrency` restores.
+    /// `refill_concurrency` restores, and none while a hand-out holds the filler.
     pub async fn fill_pools(self: Arc<Self>) {
         loop {
-            for (template_id, mem, missing) in self.short_pools() {
+            let pools = match self.refills_held() {
+                true => Vec::new(),
+                false => self.short_pools(),
+            };
+            for (template_id, mem, missing) in pools {
                 for _ in 0..missing {
                     if self.filling_total() >= self.cfg.refill_concurrency.max(1) {
                         break;
@@ -200,5 +239,28 @@ fn warm_up(client: &kiln_agent::client::Client) {
         Ok(out) if out.status == kiln_agent::protocol::ExitStatus::Exited(0) => {}
         Ok(out) => tracing::debug!("pool: the warm-up ended with {:?}", out.status),
         Err(e) => tracing::debug!("pool: the warm-up failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hand_out_holds_refills_for_a_while_and_a_streak_does_not_extend_it() {
+        let t0 = Instant::now();
+        let mut hold = RefillHold::default();
+        assert!(!hold.held(t0), "nothing handed out yet");
+        hold.hold(t0);
+        assert!(hold.held(t0 + REFILL_HOLD / 2));
+        hold.hold(t0 + REFILL_HOLD / 2);
+        assert!(
+            !hold.held(t0 + REFILL_HOLD),
+            "a second hand-out within the hold does not extend it"
+        );
+        let later = t0 + REFILL_HOLD * 2;
+        hold.hold(later);
+        assert!(hold.held(later + REFILL_HOLD / 2));
+        assert!(!hold.held(later + REFILL_HOLD));
     }
 }
