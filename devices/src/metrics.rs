@@ -65,6 +65,15 @@ impl StoreMetric {
     }
 }
 
+/// Adds each of `report`'s counts to the same name in `total` (a group summed over devices,
+/// such as `block` over every `block_<id>`).
+pub fn add_counts(total: &mut Map<String, Value>, report: &Map<String, Value>) {
+    for (k, v) in report {
+        let sum = total.get(k).and_then(Value::as_u64).unwrap_or(0) + v.as_u64().unwrap_or(0);
+        total.insert(k.clone(), sum.into());
+    }
+}
+
 /// Generates a metrics struct of [`IncMetric`]s and its report.
 #[macro_export]
 macro_rules! metrics_group {
@@ -218,6 +227,20 @@ metrics_group!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_summed_group_adds_each_devices_counts_by_name() {
+        let (a, b) = (NetMetrics::new(), NetMetrics::new());
+        a.tx_packets_count.add(2);
+        b.tx_packets_count.add(3);
+        b.rx_fails.inc();
+        let mut total = Map::new();
+        add_counts(&mut total, &a.report());
+        add_counts(&mut total, &b.report());
+        assert_eq!(total["tx_packets_count"], 5);
+        assert_eq!(total["rx_fails"], 1);
+        assert_eq!(total["tx_bytes_count"], 0);
+    }
 
     #[test]
     fn counters_report_their_increase_since_the_last_report() {

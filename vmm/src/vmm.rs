@@ -216,7 +216,7 @@ impl Vmm {
     /// The metrics groups of the devices: `block` and `net` (all drives, all interfaces
     /// together), `block_<id>` and `net_<id>` (each), `vsock` and `balloon`.
     pub fn metrics_line(&self) -> kiln_devices::metrics::Map<String, kiln_devices::metrics::Value> {
-        use kiln_devices::metrics::Map;
+        use kiln_devices::metrics::{Map, add_counts};
         let mut groups = Map::new();
         let (mut all_block, mut all_net) = (Map::new(), Map::new());
         for dev in self.devices.devices() {
@@ -590,17 +590,5 @@ impl Vmm {
         self.paused_clock = None;
         log::info!("VM resumed");
         Ok(())
-    }
-}
-
-/// Adds each of `report`'s counts to the same name in `total` (a group summed over devices).
-fn add_counts(
-    total: &mut kiln_devices::metrics::Map<String, kiln_devices::metrics::Value>,
-    report: &kiln_devices::metrics::Map<String, kiln_devices::metrics::Value>,
-) {
-    use kiln_devices::metrics::Value;
-    for (k, v) in report {
-        let sum = total.get(k).and_then(Value::as_u64).unwrap_or(0) + v.as_u64().unwrap_or(0);
-        total.insert(k.clone(), sum.into());
     }
 }
