@@ -69,7 +69,8 @@ pub struct Net {
     pub(super) tap_dead: bool,
     pub(super) hook: Option<Box<dyn FrameHook>>,
     pub(super) log: LogOnce,
-    pub(super) counters: NetCounters,
+    /// Frames the guest sent that the hook took (no Firecracker metric has them).
+    pub(super) tx_hooked: u64,
     pub(super) metrics: Arc<NetMetrics>,
 }
 
@@ -139,7 +140,7 @@ impl Net {
             tap_dead: false,
             hook: None,
             log: LogOnce::default(),
-            counters: NetCounters::default(),
+            tx_hooked: 0,
             metrics: Arc::new(NetMetrics::new()),
             tap,
             config,
@@ -172,7 +173,16 @@ impl Net {
 
     /// What the device has moved and dropped so far.
     pub fn counters(&self) -> NetCounters {
-        self.counters
+        let m = &self.metrics;
+        NetCounters {
+            tx_frames: m.tx_packets_count.count(),
+            tx_bytes: m.tx_bytes_count.count(),
+            tx_hooked: self.tx_hooked,
+            tx_dropped: m.tx_fails.count(),
+            rx_frames: m.rx_packets_count.count(),
+            rx_bytes: m.rx_bytes_count.count(),
+            rx_dropped: m.rx_fails.count(),
+        }
     }
 
     /// Lets `hook` take the guest's frames it claims and answer them (see [`FrameHook`]).

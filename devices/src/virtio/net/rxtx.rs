@@ -78,7 +78,7 @@ impl Net {
             tx_limiter,
             hook,
             log,
-            counters,
+            tx_hooked,
             metrics,
             config,
             ..
@@ -117,17 +117,14 @@ impl Net {
                                 let mut whole = vec![0u8; frame.len()];
                                 let n = frame.read_at(0, &mut whole);
                                 h.guest_frame(&whole[HDR_LEN..n]);
-                                counters.tx_hooked += 1;
+                                *tx_hooked += 1;
                             } else {
                                 match tap.write_iov(&frame.iovecs()) {
                                     Ok(_) => {
-                                        counters.tx_frames += 1;
-                                        counters.tx_bytes += len as u64;
                                         metrics.tx_packets_count.inc();
                                         metrics.tx_bytes_count.add(len as u64);
                                     }
                                     Err(e) => {
-                                        counters.tx_dropped += 1;
                                         metrics.tx_fails.inc();
                                         metrics.tap_write_fails.inc();
                                         log.warn(
@@ -144,7 +141,6 @@ impl Net {
                             tx_limiter.consume(len as u64);
                         }
                         Err(e) => {
-                            counters.tx_dropped += 1;
                             metrics.tx_fails.inc();
                             metrics.tx_malformed_frames.inc();
                             log.warn(
@@ -180,7 +176,6 @@ impl Net {
             rx_limiter,
             hook,
             log,
-            counters,
             metrics,
             config,
             tap_dead,
@@ -261,7 +256,6 @@ impl Net {
                     Ok(n) if n > room.segments.len() => {
                         // The TAP reports the whole length even when it cut the frame short.
                         room.segments.mark_written(room.segments.len());
-                        counters.rx_dropped += 1;
                         metrics.rx_fails.inc();
                         log.warn(
                             &config.id,
@@ -281,7 +275,6 @@ impl Net {
                     }
                     Err(e) => {
                         unpop(queue, room.chains.len());
-                        counters.rx_dropped += 1;
                         metrics.rx_fails.inc();
                         metrics.tap_read_fails.inc();
                         log.warn(
@@ -321,8 +314,6 @@ impl Net {
                 }
                 used = true;
                 delivered += 1;
-                counters.rx_frames += 1;
-                counters.rx_bytes += (n - HDR_LEN.min(n)) as u64;
                 metrics.rx_packets_count.inc();
                 metrics.rx_bytes_count.add((n - HDR_LEN.min(n)) as u64);
                 rx_limiter.consume((n - HDR_LEN.min(n)) as u64);
