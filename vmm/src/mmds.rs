@@ -75,3 +75,12 @@ pub fn hook_for(
         .any(|i| i == iface_id)
         .then(|| MmdsHook::new(config, mmds.clone()))
 }
+
+/// The first interface `config` names that is not among `interfaces` (the configured ones).
+pub fn unknown_interface<'c>(config: &'c MmdsConfig, interfaces: &[&str]) -> Option<&'c str> {
+    config
+        .network_interfaces
+        .iter()
+        .map(String::as_str)
+        .find(|i| !interfaces.contains(i))
+}

@@ -54,11 +54,7 @@ pub fn put_mmds_config(
     config: MmdsConfig,
     interfaces: &[&str],
 ) -> ApiResponse {
-    if let Some(missing) = config
-        .network_interfaces
-        .iter()
-        .find(|i| !interfaces.contains(&i.as_str()))
-    {
+    if let Some(missing) = crate::mmds::unknown_interface(&config, interfaces) {
         return ApiResponse::fault(format!(
             "mmds/config: network interface {missing:?} is not configured; PUT /network-interfaces/{missing} first"
         ));

@@ -144,17 +144,16 @@ fn mmds_config_of(config: &VmConfig, path: &Path) -> Result<Option<MmdsConfig>, 
     let Some(mmds) = &config.mmds_config else {
         return Ok(None);
     };
-    for iface in &mmds.network_interfaces {
-        if !config
-            .network_interfaces
-            .iter()
-            .any(|n| &n.iface_id == iface)
-        {
-            return Err(refused(format!(
-                "{}: the saved mmds/config names network interface {iface:?}, which the snapshot does not have",
-                path.display()
-            )));
-        }
+    let have: Vec<&str> = config
+        .network_interfaces
+        .iter()
+        .map(|n| n.iface_id.as_str())
+        .collect();
+    if let Some(iface) = crate::mmds::unknown_interface(mmds, &have) {
+        return Err(refused(format!(
+            "{}: the saved mmds/config names network interface {iface:?}, which the snapshot does not have",
+            path.display()
+        )));
     }
     Ok(Some(mmds.clone()))
 }
