@@ -77,6 +77,7 @@ fn load_request(snap: &Path, uds: PathBuf, track_dirty_pages: bool) -> ApiReques
         network_overrides: Vec::new(),
         drive_overrides: Vec::new(),
         clock_realtime: false,
+        working_set_path: None,
     })
 }
 

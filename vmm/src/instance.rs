@@ -12,6 +12,7 @@ use kiln_api::requests::mmds::{MmdsConfig, MmdsVersion as MmdsConfigVersion};
 use kiln_mmds::Mmds;
 
 use crate::metrics::MetricsSink;
+use crate::persist::working_set::LoadedSnapshot;
 
 /// The instance id when none is given (Firecracker's default).
 pub const DEFAULT_INSTANCE_ID: &str = "anonymous-instance";
@@ -68,6 +69,9 @@ pub struct Instance {
     pub mmds: Arc<Mutex<Mmds>>,
     /// The MMDS configuration, once set.
     pub mmds_config: Option<MmdsConfig>,
+    /// The snapshot this VM was loaded from, when its memory maps a snapshot's memory file (what
+    /// `PUT /snapshot/working-set` records against).
+    pub loaded_snapshot: Option<LoadedSnapshot>,
 }
 
 impl Instance {
@@ -83,6 +87,7 @@ impl Instance {
             metrics_config: None,
             mmds: Arc::new(Mutex::new(Mmds::new(mmds_limit))),
             mmds_config: None,
+            loaded_snapshot: None,
         }
     }
 

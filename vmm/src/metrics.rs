@@ -204,7 +204,9 @@ fn request_counters(request: &ApiRequest) -> (&'static IncMetric, Option<&'stati
         PutNetworkInterface(_) => (&PUT.network_count, Some(&PUT.network_fails)),
         PutVsock(_) => (&PUT.vsock_count, Some(&PUT.vsock_fails)),
         PutSerial(_) => (&PUT.serial_count, Some(&PUT.serial_fails)),
-        CreateSnapshot(_) | LoadSnapshot(_) => (&PUT.snapshot_count, Some(&PUT.snapshot_fails)),
+        CreateSnapshot(_) | LoadSnapshot(_) | SaveWorkingSet(_) => {
+            (&PUT.snapshot_count, Some(&PUT.snapshot_fails))
+        }
         PatchDrive(_) => (&PATCH.drive_count, Some(&PATCH.drive_fails)),
         PatchMachineConfig(_) => (&PATCH.machine_cfg_count, Some(&PATCH.machine_cfg_fails)),
         PatchMmds(_) => (&PATCH.mmds_count, Some(&PATCH.mmds_fails)),

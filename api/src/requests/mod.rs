@@ -42,7 +42,7 @@ use metrics::Metrics;
 use mmds::MmdsConfig;
 use network_interfaces::{NetworkInterface, NetworkInterfaceUpdate};
 use serial::Serial;
-use snapshot::{SnapshotCreate, SnapshotLoad};
+use snapshot::{SnapshotCreate, SnapshotLoad, WorkingSetSave};
 use vm::VmState;
 use vsock::Vsock;
 
@@ -95,6 +95,8 @@ pub enum ApiRequest {
     CreateSnapshot(SnapshotCreate),
     /// `PUT /snapshot/load`.
     LoadSnapshot(SnapshotLoad),
+    /// `PUT /snapshot/working-set` (Kiln's).
+    SaveWorkingSet(WorkingSetSave),
     /// `GET /balloon`: the balloon's configuration ([`Balloon`]).
     GetBalloon,
     /// `PUT /balloon`.
@@ -145,6 +147,7 @@ pub const ROUTES: &[Route] = &[
     route("PATCH", "/vm"),
     route("PUT", "/snapshot/create"),
     route("PUT", "/snapshot/load"),
+    route("PUT", "/snapshot/working-set"),
     route("GET", "/balloon"),
     route("PUT", "/balloon"),
     route("PATCH", "/balloon"),
@@ -195,6 +198,9 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
             .map(|b| ApiRequest::PatchVm(b.state)),
         ("/snapshot/create", "PUT") => req.json("snapshot/create").map(ApiRequest::CreateSnapshot),
         ("/snapshot/load", "PUT") => req.json("snapshot/load").map(ApiRequest::LoadSnapshot),
+        ("/snapshot/working-set", "PUT") => req
+            .json("snapshot/working-set")
+            .map(ApiRequest::SaveWorkingSet),
         ("/balloon", "GET") => req.no_body(ApiRequest::GetBalloon),
         ("/balloon", "PUT") => {
             let balloon: Balloon = req.json("balloon")?;

@@ -1,4 +1,4 @@
-//! `PUT /snapshot/create` and `PUT /snapshot/load`.
+//! `PUT /snapshot/create`, `PUT /snapshot/load` and Kiln's `PUT /snapshot/working-set`.
 //!
 //! A load body names its memory file either the current way (`mem_backend`) or the deprecated
 //! way (`mem_file_path`); both parse into the same [`SnapshotLoad`], so the VMM sees one shape.
@@ -28,6 +28,16 @@ pub struct SnapshotCreate {
     pub snapshot_path: PathBuf,
     /// Where guest memory goes.
     pub mem_file_path: PathBuf,
+}
+
+/// Kiln's `PUT /snapshot/working-set` body: write the guest pages this VM has touched since its
+/// snapshot was loaded to `path`, for later loads of the same snapshot to prefault
+/// ([`SnapshotLoad::working_set_path`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkingSetSave {
+    /// The file to write (replaced atomically).
+    pub path: PathBuf,
 }
 
 /// Firecracker's memory backend kinds.
@@ -103,6 +113,11 @@ pub struct SnapshotLoad {
     /// Advance the guest's kvmclock by the wall-clock time since the snapshot was taken
     /// (`KVM_CLOCK_REALTIME`), instead of resuming it where it stopped.
     pub clock_realtime: bool,
+    /// Kiln's extension: a working set written by `PUT /snapshot/working-set` in an earlier load
+    /// of the same snapshot; its pages are mapped in before the VM runs, so the guest does not
+    /// fault them in one at a time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub working_set_path: Option<PathBuf>,
 }
 
 /// Firecracker's `VsockOverride` object: the restored vsock device listens here instead of at
@@ -137,6 +152,8 @@ struct SnapshotLoadBody {
     drive_overrides: Vec<DriveOverride>,
     #[serde(default)]
     clock_realtime: bool,
+    #[serde(default)]
+    working_set_path: Option<PathBuf>,
 }
 
 impl TryFrom<SnapshotLoadBody> for SnapshotLoad {
@@ -217,6 +234,7 @@ impl TryFrom<SnapshotLoadBody> for SnapshotLoad {
             network_overrides: body.network_overrides,
             drive_overrides: body.drive_overrides,
             clock_realtime: body.clock_realtime,
+            working_set_path: body.working_set_path,
         })
     }
 }
@@ -279,6 +297,7 @@ mod tests {
             network_overrides: Vec::new(),
             drive_overrides: Vec::new(),
             clock_realtime: false,
+            working_set_path: None,
         };
         let body = br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File",
                         "backend_path": "/m"}, "enable_diff_snapshots": true, "resume_vm": true}"#;
@@ -302,6 +321,34 @@ mod tests {
         assert_eq!(
             parse_request("PUT", "/snapshot/load", body).unwrap(),
             ApiRequest::LoadSnapshot(with_override)
+        );
+    }
+
+    #[test]
+    fn working_sets_are_saved_and_loaded_by_path() {
+        let body = br#"{"snapshot_path": "/s", "mem_file_path": "/m", "working_set_path": "/ws"}"#;
+        let ApiRequest::LoadSnapshot(load) = parse_request("PUT", "/snapshot/load", body).unwrap()
+        else {
+            panic!("wrong variant")
+        };
+        assert_eq!(load.working_set_path, Some(PathBuf::from("/ws")));
+        assert_eq!(
+            parse_request("PUT", "/snapshot/working-set", br#"{"path": "/ws"}"#).unwrap(),
+            ApiRequest::SaveWorkingSet(WorkingSetSave { path: "/ws".into() })
+        );
+        let f = fault(
+            "PUT",
+            "/snapshot/working-set",
+            r#"{"path": "/ws", "pages": 1}"#,
+        );
+        assert!(
+            f.starts_with("snapshot/working-set: unknown field `pages`"),
+            "{f}"
+        );
+        let f = fault("PUT", "/snapshot/working-set", "{}");
+        assert!(
+            f.starts_with("snapshot/working-set: missing field `path`"),
+            "{f}"
         );
     }
 

@@ -144,6 +144,7 @@ impl SnapshotFiles {
             network_overrides: Vec::new(),
             drive_overrides: Vec::new(),
             clock_realtime: false,
+            working_set_path: None,
         }
     }
 }

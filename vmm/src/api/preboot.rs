@@ -179,6 +179,10 @@ impl PreBoot {
             CreateSnapshot(_) => {
                 ApiResponse::fault("snapshot/create: the instance has not started")
             }
+            SaveWorkingSet(_) => ApiResponse::fault(
+                "snapshot/working-set: no snapshot was loaded; a working set is what a VM loaded \
+                 from a snapshot has touched since the load",
+            ),
             LoadSnapshot(_) if self.configured() => ApiResponse::fault(
                 "snapshot/load: not allowed after boot-source, machine-config, drives, vsock, network-interfaces or balloon were configured",
             ),

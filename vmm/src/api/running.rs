@@ -1,8 +1,9 @@
 //! After `InstanceStart` (or a snapshot load): the event loop answers API requests on the VMM
-//! thread. Queries are answered, pause/resume, snapshots, Ctrl-Alt-Del, metrics flushes, MMDS
-//! changes and drive rate limits are carried out, and changes to the booted configuration are
-//! refused by name.
+//! thread. Queries are answered, pause/resume, snapshots, working sets, Ctrl-Alt-Del, metrics
+//! flushes, MMDS changes and drive rate limits are carried out, and changes to the booted
+//! configuration are refused by name.
 
+use std::path::Path;
 use std::time::Instant;
 
 use kiln_api::requests::actions::Action;
@@ -14,6 +15,7 @@ use kiln_api::{ApiRequest, ApiResponse};
 use super::{common, convert};
 use crate::Vmm;
 use crate::metrics::{self, LATENCIES};
+use crate::persist::working_set::WorkingSet;
 
 /// Answers one request for the running (or paused) VM.
 pub fn handle(vmm: &mut Vmm, request: ApiRequest) -> ApiResponse {
@@ -107,10 +109,25 @@ fn answer(vmm: &mut Vmm, request: ApiRequest) -> ApiResponse {
                 Err(e) => ApiResponse::fault(format!("snapshot/create: {e}")),
             }
         }
+        SaveWorkingSet(params) => match save_working_set(vmm, &params.path) {
+            Ok(()) => ApiResponse::NoContent,
+            Err(e) => ApiResponse::fault(format!("snapshot/working-set: {e}")),
+        },
         LoadSnapshot(_) => ApiResponse::fault(
             "snapshot/load: the instance has already started; load into a new kiln-vmm",
         ),
         request @ (GetBalloon | PutBalloon(_) | PatchBalloon(_) | GetBalloonStats
         | PatchBalloonStats(_)) => super::balloon::running(vmm, request),
     }
+}
+
+/// Writes the guest pages `vmm` has touched since its snapshot was loaded to `path`.
+fn save_working_set(vmm: &Vmm, path: &Path) -> Result<(), String> {
+    let loaded = vmm.instance().loaded_snapshot.ok_or(
+        "this VM was not loaded from a snapshot's memory file (PUT /snapshot/load with the File \
+         backend), so there is no snapshot to record its working set against",
+    )?;
+    let set = WorkingSet::record(&vmm.mem, loaded)
+        .map_err(|e| format!("cannot read this process's page map: {e}"))?;
+    set.save(path).map_err(|e| e.to_string())
 }

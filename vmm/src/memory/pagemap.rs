@@ -48,6 +48,21 @@ impl Pagemap {
         pages: u64,
         mut written: impl FnMut(u64),
     ) -> io::Result<()> {
+        self.entries(addr, pages, |i, entry| {
+            if is_private_copy(entry) {
+                written(i);
+            }
+        })
+    }
+
+    /// Calls `each(i, entry)` with the page map entry of each page `i` of the `pages` pages from
+    /// host address `addr` (page aligned).
+    pub fn entries(
+        &mut self,
+        addr: u64,
+        pages: u64,
+        mut each: impl FnMut(u64, u64),
+    ) -> io::Result<()> {
         let first = addr / kiln_snapshot::PAGE_SIZE;
         self.0.seek(SeekFrom::Start(first * 8))?;
         let mut buf = vec![0u8; CHUNK.min(pages as usize) * 8];
@@ -56,15 +71,20 @@ impl Pagemap {
             let n = (pages - done).min(CHUNK as u64) as usize;
             self.0.read_exact(&mut buf[..n * 8])?;
             for (i, e) in buf[..n * 8].chunks_exact(8).enumerate() {
-                let entry = u64::from_le_bytes(e.try_into().unwrap_or_default());
-                if is_private_copy(entry) {
-                    written(done + i as u64);
-                }
+                each(
+                    done + i as u64,
+                    u64::from_le_bytes(e.try_into().unwrap_or_default()),
+                );
             }
             done += n as u64;
         }
         Ok(())
     }
+}
+
+/// Whether a pagemap entry is a page this process has mapped (present, or swapped out).
+pub fn is_mapped(entry: u64) -> bool {
+    entry & (PRESENT | SWAPPED) != 0
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod memory;
 pub mod restore;
 pub mod uffd;
 pub mod validate;
+pub mod working_set;
 
 use std::path::PathBuf;
 

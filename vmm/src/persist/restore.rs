@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::memory::check_file;
 use super::uffd;
 use super::validate::validate;
+use super::working_set::{LoadedSnapshot, WorkingSet};
 use super::{DeviceKindState, MicrovmState, PersistError};
 use crate::Vmm;
 use crate::builder::{BuildError, Platform, create_vm, free_pages};
@@ -185,11 +186,25 @@ pub fn restore(
     // The handler has guest memory before anything below can touch it, and `prepared` is taken
     // only after that: a handler that is not there leaves the VMM as it was, ready for another
     // load.
+    let loaded = LoadedSnapshot {
+        snapshot_id: state.snapshot_id,
+        mem_size: state.mem_size,
+    };
     let (mem, page_fault_handler) = match &file {
-        Some(file) => (
-            map_snapshot(file, state.mem_size).map_err(BuildError::from)?,
-            None,
-        ),
+        Some(file) => {
+            let mem = map_snapshot(file, state.mem_size).map_err(BuildError::from)?;
+            if let Some(path) = &params.working_set_path {
+                WorkingSet::load(path, loaded, &mem)?.prefault(&mem)?;
+            }
+            (mem, None)
+        }
+        None if params.working_set_path.is_some() => {
+            return Err(refused(
+                "working_set_path: a working set is mapped in from the memory file; with the Uffd \
+                 backend the page-fault handler serves every page"
+                    .into(),
+            ));
+        }
         None => {
             let (mem, handler) = uffd::connect(&params.mem_backend.backend_path, state.mem_size)?;
             (mem, Some(handler))
@@ -306,6 +321,7 @@ pub fn restore(
             .map_err(BuildError::from)?;
     }
 
+    instance.loaded_snapshot = file.is_some().then_some(loaded);
     if let Some(mmds) = mmds_config {
         instance
             .configure_mmds(mmds)
