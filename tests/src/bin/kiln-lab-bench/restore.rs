@@ -10,9 +10,11 @@
 //! - and, for scale, a second exec of `true` in the same VM (a warm round trip).
 //!
 //! The same is done on the new path: `kiln-vmm` started ahead of the request (as a pool keeps
-//! them) and the clone step and first exec sent with the agent's connection in one round trip.
-//! The paths are interleaved; each is printed with p50/p99 per step and in total, and the new
-//! path's share of the old one's time.
+//! them) and the clone step and first exec sent with the agent's connection in one round trip;
+//! and on the new path with a working set: the pages one restore touched up to its first result
+//! (`PUT /snapshot/working-set`, recorded once before the runs) are mapped in by the load
+//! (`working_set_path`) before the guest runs. The paths are interleaved; each is printed with
+//! p50/p99 per step and in total, and the new paths' share of the old one's time.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,8 +41,20 @@ const STEPS: [&str; 6] = [
 type Steps = [Duration; 6];
 
 thread_local! {
-    /// KVM counter deltas (exits, faults fixed, 4K pages) per new-path restore.
-    static COUNTERS: std::cell::RefCell<Vec<[u64; 3]>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// KVM counter deltas (exits, faults fixed, 4K pages) per new-path restore, by path.
+    static COUNTERS: std::cell::RefCell<BTreeMap<&'static str, Vec<[u64; 3]>>> =
+        const { std::cell::RefCell::new(BTreeMap::new()) };
+}
+
+/// How a new-path restore is loaded.
+#[derive(Clone, Copy)]
+enum Prefault<'a> {
+    /// Plain: every page faults in when the guest touches it.
+    None,
+    /// Record the working set to this file after the first result.
+    Record(&'a Path),
+    /// Map the working set in this file in before the guest runs.
+    Apply(&'a Path),
 }
 
 /// Restores `state`/`mem` once as `name` and times each step.
@@ -100,10 +114,19 @@ fn kvm_counters(pid: u32) -> Option<[u64; 3]> {
 /// The new path: `kiln-vmm` started ahead (as a pool keeps them; not timed), then the load, and
 /// the clone step and first exec pipelined with the agent's connection in one round trip
 /// (`client::restore_and_exec`). Steps: load, then connect + clone step + first exec as one.
-fn restore_steps_fast(dir: &Path, name: &str, state: &Path, mem: &Path) -> Result<Steps, String> {
+fn restore_steps_fast(
+    dir: &Path,
+    name: &str,
+    state: &Path,
+    mem: &Path,
+    prefault: Prefault,
+) -> Result<Steps, String> {
     let vm = KilnVm::spawn(dir, name)?;
     let t1 = Instant::now();
-    vm.load(state, mem)?;
+    match prefault {
+        Prefault::Apply(ws) => vm.load_with_working_set(state, mem, ws)?,
+        Prefault::None | Prefault::Record(_) => vm.load(state, mem)?,
+    }
     let t2 = Instant::now();
     let at_load = kvm_counters(vm.pid());
     let first = client::restore_and_exec(
@@ -121,7 +144,23 @@ fn restore_steps_fast(dir: &Path, name: &str, state: &Path, mem: &Path) -> Resul
     }
     let t5 = Instant::now();
     if let (Some(a), Some(b)) = (at_load, kvm_counters(vm.pid())) {
-        COUNTERS.with(|c| c.borrow_mut().push([b[0] - a[0], b[1] - a[1], b[2] - a[2]]));
+        let path = match prefault {
+            Prefault::Apply(_) => "with the working set",
+            Prefault::None | Prefault::Record(_) => "without",
+        };
+        COUNTERS.with(|c| {
+            c.borrow_mut()
+                .entry(path)
+                .or_default()
+                .push([b[0] - a[0], b[1] - a[1], b[2] - a[2]])
+        });
+    }
+    if let Prefault::Record(ws) = prefault {
+        vm.api(
+            "PUT",
+            "/snapshot/working-set",
+            &format!(r#"{{"path": "{}"}}"#, ws.display()),
+        )?;
     }
     let again = first
         .client
@@ -176,21 +215,29 @@ pub fn run(runs: usize) -> Result<(), String> {
         vm.api("PATCH", "/vm", r#"{"state": "Paused"}"#)?;
         vm.snapshot(&state, &mem, "Full")?;
     }
-    // Interleaved, so that drift in the lab's speed hits both paths alike.
-    let (mut old, mut new) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    // The working set: what one fresh restore touches up to its first result.
+    let ws = dir.join("full.ws");
+    restore_steps_fast(dir, "record", &state, &mem, Prefault::Record(&ws))?;
+    // Interleaved, so that drift in the lab's speed hits every path alike.
+    let mut paths: [Vec<Steps>; 3] = Default::default();
     for i in 0..runs {
         let o = restore_steps(dir, &format!("o{i}"), &state, &mem)?;
-        let n = restore_steps_fast(dir, &format!("n{i}"), &state, &mem)?;
+        let n = restore_steps_fast(dir, &format!("n{i}"), &state, &mem, Prefault::None)?;
+        let w = restore_steps_fast(dir, &format!("w{i}"), &state, &mem, Prefault::Apply(&ws))?;
         let total = |s: &Steps| s[..5].iter().sum::<Duration>().as_secs_f64() * 1e3;
         eprintln!(
-            "restore {}/{runs}: {:.0} ms (old path), {:.0} ms (new path) to the first result",
+            "restore {}/{runs}: {:.0} ms (old path), {:.0} ms (new path), {:.0} ms (new path \
+             with the working set) to the first result",
             i + 1,
             total(&o),
-            total(&n)
+            total(&n),
+            total(&w)
         );
-        old.push(o);
-        new.push(n);
+        for (path, steps) in paths.iter_mut().zip([o, n, w]) {
+            path.push(steps);
+        }
     }
+    let [old, new, warm] = paths;
     let before = report(
         "restore -> first exec result, the old path (spawn, load, connect, clone step, exec)",
         &old,
@@ -200,18 +247,25 @@ pub fn run(runs: usize) -> Result<(), String> {
          step and exec in one round trip, reported as \"connect\")",
         &new,
     );
+    let prefaulted = report(
+        "restore -> first exec result, the new path with the working set mapped in by the load \
+         (in \"load\")",
+        &warm,
+    );
     println!(
-        "\nthe new path takes {:.2}x the old path's time to the first result",
-        after / before
+        "\nthe new path takes {:.2}x the old path's time to the first result; with the working \
+         set {:.2}x (and {:.2}x the new path's without it)",
+        after / before,
+        prefaulted / before,
+        prefaulted / after
     );
     COUNTERS.with(|c| {
-        let c = c.borrow();
-        let n = c.len();
-        if n > 0 {
+        for (path, c) in c.borrow().iter() {
+            let n = c.len();
             let avg = |i: usize| c.iter().map(|s| s[i]).sum::<u64>() / n as u64;
             println!(
-                "from load to the first result (new path, mean of {n}): {} KVM exits, {} page \
-                 faults fixed (nested page faults in the lab), {} 4K pages mapped",
+                "from load to the first result (new path {path}, mean of {n}): {} KVM exits, \
+                 {} page faults fixed (nested page faults in the lab), {} 4K pages mapped",
                 avg(0),
                 avg(1),
                 avg(2)

@@ -41,7 +41,10 @@ impl Drop for KilnVm {
 }
 
 impl KilnVm {
-    /// Starts `kiln-vmm --api-sock` as `name` in `dir` and waits for its socket.
+    /// Starts `kiln-vmm --api-sock` as `name` in `dir` and waits for its socket. With
+    /// `KILN_BENCH_LEVEL` set (`Debug`, say) the VMM logs at that level on stderr, which shows
+    /// where its own time goes (`cargo xtask lab -- sh -c 'KILN_BENCH_LEVEL=Debug kiln-lab-bench
+    /// restore --runs 2'`).
     pub fn spawn(dir: &Path, name: &str) -> Result<Self, String> {
         let sock = dir.join(format!("{name}.api"));
         let uds = dir.join(format!("{name}.vsock"));
@@ -50,6 +53,11 @@ impl KilnVm {
             .arg(&sock)
             .arg("--serial-out")
             .arg("/dev/null")
+            .args(
+                std::env::var("KILN_BENCH_LEVEL")
+                    .map(|l| vec!["--level".to_string(), l])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .spawn()
             .map_err(|e| format!("starting kiln-vmm: {e}"))?;
@@ -127,6 +135,15 @@ impl KilnVm {
             "/snapshot/load",
             &snapshot_load_body(state, mem, false, &self.uds),
         )
+    }
+
+    /// [`load`](Self::load), mapping in the working set `ws` before the guest runs.
+    pub fn load_with_working_set(&self, state: &Path, mem: &Path, ws: &Path) -> Result<(), String> {
+        let mut body: serde_json::Value =
+            serde_json::from_str(&snapshot_load_body(state, mem, false, &self.uds))
+                .map_err(|e| format!("the load body: {e}"))?;
+        body["working_set_path"] = ws.display().to_string().into();
+        self.api("PUT", "/snapshot/load", &body.to_string())
     }
 
     /// The agent, once it answers a ping.
