@@ -144,6 +144,7 @@ dir = "{out}/tree"
         "{steps:?}"
     );
     assert!(steps.iter().any(|s| s == "snapshot"), "{steps:?}");
+    assert!(steps.iter().any(|s| s == "working set"), "{steps:?}");
     assert_eq!(
         std::fs::read_to_string(dir.join("steps")).unwrap(),
         "built\n"
@@ -156,6 +157,7 @@ dir = "{out}/tree"
         "memory",
         "spec.json",
         "ready",
+        "working-set.json",
     ] {
         assert!(stored.join(f).exists(), "{f} is missing from the template");
     }

@@ -331,6 +331,17 @@ allow_domains = ["pypi.org"]
         api.contains(r#""network_overrides":[{"iface_id":"eth0","host_dev_name":"kiln0"}]"#),
         "{api}"
     );
+    // The build recorded the template's working set once, and the sandbox's load maps it in.
+    assert_eq!(api.matches("PUT /snapshot/working-set").count(), 1, "{api}");
+    let sandbox_load = api
+        .lines()
+        .rfind(|l| l.starts_with("PUT /snapshot/load"))
+        .unwrap();
+    assert!(
+        sandbox_load.contains(r#""working_set_path":"#)
+            && sandbox_load.contains("working-set.json"),
+        "{sandbox_load}"
+    );
     // Its resolver answers on the gateway and refuses a name it was not allowed; the refusal is
     // in kilnd's log with the sandbox's id, and counted in its info.
     assert_eq!(resolve(&k, &a, "blocked.test"), "3", "NXDOMAIN");

@@ -184,10 +184,21 @@ fn serve_api(mode: &str, sock: &Path) {
                 {
                     return ApiResponse::fault(fault);
                 }
+                if let Some(ws) = body.working_set_path.as_ref().filter(|p| !p.is_file()) {
+                    return ApiResponse::fault(format!(
+                        "working_set_path {}: not found",
+                        ws.display()
+                    ));
+                }
                 if let Some(o) = body.vsock_override {
                     let listener = UnixListener::bind(&o.uds_path).unwrap();
                     thread::spawn(move || accept_loop(listener));
                 }
+                ApiResponse::NoContent
+            }
+            ApiRequest::SaveWorkingSet(body) => {
+                log_line(&format!("PUT /snapshot/working-set {}", json(&body)));
+                std::fs::write(&body.path, b"fake working set").unwrap();
                 ApiResponse::NoContent
             }
             other => ApiResponse::fault(format!("the fake VMM does not do {other:?}")),

@@ -24,7 +24,7 @@ const REFILL_HOLD: Duration = Duration::from_secs(1);
 /// pages: each first touch of a snapshot page is a fault the host serves); run here, that is off
 /// the sandbox's first command. It runs nothing of the template's own (`exit` is the shell's
 /// builtin); a template without `/bin/sh` just skips it.
-const WARM_UP: [&str; 3] = ["/bin/sh", "-c", "exit 0"];
+pub const WARM_UP: [&str; 3] = ["/bin/sh", "-c", "exit 0"];
 /// How long the warm-up may take.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(30);
 
@@ -232,7 +232,7 @@ impl Daemon {
 }
 
 /// Runs [`WARM_UP`] in a warm VM; a failure only means the first command will not have it.
-fn warm_up(client: &kiln_agent::client::Client) {
+pub(crate) fn warm_up(client: &kiln_agent::client::Client) {
     let mut spec = kiln_agent::protocol::ExecSpec::new(WARM_UP);
     spec.timeout_ms = Some(WARM_UP_LIMIT.as_millis() as u64);
     match client.run(spec) {

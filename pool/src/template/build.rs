@@ -1,15 +1,17 @@
 //! Building a template: root filesystem image with the agent -> boot with the root writable and
 //! run the build steps -> boot again over a fresh copy-on-write overlay of the image (`disk =
 //! "cow"`, the overlay is kept with the snapshot) or read-only under the agent's tmpfs overlay
-//! (`disk = "tmpfs"`) -> start -> ready -> Full snapshot. The result is stored under its content key ([`super::key`]), so an
-//! unchanged spec is a cache hit; it is built in its final folder (the snapshot names the root
-//! image's path) behind a `building` marker, and removed again if anything fails.
+//! (`disk = "tmpfs"`) -> start -> ready -> Full snapshot -> one restore, whose working set is
+//! kept for every later restore to map in ahead. The result is stored under its content key
+//! ([`super::key`]), so an unchanged spec is a cache hit; it is built in its final folder (the
+//! snapshot names the root image's path) behind a `building` marker, and removed again if
+//! anything fails.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kiln_agent::client::{Client, ExecOutput, wait_ready};
+use kiln_agent::client::{Client, ExecOutput, restore_connect, wait_ready};
 use kiln_agent::protocol::{ExecSpec, ExitStatus};
 
 use super::rootfs::{self, RootfsError};
@@ -357,6 +359,36 @@ fn snapshot(
     Ok(())
 }
 
+/// Restores the new snapshot once, as the pool will (clone step, then the pool's warm-up
+/// command), and stores the guest pages it touched as the template's working set, which every
+/// later restore maps in before the guest runs. A snapshot that does not restore fails the build
+/// here rather than in the pool.
+fn record_working_set(
+    spec: &Spec,
+    inputs: &Inputs,
+    files: &TemplateFiles,
+    say: &mut dyn FnMut(BuildEvent),
+) -> Result<(), BuildError> {
+    const STEP: &str = "working set";
+    say(BuildEvent::Step { name: STEP.into() });
+    let _ = std::fs::remove_file(&files.working_set);
+    let dir = files.dir.join("vm-ws");
+    let net = build_net(spec, inputs)?;
+    let mut vm = VmProcess::spawn(&inputs.vmm, &dir, limits(spec), net).map_err(vm_err(STEP))?;
+    vm.restore(files).map_err(vm_err(STEP))?;
+    let env = sandbox_env(spec, &BTreeMap::new());
+    let (client, _) =
+        restore_connect(&vm.vsock, Instant::now() + BOOT_WAIT, env).map_err(agent_err(STEP))?;
+    crate::daemon::pool::warm_up(&client);
+    vm.save_working_set(&files.working_set)
+        .map_err(vm_err(STEP))?;
+    drop(client);
+    vm.kill();
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 /// The network of a build VM of `spec`: a sandbox network with the spec's `build` policy (its
 /// refusals in kilnd's log under `template-NAME`), unless kilnd runs without networks. The
 /// snapshot VM gets one too, so the template's snapshot has `eth0` and any sandbox of it can be
@@ -406,6 +438,7 @@ pub fn build(
         run_steps(spec, inputs, files, say)?;
     }
     snapshot(spec, inputs, files, say)?;
+    record_working_set(spec, inputs, files, say)?;
     if inputs.net {
         std::fs::write(files.dir.join(super::NIC_MARKER), "eth0\n").map_err(|err| {
             BuildError::Store {

@@ -42,6 +42,10 @@ pub struct TemplateFiles {
     /// The root drive's copy-on-write overlay as it was at the snapshot (only with
     /// `disk = "cow"`; never written after the snapshot: each VM restored from it gets a copy).
     pub overlay: PathBuf,
+    /// The guest pages a restore of the snapshot touched up to the end of its first command
+    /// (kiln-vmm's working set, recorded by the build); every restore maps them in ahead. A
+    /// snapshot without one (a paused sandbox's) is restored without.
+    pub working_set: PathBuf,
 }
 
 /// The marker a template folder holds when its snapshot has a network interface.
@@ -62,6 +66,7 @@ impl TemplateFiles {
             state: dir.join("vmstate"),
             memory: dir.join("memory"),
             overlay: dir.join(crate::disk::OVERLAY),
+            working_set: dir.join("working-set.json"),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Driving a running VMM through its API socket: boot, restore, pause, resume, snapshot, and
-//! the files it is given (linked into its jail when it has one).
+//! Driving a running VMM through its API socket: boot, restore, pause, resume, snapshot, working
+//! set, and the files it is given (linked into its jail when it has one).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -11,6 +11,9 @@ use super::{
     VmProcess,
 };
 use crate::template::TemplateFiles;
+
+/// A working set's name in a jail.
+const WORKING_SET_NAME: &str = "working-set.json";
 
 impl VmProcess {
     /// The path the VMM sees for the host path `host` (its own in a jail).
@@ -136,7 +139,25 @@ impl VmProcess {
         if let Some(overrides) = self.net.overrides() {
             body["network_overrides"] = overrides;
         }
+        if from.working_set.is_file() {
+            let ws = self.give(&from.working_set, WORKING_SET_NAME, false)?;
+            body["working_set_path"] = json!(ws);
+        }
         self.api("PUT", "/snapshot/load", body)
+    }
+
+    /// Writes the working set of this restored VM (the guest pages it has touched since the
+    /// load) to `to`; in a jail it is written there and moved out.
+    pub fn save_working_set(&mut self, to: &Path) -> Result<(), VmError> {
+        let Some((jail, _)) = &self.jail else {
+            return self.api("PUT", "/snapshot/working-set", json!({"path": to}));
+        };
+        let inside = self.in_vm(&jail.root.join(WORKING_SET_NAME));
+        self.api("PUT", "/snapshot/working-set", json!({"path": inside}))?;
+        if let Some((jail, _)) = &self.jail {
+            jail.take_out(WORKING_SET_NAME, to)?;
+        }
+        Ok(())
     }
 
     /// Pauses the vCPUs.
