@@ -127,7 +127,13 @@ fn save_working_set(vmm: &Vmm, path: &Path) -> Result<(), String> {
         "this VM was not loaded from a snapshot's memory file (PUT /snapshot/load with the File \
          backend), so there is no snapshot to record its working set against",
     )?;
-    let set = WorkingSet::record(&vmm.mem, loaded)
-        .map_err(|e| format!("cannot read this process's page map: {e}"))?;
+    let set = WorkingSet::record(&vmm.mem, loaded).map_err(|e| {
+        let jail = if e.kind() == std::io::ErrorKind::NotFound {
+            " (there is no /proc here: a jail has none)"
+        } else {
+            ""
+        };
+        format!("cannot read /proc/self/pagemap{jail}: {e}")
+    })?;
     set.save(path).map_err(|e| e.to_string())
 }
