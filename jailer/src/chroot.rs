@@ -1,6 +1,7 @@
 //! Moving into the jail: a new mount namespace whose mounts are all private, the jail's root
 //! bind-mounted on itself and made `/` with `pivot_root`, the old root detached, then the device
-//! nodes the VMM needs created inside and given to uid:gid.
+//! nodes the VMM needs created inside and given to uid:gid, and a procfs that shows the VMM only
+//! itself ([`mount_proc`]).
 //!
 //! Where the host runs from its initial ramfs (the lab's L1 does), `pivot_root` is refused
 //! (EINVAL): there the jail's mount is moved over `/` and chrooted into instead, as runc does
@@ -188,6 +189,48 @@ pub fn make_devices(devices: &[Device], uid: u32, gid: u32) -> Result<(), Chroot
             .map_err(|e| node("chmod", e))?;
         chown(path, Some(uid), Some(gid)).map_err(|e| node("chown", e))?;
     }
+    Ok(())
+}
+
+/// The jail's own procfs: mounted at `/proc` in the (entered) jail, showing only process
+/// directories (`subset=pid`: no `/proc/sys`, no `/proc/kcore`, no host-wide files) and of those
+/// only the processes the viewer may trace (`hidepid=invisible`): for the VMM, running as the
+/// jail's uid, itself. kiln-vmm reads its own page map there (`/proc/self/pagemap`: which guest
+/// pages it has touched, for working sets and free-page snapshots). Linux 5.8 or later.
+pub const PROC_OPTIONS: &str = "hidepid=invisible,subset=pid";
+
+/// Mounts the jail's procfs ([`PROC_OPTIONS`]) at `/proc`, no setuid, devices or exec.
+pub fn mount_proc() -> Result<(), ChrootError> {
+    let path = Path::new("/proc");
+    std::fs::create_dir(path)
+        .or_else(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => Ok(()),
+            _ => Err(e),
+        })
+        .map_err(|err| ChrootError::Node {
+            what: "create",
+            path: path.into(),
+            err,
+        })?;
+    let proc = CString::from(c"proc");
+    let target = CString::from(c"/proc");
+    let options =
+        CString::new(PROC_OPTIONS).map_err(|e| mount_err("bad options for", path)(e.into()))?;
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    check(unsafe {
+        libc::mount(
+            proc.as_ptr(),
+            target.as_ptr(),
+            proc.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            options.as_ptr().cast(),
+        )
+    })
+    .map_err(|err| ChrootError::Mount {
+        what: "cannot mount a procfs (hidepid=invisible,subset=pid: Linux 5.8 or later) at",
+        path: path.into(),
+        err,
+    })?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! Exit status: 2 for bad input, 1 when a step fails on the host, otherwise the jailed process's.
 
 use std::fmt::Display;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use kiln_jailer::args::{self, CleanupArgs, Command, JailArgs};
@@ -170,6 +170,8 @@ fn build(
     let devices = chroot::host_devices().map_err(at("devices"))?;
     chroot::enter(&jail.root).map_err(at("mount namespace"))?;
     chroot::make_devices(&devices, args.uid, args.gid).map_err(at("devices"))?;
+    chroot::mount_proc().map_err(at("proc"))?;
+    undo.mounted(Path::new("/proc"));
     let exec = PathBuf::from("/").join(&exec_name);
     let mut needed = vec![exec.clone()];
     needed.extend(deps.interpreter.clone());

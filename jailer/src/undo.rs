@@ -26,6 +26,9 @@ enum Step {
         /// Its path, for messages.
         path: PathBuf,
     },
+    /// A file system this run mounted in the jail (its procfs), by its path as this process
+    /// sees it; detached so that the jail's tree can go.
+    Mount(PathBuf),
 }
 
 /// The steps recorded so far; [`Undo::run`] takes them back, dropping it keeps them.
@@ -72,13 +75,18 @@ impl Undo {
         self.steps.push(Step::Leave { procs, path });
     }
 
+    /// Records that this run mounted a file system at `path` (as this process sees it).
+    pub fn mounted(&mut self, path: &Path) {
+        self.steps.push(Step::Mount(path.to_path_buf()));
+    }
+
     /// The host paths this run created, for a message when they must be left behind.
     pub fn created(&self) -> Vec<PathBuf> {
         self.steps
             .iter()
             .filter_map(|s| match s {
                 Step::Tree(e) | Step::Cgroup(e, _) => Some(e.path.clone()),
-                Step::Leave { .. } => None,
+                Step::Leave { .. } | Step::Mount(_) => None,
             })
             .collect()
     }
@@ -101,6 +109,15 @@ impl Undo {
                     )),
                     _ => {}
                 },
+                Step::Mount(path) => {
+                    let detached = crate::sys::cstring(&path).and_then(|c| {
+                        // SAFETY: `c` is NUL-terminated; MNT_DETACH takes the mount away lazily.
+                        crate::sys::check(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) })
+                    });
+                    if let Err(err) = detached {
+                        problems.push(format!("could not unmount {}: {err}", path.display()));
+                    }
+                }
                 Step::Leave { mut procs, path } => {
                     if let Err(err) = procs.write_all(getpid().to_string().as_bytes()) {
                         problems.push(format!(

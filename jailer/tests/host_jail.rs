@@ -131,6 +131,36 @@ fn a_jailed_vmm_is_unprivileged_rooted_namespaced_limited_and_cleaned_up() {
     );
     assert_ne!(namespace(&p, "net"), namespace(&me, "net"));
     assert_eq!(namespace(&p, "pid"), namespace(&me, "pid"));
+    // Its /proc: a procfs of the jail's own, process directories only, no setuid, devices or
+    // exec; and what uid 123 sees in it is its own processes, nobody else's.
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let proc_mount = mountinfo
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/proc"))
+        .unwrap_or_else(|| panic!("no /proc in the jail:\n{mountinfo}"));
+    assert!(proc_mount.contains(" - proc proc "), "{proc_mount}");
+    assert!(
+        proc_mount.contains("hidepid=invisible") && proc_mount.contains("subset=pid"),
+        "{proc_mount}"
+    );
+    let flags = proc_mount.split_whitespace().nth(5).unwrap();
+    for flag in ["nosuid", "nodev", "noexec"] {
+        assert!(flags.split(',').any(|f| f == flag), "{proc_mount}");
+    }
+    let seen = Command::new("ls")
+        .arg(format!("/proc/{pid}/root/proc"))
+        .uid(123)
+        .gid(123)
+        .output()
+        .unwrap();
+    assert!(seen.status.success(), "{seen:?}");
+    let seen = String::from_utf8(seen.stdout).unwrap();
+    let names: Vec<&str> = seen.lines().collect();
+    assert!(names.contains(&p.as_str()), "{names:?}");
+    assert!(names.contains(&"self"), "{names:?}");
+    for hidden in ["1", me.as_str(), "sys", "kcore", "meminfo"] {
+        assert!(!names.contains(&hidden), "{hidden} is visible: {names:?}");
+    }
     // Its cgroup, with the limit written.
     let cgroup = memory_cgroup(&id);
     let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
