@@ -363,10 +363,6 @@ fn snapshot(
 /// command), and stores the guest pages it touched as the template's working set, which every
 /// later restore maps in before the guest runs. A snapshot that does not restore fails the build
 /// here rather than in the pool.
-///
-/// Not with jailed VMMs: kiln-vmm reads what the guest touched from `/proc/self/pagemap`, and a
-/// jail has no `/proc` (as Firecracker's has none); the step says so and the template's restores
-/// fault every page in as before.
 fn record_working_set(
     spec: &Spec,
     inputs: &Inputs,
@@ -374,15 +370,8 @@ fn record_working_set(
     say: &mut dyn FnMut(BuildEvent),
 ) -> Result<(), BuildError> {
     const STEP: &str = "working set";
-    let _ = std::fs::remove_file(&files.working_set);
-    if inputs.vmm.jail.is_some() {
-        say(BuildEvent::Step {
-            name: "working set: not recorded (a jailed VMM has no /proc to read its page map from)"
-                .into(),
-        });
-        return Ok(());
-    }
     say(BuildEvent::Step { name: STEP.into() });
+    let _ = std::fs::remove_file(&files.working_set);
     let dir = files.dir.join("vm-ws");
     let net = build_net(spec, inputs)?;
     let mut vm = VmProcess::spawn(&inputs.vmm, &dir, limits(spec), net).map_err(vm_err(STEP))?;

@@ -129,7 +129,8 @@ fn save_working_set(vmm: &Vmm, path: &Path) -> Result<(), String> {
     )?;
     let set = WorkingSet::record(&vmm.mem, loaded).map_err(|e| {
         let jail = if e.kind() == std::io::ErrorKind::NotFound {
-            " (there is no /proc here: a jail has none)"
+            " (this process sees no /proc: kiln-jailer mounts one in its jails, a chroot made \
+             otherwise may have none)"
         } else {
             ""
         };
