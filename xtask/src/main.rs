@@ -13,6 +13,7 @@ mod lab;
 mod rootfs;
 mod run;
 mod sdk;
+mod static_exe;
 mod test;
 mod util;
 

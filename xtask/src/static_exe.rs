@@ -1,21 +1,26 @@
-//! Builds Kiln's guest agent as a static executable and checks that it really is static: it runs
-//! as PID 1 in a root filesystem whose libc it must not depend on.
+//! Executables linked statically against glibc (`-C target-feature=+crt-static`, for the host's
+//! own target triple in a target folder of its own), and the check that one really is static:
+//! the guest agent runs as PID 1 in a root filesystem whose libc it must not depend on, and
+//! kiln-vmm is shipped static as Firecracker is (no shared libraries to copy into each jail, and
+//! none of libc's pages in each VMM's resident memory).
 
 use crate::util;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The target triple the agent is built for; a separate target folder keeps the static flags from
-/// rebuilding the host's own artifacts.
+/// The target triple static executables are built for; a separate target folder keeps the static
+/// flags from rebuilding the host's own artifacts.
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
-/// Builds `kiln-agent` in release mode with a static C runtime and returns the executable's path.
-pub fn build() -> util::Result<PathBuf> {
+/// Builds the bin target `bin` of `package` in release mode with a static C runtime, checks that
+/// it is static, and returns its path.
+pub fn build(package: &str, bin: &str) -> util::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("xtask: cargo build --release -p kiln-agent --target {TARGET} (static)");
+    eprintln!("xtask: cargo build --release -p {package} --bin {bin} --target {TARGET} (static)");
     let messages = util::output(
         Command::new(cargo)
-            .args(["build", "--release", "-p", "kiln-agent", "--target", TARGET])
+            .args(["build", "--release", "-p", package, "--bin", bin])
+            .args(["--target", TARGET])
             // JSON on stdout names the executable wherever the target folder is; diagnostics
             // are still rendered for people on stderr.
             .arg("--message-format=json-render-diagnostics")
@@ -25,19 +30,19 @@ pub fn build() -> util::Result<PathBuf> {
             )
             .current_dir(util::workspace_root()),
     )?;
-    let exe = agent_executable(&messages)
-        .ok_or("cargo built kiln-agent but reported no kiln-agent executable")?;
+    let exe = executable(&messages, bin)
+        .ok_or_else(|| format!("cargo built {package} but reported no {bin} executable"))?;
     check_static(&exe)?;
     Ok(exe)
 }
 
-/// The `kiln-agent` binary's path from cargo's JSON messages.
-fn agent_executable(messages: &str) -> Option<PathBuf> {
+/// The path of the executable `bin` from cargo's JSON messages.
+fn executable(messages: &str, bin: &str) -> Option<PathBuf> {
     messages
         .lines()
         .rev()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "kiln-agent")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
 }
 
@@ -47,8 +52,8 @@ pub fn check_static(path: &Path) -> util::Result<()> {
     match elf_interpreter(&bytes) {
         Ok(None) => Ok(()),
         Ok(Some(interp)) => Err(format!(
-            "{} is dynamically linked (it asks for {interp}); the guest agent must be static \
-             (is RUSTFLAGS set? it overrides the target's +crt-static flag)",
+            "{} is dynamically linked (it asks for {interp}); it must be static (is RUSTFLAGS \
+             set? it overrides the target's +crt-static flag)",
             path.display()
         )),
         Err(why) => Err(format!("{} {why}", path.display())),
@@ -156,14 +161,18 @@ mod tests {
     }
 
     #[test]
-    fn executable_comes_from_the_agent_artifact() {
+    fn executable_comes_from_the_named_artifact() {
         let messages = r#"{"reason":"compiler-artifact","target":{"name":"libc"},"executable":null}
 {"reason":"compiler-artifact","target":{"name":"kiln-agent"},"executable":"/t/release/kiln-agent"}
 {"reason":"build-finished","success":true}"#;
         assert_eq!(
-            agent_executable(messages),
+            executable(messages, "kiln-agent"),
             Some(PathBuf::from("/t/release/kiln-agent"))
         );
-        assert_eq!(agent_executable("{\"reason\":\"build-finished\"}"), None);
+        assert_eq!(executable(messages, "kiln-vmm"), None);
+        assert_eq!(
+            executable("{\"reason\":\"build-finished\"}", "kiln-agent"),
+            None
+        );
     }
 }

@@ -36,6 +36,9 @@ const E2FSPROGS: &[&str] = &["mke2fs", "e2fsck", "resize2fs", "debugfs"];
 /// the host.
 const HEADROOM: u64 = 4 << 30;
 
+/// The workspace binary the lab gets statically linked ([`crate::static_exe`]).
+const STATIC_VMM: &str = "kiln-vmm";
+
 /// Builds the image at `<run_dir>/work.img` and returns its path.
 pub fn build(spec: &ImageSpec, run_dir: &Path) -> Result<PathBuf> {
     let staging = run_dir.join("staging");
@@ -44,11 +47,13 @@ pub fn build(spec: &ImageSpec, run_dir: &Path) -> Result<PathBuf> {
     let mut executables = Vec::new();
 
     if spec.build_bins {
-        for bin in workspace_bins()? {
-            let to = staging
-                .join("bin")
-                .join(bin.file_name().unwrap_or_default());
-            copy(&bin, &to)?;
+        for mut bin in workspace_bins()? {
+            let name = bin.file_name().unwrap_or_default().to_owned();
+            if name == STATIC_VMM {
+                // Shipped static, as Firecracker is: no libc pages in each VMM's memory.
+                bin = crate::static_exe::build(STATIC_VMM, STATIC_VMM)?;
+            }
+            copy(&bin, &staging.join("bin").join(&name))?;
             executables.push(bin);
         }
     }
