@@ -140,6 +140,38 @@ fn a_burst_waits_for_room_and_then_arrives_whole_and_in_order() {
 }
 
 #[test]
+fn chains_a_walk_took_but_no_frame_filled_are_the_next_walks_first() {
+    let mut t = TestNet::new();
+    // Each walk takes room for a 64 KiB frame (17 buffers) and small frames fill one each.
+    t.give_rx(40, 4096);
+    for i in 0..3 {
+        t.host_sends(VnetHdr::default(), &frame(100, i));
+    }
+    t.run();
+    let first = t.rx_used();
+    for i in 3..6 {
+        t.host_sends(VnetHdr::default(), &frame(200, i));
+    }
+    t.run();
+    let second = t.rx_used();
+    let ids: Vec<u16> = first.iter().chain(&second).map(|&(id, _)| id).collect();
+    assert_eq!(
+        ids,
+        [0, 1, 2, 3, 4, 5],
+        "buffers used in ring order, none skipped"
+    );
+    let lens: Vec<u32> = first.iter().chain(&second).map(|&(_, len)| len).collect();
+    let (small, large) = ((HDR_LEN + 100) as u32, (HDR_LEN + 200) as u32);
+    assert_eq!(lens, [small, small, small, large, large, large]);
+    // And the 34 left are all still the guest's: a 64 KiB frame fits in them.
+    t.host_sends(tso_header(), &frame(60_000, 9));
+    t.run();
+    let got = t.guest_receives();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, frame(60_000, 9));
+}
+
+#[test]
 fn with_the_event_index_a_short_ring_asks_to_hear_of_the_next_buffer() {
     let mut t = TestNet::build(
         Some(MAC),

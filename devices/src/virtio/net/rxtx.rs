@@ -49,20 +49,89 @@ fn notify_on_next_buffer(
     more
 }
 
-/// Receive chains taken from the queue for one frame.
-struct Room<'m> {
-    /// Head index and bytes of each chain, in order.
-    chains: Vec<(u16, usize)>,
-    segments: Segments<'m>,
+/// Receive chains taken from the queue and not used yet, in ring order: the last ones taken, so
+/// that putting them back is winding the queue back by their number ([`unpop`]). A walk keeps
+/// the chains a frame did not fill for the next frame, instead of putting them back and parsing
+/// them again (with mergeable buffers a walk takes room for the largest frame, 64 KiB, and a
+/// small frame fills one buffer of it).
+#[derive(Default)]
+struct Taken<'m> {
+    /// Head index and memory of each chain.
+    chains: std::collections::VecDeque<(u16, Segments<'m>)>,
+    /// Bytes of all of them.
+    len: usize,
+    /// Memory pieces of all of them (at most [`super::MAX_IOVECS`], one `readv`).
+    pieces: usize,
+}
+
+impl<'m> Taken<'m> {
+    /// Bytes of the first `chains` chains.
+    fn bytes(&self, chains: usize) -> usize {
+        self.chains.iter().take(chains).map(|(_, s)| s.len()).sum()
+    }
+
+    /// I/O vectors over the first `chains` chains.
+    fn iovecs(&self, chains: usize) -> Vec<libc::iovec> {
+        let mut iov = Vec::with_capacity(self.pieces);
+        for (_, segs) in self.chains.iter().take(chains) {
+            iov.extend(segs.iovecs());
+        }
+        iov
+    }
+
+    /// Copies `data` to `offset` on in the chains, in order (marking it dirty).
+    fn write_at(&self, mut offset: usize, data: &[u8]) {
+        let mut done = 0;
+        for (_, segs) in &self.chains {
+            if done == data.len() {
+                break;
+            }
+            if offset >= segs.len() {
+                offset -= segs.len();
+                continue;
+            }
+            done += segs.write_at(offset, &data[done..]);
+            offset = 0;
+        }
+    }
+
+    /// Marks the first `len` bytes dirty (the host kernel wrote them).
+    fn mark_written(&self, mut len: usize) {
+        for (_, segs) in &self.chains {
+            if len == 0 {
+                break;
+            }
+            let n = len.min(segs.len());
+            segs.mark_written(n);
+            len -= n;
+        }
+    }
+
+    /// Takes the chains a frame of `n` bytes filled off the front: each one's head index and
+    /// the bytes written in it.
+    fn use_front(&mut self, mut n: usize) -> Vec<(u16, usize)> {
+        let mut used = Vec::new();
+        while n > 0 {
+            let Some((index, segs)) = self.chains.pop_front() else {
+                break;
+            };
+            let take = n.min(segs.len());
+            self.len -= segs.len();
+            self.pieces -= segs.pieces();
+            used.push((index, take));
+            n -= take;
+        }
+        used
+    }
 }
 
 /// What gathering receive room found.
-enum Gathered<'m> {
+enum Gathered {
     /// Room for a frame (as much as was needed, or all the guest has).
-    Room(Room<'m>),
+    Room,
     /// The first chain was malformed: it was used with length 0.
     BadChain,
-    /// Not enough room, and none of it taken.
+    /// Not enough room yet; what was taken stays taken.
     Short,
 }
 
@@ -190,6 +259,7 @@ impl Net {
         let mut delivered = 0;
         let mut frame_buf = Vec::new();
         let mut hook_dry = false;
+        let mut taken = Taken::default();
         let result = (|| -> Result<Stop, virtio_queue::Error> {
             loop {
                 if delivered == RX_BUDGET {
@@ -208,8 +278,8 @@ impl Net {
                 } else {
                     max_len
                 };
-                let room = match gather(queue, mem, mrg, need)? {
-                    Gathered::Room(room) => room,
+                match gather(queue, mem, mrg, need, &mut taken)? {
+                    Gathered::Room => {}
                     Gathered::BadChain => {
                         log.warn(
                             &config.id,
@@ -226,55 +296,50 @@ impl Net {
                         metrics.no_rx_avail_buffer.inc();
                         return Ok(Stop::NoBuffers);
                     }
-                };
+                }
+                // Without mergeable buffers a frame goes into one chain.
+                let chains = if mrg { taken.chains.len() } else { 1 };
+                let room = taken.bytes(chains);
                 let got = if from_hook {
                     let Some(h) = hook.as_mut() else {
-                        unpop(queue, room.chains.len());
                         hook_dry = true;
                         continue;
                     };
-                    frame_buf.resize(room.segments.len().min(HDR_LEN + MAX_PLAIN_FRAME), 0);
+                    frame_buf.resize(room.min(HDR_LEN + MAX_PLAIN_FRAME), 0);
                     match h.frame_for_guest(&mut frame_buf[HDR_LEN..]) {
                         Some(n) => {
                             // A hook's frame is complete: no offload flags, no GSO.
                             frame_buf[..HDR_LEN].fill(0);
                             let n = (HDR_LEN + n).min(frame_buf.len());
-                            room.segments.write_at(0, &frame_buf[..n]);
+                            taken.write_at(0, &frame_buf[..n]);
                             Ok(n)
                         }
                         None => {
                             // It said it had one: do not ask again in this walk.
-                            unpop(queue, room.chains.len());
                             hook_dry = true;
                             continue;
                         }
                     }
                 } else {
-                    tap.read_iov(&room.segments.iovecs())
+                    tap.read_iov(&taken.iovecs(chains))
                 };
                 let n = match got {
-                    Ok(n) if n > room.segments.len() => {
+                    Ok(n) if n > room => {
                         // The TAP reports the whole length even when it cut the frame short.
-                        room.segments.mark_written(room.segments.len());
+                        taken.mark_written(room);
                         metrics.rx_fails.inc();
                         log.warn(
                             &config.id,
                             Misbehaviour::TapRead,
                             format_args!(
-                                "a {n}-byte frame did not fit the guest's {} bytes of buffers; dropped",
-                                room.segments.len()
+                                "a {n}-byte frame did not fit the guest's {room} bytes of buffers; dropped"
                             ),
                         );
-                        unpop(queue, room.chains.len());
                         continue;
                     }
                     Ok(n) => n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        unpop(queue, room.chains.len());
-                        return Ok(Stop::Done);
-                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Stop::Done),
                     Err(e) => {
-                        unpop(queue, room.chains.len());
                         metrics.rx_fails.inc();
                         metrics.tap_read_fails.inc();
                         log.warn(
@@ -290,26 +355,27 @@ impl Net {
                         continue;
                     }
                 };
-                room.segments.mark_written(n);
-                // Hand out the frame over as many chains as it fills; the rest go back.
-                let mut left = n;
-                let mut buffers = 0u16;
-                let mut lens = Vec::with_capacity(room.chains.len());
-                for &(index, len) in &room.chains {
-                    if left == 0 {
-                        break;
-                    }
-                    let take = left.min(len);
-                    lens.push((index, take));
-                    left -= take;
-                    buffers += 1;
-                }
-                let num_buffers = if mrg { buffers } else { 1 };
-                room.segments
-                    .write_at(NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
-                let unused = room.chains.len() - lens.len();
-                unpop(queue, unused);
-                for (index, len) in lens {
+                taken.mark_written(n);
+                // The frame is handed out over as many chains as it filled; the rest stay taken
+                // for the next frame.
+                let filled = if n == 0 {
+                    0
+                } else {
+                    let mut left = n;
+                    taken
+                        .chains
+                        .iter()
+                        .take(chains)
+                        .take_while(|(_, segs)| {
+                            let more = left > 0;
+                            left = left.saturating_sub(segs.len());
+                            more
+                        })
+                        .count()
+                };
+                let num_buffers = if mrg { filled as u16 } else { 1 };
+                taken.write_at(NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
+                for (index, len) in taken.use_front(n) {
                     queue.add_used(mem, index, len as u32)?;
                 }
                 used = true;
@@ -319,6 +385,8 @@ impl Net {
                 rx_limiter.consume((n - HDR_LEN.min(n)) as u64);
             }
         })();
+        // What no frame filled goes back, to be taken first next time.
+        unpop(queue, taken.chains.len());
         self.finish(RXQ, used, result)
     }
 
@@ -357,25 +425,23 @@ fn unpop(queue: &mut Queue, count: usize) {
     }
 }
 
-/// Takes receive chains until they hold `need` bytes (with mergeable buffers) or one chain
-/// (without). A malformed chain met first is used empty; one met later is put back to be met
-/// first next time. With mergeable buffers, too little room is put back entirely, unless it is
-/// every buffer the ring can hold: then it is all the guest will ever give, and is used as is.
+/// Takes receive chains into `taken` until it holds `need` bytes (with mergeable buffers) or one
+/// chain (without). A malformed chain met first is used empty; one met later is put back to be
+/// met first next time. With mergeable buffers, too little room is [`Gathered::Short`] (it stays
+/// taken), unless it is every buffer the ring can hold: then it is all the guest will ever give,
+/// and is used as is.
 fn gather<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
     mrg: bool,
     need: usize,
-) -> Result<Gathered<'m>, virtio_queue::Error> {
-    let mut room = Room {
-        chains: Vec::new(),
-        segments: Segments::empty(),
-    };
+    taken: &mut Taken<'m>,
+) -> Result<Gathered, virtio_queue::Error> {
     let mut bad = None;
     let mut put_back = 0;
     {
         let mut iter = queue.iter(mem)?;
-        while room.chains.is_empty() || (mrg && room.segments.len() < need) {
+        while taken.chains.is_empty() || (mrg && taken.len < need) {
             let Some(chain) = iter.next() else {
                 break;
             };
@@ -384,10 +450,13 @@ fn gather<'m>(
             let segs = packet::rx_room(mem, chain)
                 .ok()
                 .filter(|s| s.len() >= HDR_LEN);
-            let len = segs.as_ref().map_or(0, Segments::len);
-            match segs.map(|s| room.segments.extend(s)) {
-                Some(Ok(())) => room.chains.push((index, len)),
-                _ if room.chains.is_empty() => {
+            match segs {
+                Some(segs) if taken.pieces + segs.pieces() <= super::MAX_IOVECS => {
+                    taken.len += segs.len();
+                    taken.pieces += segs.pieces();
+                    taken.chains.push_back((index, segs));
+                }
+                _ if taken.chains.is_empty() => {
                     bad = Some(index);
                     break;
                 }
@@ -403,12 +472,11 @@ fn gather<'m>(
         queue.add_used(mem, index, 0)?;
         return Ok(Gathered::BadChain);
     }
-    if room.chains.is_empty() {
+    if taken.chains.is_empty() {
         return Ok(Gathered::Short);
     }
-    if mrg && room.segments.len() < need && room.chains.len() < usize::from(queue.size()) {
-        unpop(queue, room.chains.len());
+    if mrg && taken.len < need && taken.chains.len() < usize::from(queue.size()) {
         return Ok(Gathered::Short);
     }
-    Ok(Gathered::Room(room))
+    Ok(Gathered::Room)
 }
