@@ -80,6 +80,11 @@ pub struct Console {
     pub command: Option<Duration>,
 }
 
+/// How long a halted, silent L1 has after an NMI to beat again before it counts as hung.
+const NUDGE_WAIT: Duration = Duration::from_secs(30);
+/// NMIs one lab run sends at most: an L1 that keeps halting for good is hung.
+const MAX_NUDGES: u32 = 3;
+
 /// The QEMU command line for `b`.
 fn command(b: &Boot) -> Command {
     // The kernel's console is ttyS1, a file the host keeps: kernel messages never land in CMD's
@@ -254,6 +259,9 @@ pub fn boot(b: &Boot) -> Console {
     let mut pending = Vec::new();
     let mut got_any = false;
     let mut outcome: Option<LabStatus> = None;
+    // When L1 was last sent an NMI for being silent with every CPU halted, and how many times.
+    let mut nudged: Option<Instant> = None;
+    let mut nudges = 0;
     loop {
         let deadline = match phase {
             Phase::Booting(since) => since + b.ready_within,
@@ -274,11 +282,39 @@ pub fn boot(b: &Boot) -> Console {
             break;
         };
         klog.poll();
+        if let (Some(at), Some(silent)) = (nudged, klog.since_beat())
+            && silent < at.elapsed()
+        {
+            eprintln!("xtask lab: L1 beats again after the NMI");
+            nudged = None;
+        }
         if let (Phase::Booting(_) | Phase::Running(_), Some(silent)) = (&phase, klog.since_beat())
             && silent > b.stall_after
         {
-            outcome = Some(LabStatus::Failed(LabFailure::Hung(silent)));
-            break;
+            match nudged {
+                Some(at) if at.elapsed() < NUDGE_WAIT => {}
+                None if nudges < MAX_NUDGES && watch::all_halted(&b.qmp_path()) == Some(true) => {
+                    // The hang seen in the lab: every CPU halted with interrupts on and the timer's
+                    // interrupt pending in its local APIC, never delivered. An NMI takes a CPU out
+                    // of hlt; what QEMU's registers said is kept with the note.
+                    let map = SymbolMap::load(b.kallsyms);
+                    eprintln!(
+                        "xtask lab: L1 silent for {}s with every CPU halted; sending it an NMI. \
+                         Its CPUs:\n{}",
+                        silent.as_secs(),
+                        watch::cpu_report(&b.qmp_path(), &map, &klog.text)
+                    );
+                    if let Err(e) = watch::inject_nmi(&b.qmp_path()) {
+                        eprintln!("xtask lab: the NMI could not be sent: {e}");
+                    }
+                    nudged = Some(Instant::now());
+                    nudges += 1;
+                }
+                _ => {
+                    outcome = Some(LabStatus::Failed(LabFailure::Hung(silent)));
+                    break;
+                }
+            }
         }
         let bytes = match rx.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(Some(bytes)) => bytes,

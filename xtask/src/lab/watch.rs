@@ -227,9 +227,12 @@ fn describe_rip(rip: u64, cpl: &str, map: &SymbolMap, mods: &[Module]) -> String
         .unwrap_or_else(|| "not in L1's kernel (an L2 guest, or no symbols saved)".into())
 }
 
-/// One request over QMP: runs the human monitor `command` (on CPU `cpu` when given: `x` reads
-/// memory through that CPU's page tables) and returns its output.
-fn hmp(sock: &Path, command: &str, cpu: Option<usize>) -> Result<String, String> {
+/// One QMP command (`execute` with `arguments`, if any) on a fresh connection; its `return`.
+fn qmp(
+    sock: &Path,
+    execute: &str,
+    arguments: Option<serde_json::Value>,
+) -> Result<serde_json::Value, String> {
     let stream = UnixStream::connect(sock).map_err(|e| format!("QMP {}: {e}", sock.display()))?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut writer = stream.try_clone().map_err(|e| format!("QMP socket: {e}"))?;
@@ -255,15 +258,35 @@ fn hmp(sock: &Path, command: &str, cpu: Option<usize>) -> Result<String, String>
         }
     };
     answer(&serde_json::json!({"execute": "qmp_capabilities"}))?;
+    let mut request = serde_json::json!({ "execute": execute });
+    if let Some(arguments) = arguments {
+        request["arguments"] = arguments;
+    }
+    answer(&request)
+}
+
+/// Runs the human monitor `command` over QMP (on CPU `cpu` when given: `x` reads memory
+/// through that CPU's page tables) and returns its output.
+fn hmp(sock: &Path, command: &str, cpu: Option<usize>) -> Result<String, String> {
     let mut arguments = serde_json::json!({"command-line": command});
     if let Some(cpu) = cpu {
         arguments["cpu-index"] = cpu.into();
     }
-    let out = answer(&serde_json::json!({
-        "execute": "human-monitor-command",
-        "arguments": arguments
-    }))?;
+    let out = qmp(sock, "human-monitor-command", Some(arguments))?;
     Ok(out.as_str().unwrap_or_default().to_string())
+}
+
+/// Whether every one of L1's CPUs is halted (`None` if QEMU cannot say): an L1 that is silent
+/// so is waiting for an interrupt, not busy.
+pub fn all_halted(sock: &Path) -> Option<bool> {
+    let states = cpu_states(&hmp(sock, "info registers -a", None).ok()?);
+    (!states.is_empty()).then(|| states.iter().all(|s| s.halted))
+}
+
+/// Sends L1 a non-maskable interrupt, which takes a halted CPU out of `hlt` (Linux notes it as
+/// an unknown NMI and goes on).
+pub fn inject_nmi(sock: &Path) -> Result<(), String> {
+    qmp(sock, "inject-nmi", None).map(|_| ())
 }
 
 /// One CPU's state, from `info registers -a`.
@@ -274,6 +297,10 @@ struct CpuState {
     rsp: u64,
     cpl: String,
     halted: bool,
+    /// RFLAGS (bit 9 is IF: interrupts enabled).
+    rflags: u64,
+    /// In an interrupt shadow (after `sti` or `mov ss`).
+    inhibit: bool,
 }
 
 /// Each CPU's state in `info registers -a` output.
@@ -297,12 +324,15 @@ fn cpu_states(text: &str) -> Vec<CpuState> {
         {
             let cpl = field("CPL=").unwrap_or_default();
             let halted = field("HLT=").as_deref() == Some("1");
+            let rflags = field("RFL=").and_then(|v| u64::from_str_radix(&v, 16).ok());
             out.push(CpuState {
                 cpu: c,
                 rip,
                 rsp,
                 cpl,
                 halted,
+                rflags: rflags.unwrap_or(0),
+                inhibit: field("II=").as_deref() == Some("1"),
             });
         }
     }
@@ -389,11 +419,14 @@ pub fn cpu_report(qmp: &Path, map: &SymbolMap, kernel_log: &str) -> String {
                 }
                 for st in states {
                     report.push_str(&format!(
-                        "  sample {sample} cpu{}: RIP {:016x} CPL {}{} -> {}\n",
+                        "  sample {sample} cpu{}: RIP {:016x} CPL {}{} RFL {:08x} (IF {}){} -> {}\n",
                         st.cpu,
                         st.rip,
                         st.cpl,
                         if st.halted { " halted" } else { "" },
+                        st.rflags,
+                        st.rflags >> 9 & 1,
+                        if st.inhibit { " in an interrupt shadow" } else { "" },
                         describe_rip(st.rip, &st.cpl, map, &mods)
                     ));
                     if sample == 0 {
@@ -493,6 +526,8 @@ mod tests {
             ),
             (1, 0x401000, "3", true)
         );
+        assert_eq!((states[0].rflags, states[0].inhibit), (0x246, false));
+        assert_eq!(states[1].rflags >> 9 & 1, 1, "IF");
         assert_eq!(
             dump_words("ffffc90000013e58: 0xffffffff81a04ffe 0x0000000000000000\n"),
             vec![0xffffffff81a04ffe, 0]
