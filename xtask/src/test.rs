@@ -16,15 +16,36 @@ use crate::util::{self, Result};
 const LAB_TEST_PACKAGE: &str = "kiln-tests";
 
 /// Runs in L1: every lab test binary with its ignored (lab-only) tests, one test at a time, so L2
-/// guests do not compete for L1's two CPUs. Exits non-zero if any binary failed.
+/// guests do not compete for L1's two CPUs, except those `/share/passed` lists (they passed in
+/// an earlier L1 of this run, which then went down); a binary that passes is announced with
+/// [`crate::lab::PASSED_MARK`]. Exits non-zero if any binary failed.
 const RUNNER: &str = r#"#!/bin/sh
 status=0
 for t in /share/tests/*; do
-  echo "== $(basename "$t")"
-  "$t" --ignored --test-threads=1 "$@" || status=1
+  n=$(basename "$t")
+  if [ -f /share/passed ] && grep -qx "$n" /share/passed; then
+    echo "== $n: passed in an earlier L1"
+    continue
+  fi
+  echo "== $n"
+  if "$t" --ignored --test-threads=1 "$@"; then
+    echo "@@KILN-PASSED $n"
+  else
+    status=1
+  fi
 done
 exit $status
 "#;
+
+/// How many L1s one lab stage may use: a new one each time L1 itself goes down, which then runs
+/// only the test binaries that have not passed yet.
+const LAB_ATTEMPTS: usize = 3;
+
+/// Lists the lab test binaries that have passed so far in `share/passed`, for the next L1.
+fn note_passed(share: &Path) -> Result<()> {
+    let passed = crate::lab::passed_so_far();
+    util::write_atomic(&share.join("passed"), (passed.join("\n") + "\n").as_bytes())
+}
 
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -177,12 +198,18 @@ pub fn main(args: &[String]) -> Result<u8> {
             let before = lab_run.clone().map(|run| crate::e2b::Before { run });
             crate::e2b::run_suite(filter.clone(), before)
         };
-        let verdict = match attempt() {
-            Err(e) if l1_crashed(&e) => {
-                again(&e);
-                attempt()?
+        let mut tries = 1;
+        let verdict = loop {
+            match attempt() {
+                Err(e) if l1_crashed(&e) && tries < LAB_ATTEMPTS => {
+                    if let Some(share) = lab_run.as_ref().and_then(|r| r.share.as_deref()) {
+                        note_passed(share)?;
+                    }
+                    again(&e);
+                    tries += 1;
+                }
+                other => break other?,
             }
-            other => other?,
         };
         if !verdict.before_passed {
             return Err("lab tests failed (their output is above)".into());
@@ -196,12 +223,18 @@ pub fn main(args: &[String]) -> Result<u8> {
     } else if let Some(run) = lab_run {
         step("end-to-end tests in the nested lab");
         let mut outcome = lab::run(&run)?;
-        if let LabStatus::Failed(why) = &outcome.status
+        let mut tries = 1;
+        while let LabStatus::Failed(why) = &outcome.status
             && l1_crashed(&format!("the lab failed, not the tests: {why}"))
+            && tries < LAB_ATTEMPTS
         {
             outcome.print_diagnosis();
+            if let Some(share) = &run.share {
+                note_passed(share)?;
+            }
             again(&why.to_string());
             outcome = lab::run(&run)?;
+            tries += 1;
         }
         match &outcome.status {
             LabStatus::Exited(0) => {}
@@ -228,11 +261,16 @@ fn l1_crashed(err: &str) -> bool {
             || err.contains("L1 hung: its heartbeat stopped"))
 }
 
-/// Says, loudly, that the lab stage runs again in a new L1 (once).
+/// Says, loudly, that the lab stage goes on in a new L1.
 fn again(why: &str) {
     eprintln!(
         "\nxtask test: L1 itself went down ({why}); its kernel log is above. This is the lab, not \
-         Kiln: running the lab stage once more in a new L1.\n"
+         Kiln: the lab stage goes on in a new L1, with the test binaries that have not passed yet \
+         ({}).\n",
+        match crate::lab::passed_so_far().len() {
+            0 => "none has".to_string(),
+            n => format!("{n} already passed"),
+        }
     );
 }
 

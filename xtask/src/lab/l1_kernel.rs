@@ -97,6 +97,9 @@ pub fn ensure() -> Result<L1Kernel> {
 
 /// [`resolve`], remembered until the apt lists change: asking apt costs over a second per run.
 fn resolve_cached(root: &Path) -> Result<String> {
+    if pinned().is_some() {
+        return resolve();
+    }
     let memo = root.join("resolved");
     let stamp = apt_lists_stamp();
     let memo_text = std::fs::read_to_string(&memo).unwrap_or_default();
@@ -146,8 +149,12 @@ fn resolve() -> Result<String> {
             util::output(Command::new("apt-cache").args(["depends", METAPACKAGE]))?
         }
     };
-    let package = package_from_depends(&depends)
-        .ok_or_else(|| format!("apt-cache depends {METAPACKAGE} names no linux-image package"))?;
+    let package = match pinned() {
+        Some(package) => package,
+        None => package_from_depends(&depends).ok_or_else(|| {
+            format!("apt-cache depends {METAPACKAGE} names no linux-image package")
+        })?,
+    };
     let uris = util::output(Command::new("apt-get").args(["download", "--print-uris", &package]))?;
     // Each line: 'URL' FILE_NAME SIZE HASH
     uris.lines()
@@ -155,6 +162,14 @@ fn resolve() -> Result<String> {
         .find(|f| f.ends_with(".deb"))
         .map(str::to_string)
         .ok_or_else(|| format!("apt-get download --print-uris {package} printed no .deb file name"))
+}
+
+/// `KILN_L1_KERNEL`: a cloud kernel package to use instead of the one the metapackage names
+/// (`linux-image-6.1.0-55-cloud-amd64`, say), to tell whether a change in L1's kernel changed the lab.
+fn pinned() -> Option<String> {
+    std::env::var("KILN_L1_KERNEL")
+        .ok()
+        .filter(|p| !p.is_empty())
 }
 
 /// The first `Depends: linux-image-...` of `apt-cache depends` output.

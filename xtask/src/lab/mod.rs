@@ -222,6 +222,27 @@ impl Knobs {
     }
 }
 
+/// What the lab test runner prints, before a test binary's name, when that binary passed.
+pub const PASSED_MARK: &str = "@@KILN-PASSED ";
+
+/// The test binaries CMD has reported passed ([`PASSED_MARK`]) in this process's lab runs.
+static PASSED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Notes a console line of CMD's: a [`PASSED_MARK`] line adds its binary to [`passed_so_far`].
+pub(crate) fn note_console_line(line: &str) {
+    if let Some(name) = line.trim().strip_prefix(PASSED_MARK) {
+        let mut passed = PASSED.lock().unwrap_or_else(|p| p.into_inner());
+        if !passed.iter().any(|p| p == name) {
+            passed.push(name.to_string());
+        }
+    }
+}
+
+/// The test binaries reported passed so far, in order.
+pub fn passed_so_far() -> Vec<String> {
+    PASSED.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// L1's vCPUs by default: one. With two, QEMU's multi-threaded TCG now and then lets a
 /// reschedule IPI in while kvm-amd in L1 has GIF clear and the guest's GS base loaded (inside
 /// `svm_vcpu_enter_exit`), and L1's kernel dies on recursive page faults ("stack guard page was
@@ -538,6 +559,19 @@ pub fn main(args: &[String]) -> Result<u8> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn passed_marks_are_collected_once_each_and_other_lines_are_not() {
+        note_console_line("== lab_boot-1");
+        note_console_line("@@KILN-PASSED lab_boot-1");
+        note_console_line("@@KILN-PASSED lab_boot-1\r");
+        note_console_line("test passed_mark ... ok");
+        note_console_line("@@KILN-PASSED lab_net-2");
+        let passed = passed_so_far();
+        assert!(passed.ends_with(&["lab_boot-1".to_string(), "lab_net-2".to_string()]));
+        assert_eq!(passed.iter().filter(|p| *p == "lab_boot-1").count(), 1);
+    }
+
     use super::*;
 
     fn args(a: &[&str]) -> Vec<String> {

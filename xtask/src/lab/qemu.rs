@@ -400,6 +400,9 @@ fn take_line(
         _ => None,
     };
     let kept = if marker.is_some() { before } else { line };
+    if matches!(phase, Phase::Running(_)) {
+        super::note_console_line(kept);
+    }
     // A marker ends the line for the host; without one, the line keeps its own newline (if it had one).
     let newline = if marker.is_none() && had_newline {
         "\n"
