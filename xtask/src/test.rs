@@ -18,7 +18,8 @@ const LAB_TEST_PACKAGE: &str = "kiln-tests";
 /// Runs in L1: every lab test binary with its ignored (lab-only) tests, one test at a time, so L2
 /// guests do not compete for L1's two CPUs, except those `/share/passed` lists (they passed in
 /// an earlier L1 of this run, which then went down); a binary that passes is announced with
-/// [`crate::lab::PASSED_MARK`]. Exits non-zero if any binary failed.
+/// `@@KILN-PASSED NAME` (which the lab notes, see `lab::passed`). Exits non-zero if any binary
+/// failed.
 const RUNNER: &str = r#"#!/bin/sh
 status=0
 for t in /share/tests/*; do
@@ -277,6 +278,11 @@ fn again(why: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_runner_announces_passes_as_the_lab_reads_them() {
+        assert!(RUNNER.contains(&format!("echo \"{}$n\"", crate::lab::PASSED_MARK)));
+    }
 
     #[test]
     fn only_test_artifacts_with_executables_are_kept() {

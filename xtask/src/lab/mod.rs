@@ -8,6 +8,12 @@
 mod image;
 mod init;
 mod kvm_pin;
+mod passed;
+
+#[cfg(test)]
+pub(crate) use passed::PASSED_MARK;
+pub(crate) use passed::note_console_line;
+pub use passed::passed_so_far;
 mod l1_kernel;
 mod qemu;
 mod watch;
@@ -220,27 +226,6 @@ impl Knobs {
             stall_after,
         })
     }
-}
-
-/// What the lab test runner prints, before a test binary's name, when that binary passed.
-pub const PASSED_MARK: &str = "@@KILN-PASSED ";
-
-/// The test binaries CMD has reported passed ([`PASSED_MARK`]) in this process's lab runs.
-static PASSED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// Notes a console line of CMD's: a [`PASSED_MARK`] line adds its binary to [`passed_so_far`].
-pub(crate) fn note_console_line(line: &str) {
-    if let Some(name) = line.trim().strip_prefix(PASSED_MARK) {
-        let mut passed = PASSED.lock().unwrap_or_else(|p| p.into_inner());
-        if !passed.iter().any(|p| p == name) {
-            passed.push(name.to_string());
-        }
-    }
-}
-
-/// The test binaries reported passed so far, in order.
-pub fn passed_so_far() -> Vec<String> {
-    PASSED.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// L1's vCPUs by default: one. With two, QEMU's multi-threaded TCG now and then lets a
@@ -559,18 +544,6 @@ pub fn main(args: &[String]) -> Result<u8> {
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn passed_marks_are_collected_once_each_and_other_lines_are_not() {
-        note_console_line("== lab_boot-1");
-        note_console_line("@@KILN-PASSED lab_boot-1");
-        note_console_line("@@KILN-PASSED lab_boot-1\r");
-        note_console_line("test passed_mark ... ok");
-        note_console_line("@@KILN-PASSED lab_net-2");
-        let passed = passed_so_far();
-        assert!(passed.ends_with(&["lab_boot-1".to_string(), "lab_net-2".to_string()]));
-        assert_eq!(passed.iter().filter(|p| *p == "lab_boot-1").count(), 1);
-    }
 
     use super::*;
 
