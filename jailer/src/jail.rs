@@ -121,6 +121,10 @@ impl Jail {
         if let Some(interp) = &deps.interpreter {
             place(interp, &self.inside(interp)?, 0o755)?;
         }
+        if deps.libraries.is_empty() {
+            // A static exec file: no library folder to name.
+            return Ok(());
+        }
         let lib_dir = self.inside(&deps.lib_dir)?;
         for (name, host) in &deps.libraries {
             let to = lib_dir.join(name);
@@ -267,6 +271,26 @@ mod tests {
         assert!(undo.run().is_empty());
         assert!(!base.join("vmm/id-1").exists());
         assert!(base.join("vmm").is_dir(), "the shared parent stays");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_static_exec_file_is_installed_alone() {
+        let base = std::env::temp_dir().join(format!("kiln-jailer-static-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let me = (
+            std::fs::metadata("/proc/self").unwrap().uid(),
+            std::fs::metadata("/proc/self").unwrap().gid(),
+        );
+        let mut undo = Undo::new();
+        let jail = Jail::create(&base, "vmm", "static", me, &mut undo).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        // What libs::resolve gives for a file without an interpreter.
+        jail.install(&exe, "vmm", &Deps::default(), false).unwrap();
+        jail.install(&exe, "vmm2", &Deps::default(), true).unwrap();
+        assert!(jail.root.join("vmm").is_file() && jail.root.join("vmm2").is_file());
+        assert!(!jail.root.join("lib").exists(), "no library folder");
+        assert!(undo.run().is_empty());
         std::fs::remove_dir_all(&base).unwrap();
     }
 
