@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::PersistError;
 use crate::memory::GuestMemoryMmap;
@@ -223,9 +223,9 @@ fn host_range(mem: &GuestMemoryMmap, start: u64, len: u64) -> Result<*mut u8, St
     if offset.checked_add(len).is_none_or(|end| end > region.len()) {
         return Err(format!("{} runs past the end of its memory region", what()));
     }
-    // SAFETY: `offset` is inside the region (checked above), so the pointer stays inside its
-    // mapping.
-    Ok(unsafe { region.as_ptr().add(offset as usize) })
+    region
+        .get_host_address(MemoryRegionAddress(offset))
+        .map_err(|e| format!("{}: {e}", what()))
 }
 
 #[cfg(test)]
