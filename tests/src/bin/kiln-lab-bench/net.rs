@@ -138,48 +138,108 @@ fn round_trip_us(vm: &Vm, nic: &Nic) -> Result<f64, String> {
         .map_err(|e| format!("the guest printed {us:?}: {e}"))
 }
 
-/// Measures everything `runs` times per VMM and prints medians and ratios.
+/// Pins every thread of process `pid` (the threads it starts later inherit it) to L1's CPU
+/// `cpu`, so both VMMs get the same one CPU for their vCPU and device work and the bench's own
+/// end of each connection keeps the other.
+fn pin(pid: u32, cpu: usize) -> Result<(), String> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes bit `cpu` (< CPU_SETSIZE) of the set it is given.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| format!("the threads of process {pid}: {e}"))?;
+    for task in tasks.flatten() {
+        let Ok(tid) = task.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+            continue;
+        };
+        // SAFETY: the set is a valid cpu_set_t of the size given; the call reads it only.
+        let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+        if rc != 0 {
+            return Err(format!(
+                "pinning thread {tid} of process {pid} to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One measure of each kind.
+fn measure(vm: &Vm, nic: &Nic) -> Result<[f64; 3], String> {
+    Ok([
+        guest_to_host(vm, nic)?,
+        host_to_guest(vm, nic)?,
+        round_trip_us(vm, nic)?,
+    ])
+}
+
+/// Boots both VMMs side by side (each on its own TAP, both pinned to L1's second CPU, the
+/// bench on the first), then measures them in turns, Kiln then QEMU, `runs` times: whatever
+/// else L1 is doing weighs on both alike. Prints medians and the median of the per-turn ratios.
 pub fn run(runs: usize) -> Result<(), String> {
-    let mut rows = Vec::new();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (bench_cpu, vmm_cpu) = if cpus >= 2 { (0, 1) } else { (0, 0) };
+    pin(std::process::id(), bench_cpu)?;
+    let mut vms = Vec::new();
     for peer in Peer::BOTH {
         let nic = Nic::new()?;
         let vm = Vm::start_with(peer, Some(&nic))?;
-        let (mut up, mut down, mut rr) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..runs {
-            down.push(guest_to_host(&vm, &nic)?);
-            up.push(host_to_guest(&vm, &nic)?);
-            rr.push(round_trip_us(&vm, &nic)?);
+        pin(vm.pid(), vmm_cpu)?;
+        vms.push((peer, nic, vm));
+    }
+    // figures[peer][kind][run]
+    let mut figures = vec![vec![Vec::new(); 3]; vms.len()];
+    for i in 0..runs {
+        for (p, (peer, nic, vm)) in vms.iter().enumerate() {
+            let m = measure(vm, nic)?;
             eprintln!(
                 "{} run {}/{runs}: guest->host {:.1} MB/s, host->guest {:.1} MB/s, round trip {:.0} us",
                 peer.name(),
                 i + 1,
-                down[i],
-                up[i],
-                rr[i]
+                m[0],
+                m[1],
+                m[2]
             );
+            for (k, v) in m.into_iter().enumerate() {
+                figures[p][k].push(v);
+            }
         }
+    }
+    // Kiln over QEMU per turn, before the figures are sorted for their medians.
+    let mut ratios: Vec<Vec<f64>> = (0..3)
+        .map(|k| {
+            figures[0][k]
+                .iter()
+                .zip(&figures[1][k])
+                .map(|(a, b)| a / b)
+                .collect()
+        })
+        .collect();
+    for (_, _, vm) in vms.drain(..) {
         vm.stop()?;
-        rows.push((peer, median(&mut down), median(&mut up), median(&mut rr)));
     }
     println!(
-        "TCP through the guest's NIC (a TAP; {} MiB each way, {ROUND_TRIPS} 1-byte round trips), median of {runs}:",
+        "TCP through the guest's NIC (a TAP; {} MiB each way, {ROUND_TRIPS} 1-byte round trips), \
+         both VMMs on one L1 CPU, measured in turns; median of {runs}:",
         BYTES >> 20
     );
     println!("  | | guest -> host | host -> guest | round trip |");
     println!("  |---|---|---|---|");
-    for (peer, down, up, rr) in &rows {
+    for (peer, f) in Peer::BOTH.iter().zip(figures.iter_mut()) {
         println!(
-            "  | {} | {down:.1} MB/s | {up:.1} MB/s | {rr:.0} us |",
-            peer.name()
+            "  | {} | {:.1} MB/s | {:.1} MB/s | {:.0} us |",
+            peer.name(),
+            median(&mut f[0]),
+            median(&mut f[1]),
+            median(&mut f[2])
         );
     }
-    if let [(_, kd, ku, kr), (_, qd, qu, qr)] = rows[..] {
-        println!(
-            "kiln-vmm / QEMU: guest -> host {:.2}x, host -> guest {:.2}x (goal >= 1.0x on throughput); round trip {:.2}x QEMU's time",
-            kd / qd,
-            ku / qu,
-            kr / qr
-        );
-    }
+    println!(
+        "kiln-vmm / QEMU, median of the per-turn ratios: guest -> host {:.2}x, host -> guest {:.2}x \
+         (goal >= 1.0x on throughput); round trip {:.2}x QEMU's time",
+        median(&mut ratios[0]),
+        median(&mut ratios[1]),
+        median(&mut ratios[2])
+    );
     Ok(())
 }
