@@ -16,6 +16,7 @@ pub(crate) use passed::note_console_line;
 pub use passed::passed_so_far;
 mod l1_kernel;
 mod qemu;
+mod qemu_package;
 mod watch;
 
 use crate::util::{self, Result};
@@ -261,13 +262,8 @@ pub fn run(lab: &LabRun) -> Result<LabOutcome> {
     }
     let started = Instant::now();
     let knobs = Knobs::from_env()?;
-    util::ensure_packages(&[
-        "qemu-system-x86",
-        "busybox-static",
-        "e2fsprogs",
-        "kmod",
-        "util-linux",
-    ])?;
+    qemu_package::ensure()?;
+    util::ensure_packages(&["busybox-static", "e2fsprogs", "kmod", "util-linux"])?;
     let lab_cache = util::cache_dir().join("lab");
 
     let l1 = l1_kernel::ensure()?;
