@@ -52,8 +52,7 @@ pub fn ensure() -> Result<()> {
         Some(m) => Err(format!(
             "the lab needs QEMU {MIN_MAJOR} or newer (7.2 loses L1 in long runs); this machine's \
              {codename} installs qemu-system-x86 {m}"
-        )
-        .into()),
+        )),
         None => Err("qemu-system-x86 is not installed after apt-get install".into()),
     }
 }
