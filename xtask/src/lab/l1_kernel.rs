@@ -139,21 +139,12 @@ fn apt_lists_stamp() -> Option<String> {
     Some(util::hash_parts(seen.iter().map(|s| s.as_bytes())))
 }
 
-/// The exact `.deb` file name of the cloud kernel the metapackage points to.
+/// The exact `.deb` file name of the cloud kernel [`pinned`] names, or else the one the
+/// metapackage points to.
 fn resolve() -> Result<String> {
-    let depends = match util::output(Command::new("apt-cache").args(["depends", METAPACKAGE])) {
-        Ok(text) if package_from_depends(&text).is_some() => text,
-        _ => {
-            // No apt lists yet (a fresh container): update once and ask again.
-            util::run(Command::new("apt-get").args(["update", "-qq"]))?;
-            util::output(Command::new("apt-cache").args(["depends", METAPACKAGE]))?
-        }
-    };
     let package = match pinned() {
         Some(package) => package,
-        None => package_from_depends(&depends).ok_or_else(|| {
-            format!("apt-cache depends {METAPACKAGE} names no linux-image package")
-        })?,
+        None => metapackage_target()?,
     };
     let uris = util::output(Command::new("apt-get").args(["download", "--print-uris", &package]))?;
     // Each line: 'URL' FILE_NAME SIZE HASH
@@ -162,6 +153,20 @@ fn resolve() -> Result<String> {
         .find(|f| f.ends_with(".deb"))
         .map(str::to_string)
         .ok_or_else(|| format!("apt-get download --print-uris {package} printed no .deb file name"))
+}
+
+/// The linux-image package [`METAPACKAGE`] depends on.
+fn metapackage_target() -> Result<String> {
+    let depends = match util::output(Command::new("apt-cache").args(["depends", METAPACKAGE])) {
+        Ok(text) if package_from_depends(&text).is_some() => text,
+        _ => {
+            // No apt lists yet (a fresh container): update once and ask again.
+            util::run(Command::new("apt-get").args(["update", "-qq"]))?;
+            util::output(Command::new("apt-cache").args(["depends", METAPACKAGE]))?
+        }
+    };
+    package_from_depends(&depends)
+        .ok_or_else(|| format!("apt-cache depends {METAPACKAGE} names no linux-image package"))
 }
 
 /// `KILN_L1_KERNEL`: a cloud kernel package to use instead of the one the metapackage names
