@@ -8,16 +8,16 @@
 mod image;
 mod init;
 mod kvm_pin;
+mod l1_kernel;
 mod passed;
+mod qemu;
+mod qemu_package;
+mod watch;
 
 #[cfg(test)]
 pub(crate) use passed::PASSED_MARK;
 pub(crate) use passed::note_console_line;
 pub use passed::passed_so_far;
-mod l1_kernel;
-mod qemu;
-mod qemu_package;
-mod watch;
 
 use crate::util::{self, Result};
 use std::fmt;
@@ -540,7 +540,6 @@ pub fn main(args: &[String]) -> Result<u8> {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
 
     fn args(a: &[&str]) -> Vec<String> {
