@@ -4,7 +4,7 @@
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Every xtask failure is a message for a person; `main` prints it and exits non-zero.
 pub type Result<T> = std::result::Result<T, String>;
@@ -82,18 +82,34 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    static UPDATE: Once = Once::new();
-    let mut update = Ok(());
-    UPDATE.call_once(|| {
-        eprintln!("xtask: apt-get update (to install {})", missing.join(" "));
-        update = run(Command::new("apt-get").args(["update", "-qq"]));
-    });
-    update?;
-    eprintln!("xtask: installing {}", missing.join(" "));
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    apt_update(&missing, false)?;
+    apt_install(&missing, None)
+}
+
+/// Whether this process has run `apt-get update`.
+static APT_UPDATED: AtomicBool = AtomicBool::new(false);
+
+/// `apt-get update` (to install `packages`), once per process unless `again` (a source was just
+/// added).
+pub fn apt_update(packages: &[&str], again: bool) -> Result<()> {
+    if APT_UPDATED.load(Ordering::Relaxed) && !again {
+        return Ok(());
+    }
+    eprintln!("xtask: apt-get update (to install {})", packages.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    APT_UPDATED.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+/// `apt-get install` without recommends, from `release` (`-t`) if given.
+pub fn apt_install(packages: &[&str], release: Option<&str>) -> Result<()> {
+    eprintln!("xtask: installing {}", packages.join(" "));
+    let mut cmd = Command::new("apt-get");
+    cmd.args(["install", "-y", "-qq", "--no-install-recommends"]);
+    if let Some(release) = release {
+        cmd.args(["-t", release]);
+    }
+    run(cmd.args(packages).env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// Hex SHA-256 over a sequence of byte strings (each length-prefixed, so boundaries count).

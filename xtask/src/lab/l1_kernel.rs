@@ -161,7 +161,7 @@ fn metapackage_target() -> Result<String> {
         Ok(text) if package_from_depends(&text).is_some() => text,
         _ => {
             // No apt lists yet (a fresh container): update once and ask again.
-            util::run(Command::new("apt-get").args(["update", "-qq"]))?;
+            util::apt_update(&[METAPACKAGE], false)?;
             util::output(Command::new("apt-cache").args(["depends", METAPACKAGE]))?
         }
     };

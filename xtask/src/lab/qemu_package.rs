@@ -12,6 +12,8 @@ use std::process::Command;
 
 use crate::util::{self, Result};
 
+/// Debian's package of qemu-system-x86_64.
+const PACKAGE: &str = "qemu-system-x86";
 /// The oldest QEMU major version the lab runs on.
 const MIN_MAJOR: u32 = 10;
 /// Where bookworm-backports is added when the machine's sources lack it.
@@ -31,21 +33,15 @@ pub fn ensure() -> Result<()> {
     }
     let codename = os_codename()?;
     if codename == "bookworm" {
-        if !Path::new(BACKPORTS_SOURCES).exists() {
+        let added = !Path::new(BACKPORTS_SOURCES).exists();
+        if added {
             util::write_atomic(Path::new(BACKPORTS_SOURCES), BACKPORTS_ENTRY.as_bytes())?;
         }
-        eprintln!(
-            "xtask: installing QEMU from bookworm-backports (the lab needs {MIN_MAJOR} or newer)"
-        );
-        util::run(Command::new("apt-get").args(["update", "-qq"]))?;
-        util::run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(["-t", "bookworm-backports", "qemu-system-x86"])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        eprintln!("xtask: QEMU from bookworm-backports (the lab needs {MIN_MAJOR} or newer)");
+        util::apt_update(&[PACKAGE], added)?;
+        util::apt_install(&[PACKAGE], Some("bookworm-backports"))?;
     } else {
-        util::ensure_packages(&["qemu-system-x86"])?;
+        util::ensure_packages(&[PACKAGE])?;
     }
     match installed_major() {
         Some(m) if m >= MIN_MAJOR => Ok(()),
@@ -60,7 +56,7 @@ pub fn ensure() -> Result<()> {
 /// The installed qemu-system-x86's upstream major version (`1:10.0.2+ds-...` is 10).
 fn installed_major() -> Option<u32> {
     let out = Command::new("dpkg-query")
-        .args(["-W", "-f=${Status} ${Version}", "qemu-system-x86"])
+        .args(["-W", "-f=${Status} ${Version}", PACKAGE])
         .output()
         .ok()?;
     parse_major(&String::from_utf8_lossy(&out.stdout))
