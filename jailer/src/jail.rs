@@ -235,14 +235,17 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    /// An empty folder for test `tag`'s jails, and this process's uid and gid.
+    fn scratch(tag: &str) -> (PathBuf, (u32, u32)) {
+        let base = std::env::temp_dir().join(format!("kiln-jailer-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let me = std::fs::metadata("/proc/self").unwrap();
+        (base, (me.uid(), me.gid()))
+    }
+
     #[test]
     fn a_jail_is_new_holds_copies_and_is_undone_whole() {
-        let base = std::env::temp_dir().join(format!("kiln-jailer-jail-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        let me = (
-            std::fs::metadata("/proc/self").unwrap().uid(),
-            std::fs::metadata("/proc/self").unwrap().gid(),
-        );
+        let (base, me) = scratch("jail");
         let mut undo = Undo::new();
         let jail = Jail::create(&base, "vmm", "id-1", me, &mut undo).unwrap();
         assert_eq!(jail.root, base.join("vmm/id-1/root"));
@@ -276,12 +279,7 @@ mod tests {
 
     #[test]
     fn a_static_exec_file_is_installed_alone() {
-        let base = std::env::temp_dir().join(format!("kiln-jailer-static-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        let me = (
-            std::fs::metadata("/proc/self").unwrap().uid(),
-            std::fs::metadata("/proc/self").unwrap().gid(),
-        );
+        let (base, me) = scratch("static");
         let mut undo = Undo::new();
         let jail = Jail::create(&base, "vmm", "static", me, &mut undo).unwrap();
         let exe = std::env::current_exe().unwrap();
@@ -296,12 +294,7 @@ mod tests {
 
     #[test]
     fn shared_jails_link_one_copy_of_each_file_and_leave_it_when_undone() {
-        let base = std::env::temp_dir().join(format!("kiln-jailer-shared-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        let me = (
-            std::fs::metadata("/proc/self").unwrap().uid(),
-            std::fs::metadata("/proc/self").unwrap().gid(),
-        );
+        let (base, me) = scratch("shared");
         let exe = std::env::current_exe().unwrap();
         let deps = Deps {
             interpreter: None,
