@@ -333,6 +333,13 @@ fn build_kind() -> String {
     "build".into()
 }
 
+/// What a warm VM runs once before it waits. The first command in a restored guest pays for
+/// faulting in the process-spawning paths (the agent's, the kernel's fork and exec, the shell's
+/// pages: each first touch of a snapshot page is a fault the host serves); run here, that is off
+/// the sandbox's first command. It runs nothing of the template's own (`exit` is the shell's
+/// builtin); a template without `/bin/sh` just skips it.
+pub const WARM_UP: [&str; 3] = ["/bin/sh", "-c", "exit 0"];
+
 /// `PUT /templates/{name}/pool`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

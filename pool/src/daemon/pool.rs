@@ -19,12 +19,7 @@ const FILL_EVERY: Duration = Duration::from_millis(250);
 /// result). A streak of creates holds the filler at most this long from its first.
 const REFILL_HOLD: Duration = Duration::from_secs(1);
 
-/// What a warm VM runs once before it waits. The first command in a restored guest pays for
-/// faulting in the process-spawning paths (the agent's, the kernel's fork and exec, the shell's
-/// pages: each first touch of a snapshot page is a fault the host serves); run here, that is off
-/// the sandbox's first command. It runs nothing of the template's own (`exit` is the shell's
-/// builtin); a template without `/bin/sh` just skips it.
-pub const WARM_UP: [&str; 3] = ["/bin/sh", "-c", "exit 0"];
+pub use crate::types::WARM_UP;
 /// How long the warm-up may take.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(30);
 
