@@ -51,9 +51,6 @@ fn start(state: &Path) -> Result<(Daemon, Kilnd), String> {
     Ok((d, Kilnd::new(sock)))
 }
 
-/// The command kilnd's pool runs in each warm VM once it is restored (`WARM_UP` in
-/// pool/src/daemon/pool.rs, which the daemon feature keeps out of this crate's build).
-const POOL_WARM_UP: [&str; 3] = ["/bin/sh", "-c", "exit 0"];
 /// How long a settled pool's VMs have waited before the create.
 const SETTLED: Duration = Duration::from_secs(5);
 
@@ -91,12 +88,18 @@ fn create(k: &Kilnd) -> Result<String, String> {
     .id)
 }
 
-/// Create -> first result for one sandbox; it is killed afterwards (not timed).
-fn create_to_result(k: &Kilnd) -> Result<Duration, String> {
+/// Creates a sandbox and runs `argv` in it: (its id, the create call alone, create -> result).
+fn create_and_exec(k: &Kilnd, argv: &[&str]) -> Result<(String, Duration, Duration), String> {
     let t = Instant::now();
     let id = create(k)?;
-    exec_true(k, &id)?;
-    let all = t.elapsed();
+    let created = t.elapsed();
+    exec_ok(k, &id, argv)?;
+    Ok((id, created, t.elapsed()))
+}
+
+/// Create -> first result of `argv` for one sandbox; it is killed afterwards (not timed).
+fn create_to_result(k: &Kilnd, argv: &[&str]) -> Result<Duration, String> {
+    let (id, _, all) = create_and_exec(k, argv)?;
     k.kill(&id).map_err(|e| e.to_string())?;
     Ok(all)
 }
@@ -114,11 +117,7 @@ struct CreateTimes {
 /// Create -> first result of `argv` for one sandbox, then `argv` once more; the sandbox is
 /// killed afterwards (not timed).
 fn create_then_result(k: &Kilnd, argv: &[&str]) -> Result<CreateTimes, String> {
-    let t = Instant::now();
-    let id = create(k)?;
-    let created = t.elapsed();
-    exec_ok(k, &id, argv)?;
-    let all = t.elapsed();
+    let (id, created, all) = create_and_exec(k, argv)?;
     let t = Instant::now();
     exec_ok(k, &id, argv)?;
     let second = t.elapsed();
@@ -195,7 +194,7 @@ pub fn run(runs: usize) -> Result<(), String> {
     // Cold: nothing warm.
     let mut cold = Vec::new();
     for _ in 0..runs {
-        cold.push(create_to_result(&k)?);
+        cold.push(create_to_result(&k, &["true"])?);
     }
     // Warm: a pool kept at 2, refilled between creates.
     k.set_pool(
@@ -217,12 +216,12 @@ pub fn run(runs: usize) -> Result<(), String> {
         // The same with the pool's own warm-up command first, every page of which the warm VM
         // has touched already: tells the first command's own first touches from the rest.
         wait_ready(&k, 2)?;
-        warm_sh.push(create_then_result(&k, &POOL_WARM_UP)?.all);
+        warm_sh.push(create_to_result(&k, &kiln_pool::types::WARM_UP)?);
         // And with `true` again, but from a pool whose VMs have sat there a while (their
         // guests' own after-restore work done), as a pool meets most creates.
         wait_ready(&k, 2)?;
         std::thread::sleep(SETTLED);
-        warm_settled.push(create_then_result(&k, &["true"])?.all);
+        warm_settled.push(create_to_result(&k, &["true"])?);
     }
     k.set_pool(
         "python",
@@ -270,7 +269,7 @@ pub fn run(runs: usize) -> Result<(), String> {
     println!("  | warm pool: the second exec, right after | {ws50:.0} ms | {ws99:.0} ms |");
     println!(
         "  | warm pool, the pool's warm-up command ({}) first | {wsh50:.0} ms | {wsh99:.0} ms |",
-        POOL_WARM_UP.join(" ")
+        kiln_pool::types::WARM_UP.join(" ")
     );
     println!(
         "  | warm pool, its VMs {} s in the pool | {wst50:.0} ms | {wst99:.0} ms |",
@@ -295,7 +294,7 @@ pub fn run(runs: usize) -> Result<(), String> {
                 let k = k.clone();
                 std::thread::spawn(move || -> Result<(), String> {
                     for _ in 0..8 {
-                        create_to_result(&k)?;
+                        create_to_result(&k, &["true"])?;
                     }
                     Ok(())
                 })
