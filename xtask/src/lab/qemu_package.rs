@@ -25,8 +25,8 @@ Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 ";
 
-/// Installs QEMU >= [`MIN_MAJOR`] if the machine has an older one (or none), and says which one
-/// the lab runs.
+/// Installs QEMU >= [`MIN_MAJOR`] if the machine has an older one (or none); an error if that
+/// still leaves an older one.
 pub fn ensure() -> Result<()> {
     if installed_major().is_some_and(|m| m >= MIN_MAJOR) {
         return Ok(());
