@@ -19,7 +19,7 @@ const FILL_EVERY: Duration = Duration::from_millis(250);
 /// result). A streak of creates holds the filler at most this long from its first.
 const REFILL_HOLD: Duration = Duration::from_secs(1);
 
-pub use crate::types::WARM_UP;
+pub use crate::types::{WARM_UP, WARM_UP_RUNS};
 /// How long the warm-up may take.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(30);
 
@@ -226,14 +226,19 @@ impl Daemon {
     }
 }
 
-/// Runs [`WARM_UP`] in a warm VM; a failure only means the first command will not have it.
+/// Runs [`WARM_UP`] [`WARM_UP_RUNS`] times in a warm VM; a failure only means the first command
+/// will not have all of it.
 pub(crate) fn warm_up(client: &kiln_agent::client::Client) {
-    let mut spec = kiln_agent::protocol::ExecSpec::new(WARM_UP);
-    spec.timeout_ms = Some(WARM_UP_LIMIT.as_millis() as u64);
-    match client.run(spec) {
-        Ok(out) if out.status == kiln_agent::protocol::ExitStatus::Exited(0) => {}
-        Ok(out) => tracing::debug!("pool: the warm-up ended with {:?}", out.status),
-        Err(e) => tracing::debug!("pool: the warm-up failed: {e}"),
+    for argv in std::iter::repeat_n(WARM_UP, WARM_UP_RUNS).flatten() {
+        let mut spec = kiln_agent::protocol::ExecSpec::new(argv.iter().copied());
+        spec.timeout_ms = Some(WARM_UP_LIMIT.as_millis() as u64);
+        match client.run(spec) {
+            Ok(out) if out.status == kiln_agent::protocol::ExitStatus::Exited(0) => {}
+            Ok(out) => {
+                return tracing::debug!("pool: the warm-up {argv:?} ended with {:?}", out.status);
+            }
+            Err(e) => return tracing::debug!("pool: the warm-up {argv:?} failed: {e}"),
+        }
     }
 }
 

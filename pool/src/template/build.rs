@@ -360,7 +360,7 @@ fn snapshot(
 }
 
 /// Restores the new snapshot once, as the pool will (clone step, then the pool's warm-up
-/// command), and stores the guest pages it touched as the template's working set, which every
+/// commands), and stores the guest pages it touched as the template's working set, which every
 /// later restore maps in before the guest runs. A snapshot that does not restore fails the build
 /// here rather than in the pool.
 fn record_working_set(

@@ -39,6 +39,8 @@ mod boot;
 mod cycles;
 #[path = "kiln-lab-bench/exec.rs"]
 mod exec;
+#[path = "kiln-lab-bench/kvm.rs"]
+mod kvm;
 #[path = "kiln-lab-bench/memory.rs"]
 mod memory;
 #[path = "kiln-lab-bench/net.rs"]

@@ -3,6 +3,8 @@
 //!
 //! - create -> first exec result (`true`), p50/p99 over N, from a warm pool and from a cold one,
 //!   against the exec round trip of a sandbox already running and against `kiln run` (a boot);
+//!   the same with `python3 -c pass` as the command; and, per exec, the time and KVM's exits and
+//!   page faults fixed in a sandbox just handed out and in one that has run for a while;
 //! - sustained creates per second (create, exec, kill) at concurrency 1 and 4;
 //! - the memory (PSS) of 50 idle sandboxes of the template, per sandbox;
 //! - a fork of a sandbox into 4 clones: time until all four answer.
@@ -18,6 +20,7 @@ use kiln_pool::types::{BuildEvent, CreateSandbox, ExecEvent, ExecRequest, PoolSe
 use kiln_tests::ScratchDir;
 
 use crate::exec::percentiles;
+use crate::kvm;
 
 /// kilnd on a state folder (killed when dropped).
 struct Daemon(Child);
@@ -50,6 +53,9 @@ fn start(state: &Path) -> Result<(Daemon, Kilnd), String> {
     }
     Ok((d, Kilnd::new(sock)))
 }
+
+/// A first command heavier than `true`: the python template's own interpreter.
+const PYTHON: &[&str] = &["python3", "-c", "pass"];
 
 /// How long a settled pool's VMs have waited before the create.
 const SETTLED: Duration = Duration::from_secs(5);
@@ -146,6 +152,48 @@ fn wait_ready(k: &Kilnd, n: u32) -> Result<(), String> {
     }
 }
 
+/// The pid of sandbox `id`'s VMM, from kilnd's records.
+fn vmm_pid(state: &Path, id: &str) -> Result<u32, String> {
+    let db = kiln_pool::db::Db::open(&state.join("kilnd.db")).map_err(|e| e.to_string())?;
+    db.sandboxes()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|s| s.id == id)
+        .and_then(|s| s.vmm_pid)
+        .ok_or_else(|| format!("kilnd has no VMM pid for sandbox {id}"))
+}
+
+/// `true` run `n` times in sandbox `id`: each run's time and KVM's exits and page faults fixed
+/// across it (zeros without L1's debugfs).
+fn exec_costs(
+    k: &Kilnd,
+    id: &str,
+    pid: u32,
+    n: usize,
+) -> Result<Vec<(Duration, u64, u64)>, String> {
+    (0..n)
+        .map(|_| {
+            let before = kvm::counters(pid).unwrap_or_default();
+            let t = Instant::now();
+            exec_true(k, id)?;
+            let took = t.elapsed();
+            let after = kvm::counters(pid).unwrap_or_default();
+            Ok((took, after[0] - before[0], after[1] - before[1]))
+        })
+        .collect()
+}
+
+/// Prints [`exec_costs`]' rows under `label`.
+fn print_exec_costs(label: &str, first: usize, costs: &[(Duration, u64, u64)]) {
+    for (i, (took, exits, faults)) in costs.iter().enumerate() {
+        println!(
+            "  | {label}, exec {} | {:.0} ms | {exits} | {faults} |",
+            first + i,
+            took.as_secs_f64() * 1e3
+        );
+    }
+}
+
 /// The PSS of each of `ids`' VMMs as kilnd reports it (`kiln_sandbox_pss_bytes` in its metrics;
 /// the VMMs run jailed, under their own uids, so kilnd is where a user reads this).
 fn pss_bytes(k: &Kilnd, ids: &[String]) -> Result<Vec<u64>, String> {
@@ -206,7 +254,7 @@ pub fn run(runs: usize) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let (mut warm, mut warm_create, mut warm_second) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut warm_sh, mut warm_settled) = (Vec::new(), Vec::new());
+    let (mut warm_sh, mut warm_settled, mut warm_py) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         wait_ready(&k, 2)?;
         let times = create_then_result(&k, &["true"])?;
@@ -216,13 +264,21 @@ pub fn run(runs: usize) -> Result<(), String> {
         // The same with the pool's own warm-up command first, every page of which the warm VM
         // has touched already: tells the first command's own first touches from the rest.
         wait_ready(&k, 2)?;
-        warm_sh.push(create_to_result(&k, &kiln_pool::types::WARM_UP)?);
+        warm_sh.push(create_to_result(&k, kiln_pool::types::WARM_UP[0])?);
         // And with `true` again, but from a pool whose VMs have sat there a while (their
         // guests' own after-restore work done), as a pool meets most creates.
         wait_ready(&k, 2)?;
         std::thread::sleep(SETTLED);
         warm_settled.push(create_to_result(&k, &["true"])?);
+        // A heavier first command, which the warm-up does not run either.
+        wait_ready(&k, 2)?;
+        warm_py.push(create_to_result(&k, PYTHON)?);
     }
+    // Where a handed-out VM's first execs differ from a running sandbox's: KVM's counters.
+    wait_ready(&k, 2)?;
+    let handed = create(&k)?;
+    let handed_costs = exec_costs(&k, &handed, vmm_pid(&state, &handed)?, 5)?;
+    k.kill(&handed).map_err(|e| e.to_string())?;
     k.set_pool(
         "python",
         &PoolSettings {
@@ -239,6 +295,14 @@ pub fn run(runs: usize) -> Result<(), String> {
         exec_true(&k, &id)?;
         rt.push(t.elapsed());
     }
+    let mut rt_py = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        exec_ok(&k, &id, PYTHON)?;
+        rt_py.push(t.elapsed());
+    }
+    let running = runs.max(20);
+    let running_costs = exec_costs(&k, &id, vmm_pid(&state, &id)?, 5)?;
     k.kill(&id).map_err(|e| e.to_string())?;
     let mut boots = Vec::new();
     for _ in 0..3 {
@@ -260,6 +324,8 @@ pub fn run(runs: usize) -> Result<(), String> {
     let (wsh50, wsh99) = percentiles(&mut warm_sh);
     let (wst50, wst99) = percentiles(&mut warm_settled);
     let (r50, r99) = percentiles(&mut rt);
+    let (wp50, wp99) = percentiles(&mut warm_py);
+    let (rp50, rp99) = percentiles(&mut rt_py);
     let (b50, _) = percentiles(&mut boots);
     println!("create -> first exec result (python template, 512 MiB, {runs} runs):");
     println!("  | | p50 | p99 |");
@@ -269,7 +335,7 @@ pub fn run(runs: usize) -> Result<(), String> {
     println!("  | warm pool: the second exec, right after | {ws50:.0} ms | {ws99:.0} ms |");
     println!(
         "  | warm pool, the pool's warm-up command ({}) first | {wsh50:.0} ms | {wsh99:.0} ms |",
-        kiln_pool::types::WARM_UP.join(" ")
+        kiln_pool::types::WARM_UP[0].join(" ")
     );
     println!(
         "  | warm pool, its VMs {} s in the pool | {wst50:.0} ms | {wst99:.0} ms |",
@@ -279,9 +345,29 @@ pub fn run(runs: usize) -> Result<(), String> {
     println!("  | exec round trip in a running sandbox | {r50:.0} ms | {r99:.0} ms |");
     println!("  | kiln run -- true (boot) | {b50:.0} ms | |");
     println!(
+        "  | warm pool, first command {} | {wp50:.0} ms | {wp99:.0} ms |",
+        PYTHON.join(" ")
+    );
+    println!(
+        "  | {} round trip in a running sandbox | {rp50:.0} ms | {rp99:.0} ms |",
+        PYTHON.join(" ")
+    );
+    println!(
+        "per exec of `true` (time, KVM exits, page faults fixed: each a nested page fault in the lab):"
+    );
+    println!("  | sandbox | time | exits | page faults fixed |");
+    println!("  |---|---|---|---|");
+    print_exec_costs("from the warm pool", 1, &handed_costs);
+    print_exec_costs("running", running + 1, &running_costs);
+    println!(
         "  warm create -> result is {:.1}x a running sandbox's round trip (goal <= 2x) and {:.1}x faster than a boot",
         w50 / r50,
         b50 / w50
+    );
+    println!(
+        "  with {} as the command: {:.1}x",
+        PYTHON.join(" "),
+        wp50 / rp50
     );
 
     // Sustained creates per second at concurrency 1 and 4 (create, exec, kill).

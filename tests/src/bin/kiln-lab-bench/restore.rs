@@ -25,6 +25,7 @@ use kiln_agent::protocol::ExecSpec;
 use kiln_tests::ScratchDir;
 
 use crate::exec::percentiles;
+use crate::kvm;
 use crate::snapshot::KilnVm;
 
 /// The steps of one restore, in order.
@@ -88,29 +89,6 @@ fn restore_steps(dir: &Path, name: &str, state: &Path, mem: &Path) -> Result<Ste
     Ok([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5])
 }
 
-/// KVM's counters for the VM of process `pid` (L1's debugfs: `<pid>-<fd>/`): exits, page
-/// faults fixed (each one a nested page fault in the lab) and 4K pages mapped. `None` without
-/// debugfs.
-fn kvm_counters(pid: u32) -> Option<[u64; 3]> {
-    let dir = std::fs::read_dir("/sys/kernel/debug/kvm")
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{pid}-")))
-        })?;
-    let read = |name: &str| -> Option<u64> {
-        std::fs::read_to_string(dir.join(name))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    };
-    Some([read("exits")?, read("pf_fixed")?, read("pages_4k")?])
-}
-
 /// The new path: `kiln-vmm` started ahead (as a pool keeps them; not timed), then the load, and
 /// the clone step and first exec pipelined with the agent's connection in one round trip
 /// (`client::restore_and_exec`). Steps: load, then connect + clone step + first exec as one.
@@ -128,7 +106,7 @@ fn restore_steps_fast(
         Prefault::None | Prefault::Record(_) => vm.load(state, mem)?,
     }
     let t2 = Instant::now();
-    let at_load = kvm_counters(vm.pid());
+    let at_load = kvm::counters(vm.pid());
     let first = client::restore_and_exec(
         &vm.uds,
         Instant::now() + Duration::from_secs(60),
@@ -143,7 +121,7 @@ fn restore_steps_fast(
         return Err(format!("true ended with {:?}", out.status));
     }
     let t5 = Instant::now();
-    if let (Some(a), Some(b)) = (at_load, kvm_counters(vm.pid())) {
+    if let (Some(a), Some(b)) = (at_load, kvm::counters(vm.pid())) {
         let path = match prefault {
             Prefault::Apply(_) => "with the working set",
             Prefault::None | Prefault::Record(_) => "without",
