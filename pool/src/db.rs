@@ -164,27 +164,26 @@ impl Db {
     pub fn template(&self, name_or_id: &str) -> Result<Option<(TemplateRow, u32, u32)>, DbError> {
         Ok(self
             .0
-            .query_row(
+            .prepare_cached(
                 "SELECT t.id, t.name, t.spec_json, t.built_at, t.disk_bytes,
                         COALESCE(n.min_ready, 0), COALESCE(n.max_sandboxes, 0), t.kind
                  FROM templates t LEFT JOIN template_names n ON n.template_id = t.id
                  WHERE n.name = ?1 OR t.id = ?1 LIMIT 1",
-                params![name_or_id],
-                |r| {
-                    Ok((
-                        TemplateRow {
-                            id: r.get(0)?,
-                            name: r.get(1)?,
-                            spec_json: r.get(2)?,
-                            built_at: r.get::<_, i64>(3)? as u64,
-                            disk_bytes: r.get::<_, i64>(4)? as u64,
-                            kind: r.get(7)?,
-                        },
-                        r.get(5)?,
-                        r.get(6)?,
-                    ))
-                },
-            )
+            )?
+            .query_row(params![name_or_id], |r| {
+                Ok((
+                    TemplateRow {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        spec_json: r.get(2)?,
+                        built_at: r.get::<_, i64>(3)? as u64,
+                        disk_bytes: r.get::<_, i64>(4)? as u64,
+                        kind: r.get(7)?,
+                    },
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })
             .optional()?)
     }
 
@@ -268,12 +267,14 @@ impl Db {
 
     /// Writes (inserts or replaces) a sandbox's record.
     pub fn put_sandbox(&self, s: &SandboxRow) -> Result<(), DbError> {
-        self.0.execute(
-            "INSERT OR REPLACE INTO sandboxes (id, template_id, template_name, state, created_at,
-                expires_at, env_json, metadata_json, vcpus, mem_mib, exec_count, vmm_pid,
-                vmm_start, dir, memory_from, network_json)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-            params![
+        self.0
+            .prepare_cached(
+                "INSERT OR REPLACE INTO sandboxes (id, template_id, template_name, state,
+                    created_at, expires_at, env_json, metadata_json, vcpus, mem_mib, exec_count,
+                    vmm_pid, vmm_start, dir, memory_from, network_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )?
+            .execute(params![
                 s.id,
                 s.template_id,
                 s.template_name,
@@ -290,8 +291,7 @@ impl Db {
                 s.dir,
                 s.memory_from,
                 s.network_json
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
