@@ -232,13 +232,13 @@ pub(crate) fn warm_up(client: &kiln_agent::client::Client) {
     for argv in std::iter::repeat_n(WARM_UP, WARM_UP_RUNS).flatten() {
         let mut spec = kiln_agent::protocol::ExecSpec::new(argv.iter().copied());
         spec.timeout_ms = Some(WARM_UP_LIMIT.as_millis() as u64);
-        match client.run(spec) {
-            Ok(out) if out.status == kiln_agent::protocol::ExitStatus::Exited(0) => {}
-            Ok(out) => {
-                return tracing::debug!("pool: the warm-up {argv:?} ended with {:?}", out.status);
-            }
-            Err(e) => return tracing::debug!("pool: the warm-up {argv:?} failed: {e}"),
-        }
+        let failed = match client.run(spec) {
+            Ok(out) if out.status == kiln_agent::protocol::ExitStatus::Exited(0) => continue,
+            Ok(out) => format!("ended with {:?}", out.status),
+            Err(e) => format!("failed: {e}"),
+        };
+        tracing::debug!("pool: the warm-up {argv:?} {failed}");
+        return;
     }
 }
 

@@ -184,6 +184,32 @@ fn exec_costs(
         .collect()
 }
 
+/// [`exec_costs`] of 5 execs in a sandbox handed out from a pool whose VMs have waited `wait`
+/// (killed afterwards).
+fn handed_out_costs(
+    k: &Kilnd,
+    state: &Path,
+    wait: Duration,
+) -> Result<Vec<(Duration, u64, u64)>, String> {
+    wait_ready(k, 2)?;
+    std::thread::sleep(wait);
+    let id = create(k)?;
+    let costs = exec_costs(k, &id, vmm_pid(state, &id)?, 5)?;
+    k.kill(&id).map_err(|e| e.to_string())?;
+    Ok(costs)
+}
+
+/// `argv` run `n` times in sandbox `id`: each run's time.
+fn round_trips(k: &Kilnd, id: &str, argv: &[&str], n: usize) -> Result<Vec<Duration>, String> {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            exec_ok(k, id, argv)?;
+            Ok(t.elapsed())
+        })
+        .collect()
+}
+
 /// Prints [`exec_costs`]' rows under `label`.
 fn print_exec_costs(label: &str, first: usize, costs: &[(Duration, u64, u64)]) {
     for (i, (took, exits, faults)) in costs.iter().enumerate() {
@@ -276,15 +302,8 @@ pub fn run(runs: usize) -> Result<(), String> {
         warm_py.push(create_to_result(&k, PYTHON)?);
     }
     // Where a handed-out VM's first execs differ from a running sandbox's: KVM's counters.
-    wait_ready(&k, 2)?;
-    let handed = create(&k)?;
-    let handed_costs = exec_costs(&k, &handed, vmm_pid(&state, &handed)?, 5)?;
-    k.kill(&handed).map_err(|e| e.to_string())?;
-    wait_ready(&k, 2)?;
-    std::thread::sleep(SETTLED);
-    let settled = create(&k)?;
-    let settled_costs = exec_costs(&k, &settled, vmm_pid(&state, &settled)?, 5)?;
-    k.kill(&settled).map_err(|e| e.to_string())?;
+    let handed_costs = handed_out_costs(&k, &state, Duration::ZERO)?;
+    let settled_costs = handed_out_costs(&k, &state, SETTLED)?;
     k.set_pool(
         "python",
         &PoolSettings {
@@ -295,20 +314,10 @@ pub fn run(runs: usize) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     // A running sandbox's round trip, and a boot with kiln run, for scale.
     let id = create(&k)?;
-    let mut rt = Vec::new();
-    for _ in 0..runs.max(20) {
-        let t = Instant::now();
-        exec_true(&k, &id)?;
-        rt.push(t.elapsed());
-    }
-    let mut rt_py = Vec::new();
-    for _ in 0..runs {
-        let t = Instant::now();
-        exec_ok(&k, &id, PYTHON)?;
-        rt_py.push(t.elapsed());
-    }
+    let mut rt = round_trips(&k, &id, &["true"], runs.max(20))?;
+    let mut rt_py = round_trips(&k, &id, PYTHON, runs)?;
     // The execs it has run: the `true`s above and the pythons.
-    let running = runs.max(20) + runs;
+    let running = rt.len() + rt_py.len();
     let running_costs = exec_costs(&k, &id, vmm_pid(&state, &id)?, 5)?;
     k.kill(&id).map_err(|e| e.to_string())?;
     let mut boots = Vec::new();
