@@ -2,6 +2,7 @@
 //! them (with their pool settings), and every sandbox with its VMM's pid, so a restarted daemon
 //! knows each one and can adopt it or clean up after it.
 
+use std::cell::Cell;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -119,7 +120,12 @@ pub struct SandboxRow {
 }
 
 /// The connection.
-pub struct Db(Connection);
+pub struct Db {
+    conn: Connection,
+    /// Moves on every write to the templates or their names: what was read of them before is
+    /// stale once it has moved (see [`Db::templates_version`]).
+    templates_version: Cell<u64>,
+}
 
 impl Db {
     /// Opens (creating) the database at `path`.
@@ -135,12 +141,16 @@ impl Db {
                 conn.execute_batch(add)?;
             }
         }
-        Ok(Db(conn))
+        Ok(Db {
+            conn,
+            templates_version: Cell::new(0),
+        })
     }
 
     /// Records a built template under `row.name` (the name now points at it).
     pub fn put_template(&self, row: &TemplateRow) -> Result<(), DbError> {
-        self.0.execute(
+        self.templates_changed();
+        self.conn.execute(
             "INSERT OR REPLACE INTO templates (id, name, spec_json, built_at, disk_bytes, kind)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -152,7 +162,7 @@ impl Db {
                 row.kind
             ],
         )?;
-        self.0.execute(
+        self.conn.execute(
             "INSERT INTO template_names (name, template_id) VALUES (?1, ?2)
              ON CONFLICT(name) DO UPDATE SET template_id = excluded.template_id",
             params![row.name, row.id],
@@ -160,10 +170,23 @@ impl Db {
         Ok(())
     }
 
+    /// A number that moves whenever this connection writes templates or their names (kilnd is
+    /// their only writer): what was read of them at another number may be stale.
+    pub fn templates_version(&self) -> u64 {
+        self.templates_version.get()
+    }
+
+    /// Marks what was read of the templates as stale (called before the write, so a write that
+    /// fails half-way is covered too).
+    fn templates_changed(&self) {
+        self.templates_version
+            .set(self.templates_version.get().wrapping_add(1));
+    }
+
     /// The template a name points at, or the template with that id.
     pub fn template(&self, name_or_id: &str) -> Result<Option<(TemplateRow, u32, u32)>, DbError> {
         Ok(self
-            .0
+            .conn
             .prepare_cached(
                 "SELECT t.id, t.name, t.spec_json, t.built_at, t.disk_bytes,
                         COALESCE(n.min_ready, 0), COALESCE(n.max_sandboxes, 0), t.kind
@@ -189,7 +212,7 @@ impl Db {
 
     /// Every named template with its pool settings.
     pub fn templates(&self) -> Result<Vec<TemplateInfo>, DbError> {
-        let mut st = self.0.prepare(
+        let mut st = self.conn.prepare(
             "SELECT n.name, t.id, t.built_at, t.spec_json, t.disk_bytes, n.min_ready, n.max_sandboxes,
                     t.kind
              FROM template_names n JOIN templates t ON t.id = n.template_id ORDER BY n.name",
@@ -220,7 +243,8 @@ impl Db {
         min_ready: u32,
         max_sandboxes: u32,
     ) -> Result<bool, DbError> {
-        Ok(self.0.execute(
+        self.templates_changed();
+        Ok(self.conn.execute(
             "UPDATE template_names SET min_ready = ?2, max_sandboxes = ?3 WHERE name = ?1",
             params![name, min_ready, max_sandboxes],
         )? == 1)
@@ -229,8 +253,9 @@ impl Db {
     /// Forgets a template name; the template's record goes too when no name points at it any
     /// more. Returns the removed template id, if one was.
     pub fn remove_template_name(&self, name: &str) -> Result<Option<String>, DbError> {
+        self.templates_changed();
         let id: Option<String> = self
-            .0
+            .conn
             .query_row(
                 "SELECT template_id FROM template_names WHERE name = ?1",
                 params![name],
@@ -238,15 +263,15 @@ impl Db {
             )
             .optional()?;
         let Some(id) = id else { return Ok(None) };
-        self.0
+        self.conn
             .execute("DELETE FROM template_names WHERE name = ?1", params![name])?;
-        let still: u32 = self.0.query_row(
+        let still: u32 = self.conn.query_row(
             "SELECT COUNT(*) FROM template_names WHERE template_id = ?1",
             params![id],
             |r| r.get(0),
         )?;
         if still == 0 {
-            self.0
+            self.conn
                 .execute("DELETE FROM templates WHERE id = ?1", params![id])?;
             return Ok(Some(id));
         }
@@ -257,7 +282,8 @@ impl Db {
     /// went to a newer snapshot); true when it went. Built templates stay: their folders are a
     /// cache found again by content key.
     pub fn forget_unnamed_snapshot(&self, id: &str) -> Result<bool, DbError> {
-        let gone = self.0.execute(
+        self.templates_changed();
+        let gone = self.conn.execute(
             "DELETE FROM templates WHERE id = ?1 AND kind = 'snapshot'
              AND NOT EXISTS (SELECT 1 FROM template_names WHERE template_id = ?1)",
             params![id],
@@ -267,7 +293,7 @@ impl Db {
 
     /// Writes (inserts or replaces) a sandbox's record.
     pub fn put_sandbox(&self, s: &SandboxRow) -> Result<(), DbError> {
-        self.0
+        self.conn
             .prepare_cached(
                 "INSERT OR REPLACE INTO sandboxes (id, template_id, template_name, state,
                     created_at, expires_at, env_json, metadata_json, vcpus, mem_mib, exec_count,
@@ -297,7 +323,7 @@ impl Db {
 
     /// Every sandbox record.
     pub fn sandboxes(&self) -> Result<Vec<SandboxRow>, DbError> {
-        let mut st = self.0.prepare(
+        let mut st = self.conn.prepare(
             "SELECT id, template_id, template_name, state, created_at, expires_at, env_json,
                     metadata_json, vcpus, mem_mib, exec_count, vmm_pid, vmm_start, dir, memory_from,
                     network_json
@@ -328,14 +354,14 @@ impl Db {
 
     /// Forgets a sandbox.
     pub fn remove_sandbox(&self, id: &str) -> Result<(), DbError> {
-        self.0
+        self.conn
             .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
         Ok(())
     }
 
     /// How many sandboxes (not warm VMs) map their memory from `dir`.
     pub fn memory_users(&self, dir: &str) -> Result<u32, DbError> {
-        Ok(self.0.query_row(
+        Ok(self.conn.query_row(
             "SELECT COUNT(*) FROM sandboxes WHERE memory_from = ?1",
             params![dir],
             |r| r.get(0),
@@ -418,6 +444,47 @@ mod tests {
             Some("t1")
         );
         assert!(db.template("py").unwrap().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn every_template_write_moves_the_templates_version() {
+        let dir = std::env::temp_dir().join(format!("kiln-db-ver-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Db::open(&dir.join("kilnd.db")).unwrap();
+        let mut seen = vec![db.templates_version()];
+        fn moved(db: &Db, seen: &mut Vec<u64>, what: &str) {
+            let now = db.templates_version();
+            assert!(!seen.contains(&now), "{what} left the version at {now}");
+            seen.push(now);
+        }
+        let t = |id: &str, kind: &str| TemplateRow {
+            id: id.into(),
+            name: "py".into(),
+            spec_json: "{}".into(),
+            built_at: 1,
+            disk_bytes: 0,
+            kind: kind.into(),
+        };
+        db.put_template(&t("t1", "snapshot")).unwrap();
+        moved(&db, &mut seen, "put_template");
+        db.put_sandbox(&row("a")).unwrap();
+        db.template("py").unwrap();
+        db.remove_sandbox("a").unwrap();
+        assert_eq!(
+            db.templates_version(),
+            *seen.last().unwrap(),
+            "sandbox writes and template reads leave it"
+        );
+        db.put_template(&t("t2", "snapshot")).unwrap();
+        moved(&db, &mut seen, "a rebuild under the same name");
+        db.set_pool("py", 1, 2).unwrap();
+        moved(&db, &mut seen, "set_pool");
+        db.forget_unnamed_snapshot("t1").unwrap();
+        moved(&db, &mut seen, "forget_unnamed_snapshot");
+        db.remove_template_name("py").unwrap();
+        moved(&db, &mut seen, "remove_template_name");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

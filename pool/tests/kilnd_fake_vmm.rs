@@ -313,6 +313,29 @@ dir = "{out}/tree"
     );
     k.kill(&own.id).unwrap();
     wait_for("the pool refilled", || ready() == 2);
+    // A limit set after creates have looked the template up holds for the next one.
+    let of_t = k
+        .sandboxes()
+        .unwrap()
+        .iter()
+        .filter(|s| s.template == "t")
+        .count() as u32;
+    k.set_pool(
+        "t",
+        &PoolSettings {
+            min_ready: 0,
+            max_sandboxes: of_t,
+        },
+    )
+    .unwrap();
+    let (code, msg) = status(
+        k.create(&CreateSandbox {
+            template: "t".into(),
+            ..Default::default()
+        })
+        .unwrap_err(),
+    );
+    assert!(code == 429 && msg.contains("already has"), "{msg}");
     k.set_pool(
         "t",
         &PoolSettings {
@@ -341,6 +364,14 @@ dir = "{out}/tree"
     assert_eq!(code, 409, "a snapshot in use stays");
     k.kill(&from.id).unwrap();
     k.remove_template("s1").unwrap();
+    let (code, _) = status(
+        k.create(&CreateSandbox {
+            template: "s1".into(),
+            ..Default::default()
+        })
+        .unwrap_err(),
+    );
+    assert_eq!(code, 404, "a removed template is gone for creates too");
     assert!(!dir.join(format!("state/templates/{}", snap.id)).exists());
     let kinds: Vec<String> = k.templates().unwrap().into_iter().map(|t| t.kind).collect();
     assert_eq!(kinds, ["build"]);

@@ -5,7 +5,7 @@
 //! clone step (fresh entropy, the host's time, the sandbox's environment) in the same round trip
 //! as the connection. Its published ports open once it runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +25,18 @@ use crate::vm::VmProcess;
 pub const AGENT_WAIT: Duration = Duration::from_secs(60);
 /// The longest lifetime a sandbox may ask for: a day.
 pub const MAX_TIMEOUT_S: u64 = 24 * 3600;
+
+/// A template as a create finds it: its id, name, spec, files and most sandboxes.
+pub type TemplateParts = (String, String, Arc<Spec>, TemplateFiles, u32);
+
+/// Templates as [`Daemon::template_parts`] found them, by the name or id asked for, while the
+/// database's templates version stays what it was when they were read: every create looks its
+/// template up, and a built template's record only changes through the database.
+#[derive(Debug, Default)]
+pub(super) struct TemplateCache {
+    version: u64,
+    parts: HashMap<String, TemplateParts>,
+}
 
 /// Restores `from` into a new VM in `dir` on the network `net`, with the clone step done in the
 /// same round trip as the connection (warm VMs, the on-demand path, resume and fork). A VM that
@@ -91,18 +103,30 @@ impl Daemon {
     }
 
     /// The template `name` (or id): its record, spec and files.
-    pub fn template_parts(
-        &self,
-        name: &str,
-    ) -> Result<(String, String, Arc<Spec>, TemplateFiles, u32), DaemonError> {
-        let (row, _, max) = self
-            .db()
+    pub fn template_parts(&self, name: &str) -> Result<TemplateParts, DaemonError> {
+        let db = self.db();
+        let mut cache = self
+            .template_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if cache.version != db.templates_version() {
+            *cache = TemplateCache {
+                version: db.templates_version(),
+                parts: HashMap::new(),
+            };
+        }
+        if let Some(parts) = cache.parts.get(name) {
+            return Ok(parts.clone());
+        }
+        let (row, _, max) = db
             .template(name)?
             .ok_or_else(|| DaemonError::NotFound(format!("no template named {name}")))?;
         let spec: Spec = serde_json::from_str(&row.spec_json)
             .map_err(|e| DaemonError::Internal(format!("template {name}'s stored spec: {e}")))?;
         let files = TemplateFiles::in_dir(&self.cfg.templates_dir().join(&row.id));
-        Ok((row.id, row.name, Arc::new(spec), files, max))
+        let parts = (row.id, row.name, Arc::new(spec), files, max);
+        cache.parts.insert(name.to_string(), parts.clone());
+        Ok(parts)
     }
 
     /// Takes a warm VM of template `id`, if one is ready.

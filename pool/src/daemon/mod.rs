@@ -81,6 +81,8 @@ pub struct Daemon {
     /// Its configuration.
     pub cfg: Config,
     db: Mutex<Db>,
+    /// Template lookups, valid while the database's templates version stays.
+    template_cache: Mutex<create::TemplateCache>,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     warm: Mutex<HashMap<String, VecDeque<Warm>>>,
     /// Warm VMs being made, per template id.
@@ -132,6 +134,7 @@ impl Daemon {
         Ok(Arc::new(Daemon {
             cfg,
             db: Mutex::new(db),
+            template_cache: Mutex::new(create::TemplateCache::default()),
             sandboxes: Mutex::new(HashMap::new()),
             warm: Mutex::new(HashMap::new()),
             filling: Mutex::new(HashMap::new()),
