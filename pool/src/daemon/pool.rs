@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::create::{restore_cloned, vm_net};
 use super::{Daemon, Warm, new_id};
+use crate::template::spec::Spec;
 
 /// How often the filler looks at the pools.
 const FILL_EVERY: Duration = Duration::from_millis(250);
@@ -96,8 +97,9 @@ impl Daemon {
             .or_default() += 1;
         let d = self.clone();
         tokio::spawn(async move {
-            let (files, limits, env, policy) = match d.template_parts(&template_id) {
+            let (spec, files, limits, env, policy) = match d.template_parts(&template_id) {
                 Ok((_, _, spec, files, _)) => (
+                    spec.clone(),
                     files,
                     crate::jail::Limits {
                         background: true,
@@ -128,7 +130,7 @@ impl Daemon {
                 let made = vm_net(&id2, files.has_nic(), &policy)
                     .and_then(|net| restore_cloned(&vmm, &dir, &files, limits, env, net));
                 match &made {
-                    Ok((_, client)) => warm_up(client),
+                    Ok((_, client)) => warm_up(client, &spec),
                     Err(_) => {
                         let _ = std::fs::remove_dir_all(&dir);
                     }
@@ -226,13 +228,16 @@ impl Daemon {
     }
 }
 
-/// Runs [`WARM_UP`] [`WARM_UP_RUNS`] times in a warm VM; a failure only means the first command
-/// will not have all of it.
-pub(crate) fn warm_up(client: &kiln_agent::client::Client) {
+/// Runs [`WARM_UP`] [`WARM_UP_RUNS`] times in a warm VM of `spec`, in its working directory and
+/// as its user, as a sandbox's commands run; a failure only means the first command will not
+/// have all of it.
+pub(crate) fn warm_up(client: &kiln_agent::client::Client, spec: &Spec) {
     for argv in std::iter::repeat_n(WARM_UP, WARM_UP_RUNS).flatten() {
-        let mut spec = kiln_agent::protocol::ExecSpec::new(argv.iter().copied());
-        spec.timeout_ms = Some(WARM_UP_LIMIT.as_millis() as u64);
-        let failed = match client.run(spec) {
+        let mut exec = kiln_agent::protocol::ExecSpec::new(argv.iter().copied());
+        exec.timeout_ms = Some(WARM_UP_LIMIT.as_millis() as u64);
+        exec.cwd = spec.workdir.clone();
+        exec.user = spec.user.clone();
+        let failed = match client.run(exec) {
             Ok(out) if out.status == kiln_agent::protocol::ExitStatus::Exited(0) => continue,
             Ok(out) => format!("ended with {:?}", out.status),
             Err(e) => format!("failed: {e}"),
