@@ -190,11 +190,14 @@ pub fn restore(
         snapshot_id: state.snapshot_id,
         mem_size: state.mem_size,
     };
+    let mut working_set = None;
     let (mem, page_fault_handler) = match &file {
         Some(file) => {
             let mem = map_snapshot(file, state.mem_size).map_err(BuildError::from)?;
             if let Some(path) = &params.working_set_path {
-                WorkingSet::load(path, loaded, &mem)?.prefault(&mem)?;
+                let set = WorkingSet::load(path, loaded, &mem)?;
+                set.prefault(&mem)?;
+                working_set = Some(set);
             }
             (mem, None)
         }
@@ -228,6 +231,14 @@ pub fn restore(
     vm.restore_state(&state.vm)
         .map_err(|e| PersistError::Kvm(e.to_string()))?;
     log::debug!("restore: irqchip, PIT and clock restored");
+    // The working set's pages in KVM's page tables too, now that the vCPUs' state is in.
+    if let (Some(set), Some(vcpu)) = (&working_set, vcpus.first())
+        && let Err(e) = set.prefault_kvm(vcpu.fd())
+    {
+        log::warn!(
+            "working set: mapping pages in KVM ahead failed ({e}); the guest faults them in"
+        );
+    }
 
     let mut platform = Platform::new(vm, &config, Some(&state.serial))?;
 

@@ -146,3 +146,9 @@ fn a_set_of_another_snapshot_or_out_of_range_or_not_json_is_refused_by_name() {
     assert_eq!(WorkingSet::load(&path, SNAP, &mem).unwrap(), good);
     std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }
+
+#[test]
+fn the_pre_fault_request_is_linuxs() {
+    // _IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory): read-write, 64 bytes, type 0xae.
+    assert_eq!(ioctls::KVM_PRE_FAULT_MEMORY(), 0xc040_aed5);
+}
