@@ -9,8 +9,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The metapackage that always depends on the current cloud kernel.
-const METAPACKAGE: &str = "linux-image-cloud-amd64";
+/// The metapackages that depend on the current cloud kernel, the first apt knows: Linux 6.12
+/// (Debian 12 carries it in bookworm-security beside its 6.1), whose KVM maps a restore's working
+/// set in L1's nested page tables ahead (`KVM_PRE_FAULT_MEMORY`, Linux 6.10), else the release's
+/// own (Debian 13's is 6.12 or later).
+const METAPACKAGES: [&str; 2] = ["linux-image-6.12-cloud-amd64", "linux-image-cloud-amd64"];
 
 /// Modules L1 needs, by module name: KVM, the virtio-mmio disk, TAP devices, vhost-vsock for QEMU
 /// peers, virtio-net for the one forwarded port some runs give L1 (the E2B SDK suite), and for
@@ -155,18 +158,25 @@ fn resolve() -> Result<String> {
         .ok_or_else(|| format!("apt-get download --print-uris {package} printed no .deb file name"))
 }
 
-/// The linux-image package [`METAPACKAGE`] depends on.
+/// The linux-image package the first of [`METAPACKAGES`] apt knows depends on.
 fn metapackage_target() -> Result<String> {
-    let depends = match util::output(Command::new("apt-cache").args(["depends", METAPACKAGE])) {
-        Ok(text) if package_from_depends(&text).is_some() => text,
-        _ => {
-            // No apt lists yet (a fresh container): update once and ask again.
-            util::apt_update(&[METAPACKAGE], false)?;
-            util::output(Command::new("apt-cache").args(["depends", METAPACKAGE]))?
-        }
+    let first_known = || {
+        METAPACKAGES.iter().find_map(|m| {
+            let text = util::output(Command::new("apt-cache").args(["depends", m])).ok()?;
+            package_from_depends(&text)
+        })
     };
-    package_from_depends(&depends)
-        .ok_or_else(|| format!("apt-cache depends {METAPACKAGE} names no linux-image package"))
+    if let Some(package) = first_known() {
+        return Ok(package);
+    }
+    // No apt lists yet (a fresh container): update once and ask again.
+    util::apt_update(&METAPACKAGES, false)?;
+    first_known().ok_or_else(|| {
+        format!(
+            "apt knows none of {} (apt-cache depends names no linux-image package)",
+            METAPACKAGES.join(", ")
+        )
+    })
 }
 
 /// `KILN_L1_KERNEL`: a cloud kernel package to use instead of the one the metapackage names
