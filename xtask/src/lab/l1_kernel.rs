@@ -98,13 +98,17 @@ pub fn ensure() -> Result<L1Kernel> {
     load(&entry)
 }
 
-/// [`resolve`], remembered until the apt lists change: asking apt costs over a second per run.
+/// [`resolve`], remembered until the apt lists or [`METAPACKAGES`] change: asking apt costs over a
+/// second per run.
 fn resolve_cached(root: &Path) -> Result<String> {
     if pinned().is_some() {
         return resolve();
     }
     let memo = root.join("resolved");
-    let stamp = apt_lists_stamp();
+    // What apt knows and what is asked of it: a new metapackage list resolves again.
+    let stamp = apt_lists_stamp().map(|lists| {
+        util::hash_parts(std::iter::once(lists.as_bytes()).chain(METAPACKAGES.map(str::as_bytes)))
+    });
     let memo_text = std::fs::read_to_string(&memo).unwrap_or_default();
     if let (Some(stamp), Some((seen, deb_name))) = (&stamp, memo_text.trim().split_once(' '))
         && seen == stamp
