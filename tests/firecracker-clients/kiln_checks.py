@@ -22,6 +22,7 @@ import ast
 import copy
 import json
 import os
+import re
 import threading
 
 import jsonschema_rs
@@ -57,9 +58,24 @@ def _nullable(schema):
         _nullable(schema["additionalProperties"])
 
 
+class _SwaggerLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans only: under YAML 1.1 the swagger's
+    `enum: [Error, Warning, Info, Debug, Trace, Off]` (the logger's level) would hold `False`
+    instead of the string "Off", and a logger set to Off would fail the check."""
+
+
+_SwaggerLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SwaggerLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def _vm_config_validator():
     with open(os.environ["KILN_FIRECRACKER_SWAGGER"]) as f:
-        swagger = yaml.safe_load(f)
+        swagger = yaml.load(f, Loader=_SwaggerLoader)
     definitions = copy.deepcopy(swagger["definitions"])
     for definition in definitions.values():
         _nullable(definition)
