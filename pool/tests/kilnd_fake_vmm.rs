@@ -100,6 +100,17 @@ fn status(e: ClientError) -> (u16, String) {
     }
 }
 
+/// The status and message of kilnd's refusal to create a sandbox of `template`.
+fn refused_create(k: &Kilnd, template: &str) -> (u16, String) {
+    status(
+        k.create(&CreateSandbox {
+            template: template.into(),
+            ..Default::default()
+        })
+        .unwrap_err(),
+    )
+}
+
 fn end_to_end() {
     let dir = std::env::temp_dir().join(format!("kilnd-fake-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -266,13 +277,7 @@ dir = "{out}/tree"
     assert!(code == 400 && msg.contains("not absolute"), "{msg}");
 
     // Unknown things are named.
-    let (code, msg) = status(
-        k.create(&CreateSandbox {
-            template: "nope".into(),
-            ..Default::default()
-        })
-        .unwrap_err(),
-    );
+    let (code, msg) = refused_create(&k, "nope");
     assert!(code == 404 && msg.contains("nope"), "{msg}");
     let (code, _) = status(k.sandbox("nope").unwrap_err());
     assert_eq!(code, 404);
@@ -328,13 +333,7 @@ dir = "{out}/tree"
         },
     )
     .unwrap();
-    let (code, msg) = status(
-        k.create(&CreateSandbox {
-            template: "t".into(),
-            ..Default::default()
-        })
-        .unwrap_err(),
-    );
+    let (code, msg) = refused_create(&k, "t");
     assert!(code == 429 && msg.contains("already has"), "{msg}");
     k.set_pool(
         "t",
@@ -364,13 +363,7 @@ dir = "{out}/tree"
     assert_eq!(code, 409, "a snapshot in use stays");
     k.kill(&from.id).unwrap();
     k.remove_template("s1").unwrap();
-    let (code, _) = status(
-        k.create(&CreateSandbox {
-            template: "s1".into(),
-            ..Default::default()
-        })
-        .unwrap_err(),
-    );
+    let (code, _) = refused_create(&k, "s1");
     assert_eq!(code, 404, "a removed template is gone for creates too");
     assert!(!dir.join(format!("state/templates/{}", snap.id)).exists());
     let kinds: Vec<String> = k.templates().unwrap().into_iter().map(|t| t.kind).collect();
