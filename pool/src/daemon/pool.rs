@@ -97,23 +97,20 @@ impl Daemon {
             .or_default() += 1;
         let d = self.clone();
         tokio::spawn(async move {
-            let (spec, files, limits, env, policy) = match d.template_parts(&template_id) {
-                Ok((_, _, spec, files, _)) => (
-                    spec.clone(),
-                    files,
-                    crate::jail::Limits {
-                        background: true,
-                        ..crate::template::build::limits(&spec)
-                    },
-                    crate::template::build::sandbox_env(&spec, &Default::default()),
-                    spec.network.clone(),
-                ),
+            let (spec, files) = match d.template_parts(&template_id) {
+                Ok((_, _, spec, files, _)) => (spec, files),
                 Err(e) => {
                     tracing::warn!(template = %template_id, "pool: {e}");
                     d.done_filling(&template_id);
                     return;
                 }
             };
+            let limits = crate::jail::Limits {
+                background: true,
+                ..crate::template::build::limits(&spec)
+            };
+            let env = crate::template::build::sandbox_env(&spec, &Default::default());
+            let policy = spec.network.clone();
             // A template this kilnd cannot restore (one with an interface under --no-net) gets
             // no warm VMs; its creates say why.
             if let Err(e) = d.check_net(&template_id, files.has_nic(), &policy) {

@@ -215,9 +215,7 @@ impl WorkingSet {
         );
         Ok(done)
     }
-}
 
-impl WorkingSet {
     /// Maps every page of the set in KVM's nested page tables through `vcpu`
     /// (`KVM_PRE_FAULT_MEMORY`, Linux 6.10), after [`WorkingSet::prefault`] mapped them in this
     /// process: otherwise the guest's first touch of each is still an exit to KVM (in a nested
