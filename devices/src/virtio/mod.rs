@@ -16,6 +16,7 @@ mod log_once;
 pub mod mmio;
 pub mod net;
 pub mod persist;
+pub mod used;
 pub mod vsock;
 
 pub use budget::Budget;

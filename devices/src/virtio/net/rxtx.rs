@@ -14,7 +14,7 @@ use super::{
     HDR_LEN, MAX_PLAIN_FRAME, Misbehaviour, NUM_BUFFERS_OFFSET, RX_BUDGET, RXQ, TX_BUDGET, TXQ,
     features,
 };
-use crate::virtio::{GuestMemoryMmap, Queue, VirtioDevice};
+use crate::virtio::{GuestMemoryMmap, Queue, VirtioDevice, used};
 
 /// Why a walk stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,22 +31,24 @@ pub(super) enum Stop {
     Inactive,
 }
 
-/// Asks the driver to notify when it adds a buffer, even though some are available already
-/// (too few to use). With EVENT_IDX the avail event is set at the driver's current index, which
-/// `enable_notification` alone would not do (it uses the device's position). Returns whether
-/// buffers were added meanwhile.
+/// Asks the driver to notify when it adds a buffer, the walk having taken every buffer it saw
+/// (too little room). Returns whether buffers the walk has not seen are available: the driver
+/// may have added some since the walk read its index, and it will not notify for those (it
+/// notifies only when its index passes the avail event, set here); they must be taken now, or
+/// the receive path waits for a notification that never comes. Otherwise the avail event is the
+/// walk's position, which is then the driver's index too.
 fn notify_on_next_buffer(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
 ) -> Result<bool, virtio_queue::Error> {
-    let position = queue.next_avail();
     let avail = queue
         .avail_idx(mem, std::sync::atomic::Ordering::Acquire)?
         .0;
-    queue.set_next_avail(avail);
-    let more = queue.enable_notification(mem);
-    queue.set_next_avail(position);
-    more
+    if avail != queue.next_avail() {
+        return Ok(true);
+    }
+    // Sets the event at the position, fences, and reads the index again.
+    queue.enable_notification(mem)
 }
 
 /// Receive chains taken from the queue and not used yet, in ring order: the last ones taken, so
@@ -109,7 +111,7 @@ impl<'m> Taken<'m> {
 
     /// Takes the chains a frame of `n` bytes filled off the front: each one's head index and
     /// the bytes written in it.
-    fn use_front(&mut self, mut n: usize) -> Vec<(u16, usize)> {
+    fn use_front(&mut self, mut n: usize) -> Vec<(u16, u32)> {
         let mut used = Vec::new();
         while n > 0 {
             let Some((index, segs)) = self.chains.pop_front() else {
@@ -118,7 +120,8 @@ impl<'m> Taken<'m> {
             let take = n.min(segs.len());
             self.len -= segs.len();
             self.pieces -= segs.pieces();
-            used.push((index, take));
+            // At most one frame's bytes, so it fits.
+            used.push((index, take as u32));
             n -= take;
         }
         used
@@ -157,7 +160,7 @@ impl Net {
         };
         let mem = &active.mem;
         let queue = &mut active.queues[TXQ];
-        let mut used = false;
+        let first_used = queue.next_used();
         let mut sent = 0;
         let mut head_buf = [0u8; HDR_LEN + HEAD_LEN];
         let result = (|| -> Result<Stop, virtio_queue::Error> {
@@ -219,8 +222,7 @@ impl Net {
                             );
                         }
                     }
-                    queue.add_used(mem, index, 0)?;
-                    used = true;
+                    used::publish(queue, mem, &[(index, 0)])?;
                     sent += 1;
                 }
                 // With EVENT_IDX this re-arms notifications and reports chains that raced in.
@@ -229,7 +231,7 @@ impl Net {
                 }
             }
         })();
-        self.finish(TXQ, used, result)
+        self.finish(TXQ, first_used, result)
     }
 
     /// Gives the guest the hook's frames and then the TAP's, up to [`RX_BUDGET`] frames.
@@ -255,7 +257,7 @@ impl Net {
         };
         let mem = &active.mem;
         let queue = &mut active.queues[RXQ];
-        let mut used = false;
+        let first_used = queue.next_used();
         let mut delivered = 0;
         let mut frame_buf = Vec::new();
         let mut hook_dry = false;
@@ -286,7 +288,6 @@ impl Net {
                             Misbehaviour::BadRxChain,
                             format_args!("receive chain with no usable room returned empty"),
                         );
-                        used = true;
                         continue;
                     }
                     Gathered::Short => {
@@ -375,10 +376,8 @@ impl Net {
                 };
                 let num_buffers = if mrg { filled as u16 } else { 1 };
                 taken.write_at(NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
-                for (index, len) in taken.use_front(n) {
-                    queue.add_used(mem, index, len as u32)?;
-                }
-                used = true;
+                // All of the frame's buffers at once: the driver must never see some of them.
+                used::publish(queue, mem, &taken.use_front(n))?;
                 delivered += 1;
                 metrics.rx_packets_count.inc();
                 metrics.rx_bytes_count.add((n - HDR_LEN.min(n)) as u64);
@@ -387,15 +386,15 @@ impl Net {
         })();
         // What no frame filled goes back, to be taken first next time.
         unpop(queue, taken.chains.len());
-        self.finish(RXQ, used, result)
+        self.finish(RXQ, first_used, result)
     }
 
-    /// Interrupts the guest if it wants to hear about used buffers; a broken queue asks for a
-    /// reset.
+    /// Interrupts the guest if it wants to hear about the buffers used since the used index was
+    /// `first_used`; a broken queue asks for a reset.
     fn finish(
         &mut self,
         index: usize,
-        used: bool,
+        first_used: u16,
         result: Result<Stop, virtio_queue::Error>,
     ) -> Stop {
         let stop = match result {
@@ -411,8 +410,13 @@ impl Net {
             }
         };
         let interrupt = self.interrupt().clone();
-        if let (true, Some(active)) = (used, self.active.as_mut()) {
-            interrupt.signal_used_if_needed(&mut active.queues[index], &active.mem);
+        if let Some(active) = self.active.as_ref() {
+            let queue = &active.queues[index];
+            if queue.next_used() != first_used
+                && used::needs_notification(queue, &active.mem, first_used).unwrap_or(true)
+            {
+                interrupt.signal_used();
+            }
         }
         stop
     }
@@ -426,10 +430,12 @@ fn unpop(queue: &mut Queue, count: usize) {
 }
 
 /// Takes receive chains into `taken` until it holds `need` bytes (with mergeable buffers) or one
-/// chain (without). A malformed chain met first is used empty; one met later is put back to be
-/// met first next time. With mergeable buffers, too little room is [`Gathered::Short`] (it stays
-/// taken), unless it is every buffer the ring can hold: then it is all the guest will ever give,
-/// and is used as is.
+/// chain (without). A malformed chain met first is used empty; one met later (or one whose pieces
+/// would pass [`super::MAX_IOVECS`]) is put back to be met first next time, and what was taken
+/// before it is the room for this frame (buffers behind it cannot join it, so waiting for them
+/// would stall the receive path for good). With mergeable buffers, too little room is
+/// [`Gathered::Short`] (it stays taken), unless it is every buffer the ring can hold: then it is
+/// all the guest will ever give, and is used as is.
 fn gather<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
@@ -469,14 +475,39 @@ fn gather<'m>(
     }
     unpop(queue, put_back);
     if let Some(index) = bad {
-        queue.add_used(mem, index, 0)?;
+        used::publish(queue, mem, &[(index, 0)])?;
         return Ok(Gathered::BadChain);
     }
     if taken.chains.is_empty() {
         return Ok(Gathered::Short);
     }
+    if put_back > 0 {
+        return Ok(Gathered::Room);
+    }
     if mrg && taken.len < need && taken.chains.len() < usize::from(queue.size()) {
         return Ok(Gathered::Short);
     }
     Ok(Gathered::Room)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::used::TestRing;
+
+    #[test]
+    fn buffers_the_walk_has_not_seen_are_taken_rather_than_waited_for() {
+        let (mem, mut queue, ring) = TestRing::queue(16);
+        queue.set_event_idx(true);
+        // The walk took 3 buffers; the driver added 2 more since it read the index, and will not
+        // notify for them.
+        queue.set_next_avail(3);
+        TestRing::set_avail_idx(&mem, 5);
+        assert!(notify_on_next_buffer(&mut queue, &mem).unwrap());
+        assert_eq!(queue.next_avail(), 3, "the walk goes on from where it was");
+        // Every buffer seen: the driver is asked to notify for its next one.
+        queue.set_next_avail(5);
+        assert!(!notify_on_next_buffer(&mut queue, &mem).unwrap());
+        assert_eq!(ring.avail_event(&mem), 5);
+    }
 }

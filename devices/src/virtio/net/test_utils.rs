@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{HDR_LEN, Net, NetConfig, RXQ, TXQ, Tap, features};
 use crate::rate_limiter::{FakeClock, RateLimiterConfig};
 use crate::virtio::device::VirtioDevice;
+use crate::virtio::used::TestRing;
 use crate::virtio::{GuestMemoryMmap, VIRTIO_F_VERSION_1};
 
 /// The queue size the test driver picks: more than the budget, so a walk can stop at it.
@@ -29,6 +30,8 @@ const INDIRECT_BASE: u64 = 0x560_0000;
 const INDIRECT_SLOT: u64 = 0x400;
 /// Guest memory size.
 pub const MEM_SIZE: usize = 0x600_0000;
+/// Where the used rings go ([`TestRing`]), past each queue's available ring.
+const USED_RINGS: [u64; 2] = [0x4000, 0x1_4000];
 
 /// The MAC the test device gives its guest.
 pub const MAC: [u8; 6] = [6, 0, 0xac, 0x10, 0, 2];
@@ -89,6 +92,8 @@ pub struct TestNet {
     pub em: EventManager<Arc<Mutex<Net>>>,
     pub rxq: MockSplitQueue<'static, GuestMemoryMmap>,
     pub txq: MockSplitQueue<'static, GuestMemoryMmap>,
+    /// The queues' used rings, indexed like them.
+    pub used: [TestRing; 2],
     pub host: UnixDatagram,
     pub clock: FakeClock,
     rx_desc: u16,
@@ -144,6 +149,10 @@ impl TestNet {
         for q in &mut queues {
             virtio_queue::QueueT::set_event_idx(q, event_idx);
         }
+        let used = [
+            TestRing::place(&mut queues[RXQ], USED_RINGS[RXQ]),
+            TestRing::place(&mut queues[TXQ], USED_RINGS[TXQ]),
+        ];
         dev.activate(mem.clone(), queues).unwrap();
         let net = Arc::new(Mutex::new(dev));
         let mut em = EventManager::new().unwrap();
@@ -154,6 +163,7 @@ impl TestNet {
             em,
             rxq,
             txq,
+            used,
             host,
             clock,
             rx_desc: 0,
@@ -380,18 +390,12 @@ impl TestNet {
 
     /// Used receive buffers since the last call: (head index, used length).
     pub fn rx_used(&mut self) -> Vec<(u16, u32)> {
-        let used = self.rxq.used().idx().load();
+        let ring = self.used[RXQ];
+        let used = ring.idx(self.mem);
         let mut out = Vec::new();
         while self.rx_seen != used {
-            let elem = self
-                .rxq
-                .used()
-                .ring()
-                .ref_at(usize::from(self.rx_seen % QSIZE))
-                .unwrap()
-                .load();
+            out.push(ring.entry(self.mem, self.rx_seen));
             self.rx_seen = self.rx_seen.wrapping_add(1);
-            out.push((elem.id() as u16, elem.len()));
         }
         out
     }
@@ -457,7 +461,13 @@ impl TestNet {
 
     /// The transmit queue's used index.
     pub fn tx_used(&self) -> u16 {
-        self.txq.used().idx().load()
+        self.used[TXQ].idx(self.mem)
+    }
+
+    /// The receive queue's `avail_event` (after its used ring): the driver notifies once its
+    /// available index passes it.
+    pub fn rx_avail_event(&self) -> u16 {
+        self.used[RXQ].avail_event(self.mem)
     }
 
     /// Whether the device still works (no NEEDS_RESET).

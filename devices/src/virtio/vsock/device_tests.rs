@@ -12,7 +12,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::virtio::device::VirtioDevice;
 use crate::virtio::vsock::muxer::ConnKey;
 use crate::virtio::vsock::test_utils::{GUEST_CID, Hdr, TempDir, TestGuest};
-use crate::virtio::vsock::{CONN_BUF_SIZE, GUEST_CONN_BUF_SIZE, Vsock, VsockError, op, shutdown};
+use crate::virtio::vsock::{
+    CONN_BUF_SIZE, GUEST_CONN_BUF_SIZE, TXQ, Vsock, VsockError, op, shutdown,
+};
 use crate::virtio::{TYPE_VSOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, interrupt_status};
 
 fn irq() -> EventFd {
@@ -357,7 +359,7 @@ fn malformed_tx_chains_are_used_and_skipped() {
         .bytes(),
         &[],
     );
-    assert_eq!(g.txq.used().idx().load(), 2);
+    assert_eq!(g.used[TXQ].idx(g.mem), 2);
     assert!(g.healthy());
     assert!(g.recv().is_empty());
     // Still routing.
@@ -396,10 +398,7 @@ fn a_full_tx_queue_is_served_a_budget_at_a_time() {
         g.queue_tx(&Hdr::guest(op::RST, 1000 + i, 5).bytes(), &[]);
     }
     g.dev().process_tx(std::time::Instant::now());
-    assert_eq!(
-        usize::from(g.txq.used().idx().load()),
-        super::CHAINS_PER_PASS
-    );
+    assert_eq!(usize::from(g.used[TXQ].idx(g.mem)), super::CHAINS_PER_PASS);
     assert_eq!(
         g.dev().queue_events()[super::TXQ].read().unwrap(),
         1,
@@ -407,7 +406,7 @@ fn a_full_tx_queue_is_served_a_budget_at_a_time() {
     );
     g.dev().queue_events()[super::TXQ].write(1).unwrap();
     g.poll();
-    assert_eq!(g.txq.used().idx().load(), 100);
+    assert_eq!(g.used[TXQ].idx(g.mem), 100);
     assert!(g.healthy());
 }
 
@@ -432,5 +431,5 @@ fn an_indirect_tx_chain_needs_reset() {
     g.dev().queue_events()[super::TXQ].write(1).unwrap();
     g.poll();
     assert!(!g.healthy());
-    assert_eq!(g.txq.used().idx().load(), 1);
+    assert_eq!(g.used[TXQ].idx(g.mem), 1);
 }

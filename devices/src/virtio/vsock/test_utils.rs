@@ -17,6 +17,7 @@ use super::packet::Packet;
 use super::{CONN_BUF_SIZE, EVQ, HOST_CID, RXQ, TXQ, TYPE_STREAM, Vsock};
 use crate::virtio::GuestMemoryMmap;
 use crate::virtio::device::VirtioDevice;
+use crate::virtio::used::TestRing;
 
 /// The CID the test guests have.
 pub const GUEST_CID: u64 = 42;
@@ -158,6 +159,8 @@ const RX_BASE: u64 = 0x10_0000;
 const TX_BASE: u64 = 0x30_0000;
 const EV_BASE: u64 = 0x50_0000;
 const SLOT: u64 = 0x2000;
+/// Where the used rings go ([`TestRing`]), past each queue's available ring.
+const USED_RINGS: [u64; 3] = [0x3000, 0x1_3000, 0x2_3000];
 /// Payload room of each rx buffer the test guest provides.
 pub const RX_ROOM: u32 = 4096;
 /// Largest payload the test guest sends in one packet.
@@ -175,6 +178,8 @@ pub struct TestGuest {
     pub rxq: MockSplitQueue<'static, GuestMemoryMmap>,
     pub txq: MockSplitQueue<'static, GuestMemoryMmap>,
     pub evq: MockSplitQueue<'static, GuestMemoryMmap>,
+    /// The queues' used rings, indexed like them.
+    pub used: [TestRing; 3],
     rx_next: u16,
     tx_next: u16,
     rx_seen: u16,
@@ -205,6 +210,7 @@ impl TestGuest {
         for q in &mut queues {
             virtio_queue::QueueT::set_event_idx(q, event_idx);
         }
+        let used = [RXQ, TXQ, EVQ].map(|i| TestRing::place(&mut queues[i], USED_RINGS[i]));
         dev.activate(mem.clone(), queues).unwrap();
         let vsock = Arc::new(Mutex::new(dev));
         // The same Arc is the transport's device and the event loop's subscriber.
@@ -218,6 +224,7 @@ impl TestGuest {
             rxq,
             txq,
             evq,
+            used,
             rx_next: 0,
             tx_next: 0,
             rx_seen: 0,
@@ -310,22 +317,17 @@ impl TestGuest {
 
     /// Packets the device put in rx buffers since the last call.
     pub fn recv(&mut self) -> Vec<(Hdr, Vec<u8>)> {
-        let used = self.rxq.used().idx().load();
+        let ring = self.used[RXQ];
+        let used = ring.idx(self.mem);
         let mut out = Vec::new();
         while self.rx_seen != used {
-            let elem = self
-                .rxq
-                .used()
-                .ring()
-                .ref_at(usize::from(self.rx_seen % 256))
-                .unwrap()
-                .load();
+            let (id, len) = ring.entry(self.mem, self.rx_seen);
             self.rx_seen = self.rx_seen.wrapping_add(1);
-            let addr = RX_BASE + u64::from(elem.id()) * SLOT;
+            let addr = RX_BASE + u64::from(id) * SLOT;
             let mut hdr = [0u8; HDR_LEN];
             self.mem.read_slice(&mut hdr, GuestAddress(addr)).unwrap();
             let h = Hdr::parse(&hdr);
-            let mut data = vec![0u8; elem.len() as usize - HDR_LEN];
+            let mut data = vec![0u8; len as usize - HDR_LEN];
             self.mem
                 .read_slice(&mut data, GuestAddress(addr + 0x100))
                 .unwrap();
@@ -348,16 +350,10 @@ impl TestGuest {
 
     /// The (id, used length) of the last used event buffer and the event id in it.
     pub fn last_event(&self) -> Option<(u32, u32)> {
-        let used = self.evq.used().idx().load();
-        let elem = self
-            .evq
-            .used()
-            .ring()
-            .ref_at(usize::from(used.checked_sub(1)?))
-            .unwrap()
-            .load();
+        let ring = self.used[EVQ];
+        let (_, len) = ring.entry(self.mem, ring.idx(self.mem).checked_sub(1)?);
         Some((
-            elem.len(),
+            len,
             self.mem.read_obj::<u32>(GuestAddress(EV_BASE)).unwrap(),
         ))
     }
