@@ -52,15 +52,19 @@ fn serve_one<T: Send + 'static>(
         conn.set_nonblocking(false).map_err(|e| e.to_string())?;
         conn.set_read_timeout(Some(LIMIT))
             .map_err(|e| e.to_string())?;
+        conn.set_write_timeout(Some(LIMIT))
+            .map_err(|e| e.to_string())?;
         serve(conn)
     }))
 }
 
-/// Runs `script` with bash in the guest; its stdout, or an error if it failed.
+/// Runs `script` with bash in the guest, for at most [`LIMIT`]; its stdout, or an error if it
+/// failed.
 fn guest(vm: &Vm, script: &str) -> Result<String, String> {
+    let limit = LIMIT.as_secs().to_string();
     let out = vm
         .client
-        .run(ExecSpec::new(["bash", "-c", script]))
+        .run(ExecSpec::new(["timeout", &limit, "bash", "-c", script]))
         .map_err(|e| format!("exec: {e}"))?;
     if out.status != ExitStatus::Exited(0) {
         return Err(format!(
@@ -164,13 +168,61 @@ fn pin(pid: u32, cpu: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// One measure of each kind.
+/// One measure of each kind; a failed one (a stalled connection times out) comes with what
+/// both ends and the device saw.
 fn measure(vm: &Vm, nic: &Nic) -> Result<[f64; 3], String> {
-    Ok([
-        guest_to_host(vm, nic)?,
-        host_to_guest(vm, nic)?,
-        round_trip_us(vm, nic)?,
-    ])
+    let m = (|| {
+        Ok::<_, String>([
+            guest_to_host(vm, nic)?,
+            host_to_guest(vm, nic)?,
+            round_trip_us(vm, nic)?,
+        ])
+    })();
+    m.map_err(|e| format!("{e}\n{}", stall_report(vm, nic)))
+}
+
+/// The guest's eth0 receive length errors (`frame` in /proc/net/dev: a frame whose
+/// `num_buffers` or length did not match the buffers it came in) and drops.
+fn guest_rx_errors(vm: &Vm) -> Result<(u64, u64), String> {
+    let line = guest(vm, "grep eth0: /proc/net/dev")?;
+    let fields: Vec<u64> = line
+        .split_once(':')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // bytes packets errs drop fifo frame ...
+    match fields.as_slice() {
+        [_, _, _, drop, _, frame, ..] => Ok((*frame, *drop)),
+        _ => Err(format!("cannot read eth0's counters from {line:?}")),
+    }
+}
+
+/// The guest's interface and TCP counters and sockets, L1's sockets in the TAP's namespace, and
+/// kiln-vmm's device counters over the next metrics period (the connections are still open).
+fn stall_report(vm: &Vm, nic: &Nic) -> String {
+    let guest_side = guest(
+        vm,
+        "cat /proc/net/dev /proc/net/tcp; grep -E '^(Ip|Tcp):' /proc/net/snmp; \
+         grep -i virtio /proc/interrupts",
+    )
+    .unwrap_or_else(|e| format!("(the guest did not answer: {e})"));
+    let host_side = nic
+        .ns
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/tcp"))
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| format!("(cannot read: {e})"));
+    let device = vm
+        .next_metrics()
+        .map(|m| format!("net {}\nvcpu {}", m["net"], m["vcpu"]))
+        .unwrap_or_else(|| "(no metrics line)".into());
+    format!(
+        "--- guest:\n{guest_side}\n--- L1, the TAP's namespace, /proc/net/tcp:\n{host_side}\n\
+         --- the device over the next metrics period:\n{device}"
+    )
 }
 
 /// Boots both VMMs side by side (each on its own TAP, both pinned to L1's second CPU, the
@@ -215,6 +267,19 @@ pub fn run(runs: usize) -> Result<(), String> {
                 .collect()
         })
         .collect();
+    // Kiln's guest must have had no malformed frame (QEMU's are printed, not judged). Drops are
+    // printed only: the guest's stack also drops what it has no handler for (L1's IPv6
+    // multicast, say).
+    let mut rx_errors = Vec::new();
+    for (peer, _, vm) in &vms {
+        let (frame, drop) = guest_rx_errors(vm)?;
+        if *peer == Peer::Kiln && frame != 0 {
+            return Err(format!(
+                "kiln-vmm's guest saw {frame} malformed frames on eth0 (and dropped {drop})"
+            ));
+        }
+        rx_errors.push((frame, drop));
+    }
     for (_, _, vm) in vms.drain(..) {
         vm.stop()?;
     }
@@ -223,11 +288,13 @@ pub fn run(runs: usize) -> Result<(), String> {
          both VMMs on one L1 CPU, measured in turns; median of {runs}:",
         BYTES >> 20
     );
-    println!("  | | guest -> host | host -> guest | round trip |");
-    println!("  |---|---|---|---|");
-    for (peer, f) in Peer::BOTH.iter().zip(figures.iter_mut()) {
+    println!(
+        "  | | guest -> host | host -> guest | round trip | guest's eth0: malformed frames, drops |"
+    );
+    println!("  |---|---|---|---|---|");
+    for ((peer, f), (frame, drop)) in Peer::BOTH.iter().zip(figures.iter_mut()).zip(rx_errors) {
         println!(
-            "  | {} | {:.1} MB/s | {:.1} MB/s | {:.0} us |",
+            "  | {} | {:.1} MB/s | {:.1} MB/s | {:.0} us | {frame}, {drop} |",
             peer.name(),
             median(&mut f[0]),
             median(&mut f[1]),

@@ -47,6 +47,8 @@ pub struct Vm {
     pub client: Client,
     child: Child,
     dir: PathBuf,
+    /// kiln-vmm's metrics file (given when the VM has a NIC).
+    metrics: Option<PathBuf>,
 }
 
 impl Vm {
@@ -79,6 +81,7 @@ impl Vm {
                 );
                 if nic.is_some() {
                     c.args(["--net", &kiln_net::addr::vmm_net_arg()]);
+                    c.arg("--metrics-path").arg(dir.join("metrics.json"));
                 }
                 c
             }
@@ -133,7 +136,30 @@ impl Vm {
             }
             Peer::Qemu => qemu_agent(deadline)?,
         };
-        Ok(Vm { client, child, dir })
+        let metrics = (peer == Peer::Kiln && nic.is_some()).then(|| dir.join("metrics.json"));
+        Ok(Vm {
+            client,
+            child,
+            dir,
+            metrics,
+        })
+    }
+
+    /// kiln-vmm's next metrics line (its devices' counters since the line before), waiting for
+    /// the periodic flush; `None` for QEMU, or when no line comes.
+    pub fn next_metrics(&self) -> Option<serde_json::Value> {
+        let path = self.metrics.as_ref()?;
+        let lines = |p: &PathBuf| std::fs::read_to_string(p).map_or(0, |t| t.lines().count());
+        let before = lines(path);
+        let end = Instant::now() + Duration::from_secs(70);
+        while Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(500));
+            let text = std::fs::read_to_string(path).ok()?;
+            if text.lines().count() > before {
+                return serde_json::from_str(text.lines().last()?).ok();
+            }
+        }
+        None
     }
 
     /// The VMM's process id.
