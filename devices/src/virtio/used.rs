@@ -56,7 +56,8 @@ pub fn publish(queue: &mut Queue, mem: &GuestMemoryMmap, used: &[(u16, u32)]) ->
 /// `since`: always without EVENT_IDX, else when its `used_event` lies in what was published
 /// (the same test as Linux's `vring_need_event`).
 pub fn needs_notification(queue: &Queue, mem: &GuestMemoryMmap, since: u16) -> Result<bool, Error> {
-    // The index the driver may read before the event the driver wrote.
+    // The index stored before the driver's event is read; the driver orders the two the other
+    // way round, so at least one of them sees what the other wrote.
     fence(Ordering::SeqCst);
     if !queue.event_idx_enabled() {
         return Ok(true);
