@@ -121,6 +121,16 @@ impl Interrupt {
         }
     }
 
+    /// As [`Interrupt::signal_used_if_needed`], for buffers handed back with
+    /// [`super::used::publish`] since the used index was `since` (nothing when none was).
+    pub fn signal_used_since(&self, queue: &Queue, mem: &GuestMemoryMmap, since: u16) {
+        if queue.next_used() != since
+            && super::used::needs_notification(queue, mem, since).unwrap_or(true)
+        {
+            self.signal_used();
+        }
+    }
+
     /// Tells the driver the configuration space changed.
     pub fn signal_config(&self) {
         self.raise(interrupt_status::CONFIG_CHANGED);

@@ -409,14 +409,9 @@ impl Net {
                 Stop::Inactive
             }
         };
-        let interrupt = self.interrupt().clone();
         if let Some(active) = self.active.as_ref() {
-            let queue = &active.queues[index];
-            if queue.next_used() != first_used
-                && used::needs_notification(queue, &active.mem, first_used).unwrap_or(true)
-            {
-                interrupt.signal_used();
-            }
+            self.interrupt()
+                .signal_used_since(&active.queues[index], &active.mem, first_used);
         }
         stop
     }
