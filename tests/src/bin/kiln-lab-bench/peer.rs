@@ -66,6 +66,7 @@ impl Vm {
         let disk = dir.join("rootfs.ext4");
         std::fs::copy(rootfs(), &disk).map_err(|e| format!("copying the rootfs: {e}"))?;
         let uds = dir.join("v.sock");
+        let metrics = (peer == Peer::Kiln && nic.is_some()).then(|| dir.join("metrics.json"));
         let net_word = match nic {
             Some(_) => format!(" {}", kiln_net::addr::guest_net_spec().to_cmdline()),
             None => String::new(),
@@ -81,7 +82,9 @@ impl Vm {
                 );
                 if nic.is_some() {
                     c.args(["--net", &kiln_net::addr::vmm_net_arg()]);
-                    c.arg("--metrics-path").arg(dir.join("metrics.json"));
+                }
+                if let Some(path) = &metrics {
+                    c.arg("--metrics-path").arg(path);
                 }
                 c
             }
@@ -136,7 +139,6 @@ impl Vm {
             }
             Peer::Qemu => qemu_agent(deadline)?,
         };
-        let metrics = (peer == Peer::Kiln && nic.is_some()).then(|| dir.join("metrics.json"));
         Ok(Vm {
             client,
             child,
